@@ -1,0 +1,103 @@
+/* main.c: the moonshard host. Embeds LuaJIT, opens luv on this process's libuv loop, and hands
+ * the command line to lua/moonshard/cli.lua, which runs a script, a command from scripts/, an
+ * expression or the REPL. When the script returns, the loop runs until no handle is left. */
+#include <lauxlib.h>
+#include <lua.h>
+#include <lualib.h>
+#include <luv/luv.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <uv.h>
+
+#include "moonshard.h"
+
+static int traceback(lua_State *L) {
+  const char *msg = lua_tostring(L, 1);
+  if (!msg) msg = "(error object is not a string)";
+  luaL_traceback(L, L, msg, 1);
+  return 1;
+}
+
+/* package.path: $MOONSHARD_LUA_PATH first, then the source tree's lua/ and the build's binding. */
+static void set_paths(lua_State *L) {
+  const char *extra = getenv("MOONSHARD_LUA_PATH");
+  lua_getglobal(L, "package");
+  lua_pushfstring(L, "%s%s" MSH_SOURCE_LUA "/?.lua;" MSH_SOURCE_LUA "/?/init.lua;" MSH_GEN_LUA
+                     "/?.lua;",
+                  extra ? extra : "", extra ? ";" : "");
+  lua_getfield(L, -2, "path");
+  lua_concat(L, 2);
+  lua_setfield(L, -2, "path");
+  lua_pop(L, 1);
+}
+
+/* package.loaded["moonshard.host"] = { root, scripts, version, loop_owned_by_host = true } */
+static void set_host_info(lua_State *L) {
+  lua_getglobal(L, "package");
+  lua_getfield(L, -1, "loaded");
+  lua_newtable(L);
+  const char *scripts = getenv("MOONSHARD_SCRIPTS");
+  lua_pushstring(L, MSH_ROOT);
+  lua_setfield(L, -2, "root");
+  lua_pushstring(L, scripts ? scripts : MSH_SCRIPTS);
+  lua_setfield(L, -2, "scripts");
+  lua_pushstring(L, MSH_VERSION);
+  lua_setfield(L, -2, "version");
+  lua_setfield(L, -2, "moonshard.host");
+  lua_pop(L, 2);
+}
+
+static void open_luv(lua_State *L, uv_loop_t *loop) {
+  lua_getglobal(L, "package");
+  lua_getfield(L, -1, "loaded");
+  luv_set_loop(L, loop);
+  luaopen_luv(L);
+  lua_setfield(L, -2, "luv");
+  lua_pop(L, 2);
+}
+
+int main(int argc, char **argv) {
+  lua_State *L = luaL_newstate();
+  if (!L) {
+    fprintf(stderr, "moonshard: cannot create a Lua state (out of memory)\n");
+    return 1;
+  }
+  luaL_openlibs(L);
+  set_paths(L);
+  set_host_info(L);
+  uv_loop_t *loop = uv_default_loop();
+  open_luv(L, loop);
+
+  /* arg table as the standalone interpreter builds it: arg[0] is the program */
+  lua_createtable(L, argc, 1);
+  for (int i = 0; i < argc; i++) {
+    lua_pushstring(L, argv[i]);
+    lua_rawseti(L, -2, i);
+  }
+  lua_setglobal(L, "arg");
+
+  int code = 0;
+  lua_pushcfunction(L, traceback);
+  lua_getglobal(L, "require");
+  lua_pushstring(L, "moonshard.cli");
+  if (lua_pcall(L, 1, 1, -3) != 0) {
+    fprintf(stderr, "moonshard: %s\n", lua_tostring(L, -1));
+    lua_close(L);
+    return 1;
+  }
+  lua_getfield(L, -1, "main");
+  lua_remove(L, -2);
+  lua_getglobal(L, "arg");
+  if (lua_pcall(L, 1, 1, -3) != 0) {
+    fprintf(stderr, "moonshard: %s\n", lua_tostring(L, -1));
+    code = 1;
+  } else {
+    code = (int)lua_tointeger(L, -1);
+    /* run what the script left on the loop (servers, timers) until nothing is active */
+    uv_run(loop, UV_RUN_DEFAULT);
+  }
+  lua_close(L);
+  uv_loop_close(loop);
+  return code;
+}

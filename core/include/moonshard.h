@@ -1,0 +1,288 @@
+/*
+ * moonshard.h: the one public header of libmoonshard.
+ *
+ * Conventions
+ *   - Every fallible call returns msh_status: MSH_OK (0) or a negative MSH_E* code. Results come
+ *     back through out-params, which are left untouched on failure unless stated otherwise.
+ *   - msh_last_error() returns a thread-local message naming the failing call, the reason and the
+ *     file:line that raised it. It stays valid until the next failing call on the same thread.
+ *   - Handles are opaque. Every *_new / *_open has a NULL-safe *_free.
+ *   - Indices are 0-based. Shapes are int64_t; strides are in elements, not bytes.
+ *   - Nothing here exits, aborts or calls back into Lua.
+ *
+ * The text between the ffi markers below is turned into the LuaJIT binding at build time
+ * (tools/gen_cdef.lua): keep it free of macros, varargs, bitfields and structs passed by value.
+ */
+#ifndef MOONSHARD_H
+#define MOONSHARD_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ffi:begin */
+
+/* ======================================================================== status, errors */
+
+typedef int msh_status;
+
+enum {
+  MSH_OK = 0,
+  MSH_EINVAL = -1,       /* bad argument: misuse by the caller (shapes, dtypes, NULLs) */
+  MSH_ENOMEM = -2,       /* host or device allocation failed */
+  MSH_EIO = -3,          /* open, stat, read or mmap failed */
+  MSH_EFORMAT = -4,      /* a file's content is malformed */
+  MSH_ERANGE = -5,       /* an index, offset or size is out of range; a buffer is too small */
+  MSH_EUNSUPPORTED = -6, /* well-formed but not supported (a dtype, a version, a device) */
+  MSH_EDEVICE = -7,      /* the device (CUDA, cuBLAS, NCCL) reported an error */
+  MSH_ENOENT = -8        /* a named thing (file, tensor) does not exist */
+};
+
+/* Thread-local message of the last failure on this thread ("" if none). */
+const char *msh_last_error(void);
+/* Clears the message. */
+void msh_clear_error(void);
+/* "EINVAL", "ENOMEM", ... ("OK" for 0, "EUNKNOWN" otherwise). */
+const char *msh_status_name(msh_status s);
+/* "0.1.0" */
+const char *msh_version(void);
+
+/* ============================================================================ threads */
+
+/* Number of threads CPU ops may use (default: online cores). n <= 0 restores the default. */
+void msh_set_num_threads(int n);
+int msh_get_num_threads(void);
+
+/* ============================================================================= dtypes */
+
+typedef enum {
+  MSH_F32 = 0,
+  MSH_F16 = 1,
+  MSH_BF16 = 2,
+  MSH_I32 = 3,
+  MSH_I8 = 4,
+  MSH_DTYPE_COUNT = 5 /* packed int4 and block-quantized types will follow */
+} msh_dtype;
+
+/* Bytes per element (0 for an unknown dtype). */
+size_t msh_dtype_size(int dtype);
+/* "f32", "f16", "bf16", "i32", "i8" ("?" for an unknown dtype). */
+const char *msh_dtype_name(int dtype);
+
+/* Scalar conversions (round-to-nearest-even for the narrowing ones). */
+float msh_f16_to_f32(uint16_t h);
+uint16_t msh_f32_to_f16(float f);
+float msh_bf16_to_f32(uint16_t h);
+uint16_t msh_f32_to_bf16(float f);
+
+/* ============================================================================ devices */
+
+typedef enum { MSH_CPU = 0, MSH_CUDA = 1 } msh_device_kind;
+
+/* Number of devices of a kind: 1 for MSH_CPU; CUDA devices (0 when the build has no CUDA or no
+ * GPU is present, which is not an error). */
+msh_status msh_device_count(int kind, int *out);
+/* 1 if this build contains the CUDA backend. */
+int msh_has_cuda(void);
+
+/* ============================================================================== files */
+
+/* A read-only memory map of a whole file, reference-counted: tensors that view it keep it alive. */
+typedef struct msh_file msh_file;
+
+/* Fails with MSH_ENOENT (no such path), MSH_EIO (not a regular file, unreadable, mmap failed). */
+msh_status msh_file_open(msh_file **out, const char *path);
+void msh_file_free(msh_file *f);
+uint64_t msh_file_size(const msh_file *f);
+const void *msh_file_data(const msh_file *f);
+const char *msh_file_path(const msh_file *f);
+
+/* ============================================================================= arenas */
+
+/* A bump allocator over one block of device or host memory. Tensors made in an arena do not own
+ * their memory: they must not outlive the arena, and msh_arena_reset invalidates them all. */
+typedef struct msh_arena msh_arena;
+
+msh_status msh_arena_new(msh_arena **out, int device, int device_index, uint64_t capacity);
+void msh_arena_free(msh_arena *a);
+uint64_t msh_arena_used(const msh_arena *a);
+uint64_t msh_arena_capacity(const msh_arena *a);
+void msh_arena_reset(msh_arena *a);
+
+/* ============================================================================ tensors */
+
+enum { MSH_MAX_DIMS = 8 };
+
+typedef struct msh_tensor msh_tensor;
+
+/* A new contiguous tensor owning zero-filled memory on the device. */
+msh_status msh_tensor_new(msh_tensor **out, int dtype, int ndim, const int64_t *shape, int device,
+                          int device_index);
+/* A new contiguous tensor whose memory comes from an arena (64-byte aligned, not zero-filled).
+ * MSH_ERANGE when the arena is full (the message says how much was asked and how much is left). */
+msh_status msh_tensor_new_arena(msh_tensor **out, msh_arena *a, int dtype, int ndim,
+                                const int64_t *shape);
+/* A read-only, zero-copy CPU tensor over bytes [offset, offset + numel * size) of a mapped file.
+ * MSH_ERANGE when that range does not lie inside the file. */
+msh_status msh_tensor_from_file(msh_tensor **out, msh_file *f, uint64_t offset, int dtype, int ndim,
+                                const int64_t *shape);
+/* A CPU tensor over caller-owned memory, which must outlive it. */
+msh_status msh_tensor_wrap(msh_tensor **out, void *data, int dtype, int ndim, const int64_t *shape);
+/* Releases the handle; the memory goes when its last view goes. */
+void msh_tensor_free(msh_tensor *t);
+
+int msh_tensor_dtype(const msh_tensor *t);
+int msh_tensor_ndim(const msh_tensor *t);
+int64_t msh_tensor_dim(const msh_tensor *t, int i);    /* i < 0 counts from the end; 0 if out of range */
+int64_t msh_tensor_stride(const msh_tensor *t, int i); /* in elements; same indexing as dim */
+int64_t msh_tensor_numel(const msh_tensor *t);
+int msh_tensor_device(const msh_tensor *t);
+int msh_tensor_device_index(const msh_tensor *t);
+int msh_tensor_is_contiguous(const msh_tensor *t);
+int msh_tensor_is_readonly(const msh_tensor *t);
+/* Address of element 0 (a device address for device tensors). */
+void *msh_tensor_data(const msh_tensor *t);
+
+/* Views share memory with t. Each checks that the view lies inside t's memory. */
+msh_status msh_tensor_view(msh_tensor **out, msh_tensor *t, int ndim, const int64_t *shape,
+                           const int64_t *strides, int64_t offset);
+msh_status msh_tensor_narrow(msh_tensor **out, msh_tensor *t, int dim, int64_t start, int64_t len);
+/* Needs a contiguous t; one dim may be -1 (inferred). */
+msh_status msh_tensor_reshape(msh_tensor **out, msh_tensor *t, int ndim, const int64_t *shape);
+msh_status msh_tensor_transpose(msh_tensor **out, msh_tensor *t, int d0, int d1);
+
+/* dst = src elementwise: equal shapes, any strides, any of f32/f16/bf16 to any of them, i32 and
+ * i8 to themselves; across devices. dst must be writable. */
+msh_status msh_tensor_copy(msh_tensor *dst, const msh_tensor *src);
+/* A new contiguous tensor of dtype on the same device holding src's values. */
+msh_status msh_tensor_contiguous(msh_tensor **out, const msh_tensor *src, int dtype);
+/* Fills a writable CPU or device tensor with normal(mean, std) values from a seeded generator
+ * (the same values on every device for the same seed and shape). */
+msh_status msh_tensor_randn(msh_tensor *t, uint64_t seed, float mean, float std);
+
+/* ================================================================================ ops */
+/*
+ * All ops run on the device of their tensors (all operands on one device). Outputs are f32
+ * unless stated, contiguous, and must not alias inputs unless stated. Weight operands may be
+ * f32, f16 or bf16. Shapes are checked; a mismatch is MSH_EINVAL with both shapes in the message.
+ */
+
+/* out (T, D) = table[ids[t]] ; table (V, D); ids (T) i32. An id outside [0, V) is MSH_ERANGE. */
+msh_status msh_op_embedding(msh_tensor *out, const msh_tensor *table, const msh_tensor *ids);
+
+/* out (.., D) = x / sqrt(mean(x^2) + eps) * w ; w (D). out may alias x. */
+msh_status msh_op_rmsnorm(msh_tensor *out, const msh_tensor *x, const msh_tensor *w, float eps);
+
+/* out (M, N) = x (M, K) @ w (N, K)^T ; x and out f32, w f32/f16/bf16 (row-major [out, in]). */
+msh_status msh_op_matmul(msh_tensor *out, const msh_tensor *x, const msh_tensor *w);
+
+typedef enum {
+  MSH_ROPE_INTERLEAVED = 0, /* rotates pairs (x[2i], x[2i+1]): llama2.c, GGUF */
+  MSH_ROPE_HALF = 1         /* rotates pairs (x[i], x[i + rot/2]): Hugging Face checkpoints */
+} msh_rope_style;
+
+/* In place: x (T, H, hd) f32; pos (T) i32 positions; inv_freq (R) f32 frequencies, rotating the
+ * first 2R dims of each head (2R <= hd). Angle of pair i at position p: p * inv_freq[i]. */
+msh_status msh_op_rope(msh_tensor *x, const msh_tensor *pos, const msh_tensor *inv_freq, int style);
+
+/* dst rows [row0, row0 + T) = src (T, ...): copies along dim 0 (with dtype conversion as in
+ * msh_tensor_copy). MSH_ERANGE when the rows do not fit. */
+msh_status msh_op_set_rows(msh_tensor *dst, int64_t row0, const msh_tensor *src);
+
+/* Causal grouped-query attention of T new queries over a cache.
+ * out (T, H, hd); q (T, H, hd); k, v (S, KVH, hd) with H % KVH == 0 and S >= pos0 + T.
+ * Query t sits at position pos0 + t and attends keys 0 .. pos0 + t. scores = q.k * scale. */
+msh_status msh_op_attention(msh_tensor *out, const msh_tensor *q, const msh_tensor *k,
+                            const msh_tensor *v, int64_t pos0, float scale);
+
+/* out = silu(gate) * up, elementwise. out may alias gate or up. */
+msh_status msh_op_silu_mul(msh_tensor *out, const msh_tensor *gate, const msh_tensor *up);
+
+/* out = a + b, elementwise, equal shapes. out may alias a or b. */
+msh_status msh_op_add(msh_tensor *out, const msh_tensor *a, const msh_tensor *b);
+
+/* out = x * s, elementwise. out may alias x. */
+msh_status msh_op_scale(msh_tensor *out, const msh_tensor *x, float s);
+
+/* Row-wise over the last dim. out may alias x. */
+msh_status msh_op_softmax(msh_tensor *out, const msh_tensor *x);
+msh_status msh_op_log_softmax(msh_tensor *out, const msh_tensor *x);
+
+/* out[r] = index of the largest value of row r of x (.., N); the first one on ties.
+ * out must hold numel(x) / N values. */
+msh_status msh_op_argmax(const msh_tensor *x, int32_t *out);
+
+/* ============================================================================ sampler */
+
+/* Seeded, reproducible sampling from logits: the same seed and logits give the same tokens. */
+typedef struct msh_sampler msh_sampler;
+
+msh_status msh_sampler_new(msh_sampler **out, uint64_t seed);
+void msh_sampler_free(msh_sampler *s);
+void msh_sampler_reseed(msh_sampler *s, uint64_t seed);
+/* logits (N) f32 on the CPU. temperature <= 0: argmax. Else softmax(logits / temperature),
+ * keeping the top_k most likely (top_k <= 0: all), then the smallest set whose mass reaches top_p
+ * (top_p >= 1: all), renormalized, and one draw. */
+msh_status msh_sampler_sample(msh_sampler *s, const msh_tensor *logits, float temperature, int top_k,
+                              float top_p, int32_t *out_token);
+
+/* ========================================================================== tokenizer */
+
+typedef struct msh_tokenizer msh_tokenizer;
+
+/* A SentencePiece-style BPE vocabulary in the llama2.c tokenizer.bin format: int32
+ * max_token_length, then per token: f32 score, i32 length, bytes. Tokens 0, 1, 2 are <unk>, <s>,
+ * </s>; "<0xNN>" pieces are byte fallbacks. MSH_EFORMAT on a truncated or inconsistent file. */
+msh_status msh_tokenizer_load_sp(msh_tokenizer **out, const char *path, int vocab_size);
+void msh_tokenizer_free(msh_tokenizer *t);
+int msh_tokenizer_vocab_size(const msh_tokenizer *t);
+int msh_tokenizer_bos(const msh_tokenizer *t);
+int msh_tokenizer_eos(const msh_tokenizer *t);
+/* Encodes len bytes of text (a leading space is added to non-empty text, as SentencePiece does),
+ * optionally preceded by BOS. MSH_ERANGE when cap is too small; *n_out then holds the number of
+ * ids needed. */
+msh_status msh_tokenizer_encode(const msh_tokenizer *t, const char *text, size_t len, int add_bos,
+                                int32_t *ids, int cap, int *n_out);
+/* The bytes token id stands for (byte fallbacks resolved to their single byte; <s> and </s> give
+ * ""). The pointer stays valid for the tokenizer's life. */
+msh_status msh_tokenizer_piece(const msh_tokenizer *t, int32_t id, const char **piece, size_t *len);
+
+/* ======================================================================= safetensors */
+
+/* A safetensors file, mmap'd, with its header parsed and every entry checked: dtype known, shape
+ * non-negative, offsets ordered, inside the data section and consistent with dtype x shape. */
+typedef struct msh_safetensors msh_safetensors;
+
+/* MSH_ENOENT, MSH_EIO, or MSH_EFORMAT naming the file and the offending entry. */
+msh_status msh_safetensors_open(msh_safetensors **out, const char *path);
+void msh_safetensors_free(msh_safetensors *st);
+int msh_safetensors_count(const msh_safetensors *st);
+/* Name of entry i (NULL if out of range). */
+const char *msh_safetensors_name(const msh_safetensors *st, int i);
+/* Index of the entry called name; MSH_ENOENT if absent. */
+msh_status msh_safetensors_find(const msh_safetensors *st, const char *name, int *index);
+/* dtype (msh_dtype, or -1 for a valid dtype moonshard does not load), ndim, shape[MSH_MAX_DIMS]. */
+msh_status msh_safetensors_info(const msh_safetensors *st, int i, int *dtype, int *ndim,
+                                int64_t *shape);
+/* A zero-copy view of entry i; MSH_EUNSUPPORTED for dtypes moonshard does not load. */
+msh_status msh_safetensors_tensor(const msh_safetensors *st, int i, msh_tensor **out);
+
+/* ========================================================================== llama2.c */
+
+/* Reads and checks the 28-byte header of a llama2.c checkpoint: cfg receives dim, hidden_dim,
+ * n_layers, n_heads, n_kv_heads, vocab_size (made positive), seq_len; *shared is 1 when the
+ * classifier is the token embedding. MSH_EFORMAT when a field is not positive, dim is not a
+ * multiple of n_heads, n_heads not a multiple of n_kv_heads, or the file's size is not exactly
+ * what the header implies. */
+msh_status msh_llama2c_header(const msh_file *f, int32_t *cfg, int *shared);
+
+/* ffi:end */
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* MOONSHARD_H */

@@ -1,0 +1,100 @@
+/* internal.h: private declarations shared by the C core (not part of the public API). */
+#ifndef MSH_INTERNAL_H
+#define MSH_INTERNAL_H
+
+#include "moonshard.h"
+
+#include <stdarg.h>
+#include <stdbool.h>
+
+/* ------------------------------------------------------------------------------ errors */
+
+/* Records "func: message (file:line)" as the thread's last error and returns s. */
+msh_status msh_fail_at(msh_status s, const char *file, int line, const char *func,
+                       const char *fmt, ...) __attribute__((format(printf, 5, 6)));
+#define MSH_FAIL(s, ...) msh_fail_at((s), __FILE__, __LINE__, __func__, __VA_ARGS__)
+
+/* ---------------------------------------------------------------------------- storage */
+
+/* The memory behind one or more tensors. */
+typedef struct msh_storage {
+  int refs;
+  int device;       /* msh_device_kind */
+  int device_index;
+  int readonly;
+  void *base;
+  uint64_t bytes;
+  int owned;        /* base is freed through the device's backend when refs drop to 0 */
+  msh_file *file;   /* a mapped file this storage keeps alive, or NULL */
+} msh_storage;
+
+struct msh_tensor {
+  msh_storage *st;
+  int dtype;
+  int ndim;
+  int64_t offset;                 /* elements from st->base to element 0 */
+  int64_t shape[MSH_MAX_DIMS];
+  int64_t stride[MSH_MAX_DIMS];   /* elements */
+};
+
+void msh_file_retain(msh_file *f);
+
+/* Makes a tensor handle over a storage (takes one reference on st). */
+msh_status msh_tensor_make(msh_tensor **out, msh_storage *st, int dtype, int ndim,
+                           const int64_t *shape, const int64_t *strides, int64_t offset);
+
+static inline void *msh_tensor_ptr(const msh_tensor *t) {
+  return (char *)t->st->base + t->offset * (int64_t)msh_dtype_size(t->dtype);
+}
+
+static inline int64_t msh_rows(const msh_tensor *t) {
+  return t->ndim == 0 ? 1 : msh_tensor_numel(t) / t->shape[t->ndim - 1];
+}
+
+/* "(2, 3, 4) f32" into buf. */
+const char *msh_shape_str(const msh_tensor *t, char *buf, size_t cap);
+
+/* ---------------------------------------------------------------------------- backends */
+
+/* A device backend: memory and ops over validated operands. The generic layer (tensor.c, ops.c)
+ * checks shapes, dtypes, contiguity and devices before calling in, so implementations may
+ * assume: outputs contiguous f32 unless stated, inputs as documented in moonshard.h. */
+typedef struct msh_backend {
+  const char *name;
+  msh_status (*alloc)(int device_index, uint64_t bytes, void **out); /* zero-filled */
+  void (*release)(int device_index, void *p);
+  /* dst = src, same device, equal shapes, any strides, dtype conversion as msh_tensor_copy. */
+  msh_status (*copy)(msh_tensor *dst, const msh_tensor *src);
+  /* Contiguous bytes between host memory and this device. */
+  msh_status (*upload)(int device_index, void *dst, const void *src, uint64_t bytes);
+  msh_status (*download)(int device_index, void *dst, const void *src, uint64_t bytes);
+
+  msh_status (*embedding)(msh_tensor *out, const msh_tensor *table, const msh_tensor *ids);
+  msh_status (*rmsnorm)(msh_tensor *out, const msh_tensor *x, const msh_tensor *w, float eps);
+  msh_status (*matmul)(msh_tensor *out, const msh_tensor *x, const msh_tensor *w);
+  msh_status (*rope)(msh_tensor *x, const msh_tensor *pos, const msh_tensor *inv_freq, int style);
+  msh_status (*attention)(msh_tensor *out, const msh_tensor *q, const msh_tensor *k,
+                          const msh_tensor *v, int64_t pos0, float scale);
+  msh_status (*silu_mul)(msh_tensor *out, const msh_tensor *gate, const msh_tensor *up);
+  msh_status (*add)(msh_tensor *out, const msh_tensor *a, const msh_tensor *b);
+  msh_status (*scale)(msh_tensor *out, const msh_tensor *x, float s);
+  msh_status (*softmax)(msh_tensor *out, const msh_tensor *x, int log);
+  msh_status (*argmax)(const msh_tensor *x, int32_t *out);
+} msh_backend;
+
+extern const msh_backend msh_cpu_backend;
+#ifdef MSH_WITH_CUDA
+extern const msh_backend msh_cuda_backend;
+msh_status msh_cuda_device_count(int *out);
+#endif
+
+/* The backend of a device kind, or NULL (with the error set) when it is not built in. */
+const msh_backend *msh_backend_for(int device);
+
+/* ------------------------------------------------------------------------------ misc */
+
+/* Deterministic normal samples: the i-th value of the stream for seed (Box-Muller over a
+ * counter-based hash), so every device can produce the same values. */
+float msh_randn_at(uint64_t seed, uint64_t i);
+
+#endif

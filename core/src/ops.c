@@ -1,0 +1,200 @@
+/* ops.c: the op entry points. Each checks its operands (devices, dtypes, shapes, contiguity)
+ * and hands them to the backend of their device. */
+#include "internal.h"
+
+#include <string.h>
+
+static int is_float(int dt) { return dt == MSH_F32 || dt == MSH_F16 || dt == MSH_BF16; }
+
+#define SHAPE(t, buf) msh_shape_str((t), (buf), sizeof(buf))
+
+/* All non-NULL operands on one device; returns its backend or NULL with the error set. */
+static const msh_backend *same_device(const char *op, const msh_tensor *a, const msh_tensor *b,
+                                      const msh_tensor *c, const msh_tensor *d) {
+  const msh_tensor *ts[4] = {a, b, c, d};
+  const msh_tensor *first = NULL;
+  for (int i = 0; i < 4; i++) {
+    if (!ts[i]) continue;
+    if (!first) first = ts[i];
+    else if (ts[i]->st->device != first->st->device || ts[i]->st->device_index != first->st->device_index) {
+      MSH_FAIL(MSH_EINVAL, "%s: operands live on different devices", op);
+      return NULL;
+    }
+  }
+  return msh_backend_for(first->st->device);
+}
+
+static msh_status want_out(const char *op, const msh_tensor *out) {
+  if (out->dtype != MSH_F32) return MSH_FAIL(MSH_EINVAL, "%s: output must be f32, not %s", op, msh_dtype_name(out->dtype));
+  if (!msh_tensor_is_contiguous(out)) return MSH_FAIL(MSH_EINVAL, "%s: output must be contiguous", op);
+  if (out->st->readonly) return MSH_FAIL(MSH_EINVAL, "%s: output is read-only", op);
+  return MSH_OK;
+}
+
+static msh_status want_f32c(const char *op, const char *name, const msh_tensor *t) {
+  if (t->dtype != MSH_F32 || !msh_tensor_is_contiguous(t))
+    return MSH_FAIL(MSH_EINVAL, "%s: %s must be contiguous f32, not %s%s", op, name,
+                    msh_dtype_name(t->dtype), msh_tensor_is_contiguous(t) ? "" : " (strided)");
+  return MSH_OK;
+}
+
+static msh_status want_weight(const char *op, const char *name, const msh_tensor *t) {
+  if (!is_float(t->dtype) || !msh_tensor_is_contiguous(t))
+    return MSH_FAIL(MSH_EINVAL, "%s: %s must be a contiguous f32/f16/bf16 tensor", op, name);
+  return MSH_OK;
+}
+
+static int same_shape(const msh_tensor *a, const msh_tensor *b) {
+  return a->ndim == b->ndim && !memcmp(a->shape, b->shape, sizeof(int64_t) * (size_t)a->ndim);
+}
+
+#define CHECK(expr)                   \
+  do {                                \
+    msh_status s_ = (expr);           \
+    if (s_ != MSH_OK) return s_;      \
+  } while (0)
+
+msh_status msh_op_embedding(msh_tensor *out, const msh_tensor *table, const msh_tensor *ids) {
+  if (!out || !table || !ids) return MSH_FAIL(MSH_EINVAL, "NULL argument");
+  const msh_backend *be = same_device("embedding", out, table, ids, NULL);
+  if (!be) return MSH_EINVAL;
+  CHECK(want_out("embedding", out));
+  CHECK(want_weight("embedding", "table", table));
+  char a[96], b[96], c[96];
+  if (ids->dtype != MSH_I32 || ids->ndim != 1 || !msh_tensor_is_contiguous(ids) || table->ndim != 2 ||
+      out->ndim != 2 || out->shape[0] != ids->shape[0] || out->shape[1] != table->shape[1])
+    return MSH_FAIL(MSH_EINVAL, "embedding: out %s, table %s, ids %s do not fit (T, D) = (V, D)[(T) i32]",
+                    SHAPE(out, a), SHAPE(table, b), SHAPE(ids, c));
+  return be->embedding(out, table, ids);
+}
+
+msh_status msh_op_rmsnorm(msh_tensor *out, const msh_tensor *x, const msh_tensor *w, float eps) {
+  if (!out || !x || !w) return MSH_FAIL(MSH_EINVAL, "NULL argument");
+  const msh_backend *be = same_device("rmsnorm", out, x, w, NULL);
+  if (!be) return MSH_EINVAL;
+  CHECK(want_out("rmsnorm", out));
+  CHECK(want_f32c("rmsnorm", "x", x));
+  CHECK(want_weight("rmsnorm", "w", w));
+  char a[96], b[96], c[96];
+  if (!same_shape(out, x) || x->ndim < 1 || w->ndim != 1 || w->shape[0] != x->shape[x->ndim - 1])
+    return MSH_FAIL(MSH_EINVAL, "rmsnorm: out %s, x %s, w %s do not fit", SHAPE(out, a), SHAPE(x, b), SHAPE(w, c));
+  return be->rmsnorm(out, x, w, eps);
+}
+
+msh_status msh_op_matmul(msh_tensor *out, const msh_tensor *x, const msh_tensor *w) {
+  if (!out || !x || !w) return MSH_FAIL(MSH_EINVAL, "NULL argument");
+  const msh_backend *be = same_device("matmul", out, x, w, NULL);
+  if (!be) return MSH_EINVAL;
+  CHECK(want_out("matmul", out));
+  CHECK(want_f32c("matmul", "x", x));
+  CHECK(want_weight("matmul", "w", w));
+  char a[96], b[96], c[96];
+  if (out->ndim != 2 || x->ndim != 2 || w->ndim != 2 || x->shape[1] != w->shape[1] ||
+      out->shape[0] != x->shape[0] || out->shape[1] != w->shape[0])
+    return MSH_FAIL(MSH_EINVAL, "matmul: out %s, x %s, w %s do not fit (M, N) = (M, K) @ (N, K)^T",
+                    SHAPE(out, a), SHAPE(x, b), SHAPE(w, c));
+  if (out->st == x->st) return MSH_FAIL(MSH_EINVAL, "matmul: out must not alias x");
+  return be->matmul(out, x, w);
+}
+
+msh_status msh_op_rope(msh_tensor *x, const msh_tensor *pos, const msh_tensor *inv_freq, int style) {
+  if (!x || !pos || !inv_freq) return MSH_FAIL(MSH_EINVAL, "NULL argument");
+  const msh_backend *be = same_device("rope", x, pos, inv_freq, NULL);
+  if (!be) return MSH_EINVAL;
+  CHECK(want_out("rope", x));
+  CHECK(want_f32c("rope", "inv_freq", inv_freq));
+  char a[96], b[96], c[96];
+  if (x->ndim != 3 || pos->dtype != MSH_I32 || pos->ndim != 1 || pos->shape[0] != x->shape[0] ||
+      !msh_tensor_is_contiguous(pos) || inv_freq->ndim != 1 || 2 * inv_freq->shape[0] > x->shape[2])
+    return MSH_FAIL(MSH_EINVAL, "rope: x %s, pos %s, inv_freq %s do not fit (T, H, hd), (T) i32, (R <= hd/2)",
+                    SHAPE(x, a), SHAPE(pos, b), SHAPE(inv_freq, c));
+  if (style != MSH_ROPE_INTERLEAVED && style != MSH_ROPE_HALF)
+    return MSH_FAIL(MSH_EINVAL, "rope: unknown style %d", style);
+  return be->rope(x, pos, inv_freq, style);
+}
+
+msh_status msh_op_set_rows(msh_tensor *dst, int64_t row0, const msh_tensor *src) {
+  if (!dst || !src) return MSH_FAIL(MSH_EINVAL, "NULL argument");
+  if (dst->ndim < 1 || src->ndim != dst->ndim || src->ndim < 1)
+    return MSH_FAIL(MSH_EINVAL, "set_rows: dst and src need the same number of dims");
+  if (row0 < 0 || row0 + src->shape[0] > dst->shape[0])
+    return MSH_FAIL(MSH_ERANGE, "set_rows: rows [%lld, %lld) outside [0, %lld)", (long long)row0,
+                    (long long)(row0 + src->shape[0]), (long long)dst->shape[0]);
+  msh_tensor view = *dst; /* a stack view: no allocation on the hot path */
+  view.shape[0] = src->shape[0];
+  view.offset = dst->offset + row0 * dst->stride[0];
+  return msh_tensor_copy(&view, src);
+}
+
+msh_status msh_op_attention(msh_tensor *out, const msh_tensor *q, const msh_tensor *k,
+                            const msh_tensor *v, int64_t pos0, float scale) {
+  if (!out || !q || !k || !v) return MSH_FAIL(MSH_EINVAL, "NULL argument");
+  const msh_backend *be = same_device("attention", out, q, k, v);
+  if (!be) return MSH_EINVAL;
+  CHECK(want_out("attention", out));
+  CHECK(want_f32c("attention", "q", q));
+  char a[96], b[96], c[96];
+  if (q->ndim != 3 || k->ndim != 3 || !same_shape(out, q) || !same_shape(k, v) ||
+      k->shape[2] != q->shape[2] || k->shape[1] == 0 || q->shape[1] % k->shape[1])
+    return MSH_FAIL(MSH_EINVAL, "attention: q %s, k %s, v %s do not fit (T, H, hd) over (S, KVH, hd), H %% KVH == 0",
+                    SHAPE(q, a), SHAPE(k, b), SHAPE(v, c));
+  if (k->dtype != v->dtype || !is_float(k->dtype) || k->stride[2] != 1 || v->stride[2] != 1 ||
+      k->stride[1] != k->shape[2] || v->stride[1] != v->shape[2])
+    return MSH_FAIL(MSH_EINVAL, "attention: k and v must share a float dtype with contiguous heads");
+  if (pos0 < 0 || pos0 + q->shape[0] > k->shape[0])
+    return MSH_FAIL(MSH_ERANGE, "attention: positions [%lld, %lld) exceed the cache of %lld", (long long)pos0,
+                    (long long)(pos0 + q->shape[0]), (long long)k->shape[0]);
+  return be->attention(out, q, k, v, pos0, scale);
+}
+
+static msh_status elementwise(const char *op, msh_tensor *out, const msh_tensor *a, const msh_tensor *b,
+                              const msh_backend **be) {
+  if (!out || !a || !b) return MSH_FAIL(MSH_EINVAL, "NULL argument");
+  *be = same_device(op, out, a, b, NULL);
+  if (!*be) return MSH_EINVAL;
+  CHECK(want_out(op, out));
+  CHECK(want_f32c(op, "a", a));
+  CHECK(want_f32c(op, "b", b));
+  char x[96], y[96];
+  if (!same_shape(out, a) || !same_shape(a, b))
+    return MSH_FAIL(MSH_EINVAL, "%s: shapes differ: %s and %s", op, SHAPE(a, x), SHAPE(b, y));
+  return MSH_OK;
+}
+
+msh_status msh_op_silu_mul(msh_tensor *out, const msh_tensor *gate, const msh_tensor *up) {
+  const msh_backend *be = NULL;
+  CHECK(elementwise("silu_mul", out, gate, up, &be));
+  return be->silu_mul(out, gate, up);
+}
+
+msh_status msh_op_add(msh_tensor *out, const msh_tensor *a, const msh_tensor *b) {
+  const msh_backend *be = NULL;
+  CHECK(elementwise("add", out, a, b, &be));
+  return be->add(out, a, b);
+}
+
+msh_status msh_op_scale(msh_tensor *out, const msh_tensor *x, float s) {
+  const msh_backend *be = NULL;
+  CHECK(elementwise("scale", out, x, x, &be));
+  return be->scale(out, x, s);
+}
+
+static msh_status softmax_common(msh_tensor *out, const msh_tensor *x, int log) {
+  const msh_backend *be = NULL;
+  const char *op = log ? "log_softmax" : "softmax";
+  CHECK(elementwise(op, out, x, x, &be));
+  if (x->ndim < 1) return MSH_FAIL(MSH_EINVAL, "%s: needs at least one dim", op);
+  return be->softmax(out, x, log);
+}
+
+msh_status msh_op_softmax(msh_tensor *out, const msh_tensor *x) { return softmax_common(out, x, 0); }
+msh_status msh_op_log_softmax(msh_tensor *out, const msh_tensor *x) { return softmax_common(out, x, 1); }
+
+msh_status msh_op_argmax(const msh_tensor *x, int32_t *out) {
+  if (!x || !out) return MSH_FAIL(MSH_EINVAL, "NULL argument");
+  const msh_backend *be = same_device("argmax", x, NULL, NULL, NULL);
+  if (!be) return MSH_EINVAL;
+  CHECK(want_f32c("argmax", "x", x));
+  if (x->ndim < 1 || x->shape[x->ndim - 1] < 1) return MSH_FAIL(MSH_EINVAL, "argmax: empty rows");
+  return be->argmax(x, out);
+}

@@ -1,0 +1,50 @@
+-- moonshard.core: the FFI binding of libmoonshard, generated from core/include/moonshard.h.
+-- C calls return a status; this module turns a status into an error or `nil, msg, code`.
+local ffi = require "ffi"
+
+ffi.cdef(require "moonshard.cdef")
+
+local function resolve()
+  -- the host executable links libmoonshard, so its symbols are global; plain LuaJIT loads it
+  local ok = pcall(function() return ffi.C.msh_version end)
+  if ok then return ffi.C end
+  return ffi.load(os.getenv("MOONSHARD_LIB") or "moonshard")
+end
+
+local C = resolve()
+
+local M = { C = C, ffi = ffi }
+
+local status_names = {}
+
+-- The last error message of this thread, and the status's name ("EINVAL", ...).
+function M.errmsg(s)
+  local name = status_names[s]
+  if not name then
+    name = ffi.string(C.msh_status_name(s))
+    status_names[s] = name
+  end
+  return ffi.string(C.msh_last_error()), name
+end
+
+-- Raises on a failed status (for misuse and for callers that want exceptions).
+function M.check(s, level)
+  if s ~= 0 then
+    local msg = M.errmsg(s)
+    error(msg, (level or 1) + 1)
+  end
+end
+
+-- Returns true, or nil, message, code-name.
+function M.try(s)
+  if s == 0 then return true end
+  local msg, name = M.errmsg(s)
+  return nil, msg, name
+end
+
+M.dtypes = { f32 = C.MSH_F32, f16 = C.MSH_F16, bf16 = C.MSH_BF16, i32 = C.MSH_I32, i8 = C.MSH_I8 }
+M.dtype_names = {}
+for k, v in pairs(M.dtypes) do M.dtype_names[tonumber(v)] = k end
+M.devices = { cpu = C.MSH_CPU, cuda = C.MSH_CUDA }
+
+return M
