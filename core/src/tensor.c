@@ -56,6 +56,7 @@ void msh_storage_release(msh_storage *st) {
 static msh_storage *storage_new(int device, int device_index, void *base, uint64_t bytes) {
   msh_storage *st = calloc(1, sizeof *st);
   if (!st) return NULL;
+  st->refs = 1; /* the caller's reference, dropped once a tensor holds its own */
   st->device = device;
   st->device_index = device_index;
   st->base = base;

@@ -1,0 +1,55 @@
+-- moonshard: the Lua face of the runtime.
+--
+--   local moonshard = require "moonshard"
+--   local m = assert(moonshard.load("../shared/data/models/stories260K"))
+--   local logits = m:forward(m.tokenizer:encode("Once upon a time", true))
+--   print(m.tokenizer:piece(m:argmax(logits)))
+local core = require "moonshard.core"
+local ffi = require "ffi"
+
+local M = {
+  core = core,
+  C = core.C,
+  tensor = require "moonshard.tensor",
+  ops = require "moonshard.ops",
+  version = ffi.string(core.C.msh_version()),
+}
+
+local Model = {}
+Model.__index = Model
+
+-- M.load(path, opts?) -> model | nil, message
+--   opts.device ("cpu"), opts.max_seq, opts.chunk, opts.kv_dtype, opts.dtype (weights' dtype on
+--   the device; CPU default "f32"), opts.tokenizer (path)
+function M.load(path, opts)
+  opts = opts or {}
+  local loaded, err = require("moonshard.loader").load(path, opts)
+  if not loaded then return nil, err end
+  local device = opts.device or "cpu"
+  local stage = require("moonshard.stage").resident(loaded.desc.weights, device,
+    { dtype = opts.dtype or (device == "cpu" and "f32" or "bf16") })
+  local net = require("moonshard.models.llama").new(loaded.desc, {
+    device = device, max_seq = opts.max_seq, chunk = opts.chunk, kv_dtype = opts.kv_dtype, stage = stage,
+  })
+  return setmetatable({ desc = loaded.desc, tokenizer = loaded.tokenizer, net = net, path = path }, Model)
+end
+
+-- model:forward(ids, pos0?, opts?) -> logits tensor (see moonshard.models.llama)
+function Model:forward(ids, pos0, opts) return self.net:forward(ids, pos0, opts) end
+function Model:reset() self.net:reset() end
+
+local argmax_out = ffi.new("int32_t[1]")
+-- model:argmax(logits) -> id of the largest logit of the (last) row
+function Model:argmax(logits)
+  local rows = logits:numel() / logits:size(logits:ndim())
+  local row = rows > 1 and logits:narrow(1, rows - 1, 1) or logits
+  return M.ops.argmax(row:device() == "cpu" and row or row:to("f32", "cpu"), argmax_out)
+end
+
+-- model:generate(opts, on_text) -> stats | nil, message (see moonshard.generate)
+function Model:generate(opts, on_text)
+  return require("moonshard.generate").run(self, opts, on_text or function(s) io.write(s) end)
+end
+
+M.Model = Model
+return M

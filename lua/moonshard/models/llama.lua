@@ -1,0 +1,219 @@
+-- moonshard.models.llama: the Llama architecture (Llama 1/2/3, Mistral, SmolLM2, TinyLlama, ...)
+-- composed from core ops.
+--
+-- A model is built from a description that every loader produces:
+--   desc = {
+--     dim, n_layers, n_heads, n_kv_heads, head_dim, hidden_dim, vocab_size, norm_eps, max_seq,
+--     rope = { theta, style = "interleaved" | "half", rotary_dim?, scaling? },
+--     weights = { embed (V, D), norm (D), output (V, D),
+--                 layers = { { attn_norm, wq, wk, wv, wo, ffn_norm, w_gate, w_up, w_down }, ... } },
+--   }
+-- Weights are reached through a stage (moonshard.stage): a layer asks for its weights right
+-- before it runs, so placement (resident, streamed, partitioned) is the stage's business.
+--
+-- Per forward pass nothing is allocated: activations live in buffers sized at construction for
+-- up to `chunk` tokens, and views of them are made once per distinct token count.
+local ops = require "moonshard.ops"
+local tensor = require "moonshard.tensor"
+local rope = require "moonshard.rope"
+local stage_mod = require "moonshard.stage"
+
+local ffi = require "ffi"
+
+local M = {}
+local Llama = {}
+Llama.__index = Llama
+
+local REQUIRED = { "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size", "max_seq" }
+
+-- Checks a description; returns true or nil, message.
+function M.validate(desc)
+  for _, k in ipairs(REQUIRED) do
+    local v = desc[k]
+    if type(v) ~= "number" or v <= 0 or v % 1 ~= 0 then
+      return nil, string.format("model description: '%s' must be a positive integer (got %s)", k, tostring(v))
+    end
+  end
+  if desc.n_heads % desc.n_kv_heads ~= 0 then
+    return nil, string.format("model description: n_heads (%d) is not a multiple of n_kv_heads (%d)",
+      desc.n_heads, desc.n_kv_heads)
+  end
+  local hd = desc.head_dim or desc.dim / desc.n_heads
+  if hd % 1 ~= 0 or hd % 2 ~= 0 then
+    return nil, string.format("model description: head size %s must be an even integer", tostring(hd))
+  end
+  return true
+end
+
+-- M.new(desc, opts) -> model
+--   opts.device    "cpu" (default) or "cuda[:i]": where activations and the KV cache live
+--   opts.max_seq   context length (default: the model's; at most the model's)
+--   opts.chunk     tokens per forward pass (prefill is split into chunks of this size)
+--   opts.kv_dtype  "f32" (default), "f16" or "bf16"
+--   opts.stage     a stage owning the weights (default: resident on opts.device)
+function M.new(desc, opts)
+  opts = opts or {}
+  assert(M.validate(desc))
+  local self = setmetatable({}, Llama)
+  self.desc = desc
+  self.device = opts.device or "cpu"
+  self.dim = desc.dim
+  self.n_layers = desc.n_layers
+  self.n_heads = desc.n_heads
+  self.n_kv_heads = desc.n_kv_heads
+  self.head_dim = desc.head_dim or desc.dim / desc.n_heads
+  self.hidden_dim = desc.hidden_dim
+  self.vocab_size = desc.vocab_size
+  self.norm_eps = desc.norm_eps or 1e-5
+  self.max_seq = math.min(opts.max_seq or desc.max_seq, desc.max_seq)
+  self.chunk = math.min(opts.chunk or 256, self.max_seq)
+  self.scale = 1 / math.sqrt(self.head_dim)
+  self.stage = opts.stage or stage_mod.resident(desc.weights, self.device)
+
+  local r = desc.rope or {}
+  self.rope_style = (r.style == "half") and ops.ROPE_HALF or ops.ROPE_INTERLEAVED
+  local inv = rope.inv_freq(r, self.head_dim)
+  self.inv_freq = tensor.from(inv, { #inv }, "f32"):to("f32", self.device)
+
+  local dev, Tm = self.device, self.chunk
+  local D, H, KVH, hd, F = self.dim, self.n_heads, self.n_kv_heads, self.head_dim, self.hidden_dim
+  local function buf(shape, dt) return assert(tensor.new(shape, dt or "f32", dev)) end
+  self.buf = {
+    x = buf { Tm, D }, h = buf { Tm, D }, o = buf { Tm, D },
+    q = buf { Tm, H * hd }, k = buf { Tm, KVH * hd }, v = buf { Tm, KVH * hd }, att = buf { Tm, H * hd },
+    g = buf { Tm, F }, u = buf { Tm, F },
+    ids = buf({ Tm }, "i32"), pos = buf({ Tm }, "i32"),
+    h_last = buf { 1, D }, logits = buf { 1, self.vocab_size },
+  }
+  -- token ids and positions are written on the host, then moved when the model is on a device
+  if dev ~= "cpu" then
+    self.host_ids = assert(tensor.new({ Tm }, "i32", "cpu"))
+    self.host_pos = assert(tensor.new({ Tm }, "i32", "cpu"))
+  else
+    self.host_ids, self.host_pos = self.buf.ids, self.buf.pos
+  end
+  self.ids_ptr = ffi.cast("int32_t*", self.host_ids:data())
+  self.pos_ptr = ffi.cast("int32_t*", self.host_pos:data())
+
+  self.kv = {}
+  local kvdt = opts.kv_dtype or "f32"
+  for l = 1, self.n_layers do
+    self.kv[l] = { k = buf({ self.max_seq, KVH, hd }, kvdt), v = buf({ self.max_seq, KVH, hd }, kvdt) }
+  end
+  self.views = {}
+  self.pos = 0 -- tokens in the cache
+  return self
+end
+
+-- Views of the activation buffers for a pass of T tokens (made once per T).
+function Llama:views_for(T)
+  local v = self.views[T]
+  if v then return v end
+  local b, H, KVH, hd = self.buf, self.n_heads, self.n_kv_heads, self.head_dim
+  local function rows(t) return t:narrow(1, 0, T) end
+  v = {
+    x = rows(b.x), h = rows(b.h), o = rows(b.o),
+    q = rows(b.q), k = rows(b.k), v = rows(b.v), att = rows(b.att),
+    g = rows(b.g), u = rows(b.u), ids = rows(b.ids), pos = rows(b.pos),
+    x_last = b.x:narrow(1, T - 1, 1),
+  }
+  v.q3 = v.q:reshape { T, H, hd }
+  v.k3 = v.k:reshape { T, KVH, hd }
+  v.v3 = v.v:reshape { T, KVH, hd }
+  v.att3 = v.att:reshape { T, H, hd }
+  if self.device ~= "cpu" then
+    v.host_ids = self.host_ids:narrow(1, 0, T)
+    v.host_pos = self.host_pos:narrow(1, 0, T)
+  end
+  self.views[T] = v
+  return v
+end
+
+local embedding, rmsnorm, matmul, rope_op = ops.embedding, ops.rmsnorm, ops.matmul, ops.rope
+local set_rows, attention, silu_mul, add = ops.set_rows, ops.attention, ops.silu_mul, ops.add
+
+-- One pass over T tokens already written to the id buffer, at positions pos0 .. pos0+T-1.
+function Llama:pass(T, pos0, all_logits_out)
+  local v = self:views_for(T)
+  local pos_ptr = self.pos_ptr
+  for i = 0, T - 1 do pos_ptr[i] = pos0 + i end
+  if v.host_ids then
+    v.ids:copy_from(v.host_ids)
+    v.pos:copy_from(v.host_pos)
+  end
+  local stage, eps = self.stage, self.norm_eps
+  embedding(v.x, stage:embed(), v.ids)
+  for l = 1, self.n_layers do
+    local w = stage:acquire(l)
+    local kv = self.kv[l]
+    rmsnorm(v.h, v.x, w.attn_norm, eps)
+    matmul(v.q, v.h, w.wq)
+    matmul(v.k, v.h, w.wk)
+    matmul(v.v, v.h, w.wv)
+    rope_op(v.q3, v.pos, self.inv_freq, self.rope_style)
+    rope_op(v.k3, v.pos, self.inv_freq, self.rope_style)
+    set_rows(kv.k, pos0, v.k3)
+    set_rows(kv.v, pos0, v.v3)
+    attention(v.att3, v.q3, kv.k, kv.v, pos0, self.scale)
+    matmul(v.o, v.att, w.wo)
+    add(v.x, v.x, v.o)
+    rmsnorm(v.h, v.x, w.ffn_norm, eps)
+    matmul(v.g, v.h, w.w_gate)
+    matmul(v.u, v.h, w.w_up)
+    silu_mul(v.g, v.g, v.u)
+    matmul(v.o, v.g, w.w_down)
+    add(v.x, v.x, v.o)
+    stage:release(l)
+  end
+  if all_logits_out then
+    rmsnorm(v.h, v.x, stage:norm(), eps)
+    matmul(all_logits_out, v.h, stage:output())
+  end
+  rmsnorm(self.buf.h_last, v.x_last, stage:norm(), eps)
+  matmul(self.buf.logits, self.buf.h_last, stage:output())
+end
+
+-- model:forward(ids, pos0?, opts?) -> logits of the last token (1, V), or of every token (T, V)
+-- with opts.all_logits. ids: a Lua array of token ids or a single id. pos0 defaults to the
+-- number of tokens already in the cache. Returns nil, message when the context is full.
+function Llama:forward(ids, pos0, opts)
+  local n = type(ids) == "number" and 1 or #ids
+  pos0 = pos0 or self.pos
+  if n == 0 then return nil, "forward: no tokens" end
+  if pos0 + n > self.max_seq then
+    return nil, string.format("context full: %d tokens at position %d exceed the context of %d",
+      n, pos0, self.max_seq)
+  end
+  local all = opts and opts.all_logits and assert(tensor.new({ n, self.vocab_size }, "f32", self.device))
+  local V = self.vocab_size
+  local done = 0
+  while done < n do
+    local T = math.min(self.chunk, n - done)
+    if type(ids) == "number" then
+      if ids < 0 or ids >= V then
+        return nil, string.format("token id %d outside the vocabulary [0, %d)", ids, V)
+      end
+      self.ids_ptr[0] = ids
+    else
+      for i = 0, T - 1 do
+        local id = ids[done + i + 1]
+        if id < 0 or id >= V then
+          return nil, string.format("token id %d outside the vocabulary [0, %d)", id, V)
+        end
+        self.ids_ptr[i] = id
+      end
+    end
+    self:pass(T, pos0 + done, all and all:narrow(1, done, T))
+    done = done + T
+  end
+  self.pos = pos0 + n
+  return all or self.buf.logits
+end
+
+-- Forgets the cache (the next forward starts at position 0).
+function Llama:reset()
+  self.pos = 0
+end
+
+M.Llama = Llama
+return M
