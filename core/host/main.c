@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include <uv.h>
 
 #include "moonshard.h"
@@ -32,7 +33,7 @@ static void set_paths(lua_State *L) {
   lua_pop(L, 1);
 }
 
-/* package.loaded["moonshard.host"] = { root, scripts, version, loop_owned_by_host = true } */
+/* package.loaded["moonshard.host"] = { root, scripts, version, exe } */
 static void set_host_info(lua_State *L) {
   lua_getglobal(L, "package");
   lua_getfield(L, -1, "loaded");
@@ -44,6 +45,13 @@ static void set_host_info(lua_State *L) {
   lua_setfield(L, -2, "scripts");
   lua_pushstring(L, MSH_VERSION);
   lua_setfield(L, -2, "version");
+  char exe[4096];
+  ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
+  if (n > 0) {
+    exe[n] = '\0';
+    lua_pushstring(L, exe);
+    lua_setfield(L, -2, "exe");
+  }
   lua_setfield(L, -2, "moonshard.host");
   lua_pop(L, 2);
 }

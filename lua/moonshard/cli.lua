@@ -48,9 +48,11 @@ local function run_chunk(chunk, name, args)
   local script_arg = { [0] = name }
   for i, a in ipairs(args) do script_arg[i] = a end
   _G.arg = script_arg
-  local ok, err = xpcall(chunk, debug.traceback, unpack(args))
+  local ok, err = xpcall(chunk, function(e)
+    return e ~= nil and debug.traceback(tostring(e), 2) or nil
+  end, unpack(args))
   if not ok then
-    io.stderr:write("moonshard: ", tostring(err), "\n")
+    if err ~= nil then io.stderr:write("moonshard: ", err, "\n") end -- error() with no message: exit quietly
     return 1
   end
   return type(err) == "number" and err or 0

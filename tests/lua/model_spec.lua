@@ -1,0 +1,86 @@
+-- Model paths against golden outputs and an independent implementation (transformers).
+local h = require "helpers"
+local moonshard = require "moonshard"
+local ffi = require "ffi"
+
+local function open_reference()
+  local out = ffi.new("msh_safetensors*[1]")
+  local core_check = moonshard.core.check
+  core_check(moonshard.C.msh_safetensors_open(out, h.hf .. "/reference.safetensors"))
+  local st = ffi.gc(out[0], moonshard.C.msh_safetensors_free)
+  local function get(name)
+    local idx, t = ffi.new("int[1]"), ffi.new("msh_tensor*[1]")
+    core_check(moonshard.C.msh_safetensors_find(st, name, idx))
+    core_check(moonshard.C.msh_safetensors_tensor(st, idx[0], t))
+    return ffi.gc(t[0], moonshard.C.msh_tensor_free)
+  end
+  return get
+end
+
+describe("stories260K (llama2.c checkpoint)", function()
+  local golden = h.read(h.stories .. "/expected_greedy_200.txt")
+
+  it("generates the golden text greedily through the Lua API", function()
+    local m = assert(moonshard.load(h.stories))
+    local parts = {}
+    local stats = assert(m:generate({ prompt = "", max_tokens = 200, temperature = 0 },
+      function(s) parts[#parts + 1] = s end))
+    assert.are.equal(200, stats.generated_tokens)
+    assert.are.equal(golden, table.concat(parts))
+  end)
+
+  it("generates the golden text through `moonshard generate`", function()
+    local out, err, code = h.run { "generate", "--model", h.stories, "--max-tokens", "200", "--temperature", "0" }
+    assert.are.equal(0, code, err)
+    assert.are.equal(golden .. "\n", out)
+    assert.truthy(err:find("generated tokens: 200", 1, true), err)
+  end)
+
+  it("gives the same logits prefilling in chunks as in one pass and token by token", function()
+    local ids = { 1, 403, 407, 261, 378, 432, 430, 306, 267, 395, 415, 259, 284 }
+    local function run(chunk, stepwise)
+      local m = assert(moonshard.load(h.stories, { chunk = chunk }))
+      if stepwise then
+        local l
+        for i, id in ipairs(ids) do l = assert(m:forward(id, i - 1)) end
+        return l:values()
+      end
+      return assert(m:forward(ids, 0)):values()
+    end
+    local one = run(64)
+    assert.is_true(h.max_abs_diff(one, run(5)) < 1e-5)
+    assert.is_true(h.max_abs_diff(one, run(64, true)) < 1e-5)
+  end)
+
+  it("samples reproducibly for a seed", function()
+    local a = h.run { "generate", "--model", h.stories, "--max-tokens", "40", "--seed", "7", "--temperature", "0.9" }
+    local b = h.run { "generate", "--model", h.stories, "--max-tokens", "40", "--seed", "7", "--temperature", "0.9" }
+    local c = h.run { "generate", "--model", h.stories, "--max-tokens", "40", "--seed", "8", "--temperature", "0.9" }
+    assert.are.equal(a, b)
+    assert.are_not.equal(a, c)
+  end)
+end)
+
+describe("Hugging Face checkpoints against transformers", function()
+  local ref = open_reference()
+  local ids = ref("ids"):values()
+
+  for _, name in ipairs { "f32", "bf16", "llama3" } do
+    it(name .. ": logits at every position within 1e-4", function()
+      local m = assert(moonshard.load(h.hf .. "/" .. name))
+      local logits = assert(m:forward(ids, 0, { all_logits = true }))
+      local want = ref("logits_" .. name):values()
+      local diff = h.max_abs_diff(logits:values(), want)
+      assert.is_true(diff < 1e-4, string.format("%s: max |diff| %.3g", name, diff))
+    end)
+  end
+
+  it("decodes token by token to the same logits as the full pass", function()
+    local m = assert(moonshard.load(h.hf .. "/f32"))
+    local want = ref("logits_f32")
+    local last
+    for i, id in ipairs(ids) do last = assert(m:forward(id, i - 1)) end
+    local row = want:narrow(1, #ids - 1, 1):values()
+    assert.is_true(h.max_abs_diff(last:values(), row) < 1e-4)
+  end)
+end)
