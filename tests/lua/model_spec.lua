@@ -48,8 +48,9 @@ describe("stories260K (llama2.c checkpoint)", function()
       return assert(m:forward(ids, 0)):values()
     end
     local one = run(64)
-    assert.is_true(h.max_abs_diff(one, run(5)) < 1e-5)
-    assert.is_true(h.max_abs_diff(one, run(64, true)) < 1e-5)
+    -- logits reach about 15: 1e-4 is a relative error near 1e-5 (summation order differs)
+    assert.is_true(h.max_abs_diff(one, run(5)) < 1e-4)
+    assert.is_true(h.max_abs_diff(one, run(64, true)) < 1e-4)
   end)
 
   it("samples reproducibly for a seed", function()
