@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 DEPS=(build-essential cmake pkg-config luajit libluajit-5.1-dev libuv1-dev lua-luv lua-luv-dev
-      lua-cjson libcjson-dev libedit-dev libopenblas-dev lua-busted)
+      lua-cjson libcjson-dev libedit-dev libopenblas-dev libpcre2-dev lua-busted)
 DATA=../shared/data
 JOBS=$(nproc 2>/dev/null || echo 2)
 
