@@ -1,18 +1,57 @@
-/* cpu_backend.c: the CPU backend: host memory, copies with dtype conversion, reference ops. */
-#include "internal.h"
+/* cpu_backend.c: the CPU backend: threads, per-thread scratch, host memory, copies with dtype
+ * conversion, and the vtable. The ops live in cpu_ops.c, cpu_matmul.c and cpu_attention.c. */
+#include "cpu_internal.h"
 
-#include <math.h>
+#include <cblas.h>
 #include <omp.h>
+#include <pthread.h>
 #include <stdlib.h>
-#include <string.h>
 
 /* ------------------------------------------------------------------------------ threads */
 
 static int num_threads = 0; /* 0: the default (online cores) */
+static int num_procs = 0;   /* omp_get_num_procs() asks the kernel each time: ask once */
 
-void msh_set_num_threads(int n) { num_threads = n > 0 ? n : 0; }
+void msh_set_num_threads(int n) { __atomic_store_n(&num_threads, n > 0 ? n : 0, __ATOMIC_RELAXED); }
 
-int msh_get_num_threads(void) { return num_threads > 0 ? num_threads : omp_get_num_procs(); }
+int msh_get_num_threads(void) {
+  int n = __atomic_load_n(&num_threads, __ATOMIC_RELAXED);
+  if (n > 0) return n;
+  n = __atomic_load_n(&num_procs, __ATOMIC_RELAXED);
+  if (n <= 0) {
+    n = omp_get_num_procs();
+    if (n < 1) n = 1;
+    __atomic_store_n(&num_procs, n, __ATOMIC_RELAXED);
+  }
+  return n;
+}
+
+static pthread_once_t blas_once = PTHREAD_ONCE_INIT;
+static void blas_single_thread(void) { openblas_set_num_threads(1); }
+void msh_cpu_blas_init(void) { pthread_once(&blas_once, blas_single_thread); }
+
+/* ------------------------------------------------------------------------------ scratch */
+
+typedef struct {
+  float *p;
+  size_t cap; /* floats */
+} scratch_buf;
+
+static _Thread_local scratch_buf scratch[2];
+
+float *msh_cpu_scratch(int slot, size_t n) {
+  scratch_buf *b = &scratch[slot];
+  if (n <= b->cap) return b->p;
+  size_t cap = b->cap + b->cap / 2;
+  if (cap < n) cap = n;
+  cap = (cap + 15) & ~(size_t)15; /* whole 64-byte lines */
+  float *p = aligned_alloc(64, cap * sizeof(float));
+  if (!p) return NULL;
+  free(b->p);
+  b->p = p;
+  b->cap = cap;
+  return p;
+}
 
 /* ------------------------------------------------------------------------------- memory */
 
@@ -37,221 +76,189 @@ static msh_status cpu_bytes(int device_index, void *dst, const void *src, uint64
   return MSH_OK;
 }
 
+/* ---------------------------------------------------------------------- dtype conversion */
+
+static void f16_to_f32(float *d, const uint16_t *s, int64_t n) {
+  int64_t i = 0;
+#if MSH_CPU_AVX2
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(d + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + i))));
+#endif
+  for (; i < n; i++) d[i] = msh_f16_to_f32(s[i]);
+}
+
+static void f32_to_f16(uint16_t *d, const float *s, int64_t n) {
+  int64_t i = 0;
+#if MSH_CPU_AVX2
+  for (; i + 8 <= n; i += 8) {
+    __m256 v = _mm256_loadu_ps(s + i);
+    if (_mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q))) { /* NaNs: canonical, as msh_f32_to_f16 */
+      for (int j = 0; j < 8; j++) d[i + j] = msh_f32_to_f16(s[i + j]);
+      continue;
+    }
+    _mm_storeu_si128((__m128i *)(d + i), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+#endif
+  for (; i < n; i++) d[i] = msh_f32_to_f16(s[i]);
+}
+
+static void bf16_to_f32(float *d, const uint16_t *s, int64_t n) {
+  for (int64_t i = 0; i < n; i++) d[i] = msh_cpu_bf16_f32(s[i]);
+}
+
+static void f32_to_bf16(uint16_t *d, const float *s, int64_t n) {
+  for (int64_t i = 0; i < n; i++) d[i] = msh_cpu_f32_bf16(s[i]);
+}
+
+void msh_cpu_convert(void *dst, int ddt, const void *src, int sdt, int64_t n) {
+  if (ddt == sdt) {
+    memcpy(dst, src, (size_t)n * msh_dtype_size(ddt));
+  } else if (ddt == MSH_F32) {
+    if (sdt == MSH_F16) f16_to_f32(dst, src, n);
+    else bf16_to_f32(dst, src, n);
+  } else if (sdt == MSH_F32) {
+    if (ddt == MSH_F16) f32_to_f16(dst, src, n);
+    else f32_to_bf16(dst, src, n);
+  } else { /* f16 <-> bf16 through f32 in blocks: f16 -> f32 is exact, so this rounds once */
+    float tmp[256];
+    for (int64_t i = 0; i < n; i += 256) {
+      int64_t m = n - i < 256 ? n - i : 256;
+      msh_cpu_convert(tmp, MSH_F32, (const uint16_t *)src + i, sdt, m);
+      msh_cpu_convert((uint16_t *)dst + i, ddt, tmp, MSH_F32, m);
+    }
+  }
+}
+
 /* ------------------------------------------------------------------------------- copies */
 
-static inline float load_f(const void *p, int dt, int64_t i) {
-  switch (dt) {
-  case MSH_F32: return ((const float *)p)[i];
-  case MSH_F16: return msh_f16_to_f32(((const uint16_t *)p)[i]);
-  default: return msh_bf16_to_f32(((const uint16_t *)p)[i]);
+/* One run of n elements with element strides ds, ss (in elements of each side's dtype). */
+static void copy_run(char *d, int ddt, int64_t ds, const char *s, int sdt, int64_t ss, int64_t n) {
+  if (ds == 1 && ss == 1) {
+    msh_cpu_convert(d, ddt, s, sdt, n);
+    return;
+  }
+  size_t des = msh_dtype_size(ddt);
+  if (ddt == sdt) {
+    if (des == 4)
+      for (int64_t i = 0; i < n; i++) ((uint32_t *)d)[i * ds] = ((const uint32_t *)s)[i * ss];
+    else if (des == 2)
+      for (int64_t i = 0; i < n; i++) ((uint16_t *)d)[i * ds] = ((const uint16_t *)s)[i * ss];
+    else
+      for (int64_t i = 0; i < n; i++) d[i * ds] = s[i * ss];
+    return;
+  }
+  for (int64_t i = 0; i < n; i++) {
+    float v = msh_cpu_load(s, i * ss, sdt);
+    if (ddt == MSH_F32) ((float *)d)[i * ds] = v;
+    else if (ddt == MSH_F16) ((uint16_t *)d)[i * ds] = msh_f32_to_f16(v);
+    else ((uint16_t *)d)[i * ds] = msh_cpu_f32_bf16(v);
   }
 }
 
-static inline void store_f(void *p, int dt, int64_t i, float v) {
-  switch (dt) {
-  case MSH_F32: ((float *)p)[i] = v; break;
-  case MSH_F16: ((uint16_t *)p)[i] = msh_f32_to_f16(v); break;
-  default: ((uint16_t *)p)[i] = msh_f32_to_bf16(v); break;
+/* Merges adjacent dims that are laid out as one in both tensors; returns the new ndim. */
+static int merge_dims(int nd, int64_t *shape, int64_t *dst, int64_t *src) {
+  int m = 0;
+  for (int i = 0; i < nd; i++) {
+    if (shape[i] == 1) continue; /* a dim of one moves nothing */
+    if (m > 0 && dst[m - 1] == dst[i] * shape[i] && src[m - 1] == src[i] * shape[i]) {
+      shape[m - 1] *= shape[i];
+      dst[m - 1] = dst[i];
+      src[m - 1] = src[i];
+    } else {
+      shape[m] = shape[i];
+      dst[m] = dst[i];
+      src[m] = src[i];
+      m++;
+    }
+  }
+  if (m == 0) { /* a single element */
+    shape[0] = 1;
+    dst[0] = src[0] = 1;
+    m = 1;
+  }
+  return m;
+}
+
+/* Runs [r0, r1) of the outer dims (all but the last), each a copy_run along the last dim. */
+static void copy_rows(char *d, int ddt, const char *s, int sdt, int nd, const int64_t *shape,
+                      const int64_t *dstr, const int64_t *sstr, int64_t r0, int64_t r1) {
+  size_t des = msh_dtype_size(ddt), ses = msh_dtype_size(sdt);
+  int64_t idx[MSH_MAX_DIMS] = {0}, rem = r0;
+  for (int k = nd - 2; k >= 0; k--) { /* unravel r0 */
+    idx[k] = rem % shape[k];
+    rem /= shape[k];
+  }
+  for (int64_t r = r0; r < r1; r++) {
+    int64_t so = 0, doff = 0;
+    for (int k = 0; k < nd - 1; k++) {
+      so += idx[k] * sstr[k];
+      doff += idx[k] * dstr[k];
+    }
+    copy_run(d + doff * (int64_t)des, ddt, dstr[nd - 1], s + so * (int64_t)ses, sdt, sstr[nd - 1], shape[nd - 1]);
+    for (int k = nd - 2; k >= 0; k--) {
+      if (++idx[k] < shape[k]) break;
+      idx[k] = 0;
+    }
   }
 }
 
-static msh_status cpu_copy(msh_tensor *dst, const msh_tensor *src) {
+msh_status msh_cpu_copy(msh_tensor *dst, const msh_tensor *src) {
   int64_t n = msh_tensor_numel(src);
   if (n == 0) return MSH_OK;
-  size_t es = msh_dtype_size(src->dtype);
+  char *d = msh_tensor_ptr(dst);
+  const char *s = msh_tensor_ptr(src);
   if (dst->dtype == src->dtype && msh_tensor_is_contiguous(dst) && msh_tensor_is_contiguous(src)) {
-    memmove(msh_tensor_ptr(dst), msh_tensor_ptr(src), (size_t)n * es);
+    memmove(d, s, (size_t)n * msh_dtype_size(src->dtype));
     return MSH_OK;
   }
-  int nd = src->ndim;
-  int64_t idx[MSH_MAX_DIMS] = {0};
-  char *dp = (char *)dst->st->base, *sp = (char *)src->st->base;
-  for (int64_t k = 0; k < n; k++) {
-    int64_t so = src->offset, doff = dst->offset;
-    for (int d = 0; d < nd; d++) {
-      so += idx[d] * src->stride[d];
-      doff += idx[d] * dst->stride[d];
+  int64_t shape[MSH_MAX_DIMS], dstr[MSH_MAX_DIMS], sstr[MSH_MAX_DIMS];
+  memcpy(shape, src->shape, sizeof shape);
+  memcpy(dstr, dst->stride, sizeof dstr);
+  memcpy(sstr, src->stride, sizeof sstr);
+  int nd = merge_dims(src->ndim, shape, dstr, sstr);
+  int64_t rows = n / shape[nd - 1];
+  int nt = msh_cpu_threads(n, 1 << 18);
+  if (nd == 1 && nt > 1) { /* one long run: split it */
+    int dt = dst->dtype, st = src->dtype;
+    int64_t ds = dstr[0] * (int64_t)msh_dtype_size(dt), ss = sstr[0] * (int64_t)msh_dtype_size(st);
+#pragma omp parallel num_threads(nt)
+    {
+      int64_t i0, i1;
+      msh_cpu_split(n, omp_get_thread_num(), omp_get_num_threads(), 64, &i0, &i1);
+      if (i1 > i0) copy_run(d + i0 * ds, dt, dstr[0], s + i0 * ss, st, sstr[0], i1 - i0);
     }
-    if (dst->dtype == src->dtype) memcpy(dp + doff * (int64_t)es, sp + so * (int64_t)es, es);
-    else store_f(dp, dst->dtype, doff, load_f(sp, src->dtype, so));
-    for (int d = nd - 1; d >= 0; d--) {
-      if (++idx[d] < src->shape[d]) break;
-      idx[d] = 0;
-    }
+    return MSH_OK;
+  }
+  if (nt > rows) nt = (int)rows;
+  if (nt <= 1) {
+    copy_rows(d, dst->dtype, s, src->dtype, nd, shape, dstr, sstr, 0, rows);
+    return MSH_OK;
+  }
+#pragma omp parallel num_threads(nt)
+  {
+    int64_t r0, r1;
+    msh_cpu_split(rows, omp_get_thread_num(), omp_get_num_threads(), 1, &r0, &r1);
+    copy_rows(d, dst->dtype, s, src->dtype, nd, shape, dstr, sstr, r0, r1);
   }
   return MSH_OK;
 }
 
-/* ---------------------------------------------------------------------------------- ops */
-
-static msh_status cpu_embedding(msh_tensor *out, const msh_tensor *table, const msh_tensor *ids) {
-  int64_t T = out->shape[0], D = out->shape[1], V = table->shape[0];
-  const int32_t *id = msh_tensor_ptr(ids);
-  float *o = msh_tensor_ptr(out);
-  const void *w = msh_tensor_ptr(table);
-  for (int64_t t = 0; t < T; t++) {
-    if (id[t] < 0 || id[t] >= V)
-      return MSH_FAIL(MSH_ERANGE, "embedding: id %d at %lld outside [0, %lld)", id[t], (long long)t, (long long)V);
-    for (int64_t d = 0; d < D; d++) o[t * D + d] = load_f(w, table->dtype, (int64_t)id[t] * D + d);
-  }
-  return MSH_OK;
-}
-
-static msh_status cpu_rmsnorm(msh_tensor *out, const msh_tensor *x, const msh_tensor *w, float eps) {
-  int64_t D = x->shape[x->ndim - 1], R = msh_rows(x);
-  const float *xp = msh_tensor_ptr(x);
-  float *o = msh_tensor_ptr(out);
-  const void *wp = msh_tensor_ptr(w);
-  for (int64_t r = 0; r < R; r++) {
-    double ss = 0;
-    for (int64_t d = 0; d < D; d++) ss += (double)xp[r * D + d] * xp[r * D + d];
-    float inv = 1.0f / sqrtf((float)(ss / (double)D) + eps);
-    for (int64_t d = 0; d < D; d++) o[r * D + d] = xp[r * D + d] * inv * load_f(wp, w->dtype, d);
-  }
-  return MSH_OK;
-}
-
-static msh_status cpu_matmul(msh_tensor *out, const msh_tensor *x, const msh_tensor *w) {
-  int64_t M = x->shape[0], K = x->shape[1], N = w->shape[0];
-  const float *xp = msh_tensor_ptr(x);
-  const void *wp = msh_tensor_ptr(w);
-  float *o = msh_tensor_ptr(out);
-  for (int64_t m = 0; m < M; m++)
-    for (int64_t n = 0; n < N; n++) {
-      float acc = 0;
-      for (int64_t k = 0; k < K; k++) acc += xp[m * K + k] * load_f(wp, w->dtype, n * K + k);
-      o[m * N + n] = acc;
-    }
-  return MSH_OK;
-}
-
-static msh_status cpu_rope(msh_tensor *x, const msh_tensor *pos, const msh_tensor *inv_freq, int style) {
-  int64_t T = x->shape[0], H = x->shape[1], hd = x->shape[2], R = inv_freq->shape[0];
-  float *xp = msh_tensor_ptr(x);
-  const int32_t *pp = msh_tensor_ptr(pos);
-  const float *f = msh_tensor_ptr(inv_freq);
-  for (int64_t t = 0; t < T; t++)
-    for (int64_t i = 0; i < R; i++) {
-      float a = (float)pp[t] * f[i], c = cosf(a), s = sinf(a);
-      for (int64_t h = 0; h < H; h++) {
-        float *v = xp + (t * H + h) * hd;
-        int64_t i0 = style == MSH_ROPE_INTERLEAVED ? 2 * i : i;
-        int64_t i1 = style == MSH_ROPE_INTERLEAVED ? 2 * i + 1 : i + R;
-        float v0 = v[i0], v1 = v[i1];
-        v[i0] = v0 * c - v1 * s;
-        v[i1] = v0 * s + v1 * c;
-      }
-    }
-  return MSH_OK;
-}
-
-static msh_status cpu_attention(msh_tensor *out, const msh_tensor *q, const msh_tensor *k,
-                                const msh_tensor *v, int64_t pos0, float scale) {
-  int64_t T = q->shape[0], H = q->shape[1], hd = q->shape[2], KVH = k->shape[1];
-  int64_t S = pos0 + T, group = H / KVH;
-  const float *qp = msh_tensor_ptr(q);
-  const char *kb = msh_tensor_ptr(k), *vb = msh_tensor_ptr(v);
-  float *o = msh_tensor_ptr(out);
-  float *att = malloc(sizeof(float) * (size_t)(S > 0 ? S : 1));
-  if (!att) return MSH_FAIL(MSH_ENOMEM, "out of memory");
-  for (int64_t t = 0; t < T; t++)
-    for (int64_t h = 0; h < H; h++) {
-      const float *qv = qp + (t * H + h) * hd;
-      int64_t kvh = h / group, n = pos0 + t + 1;
-      float mx = -INFINITY;
-      for (int64_t s = 0; s < n; s++) {
-        int64_t base = s * k->stride[0] + kvh * hd;
-        float acc = 0;
-        for (int64_t d = 0; d < hd; d++) acc += qv[d] * load_f(kb, k->dtype, base + d);
-        att[s] = acc * scale;
-        if (att[s] > mx) mx = att[s];
-      }
-      float sum = 0;
-      for (int64_t s = 0; s < n; s++) sum += att[s] = expf(att[s] - mx);
-      float *ov = o + (t * H + h) * hd;
-      for (int64_t d = 0; d < hd; d++) ov[d] = 0;
-      for (int64_t s = 0; s < n; s++) {
-        float a = att[s] / sum;
-        int64_t base = s * v->stride[0] + kvh * hd;
-        for (int64_t d = 0; d < hd; d++) ov[d] += a * load_f(vb, v->dtype, base + d);
-      }
-    }
-  free(att);
-  return MSH_OK;
-}
-
-static msh_status cpu_silu_mul(msh_tensor *out, const msh_tensor *gate, const msh_tensor *up) {
-  int64_t n = msh_tensor_numel(out);
-  const float *g = msh_tensor_ptr(gate), *u = msh_tensor_ptr(up);
-  float *o = msh_tensor_ptr(out);
-  for (int64_t i = 0; i < n; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-  return MSH_OK;
-}
-
-static msh_status cpu_add(msh_tensor *out, const msh_tensor *a, const msh_tensor *b) {
-  int64_t n = msh_tensor_numel(out);
-  const float *ap = msh_tensor_ptr(a), *bp = msh_tensor_ptr(b);
-  float *o = msh_tensor_ptr(out);
-  for (int64_t i = 0; i < n; i++) o[i] = ap[i] + bp[i];
-  return MSH_OK;
-}
-
-static msh_status cpu_scale(msh_tensor *out, const msh_tensor *x, float s) {
-  int64_t n = msh_tensor_numel(out);
-  const float *xp = msh_tensor_ptr(x);
-  float *o = msh_tensor_ptr(out);
-  for (int64_t i = 0; i < n; i++) o[i] = xp[i] * s;
-  return MSH_OK;
-}
-
-static msh_status cpu_softmax(msh_tensor *out, const msh_tensor *x, int log) {
-  int64_t N = x->shape[x->ndim - 1], R = msh_rows(x);
-  const float *xp = msh_tensor_ptr(x);
-  float *o = msh_tensor_ptr(out);
-  for (int64_t r = 0; r < R; r++) {
-    const float *xr = xp + r * N;
-    float *orow = o + r * N;
-    float mx = -INFINITY;
-    for (int64_t i = 0; i < N; i++) mx = xr[i] > mx ? xr[i] : mx;
-    double sum = 0;
-    for (int64_t i = 0; i < N; i++) sum += exp((double)xr[i] - mx);
-    if (log) {
-      float lse = mx + (float)logl(sum);
-      for (int64_t i = 0; i < N; i++) orow[i] = xr[i] - lse;
-    } else {
-      for (int64_t i = 0; i < N; i++) orow[i] = (float)(exp((double)xr[i] - mx) / sum);
-    }
-  }
-  return MSH_OK;
-}
-
-static msh_status cpu_argmax(const msh_tensor *x, int32_t *out) {
-  int64_t N = x->shape[x->ndim - 1], R = msh_rows(x);
-  const float *xp = msh_tensor_ptr(x);
-  for (int64_t r = 0; r < R; r++) {
-    int64_t best = 0;
-    for (int64_t i = 1; i < N; i++)
-      if (xp[r * N + i] > xp[r * N + best]) best = i;
-    out[r] = (int32_t)best;
-  }
-  return MSH_OK;
-}
+/* ------------------------------------------------------------------------------- vtable */
 
 const msh_backend msh_cpu_backend = {
     .name = "cpu",
     .alloc = cpu_alloc,
     .release = cpu_release,
-    .copy = cpu_copy,
+    .copy = msh_cpu_copy,
     .upload = cpu_bytes,
     .download = cpu_bytes,
-    .embedding = cpu_embedding,
-    .rmsnorm = cpu_rmsnorm,
-    .matmul = cpu_matmul,
-    .rope = cpu_rope,
-    .attention = cpu_attention,
-    .silu_mul = cpu_silu_mul,
-    .add = cpu_add,
-    .scale = cpu_scale,
-    .softmax = cpu_softmax,
-    .argmax = cpu_argmax,
+    .embedding = msh_cpu_embedding,
+    .rmsnorm = msh_cpu_rmsnorm,
+    .matmul = msh_cpu_matmul,
+    .rope = msh_cpu_rope,
+    .attention = msh_cpu_attention,
+    .silu_mul = msh_cpu_silu_mul,
+    .add = msh_cpu_add,
+    .scale = msh_cpu_scale,
+    .softmax = msh_cpu_softmax,
+    .argmax = msh_cpu_argmax,
 };

@@ -1,0 +1,153 @@
+/* cpu_attention.c: causal grouped-query attention over a KV cache on the CPU.
+ *
+ *   out (T, H, hd) ; q (T, H, hd) f32 ; k, v (S, KVH, hd) f32/f16/bf16, row stride k->stride[0].
+ *   Query t sits at position pos0 + t and sees keys 0 .. pos0 + t; head h reads kv head h / (H / KVH).
+ *
+ * One (query, head) pair is one unit of work; units go round-robin to threads (later queries see
+ * more keys, so round-robin keeps the threads even). Per unit: scores = q.k * scale (f32), softmax
+ * in f32 with the max subtracted, out = sum p v / sum p. Scores live in a per-thread scratch. */
+#include "cpu_internal.h"
+
+#include <omp.h>
+
+enum { GRAIN_FLOPS = 1 << 15 }; /* multiply-adds per thread below which we stay on one thread */
+
+/* ------------------------------------------------------------------------------ scores */
+
+/* sc[s] = scale * dot(q, k[s]) for s in [0, n); k rows kstride apart, dtype dt (a constant at
+ * each call site). With AVX2 and hd % 8 == 0, eight keys at a time end in one transposing
+ * reduction instead of eight horizontal sums. */
+MSH_CPU_INLINE void scores_dt(float *sc, const float *q, const void *k, int64_t kstride, int64_t n, int64_t hd,
+                              float scale, int dt) {
+  int64_t s = 0;
+#if MSH_CPU_AVX2
+  if ((hd & 7) == 0) {
+    __m256 vs = _mm256_set1_ps(scale);
+    for (; s + 8 <= n; s += 8) {
+      __m256 a[8];
+      for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
+      for (int64_t d = 0; d < hd; d += 8) {
+        __m256 qv = _mm256_loadu_ps(q + d);
+        for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(qv, msh_cpu_load8(k, (s + j) * kstride + d, dt), a[j]);
+      }
+      __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+      __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+      __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+      __m256 r = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+      _mm256_storeu_ps(sc + s, _mm256_mul_ps(r, vs));
+    }
+    for (; s < n; s++) {
+      __m256 a = _mm256_setzero_ps();
+      for (int64_t d = 0; d < hd; d += 8)
+        a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), msh_cpu_load8(k, s * kstride + d, dt), a);
+      sc[s] = msh_cpu_hsum8(a) * scale;
+    }
+    return;
+  }
+#endif
+  for (; s < n; s++) {
+    float acc = 0;
+    for (int64_t d = 0; d < hd; d++) acc += q[d] * msh_cpu_load(k, s * kstride + d, dt);
+    sc[s] = acc * scale;
+  }
+}
+
+/* ---------------------------------------------------------------------- weighted values */
+
+/* o[d] = inv * sum_s p[s] v[s][d]. */
+MSH_CPU_INLINE void values_dt(float *o, const float *p, const void *v, int64_t vstride, int64_t n, int64_t hd,
+                              float inv, int dt) {
+  int64_t d = 0;
+#if MSH_CPU_AVX2
+  __m256 vi = _mm256_set1_ps(inv);
+  for (; d + 32 <= hd; d += 32) { /* 32 columns in registers across all keys */
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t s = 0; s < n; s++) {
+      __m256 ps = _mm256_set1_ps(p[s]);
+      int64_t b = s * vstride + d;
+      a0 = _mm256_fmadd_ps(ps, msh_cpu_load8(v, b, dt), a0);
+      a1 = _mm256_fmadd_ps(ps, msh_cpu_load8(v, b + 8, dt), a1);
+      a2 = _mm256_fmadd_ps(ps, msh_cpu_load8(v, b + 16, dt), a2);
+      a3 = _mm256_fmadd_ps(ps, msh_cpu_load8(v, b + 24, dt), a3);
+    }
+    _mm256_storeu_ps(o + d, _mm256_mul_ps(a0, vi));
+    _mm256_storeu_ps(o + d + 8, _mm256_mul_ps(a1, vi));
+    _mm256_storeu_ps(o + d + 16, _mm256_mul_ps(a2, vi));
+    _mm256_storeu_ps(o + d + 24, _mm256_mul_ps(a3, vi));
+  }
+  for (; d + 8 <= hd; d += 8) { /* 8 columns; even and odd keys in two chains */
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+    int64_t s = 0;
+    for (; s + 2 <= n; s += 2) {
+      a0 = _mm256_fmadd_ps(_mm256_set1_ps(p[s]), msh_cpu_load8(v, s * vstride + d, dt), a0);
+      a1 = _mm256_fmadd_ps(_mm256_set1_ps(p[s + 1]), msh_cpu_load8(v, (s + 1) * vstride + d, dt), a1);
+    }
+    if (s < n) a0 = _mm256_fmadd_ps(_mm256_set1_ps(p[s]), msh_cpu_load8(v, s * vstride + d, dt), a0);
+    _mm256_storeu_ps(o + d, _mm256_mul_ps(_mm256_add_ps(a0, a1), vi));
+  }
+#endif
+  for (; d < hd; d++) {
+    float acc = 0;
+    for (int64_t s = 0; s < n; s++) acc += p[s] * msh_cpu_load(v, s * vstride + d, dt);
+    o[d] = acc * inv;
+  }
+}
+
+/* ------------------------------------------------------------------------------ one unit */
+
+typedef struct {
+  float *out;
+  const float *q;
+  const void *k, *v;
+  int64_t T, H, hd, group, ks, vs, pos0; /* ks, vs: row strides of k and v in elements */
+  float scale;
+  int dt;
+} att_args;
+
+MSH_CPU_INLINE void unit_dt(const att_args *a, int64_t u, float *sc, int dt) {
+  int64_t t = u / a->H, h = u % a->H, n = a->pos0 + t + 1, kvh = h / a->group;
+  const float *q = a->q + u * a->hd;
+  size_t es = msh_dtype_size(dt);
+  const char *k = (const char *)a->k + kvh * a->hd * (int64_t)es, *v = (const char *)a->v + kvh * a->hd * (int64_t)es;
+  scores_dt(sc, q, k, a->ks, n, a->hd, a->scale, dt);
+  float mx = msh_cpu_max(sc, n);
+  if (mx == -INFINITY) mx = 0; /* every score -inf or NaN: let the NaNs show */
+  float sum = msh_cpu_exp_sum(sc, sc, n, mx);
+  values_dt(a->out + u * a->hd, sc, v, a->vs, n, a->hd, 1.0f / sum, dt);
+}
+
+static void unit_f32(const att_args *a, int64_t u, float *sc) { unit_dt(a, u, sc, MSH_F32); }
+static void unit_f16(const att_args *a, int64_t u, float *sc) { unit_dt(a, u, sc, MSH_F16); }
+static void unit_bf16(const att_args *a, int64_t u, float *sc) { unit_dt(a, u, sc, MSH_BF16); }
+
+/* Units i, i + step, i + 2 step ...; -1 when the scratch cannot grow. */
+static int run_units(const att_args *a, int64_t i, int64_t step) {
+  void (*fn)(const att_args *, int64_t, float *) =
+      a->dt == MSH_F32 ? unit_f32 : a->dt == MSH_F16 ? unit_f16 : unit_bf16;
+  float *sc = msh_cpu_scratch(1, (size_t)(a->pos0 + a->T));
+  if (!sc) return -1;
+  for (int64_t u = i; u < a->T * a->H; u += step) fn(a, u, sc);
+  return 0;
+}
+
+msh_status msh_cpu_attention(msh_tensor *out, const msh_tensor *q, const msh_tensor *k, const msh_tensor *v,
+                             int64_t pos0, float scale) {
+  att_args a = {msh_tensor_ptr(out), msh_tensor_ptr(q), msh_tensor_ptr(k), msh_tensor_ptr(v),
+                q->shape[0], q->shape[1], q->shape[2], q->shape[1] / k->shape[1], k->stride[0], v->stride[0],
+                pos0, scale, k->dtype};
+  int64_t units = a.T * a.H;
+  if (units == 0) return MSH_OK;
+  int64_t work = units * (pos0 + (a.T + 1) / 2) * (a.hd + 8); /* + 8: the softmax of each score */
+  int nt = msh_cpu_threads(work, GRAIN_FLOPS);
+  if (nt > units) nt = (int)units;
+  int failed = 0;
+  if (nt <= 1) {
+    failed = run_units(&a, 0, 1);
+  } else {
+#pragma omp parallel num_threads(nt) reduction(| : failed)
+    failed |= run_units(&a, omp_get_thread_num(), omp_get_num_threads());
+  }
+  if (failed)
+    return MSH_FAIL(MSH_ENOMEM, "attention: out of memory for %lld scores", (long long)(pos0 + a.T));
+  return MSH_OK;
+}

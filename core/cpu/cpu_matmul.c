@@ -1,0 +1,192 @@
+/* cpu_matmul.c: out (M, N) = x (M, K) @ w (N, K)^T on the CPU, w f32, f16 or bf16.
+ *
+ *   M < SKINNY_M (decode): our own kernel. Output columns (weight rows) are split between threads;
+ *     four weight rows at a time are dotted with a row of x, f16/bf16 widened in registers. For
+ *     M > 1 the weights go by blocks that stay in L1 while every row of x passes over them.
+ *   M >= SKINNY_M (prefill): OpenBLAS sgemm, each thread on its own slice of output columns. f16/bf16
+ *     weights are widened block by block into a per-thread f32 scratch first.
+ * Accumulation is f32 everywhere; widening f16/bf16 to f32 is exact. */
+#include "cpu_internal.h"
+
+#include <cblas.h>
+#include <omp.h>
+
+enum {
+  SKINNY_M = 6,          /* from here on sgemm beats the dot kernel */
+  GRAIN_MACS = 1 << 16,  /* multiply-adds per thread below which we stay on one thread */
+  L1_FLOATS = 6 * 1024,  /* weight floats per block of the skinny kernel (24 KB) */
+  L2_FLOATS = 128 * 1024 /* weight floats per widened block of the sgemm path (512 KB) */
+};
+
+/* ------------------------------------------------------------------------- dot kernels */
+
+/* y[n] = dot(x, w[n]) for weight rows n in [n0, n1), w (.., K) of dtype dt. dt is a constant at
+ * every call site (see the wrappers below), so each dtype gets its own inner loop. */
+MSH_CPU_INLINE void gemv_rows(float *y, const float *x, const void *w, int64_t K, int64_t n0, int64_t n1, int dt) {
+  int64_t n = n0;
+#if MSH_CPU_AVX2
+  int64_t K16 = K & ~(int64_t)15, K8 = K & ~(int64_t)7;
+  for (; n + 4 <= n1; n += 4) {
+    int64_t r0 = n * K, r1 = r0 + K, r2 = r1 + K, r3 = r2 + K;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    int64_t k = 0;
+    for (; k < K16; k += 16) { /* two sets of accumulators: eight independent FMA chains */
+      __m256 xa = _mm256_loadu_ps(x + k), xb = _mm256_loadu_ps(x + k + 8);
+      a0 = _mm256_fmadd_ps(msh_cpu_load8(w, r0 + k, dt), xa, a0);
+      a1 = _mm256_fmadd_ps(msh_cpu_load8(w, r1 + k, dt), xa, a1);
+      a2 = _mm256_fmadd_ps(msh_cpu_load8(w, r2 + k, dt), xa, a2);
+      a3 = _mm256_fmadd_ps(msh_cpu_load8(w, r3 + k, dt), xa, a3);
+      b0 = _mm256_fmadd_ps(msh_cpu_load8(w, r0 + k + 8, dt), xb, b0);
+      b1 = _mm256_fmadd_ps(msh_cpu_load8(w, r1 + k + 8, dt), xb, b1);
+      b2 = _mm256_fmadd_ps(msh_cpu_load8(w, r2 + k + 8, dt), xb, b2);
+      b3 = _mm256_fmadd_ps(msh_cpu_load8(w, r3 + k + 8, dt), xb, b3);
+    }
+    for (; k < K8; k += 8) {
+      __m256 xa = _mm256_loadu_ps(x + k);
+      a0 = _mm256_fmadd_ps(msh_cpu_load8(w, r0 + k, dt), xa, a0);
+      a1 = _mm256_fmadd_ps(msh_cpu_load8(w, r1 + k, dt), xa, a1);
+      a2 = _mm256_fmadd_ps(msh_cpu_load8(w, r2 + k, dt), xa, a2);
+      a3 = _mm256_fmadd_ps(msh_cpu_load8(w, r3 + k, dt), xa, a3);
+    }
+    float r[4];
+    _mm_storeu_ps(r, msh_cpu_hsum4x8(_mm256_add_ps(a0, b0), _mm256_add_ps(a1, b1), _mm256_add_ps(a2, b2),
+                                     _mm256_add_ps(a3, b3)));
+    for (; k < K; k++) {
+      r[0] += x[k] * msh_cpu_load(w, r0 + k, dt);
+      r[1] += x[k] * msh_cpu_load(w, r1 + k, dt);
+      r[2] += x[k] * msh_cpu_load(w, r2 + k, dt);
+      r[3] += x[k] * msh_cpu_load(w, r3 + k, dt);
+    }
+    memcpy(y + n, r, sizeof r);
+  }
+  for (; n < n1; n++) {
+    int64_t r0 = n * K, k = 0;
+    __m256 a0 = _mm256_setzero_ps(), b0 = a0;
+    for (; k < K16; k += 16) {
+      a0 = _mm256_fmadd_ps(msh_cpu_load8(w, r0 + k, dt), _mm256_loadu_ps(x + k), a0);
+      b0 = _mm256_fmadd_ps(msh_cpu_load8(w, r0 + k + 8, dt), _mm256_loadu_ps(x + k + 8), b0);
+    }
+    for (; k < K8; k += 8) a0 = _mm256_fmadd_ps(msh_cpu_load8(w, r0 + k, dt), _mm256_loadu_ps(x + k), a0);
+    float acc = msh_cpu_hsum8(_mm256_add_ps(a0, b0));
+    for (; k < K; k++) acc += x[k] * msh_cpu_load(w, r0 + k, dt);
+    y[n] = acc;
+  }
+#else
+  for (; n < n1; n++) { /* eight partial sums: a shape compilers vectorize without -ffast-math */
+    int64_t r0 = n * K, k = 0;
+    float acc[8] = {0};
+    for (; k + 8 <= K; k += 8)
+      for (int j = 0; j < 8; j++) acc[j] += x[k + j] * msh_cpu_load(w, r0 + k + j, dt);
+    float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (; k < K; k++) s += x[k] * msh_cpu_load(w, r0 + k, dt);
+    y[n] = s;
+  }
+#endif
+}
+
+static void gemv_f32(float *y, const float *x, const void *w, int64_t K, int64_t n0, int64_t n1) {
+  gemv_rows(y, x, w, K, n0, n1, MSH_F32);
+}
+static void gemv_f16(float *y, const float *x, const void *w, int64_t K, int64_t n0, int64_t n1) {
+  gemv_rows(y, x, w, K, n0, n1, MSH_F16);
+}
+static void gemv_bf16(float *y, const float *x, const void *w, int64_t K, int64_t n0, int64_t n1) {
+  gemv_rows(y, x, w, K, n0, n1, MSH_BF16);
+}
+
+typedef void (*gemv_fn)(float *y, const float *x, const void *w, int64_t K, int64_t n0, int64_t n1);
+
+/* ------------------------------------------------------------------------ one thread's part */
+
+typedef struct {
+  float *out;     /* (M, N) */
+  const float *x; /* (M, K) */
+  const void *w;  /* (N, K) */
+  int64_t M, N, K;
+  int dt;
+} mm_args;
+
+/* Skinny M: columns [n0, n1). M == 1 runs straight through; M > 1 goes by weight blocks that stay
+ * in L1 (widened to f32 first when they are f16/bf16, so each weight is widened once). */
+static int skinny_part(const mm_args *a, int64_t n0, int64_t n1) {
+  int64_t M = a->M, N = a->N, K = a->K;
+  gemv_fn fn = a->dt == MSH_F32 ? gemv_f32 : a->dt == MSH_F16 ? gemv_f16 : gemv_bf16;
+  if (M == 1) {
+    fn(a->out, a->x, a->w, K, n0, n1);
+    return 0;
+  }
+  int64_t rows = L1_FLOATS / (K > 0 ? K : 1);
+  rows = rows < 4 ? 4 : rows & ~(int64_t)3;
+  size_t es = msh_dtype_size(a->dt);
+  float *blk = NULL;
+  if (a->dt != MSH_F32 && !(blk = msh_cpu_scratch(0, (size_t)(rows * K)))) return -1;
+  for (int64_t b0 = n0; b0 < n1; b0 += rows) {
+    int64_t b1 = b0 + rows < n1 ? b0 + rows : n1;
+    const float *wb = (const float *)a->w + b0 * K; /* rows b0 .. b1 of w, as f32 */
+    if (blk) {
+      msh_cpu_convert(blk, MSH_F32, (const char *)a->w + b0 * K * (int64_t)es, a->dt, (b1 - b0) * K);
+      wb = blk;
+    }
+    for (int64_t m = 0; m < M; m++) gemv_f32(a->out + m * N + b0, a->x + m * K, wb, K, 0, b1 - b0);
+  }
+  return 0;
+}
+
+/* sgemm on columns [n0, n1): out[:, n0:n1] = x @ w[n0:n1]^T. */
+static int gemm_part(const mm_args *a, int64_t n0, int64_t n1) {
+  int64_t M = a->M, N = a->N, K = a->K;
+  if (n1 <= n0) return 0;
+  if (a->dt == MSH_F32) {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)M, (int)(n1 - n0), (int)K, 1.0f, a->x, (int)K,
+                (const float *)a->w + n0 * K, (int)K, 0.0f, a->out + n0, (int)N);
+    return 0;
+  }
+  int64_t rows = L2_FLOATS / (K > 0 ? K : 1);
+  rows = rows < 16 ? 16 : rows;
+  float *blk = msh_cpu_scratch(0, (size_t)(rows * K));
+  if (!blk) return -1;
+  size_t es = msh_dtype_size(a->dt);
+  for (int64_t b0 = n0; b0 < n1; b0 += rows) {
+    int64_t b1 = b0 + rows < n1 ? b0 + rows : n1;
+    msh_cpu_convert(blk, MSH_F32, (const char *)a->w + b0 * K * (int64_t)es, a->dt, (b1 - b0) * K);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)M, (int)(b1 - b0), (int)K, 1.0f, a->x, (int)K, blk,
+                (int)K, 0.0f, a->out + b0, (int)N);
+  }
+  return 0;
+}
+
+/* ------------------------------------------------------------------------------- entry */
+
+msh_status msh_cpu_matmul(msh_tensor *out, const msh_tensor *x, const msh_tensor *w) {
+  mm_args a = {msh_tensor_ptr(out), msh_tensor_ptr(x), msh_tensor_ptr(w), x->shape[0], w->shape[0], x->shape[1],
+               w->dtype};
+  if (a.M == 0 || a.N == 0) return MSH_OK;
+  if (a.K == 0) {
+    memset(a.out, 0, sizeof(float) * (size_t)(a.M * a.N));
+    return MSH_OK;
+  }
+  int skinny = a.M < SKINNY_M;
+  if (!skinny) {
+    if (a.M > INT32_MAX || a.N > INT32_MAX || a.K > INT32_MAX)
+      return MSH_FAIL(MSH_EUNSUPPORTED, "matmul: dims beyond 2^31 (M %lld, N %lld, K %lld)", (long long)a.M,
+                      (long long)a.N, (long long)a.K);
+    msh_cpu_blas_init();
+  }
+  int nt = msh_cpu_threads(a.M * a.N * a.K, GRAIN_MACS);
+  if (nt > a.N / 16) nt = a.N >= 32 ? (int)(a.N / 16) : 1; /* at least 16 columns each */
+  int failed = 0;
+  if (nt <= 1) {
+    failed = skinny ? skinny_part(&a, 0, a.N) : gemm_part(&a, 0, a.N);
+  } else {
+#pragma omp parallel num_threads(nt) reduction(| : failed)
+    {
+      int64_t n0, n1;
+      msh_cpu_split(a.N, omp_get_thread_num(), omp_get_num_threads(), 16, &n0, &n1);
+      failed |= skinny ? skinny_part(&a, n0, n1) : gemm_part(&a, n0, n1);
+    }
+  }
+  if (failed)
+    return MSH_FAIL(MSH_ENOMEM, "matmul: out of memory for the f32 scratch of %s weights (K %lld)",
+                    msh_dtype_name(a.dt), (long long)a.K);
+  return MSH_OK;
+}
