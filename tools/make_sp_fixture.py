@@ -16,8 +16,8 @@ The algorithm (llama2.c run.c, plus SentencePiece's rules for special pieces):
     UTF-8 becomes its "<0xNN>" token on its own;
   - while some adjacent pair concatenates to a piece of the vocabulary, merge the pair whose
     result scores highest (the leftmost such pair on ties);
-  - <unk>, <s>, </s> and byte pieces are never looked up or produced by a merge; when two tokens
-    share a piece, the lower id is the one looked up.
+  - <unk>, <s>, </s> and byte pieces are never looked up, produced by a merge, or merged with a
+    neighbour; when two tokens share a piece, the lower id is the one looked up.
 """
 import os
 import struct
@@ -98,6 +98,7 @@ def encode(text, pieces, scores):
             byte_tok.setdefault(int(p[3:5], 16), i)
         elif i > 2:
             lookup.setdefault(p, i)
+    ordinary = set(lookup.values())
     if not text:
         return []
     toks = []
@@ -109,6 +110,8 @@ def encode(text, pieces, scores):
     while True:
         best, best_at = None, -1
         for j in range(len(toks) - 1):
+            if toks[j] not in ordinary or toks[j + 1] not in ordinary:
+                continue
             m = lookup.get(pieces[toks[j]] + pieces[toks[j + 1]])
             if m is not None and (best is None or scores[m] > scores[best]):
                 best, best_at = m, j

@@ -7,9 +7,10 @@
  * or, when the vocabulary has none, one byte-fallback token ("<0xNN>") per byte; then the adjacent
  * pair whose concatenation is a token with the highest score is merged, the leftmost on ties,
  * until no pair merges. Bytes that are not part of a well-formed UTF-8 sequence become byte
- * fallbacks on their own. Merges never produce <unk>, <s>, </s> or a byte fallback (SentencePiece
- * never does; run.c could in principle, though no pair of pieces spells one in the llama2.c
- * vocabularies).
+ * fallbacks on their own. As in SentencePiece, byte fallbacks (and <unk>) never take part in a
+ * merge, and merges never produce <unk>, <s>, </s> or a byte fallback, so decoding gives the text
+ * back whatever the vocabulary. (run.c merges on the raw "<0xNN>" spellings; no llama2.c
+ * vocabulary has a piece that makes the two differ.)
  *
  * The merge loop keeps candidate pairs in a max-heap keyed by (score, position): O(n log n) in the
  * number of code points, with all memory taken once per call.
@@ -29,6 +30,7 @@ struct msh_tokenizer {
   float *score;       /* (n) */
   const char **text;  /* (n) the bytes a token stands for (msh_tokenizer_piece) */
   uint32_t *text_len; /* (n) */
+  uint8_t *plain;     /* (n) 1 for ordinary pieces: those that merge; 0 for specials and bytes */
   int32_t *slot;      /* (cap) open-addressing table of mergeable token ids, -1 empty */
   uint32_t cap;       /* power of two */
   int32_t byte_id[256]; /* byte fallback token of each byte (TOK_UNK when the vocab has none) */
@@ -86,6 +88,7 @@ void msh_tokenizer_free(msh_tokenizer *t) {
   free(t->score);
   free(t->text);
   free(t->text_len);
+  free(t->plain);
   free(t->slot);
   free(t);
 }
@@ -151,10 +154,11 @@ static msh_status parse(msh_tokenizer *t, const msh_file *f, int vocab_size) {
   t->score = malloc(n * sizeof *t->score);
   t->text = malloc(n * sizeof *t->text);
   t->text_len = malloc(n * sizeof *t->text_len);
+  t->plain = calloc(n, 1);
   t->cap = 16;
   while (t->cap < 2 * n) t->cap *= 2;
   t->slot = malloc(t->cap * sizeof *t->slot);
-  if (!t->blob || !t->off || !t->score || !t->text || !t->text_len || !t->slot)
+  if (!t->blob || !t->off || !t->score || !t->text || !t->text_len || !t->plain || !t->slot)
     return MSH_FAIL(MSH_ENOMEM, "out of memory");
   uint64_t used = 0;
   pos = 4;
@@ -190,6 +194,7 @@ static msh_status parse(msh_tokenizer *t, const msh_file *f, int vocab_size) {
       special[b] = 1;
     }
     if (i <= TOK_EOS || b >= 0) continue; /* never a merge result */
+    t->plain[i] = 1;
     /* the first of equal pieces wins */
     if (lookup2(t, s, len, "", 0) >= 0) continue;
     uint64_t h = fnv_step(FNV_SEED, s, len);
@@ -310,7 +315,7 @@ static tok_pair heap_pop(tok_heap *h) {
 
 /* Pushes the merge of symbols l and r when their pieces concatenate to a token. */
 static void try_pair(const msh_tokenizer *t, const tok_sym *sym, tok_heap *h, int32_t l, int32_t r) {
-  if (l < 0 || r < 0) return;
+  if (l < 0 || r < 0 || !t->plain[sym[l].id] || !t->plain[sym[r].id]) return;
   size_t na, nb;
   const char *a = piece(t, sym[l].id, &na), *b = piece(t, sym[r].id, &nb);
   int32_t m = lookup2(t, a, na, b, nb);

@@ -1,0 +1,30 @@
+#!/bin/sh
+# Builds the libFuzzer targets with clang (ASan + UBSan) and runs each for SECONDS (default 60).
+#   tools/fuzz/run.sh [SECONDS] [TARGET...]      targets: safetensors (default), tokenizer
+set -eu
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+SECS=${1:-60}
+[ $# -gt 0 ] && shift
+TARGETS=${*:-safetensors}
+OUT=${MSH_FUZZ_DIR:-$ROOT/build-fuzz}
+mkdir -p "$OUT"
+CC=${CC:-clang}
+CFLAGS="-std=gnu11 -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
+  -I$ROOT/core/include -I$ROOT/core/src -DMSH_VERSION=\"fuzz\""
+CORE="$ROOT/core/src/status.c $ROOT/core/src/dtype.c $ROOT/core/src/file.c $ROOT/core/src/tensor.c
+  $ROOT/tools/fuzz/backend_stub.c"
+for t in $TARGETS; do
+  case $t in
+    safetensors) SRC="$ROOT/core/src/safetensors.c"; LIBS=$(pkg-config --libs libcjson) ;;
+    tokenizer) SRC="-DMSH_DATA_DIR=\"$ROOT/../shared/data\""; LIBS="" ;;
+    *) echo "unknown target $t" >&2; exit 2 ;;
+  esac
+  # shellcheck disable=SC2086
+  $CC $CFLAGS -o "$OUT/fuzz_$t" "$ROOT/tools/fuzz/fuzz_$t.c" $SRC $CORE $LIBS -lm
+  mkdir -p "$OUT/corpus_$t"
+  cp "$ROOT"/tools/fuzz/seeds_$t/* "$OUT/corpus_$t/" 2>/dev/null || true
+  DICT=""
+  [ -f "$ROOT/tools/fuzz/$t.dict" ] && DICT="-dict=$ROOT/tools/fuzz/$t.dict"
+  # shellcheck disable=SC2086
+  "$OUT/fuzz_$t" -max_total_time="$SECS" -max_len=4096 -print_final_stats=1 $DICT "$OUT/corpus_$t"
+done
