@@ -279,6 +279,162 @@ msh_status msh_safetensors_tensor(const msh_safetensors *st, int i, msh_tensor *
  * what the header implies. */
 msh_status msh_llama2c_header(const msh_file *f, int32_t *cfg, int *shared);
 
+/* =============================================================================== gguf */
+
+/* A GGUF file (versions 2 and 3, little-endian), mmap'd, with its metadata and tensor infos
+ * parsed and checked on open: every length, count and offset lies inside the file, tensor
+ * dims (at most 4) do not overflow, tensor data lies inside the data section and starts at a
+ * multiple of general.alignment (default 32). Strings returned below point into the map: they
+ * are not NUL-terminated and live as long as the handle. Key and tensor names are copies, NUL-
+ * terminated. Indices are 0-based; an index out of range is MSH_ERANGE. */
+typedef struct msh_gguf msh_gguf;
+
+/* Metadata value types, numbered as in the file. */
+typedef enum {
+  MSH_GGUF_U8 = 0,
+  MSH_GGUF_I8 = 1,
+  MSH_GGUF_U16 = 2,
+  MSH_GGUF_I16 = 3,
+  MSH_GGUF_U32 = 4,
+  MSH_GGUF_I32 = 5,
+  MSH_GGUF_F32 = 6,
+  MSH_GGUF_BOOL = 7,
+  MSH_GGUF_STRING = 8,
+  MSH_GGUF_ARRAY = 9,
+  MSH_GGUF_U64 = 10,
+  MSH_GGUF_I64 = 11,
+  MSH_GGUF_F64 = 12
+} msh_gguf_type;
+
+/* ggml tensor types moonshard loads (others keep their ggml number; see msh_gguf_ggml_type_name). */
+enum {
+  MSH_GGML_F32 = 0,
+  MSH_GGML_F16 = 1,
+  MSH_GGML_Q4_0 = 2,
+  MSH_GGML_Q4_1 = 3,
+  MSH_GGML_Q8_0 = 8,
+  MSH_GGML_I8 = 24,
+  MSH_GGML_I32 = 26,
+  MSH_GGML_BF16 = 30
+};
+
+/* MSH_ENOENT / MSH_EIO as msh_file_open; MSH_EFORMAT naming the file and what is wrong (magic,
+ * truncation, a count or length the file cannot hold, bad alignment, dims, duplicate names,
+ * tensor data past the end); MSH_EUNSUPPORTED for version 1, big-endian files, nested arrays and
+ * unknown ggml tensor types. Nothing is allocated on failure. */
+msh_status msh_gguf_open(msh_gguf **out, const char *path);
+void msh_gguf_free(msh_gguf *g);
+uint32_t msh_gguf_version(const msh_gguf *g);
+uint32_t msh_gguf_alignment(const msh_gguf *g);
+/* The mapped file (borrowed: retained by the handle). */
+msh_file *msh_gguf_file(const msh_gguf *g);
+
+int msh_gguf_key_count(const msh_gguf *g);
+/* Name of key i (NULL if out of range). */
+const char *msh_gguf_key_name(const msh_gguf *g, int i);
+/* Index of the key called name; MSH_ENOENT if absent. */
+msh_status msh_gguf_find_key(const msh_gguf *g, const char *name, int *index);
+/* msh_gguf_type of key i, or -1 if out of range. */
+int msh_gguf_key_type(const msh_gguf *g, int i);
+/* Integer keys (u8 .. i64, bool). MSH_EINVAL for another type; MSH_ERANGE for a u64 above
+ * INT64_MAX. */
+msh_status msh_gguf_get_int(const msh_gguf *g, int i, int64_t *out);
+/* Float keys (f32, f64); integer keys are converted too. MSH_EINVAL for other types. */
+msh_status msh_gguf_get_float(const msh_gguf *g, int i, double *out);
+/* String keys: *s points into the map, *len bytes. MSH_EINVAL for other types. */
+msh_status msh_gguf_get_string(const msh_gguf *g, int i, const char **s, size_t *len);
+/* Array keys: element type (msh_gguf_type, never MSH_GGUF_ARRAY) and length. */
+msh_status msh_gguf_get_array(const msh_gguf *g, int i, int *elem_type, uint64_t *n);
+/* Element j of array key i, with the conversions of the scalar getters above. MSH_EINVAL when
+ * key i is not an array or its elements have the wrong type; MSH_ERANGE when j >= length. */
+msh_status msh_gguf_array_int(const msh_gguf *g, int i, uint64_t j, int64_t *out);
+msh_status msh_gguf_array_float(const msh_gguf *g, int i, uint64_t j, double *out);
+msh_status msh_gguf_array_string(const msh_gguf *g, int i, uint64_t j, const char **s, size_t *len);
+/* The packed little-endian elements of a numeric array, in the map (possibly unaligned).
+ * MSH_EINVAL for arrays of strings and for non-arrays. */
+msh_status msh_gguf_array_data(const msh_gguf *g, int i, const void **data);
+
+int msh_gguf_tensor_count(const msh_gguf *g);
+/* Name of tensor i (NULL if out of range). */
+const char *msh_gguf_tensor_name(const msh_gguf *g, int i);
+/* Index of the tensor called name; MSH_ENOENT if absent. */
+msh_status msh_gguf_find_tensor(const msh_gguf *g, const char *name, int *index);
+/* ggml type, ndim (0..4), shape[4] in row-major order (GGUF stores dims innermost first; here
+ * the last dim is the contiguous one), the absolute file offset of the data and its size in
+ * bytes. Any out-param may be NULL. */
+msh_status msh_gguf_tensor_info(const msh_gguf *g, int i, int *ggml_type, int *ndim,
+                                int64_t *shape, uint64_t *offset, uint64_t *nbytes);
+/* "F32", "Q4_K", ... ("?" for an unknown number). */
+const char *msh_gguf_ggml_type_name(int ggml_type);
+/* Tensor i as a moonshard tensor: F32, F16, BF16, I8, I32 as zero-copy read-only views of the
+ * map; Q8_0, Q4_0, Q4_1 dequantized into a new f32 CPU tensor. MSH_EUNSUPPORTED naming the
+ * tensor and its type for any other type; MSH_ENOMEM. */
+msh_status msh_gguf_tensor(const msh_gguf *g, int i, msh_tensor **out);
+
+/* ===================================================================== byte-level BPE */
+
+/* A byte-level BPE tokenizer (GPT-2, Llama-3, Qwen2, SmolLM2 style) that produces the ids the
+ * Hugging Face tokenizers library produces, built from data the caller has read (tokenizer.json
+ * or GGUF tokenizer.ggml.*). Encoding uses scratch memory and a cache inside the handle, so a
+ * handle must not encode on two threads at once; everything else is read-only. */
+typedef struct msh_bpe msh_bpe;
+
+/* Token kinds. */
+enum {
+  MSH_BPE_NORMAL = 0,  /* a vocabulary entry in GPT-2's byte-to-unicode form ("\xc4\xa0the") */
+  MSH_BPE_SPECIAL = 1, /* a special (control) token; literal text, found in input only when
+                          encoding with MSH_BPE_PARSE_SPECIAL */
+  MSH_BPE_ADDED = 2,   /* an added (user-defined) token; literal text, always found in input */
+  MSH_BPE_UNUSED = 3   /* a placeholder that encoding never produces */
+};
+
+/* msh_bpe_new flags. */
+enum {
+  MSH_BPE_IGNORE_MERGES = 1 /* a pre-token that is itself in the vocabulary is one token
+                               (tokenizer.json "ignore_merges": Llama-3) */
+};
+
+/* msh_bpe_encode flags. */
+enum {
+  MSH_BPE_PARSE_SPECIAL = 1 /* special tokens written in the text become their ids */
+};
+
+/* Builds a tokenizer.
+ *   vocab: n_tokens tokens; token i is text[offsets[i] .. offsets[i + 1]) (offsets has
+ *     n_tokens + 1 non-decreasing entries); kinds[i] is its MSH_BPE_* kind (kinds NULL: all
+ *     normal). When two tokens have the same text, the later id wins.
+ *   merges: n_merges merges, highest priority first; merge r is
+ *     merges[merge_offsets[r] .. merge_offsets[r + 1]), written "left right" as in tokenizer.json
+ *     and GGUF; left, right and their concatenation must be normal tokens.
+ *   patterns: n_patterns pre-tokenizer regexes (PCRE2 syntax, compiled with UTF and UCP) applied
+ *     in order; each splits every piece of the text into its matches and the text between them
+ *     (GPT-2: its one regex; SmolLM2: "\\p{N}" then GPT-2's; Llama-3, Qwen2: their one regex).
+ *   flags: MSH_BPE_IGNORE_MERGES or 0.
+ * MSH_EINVAL for NULL or inconsistent arguments and for a pattern PCRE2 rejects (with its message
+ * and position); MSH_EFORMAT naming a merge that is not "left right" or names a token absent from
+ * the vocabulary; MSH_ENOMEM. Nothing is allocated on failure. */
+msh_status msh_bpe_new(msh_bpe **out, int n_tokens, const char *text, const int64_t *offsets,
+                       const uint8_t *kinds, int n_merges, const char *merges,
+                       const int64_t *merge_offsets, int n_patterns, const char *const *patterns,
+                       int flags);
+void msh_bpe_free(msh_bpe *b);
+int msh_bpe_vocab_size(const msh_bpe *b);
+/* MSH_BPE_* kind of token id, or -1 if out of range. */
+int msh_bpe_token_kind(const msh_bpe *b, int32_t id);
+/* Encodes len bytes of text: added tokens (and special ones with MSH_BPE_PARSE_SPECIAL) are cut
+ * out first, the longest at the leftmost position; the text between them is split by the patterns
+ * and each piece is merged, its bytes mapped to byte-level tokens. Bytes that are not valid UTF-8
+ * match no pattern and still encode through their byte tokens. MSH_ERANGE when cap is too small;
+ * *n_out then holds the number of ids needed. */
+msh_status msh_bpe_encode(msh_bpe *b, const char *text, size_t len, int flags, int32_t *ids, int cap,
+                          int *n_out);
+/* The bytes token id stands for: normal tokens mapped back from byte-to-unicode form, special and
+ * added tokens their literal text. The pointer stays valid for the handle's life. */
+msh_status msh_bpe_piece(const msh_bpe *b, int32_t id, const char **piece, size_t *len);
+/* The id of a special or added token whose text is exactly text, else of the normal token whose
+ * bytes are; MSH_ENOENT if none. */
+msh_status msh_bpe_find(const msh_bpe *b, const char *text, size_t len, int32_t *id);
+
 /* ffi:end */
 
 #ifdef __cplusplus
