@@ -13,7 +13,7 @@
  * vocabulary has a piece that makes the two differ.)
  *
  * The merge loop keeps candidate pairs in a max-heap keyed by (score, position): O(n log n) in the
- * number of code points, with all memory taken once per call.
+ * number of code points. Memory is taken per call (the heap grows by doubling), never per merge.
  */
 #include "internal.h"
 
@@ -284,10 +284,21 @@ static int pair_before(const tok_pair *a, const tok_pair *b) {
 
 typedef struct {
   tok_pair *v;
-  size_t n;
+  size_t n, cap;
+  int oom; /* a push failed: the encoding is abandoned */
 } tok_heap;
 
 static void heap_push(tok_heap *h, tok_pair p) {
+  if (h->n == h->cap) {
+    size_t cap = h->cap * 2;
+    tok_pair *v = realloc(h->v, cap * sizeof *v);
+    if (!v) {
+      h->oom = 1;
+      return;
+    }
+    h->v = v;
+    h->cap = cap;
+  }
   size_t i = h->n++;
   while (i > 0) {
     size_t up = (i - 1) / 2;
@@ -350,9 +361,9 @@ msh_status msh_tokenizer_encode(const msh_tokenizer *t, const char *text, size_t
   }
 
   size_t nmax = len + 1;  /* symbols: the dummy prefix, then at most one per byte */
-  size_t hmax = 3 * nmax; /* each merge retires one entry and pushes at most two */
+  size_t hcap = nmax + 16; /* grows when stale entries pile up */
   tok_sym *sym = malloc(nmax * sizeof *sym);
-  tok_heap h = {malloc(hmax * sizeof *h.v), 0};
+  tok_heap h = {malloc(hcap * sizeof *h.v), 0, hcap, 0};
   if (!sym || !h.v) {
     free(sym);
     free(h.v);
@@ -380,7 +391,7 @@ msh_status msh_tokenizer_encode(const msh_tokenizer *t, const char *text, size_t
 
   /* merge the best pair until none is left */
   for (int32_t i = 0; i + 1 < ns; i++) try_pair(t, sym, &h, i, i + 1);
-  while (h.n > 0) {
+  while (h.n > 0 && !h.oom) {
     tok_pair p = heap_pop(&h);
     tok_sym *l = &sym[p.left], *r = &sym[p.right];
     if (l->id != p.lid || r->id != p.rid || l->next != p.right) continue; /* stale */
@@ -393,6 +404,11 @@ msh_status msh_tokenizer_encode(const msh_tokenizer *t, const char *text, size_t
     try_pair(t, sym, &h, p.left, l->next);
   }
 
+  if (h.oom) {
+    free(sym);
+    free(h.v);
+    return MSH_FAIL(MSH_ENOMEM, "out of memory encoding %zu bytes", len);
+  }
   int n = bos;
   for (int32_t i = 0; i >= 0; i = sym[i].next) n++;
   *n_out = n;
