@@ -39,6 +39,7 @@ if not stats then
   os.exit(1)
 end
 io.stdout:write("\n")
+io.stdout:flush()
 io.stderr:write(string.format(
   "prompt tokens: %d, generated tokens: %d (%s), prefill %.1f tok/s, decode %.1f tok/s, seed %d\n",
   stats.prompt_tokens, stats.generated_tokens, stats.finish_reason, stats.prefill_tok_s,

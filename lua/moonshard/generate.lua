@@ -2,6 +2,7 @@
 -- decode token by token, handing each piece of text to a callback as soon as it is complete.
 local uv = require "luv"
 local sampler_mod = require "moonshard.sampler"
+local tensor = require "moonshard.tensor"
 
 local M = {}
 
@@ -31,7 +32,10 @@ function M.run(model, opts, on_text)
   local t1 = uv.hrtime()
   local dec = tok:decoder(ids[#ids])
   local generated, reason = 0, "length"
+  -- the sampler reads host memory: logits computed on a device come back through one buffer
+  local host = net.device ~= "cpu" and assert(tensor.new({ 1, net.vocab_size }, "f32", "cpu"))
   while generated < max_tokens do
+    if host then logits = host:copy_from(logits) end
     local id = sampler:sample(logits)
     if stop[id] then reason = "stop" break end
     generated = generated + 1
