@@ -10,6 +10,7 @@
  * at build time, so encoding works on raw bytes throughout.
  */
 #include "internal.h"
+#include "bpe_internal.h"
 
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <pcre2.h>
@@ -76,6 +77,7 @@ struct msh_bpe {
 
   /* encode state */
   const char *text;
+  uint64_t *ends;   /* msh_bpe_pieces: piece ends are recorded here instead of merging */
   int32_t *out;
   int64_t out_cap, out_n;
   symbol *syms;
@@ -467,6 +469,12 @@ static void emit(msh_bpe *b, int32_t id) {
   b->out_n++;
 }
 
+/* msh_bpe_pieces: one piece ending at byte end. */
+static void emit_end(msh_bpe *b, size_t end) {
+  if (b->out_n < b->out_cap) b->ends[b->out_n] = end;
+  b->out_n++;
+}
+
 static int cand_less(const candidate *x, const candidate *y) {
   return x->rank != y->rank ? x->rank < y->rank : x->pos < y->pos;
 }
@@ -621,7 +629,11 @@ static msh_status encode_piece(msh_bpe *b, const uint8_t *p, size_t n) {
 /* Splits text[s, e) by pattern level and the ones after it, encoding each final piece. */
 static msh_status split(msh_bpe *b, int level, size_t s, size_t e) {
   if (s == e) return MSH_OK;
-  if (level == b->n_re) return encode_piece(b, (const uint8_t *)b->text + s, e - s);
+  if (level == b->n_re) {
+    if (!b->ends) return encode_piece(b, (const uint8_t *)b->text + s, e - s);
+    emit_end(b, e);
+    return MSH_OK;
+  }
   PCRE2_SPTR subject = (PCRE2_SPTR)b->text + s;
   size_t n = e - s, last = 0, from = 0;
   msh_status st;
@@ -662,12 +674,9 @@ static int32_t added_at(const msh_bpe *b, const uint8_t *p, size_t n, int parse_
   return -1;
 }
 
-msh_status msh_bpe_encode(msh_bpe *b, const char *text, size_t len, int flags, int32_t *ids, int cap,
-                          int *n_out) {
-  if (!b || (!text && len) || (!ids && cap > 0) || cap < 0 || !n_out)
-    return MSH_FAIL(MSH_EINVAL, "NULL or negative argument");
+/* Encodes text into b->out (or records piece ends into b->ends). */
+static msh_status run(msh_bpe *b, const char *text, size_t len, int flags, int cap, int *n_out) {
   b->text = text;
-  b->out = ids;
   b->out_cap = cap;
   b->out_n = 0;
   int parse_special = flags & MSH_BPE_PARSE_SPECIAL;
@@ -682,17 +691,37 @@ msh_status msh_bpe_encode(msh_bpe *b, const char *text, size_t len, int flags, i
       continue;
     }
     s = split(b, 0, seg, i);
-    emit(b, t);
     i += l;
+    if (b->ends) emit_end(b, i);
+    else emit(b, t);
     seg = i;
   }
   if (s == MSH_OK) s = split(b, 0, seg, len);
   b->text = NULL;
   b->out = NULL;
+  b->ends = NULL;
   if (s != MSH_OK) return s;
-  if (b->out_n > INT_MAX) return MSH_FAIL(MSH_ERANGE, "text encodes to more than %d tokens", INT_MAX);
+  if (b->out_n > INT_MAX) return MSH_FAIL(MSH_ERANGE, "text gives more than %d results", INT_MAX);
   *n_out = (int)b->out_n;
   if (b->out_n > cap)
-    return MSH_FAIL(MSH_ERANGE, "%lld ids do not fit in %d", (long long)b->out_n, cap);
+    return MSH_FAIL(MSH_ERANGE, "%lld results do not fit in %d", (long long)b->out_n, cap);
   return MSH_OK;
+}
+
+msh_status msh_bpe_encode(msh_bpe *b, const char *text, size_t len, int flags, int32_t *ids, int cap,
+                          int *n_out) {
+  if (!b || (!text && len) || (!ids && cap > 0) || cap < 0 || !n_out)
+    return MSH_FAIL(MSH_EINVAL, "NULL or negative argument");
+  b->out = ids;
+  b->ends = NULL;
+  return run(b, text, len, flags, cap, n_out);
+}
+
+msh_status msh_bpe_pieces(msh_bpe *b, const char *text, size_t len, int flags, uint64_t *ends, int cap,
+                          int *n_out) {
+  if (!b || (!text && len) || (!ends && cap > 0) || cap < 0 || !n_out)
+    return MSH_FAIL(MSH_EINVAL, "NULL or negative argument");
+  b->out = NULL;
+  b->ends = ends;
+  return run(b, text, len, flags, cap, n_out);
 }
