@@ -1,0 +1,320 @@
+/* cuda_backend.c: the CUDA backend: device memory, copies and ops over validated operands
+ * (ops.c checked shapes, dtypes and devices). Every op is queued on the device's current stream
+ * and returns without waiting, except where a result must reach the host (argmax, the id check
+ * of embedding) or host memory is read or written (upload, download). */
+#include "cuda_internal.h"
+
+#include <limits.h>
+
+#include "msh_kernels.h"
+
+/* The state of the device t lives on, made current on this thread. */
+static msh_status dev_for(const msh_tensor *t, msh_cuda_dev **d) { return msh_cuda_dev_get(t->st->device_index, d); }
+
+/* ------------------------------------------------------------------------------- memory */
+
+static msh_status cuda_alloc(int device_index, uint64_t bytes, void **out) {
+  msh_cuda_dev *d;
+  msh_status s = msh_cuda_dev_get(device_index, &d);
+  if (s != MSH_OK) return s;
+  void *p = NULL;
+  cudaError_t e = cudaMalloc(&p, (size_t)bytes);
+  if (e == cudaErrorMemoryAllocation) {
+    (void)cudaGetLastError();
+    size_t fr = 0, tot = 0;
+    (void)cudaMemGetInfo(&fr, &tot);
+    (void)cudaGetLastError();
+    return MSH_FAIL(MSH_ENOMEM, "cannot allocate %llu bytes (%.2f GiB) on CUDA device %d: %zu bytes (%.2f GiB) free of %zu",
+                    (unsigned long long)bytes, (double)bytes / (1 << 30), device_index, fr, (double)fr / (1 << 30), tot);
+  }
+  CUDA_TRY(e);
+  s = msh_cuda_check_at(MSH_CUDA_RT, cudaMemsetAsync(p, 0, (size_t)bytes, d->stream), "cudaMemsetAsync", __FILE__,
+                        __LINE__, __func__);
+  if (s != MSH_OK) {
+    cudaFree(p);
+    (void)cudaGetLastError();
+    return s;
+  }
+  *out = p;
+  return MSH_OK;
+}
+
+static void cuda_release(int device_index, void *p) {
+  if (!p) return;
+  msh_cuda_dev *d;
+  if (msh_cuda_dev_get(device_index, &d) != MSH_OK) return;
+  cudaFree(p); /* waits for the device; a failure here leaves nothing to recover */
+  (void)cudaGetLastError();
+}
+
+static msh_status cuda_upload(int device_index, void *dst, const void *src, uint64_t bytes) {
+  msh_cuda_dev *d;
+  msh_status s = msh_cuda_dev_get(device_index, &d);
+  if (s != MSH_OK) return s;
+  if (!bytes) return MSH_OK;
+  CUDA_TRY(cudaMemcpyAsync(dst, src, (size_t)bytes, cudaMemcpyHostToDevice, d->stream));
+  CUDA_TRY(cudaStreamSynchronize(d->stream)); /* the caller may free src right away */
+  return MSH_OK;
+}
+
+static msh_status cuda_download(int device_index, void *dst, const void *src, uint64_t bytes) {
+  msh_cuda_dev *d;
+  msh_status s = msh_cuda_dev_get(device_index, &d);
+  if (s != MSH_OK) return s;
+  if (!bytes) return MSH_OK;
+  CUDA_TRY(cudaMemcpyAsync(dst, src, (size_t)bytes, cudaMemcpyDeviceToHost, d->stream));
+  CUDA_TRY(cudaStreamSynchronize(d->stream));
+  return MSH_OK;
+}
+
+/* ------------------------------------------------------------------------------- copies */
+
+/* Dims 1.. packed (row-major) and a non-negative row stride: the tensor is `rows` rows of `cols`
+ * contiguous elements, ld apart. */
+static int as_rows(const msh_tensor *t, int64_t *rows, int64_t *cols, int64_t *ld) {
+  if (t->ndim < 1) return 0;
+  int64_t acc = 1;
+  for (int i = t->ndim - 1; i >= 1; i--) {
+    if (t->shape[i] != 1 && t->stride[i] != acc) return 0;
+    acc *= t->shape[i];
+  }
+  if (t->shape[0] > 1 && t->stride[0] < acc) return 0;
+  *rows = t->shape[0];
+  *cols = acc;
+  *ld = t->shape[0] > 1 ? t->stride[0] : acc;
+  return 1;
+}
+
+static msh_status cuda_copy(msh_tensor *dst, const msh_tensor *src) {
+  msh_cuda_dev *d;
+  msh_status s = dev_for(dst, &d);
+  if (s != MSH_OK) return s;
+  int64_t n = msh_tensor_numel(src);
+  if (n == 0) return MSH_OK;
+  size_t es = msh_dtype_size(src->dtype);
+  void *dp = msh_tensor_ptr(dst);
+  const void *sp = msh_tensor_ptr(src);
+  int dc = msh_tensor_is_contiguous(dst), sc = msh_tensor_is_contiguous(src);
+  if (dc && sc) {
+    if (dst->dtype == src->dtype)
+      CUDA_TRY(cudaMemcpyAsync(dp, sp, (size_t)n * es, cudaMemcpyDeviceToDevice, d->stream));
+    else
+      CUDA_TRY(msh_k_convert(d->stream, dp, dst->dtype, sp, src->dtype, n));
+    return MSH_OK;
+  }
+  int64_t dr, dcols, dld, sr, scols, sld;
+  if (as_rows(dst, &dr, &dcols, &dld) && as_rows(src, &sr, &scols, &sld)) {
+    if (dst->dtype == src->dtype)
+      CUDA_TRY(cudaMemcpy2DAsync(dp, (size_t)dld * es, sp, (size_t)sld * es, (size_t)dcols * es, (size_t)dr,
+                                 cudaMemcpyDeviceToDevice, d->stream));
+    else
+      CUDA_TRY(msh_k_copy_rows(d->stream, dp, dst->dtype, dld, sp, src->dtype, sld, dr, dcols));
+    return MSH_OK;
+  }
+  CUDA_TRY(msh_k_copy_strided(d->stream, dp, dst->dtype, dst->stride, sp, src->dtype, src->stride, src->ndim,
+                              src->shape));
+  return MSH_OK;
+}
+
+/* ---------------------------------------------------------------------------------- ops */
+
+static msh_status cuda_embedding(msh_tensor *out, const msh_tensor *table, const msh_tensor *ids) {
+  msh_cuda_dev *d;
+  msh_status s = dev_for(out, &d);
+  if (s != MSH_OK) return s;
+  int64_t T = out->shape[0], D = out->shape[1], V = table->shape[0];
+  if (T == 0) return MSH_OK;
+  const int32_t *idp = msh_tensor_ptr(ids);
+  CUDA_TRY(cudaMemsetAsync(d->dev_words, 0, sizeof(int32_t), d->stream));
+  CUDA_TRY(msh_k_embedding(d->stream, msh_tensor_ptr(out), msh_tensor_ptr(table), table->dtype, idp, T, D, V,
+                           d->dev_words));
+  /* an id outside the table is MSH_ERANGE, as on the CPU: read the flag back, except while a
+   * graph is being captured (no host round trip is possible then) */
+  enum cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
+  CUDA_TRY(cudaStreamIsCapturing(d->stream, &cap));
+  if (cap != cudaStreamCaptureStatusNone) return MSH_OK;
+  CUDA_TRY(cudaMemcpyAsync(d->host_words, d->dev_words, sizeof(int32_t), cudaMemcpyDeviceToHost, d->stream));
+  CUDA_TRY(cudaStreamSynchronize(d->stream));
+  int32_t bad = d->host_words[0];
+  if (bad) {
+    int32_t id = 0;
+    CUDA_TRY(cudaMemcpyAsync(d->host_words, idp + (bad - 1), sizeof(int32_t), cudaMemcpyDeviceToHost, d->stream));
+    CUDA_TRY(cudaStreamSynchronize(d->stream));
+    id = d->host_words[0];
+    return MSH_FAIL(MSH_ERANGE, "embedding: id %d at %d outside [0, %lld)", id, bad - 1, (long long)V);
+  }
+  return MSH_OK;
+}
+
+static msh_status cuda_rmsnorm(msh_tensor *out, const msh_tensor *x, const msh_tensor *w, float eps) {
+  msh_cuda_dev *d;
+  msh_status s = dev_for(out, &d);
+  if (s != MSH_OK) return s;
+  CUDA_TRY(msh_k_rmsnorm(d->stream, msh_tensor_ptr(out), msh_tensor_ptr(x), msh_tensor_ptr(w), w->dtype, msh_rows(x),
+                         x->shape[x->ndim - 1], eps));
+  return MSH_OK;
+}
+
+static msh_status cuda_matmul(msh_tensor *out, const msh_tensor *x, const msh_tensor *w) {
+  msh_cuda_dev *d;
+  msh_status s = dev_for(out, &d);
+  if (s != MSH_OK) return s;
+  int64_t M = x->shape[0], K = x->shape[1], N = w->shape[0];
+  float *op = msh_tensor_ptr(out);
+  const float *xp = msh_tensor_ptr(x);
+  const void *wp = msh_tensor_ptr(w);
+  if (M == 0 || N == 0) return MSH_OK;
+  if (K == 0) {
+    CUDA_TRY(cudaMemsetAsync(op, 0, (size_t)(M * N) * sizeof(float), d->stream));
+    return MSH_OK;
+  }
+  if (M <= d->gemv_max_m) {
+    CUDA_TRY(msh_k_gemv(d->stream, op, xp, wp, w->dtype, M, N, K));
+    return MSH_OK;
+  }
+  if (M > INT_MAX || N > INT_MAX || K > INT_MAX)
+    return MSH_FAIL(MSH_EUNSUPPORTED, "matmul: dims (%lld, %lld, %lld) exceed the cuBLAS int range", (long long)M,
+                    (long long)N, (long long)K);
+  const float one = 1.0f, zero = 0.0f;
+  if (w->dtype == MSH_F32) {
+    /* column-major view: out^T (N, M) = w^T^T (N, K) @ x^T (K, M) */
+    CUBLAS_TRY(cublasSgemm(d->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)N, (int)M, (int)K, &one, wp, (int)K, xp, (int)K,
+                           &zero, op, (int)N));
+    return MSH_OK;
+  }
+  /* 16-bit weights: x goes to the weights' type in scratch, then tensor-core GEMM, fp32 out */
+  void *xs = NULL;
+  s = msh_cuda_scratch(d, (size_t)(M * K) * 2, &xs);
+  if (s != MSH_OK) return s;
+  CUDA_TRY(msh_k_convert(d->stream, xs, w->dtype, xp, MSH_F32, M * K));
+  cudaDataType_t dt = w->dtype == MSH_BF16 ? CUDA_R_16BF : CUDA_R_16F;
+  CUBLAS_TRY(cublasGemmEx(d->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)N, (int)M, (int)K, &one, wp, dt, (int)K, xs, dt,
+                          (int)K, &zero, op, CUDA_R_32F, (int)N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  return MSH_OK;
+}
+
+static msh_status cuda_rope(msh_tensor *x, const msh_tensor *pos, const msh_tensor *inv_freq, int style) {
+  msh_cuda_dev *d;
+  msh_status s = dev_for(x, &d);
+  if (s != MSH_OK) return s;
+  CUDA_TRY(msh_k_rope(d->stream, msh_tensor_ptr(x), msh_tensor_ptr(pos), msh_tensor_ptr(inv_freq), x->shape[0],
+                      x->shape[1], x->shape[2], inv_freq->shape[0], style));
+  return MSH_OK;
+}
+
+static msh_status cuda_attention(msh_tensor *out, const msh_tensor *q, const msh_tensor *k, const msh_tensor *v,
+                                 int64_t pos0, float scale) {
+  msh_cuda_dev *d;
+  msh_status s = dev_for(out, &d);
+  if (s != MSH_OK) return s;
+  int64_t T = q->shape[0], H = q->shape[1], hd = q->shape[2], KVH = k->shape[1];
+  if (T == 0 || H == 0 || hd == 0) return MSH_OK;
+  if (T > INT_MAX || H > INT_MAX || hd > INT_MAX)
+    return MSH_FAIL(MSH_EUNSUPPORTED, "attention: shape too large for the CUDA kernels");
+  msh_k_attn a = {
+      .out = msh_tensor_ptr(out),
+      .q = msh_tensor_ptr(q),
+      .k = msh_tensor_ptr(k),
+      .v = msh_tensor_ptr(v),
+      .ks0 = k->stride[0],
+      .vs0 = v->stride[0],
+      .kv_dt = k->dtype,
+      .T = (int)T,
+      .H = (int)H,
+      .KVH = (int)KVH,
+      .hd = (int)hd,
+      .pos0 = pos0,
+      .scale = scale,
+  };
+  /* many queries: tensor-core flash attention; a few over a long cache: split-KV decode */
+  int64_t row_blocks = (T * (H / KVH) + 63) / 64 * KVH;
+  if (msh_k_attn_prefill_ok(&a) && (T > 64 || (T >= 8 && row_blocks >= d->sm_count))) {
+    CUDA_TRY(msh_k_attn_prefill(d->stream, &a));
+    return MSH_OK;
+  }
+  if (hd > 256) return MSH_FAIL(MSH_EUNSUPPORTED, "attention: head dim %lld > 256 on CUDA", (long long)hd);
+  if (T > 65535)
+    return MSH_FAIL(MSH_EUNSUPPORTED, "attention: %lld queries over a %s cache with head dim %lld on CUDA "
+                    "(the flash kernel takes f16/bf16 caches with head dim 64 or 128)",
+                    (long long)T, msh_dtype_name(k->dtype), (long long)hd);
+  void *work = NULL;
+  size_t wbytes = msh_k_attn_decode_workspace(&a, d->sm_count);
+  if (wbytes) {
+    s = msh_cuda_scratch(d, wbytes, &work);
+    if (s != MSH_OK) return s;
+  }
+  CUDA_TRY(msh_k_attn_decode(d->stream, &a, work, d->sm_count));
+  return MSH_OK;
+}
+
+static msh_status cuda_silu_mul(msh_tensor *out, const msh_tensor *gate, const msh_tensor *up) {
+  msh_cuda_dev *d;
+  msh_status s = dev_for(out, &d);
+  if (s != MSH_OK) return s;
+  CUDA_TRY(msh_k_silu_mul(d->stream, msh_tensor_ptr(out), msh_tensor_ptr(gate), msh_tensor_ptr(up),
+                          msh_tensor_numel(out)));
+  return MSH_OK;
+}
+
+static msh_status cuda_add(msh_tensor *out, const msh_tensor *a, const msh_tensor *b) {
+  msh_cuda_dev *d;
+  msh_status s = dev_for(out, &d);
+  if (s != MSH_OK) return s;
+  CUDA_TRY(msh_k_add(d->stream, msh_tensor_ptr(out), msh_tensor_ptr(a), msh_tensor_ptr(b), msh_tensor_numel(out)));
+  return MSH_OK;
+}
+
+static msh_status cuda_scale(msh_tensor *out, const msh_tensor *x, float v) {
+  msh_cuda_dev *d;
+  msh_status s = dev_for(out, &d);
+  if (s != MSH_OK) return s;
+  CUDA_TRY(msh_k_scale(d->stream, msh_tensor_ptr(out), msh_tensor_ptr(x), v, msh_tensor_numel(out)));
+  return MSH_OK;
+}
+
+static msh_status cuda_softmax(msh_tensor *out, const msh_tensor *x, int log) {
+  msh_cuda_dev *d;
+  msh_status s = dev_for(out, &d);
+  if (s != MSH_OK) return s;
+  CUDA_TRY(msh_k_softmax(d->stream, msh_tensor_ptr(out), msh_tensor_ptr(x), msh_rows(x), x->shape[x->ndim - 1], log));
+  return MSH_OK;
+}
+
+static msh_status cuda_argmax(const msh_tensor *x, int32_t *out) {
+  msh_cuda_dev *d;
+  msh_status s = dev_for(x, &d);
+  if (s != MSH_OK) return s;
+  int64_t R = msh_rows(x), N = x->shape[x->ndim - 1];
+  if (R == 0) return MSH_OK;
+  int32_t *res = d->dev_words;
+  if (R > 64) {
+    void *p = NULL;
+    s = msh_cuda_scratch(d, (size_t)R * sizeof(int32_t), &p);
+    if (s != MSH_OK) return s;
+    res = p;
+  }
+  CUDA_TRY(msh_k_argmax(d->stream, res, msh_tensor_ptr(x), R, N));
+  /* out is host memory: copy back and wait */
+  CUDA_TRY(cudaMemcpyAsync(out, res, (size_t)R * sizeof(int32_t), cudaMemcpyDeviceToHost, d->stream));
+  CUDA_TRY(cudaStreamSynchronize(d->stream));
+  return MSH_OK;
+}
+
+const msh_backend msh_cuda_backend = {
+    .name = "cuda",
+    .alloc = cuda_alloc,
+    .release = cuda_release,
+    .copy = cuda_copy,
+    .upload = cuda_upload,
+    .download = cuda_download,
+    .embedding = cuda_embedding,
+    .rmsnorm = cuda_rmsnorm,
+    .matmul = cuda_matmul,
+    .rope = cuda_rope,
+    .attention = cuda_attention,
+    .silu_mul = cuda_silu_mul,
+    .add = cuda_add,
+    .scale = cuda_scale,
+    .softmax = cuda_softmax,
+    .argmax = cuda_argmax,
+};

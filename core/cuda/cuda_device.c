@@ -1,0 +1,146 @@
+/* cuda_device.c: CUDA devices: counting, per-device state (stream, cuBLAS handle, scratch),
+ * and the one checker of CUDA and cuBLAS return codes. */
+#include "cuda_internal.h"
+
+#include <pthread.h>
+#include <stdlib.h>
+
+enum { MAX_DEVICES = 64, WORDS = 64 };
+
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static int device_count = -1; /* -1: not asked yet */
+static msh_cuda_dev *devices[MAX_DEVICES];
+
+/* ------------------------------------------------------------------------------ errors */
+
+msh_status msh_cuda_check_at(int lib, int code, const char *call, const char *file, int line, const char *func) {
+  if (lib == MSH_CUDA_BLAS) {
+    cublasStatus_t st = (cublasStatus_t)code;
+    if (st == CUBLAS_STATUS_SUCCESS) return MSH_OK;
+    return msh_fail_at(st == CUBLAS_STATUS_ALLOC_FAILED ? MSH_ENOMEM : MSH_EDEVICE, file, line, func,
+                       "%s failed: %s: %s", call, cublasGetStatusName(st), cublasGetStatusString(st));
+  }
+  cudaError_t e = (cudaError_t)code;
+  if (e == cudaSuccess) return MSH_OK;
+  (void)cudaGetLastError(); /* clear a non-sticky error so that later launches do not report it */
+  return msh_fail_at(e == cudaErrorMemoryAllocation ? MSH_ENOMEM : MSH_EDEVICE, file, line, func,
+                     "%s failed: %s: %s", call, cudaGetErrorName(e), cudaGetErrorString(e));
+}
+
+/* ----------------------------------------------------------------------------- devices */
+
+static int count_locked(void) {
+  if (device_count < 0) {
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess) {
+      (void)cudaGetLastError(); /* no driver, no device: zero devices, not an error */
+      n = 0;
+    }
+    device_count = n;
+  }
+  return device_count;
+}
+
+msh_status msh_cuda_device_count(int *out) {
+  pthread_mutex_lock(&lock);
+  *out = count_locked();
+  pthread_mutex_unlock(&lock);
+  return MSH_OK;
+}
+
+static void dev_destroy(msh_cuda_dev *d) {
+  if (!d) return;
+  if (d->blas) cublasDestroy(d->blas);
+  if (d->stream) cudaStreamDestroy(d->stream);
+  if (d->dev_words) cudaFree(d->dev_words);
+  if (d->host_words) cudaFreeHost(d->host_words);
+  (void)cudaGetLastError();
+  free(d);
+}
+
+static msh_status dev_create(int index, msh_cuda_dev **out) {
+  msh_cuda_dev *d = calloc(1, sizeof *d);
+  if (!d) return MSH_FAIL(MSH_ENOMEM, "out of memory");
+  d->index = index;
+  d->gemv_max_m = 16;
+  msh_status s = MSH_OK;
+#define STEP(lib, call) \
+  if (s == MSH_OK) s = msh_cuda_check_at((lib), (int)(call), #call, __FILE__, __LINE__, __func__)
+  STEP(MSH_CUDA_RT, cudaDeviceGetAttribute(&d->sm_count, cudaDevAttrMultiProcessorCount, index));
+  STEP(MSH_CUDA_RT, cudaStreamCreateWithFlags(&d->stream, cudaStreamNonBlocking));
+  STEP(MSH_CUDA_BLAS, cublasCreate(&d->blas));
+  STEP(MSH_CUDA_BLAS, cublasSetStream(d->blas, d->stream));
+  STEP(MSH_CUDA_RT, cudaMalloc((void **)&d->dev_words, WORDS * sizeof(int32_t)));
+  STEP(MSH_CUDA_RT, cudaMallocHost((void **)&d->host_words, WORDS * sizeof(int32_t)));
+#undef STEP
+  if (s != MSH_OK) {
+    dev_destroy(d);
+    return s;
+  }
+  *out = d;
+  return MSH_OK;
+}
+
+msh_status msh_cuda_dev_get(int device_index, msh_cuda_dev **out) {
+  pthread_mutex_lock(&lock);
+  int n = count_locked();
+  if (device_index < 0 || device_index >= n || device_index >= MAX_DEVICES) {
+    pthread_mutex_unlock(&lock);
+    return MSH_FAIL(MSH_EINVAL, "CUDA device %d does not exist (%d present)", device_index, n);
+  }
+  msh_status s = msh_cuda_check_at(MSH_CUDA_RT, cudaSetDevice(device_index), "cudaSetDevice", __FILE__, __LINE__,
+                                   __func__);
+  if (s == MSH_OK && !devices[device_index]) s = dev_create(device_index, &devices[device_index]);
+  if (s == MSH_OK) *out = devices[device_index];
+  pthread_mutex_unlock(&lock);
+  return s;
+}
+
+msh_status msh_cuda_scratch(msh_cuda_dev *d, size_t bytes, void **out) {
+  if (bytes <= d->scratch_bytes && d->scratch) {
+    *out = d->scratch;
+    return MSH_OK;
+  }
+  size_t want = bytes + bytes / 4;
+  want = (want + ((size_t)1 << 20) - 1) & ~(((size_t)1 << 20) - 1);
+  if (d->scratch) {
+    CUDA_TRY(cudaStreamSynchronize(d->stream));
+    CUDA_TRY(cudaFree(d->scratch));
+    d->scratch = NULL;
+    d->scratch_bytes = 0;
+  }
+  void *p = NULL;
+  cudaError_t e = cudaMalloc(&p, want);
+  if (e == cudaErrorMemoryAllocation) {
+    (void)cudaGetLastError();
+    return MSH_FAIL(MSH_ENOMEM, "cannot allocate %zu bytes of scratch on CUDA device %d", want, d->index);
+  }
+  CUDA_TRY(e);
+  d->scratch = p;
+  d->scratch_bytes = want;
+  *out = p;
+  return MSH_OK;
+}
+
+msh_status msh_cuda_stream(int device_index, cudaStream_t *out) {
+  msh_cuda_dev *d;
+  msh_status s = msh_cuda_dev_get(device_index, &d);
+  if (s == MSH_OK) *out = d->stream;
+  return s;
+}
+
+msh_status msh_cuda_sync(int device_index) {
+  msh_cuda_dev *d;
+  msh_status s = msh_cuda_dev_get(device_index, &d);
+  if (s != MSH_OK) return s;
+  CUDA_TRY(cudaStreamSynchronize(d->stream));
+  return MSH_OK;
+}
+
+int msh_cuda_set_gemv_max_m(int device_index, int m) {
+  msh_cuda_dev *d;
+  if (msh_cuda_dev_get(device_index, &d) != MSH_OK) return -1;
+  int old = d->gemv_max_m;
+  d->gemv_max_m = m < 0 ? 0 : m > 16 ? 16 : m;
+  return old;
+}

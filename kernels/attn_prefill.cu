@@ -1,0 +1,252 @@
+/* attn_prefill.cu: causal GQA flash attention on tensor cores (mma.sync m16n8k16, fp32
+ * accumulation) for f16/bf16 caches, head dim 64 or 128.
+ *
+ * The T * G query rows that share a kv head (G = H / KVH) are packed as row r = t * G + g, so one
+ * block of 64 rows (16 per warp) reads each K/V tile once for all of its heads and tokens. Key
+ * tiles of 64 rows stream through shared memory with cp.async, double-buffered. Per tile and
+ * warp: S = Q K^T (16 x 64) in registers, causal mask, online softmax in log2 units, then
+ * P (rounded to the cache's type) @ V with V fragments from ldmatrix.trans. No score matrix
+ * reaches global memory. Blocks with the most keys start first. */
+#include "msh_kutil.cuh"
+
+using namespace msh;
+
+namespace {
+
+constexpr int BM = 64, BN = 64, THREADS = 128;
+constexpr float LOG2E = 1.4426950408889634f;
+
+template <typename KV> struct Mma;
+
+template <> struct Mma<bf16> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    uint32_t u;
+    memcpy(&u, &h, 4);
+    return u;
+  }
+  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                 "{%8, %9}, {%0, %1, %2, %3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+template <> struct Mma<f16> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    uint32_t u;
+    memcpy(&u, &h, 4);
+    return u;
+  }
+  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                 "{%8, %9}, {%0, %1, %2, %3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+__device__ __forceinline__ void cp_async16(void *dst, const void *src, bool ok) {
+  unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(ok ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void *p) {
+  unsigned a = (unsigned)__cvta_generic_to_shared(p);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+
+template <int HD> constexpr int smem_bytes() { return 4 * BN * (HD + 8) * 2; }
+
+template <typename KV, int HD> __global__ void __launch_bounds__(THREADS) prefill_kernel(msh_k_attn a) {
+  constexpr int LD = HD + 8; /* shared row stride (elements): conflict-free fragments */
+  constexpr int KT = HD / 16, NT = BN / 8, DT = HD / 8;
+  extern __shared__ __align__(16) unsigned char smem[];
+  KV *Ks = reinterpret_cast<KV *>(smem); /* [2][BN][LD] */
+  KV *Vs = Ks + 2 * BN * LD;             /* [2][BN][LD] */
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tq = lane & 3;
+  const int G = a.H / a.KVH, kvh = blockIdx.y;
+  const int64_t rows = (int64_t)a.T * G;
+  const int64_t rblk = (int64_t)(gridDim.x - 1 - blockIdx.x) * BM;
+  const int64_t rA = rblk + warp * 16 + g, rB = rA + 8;
+  const int64_t cA = rA < rows ? rA : rows - 1, cB = rB < rows ? rB : rows - 1;
+  const int64_t tA = cA / G, tB = cB / G;
+  const float *qA = a.q + (tA * a.H + kvh * G + cA % G) * a.hd;
+  const float *qB = a.q + (tB * a.H + kvh * G + cB % G) * a.hd;
+  const int64_t rlast = (rblk + BM < rows ? rblk + BM : rows) - 1;
+  const int64_t t_first = rblk / G;
+  const int64_t kmax = a.pos0 + rlast / G + 1; /* keys this block needs: [0, kmax) */
+  const int ntile = (int)((kmax + BN - 1) / BN);
+  const float qs = a.scale * LOG2E;
+
+  uint32_t qf[KT][4];
+#pragma unroll
+  for (int kk = 0; kk < KT; kk++) {
+    int col = kk * 16 + 2 * tq;
+    qf[kk][0] = Mma<KV>::pack(qA[col], qA[col + 1]);
+    qf[kk][1] = Mma<KV>::pack(qB[col], qB[col + 1]);
+    qf[kk][2] = Mma<KV>::pack(qA[col + 8], qA[col + 9]);
+    qf[kk][3] = Mma<KV>::pack(qB[col + 8], qB[col + 9]);
+  }
+
+  const KV *kg = (const KV *)a.k + (int64_t)kvh * a.hd;
+  const KV *vg = (const KV *)a.v + (int64_t)kvh * a.hd;
+  auto load_tile = [&](int j, int b) {
+    constexpr int CPR = HD / 8; /* 16-byte chunks per row */
+    for (int e = threadIdx.x; e < BN * CPR; e += THREADS) {
+      int r = e / CPR, cc = e % CPR;
+      int64_t key = (int64_t)j * BN + r;
+      bool ok = key < kmax; /* rows past kmax become zeros (masked, and never NaN) */
+      int64_t kr = ok ? key : 0;
+      cp_async16(Ks + (b * BN + r) * LD + cc * 8, kg + kr * a.ks0 + cc * 8, ok);
+      cp_async16(Vs + (b * BN + r) * LD + cc * 8, vg + kr * a.vs0 + cc * 8, ok);
+    }
+  };
+
+  float o[DT][4];
+#pragma unroll
+  for (int dn = 0; dn < DT; dn++) o[dn][0] = o[dn][1] = o[dn][2] = o[dn][3] = 0.0f;
+  float mA = -INFINITY, mB = -INFINITY, lA = 0.0f, lB = 0.0f;
+
+  load_tile(0, 0);
+  cp_async_commit();
+  for (int j = 0; j < ntile; j++) {
+    if (j + 1 < ntile) {
+      load_tile(j + 1, (j + 1) & 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const KV *Kt = Ks + (j & 1) * BN * LD, *Vt = Vs + (j & 1) * BN * LD;
+
+    float s[NT][4];
+#pragma unroll
+    for (int nn = 0; nn < NT; nn++) {
+      s[nn][0] = s[nn][1] = s[nn][2] = s[nn][3] = 0.0f;
+#pragma unroll
+      for (int kk = 0; kk < KT; kk++) {
+        const KV *kp = Kt + (nn * 8 + g) * LD + kk * 16 + 2 * tq;
+        uint32_t b0 = *reinterpret_cast<const uint32_t *>(kp);
+        uint32_t b1 = *reinterpret_cast<const uint32_t *>(kp + 8);
+        Mma<KV>::run(s[nn], qf[kk], b0, b1);
+      }
+    }
+
+    const int64_t kbase = (int64_t)j * BN;
+    const bool need_mask = kbase + BN - 1 > a.pos0 + t_first;
+    float mxA = -INFINITY, mxB = -INFINITY;
+#pragma unroll
+    for (int nn = 0; nn < NT; nn++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        float v = s[nn][e] * qs;
+        if (need_mask) {
+          int64_t key = kbase + nn * 8 + 2 * tq + (e & 1);
+          if (key > a.pos0 + (e < 2 ? tA : tB)) v = -INFINITY;
+        }
+        s[nn][e] = v;
+        if (e < 2) mxA = fmaxf(mxA, v);
+        else mxB = fmaxf(mxB, v);
+      }
+#pragma unroll
+    for (int off = 1; off < 4; off <<= 1) {
+      mxA = fmaxf(mxA, __shfl_xor_sync(0xffffffffu, mxA, off));
+      mxB = fmaxf(mxB, __shfl_xor_sync(0xffffffffu, mxB, off));
+    }
+    /* key 0 is visible to every row, so after tile 0 the running max is finite */
+    const float mnA = fmaxf(mA, mxA), mnB = fmaxf(mB, mxB);
+    const float corrA = exp2f(mA - mnA), corrB = exp2f(mB - mnB);
+    mA = mnA;
+    mB = mnB;
+    lA *= corrA;
+    lB *= corrB;
+#pragma unroll
+    for (int dn = 0; dn < DT; dn++) {
+      o[dn][0] *= corrA;
+      o[dn][1] *= corrA;
+      o[dn][2] *= corrB;
+      o[dn][3] *= corrB;
+    }
+#pragma unroll
+    for (int nn = 0; nn < NT; nn++) {
+      s[nn][0] = exp2f(s[nn][0] - mnA);
+      s[nn][1] = exp2f(s[nn][1] - mnA);
+      s[nn][2] = exp2f(s[nn][2] - mnB);
+      s[nn][3] = exp2f(s[nn][3] - mnB);
+      lA += s[nn][0] + s[nn][1];
+      lB += s[nn][2] + s[nn][3];
+    }
+
+#pragma unroll
+    for (int k2 = 0; k2 < BN / 16; k2++) {
+      uint32_t pa[4];
+      pa[0] = Mma<KV>::pack(s[2 * k2][0], s[2 * k2][1]);
+      pa[1] = Mma<KV>::pack(s[2 * k2][2], s[2 * k2][3]);
+      pa[2] = Mma<KV>::pack(s[2 * k2 + 1][0], s[2 * k2 + 1][1]);
+      pa[3] = Mma<KV>::pack(s[2 * k2 + 1][2], s[2 * k2 + 1][3]);
+#pragma unroll
+      for (int dn = 0; dn < DT; dn += 2) {
+        uint32_t vb[4];
+        ldmatrix_x4_trans(vb, Vt + (k2 * 16 + (lane & 15)) * LD + (dn + (lane >> 4)) * 8);
+        Mma<KV>::run(o[dn], pa, vb[0], vb[1]);
+        Mma<KV>::run(o[dn + 1], pa, vb[2], vb[3]);
+      }
+    }
+    __syncthreads();
+  }
+
+#pragma unroll
+  for (int off = 1; off < 4; off <<= 1) {
+    lA += __shfl_xor_sync(0xffffffffu, lA, off);
+    lB += __shfl_xor_sync(0xffffffffu, lB, off);
+  }
+  const float iA = 1.0f / lA, iB = 1.0f / lB;
+  float *oA = a.out + (tA * a.H + kvh * G + cA % G) * a.hd;
+  float *oB = a.out + (tB * a.H + kvh * G + cB % G) * a.hd;
+#pragma unroll
+  for (int dn = 0; dn < DT; dn++) {
+    int col = dn * 8 + 2 * tq;
+    if (rA < rows) {
+      oA[col] = o[dn][0] * iA;
+      oA[col + 1] = o[dn][1] * iA;
+    }
+    if (rB < rows) {
+      oB[col] = o[dn][2] * iB;
+      oB[col + 1] = o[dn][3] * iB;
+    }
+  }
+}
+
+template <typename KV, int HD> cudaError_t launch(cudaStream_t s, const msh_k_attn *a) {
+  constexpr int bytes = smem_bytes<HD>();
+  cudaError_t e = cudaFuncSetAttribute(prefill_kernel<KV, HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (e != cudaSuccess) return e;
+  int64_t rows = (int64_t)a->T * (a->H / a->KVH);
+  dim3 grid((unsigned)((rows + BM - 1) / BM), (unsigned)a->KVH);
+  prefill_kernel<KV, HD><<<grid, THREADS, bytes, s>>>(*a);
+  return cudaGetLastError();
+}
+
+} // namespace
+
+extern "C" int msh_k_attn_prefill_ok(const msh_k_attn *a) {
+  return (a->kv_dt == MSH_F16 || a->kv_dt == MSH_BF16) && (a->hd == 64 || a->hd == 128) && a->KVH > 0 &&
+         a->H % a->KVH == 0 && a->ks0 % 8 == 0 && a->vs0 % 8 == 0 && aligned16(a->k) && aligned16(a->v) &&
+         (int64_t)a->T * (a->H / a->KVH) / BM < 0x7fffffff;
+}
+
+extern "C" cudaError_t msh_k_attn_prefill(cudaStream_t s, const msh_k_attn *a) {
+  if (!msh_k_attn_prefill_ok(a)) return cudaErrorNotSupported;
+  if (a->T <= 0) return cudaGetLastError();
+  if (a->kv_dt == MSH_BF16) return a->hd == 64 ? launch<bf16, 64>(s, a) : launch<bf16, 128>(s, a);
+  return a->hd == 64 ? launch<f16, 64>(s, a) : launch<f16, 128>(s, a);
+}

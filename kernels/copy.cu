@@ -1,0 +1,143 @@
+/* copy.cu: element copies with dtype conversion (contiguous, row-strided, any strides). */
+#include "msh_kutil.cuh"
+
+using namespace msh;
+
+namespace {
+
+/* Conversion of one element: through f32 between float types, bit for bit between equal types. */
+template <typename D, typename S> struct Cvt {
+  static __device__ __forceinline__ D f(S s) { return from_f<D>(to_f(s)); }
+};
+template <typename T> struct Cvt<T, T> {
+  static __device__ __forceinline__ T f(T s) { return s; }
+};
+
+template <typename D, typename S>
+__global__ void convert_kernel(D *__restrict__ dst, const S *__restrict__ src, int64_t n) {
+  int64_t step = (int64_t)gridDim.x * blockDim.x;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += step)
+    dst[i] = Cvt<D, S>::f(src[i]);
+}
+
+template <typename D, typename S>
+__global__ void rows_kernel(D *dst, int64_t dst_ld, const S *src, int64_t src_ld, int64_t rows, int64_t cols) {
+  for (int64_t r = blockIdx.y; r < rows; r += gridDim.y)
+    for (int64_t c = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; c < cols; c += (int64_t)gridDim.x * blockDim.x)
+      dst[r * dst_ld + c] = Cvt<D, S>::f(src[r * src_ld + c]);
+}
+
+struct Geo {
+  int ndim;
+  int64_t n;
+  int64_t shape[MSH_K_MAX_DIMS], ds[MSH_K_MAX_DIMS], ss[MSH_K_MAX_DIMS];
+};
+
+template <typename D, typename S> __global__ void strided_kernel(D *dst, const S *src, Geo g) {
+  int64_t step = (int64_t)gridDim.x * blockDim.x;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < g.n; i += step) {
+    int64_t rem = i, so = 0, dof = 0;
+    for (int d = g.ndim - 1; d >= 0; d--) {
+      int64_t idx = rem % g.shape[d];
+      rem /= g.shape[d];
+      so += idx * g.ss[d];
+      dof += idx * g.ds[d];
+    }
+    dst[dof] = Cvt<D, S>::f(src[so]);
+  }
+}
+
+/* ---------------------------------------------------------------- dtype-pair dispatch */
+
+struct ConvertOp {
+  cudaStream_t s;
+  void *dst;
+  const void *src;
+  int64_t n;
+  template <typename D, typename S> cudaError_t run() const {
+    if (n > 0)
+      convert_kernel<D, S><<<grid_for(n, 256), 256, 0, s>>>((D *)dst, (const S *)src, n);
+    return cudaGetLastError();
+  }
+};
+
+struct RowsOp {
+  cudaStream_t s;
+  void *dst;
+  int64_t dst_ld;
+  const void *src;
+  int64_t src_ld, rows, cols;
+  template <typename D, typename S> cudaError_t run() const {
+    if (rows > 0 && cols > 0) {
+      int threads = cols >= 256 ? 256 : (int)((cols + 31) / 32 * 32);
+      dim3 grid(grid_for(cols, threads, 1024), (unsigned)(rows < 65535 ? rows : 65535));
+      rows_kernel<D, S><<<grid, threads, 0, s>>>((D *)dst, dst_ld, (const S *)src, src_ld, rows, cols);
+    }
+    return cudaGetLastError();
+  }
+};
+
+struct StridedOp {
+  cudaStream_t s;
+  void *dst;
+  const void *src;
+  Geo g;
+  template <typename D, typename S> cudaError_t run() const {
+    if (g.n > 0) strided_kernel<D, S><<<grid_for(g.n, 256), 256, 0, s>>>((D *)dst, (const S *)src, g);
+    return cudaGetLastError();
+  }
+};
+
+template <typename D, typename Op> cudaError_t with_src(int sdt, const Op &op) {
+  switch (sdt) {
+  case MSH_F32: return op.template run<D, float>();
+  case MSH_F16: return op.template run<D, f16>();
+  case MSH_BF16: return op.template run<D, bf16>();
+  default: return cudaErrorInvalidValue;
+  }
+}
+
+template <typename Op> cudaError_t dispatch(int ddt, int sdt, const Op &op) {
+  if (ddt == sdt) {
+    switch (msh_dtype_size(ddt)) {
+    case 1: return op.template run<uint8_t, uint8_t>();
+    case 2: return op.template run<uint16_t, uint16_t>();
+    case 4: return op.template run<uint32_t, uint32_t>();
+    default: return cudaErrorInvalidValue;
+    }
+  }
+  switch (ddt) {
+  case MSH_F32: return with_src<float>(sdt, op);
+  case MSH_F16: return with_src<f16>(sdt, op);
+  case MSH_BF16: return with_src<bf16>(sdt, op);
+  default: return cudaErrorInvalidValue;
+  }
+}
+
+} // namespace
+
+extern "C" cudaError_t msh_k_convert(cudaStream_t s, void *dst, int dst_dt, const void *src, int src_dt,
+                                     int64_t n) {
+  return dispatch(dst_dt, src_dt, ConvertOp{s, dst, src, n});
+}
+
+extern "C" cudaError_t msh_k_copy_rows(cudaStream_t s, void *dst, int dst_dt, int64_t dst_ld, const void *src,
+                                       int src_dt, int64_t src_ld, int64_t rows, int64_t cols) {
+  return dispatch(dst_dt, src_dt, RowsOp{s, dst, dst_ld, src, src_ld, rows, cols});
+}
+
+extern "C" cudaError_t msh_k_copy_strided(cudaStream_t s, void *dst, int dst_dt, const int64_t *dst_stride,
+                                          const void *src, int src_dt, const int64_t *src_stride, int ndim,
+                                          const int64_t *shape) {
+  if (ndim < 0 || ndim > MSH_K_MAX_DIMS) return cudaErrorInvalidValue;
+  Geo g = {};
+  g.ndim = ndim;
+  g.n = 1;
+  for (int d = 0; d < ndim; d++) {
+    g.shape[d] = shape[d];
+    g.ds[d] = dst_stride[d];
+    g.ss[d] = src_stride[d];
+    g.n *= shape[d];
+  }
+  return dispatch(dst_dt, src_dt, StridedOp{s, dst, src, g});
+}

@@ -1,0 +1,146 @@
+/* gemv.cu: out (M, N) = x (M, K) @ w (N, K)^T for small M (decode): memory-bound on w.
+ *
+ * A block of 4 warps owns 4 * RPW consecutive rows of w; each warp owns RPW rows and walks K in
+ * chunks of 8 elements, one 16-byte load per row per chunk (two for f32 weights), U chunks in
+ * flight per row before the first use. Each weight chunk meets all MT rows of x (fp32, read
+ * through the read-only cache, shared by every warp of the SM); the partial dot products are
+ * summed across the warp with shuffles at the end. Rows of K not a multiple of 8 (or unaligned
+ * pointers) take a scalar loop with the same structure. */
+#include "msh_kutil.cuh"
+
+using namespace msh;
+
+namespace {
+
+constexpr int WARPS = 4;
+
+template <int MT> __device__ __forceinline__ void load_x8(const float *x, int64_t K, int64_t c, int M, float (&xf)[MT][8]) {
+#pragma unroll
+  for (int m = 0; m < MT; m++) {
+    if (m < M) {
+      const float4 *p = reinterpret_cast<const float4 *>(x + m * K + c * 8);
+      float4 a = __ldg(p), b = __ldg(p + 1);
+      xf[m][0] = a.x; xf[m][1] = a.y; xf[m][2] = a.z; xf[m][3] = a.w;
+      xf[m][4] = b.x; xf[m][5] = b.y; xf[m][6] = b.z; xf[m][7] = b.w;
+    }
+  }
+}
+
+template <typename W, int MT, int RPW, int U>
+__global__ void __launch_bounds__(WARPS * 32) gemv_vec_kernel(float *__restrict__ out, const float *__restrict__ x,
+                                                               const W *__restrict__ w, int M, int64_t N, int64_t K) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t row0 = ((int64_t)blockIdx.x * WARPS + warp) * RPW;
+  if (row0 >= N) return;
+  const W *wr[RPW];
+#pragma unroll
+  for (int r = 0; r < RPW; r++) wr[r] = w + (row0 + r < N ? row0 + r : N - 1) * K;
+
+  float acc[RPW][MT];
+#pragma unroll
+  for (int r = 0; r < RPW; r++)
+#pragma unroll
+    for (int m = 0; m < MT; m++) acc[r][m] = 0.0f;
+
+  const int64_t K8 = K / 8;
+  for (int64_t c0 = lane; c0 < K8; c0 += 32 * U) {
+    Raw8<W> wv[U][RPW];
+#pragma unroll
+    for (int u = 0; u < U; u++)
+#pragma unroll
+      for (int r = 0; r < RPW; r++) {
+        if (c0 + u * 32 < K8) wv[u][r].load_stream(wr[r] + (c0 + u * 32) * 8);
+        else wv[u][r].zero();
+      }
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+      const int64_t c = c0 + u * 32;
+      if (c < K8) {
+        float xf[MT][8];
+        load_x8<MT>(x, K, c, M, xf);
+#pragma unroll
+        for (int r = 0; r < RPW; r++) {
+          float wf[8];
+          wv[u][r].to_float(wf);
+#pragma unroll
+          for (int m = 0; m < MT; m++)
+            if (m < M) {
+#pragma unroll
+              for (int j = 0; j < 8; j++) acc[r][m] = fmaf(wf[j], xf[m][j], acc[r][m]);
+            }
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < RPW; r++)
+#pragma unroll
+    for (int m = 0; m < MT; m++) {
+      float v = warp_sum(acc[r][m]);
+      if (lane == 0 && m < M && row0 + r < N) out[m * N + row0 + r] = v;
+    }
+}
+
+template <typename W, int MT, int RPW>
+__global__ void __launch_bounds__(WARPS * 32) gemv_scalar_kernel(float *__restrict__ out, const float *__restrict__ x,
+                                                                  const W *__restrict__ w, int M, int64_t N, int64_t K) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t row0 = ((int64_t)blockIdx.x * WARPS + warp) * RPW;
+  if (row0 >= N) return;
+  float acc[RPW][MT];
+#pragma unroll
+  for (int r = 0; r < RPW; r++)
+#pragma unroll
+    for (int m = 0; m < MT; m++) acc[r][m] = 0.0f;
+  for (int64_t k = lane; k < K; k += 32) {
+#pragma unroll
+    for (int r = 0; r < RPW; r++) {
+      float wf = to_f(w[(row0 + r < N ? row0 + r : N - 1) * K + k]);
+#pragma unroll
+      for (int m = 0; m < MT; m++)
+        if (m < M) acc[r][m] = fmaf(wf, x[m * K + k], acc[r][m]);
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < RPW; r++)
+#pragma unroll
+    for (int m = 0; m < MT; m++) {
+      float v = warp_sum(acc[r][m]);
+      if (lane == 0 && m < M && row0 + r < N) out[m * N + row0 + r] = v;
+    }
+}
+
+template <typename W, int MT, int RPW, int U>
+cudaError_t launch(cudaStream_t s, float *out, const float *x, const void *w, int M, int64_t N, int64_t K) {
+  int64_t rows_per_block = WARPS * RPW;
+  int64_t blocks = (N + rows_per_block - 1) / rows_per_block;
+  if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
+  bool vec = K % 8 == 0 && aligned16(x) && aligned16(w);
+  if (vec)
+    gemv_vec_kernel<W, MT, RPW, U><<<(unsigned)blocks, WARPS * 32, 0, s>>>(out, x, (const W *)w, M, N, K);
+  else
+    gemv_scalar_kernel<W, MT, RPW><<<(unsigned)blocks, WARPS * 32, 0, s>>>(out, x, (const W *)w, M, N, K);
+  return cudaGetLastError();
+}
+
+template <typename W> cudaError_t by_m(cudaStream_t s, float *out, const float *x, const void *w, int M, int64_t N, int64_t K) {
+  if (M <= 1) return launch<W, 1, 2, 4>(s, out, x, w, M, N, K);
+  if (M <= 2) return launch<W, 2, 2, 4>(s, out, x, w, M, N, K);
+  if (M <= 4) return launch<W, 4, 2, 2>(s, out, x, w, M, N, K);
+  if (M <= 8) return launch<W, 8, 4, 1>(s, out, x, w, M, N, K);
+  return launch<W, 16, 4, 1>(s, out, x, w, M, N, K);
+}
+
+} // namespace
+
+extern "C" cudaError_t msh_k_gemv(cudaStream_t s, float *out, const float *x, const void *w, int w_dt, int64_t M,
+                                  int64_t N, int64_t K) {
+  if (M < 1 || M > 16) return cudaErrorInvalidValue;
+  if (N == 0) return cudaGetLastError();
+  switch (w_dt) {
+  case MSH_F32: return by_m<float>(s, out, x, w, (int)M, N, K);
+  case MSH_F16: return by_m<f16>(s, out, x, w, (int)M, N, K);
+  case MSH_BF16: return by_m<bf16>(s, out, x, w, (int)M, N, K);
+  default: return cudaErrorInvalidValue;
+  }
+}

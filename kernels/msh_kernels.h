@@ -1,0 +1,105 @@
+/* msh_kernels.h: launchers of the CUDA kernels of kernels/, callable from C.
+ *
+ * Every launcher takes an explicit stream, enqueues its work and returns cudaGetLastError() of
+ * the launch (cudaSuccess or the launch error); it never synchronizes unless stated. Operands are
+ * device pointers that the caller (core/cuda) has validated. dtype arguments are msh_dtype values
+ * (MSH_F32, MSH_F16, MSH_BF16; MSH_I32/MSH_I8 only where stated). */
+#ifndef MSH_KERNELS_H
+#define MSH_KERNELS_H
+
+#include <stdint.h>
+
+#include <cuda_runtime_api.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum { MSH_K_MAX_DIMS = 8 };
+
+/* ------------------------------------------------------------------------------ copy.cu */
+
+/* dst[i] = src[i] for n contiguous elements, converting between f32/f16/bf16. */
+cudaError_t msh_k_convert(cudaStream_t s, void *dst, int dst_dt, const void *src, int src_dt, int64_t n);
+
+/* Rows: dst[r * dst_ld + c] = src[r * src_ld + c], r < rows, c < cols (element strides), any
+ * f32/f16/bf16 pair, or equal dtypes of 1, 2 or 4 bytes copied bit for bit. */
+cudaError_t msh_k_copy_rows(cudaStream_t s, void *dst, int dst_dt, int64_t dst_ld, const void *src,
+                            int src_dt, int64_t src_ld, int64_t rows, int64_t cols);
+
+/* Any strides (elements, may be negative), up to MSH_K_MAX_DIMS dims, same rules as above. */
+cudaError_t msh_k_copy_strided(cudaStream_t s, void *dst, int dst_dt, const int64_t *dst_stride,
+                               const void *src, int src_dt, const int64_t *src_stride, int ndim,
+                               const int64_t *shape);
+
+/* ------------------------------------------------------------------------- embedding.cu */
+
+/* out (T, D) f32 = table (V, D)[ids]; an id outside [0, V) writes zeros to its row and stores
+ * 1 + its position into *bad (device int32, left alone when all ids are good). */
+cudaError_t msh_k_embedding(cudaStream_t s, float *out, const void *table, int table_dt,
+                            const int32_t *ids, int64_t T, int64_t D, int64_t V, int32_t *bad);
+
+/* --------------------------------------------------------------------------- rmsnorm.cu */
+
+/* out (R, D) = x / sqrt(mean(x^2) + eps) * w; out may alias x. */
+cudaError_t msh_k_rmsnorm(cudaStream_t s, float *out, const float *x, const void *w, int w_dt,
+                          int64_t R, int64_t D, float eps);
+
+/* ------------------------------------------------------------------------------ gemv.cu */
+
+/* out (M, N) = x (M, K) @ w (N, K)^T for 1 <= M <= 16, fp32 accumulation: the memory-bound
+ * decode path (16-byte weight loads, several rows per block, warp-shuffle reductions). */
+cudaError_t msh_k_gemv(cudaStream_t s, float *out, const float *x, const void *w, int w_dt, int64_t M,
+                       int64_t N, int64_t K);
+
+/* ------------------------------------------------------------------------------ rope.cu */
+
+/* In place on x (T, H, hd) f32: rotates the first 2R dims of each head. style 0 interleaved
+ * pairs (2i, 2i+1), 1 half pairs (i, i + R). */
+cudaError_t msh_k_rope(cudaStream_t s, float *x, const int32_t *pos, const float *inv_freq, int64_t T,
+                       int64_t H, int64_t hd, int64_t R, int style);
+
+/* ------------------------------------------------------------------------- attention */
+
+typedef struct msh_k_attn {
+  float *out;        /* (T, H, hd) f32 */
+  const float *q;    /* (T, H, hd) f32 */
+  const void *k;     /* row s of head g at k + s * ks0 + g * hd (elements) */
+  const void *v;
+  int64_t ks0, vs0;  /* row strides, elements */
+  int kv_dt;
+  int T, H, KVH, hd;
+  int64_t pos0;
+  float scale;
+} msh_k_attn;
+
+/* Split-KV decode (attn_decode.cu): any T (each query reads its own keys), hd <= 256. The
+ * partials need msh_k_attn_decode_workspace() bytes of device memory at work. */
+size_t msh_k_attn_decode_workspace(const msh_k_attn *a, int sm_count);
+cudaError_t msh_k_attn_decode(cudaStream_t s, const msh_k_attn *a, void *work, int sm_count);
+
+/* Flash-attention prefill on tensor cores (attn_prefill.cu): f16/bf16 caches, hd 64 or 128,
+ * 16-byte aligned rows. Returns cudaErrorNotSupported when the operands do not qualify. */
+int msh_k_attn_prefill_ok(const msh_k_attn *a);
+cudaError_t msh_k_attn_prefill(cudaStream_t s, const msh_k_attn *a);
+
+/* ------------------------------------------------------------------- elementwise ops */
+
+/* silu_mul.cu: out = silu(g) * u; out may alias g or u. */
+cudaError_t msh_k_silu_mul(cudaStream_t s, float *out, const float *g, const float *u, int64_t n);
+/* add.cu: out = a + b; out may alias either. */
+cudaError_t msh_k_add(cudaStream_t s, float *out, const float *a, const float *b, int64_t n);
+/* scale.cu: out = x * v; out may alias x. */
+cudaError_t msh_k_scale(cudaStream_t s, float *out, const float *x, float v, int64_t n);
+
+/* softmax.cu: row-wise over rows of N; log != 0 gives log_softmax. out may alias x. */
+cudaError_t msh_k_softmax(cudaStream_t s, float *out, const float *x, int64_t R, int64_t N, int log);
+
+/* argmax.cu: out[r] (device int32) = first index of the largest value of row r. */
+cudaError_t msh_k_argmax(cudaStream_t s, int32_t *out, const float *x, int64_t R, int64_t N);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

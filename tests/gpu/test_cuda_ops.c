@@ -1,0 +1,573 @@
+/* test_cuda_ops.c: every op of the CUDA backend against the CPU backend on fresh random inputs
+ * (after ggml's test-backend-ops): odd sizes, every weight and cache dtype, GQA ratios 1 to 12,
+ * contexts past 8k, one and many queries at pos0 > 0; outputs poisoned with NaN beforehand so an
+ * unwritten element fails. Also: device out-of-memory and a device index that does not exist.
+ * Exits 77 (skipped) when there is no CUDA device. */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "check.h"
+#include "moonshard.h"
+
+static uint64_t seed_counter = 0;
+static uint64_t fresh_seed(void) { return 0x9e3779b9ULL + 7919ULL * ++seed_counter; }
+
+/* ------------------------------------------------------------------------------ helpers */
+
+static msh_tensor *cpu_new(int dtype, int ndim, const int64_t *shape) {
+  msh_tensor *t = NULL;
+  CHECK_OK(msh_tensor_new(&t, dtype, ndim, shape, MSH_CPU, 0));
+  return t;
+}
+
+static msh_tensor *gpu_new(int dtype, int ndim, const int64_t *shape) {
+  msh_tensor *t = NULL;
+  CHECK_OK(msh_tensor_new(&t, dtype, ndim, shape, MSH_CUDA, 0));
+  return t;
+}
+
+static msh_tensor *cpu_randn(int dtype, int ndim, const int64_t *shape, float std) {
+  msh_tensor *t = cpu_new(dtype, ndim, shape);
+  if (t) CHECK_OK(msh_tensor_randn(t, fresh_seed(), 0.0f, std));
+  return t;
+}
+
+/* A device copy of a CPU tensor (same dtype and shape). */
+static msh_tensor *to_gpu(const msh_tensor *c) {
+  int64_t shape[MSH_MAX_DIMS];
+  int nd = msh_tensor_ndim(c);
+  for (int i = 0; i < nd; i++) shape[i] = msh_tensor_dim(c, i);
+  msh_tensor *g = gpu_new(msh_tensor_dtype(c), nd, shape);
+  if (g) CHECK_OK(msh_tensor_copy(g, c));
+  return g;
+}
+
+/* A host copy of any tensor (same dtype and shape, contiguous). */
+static msh_tensor *to_cpu(const msh_tensor *g) {
+  int64_t shape[MSH_MAX_DIMS];
+  int nd = msh_tensor_ndim(g);
+  for (int i = 0; i < nd; i++) shape[i] = msh_tensor_dim(g, i);
+  msh_tensor *c = cpu_new(msh_tensor_dtype(g), nd, shape);
+  if (c) CHECK_OK(msh_tensor_copy(c, g));
+  return c;
+}
+
+/* A device f32 tensor full of NaN: any element an op leaves unwritten fails the comparison. */
+static msh_tensor *gpu_poisoned(int ndim, const int64_t *shape) {
+  msh_tensor *h = cpu_new(MSH_F32, ndim, shape);
+  if (!h) return NULL;
+  float *p = msh_tensor_data(h);
+  for (int64_t i = 0; i < msh_tensor_numel(h); i++) p[i] = NAN;
+  msh_tensor *g = to_gpu(h);
+  msh_tensor_free(h);
+  return g;
+}
+
+static void free_all(msh_tensor **ts, int n) {
+  for (int i = 0; i < n; i++) msh_tensor_free(ts[i]);
+}
+
+/* got (device, f32) against want (CPU, f32): norm-wise relative error <= rtol, and every element
+ * within rtol * (|want| + 4 * rms(want)); NaN never passes. */
+static void compare_at(const char *what, const msh_tensor *got_gpu, const msh_tensor *want, double rtol,
+                       const char *file, int line) {
+  msh_tensor *got = to_cpu(got_gpu);
+  if (!got) return;
+  const float *g = msh_tensor_data(got), *w = msh_tensor_data(want);
+  int64_t n = msh_tensor_numel(want);
+  double ss = 0, es = 0, worst = 0;
+  for (int64_t i = 0; i < n; i++) ss += (double)w[i] * w[i];
+  double rms = n ? sqrt(ss / (double)n) : 0;
+  int64_t bad = 0, first_bad = -1;
+  for (int64_t i = 0; i < n; i++) {
+    double d = fabs((double)g[i] - w[i]);
+    if (isnan(g[i]) || isnan(w[i])) d = INFINITY;
+    es += d * d;
+    double lim = rtol * (fabs(w[i]) + 4 * rms) + 1e-30;
+    if (d / lim > worst) worst = d / lim;
+    if (!(d <= lim)) {
+      if (first_bad < 0) first_bad = i;
+      bad++;
+    }
+  }
+  double rel = ss > 0 ? sqrt(es / ss) : sqrt(es);
+  int ok = bad == 0 && rel <= rtol;
+  char msg[512];
+  snprintf(msg, sizeof msg, "%s: rel err %.3g (tol %.0e), %lld of %lld elements outside (first at %lld: got %g want %g)",
+           what, rel, rtol, (long long)bad, (long long)n, (long long)first_bad,
+           first_bad >= 0 ? g[first_bad] : 0.0, first_bad >= 0 ? w[first_bad] : 0.0);
+  check_at(ok, msg, file, line);
+  printf("  %-66s rel %.2e  worst/limit %.2f %s\n", what, rel, worst, ok ? "ok" : "FAIL");
+  msh_tensor_free(got);
+}
+#define COMPARE(what, got, want, rtol) compare_at((what), (got), (want), (rtol), __FILE__, __LINE__)
+
+/* Bit-exact comparison of two tensors of one dtype (the device one is downloaded). */
+static void compare_bits(const char *what, const msh_tensor *got_gpu, const msh_tensor *want) {
+  msh_tensor *got = to_cpu(got_gpu);
+  if (!got) return;
+  size_t bytes = (size_t)msh_tensor_numel(want) * msh_dtype_size(msh_tensor_dtype(want));
+  int same = msh_tensor_dtype(got) == msh_tensor_dtype(want) && !memcmp(msh_tensor_data(got), msh_tensor_data(want), bytes);
+  char msg[256];
+  snprintf(msg, sizeof msg, "%s: device bytes equal the CPU's", what);
+  CHECK(same);
+  if (!same) fprintf(stderr, "  %s\n", msg);
+  printf("  %-66s %s\n", what, same ? "bit-exact" : "DIFFERENT");
+  msh_tensor_free(got);
+}
+
+static const int float_dtypes[3] = {MSH_F32, MSH_F16, MSH_BF16};
+
+/* ------------------------------------------------------------------------------ devices */
+
+static void test_devices(int count) {
+  printf("devices: %d CUDA device(s)\n", count);
+  msh_tensor *t = NULL;
+  int64_t shape[1] = {16};
+  CHECK_STATUS(msh_tensor_new(&t, MSH_F32, 1, shape, MSH_CUDA, count), MSH_EINVAL);
+  CHECK(strstr(msh_last_error(), "does not exist") != NULL);
+  printf("  bad index: %s\n", msh_last_error());
+  CHECK_STATUS(msh_tensor_new(&t, MSH_F32, 1, shape, MSH_CUDA, -1), MSH_EINVAL);
+  CHECK(t == NULL);
+}
+
+static void test_oom(void) {
+  printf("out of memory\n");
+  msh_tensor *t = NULL;
+  int64_t huge[2] = {1LL << 20, 1LL << 20}; /* 4 TiB of f32: more than any GPU holds */
+  CHECK_STATUS(msh_tensor_new(&t, MSH_F32, 2, huge, MSH_CUDA, 0), MSH_ENOMEM);
+  CHECK(t == NULL);
+  CHECK(strstr(msh_last_error(), "free") != NULL);
+  printf("  %s\n", msh_last_error());
+  msh_arena *a = NULL;
+  CHECK_STATUS(msh_arena_new(&a, MSH_CUDA, 0, 1ULL << 42), MSH_ENOMEM);
+  CHECK(a == NULL);
+  /* the device still works afterwards */
+  int64_t small[1] = {1000};
+  msh_tensor *c = cpu_randn(MSH_F32, 1, small, 1.0f);
+  msh_tensor *g = to_gpu(c);
+  msh_tensor *x = gpu_poisoned(1, small);
+  if (c && g && x) {
+    CHECK_OK(msh_op_scale(x, g, 1.0f));
+    COMPARE("small allocation and op after ENOMEM", x, c, 1e-7);
+  }
+  msh_tensor *ts[] = {c, g, x};
+  free_all(ts, 3);
+}
+
+/* ------------------------------------------------------------------------------- copies */
+
+static void test_copy(void) {
+  printf("copy\n");
+  int64_t shape[2] = {37, 53};
+  for (int i = 0; i < 3; i++)
+    for (int j = 0; j < 3; j++) {
+      int sdt = float_dtypes[i], ddt = float_dtypes[j];
+      msh_tensor *cs = cpu_randn(sdt, 2, shape, 3.0f);
+      msh_tensor *gs = to_gpu(cs);
+      msh_tensor *cd = cpu_new(ddt, 2, shape), *gd = gpu_new(ddt, 2, shape);
+      char what[96];
+      if (cs && gs && cd && gd) {
+        CHECK_OK(msh_tensor_copy(cd, cs));
+        CHECK_OK(msh_tensor_copy(gd, gs));
+        snprintf(what, sizeof what, "contiguous %s -> %s", msh_dtype_name(sdt), msh_dtype_name(ddt));
+        compare_bits(what, gd, cd);
+      }
+      /* transposed source: the strided kernel */
+      msh_tensor *ct = NULL, *gt = NULL;
+      int64_t tshape[2] = {53, 37};
+      msh_tensor *cd2 = cpu_new(ddt, 2, tshape), *gd2 = gpu_new(ddt, 2, tshape);
+      if (cs && gs) {
+        CHECK_OK(msh_tensor_transpose(&ct, cs, 0, 1));
+        CHECK_OK(msh_tensor_transpose(&gt, gs, 0, 1));
+      }
+      if (ct && gt && cd2 && gd2) {
+        CHECK_OK(msh_tensor_copy(cd2, ct));
+        CHECK_OK(msh_tensor_copy(gd2, gt));
+        snprintf(what, sizeof what, "transposed %s -> %s", msh_dtype_name(sdt), msh_dtype_name(ddt));
+        compare_bits(what, gd2, cd2);
+      }
+      msh_tensor *ts[] = {cs, gs, cd, gd, ct, gt, cd2, gd2};
+      free_all(ts, 8);
+    }
+
+  /* set_rows into a cache view with a row stride (rows copy), with and without conversion */
+  for (int j = 0; j < 3; j++) {
+    int cdt = float_dtypes[j];
+    int64_t cshape[4] = {50, 2, 3, 40}; /* (S, k|v, KVH, hd) */
+    msh_tensor *cc = cpu_randn(cdt, 4, cshape, 1.0f), *gc = NULL;
+    if (cc) gc = to_gpu(cc);
+    msh_tensor *ck = NULL, *gk = NULL;
+    int64_t kshape[3] = {50, 3, 40}, kstride[3] = {2 * 3 * 40, 40, 1};
+    if (cc && gc) {
+      CHECK_OK(msh_tensor_view(&ck, cc, 3, kshape, kstride, 3 * 40)); /* the v half */
+      CHECK_OK(msh_tensor_view(&gk, gc, 3, kshape, kstride, 3 * 40));
+    }
+    int64_t rshape[3] = {7, 3, 40};
+    msh_tensor *cr = cpu_randn(MSH_F32, 3, rshape, 1.0f), *gr = cr ? to_gpu(cr) : NULL;
+    if (ck && gk && cr && gr) {
+      CHECK_OK(msh_op_set_rows(ck, 41, cr));
+      CHECK_OK(msh_op_set_rows(gk, 41, gr));
+      char what[96];
+      snprintf(what, sizeof what, "set_rows f32 -> %s cache view (row stride 240)", msh_dtype_name(cdt));
+      compare_bits(what, gc, cc);
+      msh_tensor *cr2 = NULL, *gr2 = NULL;
+      CHECK_OK(msh_tensor_contiguous(&cr2, cr, cdt));
+      CHECK_OK(msh_tensor_contiguous(&gr2, gr, cdt));
+      if (cr2 && gr2) {
+        CHECK_OK(msh_op_set_rows(ck, 3, cr2));
+        CHECK_OK(msh_op_set_rows(gk, 3, gr2));
+        snprintf(what, sizeof what, "set_rows %s -> %s cache view (2D memcpy)", msh_dtype_name(cdt), msh_dtype_name(cdt));
+        compare_bits(what, gc, cc);
+      }
+      msh_tensor *ts2[] = {cr2, gr2};
+      free_all(ts2, 2);
+    }
+    msh_tensor *ts[] = {cc, gc, ck, gk, cr, gr};
+    free_all(ts, 6);
+  }
+
+  /* i32: bit-for-bit strided copy */
+  int64_t ishape[2] = {9, 11};
+  msh_tensor *ci = cpu_new(MSH_I32, 2, ishape);
+  if (ci) {
+    int32_t *p = msh_tensor_data(ci);
+    for (int i = 0; i < 99; i++) p[i] = i * 7919 - 3000;
+    msh_tensor *gi = to_gpu(ci), *git = NULL, *cit = NULL;
+    int64_t tshape[2] = {11, 9};
+    msh_tensor *cdst = cpu_new(MSH_I32, 2, tshape), *gdst = gpu_new(MSH_I32, 2, tshape);
+    CHECK_OK(msh_tensor_transpose(&cit, ci, 0, 1));
+    if (gi) CHECK_OK(msh_tensor_transpose(&git, gi, 0, 1));
+    if (cit && git && cdst && gdst) {
+      CHECK_OK(msh_tensor_copy(cdst, cit));
+      CHECK_OK(msh_tensor_copy(gdst, git));
+      compare_bits("transposed i32", gdst, cdst);
+    }
+    msh_tensor *ts[] = {ci, gi, git, cit, cdst, gdst};
+    free_all(ts, 6);
+  }
+}
+
+/* ---------------------------------------------------------------------------- embedding */
+
+static void test_embedding(void) {
+  printf("embedding\n");
+  for (int j = 0; j < 3; j++) {
+    int dt = float_dtypes[j];
+    int64_t tshape[2] = {1000, 257}, ishape[1] = {9}, oshape[2] = {9, 257};
+    msh_tensor *ct = cpu_randn(dt, 2, tshape, 1.0f), *gt = ct ? to_gpu(ct) : NULL;
+    msh_tensor *ci = cpu_new(MSH_I32, 1, ishape);
+    if (ci) {
+      int32_t *ids = msh_tensor_data(ci);
+      for (int i = 0; i < 9; i++) ids[i] = (int32_t)((fresh_seed() * 2654435761ULL >> 7) % 1000);
+      ids[0] = 999;
+      ids[1] = 0;
+    }
+    msh_tensor *gi = ci ? to_gpu(ci) : NULL;
+    msh_tensor *co = cpu_new(MSH_F32, 2, oshape), *go = gpu_poisoned(2, oshape);
+    if (ct && gt && ci && gi && co && go) {
+      CHECK_OK(msh_op_embedding(co, ct, ci));
+      CHECK_OK(msh_op_embedding(go, gt, gi));
+      char what[64];
+      snprintf(what, sizeof what, "embedding %s (1000, 257)[9]", msh_dtype_name(dt));
+      COMPARE(what, go, co, 1e-7);
+      /* an id outside the table */
+      int32_t *ids = msh_tensor_data(ci);
+      ids[4] = 1000;
+      CHECK_OK(msh_tensor_copy(gi, ci));
+      CHECK_STATUS(msh_op_embedding(go, gt, gi), MSH_ERANGE);
+      CHECK(strstr(msh_last_error(), "1000") != NULL);
+    }
+    msh_tensor *ts[] = {ct, gt, ci, gi, co, go};
+    free_all(ts, 6);
+  }
+}
+
+/* ------------------------------------------------------------------------------ rmsnorm */
+
+static void test_rmsnorm(void) {
+  printf("rmsnorm\n");
+  int64_t shapes[3][2] = {{5, 4096}, {3, 37}, {1, 5000}};
+  for (int s = 0; s < 3; s++)
+    for (int j = 0; j < 3; j++) {
+      int dt = float_dtypes[j];
+      int64_t *shape = shapes[s], wshape[1] = {shape[1]};
+      msh_tensor *cx = cpu_randn(MSH_F32, 2, shape, 2.0f), *gx = cx ? to_gpu(cx) : NULL;
+      msh_tensor *cw = cpu_randn(dt, 1, wshape, 1.0f), *gw = cw ? to_gpu(cw) : NULL;
+      msh_tensor *co = cpu_new(MSH_F32, 2, shape), *go = gpu_poisoned(2, shape);
+      if (cx && gx && cw && gw && co && go) {
+        CHECK_OK(msh_op_rmsnorm(co, cx, cw, 1e-5f));
+        CHECK_OK(msh_op_rmsnorm(go, gx, gw, 1e-5f));
+        char what[96];
+        snprintf(what, sizeof what, "rmsnorm (%lld, %lld) w %s", (long long)shape[0], (long long)shape[1],
+                 msh_dtype_name(dt));
+        COMPARE(what, go, co, 1e-5);
+        CHECK_OK(msh_op_rmsnorm(gx, gx, gw, 1e-5f)); /* in place */
+        strncat(what, " in place", sizeof what - strlen(what) - 1);
+        COMPARE(what, gx, co, 1e-5);
+      }
+      msh_tensor *ts[] = {cx, gx, cw, gw, co, go};
+      free_all(ts, 6);
+    }
+}
+
+/* ------------------------------------------------------------------------------- matmul */
+
+static void test_matmul(void) {
+  printf("matmul\n");
+  static const int64_t cases[][3] = {/* M, N, K */
+                                     {1, 4096, 4096}, {1, 37, 100},  {2, 1000, 64},   {3, 1000, 64},
+                                     {5, 129, 13},    {8, 300, 512}, {16, 300, 4096}, {1, 32000, 512},
+                                     {17, 513, 256},  {77, 1000, 512}, {64, 96, 1000}};
+  for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++)
+    for (int j = 0; j < 3; j++) {
+      int dt = float_dtypes[j];
+      int64_t M = cases[c][0], N = cases[c][1], K = cases[c][2];
+      int64_t xs[2] = {M, K}, ws[2] = {N, K}, os[2] = {M, N};
+      msh_tensor *cx = cpu_randn(MSH_F32, 2, xs, 1.0f), *gx = cx ? to_gpu(cx) : NULL;
+      msh_tensor *cw = cpu_randn(dt, 2, ws, 0.05f), *gw = cw ? to_gpu(cw) : NULL;
+      msh_tensor *co = cpu_new(MSH_F32, 2, os), *go = gpu_poisoned(2, os);
+      if (cx && gx && cw && gw && co && go) {
+        CHECK_OK(msh_op_matmul(co, cx, cw));
+        CHECK_OK(msh_op_matmul(go, gx, gw));
+        char what[96];
+        snprintf(what, sizeof what, "matmul M %lld N %lld K %lld w %s", (long long)M, (long long)N, (long long)K,
+                 msh_dtype_name(dt));
+        /* M <= 16 reads the weights as they are (GEMV, fp32 math); larger M rounds x to the
+         * weights' 16-bit type for the tensor cores */
+        double tol = dt == MSH_F32 || M <= 16 ? 2e-5 : 1e-2;
+        COMPARE(what, go, co, tol);
+      }
+      msh_tensor *ts[] = {cx, gx, cw, gw, co, go};
+      free_all(ts, 6);
+    }
+  /* x as a view with an element offset (the GEMV takes its scalar path on unaligned rows) */
+  int64_t xs[2] = {4, 65}, ws[2] = {33, 64}, os[2] = {3, 33};
+  msh_tensor *cx = cpu_randn(MSH_F32, 2, xs, 1.0f), *gx = cx ? to_gpu(cx) : NULL;
+  msh_tensor *cw = cpu_randn(MSH_BF16, 2, ws, 0.1f), *gw = cw ? to_gpu(cw) : NULL;
+  msh_tensor *cv = NULL, *gv = NULL;
+  int64_t vshape[2] = {3, 64};
+  if (cx && gx) {
+    CHECK_OK(msh_tensor_view(&cv, cx, 2, vshape, (int64_t[]){64, 1}, 1));
+    CHECK_OK(msh_tensor_view(&gv, gx, 2, vshape, (int64_t[]){64, 1}, 1));
+  }
+  msh_tensor *co = cpu_new(MSH_F32, 2, os), *go = gpu_poisoned(2, os);
+  if (cv && gv && cw && gw && co && go) {
+    CHECK_OK(msh_op_matmul(co, cv, cw));
+    CHECK_OK(msh_op_matmul(go, gv, gw));
+    COMPARE("matmul M 3 N 33 K 64 w bf16, x at an odd element offset", go, co, 2e-5);
+  }
+  msh_tensor *ts[] = {cx, gx, cw, gw, cv, gv, co, go};
+  free_all(ts, 8);
+}
+
+/* --------------------------------------------------------------------------------- rope */
+
+static void test_rope(void) {
+  printf("rope\n");
+  static const int64_t cases[][4] = {/* T, H, hd, R */ {1, 5, 64, 32}, {7, 3, 64, 16}, {4, 8, 128, 64}, {3, 2, 96, 8}};
+  for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++)
+    for (int style = 0; style < 2; style++) {
+      int64_t T = cases[c][0], H = cases[c][1], hd = cases[c][2], R = cases[c][3];
+      int64_t xs[3] = {T, H, hd}, ps[1] = {T}, fs[1] = {R};
+      msh_tensor *cx = cpu_randn(MSH_F32, 3, xs, 1.0f), *gx = cx ? to_gpu(cx) : NULL;
+      msh_tensor *cp = cpu_new(MSH_I32, 1, ps), *cf = cpu_new(MSH_F32, 1, fs);
+      if (cp && cf) {
+        int32_t *p = msh_tensor_data(cp);
+        for (int64_t t = 0; t < T; t++) p[t] = (int32_t)(9000 + 37 * t - (T > 1 ? 5000 : 0));
+        float *f = msh_tensor_data(cf);
+        for (int64_t i = 0; i < R; i++) f[i] = powf(500000.0f, -(float)(2 * i) / (float)(2 * R));
+      }
+      msh_tensor *gp = cp ? to_gpu(cp) : NULL, *gf = cf ? to_gpu(cf) : NULL;
+      if (cx && gx && gp && gf) {
+        CHECK_OK(msh_op_rope(cx, cp, cf, style));
+        CHECK_OK(msh_op_rope(gx, gp, gf, style));
+        char what[96];
+        snprintf(what, sizeof what, "rope %s T %lld H %lld hd %lld R %lld", style ? "half" : "interleaved",
+                 (long long)T, (long long)H, (long long)hd, (long long)R);
+        COMPARE(what, gx, cx, 1e-5);
+      }
+      msh_tensor *ts[] = {cx, gx, cp, cf, gp, gf};
+      free_all(ts, 6);
+    }
+}
+
+/* ---------------------------------------------------------------------------- attention */
+
+typedef struct {
+  int64_t T, H, KVH, hd, pos0;
+  int kv_dt;
+  int fused; /* k and v are views into one (S, 2, KVH, hd) buffer: row stride 2 * KVH * hd */
+  double tol;
+} attn_case;
+
+static void run_attention(const attn_case *ac) {
+  int64_t S = ac->pos0 + ac->T + 3;
+  int64_t qs[3] = {ac->T, ac->H, ac->hd};
+  msh_tensor *cq = cpu_randn(MSH_F32, 3, qs, 1.0f), *gq = cq ? to_gpu(cq) : NULL;
+  msh_tensor *ckv = NULL, *gkv = NULL, *ck = NULL, *cv = NULL, *gk = NULL, *gv = NULL;
+  int64_t kshape[3] = {S, ac->KVH, ac->hd};
+  if (ac->fused) {
+    int64_t fshape[4] = {S, 2, ac->KVH, ac->hd};
+    int64_t kst[3] = {2 * ac->KVH * ac->hd, ac->hd, 1};
+    ckv = cpu_randn(ac->kv_dt, 4, fshape, 1.0f);
+    gkv = ckv ? to_gpu(ckv) : NULL;
+    if (ckv && gkv) {
+      CHECK_OK(msh_tensor_view(&ck, ckv, 3, kshape, kst, 0));
+      CHECK_OK(msh_tensor_view(&cv, ckv, 3, kshape, kst, ac->KVH * ac->hd));
+      CHECK_OK(msh_tensor_view(&gk, gkv, 3, kshape, kst, 0));
+      CHECK_OK(msh_tensor_view(&gv, gkv, 3, kshape, kst, ac->KVH * ac->hd));
+    }
+  } else {
+    ck = cpu_randn(ac->kv_dt, 3, kshape, 1.0f);
+    cv = cpu_randn(ac->kv_dt, 3, kshape, 1.0f);
+    gk = ck ? to_gpu(ck) : NULL;
+    gv = cv ? to_gpu(cv) : NULL;
+  }
+  msh_tensor *co = cpu_new(MSH_F32, 3, qs), *go = gpu_poisoned(3, qs);
+  float scale = 1.0f / sqrtf((float)ac->hd);
+  if (cq && gq && ck && cv && gk && gv && co && go) {
+    CHECK_OK(msh_op_attention(co, cq, ck, cv, ac->pos0, scale));
+    CHECK_OK(msh_op_attention(go, gq, gk, gv, ac->pos0, scale));
+    char what[128];
+    snprintf(what, sizeof what, "attention T %lld H %lld KVH %lld hd %lld pos0 %lld %s%s", (long long)ac->T,
+             (long long)ac->H, (long long)ac->KVH, (long long)ac->hd, (long long)ac->pos0, msh_dtype_name(ac->kv_dt),
+             ac->fused ? " fused-kv" : "");
+    COMPARE(what, go, co, ac->tol);
+  }
+  msh_tensor *ts[] = {cq, gq, ckv, gkv, ck, cv, gk, gv, co, go};
+  free_all(ts, 10);
+}
+
+static void test_attention(void) {
+  printf("attention\n");
+  /* decode and short chunks (split-KV kernel, fp32 math over the cache's values) */
+  static const attn_case decode[] = {
+      {1, 8, 8, 64, 100, MSH_F32, 0, 2e-5},      {1, 32, 8, 128, 9000, MSH_BF16, 0, 2e-5},
+      {1, 16, 2, 128, 8500, MSH_F16, 0, 2e-5},   {5, 8, 2, 64, 8300, MSH_BF16, 0, 2e-5},
+      {3, 6, 2, 40, 33, MSH_F32, 0, 2e-5},       {2, 6, 3, 36, 500, MSH_BF16, 0, 2e-5},
+      {1, 4, 1, 256, 3000, MSH_F16, 0, 2e-5},    {2, 24, 2, 64, 700, MSH_BF16, 0, 2e-5},
+      {1, 32, 8, 128, 0, MSH_BF16, 0, 2e-5},     {4, 8, 2, 128, 1000, MSH_BF16, 1, 2e-5},
+      {90, 4, 2, 96, 20, MSH_F32, 0, 2e-5},
+  };
+  for (size_t i = 0; i < sizeof decode / sizeof decode[0]; i++) run_attention(&decode[i]);
+  /* prefill (tensor-core flash kernel: q and p rounded to the cache's 16-bit type) */
+  static const attn_case prefill[] = {
+      {200, 8, 2, 128, 0, MSH_BF16, 0, 1e-2},   {150, 8, 8, 64, 77, MSH_F16, 0, 1e-2},
+      {100, 16, 2, 128, 40, MSH_BF16, 1, 1e-2}, {70, 4, 4, 128, 9000, MSH_BF16, 0, 1e-2},
+      {257, 12, 4, 64, 0, MSH_BF16, 0, 1e-2},
+  };
+  for (size_t i = 0; i < sizeof prefill / sizeof prefill[0]; i++) run_attention(&prefill[i]);
+}
+
+/* ------------------------------------------------------------------------- elementwise */
+
+static void test_elementwise(void) {
+  printf("elementwise\n");
+  int64_t sizes[2] = {1000003, 4096};
+  for (int s = 0; s < 2; s++) {
+    int64_t shape[1] = {sizes[s]};
+    msh_tensor *ca = cpu_randn(MSH_F32, 1, shape, 3.0f), *cb = cpu_randn(MSH_F32, 1, shape, 1.0f);
+    msh_tensor *ga = ca ? to_gpu(ca) : NULL, *gb = cb ? to_gpu(cb) : NULL;
+    msh_tensor *co = cpu_new(MSH_F32, 1, shape), *go = gpu_poisoned(1, shape);
+    char what[64];
+    if (ca && cb && ga && gb && co && go) {
+      CHECK_OK(msh_op_silu_mul(co, ca, cb));
+      CHECK_OK(msh_op_silu_mul(go, ga, gb));
+      snprintf(what, sizeof what, "silu_mul n %lld", (long long)sizes[s]);
+      COMPARE(what, go, co, 1e-6);
+      CHECK_OK(msh_op_add(co, ca, cb));
+      CHECK_OK(msh_op_add(go, ga, gb));
+      snprintf(what, sizeof what, "add n %lld", (long long)sizes[s]);
+      COMPARE(what, go, co, 1e-7);
+      CHECK_OK(msh_op_scale(co, ca, -0.37f));
+      CHECK_OK(msh_op_scale(go, ga, -0.37f));
+      snprintf(what, sizeof what, "scale n %lld", (long long)sizes[s]);
+      COMPARE(what, go, co, 1e-7);
+      /* aliasing: out = a */
+      CHECK_OK(msh_op_silu_mul(co, ca, cb));
+      CHECK_OK(msh_op_silu_mul(ga, ga, gb));
+      snprintf(what, sizeof what, "silu_mul in place n %lld", (long long)sizes[s]);
+      COMPARE(what, ga, co, 1e-6);
+    }
+    msh_tensor *ts[] = {ca, cb, ga, gb, co, go};
+    free_all(ts, 6);
+  }
+}
+
+/* ------------------------------------------------------------------- softmax, argmax */
+
+static void test_softmax(void) {
+  printf("softmax\n");
+  int64_t shapes[3][2] = {{3, 128256}, {5, 7}, {2, 1000}};
+  for (int s = 0; s < 3; s++)
+    for (int log = 0; log < 2; log++) {
+      msh_tensor *cx = cpu_randn(MSH_F32, 2, shapes[s], 4.0f), *gx = cx ? to_gpu(cx) : NULL;
+      msh_tensor *co = cpu_new(MSH_F32, 2, shapes[s]), *go = gpu_poisoned(2, shapes[s]);
+      if (cx && gx && co && go) {
+        CHECK_OK(log ? msh_op_log_softmax(co, cx) : msh_op_softmax(co, cx));
+        CHECK_OK(log ? msh_op_log_softmax(go, gx) : msh_op_softmax(go, gx));
+        char what[64];
+        snprintf(what, sizeof what, "%s (%lld, %lld)", log ? "log_softmax" : "softmax", (long long)shapes[s][0],
+                 (long long)shapes[s][1]);
+        COMPARE(what, go, co, 1e-5);
+        CHECK_OK(log ? msh_op_log_softmax(gx, gx) : msh_op_softmax(gx, gx));
+        strncat(what, " in place", sizeof what - strlen(what) - 1);
+        COMPARE(what, gx, co, 1e-5);
+      }
+      msh_tensor *ts[] = {cx, gx, co, go};
+      free_all(ts, 4);
+    }
+}
+
+static void test_argmax(void) {
+  printf("argmax\n");
+  int64_t shapes[3][2] = {{4, 128256}, {100, 33}, {1, 1}};
+  for (int s = 0; s < 3; s++) {
+    msh_tensor *cx = cpu_randn(MSH_F32, 2, shapes[s], 1.0f), *gx = cx ? to_gpu(cx) : NULL;
+    int32_t want[100], got[100];
+    if (cx && gx) {
+      memset(got, 0xff, sizeof got);
+      CHECK_OK(msh_op_argmax(cx, want));
+      CHECK_OK(msh_op_argmax(gx, got));
+      int same = !memcmp(want, got, sizeof(int32_t) * (size_t)shapes[s][0]);
+      CHECK(same);
+      printf("  argmax (%lld, %lld) %s\n", (long long)shapes[s][0], (long long)shapes[s][1], same ? "equal" : "DIFFERENT");
+    }
+    msh_tensor *ts[] = {cx, gx};
+    free_all(ts, 2);
+  }
+  /* ties go to the first index */
+  float row[6] = {1.0f, 5.0f, -2.0f, 5.0f, 5.0f, 0.0f};
+  msh_tensor *h = NULL;
+  int64_t shape[1] = {6};
+  CHECK_OK(msh_tensor_wrap(&h, row, MSH_F32, 1, shape));
+  msh_tensor *g = h ? to_gpu(h) : NULL;
+  int32_t idx = -1;
+  if (g) CHECK_OK(msh_op_argmax(g, &idx));
+  CHECK(idx == 1);
+  msh_tensor_free(g);
+  msh_tensor_free(h);
+}
+
+int main(void) {
+  int count = 0;
+  CHECK_OK(msh_device_count(MSH_CUDA, &count));
+  if (count == 0) {
+    printf("test_cuda_ops: no CUDA device, skipped\n");
+    return 77;
+  }
+  test_devices(count);
+  test_oom();
+  test_copy();
+  test_embedding();
+  test_rmsnorm();
+  test_matmul();
+  test_rope();
+  test_attention();
+  test_elementwise();
+  test_softmax();
+  test_argmax();
+  return check_done("test_cuda_ops");
+}

@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# tools/gpu_check.sh: the one command for a GPU machine: unpack the build dependencies
+# (tools/gpu_env.sh), configure and build in build-gpu for sm_90a, run the GPU tests and the C
+# tests, run the op benchmarks, and print a short table last.
+#
+#   bash tools/gpu_check.sh 2>&1 | tee $OUT/log          (through the device tool: carry .carry)
+#
+# Environment: OUT (where logs and bench.jsonl go; default /tmp/msh-gpu-check), MSH_GPU_TESTS=0
+# skips the tests, MSH_GPU_BENCH=0 skips the benchmarks, MSH_GPU_SANITIZE=1 runs the GPU tests
+# under compute-sanitizer too, MSH_JOBS sets the build parallelism.
+# Exit status: 0 when the build and every test passed, 1 otherwise.
+set -u -o pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
+root=$(pwd)
+out=${OUT:-/tmp/msh-gpu-check}
+mkdir -p "$out"
+# NVLink multicast stays off on shared machines
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+jobs=${MSH_JOBS:-$(nproc)}
+status=0
+t_start=$(date +%s)
+
+echo "== machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader 2>&1 | head -4
+nvcc --version 2>&1 | tail -1
+cmake --version | head -1
+
+echo "== dependencies"
+# shellcheck source=tools/gpu_env.sh
+if ! source tools/gpu_env.sh; then
+  echo "gpu_check: dependency setup failed"
+  exit 1
+fi
+echo "unpacked into $MSH_DEPS; pkg-config: $(command -v pkg-config); luajit: $(command -v luajit)"
+
+echo "== configure (build-gpu, sm_90a)"
+if ! cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a > "$out/configure.log" 2>&1; then
+  tail -40 "$out/configure.log"
+  exit 1
+fi
+grep -E "moonshard: CUDA" "$out/configure.log"
+
+echo "== build (-j$jobs)"
+t0=$(date +%s)
+if ! cmake --build build-gpu -j"$jobs" > "$out/build.log" 2>&1; then
+  grep -E -B2 -A6 "error" "$out/build.log" | head -120
+  exit 1
+fi
+echo "built in $(( $(date +%s) - t0 )) s"
+
+bench_bin=build-gpu/bench_gpu_ops
+cuda_home=${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc)")")}
+cc -std=c11 -O2 -Wall -Wextra tools/bench_gpu_ops.c -Icore/include -Icore/src -Icore/cuda \
+  -I"$cuda_home/include" -Lbuild-gpu -lmoonshard -L"$cuda_home/lib64" \
+  -lcudart -lcublas -lm -Wl,-rpath,"$root/build-gpu" -o "$bench_bin" || status=1
+
+gpu_summary="not run"
+c_summary="not run"
+if [ "${MSH_GPU_TESTS:-1}" != 0 ]; then
+  echo "== GPU tests (ctest -L gpu)"
+  t0=$(date +%s)
+  (cd build-gpu && ctest -L gpu --output-on-failure --timeout 600) > "$out/ctest_gpu.log" 2>&1 || status=1
+  cat "$out/ctest_gpu.log"
+  gpu_summary="$(grep -E "tests passed|tests failed" "$out/ctest_gpu.log" | tail -1) ($(( $(date +%s) - t0 )) s)"
+  if [ "${MSH_GPU_SANITIZE:-0}" = 1 ] && command -v compute-sanitizer > /dev/null; then
+    echo "== compute-sanitizer memcheck"
+    compute-sanitizer --tool memcheck --leak-check full build-gpu/gpu_test_cuda_ops > "$out/sanitizer.log" 2>&1 || status=1
+    tail -5 "$out/sanitizer.log"
+  fi
+  echo "== C tests (ctest -R ^c/)"
+  (cd build-gpu && ctest -R '^c/' --output-on-failure --timeout 600) > "$out/ctest_c.log" 2>&1 || status=1
+  grep -E "Test +#|tests passed|tests failed|Failed|\*\*\*" "$out/ctest_c.log" | tail -20
+  c_summary=$(grep -E "tests passed|tests failed" "$out/ctest_c.log" | tail -1)
+fi
+
+if [ "${MSH_GPU_BENCH:-1}" != 0 ] && [ -x "$bench_bin" ]; then
+  echo "== benchmarks"
+  "$bench_bin" > "$out/bench.jsonl" 2> "$out/bench.err" || { status=1; cat "$out/bench.err"; }
+  cat "$out/bench.jsonl"
+fi
+
+echo
+echo "== summary ($(( $(date +%s) - t_start )) s)"
+echo "GPU tests: $gpu_summary"
+echo "C tests:   $c_summary"
+if [ -s "$out/bench.jsonl" ]; then
+  python3 - "$out/bench.jsonl" << 'EOF'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+for r in rows:
+    if r["bench"] == "device":
+        print(f"device {r['name']}: {r['sm']} SMs, {r['l2_MB']:.0f} MB L2, {r['mem_GB']:.0f} GB")
+    elif r["bench"] == "ceiling_copy_d2d":
+        print(f"ceiling: device copy {r['GBps']:.0f} GB/s (read + write)")
+    elif r["bench"] == "ceiling_gemm_bf16_8192":
+        print(f"ceiling: cuBLAS bf16 8192^3 {r['TFLOPs']:.0f} TFLOP/s")
+    elif r["bench"].startswith("llama3"):
+        print(f"Llama-3-8B decode projections, batch 1: {r['us']:.0f} us/token ({r['tok_s']:.0f} tok/s), "
+              f"{100 * r['efficiency']:.0f}% of the bandwidth floor")
+print(f"{'bench':<13} {'shape':<26} {'path':<7} {'us':>9} {'floor us':>9} {'eff':>6} {'GB/s':>7} {'TFLOP/s':>8}")
+for r in rows:
+    if "efficiency" not in r or r["bench"].startswith("llama3"):
+        continue
+    if r.get("op") == "matmul":
+        shape = f"M{r['M']} {r['K']}->{r['N']}"
+    else:
+        shape = f"T{r['T']} ctx{r['ctx']} 32/8x128"
+    print(f"{r['bench']:<13} {shape:<26} {r.get('path', '-'):<7} {r['us']:>9.1f} {r['floor_us']:>9.1f} "
+          f"{100 * r['efficiency']:>5.0f}% {r['GBps']:>7.0f} {r['TFLOPs']:>8.1f}")
+EOF
+fi
+exit $status
