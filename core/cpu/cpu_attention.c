@@ -3,12 +3,9 @@
  *   out (T, H, hd) ; q (T, H, hd) f32 ; k, v (S, KVH, hd) f32/f16/bf16, row stride k->stride[0].
  *   Query t sits at position pos0 + t and sees keys 0 .. pos0 + t; head h reads kv head h / (H / KVH).
  *
- * One (query, head) pair is one unit of work; units go round-robin to threads (later queries see
- * more keys, so round-robin keeps the threads even). Per unit: scores = q.k * scale (f32), softmax
+ * One (query, head) pair is one unit of work; threads claim units one at a time. Per unit: scores = q.k * scale (f32), softmax
  * in f32 with the max subtracted, out = sum p v / sum p. Scores live in a per-thread scratch. */
 #include "cpu_internal.h"
-
-#include <omp.h>
 
 enum { GRAIN_FLOPS = 1 << 15 }; /* multiply-adds per thread below which we stay on one thread */
 
@@ -102,6 +99,7 @@ typedef struct {
   int64_t T, H, hd, group, ks, vs, pos0; /* ks, vs: row strides of k and v in elements */
   float scale;
   int dt;
+  int64_t next; /* the first unit nobody has claimed yet (atomic) */
 } att_args;
 
 MSH_CPU_INLINE void unit_dt(const att_args *a, int64_t u, float *sc, int dt) {
@@ -120,21 +118,25 @@ static void unit_f32(const att_args *a, int64_t u, float *sc) { unit_dt(a, u, sc
 static void unit_f16(const att_args *a, int64_t u, float *sc) { unit_dt(a, u, sc, MSH_F16); }
 static void unit_bf16(const att_args *a, int64_t u, float *sc) { unit_dt(a, u, sc, MSH_BF16); }
 
-/* Units i, i + step, i + 2 step ...; -1 when the scratch cannot grow. */
-static int run_units(const att_args *a, int64_t i, int64_t step) {
+/* Claims units one at a time until none are left (later queries see more keys, and a thread on a
+ * busy core simply takes fewer); -1 when the scratch cannot grow. */
+static int run_units(att_args *a) {
   void (*fn)(const att_args *, int64_t, float *) =
       a->dt == MSH_F32 ? unit_f32 : a->dt == MSH_F16 ? unit_f16 : unit_bf16;
   float *sc = msh_cpu_scratch(1, (size_t)(a->pos0 + a->T));
   if (!sc) return -1;
-  for (int64_t u = i; u < a->T * a->H; u += step) fn(a, u, sc);
-  return 0;
+  for (;;) {
+    int64_t u = __atomic_fetch_add(&a->next, 1, __ATOMIC_RELAXED);
+    if (u >= a->T * a->H) return 0;
+    fn(a, u, sc);
+  }
 }
 
 msh_status msh_cpu_attention(msh_tensor *out, const msh_tensor *q, const msh_tensor *k, const msh_tensor *v,
                              int64_t pos0, float scale) {
   att_args a = {msh_tensor_ptr(out), msh_tensor_ptr(q), msh_tensor_ptr(k), msh_tensor_ptr(v),
                 q->shape[0], q->shape[1], q->shape[2], q->shape[1] / k->shape[1], k->stride[0], v->stride[0],
-                pos0, scale, k->dtype};
+                pos0, scale, k->dtype, 0};
   int64_t units = a.T * a.H;
   if (units == 0) return MSH_OK;
   int64_t work = units * (pos0 + (a.T + 1) / 2) * (a.hd + 8); /* + 8: the softmax of each score */
@@ -142,10 +144,10 @@ msh_status msh_cpu_attention(msh_tensor *out, const msh_tensor *q, const msh_ten
   if (nt > units) nt = (int)units;
   int failed = 0;
   if (nt <= 1) {
-    failed = run_units(&a, 0, 1);
+    failed = run_units(&a);
   } else {
 #pragma omp parallel num_threads(nt) reduction(| : failed)
-    failed |= run_units(&a, omp_get_thread_num(), omp_get_num_threads());
+    failed |= run_units(&a);
   }
   if (failed)
     return MSH_FAIL(MSH_ENOMEM, "attention: out of memory for %lld scores", (long long)(pos0 + a.T));

@@ -1,9 +1,9 @@
 /* cpu_matmul.c: out (M, N) = x (M, K) @ w (N, K)^T on the CPU, w f32, f16 or bf16.
  *
- *   M < SKINNY_M (decode): our own kernel. Output columns (weight rows) are split between threads;
+ *   M < SKINNY_M (decode): our own kernel. Threads claim chunks of output columns (weight rows);
  *     four weight rows at a time are dotted with a row of x, f16/bf16 widened in registers. For
  *     M > 1 the weights go by blocks that stay in L1 while every row of x passes over them.
- *   M >= SKINNY_M (prefill): OpenBLAS sgemm, each thread on its own slice of output columns. f16/bf16
+ *   M >= SKINNY_M (prefill): OpenBLAS sgemm, single-threaded, on each chunk of output columns. f16/bf16
  *     weights are widened block by block into a per-thread f32 scratch first.
  * Accumulation is f32 everywhere; widening f16/bf16 to f32 is exact. */
 #include "cpu_internal.h"
@@ -94,8 +94,6 @@ static void gemv_bf16(float *y, const float *x, const void *w, int64_t K, int64_
   gemv_rows(y, x, w, K, n0, n1, MSH_BF16);
 }
 
-typedef void (*gemv_fn)(float *y, const float *x, const void *w, int64_t K, int64_t n0, int64_t n1);
-
 /* ------------------------------------------------------------------------ one thread's part */
 
 typedef struct {
@@ -104,18 +102,21 @@ typedef struct {
   const void *w;  /* (N, K) */
   int64_t M, N, K;
   int dt;
+  int64_t chunk;  /* columns claimed at a time */
+  int64_t next;   /* the first column nobody has claimed yet (atomic) */
 } mm_args;
 
 /* Skinny M: columns [n0, n1). M == 1 runs straight through; M > 1 goes by weight blocks that stay
  * in L1 (widened to f32 first when they are f16/bf16, so each weight is widened once). */
 static int skinny_part(const mm_args *a, int64_t n0, int64_t n1) {
   int64_t M = a->M, N = a->N, K = a->K;
-  gemv_fn fn = a->dt == MSH_F32 ? gemv_f32 : a->dt == MSH_F16 ? gemv_f16 : gemv_bf16;
   if (M == 1) {
-    fn(a->out, a->x, a->w, K, n0, n1);
+    if (a->dt == MSH_F32) gemv_f32(a->out, a->x, a->w, K, n0, n1);
+    else if (a->dt == MSH_F16) gemv_f16(a->out, a->x, a->w, K, n0, n1);
+    else gemv_bf16(a->out, a->x, a->w, K, n0, n1);
     return 0;
   }
-  int64_t rows = L1_FLOATS / (K > 0 ? K : 1);
+  int64_t rows = L1_FLOATS / K;
   rows = rows < 4 ? 4 : rows & ~(int64_t)3;
   size_t es = msh_dtype_size(a->dt);
   float *blk = NULL;
@@ -135,15 +136,14 @@ static int skinny_part(const mm_args *a, int64_t n0, int64_t n1) {
 /* sgemm on columns [n0, n1): out[:, n0:n1] = x @ w[n0:n1]^T. */
 static int gemm_part(const mm_args *a, int64_t n0, int64_t n1) {
   int64_t M = a->M, N = a->N, K = a->K;
-  if (n1 <= n0) return 0;
   if (a->dt == MSH_F32) {
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)M, (int)(n1 - n0), (int)K, 1.0f, a->x, (int)K,
                 (const float *)a->w + n0 * K, (int)K, 0.0f, a->out + n0, (int)N);
     return 0;
   }
-  int64_t rows = L2_FLOATS / (K > 0 ? K : 1);
+  int64_t rows = L2_FLOATS / K;
   rows = rows < 16 ? 16 : rows;
-  float *blk = msh_cpu_scratch(0, (size_t)(rows * K));
+  float *blk = msh_cpu_scratch(0, (size_t)((n1 - n0 < rows ? n1 - n0 : rows) * K));
   if (!blk) return -1;
   size_t es = msh_dtype_size(a->dt);
   for (int64_t b0 = n0; b0 < n1; b0 += rows) {
@@ -155,11 +155,23 @@ static int gemm_part(const mm_args *a, int64_t n0, int64_t n1) {
   return 0;
 }
 
+/* Claims chunks of columns until none are left: a thread that runs late (a busy core) simply
+ * takes fewer chunks. */
+static int run_chunks(mm_args *a, int skinny) {
+  int failed = 0;
+  for (;;) {
+    int64_t n0 = __atomic_fetch_add(&a->next, a->chunk, __ATOMIC_RELAXED);
+    if (n0 >= a->N) return failed;
+    int64_t n1 = n0 + a->chunk < a->N ? n0 + a->chunk : a->N;
+    failed |= skinny ? skinny_part(a, n0, n1) : gemm_part(a, n0, n1);
+  }
+}
+
 /* ------------------------------------------------------------------------------- entry */
 
 msh_status msh_cpu_matmul(msh_tensor *out, const msh_tensor *x, const msh_tensor *w) {
   mm_args a = {msh_tensor_ptr(out), msh_tensor_ptr(x), msh_tensor_ptr(w), x->shape[0], w->shape[0], x->shape[1],
-               w->dtype};
+               w->dtype, 0, 0};
   if (a.M == 0 || a.N == 0) return MSH_OK;
   if (a.K == 0) {
     memset(a.out, 0, sizeof(float) * (size_t)(a.M * a.N));
@@ -173,17 +185,16 @@ msh_status msh_cpu_matmul(msh_tensor *out, const msh_tensor *x, const msh_tensor
     msh_cpu_blas_init();
   }
   int nt = msh_cpu_threads(a.M * a.N * a.K, GRAIN_MACS);
-  if (nt > a.N / 16) nt = a.N >= 32 ? (int)(a.N / 16) : 1; /* at least 16 columns each */
+  if (nt > a.N / 32) nt = a.N >= 64 ? (int)(a.N / 32) : 1; /* at least 32 columns each */
   int failed = 0;
   if (nt <= 1) {
     failed = skinny ? skinny_part(&a, 0, a.N) : gemm_part(&a, 0, a.N);
   } else {
+    /* about 8 chunks a thread, whole blocks of 16 columns (64-byte lines of out) */
+    int64_t chunk = (a.N + 8 * nt - 1) / (8 * nt);
+    a.chunk = (chunk + 15) & ~(int64_t)15;
 #pragma omp parallel num_threads(nt) reduction(| : failed)
-    {
-      int64_t n0, n1;
-      msh_cpu_split(a.N, omp_get_thread_num(), omp_get_num_threads(), 16, &n0, &n1);
-      failed |= skinny ? skinny_part(&a, n0, n1) : gemm_part(&a, n0, n1);
-    }
+    failed |= run_chunks(&a, skinny);
   }
   if (failed)
     return MSH_FAIL(MSH_ENOMEM, "matmul: out of memory for the f32 scratch of %s weights (K %lld)",

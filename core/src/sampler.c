@@ -15,6 +15,7 @@
 
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 struct msh_sampler {
   uint64_t state; /* xorshift64*, never 0 */
@@ -90,12 +91,13 @@ static msh_status reserve(msh_sampler *s, int64_t n) {
 /* a before b: more likely first, then the smaller id. */
 static int before(const float *p, int32_t a, int32_t b) { return p[a] > p[b] || (p[a] == p[b] && a < b); }
 
-/* Binary heap over c[0 .. n) whose root is the candidate that comes last in `before` order. */
-static void sift_down(int32_t *c, int64_t n, int64_t i, const float *p) {
+/* Binary heap over c[0 .. n): with best_root, the candidate that comes first in `before` order is
+ * at the root; otherwise the one that comes last. */
+static void sift_down(int32_t *c, int64_t n, int64_t i, const float *p, int best_root) {
   for (;;) {
     int64_t l = 2 * i + 1, r = l + 1, w = i;
-    if (l < n && before(p, c[w], c[l])) w = l;
-    if (r < n && before(p, c[w], c[r])) w = r;
+    if (l < n && (best_root ? before(p, c[l], c[w]) : before(p, c[w], c[l]))) w = l;
+    if (r < n && (best_root ? before(p, c[r], c[w]) : before(p, c[w], c[r]))) w = r;
     if (w == i) return;
     int32_t t = c[i];
     c[i] = c[w];
@@ -105,33 +107,48 @@ static void sift_down(int32_t *c, int64_t n, int64_t i, const float *p) {
 }
 
 /* Leaves the k first tokens of [0, N) in `before` order in c[0 .. k), sorted: a heap of the best k
- * so far (worst at its root) takes each token in turn, then a heap sort puts them in order. */
+ * so far (the worst at its root) takes each token in turn, then a heap sort orders them. */
 static void top_sorted(int32_t *c, int64_t k, int64_t N, const float *p) {
   for (int64_t i = 0; i < k; i++) c[i] = (int32_t)i;
-  for (int64_t i = k / 2 - 1; i >= 0; i--) sift_down(c, k, i, p);
+  for (int64_t i = k / 2 - 1; i >= 0; i--) sift_down(c, k, i, p, 0);
   for (int64_t i = k; i < N; i++)
     if (before(p, (int32_t)i, c[0])) {
       c[0] = (int32_t)i;
-      sift_down(c, k, 0, p);
+      sift_down(c, k, 0, p, 0);
     }
   for (int64_t n = k - 1; n > 0; n--) { /* heap sort: the root (the worst) to the end */
     int32_t t = c[0];
     c[0] = c[n];
     c[n] = t;
-    sift_down(c, n, 0, p);
+    sift_down(c, n, 0, p, 0);
   }
 }
 
-/* Sorts c[0 .. n) in `before` order: a heap with the last-in-order candidate at its root, popped
- * to the end repeatedly (no shared state, unlike qsort's comparator). */
-static void sort_cands(int32_t *c, int64_t n, const float *p) {
-  for (int64_t i = n / 2 - 1; i >= 0; i--) sift_down(c, n, i, p);
-  for (int64_t m = n - 1; m > 0; m--) {
+/* The nucleus of c[0 .. n): moves the fewest first-in-order candidates whose mass reaches `want`
+ * to c[0 .. keep), in order, and returns keep (at least 1). A heap pops them best first, so the
+ * cost is O(n + keep log n) rather than a full sort. *mass receives their mass. */
+static int64_t nucleus(int32_t *c, int64_t n, const float *p, double want, double *mass) {
+  for (int64_t i = n / 2 - 1; i >= 0; i--) sift_down(c, n, i, p, 1);
+  int64_t m = n;
+  double acc = 0;
+  while (m > 0) { /* pop the best to c[m - 1]: the popped run c[m .. n) is in reverse order */
     int32_t t = c[0];
-    c[0] = c[m];
-    c[m] = t;
-    sift_down(c, m, 0, p);
+    c[0] = c[m - 1];
+    c[m - 1] = t;
+    m--;
+    sift_down(c, m, 0, p, 1);
+    acc += p[t];
+    if (acc >= want) break;
   }
+  int64_t keep = n - m;
+  for (int64_t i = m, j = n - 1; i < j; i++, j--) { /* c[n - 1] was popped first: reverse the run */
+    int32_t t = c[i];
+    c[i] = c[j];
+    c[j] = t;
+  }
+  memmove(c, c + m, sizeof(int32_t) * (size_t)keep);
+  *mass = acc;
+  return keep;
 }
 
 /* ----------------------------------------------------------------------------- sample */
@@ -194,17 +211,9 @@ msh_status msh_sampler_sample(msh_sampler *s, const msh_tensor *logits, float te
       n = 0;
       for (int64_t i = 0; i < N; i++)
         if (p[i] >= cut || i == best) c[n++] = (int32_t)i; /* the bound needs one token above it */
-      sort_cands(c, n, p);
       ordered = 1;
     }
-    double want = (double)top_p * total, mass = 0;
-    int64_t keep = 0;
-    while (keep < n) {
-      mass += p[c[keep++]];
-      if (mass >= want) break;
-    }
-    n = keep;
-    total = mass;
+    n = nucleus(c, n, p, (double)top_p * total, &total);
   }
 
   double r = next_unit(s) * total, acc = 0;
