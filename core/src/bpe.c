@@ -676,6 +676,7 @@ static int32_t added_at(const msh_bpe *b, const uint8_t *p, size_t n, int parse_
 
 /* Encodes text into b->out (or records piece ends into b->ends). */
 static msh_status run(msh_bpe *b, const char *text, size_t len, int flags, int cap, int *n_out) {
+  if (flags & ~MSH_BPE_PARSE_SPECIAL) return MSH_FAIL(MSH_EINVAL, "unknown flags 0x%x", (unsigned)flags);
   b->text = text;
   b->out_cap = cap;
   b->out_n = 0;
