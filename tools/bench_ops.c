@@ -10,7 +10,7 @@
  * Build (after cmake --build build-cpu):
  *   cc -O3 -march=native -fopenmp -std=c11 -Icore/include tools/bench_ops.c -Lbuild-cpu -lmoonshard \
  *      -Wl,-rpath,$PWD/build-cpu -lm -o build-cpu/bench_ops
- * Run from the repository root: build-cpu/bench_ops [data dir, default ../shared/data] */
+ * Run from the repository root: build-cpu/bench_ops [data dir, default ../shared/data] [all|stories|matmul] */
 #define _POSIX_C_SOURCE 200809L
 #include "moonshard.h"
 
@@ -458,7 +458,9 @@ static void bench_matmul(int64_t M, int64_t N, int64_t K, int dtype, int threads
 
 int main(int argc, char **argv) {
   const char *data = argc > 1 ? argv[1] : "../shared/data";
-  bench_stories(data);
+  const char *only = argc > 2 ? argv[2] : "all"; /* all, stories or matmul */
+  if (strcmp(only, "matmul")) bench_stories(data);
+  if (!strcmp(only, "stories")) return 0;
 
   int64_t n = 64 << 20; /* 256 MB: far beyond the caches */
   float *buf = malloc((size_t)n * 4);

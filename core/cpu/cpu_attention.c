@@ -51,36 +51,54 @@ MSH_CPU_INLINE void scores_dt(float *sc, const float *q, const void *k, int64_t 
 
 /* ---------------------------------------------------------------------- weighted values */
 
-/* o[d] = inv * sum_s p[s] v[s][d]. */
+/* o[d] = inv * sum_s p[s] v[s][d]. Accumulators stay in registers across all keys; keys go in
+ * pairs (32 columns) or fours (8 columns) so that eight or four FMA chains run side by side. */
 MSH_CPU_INLINE void values_dt(float *o, const float *p, const void *v, int64_t vstride, int64_t n, int64_t hd,
                               float inv, int dt) {
   int64_t d = 0;
 #if MSH_CPU_AVX2
   __m256 vi = _mm256_set1_ps(inv);
-  for (; d + 32 <= hd; d += 32) { /* 32 columns in registers across all keys */
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (int64_t s = 0; s < n; s++) {
-      __m256 ps = _mm256_set1_ps(p[s]);
-      int64_t b = s * vstride + d;
-      a0 = _mm256_fmadd_ps(ps, msh_cpu_load8(v, b, dt), a0);
-      a1 = _mm256_fmadd_ps(ps, msh_cpu_load8(v, b + 8, dt), a1);
-      a2 = _mm256_fmadd_ps(ps, msh_cpu_load8(v, b + 16, dt), a2);
-      a3 = _mm256_fmadd_ps(ps, msh_cpu_load8(v, b + 24, dt), a3);
-    }
-    _mm256_storeu_ps(o + d, _mm256_mul_ps(a0, vi));
-    _mm256_storeu_ps(o + d + 8, _mm256_mul_ps(a1, vi));
-    _mm256_storeu_ps(o + d + 16, _mm256_mul_ps(a2, vi));
-    _mm256_storeu_ps(o + d + 24, _mm256_mul_ps(a3, vi));
-  }
-  for (; d + 8 <= hd; d += 8) { /* 8 columns; even and odd keys in two chains */
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+  for (; d + 32 <= hd; d += 32) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
     int64_t s = 0;
     for (; s + 2 <= n; s += 2) {
-      a0 = _mm256_fmadd_ps(_mm256_set1_ps(p[s]), msh_cpu_load8(v, s * vstride + d, dt), a0);
-      a1 = _mm256_fmadd_ps(_mm256_set1_ps(p[s + 1]), msh_cpu_load8(v, (s + 1) * vstride + d, dt), a1);
+      __m256 pa = _mm256_set1_ps(p[s]), pb = _mm256_set1_ps(p[s + 1]);
+      int64_t ra = s * vstride + d, rb = ra + vstride;
+      a0 = _mm256_fmadd_ps(pa, msh_cpu_load8(v, ra, dt), a0);
+      a1 = _mm256_fmadd_ps(pa, msh_cpu_load8(v, ra + 8, dt), a1);
+      a2 = _mm256_fmadd_ps(pa, msh_cpu_load8(v, ra + 16, dt), a2);
+      a3 = _mm256_fmadd_ps(pa, msh_cpu_load8(v, ra + 24, dt), a3);
+      b0 = _mm256_fmadd_ps(pb, msh_cpu_load8(v, rb, dt), b0);
+      b1 = _mm256_fmadd_ps(pb, msh_cpu_load8(v, rb + 8, dt), b1);
+      b2 = _mm256_fmadd_ps(pb, msh_cpu_load8(v, rb + 16, dt), b2);
+      b3 = _mm256_fmadd_ps(pb, msh_cpu_load8(v, rb + 24, dt), b3);
     }
-    if (s < n) a0 = _mm256_fmadd_ps(_mm256_set1_ps(p[s]), msh_cpu_load8(v, s * vstride + d, dt), a0);
-    _mm256_storeu_ps(o + d, _mm256_mul_ps(_mm256_add_ps(a0, a1), vi));
+    if (s < n) {
+      __m256 pa = _mm256_set1_ps(p[s]);
+      int64_t ra = s * vstride + d;
+      a0 = _mm256_fmadd_ps(pa, msh_cpu_load8(v, ra, dt), a0);
+      a1 = _mm256_fmadd_ps(pa, msh_cpu_load8(v, ra + 8, dt), a1);
+      a2 = _mm256_fmadd_ps(pa, msh_cpu_load8(v, ra + 16, dt), a2);
+      a3 = _mm256_fmadd_ps(pa, msh_cpu_load8(v, ra + 24, dt), a3);
+    }
+    _mm256_storeu_ps(o + d, _mm256_mul_ps(_mm256_add_ps(a0, b0), vi));
+    _mm256_storeu_ps(o + d + 8, _mm256_mul_ps(_mm256_add_ps(a1, b1), vi));
+    _mm256_storeu_ps(o + d + 16, _mm256_mul_ps(_mm256_add_ps(a2, b2), vi));
+    _mm256_storeu_ps(o + d + 24, _mm256_mul_ps(_mm256_add_ps(a3, b3), vi));
+  }
+  for (; d + 8 <= hd; d += 8) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t s = 0;
+    for (; s + 4 <= n; s += 4) {
+      int64_t r = s * vstride + d;
+      a0 = _mm256_fmadd_ps(_mm256_set1_ps(p[s]), msh_cpu_load8(v, r, dt), a0);
+      a1 = _mm256_fmadd_ps(_mm256_set1_ps(p[s + 1]), msh_cpu_load8(v, r + vstride, dt), a1);
+      a2 = _mm256_fmadd_ps(_mm256_set1_ps(p[s + 2]), msh_cpu_load8(v, r + 2 * vstride, dt), a2);
+      a3 = _mm256_fmadd_ps(_mm256_set1_ps(p[s + 3]), msh_cpu_load8(v, r + 3 * vstride, dt), a3);
+    }
+    for (; s < n; s++) a0 = _mm256_fmadd_ps(_mm256_set1_ps(p[s]), msh_cpu_load8(v, s * vstride + d, dt), a0);
+    __m256 acc = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+    _mm256_storeu_ps(o + d, _mm256_mul_ps(acc, vi));
   }
 #endif
   for (; d < hd; d++) {

@@ -92,7 +92,9 @@ static void rmsnorm_rows(float *o, const float *x, const float *w, int64_t D, fl
 }
 
 msh_status msh_cpu_rmsnorm(msh_tensor *out, const msh_tensor *x, const msh_tensor *w, float eps) {
-  int64_t D = x->shape[x->ndim - 1], R = msh_rows(x);
+  int64_t D = x->shape[x->ndim - 1];
+  if (D == 0 || msh_tensor_numel(x) == 0) return MSH_OK; /* nothing to normalize (and msh_rows would divide by 0) */
+  int64_t R = msh_rows(x);
   const float *xp = msh_tensor_ptr(x), *wp = msh_tensor_ptr(w);
   float *o = msh_tensor_ptr(out);
   if (w->dtype != MSH_F32) { /* widen the weight once */
@@ -250,7 +252,9 @@ static void softmax_rows(float *o, const float *x, int64_t N, int log, int64_t r
 }
 
 msh_status msh_cpu_softmax(msh_tensor *out, const msh_tensor *x, int log) {
-  int64_t N = x->shape[x->ndim - 1], R = msh_rows(x);
+  int64_t N = x->shape[x->ndim - 1];
+  if (N == 0 || msh_tensor_numel(x) == 0) return MSH_OK; /* empty rows (msh_rows would divide by 0) */
+  int64_t R = msh_rows(x);
   const float *xp = msh_tensor_ptr(x);
   float *o = msh_tensor_ptr(out);
   int nt = msh_cpu_threads(R * N, GRAIN_MATH);

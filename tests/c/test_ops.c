@@ -505,6 +505,25 @@ static void test_threads(void) {
   msh_tensor_free(s2);
 }
 
+/* ------------------------------------------------------------------------------ empties */
+
+static void test_empty(void) {
+  int64_t s0[2] = {3, 0}, s1[2] = {0, 5}, w0[1] = {0}, w5[1] = {5}, k0[2] = {4, 0}, o0[2] = {3, 4};
+  msh_tensor *a = tnew(MSH_F32, 2, s0), *b = tnew(MSH_F32, 2, s1), *wa = tnew(MSH_F32, 1, w0), *wb = trand(MSH_F32, 1, w5);
+  msh_tensor *wk = tnew(MSH_F32, 2, k0), *o = tnew(MSH_F32, 2, o0);
+  fill(o, 1, 1);
+  CHECK_OK(msh_op_softmax(a, a));
+  CHECK_OK(msh_op_log_softmax(b, b));
+  CHECK_OK(msh_op_rmsnorm(a, a, wa, 1e-5f));
+  CHECK_OK(msh_op_rmsnorm(b, b, wb, 1e-5f));
+  CHECK_OK(msh_op_matmul(o, a, wk)); /* K = 0: a sum of nothing */
+  int zero = 1;
+  for (int i = 0; i < 12; i++) zero &= at(o, i) == 0;
+  CHECK(zero);
+  msh_tensor *ts[] = {a, b, wa, wb, wk, o};
+  for (size_t i = 0; i < sizeof ts / sizeof ts[0]; i++) msh_tensor_free(ts[i]);
+}
+
 /* --------------------------------------------------------------------------------- errors */
 
 static void check_message(const char *op) {
@@ -594,6 +613,7 @@ int main(void) {
   test_elementwise();
   test_set_rows();
   test_threads();
+  test_empty();
   test_errors();
   return check_done("test_ops");
 }
