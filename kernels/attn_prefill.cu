@@ -5,7 +5,8 @@
  * block of 64 rows (16 per warp) reads each K/V tile once for all of its heads and tokens. Key
  * tiles of 64 rows stream through shared memory with cp.async, double-buffered. Per tile and
  * warp: S = Q K^T (16 x 64) in registers, causal mask, online softmax in log2 units, then
- * P (rounded to the cache's type) @ V with V fragments from ldmatrix.trans. No score matrix
+ * P (rounded to the cache's type) @ V; K fragments come from ldmatrix, V fragments from
+ * ldmatrix.trans. No score matrix
  * reaches global memory. Blocks with the most keys start first. */
 #include "msh_kutil.cuh"
 
@@ -48,12 +49,12 @@ template <> struct Mma<f16> {
   }
 };
 
-__device__ __forceinline__ void cp_async16(void *dst, const void *src, bool ok) {
-  unsigned d = (unsigned)__cvta_generic_to_shared(dst);
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(ok ? 16 : 0));
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void *p) {
+  unsigned a = (unsigned)__cvta_generic_to_shared(p);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
-template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
 
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void *p) {
   unsigned a = (unsigned)__cvta_generic_to_shared(p);
@@ -133,11 +134,12 @@ template <typename KV, int HD> __global__ void __launch_bounds__(THREADS) prefil
     for (int nn = 0; nn < NT; nn++) {
       s[nn][0] = s[nn][1] = s[nn][2] = s[nn][3] = 0.0f;
 #pragma unroll
-      for (int kk = 0; kk < KT; kk++) {
-        const KV *kp = Kt + (nn * 8 + g) * LD + kk * 16 + 2 * tq;
-        uint32_t b0 = *reinterpret_cast<const uint32_t *>(kp);
-        uint32_t b1 = *reinterpret_cast<const uint32_t *>(kp + 8);
-        Mma<KV>::run(s[nn], qf[kk], b0, b1);
+      for (int kk = 0; kk < KT; kk += 2) {
+        /* four 8x8 blocks of K: keys nn*8.., dims kk*16 + {0, 8, 16, 24}: b0, b1 of steps kk, kk+1 */
+        uint32_t kb[4];
+        ldmatrix_x4(kb, Kt + (nn * 8 + (lane & 7)) * LD + kk * 16 + (lane >> 3) * 8);
+        Mma<KV>::run(s[nn], qf[kk], kb[0], kb[1]);
+        Mma<KV>::run(s[nn], qf[kk + 1], kb[2], kb[3]);
       }
     }
 

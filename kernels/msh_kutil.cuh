@@ -91,6 +91,29 @@ template <> struct Raw8<float> {
   }
 };
 
+/* Eight elements from shared memory (16-byte aligned). */
+template <typename T> __device__ __forceinline__ void load8_shared(const T *p, float (&f)[8]) {
+  Raw8<T> r;
+  r.u = *reinterpret_cast<const uint4 *>(p);
+  r.to_float(f);
+}
+template <> __device__ __forceinline__ void load8_shared<float>(const float *p, float (&f)[8]) {
+  float4 a = reinterpret_cast<const float4 *>(p)[0], b = reinterpret_cast<const float4 *>(p)[1];
+  f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w;
+  f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
+}
+
+/* ------------------------------------------------------------------- async copies (sm_80+) */
+
+/* 16 bytes global -> shared without registers; zero-fills the destination when !ok. */
+__device__ __forceinline__ void cp_async16(void *dst, const void *src, bool ok) {
+  unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(ok ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+/* Waits until at most N of this thread's committed groups are still in flight. */
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
+
 /* Eight elements starting at p, element j only where j < valid (zeros elsewhere); scalar loads,
  * for rows that are not 16-byte aligned or not a multiple of 8 long. */
 template <typename T> __device__ __forceinline__ void load8_scalar(const T *p, int valid, float (&f)[8]) {

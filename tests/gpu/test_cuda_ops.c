@@ -334,20 +334,20 @@ static void test_matmul(void) {
         char what[96];
         snprintf(what, sizeof what, "matmul M %lld N %lld K %lld w %s", (long long)M, (long long)N, (long long)K,
                  msh_dtype_name(dt));
-        /* M <= 16 reads the weights as they are (GEMV, fp32 math); larger M rounds x to the
+        /* M = 1 reads the weights as they are (GEMV, fp32 math); larger M may round x to the
          * weights' 16-bit type for the tensor cores */
-        double tol = dt == MSH_F32 || M <= 16 ? 2e-5 : 1e-2;
+        double tol = dt == MSH_F32 || M == 1 ? 2e-5 : 1e-2;
         COMPARE(what, go, co, tol);
       }
       msh_tensor *ts[] = {cx, gx, cw, gw, co, go};
       free_all(ts, 6);
     }
   /* x as a view with an element offset (the GEMV takes its scalar path on unaligned rows) */
-  int64_t xs[2] = {4, 65}, ws[2] = {33, 64}, os[2] = {3, 33};
+  int64_t xs[2] = {2, 65}, ws[2] = {33, 64}, os[2] = {1, 33};
   msh_tensor *cx = cpu_randn(MSH_F32, 2, xs, 1.0f), *gx = cx ? to_gpu(cx) : NULL;
   msh_tensor *cw = cpu_randn(MSH_BF16, 2, ws, 0.1f), *gw = cw ? to_gpu(cw) : NULL;
   msh_tensor *cv = NULL, *gv = NULL;
-  int64_t vshape[2] = {3, 64};
+  int64_t vshape[2] = {1, 64};
   if (cx && gx) {
     CHECK_OK(msh_tensor_view(&cv, cx, 2, vshape, (int64_t[]){64, 1}, 1));
     CHECK_OK(msh_tensor_view(&gv, gx, 2, vshape, (int64_t[]){64, 1}, 1));
@@ -356,7 +356,7 @@ static void test_matmul(void) {
   if (cv && gv && cw && gw && co && go) {
     CHECK_OK(msh_op_matmul(co, cv, cw));
     CHECK_OK(msh_op_matmul(go, gv, gw));
-    COMPARE("matmul M 3 N 33 K 64 w bf16, x at an odd element offset", go, co, 2e-5);
+    COMPARE("matmul M 1 N 33 K 64 w bf16, x at an odd element offset", go, co, 2e-5);
   }
   msh_tensor *ts[] = {cx, gx, cw, gw, cv, gv, co, go};
   free_all(ts, 8);
@@ -511,10 +511,12 @@ static void test_softmax(void) {
         char what[64];
         snprintf(what, sizeof what, "%s (%lld, %lld)", log ? "log_softmax" : "softmax", (long long)shapes[s][0],
                  (long long)shapes[s][1]);
-        COMPARE(what, go, co, 1e-5);
+        /* the reference sums 128k exponentials in f32 lanes: its own error reaches 1e-5 there */
+        double tol = shapes[s][1] > 100000 ? 3e-5 : 1e-5;
+        COMPARE(what, go, co, tol);
         CHECK_OK(log ? msh_op_log_softmax(gx, gx) : msh_op_softmax(gx, gx));
         strncat(what, " in place", sizeof what - strlen(what) - 1);
-        COMPARE(what, gx, co, 1e-5);
+        COMPARE(what, gx, co, tol);
       }
       msh_tensor *ts[] = {cx, gx, co, go};
       free_all(ts, 4);
