@@ -3,11 +3,18 @@
  *   out (T, H, hd) ; q (T, H, hd) f32 ; k, v (S, KVH, hd) f32/f16/bf16, row stride k->stride[0].
  *   Query t sits at position pos0 + t and sees keys 0 .. pos0 + t; head h reads kv head h / (H / KVH).
  *
- * One (query, head) pair is one unit of work; threads claim units one at a time. Per unit: scores = q.k * scale (f32), softmax
- * in f32 with the max subtracted, out = sum p v / sum p. Scores live in a per-thread scratch. */
+ * A unit of work is one query and up to GMAX query heads that share a kv head; threads claim units
+ * one at a time. Keys go in chunks whose k (then v) rows stay in L1 while every head of the unit
+ * uses them, so the cache is read once per kv head rather than once per query head. Per head:
+ * scores = q.k * scale (f32), softmax in f32 with the max subtracted, out = sum p v / sum p.
+ * Scores live in a per-thread scratch. */
 #include "cpu_internal.h"
 
-enum { GRAIN_FLOPS = 1 << 15 }; /* multiply-adds per thread below which we stay on one thread */
+enum {
+  GRAIN_FLOPS = 1 << 15, /* multiply-adds per thread below which we stay on one thread */
+  GMAX = 4,              /* query heads per unit */
+  CHUNK_BYTES = 16384    /* k or v rows of one chunk of keys (L1 holds them) */
+};
 
 /* ------------------------------------------------------------------------------ scores */
 
@@ -51,15 +58,15 @@ MSH_CPU_INLINE void scores_dt(float *sc, const float *q, const void *k, int64_t 
 
 /* ---------------------------------------------------------------------- weighted values */
 
-/* o[d] = inv * sum_s p[s] v[s][d]. Accumulators stay in registers across all keys; keys go in
- * pairs (32 columns) or fours (8 columns) so that eight or four FMA chains run side by side. */
+/* o[d] += sum_s p[s] v[s][d]. Accumulators stay in registers across the keys; keys go in pairs
+ * (32 columns) or fours (8 columns) so that eight or four FMA chains run side by side. */
 MSH_CPU_INLINE void values_dt(float *o, const float *p, const void *v, int64_t vstride, int64_t n, int64_t hd,
-                              float inv, int dt) {
+                              int dt) {
   int64_t d = 0;
 #if MSH_CPU_AVX2
-  __m256 vi = _mm256_set1_ps(inv);
   for (; d + 32 <= hd; d += 32) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    __m256 a0 = _mm256_loadu_ps(o + d), a1 = _mm256_loadu_ps(o + d + 8), a2 = _mm256_loadu_ps(o + d + 16);
+    __m256 a3 = _mm256_loadu_ps(o + d + 24), b0 = _mm256_setzero_ps(), b1 = b0, b2 = b0, b3 = b0;
     int64_t s = 0;
     for (; s + 2 <= n; s += 2) {
       __m256 pa = _mm256_set1_ps(p[s]), pb = _mm256_set1_ps(p[s + 1]);
@@ -81,13 +88,13 @@ MSH_CPU_INLINE void values_dt(float *o, const float *p, const void *v, int64_t v
       a2 = _mm256_fmadd_ps(pa, msh_cpu_load8(v, ra + 16, dt), a2);
       a3 = _mm256_fmadd_ps(pa, msh_cpu_load8(v, ra + 24, dt), a3);
     }
-    _mm256_storeu_ps(o + d, _mm256_mul_ps(_mm256_add_ps(a0, b0), vi));
-    _mm256_storeu_ps(o + d + 8, _mm256_mul_ps(_mm256_add_ps(a1, b1), vi));
-    _mm256_storeu_ps(o + d + 16, _mm256_mul_ps(_mm256_add_ps(a2, b2), vi));
-    _mm256_storeu_ps(o + d + 24, _mm256_mul_ps(_mm256_add_ps(a3, b3), vi));
+    _mm256_storeu_ps(o + d, _mm256_add_ps(a0, b0));
+    _mm256_storeu_ps(o + d + 8, _mm256_add_ps(a1, b1));
+    _mm256_storeu_ps(o + d + 16, _mm256_add_ps(a2, b2));
+    _mm256_storeu_ps(o + d + 24, _mm256_add_ps(a3, b3));
   }
   for (; d + 8 <= hd; d += 8) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    __m256 a0 = _mm256_loadu_ps(o + d), a1 = _mm256_setzero_ps(), a2 = a1, a3 = a1;
     int64_t s = 0;
     for (; s + 4 <= n; s += 4) {
       int64_t r = s * vstride + d;
@@ -97,14 +104,13 @@ MSH_CPU_INLINE void values_dt(float *o, const float *p, const void *v, int64_t v
       a3 = _mm256_fmadd_ps(_mm256_set1_ps(p[s + 3]), msh_cpu_load8(v, r + 3 * vstride, dt), a3);
     }
     for (; s < n; s++) a0 = _mm256_fmadd_ps(_mm256_set1_ps(p[s]), msh_cpu_load8(v, s * vstride + d, dt), a0);
-    __m256 acc = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
-    _mm256_storeu_ps(o + d, _mm256_mul_ps(acc, vi));
+    _mm256_storeu_ps(o + d, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
   }
 #endif
   for (; d < hd; d++) {
-    float acc = 0;
+    float acc = o[d];
     for (int64_t s = 0; s < n; s++) acc += p[s] * msh_cpu_load(v, s * vstride + d, dt);
-    o[d] = acc * inv;
+    o[d] = acc;
   }
 }
 
@@ -115,49 +121,68 @@ typedef struct {
   const float *q;
   const void *k, *v;
   int64_t T, H, hd, group, ks, vs, pos0; /* ks, vs: row strides of k and v in elements */
+  int64_t KVH, sub, gsize; /* each kv head's group of query heads goes in `sub` units of gsize */
   float scale;
   int dt;
   int64_t next; /* the first unit nobody has claimed yet (atomic) */
 } att_args;
 
-MSH_CPU_INLINE void unit_dt(const att_args *a, int64_t u, float *sc, int dt) {
-  int64_t t = u / a->H, h = u % a->H, n = a->pos0 + t + 1, kvh = h / a->group;
-  const float *q = a->q + u * a->hd;
-  size_t es = msh_dtype_size(dt);
-  const char *k = (const char *)a->k + kvh * a->hd * (int64_t)es, *v = (const char *)a->v + kvh * a->hd * (int64_t)es;
-  scores_dt(sc, q, k, a->ks, n, a->hd, a->scale, dt);
-  float mx = msh_cpu_max(sc, n);
-  if (mx == -INFINITY) mx = 0; /* every score -inf or NaN: let the NaNs show */
-  float sum = msh_cpu_exp_sum(sc, sc, n, mx);
-  values_dt(a->out + u * a->hd, sc, v, a->vs, n, a->hd, 1.0f / sum, dt);
+/* Unit u: query t, kv head kvh, query heads h0 .. h0 + g. sc holds g rows of S scores. */
+MSH_CPU_INLINE void unit_dt(const att_args *a, int64_t u, float *sc, int64_t S, int dt) {
+  int64_t per_t = a->KVH * a->sub, t = u / per_t, kvh = u % per_t / a->sub, j = u % a->sub;
+  int64_t h0 = kvh * a->group + j * a->gsize, g = a->group - j * a->gsize, hd = a->hd, n = a->pos0 + t + 1;
+  if (g > a->gsize) g = a->gsize;
+  int64_t es = dt == MSH_F32 ? 4 : 2, kc = CHUNK_BYTES / (hd * es);
+  kc = kc < 8 ? 8 : kc & ~(int64_t)7;
+  const char *k = (const char *)a->k + kvh * hd * es, *v = (const char *)a->v + kvh * hd * es;
+  const float *q = a->q + (t * a->H + h0) * hd;
+  float *o = a->out + (t * a->H + h0) * hd, inv[GMAX];
+  for (int64_t s0 = 0; s0 < n; s0 += kc) {
+    int64_t c = n - s0 < kc ? n - s0 : kc;
+    for (int64_t i = 0; i < g; i++) scores_dt(sc + i * S + s0, q + i * hd, k + s0 * a->ks * es, a->ks, c, hd, a->scale, dt);
+  }
+  for (int64_t i = 0; i < g; i++) {
+    float mx = msh_cpu_max(sc + i * S, n);
+    if (mx == -INFINITY) mx = 0; /* every score -inf or NaN: let the NaNs show */
+    inv[i] = 1.0f / msh_cpu_exp_sum(sc + i * S, sc + i * S, n, mx);
+  }
+  memset(o, 0, sizeof(float) * (size_t)(g * hd));
+  for (int64_t s0 = 0; s0 < n; s0 += kc) {
+    int64_t c = n - s0 < kc ? n - s0 : kc;
+    for (int64_t i = 0; i < g; i++) values_dt(o + i * hd, sc + i * S + s0, v + s0 * a->vs * es, a->vs, c, hd, dt);
+  }
+  for (int64_t i = 0; i < g; i++)
+    for (int64_t d = 0; d < hd; d++) o[i * hd + d] *= inv[i];
 }
 
-static void unit_f32(const att_args *a, int64_t u, float *sc) { unit_dt(a, u, sc, MSH_F32); }
-static void unit_f16(const att_args *a, int64_t u, float *sc) { unit_dt(a, u, sc, MSH_F16); }
-static void unit_bf16(const att_args *a, int64_t u, float *sc) { unit_dt(a, u, sc, MSH_BF16); }
+static void unit_f32(const att_args *a, int64_t u, float *sc, int64_t S) { unit_dt(a, u, sc, S, MSH_F32); }
+static void unit_f16(const att_args *a, int64_t u, float *sc, int64_t S) { unit_dt(a, u, sc, S, MSH_F16); }
+static void unit_bf16(const att_args *a, int64_t u, float *sc, int64_t S) { unit_dt(a, u, sc, S, MSH_BF16); }
 
 /* Claims units one at a time until none are left (later queries see more keys, and a thread on a
  * busy core simply takes fewer); -1 when the scratch cannot grow. */
 static int run_units(att_args *a) {
-  void (*fn)(const att_args *, int64_t, float *) =
+  void (*fn)(const att_args *, int64_t, float *, int64_t) =
       a->dt == MSH_F32 ? unit_f32 : a->dt == MSH_F16 ? unit_f16 : unit_bf16;
-  float *sc = msh_cpu_scratch(1, (size_t)(a->pos0 + a->T));
+  int64_t S = a->pos0 + a->T, units = a->T * a->KVH * a->sub;
+  float *sc = msh_cpu_scratch(1, (size_t)(a->gsize * S));
   if (!sc) return -1;
   for (;;) {
     int64_t u = __atomic_fetch_add(&a->next, 1, __ATOMIC_RELAXED);
-    if (u >= a->T * a->H) return 0;
-    fn(a, u, sc);
+    if (u >= units) return 0;
+    fn(a, u, sc, S);
   }
 }
 
 msh_status msh_cpu_attention(msh_tensor *out, const msh_tensor *q, const msh_tensor *k, const msh_tensor *v,
                              int64_t pos0, float scale) {
-  att_args a = {msh_tensor_ptr(out), msh_tensor_ptr(q), msh_tensor_ptr(k), msh_tensor_ptr(v),
-                q->shape[0], q->shape[1], q->shape[2], q->shape[1] / k->shape[1], k->stride[0], v->stride[0],
-                pos0, scale, k->dtype, 0};
-  int64_t units = a.T * a.H;
+  int64_t T = q->shape[0], H = q->shape[1], KVH = k->shape[1], group = H / KVH;
+  int64_t sub = (group + GMAX - 1) / GMAX, gsize = (group + sub - 1) / sub;
+  att_args a = {msh_tensor_ptr(out), msh_tensor_ptr(q), msh_tensor_ptr(k), msh_tensor_ptr(v), T, H, q->shape[2],
+                group, k->stride[0], v->stride[0], pos0, KVH, sub, gsize, scale, k->dtype, 0};
+  int64_t units = T * KVH * sub;
   if (units == 0) return MSH_OK;
-  int64_t work = units * (pos0 + (a.T + 1) / 2) * (a.hd + 8); /* + 8: the softmax of each score */
+  int64_t work = T * H * (pos0 + (T + 1) / 2) * (a.hd + 8); /* + 8: the softmax of each score */
   int nt = msh_cpu_threads(work, GRAIN_FLOPS);
   if (nt > units) nt = (int)units;
   int failed = 0;
@@ -168,6 +193,7 @@ msh_status msh_cpu_attention(msh_tensor *out, const msh_tensor *q, const msh_ten
     failed |= run_units(&a);
   }
   if (failed)
-    return MSH_FAIL(MSH_ENOMEM, "attention: out of memory for %lld scores", (long long)(pos0 + a.T));
+    return MSH_FAIL(MSH_ENOMEM, "attention: out of memory for %lld x %lld scores", (long long)gsize,
+                    (long long)(pos0 + T));
   return MSH_OK;
 }

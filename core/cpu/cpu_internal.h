@@ -141,6 +141,27 @@ MSH_CPU_INLINE __m256 msh_cpu_exp8(__m256 x) {
   y = _mm256_blendv_ps(y, _mm256_setzero_ps(), tiny);
   return _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
 }
+
+/* exp(x) for x <= 0 (or NaN), the case of softmax: the same polynomial with fewer range checks;
+ * results below FLT_MIN (x < -87.34) flush to 0. */
+MSH_CPU_INLINE __m256 msh_cpu_exp8_nonpos(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.3365447505531f);
+  __m256 tiny = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  __m256 xc = _mm256_max_ps(lo, x); /* a NaN x comes through (maxps returns its second operand) */
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); /* in [-126, 0] */
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(tiny, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
 #endif
 
 /* exp(x) through the vector path when there is one, so scalar tails round like vector bodies. */
@@ -152,7 +173,8 @@ static inline float msh_cpu_expf(float x) {
 #endif
 }
 
-/* y[i] = exp(x[i] - shift); returns the sum of the y[i]. y may alias x. */
+/* y[i] = exp(x[i] - shift) for shift >= every x[i] (softmax: shift is the max); returns the sum of
+ * the y[i]. Values below FLT_MIN flush to 0. y may be NULL (sum only) or alias x. */
 float msh_cpu_exp_sum(float *y, const float *x, int64_t n, float shift);
 /* Largest value of x[0 .. n) (NaNs ignored; -inf for none). */
 float msh_cpu_max(const float *x, int64_t n);

@@ -15,8 +15,8 @@ float msh_cpu_exp_sum(float *y, const float *x, int64_t n, float shift) {
 #if MSH_CPU_AVX2
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), sh = _mm256_set1_ps(shift);
   for (; i + 16 <= n; i += 16) {
-    __m256 e0 = msh_cpu_exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), sh));
-    __m256 e1 = msh_cpu_exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i + 8), sh));
+    __m256 e0 = msh_cpu_exp8_nonpos(_mm256_sub_ps(_mm256_loadu_ps(x + i), sh));
+    __m256 e1 = msh_cpu_exp8_nonpos(_mm256_sub_ps(_mm256_loadu_ps(x + i + 8), sh));
     if (y) {
       _mm256_storeu_ps(y + i, e0);
       _mm256_storeu_ps(y + i + 8, e1);
@@ -27,7 +27,11 @@ float msh_cpu_exp_sum(float *y, const float *x, int64_t n, float shift) {
   sum = msh_cpu_hsum8(_mm256_add_ps(acc0, acc1));
 #endif
   for (; i < n; i++) {
-    float e = msh_cpu_expf(x[i] - shift);
+#if MSH_CPU_AVX2
+    float e = _mm256_cvtss_f32(msh_cpu_exp8_nonpos(_mm256_set1_ps(x[i] - shift)));
+#else
+    float e = expf(x[i] - shift);
+#endif
     if (y) y[i] = e;
     sum += e;
   }
