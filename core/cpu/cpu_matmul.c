@@ -1,18 +1,24 @@
 /* cpu_matmul.c: out (M, N) = x (M, K) @ w (N, K)^T on the CPU, w f32, f16 or bf16.
  *
- *   M < SKINNY_M (decode): our own kernel. Threads claim chunks of output columns (weight rows);
- *     four weight rows at a time are dotted with a row of x, f16/bf16 widened in registers. For
- *     M > 1 the weights go by blocks that stay in L1 while every row of x passes over them.
- *   M >= SKINNY_M (prefill): OpenBLAS sgemm, single-threaded, on each chunk of output columns. f16/bf16
- *     weights are widened block by block into a per-thread f32 scratch first.
+ *   M < SKINNY_M (decode, small batches): our own kernel. Threads claim chunks of output columns
+ *     (weight rows). M == 1: four weight rows at a time are dotted with x, f16/bf16 widened in
+ *     registers. M > 1: the weights go by blocks (widened to f32 once when f16/bf16) that stay in
+ *     cache while pairs of x rows pass over them, four weight rows by two x rows at a time.
+ *   M >= SKINNY_M (prefill): OpenBLAS sgemm, single-threaded, on each chunk of output columns;
+ *     f16/bf16 weights are widened block by block into a per-thread f32 scratch first. (Below about
+ *     32 rows sgemm's packing costs more than it saves: measured 2-3x slower at M = 6..8.)
  * Accumulation is f32 everywhere; widening f16/bf16 to f32 is exact. */
 #include "cpu_internal.h"
 
 #include <cblas.h>
 #include <omp.h>
 
+#ifndef MSH_CPU_SKINNY_M
+#define MSH_CPU_SKINNY_M 32 /* from about here on OpenBLAS sgemm beats our kernel */
+#endif
+
 enum {
-  SKINNY_M = 6,          /* from here on sgemm beats the dot kernel */
+  SKINNY_M = MSH_CPU_SKINNY_M,
   GRAIN_MACS = 1 << 16,  /* multiply-adds per thread below which we stay on one thread */
   L1_FLOATS = 6 * 1024,  /* weight floats per block of the skinny kernel (24 KB) */
   L2_FLOATS = 128 * 1024 /* weight floats per widened block of the sgemm path (512 KB) */
@@ -94,6 +100,43 @@ static void gemv_bf16(float *y, const float *x, const void *w, int64_t K, int64_
   gemv_rows(y, x, w, K, n0, n1, MSH_BF16);
 }
 
+/* y0[n], y1[n] = dot(x0, w[n]), dot(x1, w[n]) for f32 weight rows n in [0, rows): two rows of x
+ * against four weight rows at a time, eight accumulators, so each weight load feeds two FMAs. */
+static void gemm2_f32(float *y0, float *y1, const float *x0, const float *x1, const float *w, int64_t K,
+                      int64_t rows) {
+  int64_t n = 0;
+#if MSH_CPU_AVX2
+  int64_t K8 = K & ~(int64_t)7;
+  for (; n + 4 <= rows; n += 4) {
+    const float *w0 = w + n * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    int64_t k = 0;
+    for (; k < K8; k += 8) {
+      __m256 xa = _mm256_loadu_ps(x0 + k), xb = _mm256_loadu_ps(x1 + k), v;
+      v = _mm256_loadu_ps(w0 + k), a0 = _mm256_fmadd_ps(v, xa, a0), b0 = _mm256_fmadd_ps(v, xb, b0);
+      v = _mm256_loadu_ps(w1 + k), a1 = _mm256_fmadd_ps(v, xa, a1), b1 = _mm256_fmadd_ps(v, xb, b1);
+      v = _mm256_loadu_ps(w2 + k), a2 = _mm256_fmadd_ps(v, xa, a2), b2 = _mm256_fmadd_ps(v, xb, b2);
+      v = _mm256_loadu_ps(w3 + k), a3 = _mm256_fmadd_ps(v, xa, a3), b3 = _mm256_fmadd_ps(v, xb, b3);
+    }
+    float r0[4], r1[4];
+    _mm_storeu_ps(r0, msh_cpu_hsum4x8(a0, a1, a2, a3));
+    _mm_storeu_ps(r1, msh_cpu_hsum4x8(b0, b1, b2, b3));
+    for (; k < K; k++) {
+      r0[0] += x0[k] * w0[k], r1[0] += x1[k] * w0[k];
+      r0[1] += x0[k] * w1[k], r1[1] += x1[k] * w1[k];
+      r0[2] += x0[k] * w2[k], r1[2] += x1[k] * w2[k];
+      r0[3] += x0[k] * w3[k], r1[3] += x1[k] * w3[k];
+    }
+    memcpy(y0 + n, r0, sizeof r0);
+    memcpy(y1 + n, r1, sizeof r1);
+  }
+#endif
+  if (n < rows) { /* the rows left over (all of them without AVX2) */
+    gemv_f32(y0, x0, w, K, n, rows);
+    gemv_f32(y1, x1, w, K, n, rows);
+  }
+}
+
 /* ------------------------------------------------------------------------ one thread's part */
 
 typedef struct {
@@ -128,7 +171,10 @@ static int skinny_part(const mm_args *a, int64_t n0, int64_t n1) {
       msh_cpu_convert(blk, MSH_F32, (const char *)a->w + b0 * K * (int64_t)es, a->dt, (b1 - b0) * K);
       wb = blk;
     }
-    for (int64_t m = 0; m < M; m++) gemv_f32(a->out + m * N + b0, a->x + m * K, wb, K, 0, b1 - b0);
+    int64_t m = 0;
+    for (; m + 2 <= M; m += 2)
+      gemm2_f32(a->out + m * N + b0, a->out + (m + 1) * N + b0, a->x + m * K, a->x + (m + 1) * K, wb, K, b1 - b0);
+    if (m < M) gemv_f32(a->out + m * N + b0, a->x + m * K, wb, K, 0, b1 - b0);
   }
   return 0;
 }

@@ -135,7 +135,7 @@ static void test_matmul_case(int64_t M, int64_t K, int64_t N, int wdt) {
 }
 
 static void test_matmul(void) {
-  const int64_t Ms[] = {1, 2, 3, 5, 6, 17, 64};
+  const int64_t Ms[] = {1, 2, 3, 5, 6, 17, 31, 32, 64}; /* both sides of the sgemm switch (32) */
   const int64_t KN[][2] = {{67, 131}, {64, 64}, {172, 64}, {8, 5}, {1, 3}, {33, 16}, {257, 40}};
   for (int d = 0; d < 3; d++)
     for (size_t i = 0; i < sizeof Ms / sizeof Ms[0]; i++)
