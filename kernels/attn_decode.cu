@@ -9,10 +9,12 @@
  * are read once per head tile, not once per query head. Scores are in log2 units (q is
  * pre-multiplied by scale * log2(e)).
  *
- * Two ways in: with 16-byte aligned rows (hd % 8 == 0) tiles of TK keys stream into shared memory
- * through a STAGES-deep cp.async pipeline, so loads stay in flight while the warps compute; other
- * shapes read global memory directly, element by element. */
-#include "msh_kutil.cuh"
+ * Three kernels, one plan. f16/bf16 caches with head dim 64 or 128 and 16-byte aligned rows take
+ * decode_tc_kernel (tensor cores; q and p rounded to the cache's type, fp32 accumulation). Other
+ * caches with 16-byte aligned rows (hd % 8 == 0) take decode_pipe_kernel: fp32 math, tiles of TK
+ * keys streamed into shared memory through a STAGES-deep cp.async pipeline, so loads stay in
+ * flight while the warps compute. The rest read global memory directly (decode_direct_kernel). */
+#include "msh_mma.cuh"
 
 using namespace msh;
 
@@ -203,7 +205,8 @@ __global__ void __launch_bounds__(NW * 32) decode_pipe_kernel(msh_k_attn a, int 
 
   const KV *kg = (const KV *)a.k + (int64_t)w.kvh * w.hd;
   const KV *vg = (const KV *)a.v + (int64_t)w.kvh * w.hd;
-  const int cpr = w.hd / 8; /* 16-byte chunks per row */
+  constexpr int EPC = 16 / (int)sizeof(KV); /* elements per 16-byte chunk */
+  const int cpr = w.hd / EPC;               /* chunks per row */
   const int ntile = (int)((w.k_end - w.k_begin + TK - 1) / TK);
   auto load = [&](int j) {
     KV *kt = tiles + (size_t)(j % STAGES) * 2 * TK * HDP, *vt = kt + TK * HDP;
@@ -212,8 +215,8 @@ __global__ void __launch_bounds__(NW * 32) decode_pipe_kernel(msh_k_attn a, int 
       int64_t key = w.k_begin + (int64_t)j * TK + r;
       bool ok = key < w.k_end; /* rows past the chunk become zeros */
       int64_t kr = ok ? key : w.k_begin;
-      cp_async16(kt + r * HDP + cc * 8, kg + kr * a.ks0 + cc * 8, ok);
-      cp_async16(vt + r * HDP + cc * 8, vg + kr * a.vs0 + cc * 8, ok);
+      cp_async16(kt + r * HDP + cc * EPC, kg + kr * a.ks0 + cc * EPC, ok);
+      cp_async16(vt + r * HDP + cc * EPC, vg + kr * a.vs0 + cc * EPC, ok);
     }
   };
 #pragma unroll
@@ -280,6 +283,202 @@ __global__ void __launch_bounds__(NW * 32) decode_direct_kernel(msh_k_attn a, in
   finish<HDP, GT, C::LPK>(a, w, st, ep, splits, part_ml, part_acc);
 }
 
+/* f16/bf16 caches, head dim 64 or 128, 16-byte aligned rows: tensor cores. The block's 16 query
+ * rows (r = t * G + g, as in the prefill kernel) form one m16 tile; tiles of 64 keys stream
+ * through a cp.async pipeline and each warp takes 16 keys of every tile: S = Q K^T (16 x 16) and
+ * P V with mma.sync, an online softmax per warp, the 4 warps merged at the end. */
+template <typename KV, int HD> struct TcCfg {
+  static constexpr int TK = 64, STAGES = 3, LD = HD + 8;
+  static constexpr int PIPE_BYTES = STAGES * 2 * TK * LD * 2;
+  static constexpr int EPI_BYTES = (NW * 16 * HD + 2 * NW * 16) * 4;
+  static constexpr int SMEM = PIPE_BYTES > EPI_BYTES ? PIPE_BYTES : EPI_BYTES;
+};
+
+template <typename KV, int HD>
+__global__ void __launch_bounds__(NW * 32) decode_tc_kernel(msh_k_attn a, int splits, int chunk, int rtiles,
+                                                            float2 *part_ml, float *part_acc) {
+  typedef TcCfg<KV, HD> C;
+  constexpr int TK = C::TK, STAGES = C::STAGES, LD = C::LD, KT = HD / 16, DT = HD / 8;
+  extern __shared__ __align__(16) unsigned char smem[];
+  KV *tiles = reinterpret_cast<KV *>(smem); /* [STAGES][2][TK][LD] */
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tq = lane & 3;
+  const int G = a.H / a.KVH, kvh = blockIdx.y / rtiles, rt = blockIdx.y % rtiles, split = blockIdx.x;
+  const int64_t R = (int64_t)a.T * G, r0 = (int64_t)rt * 16;
+  const int64_t rA = r0 + g, rB = r0 + g + 8;
+  const int64_t cA = rA < R ? rA : R - 1, cB = rB < R ? rB : R - 1;
+  const int64_t tA = cA / G, tB = cB / G;
+  const int64_t t_last = ((r0 + 16 < R ? r0 + 16 : R) - 1) / G;
+  const int64_t k_begin = (int64_t)split * chunk;
+  const int64_t kmax = a.pos0 + t_last + 1;
+  if (k_begin >= kmax) return; /* no row of this tile sees this chunk: the merge skips it */
+  const int64_t k_end = kmax < k_begin + chunk ? kmax : k_begin + chunk;
+  const float qs = a.scale * LOG2E;
+
+  uint32_t qf[KT][4];
+  {
+    const float *qA = a.q + (tA * a.H + kvh * G + cA % G) * a.hd;
+    const float *qB = a.q + (tB * a.H + kvh * G + cB % G) * a.hd;
+    const float zA = rA < R ? 1.0f : 0.0f, zB = rB < R ? 1.0f : 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < KT; kk++) {
+      int col = kk * 16 + 2 * tq;
+      qf[kk][0] = Mma<KV>::pack(zA * qA[col], zA * qA[col + 1]);
+      qf[kk][1] = Mma<KV>::pack(zB * qB[col], zB * qB[col + 1]);
+      qf[kk][2] = Mma<KV>::pack(zA * qA[col + 8], zA * qA[col + 9]);
+      qf[kk][3] = Mma<KV>::pack(zB * qB[col + 8], zB * qB[col + 9]);
+    }
+  }
+
+  const KV *kg = (const KV *)a.k + (int64_t)kvh * a.hd;
+  const KV *vg = (const KV *)a.v + (int64_t)kvh * a.hd;
+  const int ntile = (int)((k_end - k_begin + TK - 1) / TK);
+  auto load = [&](int j) {
+    constexpr int CPR = HD / 8;
+    KV *kt = tiles + (size_t)(j % STAGES) * 2 * TK * LD, *vt = kt + TK * LD;
+    for (int e = threadIdx.x; e < TK * CPR; e += NW * 32) {
+      int r = e / CPR, cc = e % CPR;
+      int64_t key = k_begin + (int64_t)j * TK + r;
+      bool ok = key < k_end;
+      int64_t kr = ok ? key : k_begin;
+      cp_async16(kt + r * LD + cc * 8, kg + kr * a.ks0 + cc * 8, ok);
+      cp_async16(vt + r * LD + cc * 8, vg + kr * a.vs0 + cc * 8, ok);
+    }
+  };
+
+  float o[DT][4];
+#pragma unroll
+  for (int dn = 0; dn < DT; dn++) o[dn][0] = o[dn][1] = o[dn][2] = o[dn][3] = 0.0f;
+  float mA = -INFINITY, mB = -INFINITY, lA = 0.0f, lB = 0.0f;
+
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; s++) {
+    if (s < ntile) load(s);
+    cp_async_commit();
+  }
+  for (int j = 0; j < ntile; j++) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();
+    if (j + STAGES - 1 < ntile) load(j + STAGES - 1);
+    cp_async_commit();
+    const KV *Kt = tiles + (size_t)(j % STAGES) * 2 * TK * LD + warp * 16 * LD;
+    const KV *Vt = Kt + TK * LD;
+    float sc[2][4];
+#pragma unroll
+    for (int nn = 0; nn < 2; nn++) {
+      sc[nn][0] = sc[nn][1] = sc[nn][2] = sc[nn][3] = 0.0f;
+#pragma unroll
+      for (int kk = 0; kk < KT; kk += 2) {
+        uint32_t kb[4];
+        ldmatrix_x4(kb, Kt + (nn * 8 + (lane & 7)) * LD + kk * 16 + (lane >> 3) * 8);
+        Mma<KV>::run(sc[nn], qf[kk], kb[0], kb[1]);
+        Mma<KV>::run(sc[nn], qf[kk + 1], kb[2], kb[3]);
+      }
+    }
+    const int64_t kbase = k_begin + (int64_t)j * TK + warp * 16;
+    float mxA = -INFINITY, mxB = -INFINITY;
+#pragma unroll
+    for (int nn = 0; nn < 2; nn++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        int64_t key = kbase + nn * 8 + 2 * tq + (e & 1);
+        bool ok = key < k_end && key <= a.pos0 + (e < 2 ? tA : tB);
+        float v = ok ? sc[nn][e] * qs : -INFINITY;
+        sc[nn][e] = v;
+        if (e < 2) mxA = fmaxf(mxA, v);
+        else mxB = fmaxf(mxB, v);
+      }
+#pragma unroll
+    for (int off = 1; off < 4; off <<= 1) {
+      mxA = fmaxf(mxA, __shfl_xor_sync(0xffffffffu, mxA, off));
+      mxB = fmaxf(mxB, __shfl_xor_sync(0xffffffffu, mxB, off));
+    }
+    /* a warp's 16 keys may all be masked for a row: keep every step finite */
+    const float nA = fmaxf(mA, mxA), nB = fmaxf(mB, mxB);
+    const float corrA = mA == -INFINITY ? 0.0f : exp2f(mA - nA), corrB = mB == -INFINITY ? 0.0f : exp2f(mB - nB);
+    mA = nA;
+    mB = nB;
+    lA *= corrA;
+    lB *= corrB;
+#pragma unroll
+    for (int dn = 0; dn < DT; dn++) {
+      o[dn][0] *= corrA;
+      o[dn][1] *= corrA;
+      o[dn][2] *= corrB;
+      o[dn][3] *= corrB;
+    }
+#pragma unroll
+    for (int nn = 0; nn < 2; nn++) {
+      sc[nn][0] = sc[nn][0] == -INFINITY ? 0.0f : exp2f(sc[nn][0] - nA);
+      sc[nn][1] = sc[nn][1] == -INFINITY ? 0.0f : exp2f(sc[nn][1] - nA);
+      sc[nn][2] = sc[nn][2] == -INFINITY ? 0.0f : exp2f(sc[nn][2] - nB);
+      sc[nn][3] = sc[nn][3] == -INFINITY ? 0.0f : exp2f(sc[nn][3] - nB);
+      lA += sc[nn][0] + sc[nn][1];
+      lB += sc[nn][2] + sc[nn][3];
+    }
+    uint32_t pa[4];
+    pa[0] = Mma<KV>::pack(sc[0][0], sc[0][1]);
+    pa[1] = Mma<KV>::pack(sc[0][2], sc[0][3]);
+    pa[2] = Mma<KV>::pack(sc[1][0], sc[1][1]);
+    pa[3] = Mma<KV>::pack(sc[1][2], sc[1][3]);
+#pragma unroll
+    for (int dn = 0; dn < DT; dn += 2) {
+      uint32_t vb[4];
+      ldmatrix_x4_trans(vb, Vt + (lane & 15) * LD + (dn + (lane >> 4)) * 8);
+      Mma<KV>::run(o[dn], pa, vb[0], vb[1]);
+      Mma<KV>::run(o[dn + 1], pa, vb[2], vb[3]);
+    }
+  }
+#pragma unroll
+  for (int off = 1; off < 4; off <<= 1) {
+    lA += __shfl_xor_sync(0xffffffffu, lA, off);
+    lB += __shfl_xor_sync(0xffffffffu, lB, off);
+  }
+  cp_async_wait<0>();
+  __syncthreads(); /* the tiles' memory now holds the merge of the warps */
+  float *sm_o = reinterpret_cast<float *>(smem); /* [NW][16][HD] */
+  float *sm_m = sm_o + NW * 16 * HD;             /* [NW][16] */
+  float *sm_l = sm_m + NW * 16;                  /* [NW][16] */
+#pragma unroll
+  for (int dn = 0; dn < DT; dn++) {
+    int col = dn * 8 + 2 * tq;
+    sm_o[(warp * 16 + g) * HD + col] = o[dn][0];
+    sm_o[(warp * 16 + g) * HD + col + 1] = o[dn][1];
+    sm_o[(warp * 16 + g + 8) * HD + col] = o[dn][2];
+    sm_o[(warp * 16 + g + 8) * HD + col + 1] = o[dn][3];
+  }
+  if (tq == 0) {
+    sm_m[warp * 16 + g] = mA;
+    sm_m[warp * 16 + g + 8] = mB;
+    sm_l[warp * 16 + g] = lA;
+    sm_l[warp * 16 + g + 8] = lB;
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < 16 * HD; e += NW * 32) {
+    int i = e / HD, d = e % HD;
+    int64_t r = r0 + i;
+    if (r >= R || d >= a.hd) continue;
+    float M = -INFINITY;
+#pragma unroll
+    for (int v = 0; v < NW; v++) M = fmaxf(M, sm_m[v * 16 + i]);
+    float L = 0.0f, A = 0.0f;
+#pragma unroll
+    for (int v = 0; v < NW; v++) {
+      float mv = sm_m[v * 16 + i];
+      float f = (mv == -INFINITY) ? 0.0f : exp2f(mv - M);
+      L += sm_l[v * 16 + i] * f;
+      A += sm_o[(v * 16 + i) * HD + d] * f;
+    }
+    int64_t row = (r / G) * a.H + kvh * G + r % G;
+    if (splits == 1) {
+      a.out[row * a.hd + d] = A / L;
+    } else {
+      int64_t slot = row * splits + split;
+      part_acc[slot * a.hd + d] = A;
+      if (d == 0) part_ml[slot] = make_float2(M, L);
+    }
+  }
+}
+
 __global__ void merge_kernel(msh_k_attn a, int splits, int chunk, const float2 *part_ml, const float *part_acc) {
   int64_t row = blockIdx.x; /* t * H + h */
   int64_t t = row / a.H;
@@ -302,7 +501,9 @@ __global__ void merge_kernel(msh_k_attn a, int splits, int chunk, const float2 *
 /* ------------------------------------------------------------------------------- host */
 
 struct Plan {
-  int HDP, GT, ntiles, splits, chunk, vec, smem, occ;
+  int tc;                             /* tensor-core kernel (else the fp32 one) */
+  int HDP, GT, ntiles, rtiles, vec;   /* instance and grid shape */
+  int splits, chunk, smem, occ;
 };
 
 template <typename KV, int HDP, int GT, typename Op> cudaError_t with_pipe(const Plan &p, Op &op) {
@@ -371,32 +572,69 @@ struct LaunchOp {
   }
 };
 
-/* occupancy per (dtype, HDP, GT, pipe), asked once per process (devices assumed alike) */
+template <typename KV, int HD> cudaError_t tc_occupancy(int *blocks) {
+  typedef TcCfg<KV, HD> C;
+  cudaError_t e =
+      cudaFuncSetAttribute(decode_tc_kernel<KV, HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
+  if (e != cudaSuccess) return e;
+  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, decode_tc_kernel<KV, HD>, NW * 32, C::SMEM);
+}
+
+template <typename KV, int HD>
+cudaError_t tc_launch(cudaStream_t s, const msh_k_attn *a, const Plan &p, float2 *ml, float *acc) {
+  typedef TcCfg<KV, HD> C;
+  cudaError_t e =
+      cudaFuncSetAttribute(decode_tc_kernel<KV, HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
+  if (e != cudaSuccess) return e;
+  dim3 grid((unsigned)p.splits, (unsigned)(a->KVH * p.rtiles), 1);
+  decode_tc_kernel<KV, HD><<<grid, NW * 32, C::SMEM, s>>>(*a, p.splits, p.chunk, p.rtiles, ml, acc);
+  return cudaGetLastError();
+}
+
+/* occupancy per instance, asked once per process (devices assumed alike) */
 int occ_cache[3][3][4][2];
 int smem_cache[3][3][4][2];
+int tc_occ_cache[2][2];
 
 cudaError_t plan_for(const msh_k_attn *a, int sm_count, Plan &p) {
   p.HDP = a->hd <= 64 ? 64 : a->hd <= 128 ? 128 : 256;
   int G = a->H / a->KVH;
   p.GT = G <= 1 ? 1 : G <= 2 ? 2 : G <= 4 ? 4 : 8;
   p.ntiles = (G + p.GT - 1) / p.GT;
+  p.rtiles = (int)(((int64_t)a->T * G + 15) / 16);
   size_t es = msh_dtype_size(a->kv_dt);
   p.vec = a->hd % 8 == 0 && aligned16(a->k) && aligned16(a->v) && (a->ks0 * es) % 16 == 0 && (a->vs0 * es) % 16 == 0;
-  int di = a->kv_dt == MSH_F32 ? 0 : a->kv_dt == MSH_F16 ? 1 : 2;
-  int hi = p.HDP == 64 ? 0 : p.HDP == 128 ? 1 : 2;
-  int gi = p.GT == 1 ? 0 : p.GT == 2 ? 1 : p.GT == 4 ? 2 : 3;
-  int *occ = &occ_cache[di][hi][gi][p.vec], *smem = &smem_cache[di][hi][gi][p.vec];
-  if (*occ == 0) {
-    OccupancyOp op = {0, 0};
-    cudaError_t e = with_instance(a->kv_dt, p, op);
-    if (e != cudaSuccess) return e;
-    *smem = op.smem;
-    *occ = op.blocks > 0 ? op.blocks : 1;
+  p.tc = (a->kv_dt == MSH_F16 || a->kv_dt == MSH_BF16) && (a->hd == 64 || a->hd == 128) && p.vec;
+  int64_t base;
+  if (p.tc) {
+    int di = a->kv_dt == MSH_F16 ? 0 : 1, hi = a->hd == 64 ? 0 : 1;
+    int *occ = &tc_occ_cache[di][hi];
+    if (*occ == 0) {
+      cudaError_t e = a->kv_dt == MSH_F16 ? (a->hd == 64 ? tc_occupancy<f16, 64>(occ) : tc_occupancy<f16, 128>(occ))
+                                          : (a->hd == 64 ? tc_occupancy<bf16, 64>(occ) : tc_occupancy<bf16, 128>(occ));
+      if (e != cudaSuccess) return e;
+      if (*occ < 1) *occ = 1;
+    }
+    p.occ = *occ;
+    p.smem = 0;
+    base = (int64_t)a->KVH * p.rtiles;
+  } else {
+    int di = a->kv_dt == MSH_F32 ? 0 : a->kv_dt == MSH_F16 ? 1 : 2;
+    int hi = p.HDP == 64 ? 0 : p.HDP == 128 ? 1 : 2;
+    int gi = p.GT == 1 ? 0 : p.GT == 2 ? 1 : p.GT == 4 ? 2 : 3;
+    int *occ = &occ_cache[di][hi][gi][p.vec], *smem = &smem_cache[di][hi][gi][p.vec];
+    if (*occ == 0) {
+      OccupancyOp op = {0, 0};
+      cudaError_t e = with_instance(a->kv_dt, p, op);
+      if (e != cudaSuccess) return e;
+      *smem = op.smem;
+      *occ = op.blocks > 0 ? op.blocks : 1;
+    }
+    p.occ = *occ;
+    p.smem = *smem;
+    base = (int64_t)a->T * a->KVH * p.ntiles;
   }
-  p.occ = *occ;
-  p.smem = *smem;
   int64_t maxn = a->pos0 + a->T;
-  int64_t base = (int64_t)a->T * a->KVH * p.ntiles;
   int64_t target = (int64_t)p.occ * (sm_count > 0 ? sm_count : 132); /* one full wave */
   int64_t splits = (target + base - 1) / base;
   int64_t max_splits = (maxn + 63) / 64;
@@ -431,8 +669,13 @@ extern "C" cudaError_t msh_k_attn_decode(cudaStream_t s, const msh_k_attn *a, vo
     ml = (float2 *)work;
     acc = (float *)(ml + (size_t)a->T * a->H * p.splits);
   }
-  LaunchOp op = {s, a, &p, ml, acc};
-  e = with_instance(a->kv_dt, p, op);
+  if (p.tc) {
+    if (a->kv_dt == MSH_F16) e = a->hd == 64 ? tc_launch<f16, 64>(s, a, p, ml, acc) : tc_launch<f16, 128>(s, a, p, ml, acc);
+    else e = a->hd == 64 ? tc_launch<bf16, 64>(s, a, p, ml, acc) : tc_launch<bf16, 128>(s, a, p, ml, acc);
+  } else {
+    LaunchOp op = {s, a, &p, ml, acc};
+    e = with_instance(a->kv_dt, p, op);
+  }
   if (e != cudaSuccess || p.splits <= 1) return e;
   int threads = a->hd >= 128 ? 128 : (a->hd + 31) / 32 * 32;
   merge_kernel<<<(unsigned)((int64_t)a->T * a->H), threads, 0, s>>>(*a, p.splits, p.chunk, ml, acc);

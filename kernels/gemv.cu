@@ -123,8 +123,18 @@ cudaError_t launch(cudaStream_t s, float *out, const float *x, const void *w, in
   return cudaGetLastError();
 }
 
+int m1_variant = 0; /* shape of the M = 1 kernel (tuning; see msh_k_gemv_variant) */
+
 template <typename W> cudaError_t by_m(cudaStream_t s, float *out, const float *x, const void *w, int M, int64_t N, int64_t K) {
-  if (M <= 1) return launch<W, 1, 2, 4>(s, out, x, w, M, N, K);
+  if (M <= 1) {
+    switch (m1_variant) {
+    case 1: return launch<W, 1, 1, 8>(s, out, x, w, M, N, K);
+    case 2: return launch<W, 1, 2, 8>(s, out, x, w, M, N, K);
+    case 3: return launch<W, 1, 4, 4>(s, out, x, w, M, N, K);
+    case 4: return launch<W, 1, 4, 2>(s, out, x, w, M, N, K);
+    default: return launch<W, 1, 2, 4>(s, out, x, w, M, N, K);
+    }
+  }
   if (M <= 2) return launch<W, 2, 2, 4>(s, out, x, w, M, N, K);
   if (M <= 4) return launch<W, 4, 2, 2>(s, out, x, w, M, N, K);
   if (M <= 8) return launch<W, 8, 4, 1>(s, out, x, w, M, N, K);
@@ -132,6 +142,12 @@ template <typename W> cudaError_t by_m(cudaStream_t s, float *out, const float *
 }
 
 } // namespace
+
+extern "C" int msh_k_gemv_variant(int v) {
+  int old = m1_variant;
+  m1_variant = v;
+  return old;
+}
 
 extern "C" cudaError_t msh_k_gemv(cudaStream_t s, float *out, const float *x, const void *w, int w_dt, int64_t M,
                                   int64_t N, int64_t K) {

@@ -16,6 +16,7 @@
 
 #include "cuda_internal.h"
 #include "moonshard.h"
+#include "msh_kernels.h"
 
 static cudaStream_t stream;
 static double copy_bw;   /* bytes / s, read + written */
@@ -248,11 +249,13 @@ static double bench_matmul(int64_t M, int64_t N, int64_t K, const char *path) {
     c.w[i] = dev_tensor(MSH_BF16, 2, ws);
     fill_random(c.w[i], 11 + (uint64_t)i);
   }
-  int old = msh_cuda_set_gemv_max_m(0, strcmp(path, "gemv") ? 0 : 16);
+  int old = msh_cuda_set_gemv_max_m(0, strncmp(path, "gemv", 4) ? 0 : 16);
+  int old_variant = msh_k_gemv_variant(!strncmp(path, "gemv-v", 6) ? atoi(path + 6) : 0);
   double flops = 2.0 * M * N * K, bytes = wbytes + 4.0 * M * K + 4.0 * M * N;
   double t = time_op(mm_op, &c, M >= 512 ? 4 : 20, 15);
   double tg = time_graph(mm_op, &c, M >= 512 ? 4 : 20, 15);
   msh_cuda_set_gemv_max_m(0, old);
+  msh_k_gemv_variant(old_variant);
   const char *kind;
   double fl = floor_of(bytes, flops, &kind);
   char extra[160];
@@ -320,7 +323,13 @@ static void bench_attention(int64_t T, int64_t ctx, const char *name) {
 
 /* ----------------------------------------------------------------------------------- main */
 
-int main(void) {
+/* argv[1], when given, runs only the benchmarks whose name contains it (for profilers), against
+ * the H200 ceilings of PERFORMANCE.md instead of measured ones. */
+static const char *only = NULL;
+static int wanted(const char *name) { return !only || strstr(name, only) != NULL; }
+
+int main(int argc, char **argv) {
+  only = argc > 1 ? argv[1] : NULL;
   int count = 0;
   OK(msh_device_count(MSH_CUDA, &count));
   if (count == 0) {
@@ -332,32 +341,48 @@ int main(void) {
   CU(cudaGetDeviceProperties(&prop, 0));
   printf("{\"bench\":\"device\",\"name\":\"%s\",\"sm\":%d,\"l2_MB\":%.0f,\"mem_GB\":%.1f}\n", prop.name,
          prop.multiProcessorCount, prop.l2CacheSize / 1048576.0, prop.totalGlobalMem / 1e9);
-  measure_ceilings();
+  if (only) {
+    copy_bw = 4.21e12;
+    gemm_rate = 795e12;
+  } else {
+    measure_ceilings();
+  }
 
   /* Llama-3-8B projections (N, K): q/o, k/v, gate/up, down, lm head */
   static const int64_t shapes[][2] = {{4096, 4096}, {1024, 4096}, {14336, 4096}, {4096, 14336}, {128256, 4096}};
   double t1[5] = {0};
-  for (int s = 0; s < 5; s++) {
-    t1[s] = bench_matmul(1, shapes[s][0], shapes[s][1], "gemv");
-    bench_matmul(1, shapes[s][0], shapes[s][1], "cublas");
-    for (int64_t M = 2; M <= 16; M *= 2) {
-      if (M != 16 && s != 0 && s != 2) continue; /* the small-batch sweep on two shapes */
-      bench_matmul(M, shapes[s][0], shapes[s][1], "gemv");
-      bench_matmul(M, shapes[s][0], shapes[s][1], "cublas");
+  if (wanted("gemv_decode")) {
+    for (int s = 0; s < 5; s++) {
+      t1[s] = bench_matmul(1, shapes[s][0], shapes[s][1], "gemv");
+      bench_matmul(1, shapes[s][0], shapes[s][1], "cublas");
+      for (int64_t M = 2; M <= 16; M *= 2) {
+        if (M != 16 && s != 0 && s != 2) continue; /* the small-batch sweep on two shapes */
+        bench_matmul(M, shapes[s][0], shapes[s][1], "gemv");
+        bench_matmul(M, shapes[s][0], shapes[s][1], "cublas");
+      }
+      bench_matmul(64, shapes[s][0], shapes[s][1], "cublas");
     }
-    bench_matmul(64, shapes[s][0], shapes[s][1], "cublas");
+    /* shapes of the M = 1 kernel: rows per warp x chunks in flight (default 2 x 4) */
+    for (int v = 1; v <= 4; v++)
+      for (int s = 0; s < 5; s++) {
+        char path[16];
+        snprintf(path, sizeof path, "gemv-v%d", v);
+        bench_matmul(1, shapes[s][0], shapes[s][1], path);
+      }
+    /* one decode token's projections (graph times): 32 layers x (q, k, v, o, gate, up, down) + lm head */
+    double step = 32 * (2 * t1[0] + 2 * t1[1] + 2 * t1[2] + t1[3]) + t1[4];
+    double wbytes = 32 * (2.0 * 4096 * 4096 + 2.0 * 1024 * 4096 + 3.0 * 14336 * 4096) * 2 + 128256.0 * 4096 * 2;
+    printf("{\"bench\":\"llama3_8b_decode_matmuls_b1\",\"us\":%.1f,\"floor_us\":%.1f,\"efficiency\":%.3f,\"tok_s\":%.1f}\n",
+           step * 1e6, wbytes / copy_bw * 1e6, wbytes / copy_bw / step, 1.0 / step);
   }
-  /* one decode token's projections (graph times): 32 layers x (q, k, v, o, gate, up, down) + lm head */
-  double step = 32 * (2 * t1[0] + 2 * t1[1] + 2 * t1[2] + t1[3]) + t1[4];
-  double wbytes = 32 * (2.0 * 4096 * 4096 + 2.0 * 1024 * 4096 + 3.0 * 14336 * 4096) * 2 + 128256.0 * 4096 * 2;
-  printf("{\"bench\":\"llama3_8b_decode_matmuls_b1\",\"us\":%.1f,\"floor_us\":%.1f,\"efficiency\":%.3f,\"tok_s\":%.1f}\n",
-         step * 1e6, wbytes / copy_bw * 1e6, wbytes / copy_bw / step, 1.0 / step);
-
-  for (int s = 0; s < 5; s++) bench_matmul(2048, shapes[s][0], shapes[s][1], "cublas");
-
-  bench_attention(1, 1024, "attn_decode");
-  bench_attention(1, 8192, "attn_decode");
-  bench_attention(1, 32768, "attn_decode");
-  bench_attention(2048, 2048, "attn_prefill");
+  if (wanted("gemm_prefill"))
+    for (int s = 0; s < 5; s++) bench_matmul(2048, shapes[s][0], shapes[s][1], "cublas");
+  if (wanted("attn_decode")) {
+    bench_attention(1, 1024, "attn_decode");
+    bench_attention(1, 8192, "attn_decode");
+    bench_attention(1, 32768, "attn_decode");
+    bench_attention(16, 8192, "attn_decode");
+  }
+  if (wanted("attn_prefill")) bench_attention(2048, 2048, "attn_prefill");
   return 0;
 }

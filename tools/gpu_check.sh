@@ -7,7 +7,8 @@
 #
 # Environment: OUT (where logs and bench.jsonl go; default /tmp/msh-gpu-check), MSH_GPU_TESTS=0
 # skips the tests, MSH_GPU_BENCH=0 skips the benchmarks, MSH_GPU_SANITIZE=1 runs the GPU tests
-# under compute-sanitizer too, MSH_JOBS sets the build parallelism.
+# under compute-sanitizer too, MSH_GPU_PROFILE=1 runs Nsight Compute over the attention and GEMV
+# kernels (ncu_*.txt), MSH_JOBS sets the build parallelism.
 # Exit status: 0 when the build and every test passed, 1 otherwise.
 set -u -o pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
@@ -50,7 +51,7 @@ echo "built in $(( $(date +%s) - t0 )) s"
 
 bench_bin=build-gpu/bench_gpu_ops
 cuda_home=${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc)")")}
-cc -std=c11 -O2 -Wall -Wextra tools/bench_gpu_ops.c -Icore/include -Icore/src -Icore/cuda \
+cc -std=c11 -O2 -Wall -Wextra tools/bench_gpu_ops.c -Icore/include -Icore/src -Icore/cuda -Ikernels \
   -I"$cuda_home/include" -Lbuild-gpu -lmoonshard -L"$cuda_home/lib64" \
   -lcudart -lcublas -lm -Wl,-rpath,"$root/build-gpu" -o "$bench_bin" || status=1
 
@@ -79,6 +80,19 @@ if [ "${MSH_GPU_BENCH:-1}" != 0 ] && [ -x "$bench_bin" ]; then
   cat "$out/bench.jsonl"
 fi
 
+if [ "${MSH_GPU_PROFILE:-0}" = 1 ] && command -v ncu > /dev/null && [ -x "$bench_bin" ]; then
+  echo "== ncu (clocks left alone)"
+  sections="--section SpeedOfLight --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis"
+  # shellcheck disable=SC2086
+  ncu --clock-control none $sections -k "regex:prefill_kernel|decode_tc_kernel" -c 4 "$bench_bin" attn \
+    > "$out/ncu_attn.txt" 2>&1 || true
+  # shellcheck disable=SC2086
+  ncu --clock-control none $sections -k "regex:gemv_vec_kernel" -s 2 -c 2 "$bench_bin" gemv_decode \
+    > "$out/ncu_gemv.txt" 2>&1 || true
+  grep -h -E "^  [a-z_]+.*\(|Duration|Memory Throughput|DRAM Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per|Stall|Warp Cycles Per Issued|Issued Warp" \
+    "$out/ncu_attn.txt" "$out/ncu_gemv.txt" | cut -c1-150 | head -80
+fi
+
 echo
 echo "== summary ($(( $(date +%s) - t_start )) s)"
 echo "GPU tests: $gpu_summary"
@@ -98,7 +112,7 @@ for r in rows:
         print(f"Llama-3-8B decode projections, batch 1: {r['us']:.0f} us/token ({r['tok_s']:.0f} tok/s), "
               f"{100 * r['efficiency']:.0f}% of the bandwidth floor")
 print("us: stream launches; graph: the same ops replayed from a CUDA graph; eff = floor / graph time")
-print(f"{'bench':<13} {'shape':<24} {'path':<7} {'us':>8} {'graph':>8} {'floor':>8} {'eff':>5} {'GB/s':>6} {'TFLOP/s':>7}")
+print(f"{'bench':<13} {'shape':<24} {'path':<8} {'us':>8} {'graph':>8} {'floor':>8} {'eff':>5} {'GB/s':>6} {'TFLOP/s':>7}")
 for r in rows:
     if "efficiency" not in r or r["bench"].startswith("llama3"):
         continue
@@ -106,7 +120,7 @@ for r in rows:
         shape = f"M{r['M']} {r['K']}->{r['N']}"
     else:
         shape = f"T{r['T']} ctx{r['ctx']} 32/8x128"
-    print(f"{r['bench']:<13} {shape:<24} {r.get('path', '-'):<7} {r['us']:>8.1f} {r['us_graph']:>8.1f} "
+    print(f"{r['bench']:<13} {shape:<24} {r.get('path', '-'):<8} {r['us']:>8.1f} {r['us_graph']:>8.1f} "
           f"{r['floor_us']:>8.1f} {100 * r['efficiency']:>4.0f}% {r['GBps']:>6.0f} {r['TFLOPs']:>7.1f}")
 EOF
 fi

@@ -41,7 +41,7 @@ typedef struct msh_cuda_dev {
   size_t scratch_bytes;
   int32_t *dev_words;      /* 64 device int32: error flags, small results */
   int32_t *host_words;     /* 64 pinned host int32 */
-  int gemv_max_m;          /* matmul takes the GEMV kernel for M <= this (default 16) */
+  int gemv_max_m;          /* matmul takes the GEMV kernel for M <= this (default 1) */
 } msh_cuda_dev;
 
 /* Makes device_index current on this thread and returns its state (created on first use).
