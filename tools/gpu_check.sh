@@ -65,7 +65,7 @@ if [ "${MSH_GPU_TESTS:-1}" != 0 ]; then
   gpu_summary="$(grep -E "tests passed|tests failed" "$out/ctest_gpu.log" | tail -1) ($(( $(date +%s) - t0 )) s)"
   if [ "${MSH_GPU_SANITIZE:-0}" = 1 ] && command -v compute-sanitizer > /dev/null; then
     echo "== compute-sanitizer memcheck"
-    compute-sanitizer --tool memcheck --leak-check full build-gpu/gpu_test_cuda_ops > "$out/sanitizer.log" 2>&1 || status=1
+    timeout 240 compute-sanitizer --tool memcheck build-gpu/gpu_test_cuda_ops > "$out/sanitizer.log" 2>&1 || status=1
     tail -5 "$out/sanitizer.log"
   fi
   echo "== C tests (ctest -R ^c/)"
