@@ -26,11 +26,18 @@ function M.load(path, opts)
   local loaded, err = require("moonshard.loader").load(path, opts)
   if not loaded then return nil, err end
   local device = opts.device or "cpu"
-  local stage = require("moonshard.stage").resident(loaded.desc.weights, device,
-    { dtype = opts.dtype or (device == "cpu" and "f32" or "bf16") })
-  local net = require("moonshard.models.llama").new(loaded.desc, {
-    device = device, max_seq = opts.max_seq, chunk = opts.chunk, kv_dtype = opts.kv_dtype, stage = stage,
-  })
+  -- placing weights and buffers can fail at run time (no such device, out of memory)
+  local ok, net = pcall(function()
+    local stage = require("moonshard.stage").resident(loaded.desc.weights, device,
+      { dtype = opts.dtype or (device == "cpu" and "f32" or "bf16") })
+    return require("moonshard.models.llama").new(loaded.desc, {
+      device = device, max_seq = opts.max_seq, chunk = opts.chunk, kv_dtype = opts.kv_dtype, stage = stage,
+    })
+  end)
+  if not ok then
+    collectgarbage() -- release whatever was placed before the failure
+    return nil, string.format("'%s' on %s: %s", path, device, tostring(net):gsub("^[^:]*:%d+: ", ""))
+  end
   return setmetatable({ desc = loaded.desc, tokenizer = loaded.tokenizer, net = net, path = path }, Model)
 end
 

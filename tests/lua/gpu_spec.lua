@@ -1,0 +1,56 @@
+-- Model paths on a CUDA device against the same golden output and reference logits as the CPU.
+-- Pending (not failed) where the build has no CUDA backend or no GPU is present.
+local h = require "helpers"
+local moonshard = require "moonshard"
+local ffi = require "ffi"
+
+local function gpu_count()
+  local n = ffi.new("int[1]")
+  if moonshard.C.msh_device_count(moonshard.C.MSH_CUDA, n) ~= 0 then return 0 end
+  return n[0]
+end
+
+local function reference(name)
+  local st = ffi.new("msh_safetensors*[1]")
+  moonshard.core.check(moonshard.C.msh_safetensors_open(st, h.hf .. "/reference.safetensors"))
+  local idx, t = ffi.new("int[1]"), ffi.new("msh_tensor*[1]")
+  moonshard.core.check(moonshard.C.msh_safetensors_find(st[0], name, idx))
+  moonshard.core.check(moonshard.C.msh_safetensors_tensor(st[0], idx[0], t))
+  local v = t[0]:values()
+  moonshard.C.msh_tensor_free(t[0])
+  moonshard.C.msh_safetensors_free(st[0])
+  return v
+end
+
+describe("CUDA device", function()
+  if gpu_count() == 0 then
+    pending("no CUDA device (or no CUDA backend in this build): GPU model tests skipped")
+    return
+  end
+
+  it("generates the stories260K golden text greedily (f32 weights)", function()
+    local golden = h.read(h.stories .. "/expected_greedy_200.txt")
+    local m = assert(moonshard.load(h.stories, { device = "cuda", dtype = "f32" }))
+    local parts = {}
+    assert(m:generate({ prompt = "", max_tokens = 200, temperature = 0 }, function(s) parts[#parts + 1] = s end))
+    assert.are.equal(golden, table.concat(parts))
+  end)
+
+  for _, case in ipairs { { "f32", "f32", 1e-4 }, { "bf16", "f32", 1e-4 }, { "llama3", "f32", 1e-4 },
+                          { "f32", "bf16", 5e-2 } } do
+    local name, dtype, tol = case[1], case[2], case[3]
+    it(string.format("%s checkpoint, %s weights on the GPU: logits within %g of transformers", name, dtype, tol), function()
+      local ids = reference("ids")
+      local m = assert(moonshard.load(h.hf .. "/" .. name, { device = "cuda", dtype = dtype }))
+      local logits = assert(m:forward(ids, 0, { all_logits = true }))
+      local diff = h.max_abs_diff(logits:values(), reference("logits_" .. name))
+      assert.is_true(diff < tol, string.format("max |diff| %.3g", diff))
+    end)
+  end
+
+  it("names a device that does not exist", function()
+    local ok, err = moonshard.load(h.stories, { device = "cuda:" .. gpu_count() })
+    assert.is_nil(ok)
+    assert.truthy(tostring(err):find("does not exist", 1, true), err)
+  end)
+end)
