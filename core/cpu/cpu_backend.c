@@ -26,6 +26,9 @@ int msh_get_num_threads(void) {
   return n;
 }
 
+/* OpenBLAS's own thread pool would fight our OpenMP threads for the cores: matmul splits output
+ * columns between our threads instead, and each calls sgemm on one thread. (This is process-wide;
+ * nothing else in moonshard calls BLAS.) */
 static pthread_once_t blas_once = PTHREAD_ONCE_INIT;
 static void blas_single_thread(void) { openblas_set_num_threads(1); }
 void msh_cpu_blas_init(void) { pthread_once(&blas_once, blas_single_thread); }
@@ -39,9 +42,29 @@ typedef struct {
 
 static _Thread_local scratch_buf scratch[2];
 
+/* A thread's buffers go when the thread exits (a key with a destructor: _Thread_local has none). */
+static pthread_key_t scratch_key;
+static int scratch_key_ok;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+
+static void scratch_release(void *bufs) {
+  scratch_buf *b = bufs;
+  for (int i = 0; i < 2; i++) {
+    free(b[i].p);
+    b[i].p = NULL;
+    b[i].cap = 0;
+  }
+}
+
+static void scratch_key_new(void) { scratch_key_ok = pthread_key_create(&scratch_key, scratch_release) == 0; }
+
 float *msh_cpu_scratch(int slot, size_t n) {
   scratch_buf *b = &scratch[slot];
   if (n <= b->cap) return b->p;
+  if (!scratch[0].p && !scratch[1].p) { /* this thread's first buffer: free it at thread exit */
+    pthread_once(&scratch_once, scratch_key_new);
+    if (scratch_key_ok) pthread_setspecific(scratch_key, scratch);
+  }
   size_t cap = b->cap + b->cap / 2;
   if (cap < n) cap = n;
   cap = (cap + 15) & ~(size_t)15; /* whole 64-byte lines */

@@ -149,8 +149,9 @@ typedef struct {
   int64_t next;   /* the first column nobody has claimed yet (atomic) */
 } mm_args;
 
-/* Skinny M: columns [n0, n1). M == 1 runs straight through; M > 1 goes by weight blocks that stay
- * in L1 (widened to f32 first when they are f16/bf16, so each weight is widened once). */
+/* Small M: columns [n0, n1). M == 1 runs straight through; M > 1 goes by blocks of weight rows that
+ * stay in cache (L1 for K up to 1536) while the rows of x pass over them, widened to f32 first when
+ * they are f16/bf16, so that each weight is widened once. */
 static int skinny_part(const mm_args *a, int64_t n0, int64_t n1) {
   int64_t M = a->M, N = a->N, K = a->K;
   if (M == 1) {
@@ -236,8 +237,9 @@ msh_status msh_cpu_matmul(msh_tensor *out, const msh_tensor *x, const msh_tensor
   if (nt <= 1) {
     failed = skinny ? skinny_part(&a, 0, a.N) : gemm_part(&a, 0, a.N);
   } else {
-    /* about 8 chunks a thread, whole blocks of 16 columns (64-byte lines of out) */
-    int64_t chunk = (a.N + 8 * nt - 1) / (8 * nt);
+    /* a few chunks a thread (each sgemm call packs x again: fewer there), whole blocks of 16
+     * columns (64-byte lines of out) */
+    int64_t per = skinny ? 8 * nt : 4 * nt, chunk = (a.N + per - 1) / per;
     a.chunk = (chunk + 15) & ~(int64_t)15;
 #pragma omp parallel num_threads(nt) reduction(| : failed)
     failed |= run_chunks(&a, skinny);

@@ -4,6 +4,7 @@
  * several, allowed aliasing, and the error cases (status and message). */
 #include "check.h"
 
+#include <pthread.h>
 #include <stdint.h>
 #include <string.h>
 #include <unistd.h>
@@ -505,6 +506,29 @@ static void test_threads(void) {
   msh_tensor_free(s2);
 }
 
+/* A thread that runs ops and exits: its scratch buffers go with it (LeakSanitizer checks). */
+static void *ops_on_a_thread(void *arg) {
+  int *ok = arg;
+  int64_t qs[3] = {2, 4, 16}, cs[3] = {300, 2, 16}, xs[2] = {3, 100}, ws[2] = {50, 100}, os[2] = {3, 50};
+  msh_tensor *q = NULL, *k = NULL, *v = NULL, *o = NULL, *x = NULL, *w = NULL, *y = NULL;
+  *ok = msh_tensor_new(&q, MSH_F32, 3, qs, MSH_CPU, 0) == MSH_OK && msh_tensor_new(&o, MSH_F32, 3, qs, MSH_CPU, 0) == MSH_OK &&
+        msh_tensor_new(&k, MSH_BF16, 3, cs, MSH_CPU, 0) == MSH_OK && msh_tensor_new(&v, MSH_BF16, 3, cs, MSH_CPU, 0) == MSH_OK &&
+        msh_tensor_new(&x, MSH_F32, 2, xs, MSH_CPU, 0) == MSH_OK && msh_tensor_new(&w, MSH_F16, 2, ws, MSH_CPU, 0) == MSH_OK &&
+        msh_tensor_new(&y, MSH_F32, 2, os, MSH_CPU, 0) == MSH_OK && msh_op_attention(o, q, k, v, 298, 0.25f) == MSH_OK &&
+        msh_op_matmul(y, x, w) == MSH_OK;
+  msh_tensor *ts[] = {q, k, v, o, x, w, y};
+  for (size_t i = 0; i < sizeof ts / sizeof ts[0]; i++) msh_tensor_free(ts[i]);
+  return NULL;
+}
+
+static void test_thread_exit(void) {
+  pthread_t th;
+  int ok = 0;
+  CHECK(pthread_create(&th, NULL, ops_on_a_thread, &ok) == 0);
+  CHECK(pthread_join(th, NULL) == 0);
+  CHECK(ok);
+}
+
 /* ------------------------------------------------------------------------------ empties */
 
 static void test_empty(void) {
@@ -614,6 +638,7 @@ int main(void) {
   test_set_rows();
   test_threads();
   test_empty();
+  test_thread_exit();
   test_errors();
   return check_done("test_ops");
 }
