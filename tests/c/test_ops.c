@@ -361,16 +361,17 @@ static void test_argmax(void) {
 /* ----------------------------------------------------------------------------- embedding */
 
 static void test_embedding(void) {
-  for (int d = 0; d < 3; d++) {
-    int64_t ts[2] = {37, 67}, is[1] = {9}, os[2] = {9, 67};
-    msh_tensor *table = trand(float_types[d], 2, ts), *ids = tnew(MSH_I32, 1, is), *o = tnew(MSH_F32, 2, os);
+  for (int d = 0; d < 6; d++) {
+    int64_t T = d < 3 ? 9 : 3001; /* 3001 rows: several threads */
+    int64_t ts[2] = {37, 67}, is[1] = {T}, os[2] = {T, 67};
+    msh_tensor *table = trand(float_types[d % 3], 2, ts), *ids = tnew(MSH_I32, 1, is), *o = tnew(MSH_F32, 2, os);
     int32_t *id = msh_tensor_data(ids);
-    for (int i = 0; i < 9; i++) id[i] = (int32_t)((i * 13 + 5) % 37);
+    for (int64_t i = 0; i < T; i++) id[i] = (int32_t)((i * 13 + 5) % 37);
     id[3] = 36;
     id[4] = 0;
     CHECK_OK(msh_op_embedding(o, table, ids));
     int ok = 1;
-    for (int i = 0; i < 9; i++)
+    for (int64_t i = 0; i < T; i++)
       for (int j = 0; j < 67; j++) ok &= at(o, i * 67 + j) == at(table, (int64_t)id[i] * 67 + j);
     CHECK(ok);
     msh_tensor_free(table);
