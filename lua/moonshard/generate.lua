@@ -13,7 +13,9 @@ local M = {}
 function M.run(model, opts, on_text)
   local tok, net = model.tokenizer, model.net
   if not tok then return nil, string.format("'%s': no tokenizer found beside the model", model.path) end
-  local ids = tok:encode(opts.prompt or "", true)
+  -- BOS in front only for models that want it (byte-level BPE models mostly do not)
+  local ids = tok:encode(opts.prompt or "", tok.add_bos ~= false)
+  if #ids == 0 then ids = { tok.bos or tok.eos } end
   if #ids >= net.max_seq then
     return nil, string.format("the prompt is %d tokens long, more than the context of %d tokens leaves room for",
       #ids, net.max_seq)

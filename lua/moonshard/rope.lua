@@ -2,7 +2,8 @@
 --   cfg = { theta = 10000, rotary_dim = head_dim, scaling = nil
 --           | { type = "linear", factor }
 --           | { type = "llama3", factor, low_freq_factor, high_freq_factor,
---               original_max_position_embeddings } }
+--               original_max_position_embeddings } },
+--         freq_factors = nil | { f1, f2, ... } (divisors per frequency: GGUF rope_freqs.weight) }
 -- Returns a Lua array of rotary_dim / 2 inverse frequencies (angle = position * inv_freq[i]).
 local M = {}
 
@@ -14,6 +15,11 @@ function M.inv_freq(cfg, head_dim)
   local inv = {}
   for i = 0, rot / 2 - 1 do
     inv[i + 1] = 1 / theta ^ (2 * i / rot)
+  end
+  local ff = cfg.freq_factors
+  if ff then
+    assert(#ff == #inv, "freq_factors must hold rotary_dim / 2 values")
+    for i = 1, #inv do inv[i] = inv[i] / ff[i] end
   end
   local sc = cfg.scaling
   if not sc or sc.type == nil or sc.type == "default" then return inv end

@@ -1,6 +1,8 @@
 -- moonshard.loaders.hf: Hugging Face model directories: config.json and model.safetensors, or
 -- shards listed in model.safetensors.index.json. Tensors are zero-copy views of the mapped
--- files; each is checked against the shape the config implies.
+-- files; each is checked against the shape the config implies. The tokenizer comes from
+-- tokenizer.json (byte-level BPE, moonshard.bpe) with tokenizer_config.json's special tokens and
+-- chat template.
 local core = require "moonshard.core"
 local cjson = require "cjson.safe"
 
@@ -192,7 +194,52 @@ function M.load(dir)
   if not ok2 then return nil, res end
   d.weights = res
   d.path = dir
+  local tc = exists(dir .. "/tokenizer_config.json") and read_json(dir .. "/tokenizer_config.json")
+  if type(tc) == "table" then d.chat_template = M.chat_template(tc) end
   return d
+end
+
+-- The text of a special-token entry of tokenizer_config.json ("<s>" or { content = "<s>" }).
+local function token_text(v)
+  if type(v) == "string" then return v end
+  if type(v) == "table" and type(v.content) == "string" then return v.content end
+  return nil
+end
+
+-- The chat template of a tokenizer_config.json (a string, or a list of named templates of which
+-- "default" is taken), or nil.
+function M.chat_template(tc)
+  local t = tc.chat_template
+  if type(t) == "string" then return t end
+  if type(t) == "table" then
+    for _, e in ipairs(t) do
+      if type(e) == "table" and e.name == "default" and type(e.template) == "string" then return e.template end
+    end
+    if type(t[1]) == "table" and type(t[1].template) == "string" then return t[1].template end
+  end
+  return nil
+end
+
+-- M.tokenizer_from_file(path, desc?) -> tokenizer | nil, message: a tokenizer.json, with the
+-- tokenizer_config.json beside it (bos_token, eos_token, add_bos_token) when there is one.
+function M.tokenizer_from_file(path, desc)
+  local tj, err = read_json(path)
+  if not tj then return nil, err end
+  local dir = path:match("^(.*)/[^/]*$") or "."
+  local tc = exists(dir .. "/tokenizer_config.json") and read_json(dir .. "/tokenizer_config.json") or {}
+  if type(tc) ~= "table" then tc = {} end
+  local bos = token_text(tc.bos_token) or (desc and desc.bos)
+  local eos = token_text(tc.eos_token) or (desc and desc.eos)
+  local tok, terr = require("moonshard.bpe").from_json(tj, {
+    name = "'" .. path .. "'", bos = bos, eos = eos, add_bos = type(tc.add_bos_token) == "boolean" and tc.add_bos_token or nil,
+  })
+  if not tok then return nil, terr end
+  return tok
+end
+
+-- M.tokenizer(dir, desc?) -> tokenizer | nil, message (dir/tokenizer.json)
+function M.tokenizer(dir, desc)
+  return M.tokenizer_from_file(dir .. "/tokenizer.json", desc)
 end
 
 return M
