@@ -153,27 +153,32 @@ void msh_cpu_convert(void *dst, int ddt, const void *src, int sdt, int64_t n) {
 
 /* ------------------------------------------------------------------------------- copies */
 
+/* n elements of es bytes, element strides ds and ss. */
+static void strided_move(char *d, int64_t ds, const char *s, int64_t ss, size_t es, int64_t n) {
+  if (es == 4)
+    for (int64_t i = 0; i < n; i++) ((uint32_t *)d)[i * ds] = ((const uint32_t *)s)[i * ss];
+  else if (es == 2)
+    for (int64_t i = 0; i < n; i++) ((uint16_t *)d)[i * ds] = ((const uint16_t *)s)[i * ss];
+  else
+    for (int64_t i = 0; i < n; i++) d[i * ds] = s[i * ss];
+}
+
 /* One run of n elements with element strides ds, ss (in elements of each side's dtype). */
 static void copy_run(char *d, int ddt, int64_t ds, const char *s, int sdt, int64_t ss, int64_t n) {
+  size_t des = msh_dtype_size(ddt), ses = msh_dtype_size(sdt);
   if (ds == 1 && ss == 1) {
     msh_cpu_convert(d, ddt, s, sdt, n);
-    return;
-  }
-  size_t des = msh_dtype_size(ddt);
-  if (ddt == sdt) {
-    if (des == 4)
-      for (int64_t i = 0; i < n; i++) ((uint32_t *)d)[i * ds] = ((const uint32_t *)s)[i * ss];
-    else if (des == 2)
-      for (int64_t i = 0; i < n; i++) ((uint16_t *)d)[i * ds] = ((const uint16_t *)s)[i * ss];
-    else
-      for (int64_t i = 0; i < n; i++) d[i * ds] = s[i * ss];
-    return;
-  }
-  for (int64_t i = 0; i < n; i++) {
-    float v = msh_cpu_load(s, i * ss, sdt);
-    if (ddt == MSH_F32) ((float *)d)[i * ds] = v;
-    else if (ddt == MSH_F16) ((uint16_t *)d)[i * ds] = msh_f32_to_f16(v);
-    else ((uint16_t *)d)[i * ds] = msh_cpu_f32_bf16(v);
+  } else if (ddt == sdt) {
+    strided_move(d, ds, s, ss, des, n);
+  } else { /* strided and converting: gather, convert, scatter by blocks (no dtype switch per element) */
+    enum { B = 256 };
+    float sbuf[B], dbuf[B];
+    for (int64_t i = 0; i < n; i += B) {
+      int64_t m = n - i < B ? n - i : B;
+      strided_move((char *)sbuf, 1, s + i * ss * (int64_t)ses, ss, ses, m);
+      msh_cpu_convert(dbuf, ddt, sbuf, sdt, m);
+      strided_move(d + i * ds * (int64_t)des, ds, (const char *)dbuf, 1, des, m);
+    }
   }
 }
 
