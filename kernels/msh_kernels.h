@@ -51,8 +51,9 @@ cudaError_t msh_k_rmsnorm(cudaStream_t s, float *out, const float *x, const void
  * decode path (16-byte weight loads, several rows per block, warp-shuffle reductions). */
 cudaError_t msh_k_gemv(cudaStream_t s, float *out, const float *x, const void *w, int w_dt, int64_t M,
                        int64_t N, int64_t K);
-/* Tuning hook for benchmarks: selects the shape (rows per warp, chunks in flight) of the M = 1
- * kernel, 0 being the default; returns the previous choice. */
+/* Tuning hook for benchmarks: selects the shape of the M = 1 kernel (rows per warp x 16-byte
+ * chunks in flight per row): 0 by matrix size (the default), 1: 1 x 8, 2: 2 x 8, 3: 4 x 4,
+ * 4: 4 x 2, 5: 2 x 4. Returns the previous choice. */
 int msh_k_gemv_variant(int v);
 
 /* ------------------------------------------------------------------------------ rope.cu */

@@ -362,8 +362,8 @@ int main(int argc, char **argv) {
       }
       bench_matmul(64, shapes[s][0], shapes[s][1], "cublas");
     }
-    /* shapes of the M = 1 kernel: rows per warp x chunks in flight (default 2 x 4) */
-    for (int v = 1; v <= 4; v++)
+    /* shapes of the M = 1 kernel (see msh_k_gemv_variant; "gemv" is the default choice) */
+    for (int v = 1; v <= 5; v++)
       for (int s = 0; s < 5; s++) {
         char path[16];
         snprintf(path, sizeof path, "gemv-v%d", v);
