@@ -649,6 +649,13 @@ cudaError_t plan_for(const msh_k_attn *a, int sm_count, Plan &p) {
 
 } // namespace
 
+extern "C" cudaError_t msh_k_attn_merge(cudaStream_t s, const msh_k_attn *a, int splits, int chunk, const float2 *ml,
+                                        const float *acc) {
+  int threads = a->hd >= 128 ? 128 : (a->hd + 31) / 32 * 32;
+  merge_kernel<<<(unsigned)((int64_t)a->T * a->H), threads, 0, s>>>(*a, splits, chunk, ml, acc);
+  return cudaGetLastError();
+}
+
 extern "C" size_t msh_k_attn_decode_workspace(const msh_k_attn *a, int sm_count) {
   Plan p;
   if (a->T <= 0 || a->H <= 0 || a->KVH <= 0 || plan_for(a, sm_count, p) != cudaSuccess || p.splits <= 1) return 0;
@@ -677,7 +684,5 @@ extern "C" cudaError_t msh_k_attn_decode(cudaStream_t s, const msh_k_attn *a, vo
     e = with_instance(a->kv_dt, p, op);
   }
   if (e != cudaSuccess || p.splits <= 1) return e;
-  int threads = a->hd >= 128 ? 128 : (a->hd + 31) / 32 * 32;
-  merge_kernel<<<(unsigned)((int64_t)a->T * a->H), threads, 0, s>>>(*a, p.splits, p.chunk, ml, acc);
-  return cudaGetLastError();
+  return msh_k_attn_merge(s, a, p.splits, p.chunk, ml, acc);
 }

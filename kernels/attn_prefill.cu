@@ -19,7 +19,9 @@ constexpr float LOG2E = 1.4426950408889634f;
 
 template <int HD> constexpr int smem_bytes() { return 4 * BN * (HD + 8) * 2; }
 
-template <typename KV, int HD> __global__ void __launch_bounds__(THREADS) prefill_kernel(msh_k_attn a) {
+template <typename KV, int HD>
+__global__ void __launch_bounds__(THREADS) prefill_kernel(msh_k_attn a, int splits, int64_t chunk, float2 *part_ml,
+                                                          float *part_acc) {
   constexpr int LD = HD + 8; /* shared row stride (elements): conflict-free fragments */
   constexpr int KT = HD / 16, NT = BN / 8, DT = HD / 8;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -37,8 +39,12 @@ template <typename KV, int HD> __global__ void __launch_bounds__(THREADS) prefil
   const float *qB = a.q + (tB * a.H + kvh * G + cB % G) * a.hd;
   const int64_t rlast = (rblk + BM < rows ? rblk + BM : rows) - 1;
   const int64_t t_first = rblk / G;
-  const int64_t kmax = a.pos0 + rlast / G + 1; /* keys this block needs: [0, kmax) */
-  const int ntile = (int)((kmax + BN - 1) / BN);
+  /* keys this block needs: [0, pos0 + t_last + 1), of which split z takes one chunk */
+  const int split = blockIdx.z;
+  const int64_t kneed = a.pos0 + rlast / G + 1, k_begin = (int64_t)split * chunk;
+  if (k_begin >= kneed) return; /* no row of this block sees this chunk: the merge skips it */
+  const int64_t kmax = kneed < k_begin + chunk ? kneed : k_begin + chunk;
+  const int ntile = (int)((kmax - k_begin + BN - 1) / BN);
   const float qs = a.scale * LOG2E;
 
   uint32_t qf[KT][4];
@@ -57,9 +63,9 @@ template <typename KV, int HD> __global__ void __launch_bounds__(THREADS) prefil
     constexpr int CPR = HD / 8; /* 16-byte chunks per row */
     for (int e = threadIdx.x; e < BN * CPR; e += THREADS) {
       int r = e / CPR, cc = e % CPR;
-      int64_t key = (int64_t)j * BN + r;
+      int64_t key = k_begin + (int64_t)j * BN + r;
       bool ok = key < kmax; /* rows past kmax become zeros (masked, and never NaN) */
-      int64_t kr = ok ? key : 0;
+      int64_t kr = ok ? key : k_begin;
       cp_async16(Ks + (b * BN + r) * LD + cc * 8, kg + kr * a.ks0 + cc * 8, ok);
       cp_async16(Vs + (b * BN + r) * LD + cc * 8, vg + kr * a.vs0 + cc * 8, ok);
     }
@@ -97,8 +103,8 @@ template <typename KV, int HD> __global__ void __launch_bounds__(THREADS) prefil
       }
     }
 
-    const int64_t kbase = (int64_t)j * BN;
-    const bool need_mask = kbase + BN - 1 > a.pos0 + t_first;
+    const int64_t kbase = k_begin + (int64_t)j * BN;
+    const bool need_mask = kbase + BN - 1 > a.pos0 + t_first || kbase + BN > kmax;
     float mxA = -INFINITY, mxB = -INFINITY;
 #pragma unroll
     for (int nn = 0; nn < NT; nn++)
@@ -107,7 +113,7 @@ template <typename KV, int HD> __global__ void __launch_bounds__(THREADS) prefil
         float v = s[nn][e] * qs;
         if (need_mask) {
           int64_t key = kbase + nn * 8 + 2 * tq + (e & 1);
-          if (key > a.pos0 + (e < 2 ? tA : tB)) v = -INFINITY;
+          if (key >= kmax || key > a.pos0 + (e < 2 ? tA : tB)) v = -INFINITY;
         }
         s[nn][e] = v;
         if (e < 2) mxA = fmaxf(mxA, v);
@@ -118,9 +124,10 @@ template <typename KV, int HD> __global__ void __launch_bounds__(THREADS) prefil
       mxA = fmaxf(mxA, __shfl_xor_sync(0xffffffffu, mxA, off));
       mxB = fmaxf(mxB, __shfl_xor_sync(0xffffffffu, mxB, off));
     }
-    /* key 0 is visible to every row, so after tile 0 the running max is finite */
+    /* without splits key 0 is visible to every row; a later chunk may hide all of a row's keys,
+     * so every step stays finite with the running max at -inf */
     const float mnA = fmaxf(mA, mxA), mnB = fmaxf(mB, mxB);
-    const float corrA = exp2f(mA - mnA), corrB = exp2f(mB - mnB);
+    const float corrA = mA == -INFINITY ? 0.0f : exp2f(mA - mnA), corrB = mB == -INFINITY ? 0.0f : exp2f(mB - mnB);
     mA = mnA;
     mB = mnB;
     lA *= corrA;
@@ -134,10 +141,10 @@ template <typename KV, int HD> __global__ void __launch_bounds__(THREADS) prefil
     }
 #pragma unroll
     for (int nn = 0; nn < NT; nn++) {
-      s[nn][0] = exp2f(s[nn][0] - mnA);
-      s[nn][1] = exp2f(s[nn][1] - mnA);
-      s[nn][2] = exp2f(s[nn][2] - mnB);
-      s[nn][3] = exp2f(s[nn][3] - mnB);
+      s[nn][0] = s[nn][0] == -INFINITY ? 0.0f : exp2f(s[nn][0] - mnA);
+      s[nn][1] = s[nn][1] == -INFINITY ? 0.0f : exp2f(s[nn][1] - mnA);
+      s[nn][2] = s[nn][2] == -INFINITY ? 0.0f : exp2f(s[nn][2] - mnB);
+      s[nn][3] = s[nn][3] == -INFINITY ? 0.0f : exp2f(s[nn][3] - mnB);
       lA += s[nn][0] + s[nn][1];
       lB += s[nn][2] + s[nn][3];
     }
@@ -165,9 +172,27 @@ template <typename KV, int HD> __global__ void __launch_bounds__(THREADS) prefil
     lA += __shfl_xor_sync(0xffffffffu, lA, off);
     lB += __shfl_xor_sync(0xffffffffu, lB, off);
   }
+  const int64_t rowA = tA * a.H + kvh * G + cA % G, rowB = tB * a.H + kvh * G + cB % G;
+  if (splits > 1) { /* this chunk's partial: unnormalized sum, max and sum of weights per row */
+#pragma unroll
+    for (int dn = 0; dn < DT; dn++) {
+      int col = dn * 8 + 2 * tq;
+      if (rA < rows) {
+        part_acc[(rowA * splits + split) * a.hd + col] = o[dn][0];
+        part_acc[(rowA * splits + split) * a.hd + col + 1] = o[dn][1];
+      }
+      if (rB < rows) {
+        part_acc[(rowB * splits + split) * a.hd + col] = o[dn][2];
+        part_acc[(rowB * splits + split) * a.hd + col + 1] = o[dn][3];
+      }
+    }
+    if (tq == 0 && rA < rows) part_ml[rowA * splits + split] = make_float2(mA, lA);
+    if (tq == 0 && rB < rows) part_ml[rowB * splits + split] = make_float2(mB, lB);
+    return;
+  }
   const float iA = 1.0f / lA, iB = 1.0f / lB;
-  float *oA = a.out + (tA * a.H + kvh * G + cA % G) * a.hd;
-  float *oB = a.out + (tB * a.H + kvh * G + cB % G) * a.hd;
+  float *oA = a.out + rowA * a.hd;
+  float *oB = a.out + rowB * a.hd;
 #pragma unroll
   for (int dn = 0; dn < DT; dn++) {
     int col = dn * 8 + 2 * tq;
@@ -182,13 +207,31 @@ template <typename KV, int HD> __global__ void __launch_bounds__(THREADS) prefil
   }
 }
 
-template <typename KV, int HD> cudaError_t launch(cudaStream_t s, const msh_k_attn *a) {
+/* Split the keys when the row blocks alone would leave SMs idle (few queries over a long cache):
+ * chunks of whole tiles, enough to fill two blocks per SM. */
+void split_plan(const msh_k_attn *a, int sm_count, int *splits, int64_t *chunk) {
+  int64_t rows = (int64_t)a->T * (a->H / a->KVH);
+  int64_t blocks = (rows + BM - 1) / BM * a->KVH;
+  int64_t maxn = a->pos0 + a->T;
+  int64_t target = 2LL * (sm_count > 0 ? sm_count : 132);
+  int64_t n = blocks >= target ? 1 : (target + blocks - 1) / blocks;
+  int64_t max_n = (maxn + BN - 1) / BN;
+  if (n > max_n) n = max_n;
+  if (n < 1) n = 1;
+  int64_t c = (maxn + n - 1) / n;
+  c = (c + BN - 1) / BN * BN;
+  *chunk = c;
+  *splits = (int)((maxn + c - 1) / c);
+}
+
+template <typename KV, int HD>
+cudaError_t launch(cudaStream_t s, const msh_k_attn *a, int splits, int64_t chunk, float2 *ml, float *acc) {
   constexpr int bytes = smem_bytes<HD>();
   cudaError_t e = cudaFuncSetAttribute(prefill_kernel<KV, HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (e != cudaSuccess) return e;
   int64_t rows = (int64_t)a->T * (a->H / a->KVH);
-  dim3 grid((unsigned)((rows + BM - 1) / BM), (unsigned)a->KVH);
-  prefill_kernel<KV, HD><<<grid, THREADS, bytes, s>>>(*a);
+  dim3 grid((unsigned)((rows + BM - 1) / BM), (unsigned)a->KVH, (unsigned)splits);
+  prefill_kernel<KV, HD><<<grid, THREADS, bytes, s>>>(*a, splits, chunk, ml, acc);
   return cudaGetLastError();
 }
 
@@ -200,9 +243,34 @@ extern "C" int msh_k_attn_prefill_ok(const msh_k_attn *a) {
          (int64_t)a->T * (a->H / a->KVH) / BM < 0x7fffffff;
 }
 
-extern "C" cudaError_t msh_k_attn_prefill(cudaStream_t s, const msh_k_attn *a) {
+extern "C" size_t msh_k_attn_prefill_workspace(const msh_k_attn *a, int sm_count) {
+  if (!msh_k_attn_prefill_ok(a) || a->T <= 0) return 0;
+  int splits;
+  int64_t chunk;
+  split_plan(a, sm_count, &splits, &chunk);
+  if (splits <= 1) return 0;
+  size_t slots = (size_t)a->T * a->H * splits;
+  return slots * sizeof(float2) + slots * a->hd * sizeof(float);
+}
+
+extern "C" cudaError_t msh_k_attn_prefill(cudaStream_t s, const msh_k_attn *a, void *work, int sm_count) {
   if (!msh_k_attn_prefill_ok(a)) return cudaErrorNotSupported;
   if (a->T <= 0) return cudaGetLastError();
-  if (a->kv_dt == MSH_BF16) return a->hd == 64 ? launch<bf16, 64>(s, a) : launch<bf16, 128>(s, a);
-  return a->hd == 64 ? launch<f16, 64>(s, a) : launch<f16, 128>(s, a);
+  int splits;
+  int64_t chunk;
+  split_plan(a, sm_count, &splits, &chunk);
+  float2 *ml = NULL;
+  float *acc = NULL;
+  if (splits > 1) {
+    if (!work) return cudaErrorInvalidValue;
+    ml = (float2 *)work;
+    acc = (float *)(ml + (size_t)a->T * a->H * splits);
+  }
+  cudaError_t e;
+  if (a->kv_dt == MSH_BF16)
+    e = a->hd == 64 ? launch<bf16, 64>(s, a, splits, chunk, ml, acc) : launch<bf16, 128>(s, a, splits, chunk, ml, acc);
+  else
+    e = a->hd == 64 ? launch<f16, 64>(s, a, splits, chunk, ml, acc) : launch<f16, 128>(s, a, splits, chunk, ml, acc);
+  if (e != cudaSuccess || splits <= 1) return e;
+  return msh_k_attn_merge(s, a, splits, (int)chunk, ml, acc);
 }

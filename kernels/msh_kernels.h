@@ -82,10 +82,18 @@ typedef struct msh_k_attn {
 size_t msh_k_attn_decode_workspace(const msh_k_attn *a, int sm_count);
 cudaError_t msh_k_attn_decode(cudaStream_t s, const msh_k_attn *a, void *work, int sm_count);
 
+/* Merges `splits` partial results (per (t, h) row: max and sum of weights in ml, unnormalized
+ * output in acc) of key chunks of `chunk` keys into a->out (attn_decode.cu). */
+cudaError_t msh_k_attn_merge(cudaStream_t s, const msh_k_attn *a, int splits, int chunk, const float2 *ml,
+                             const float *acc);
+
 /* Flash-attention prefill on tensor cores (attn_prefill.cu): f16/bf16 caches, hd 64 or 128,
- * 16-byte aligned rows. Returns cudaErrorNotSupported when the operands do not qualify. */
+ * 16-byte aligned rows. Splits the keys when there are too few query rows to fill the GPU; the
+ * partials need msh_k_attn_prefill_workspace() bytes at work. Returns cudaErrorNotSupported when
+ * the operands do not qualify. */
 int msh_k_attn_prefill_ok(const msh_k_attn *a);
-cudaError_t msh_k_attn_prefill(cudaStream_t s, const msh_k_attn *a);
+size_t msh_k_attn_prefill_workspace(const msh_k_attn *a, int sm_count);
+cudaError_t msh_k_attn_prefill(cudaStream_t s, const msh_k_attn *a, void *work, int sm_count);
 
 /* ------------------------------------------------------------------- elementwise ops */
 

@@ -226,10 +226,16 @@ static msh_status cuda_attention(msh_tensor *out, const msh_tensor *q, const msh
       .pos0 = pos0,
       .scale = scale,
   };
-  /* many queries: tensor-core flash attention; a few over a long cache: split-KV decode */
-  int64_t row_blocks = (T * (H / KVH) + 63) / 64 * KVH;
-  if (msh_k_attn_prefill_ok(&a) && (T > 64 || (T >= 8 && row_blocks >= d->sm_count))) {
-    CUDA_TRY(msh_k_attn_prefill(d->stream, &a));
+  /* 8 or more queries: tensor-core flash attention (splitting the keys when the queries alone
+   * cannot fill the GPU); fewer: the split-KV decode kernels */
+  void *work = NULL;
+  if (T >= 8 && msh_k_attn_prefill_ok(&a)) {
+    size_t pbytes = msh_k_attn_prefill_workspace(&a, d->sm_count);
+    if (pbytes) {
+      s = msh_cuda_scratch(d, pbytes, &work);
+      if (s != MSH_OK) return s;
+    }
+    CUDA_TRY(msh_k_attn_prefill(d->stream, &a, work, d->sm_count));
     return MSH_OK;
   }
   if (hd > 256) return MSH_FAIL(MSH_EUNSUPPORTED, "attention: head dim %lld > 256 on CUDA", (long long)hd);
@@ -237,7 +243,6 @@ static msh_status cuda_attention(msh_tensor *out, const msh_tensor *q, const msh
     return MSH_FAIL(MSH_EUNSUPPORTED, "attention: %lld queries over a %s cache with head dim %lld on CUDA "
                     "(the flash kernel takes f16/bf16 caches with head dim 64 or 128)",
                     (long long)T, msh_dtype_name(k->dtype), (long long)hd);
-  void *work = NULL;
   size_t wbytes = msh_k_attn_decode_workspace(&a, d->sm_count);
   if (wbytes) {
     s = msh_cuda_scratch(d, wbytes, &work);

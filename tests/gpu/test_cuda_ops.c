@@ -457,11 +457,13 @@ static void test_attention(void) {
       {1, 8, 8, 128, 8200, MSH_F32, 0, 2e-5},
   };
   for (size_t i = 0; i < sizeof decode / sizeof decode[0]; i++) run_attention(&decode[i]);
-  /* prefill (tensor-core flash kernel: q and p rounded to the cache's 16-bit type) */
+  /* 8 or more queries over f16/bf16 caches: the tensor-core flash kernel (q and p rounded to the
+   * cache's 16-bit type), keys split into chunks when the queries alone do not fill the GPU */
   static const attn_case prefill[] = {
       {200, 8, 2, 128, 0, MSH_BF16, 0, 1e-2},   {150, 8, 8, 64, 77, MSH_F16, 0, 1e-2},
       {100, 16, 2, 128, 40, MSH_BF16, 1, 1e-2}, {70, 4, 4, 128, 9000, MSH_BF16, 0, 1e-2},
-      {257, 12, 4, 64, 0, MSH_BF16, 0, 1e-2},
+      {257, 12, 4, 64, 0, MSH_BF16, 0, 1e-2},   {16, 32, 8, 128, 8000, MSH_BF16, 0, 1e-2},
+      {8, 8, 1, 64, 3000, MSH_F16, 1, 1e-2},    {600, 32, 8, 128, 0, MSH_BF16, 0, 1e-2},
   };
   for (size_t i = 0; i < sizeof prefill / sizeof prefill[0]; i++) run_attention(&prefill[i]);
 }
