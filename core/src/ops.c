@@ -48,6 +48,38 @@ static int same_shape(const msh_tensor *a, const msh_tensor *b) {
   return a->ndim == b->ndim && !memcmp(a->shape, b->shape, sizeof(int64_t) * (size_t)a->ndim);
 }
 
+/* Byte range [lo, hi) a tensor's elements span in its storage. */
+static void byte_span(const msh_tensor *t, int64_t *lo, int64_t *hi) {
+  int64_t a = t->offset, b = t->offset;
+  for (int i = 0; i < t->ndim; i++) {
+    if (t->shape[i] == 0) {
+      *lo = *hi = 0;
+      return;
+    }
+    int64_t ext = (t->shape[i] - 1) * t->stride[i];
+    if (ext < 0) a += ext;
+    else b += ext;
+  }
+  int64_t es = (int64_t)msh_dtype_size(t->dtype);
+  *lo = a * es;
+  *hi = (b + 1) * es;
+}
+
+static int overlaps(const msh_tensor *a, const msh_tensor *b) {
+  if (a->st != b->st) return 0;
+  int64_t alo, ahi, blo, bhi;
+  byte_span(a, &alo, &ahi);
+  byte_span(b, &blo, &bhi);
+  return alo < bhi && blo < ahi;
+}
+
+/* out may be exactly x (same elements, same layout) or apart from it, never partly over it. */
+static int same_or_apart(const msh_tensor *out, const msh_tensor *x) {
+  if (!overlaps(out, x)) return 1;
+  return out->offset == x->offset && out->dtype == x->dtype && same_shape(out, x) &&
+         !memcmp(out->stride, x->stride, sizeof(int64_t) * (size_t)out->ndim);
+}
+
 #define CHECK(expr)                   \
   do {                                \
     msh_status s_ = (expr);           \
@@ -78,6 +110,8 @@ msh_status msh_op_rmsnorm(msh_tensor *out, const msh_tensor *x, const msh_tensor
   char a[96], b[96], c[96];
   if (!same_shape(out, x) || x->ndim < 1 || w->ndim != 1 || w->shape[0] != x->shape[x->ndim - 1])
     return MSH_FAIL(MSH_EINVAL, "rmsnorm: out %s, x %s, w %s do not fit", SHAPE(out, a), SHAPE(x, b), SHAPE(w, c));
+  if (!same_or_apart(out, x)) return MSH_FAIL(MSH_EINVAL, "rmsnorm: out partly overlaps x");
+  if (msh_tensor_numel(x) == 0) return MSH_OK; /* nothing to normalize: backends never see it */
   return be->rmsnorm(out, x, w, eps);
 }
 
@@ -93,7 +127,7 @@ msh_status msh_op_matmul(msh_tensor *out, const msh_tensor *x, const msh_tensor 
       out->shape[0] != x->shape[0] || out->shape[1] != w->shape[0])
     return MSH_FAIL(MSH_EINVAL, "matmul: out %s, x %s, w %s do not fit (M, N) = (M, K) @ (N, K)^T",
                     SHAPE(out, a), SHAPE(x, b), SHAPE(w, c));
-  if (out->st == x->st) return MSH_FAIL(MSH_EINVAL, "matmul: out must not alias x");
+  if (overlaps(out, x) || overlaps(out, w)) return MSH_FAIL(MSH_EINVAL, "matmul: out overlaps an input");
   return be->matmul(out, x, w);
 }
 
@@ -141,6 +175,8 @@ msh_status msh_op_attention(msh_tensor *out, const msh_tensor *q, const msh_tens
   if (k->dtype != v->dtype || !is_float(k->dtype) || k->stride[2] != 1 || v->stride[2] != 1 ||
       k->stride[1] != k->shape[2] || v->stride[1] != v->shape[2])
     return MSH_FAIL(MSH_EINVAL, "attention: k and v must share a float dtype with contiguous heads");
+  if (overlaps(out, q) || overlaps(out, k) || overlaps(out, v))
+    return MSH_FAIL(MSH_EINVAL, "attention: out overlaps an input");
   if (pos0 < 0 || pos0 + q->shape[0] > k->shape[0])
     return MSH_FAIL(MSH_ERANGE, "attention: positions [%lld, %lld) exceed the cache of %lld", (long long)pos0,
                     (long long)(pos0 + q->shape[0]), (long long)k->shape[0]);
@@ -158,6 +194,8 @@ static msh_status elementwise(const char *op, msh_tensor *out, const msh_tensor 
   char x[96], y[96];
   if (!same_shape(out, a) || !same_shape(a, b))
     return MSH_FAIL(MSH_EINVAL, "%s: shapes differ: %s and %s", op, SHAPE(a, x), SHAPE(b, y));
+  if (!same_or_apart(out, a) || !same_or_apart(out, b))
+    return MSH_FAIL(MSH_EINVAL, "%s: out partly overlaps an input", op);
   return MSH_OK;
 }
 
@@ -184,6 +222,7 @@ static msh_status softmax_common(msh_tensor *out, const msh_tensor *x, int log) 
   const char *op = log ? "log_softmax" : "softmax";
   CHECK(elementwise(op, out, x, x, &be));
   if (x->ndim < 1) return MSH_FAIL(MSH_EINVAL, "%s: needs at least one dim", op);
+  if (msh_tensor_numel(x) == 0) return MSH_OK; /* no rows, or empty ones: nothing to do */
   return be->softmax(out, x, log);
 }
 
