@@ -65,7 +65,18 @@ static void open_luv(lua_State *L, uv_loop_t *loop) {
   lua_pop(L, 2);
 }
 
+/* OpenMP threads that spin while waiting lose whole time slices on a loaded machine (a worker
+ * descheduled at a join stalls every op). The OpenMP runtime reads its wait policy when the
+ * library loads, before main, so the host sets a passive policy and starts itself again once. */
+static void ensure_passive_wait(char **argv) {
+  if (getenv("OMP_WAIT_POLICY")) return;
+  setenv("OMP_WAIT_POLICY", "passive", 1);
+  execv("/proc/self/exe", argv);
+  /* exec failed: carry on with the default policy */
+}
+
 int main(int argc, char **argv) {
+  ensure_passive_wait(argv);
   lua_State *L = luaL_newstate();
   if (!L) {
     fprintf(stderr, "moonshard: cannot create a Lua state (out of memory)\n");
