@@ -9,7 +9,7 @@ local cjson = require "cjson"
 local ffi = require "ffi"
 
 local TINY = h.data .. "/models/tiny-random-gguf/tiny-random-llama.gguf"
-local SMOL = h.root .. "/.cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+local SMOL = (os.getenv("MOONSHARD_CACHE") or (h.root .. "/.cache")) .. "/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 local have_smol = io.open(SMOL, "rb") ~= nil
 
 local function read_json(path) return cjson.decode(h.read(path)) end
