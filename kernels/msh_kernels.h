@@ -110,6 +110,9 @@ cudaError_t msh_k_softmax(cudaStream_t s, float *out, const float *x, int64_t R,
 /* argmax.cu: out[r] (device int32) = first index of the largest value of row r. */
 cudaError_t msh_k_argmax(cudaStream_t s, int32_t *out, const float *x, int64_t R, int64_t N);
 
+/* randn.cu: out[i] = mean + std * msh_randn_value(seed, i) for n contiguous f32/f16/bf16. */
+cudaError_t msh_k_randn(cudaStream_t s, void *out, int dt, int64_t n, uint64_t seed, float mean, float std);
+
 #ifdef __cplusplus
 }
 #endif

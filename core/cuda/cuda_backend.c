@@ -305,6 +305,25 @@ static msh_status cuda_argmax(const msh_tensor *x, int32_t *out) {
   return MSH_OK;
 }
 
+static msh_status cuda_randn(msh_tensor *t, uint64_t seed, float mean, float std) {
+  msh_cuda_dev *d;
+  msh_status s = msh_cuda_dev_get(t->st->device_index, &d);
+  if (s != MSH_OK) return s;
+  CUDA_TRY(msh_k_randn(d->stream, msh_tensor_ptr(t), t->dtype, msh_tensor_numel(t), seed, mean, std));
+  return MSH_OK;
+}
+
+static msh_status cuda_mem_info(int device_index, uint64_t *free_bytes, uint64_t *total_bytes) {
+  msh_cuda_dev *d;
+  msh_status s = msh_cuda_dev_get(device_index, &d);
+  if (s != MSH_OK) return s;
+  size_t f = 0, t = 0;
+  CUDA_TRY(cudaMemGetInfo(&f, &t));
+  *free_bytes = f;
+  *total_bytes = t;
+  return MSH_OK;
+}
+
 const msh_backend msh_cuda_backend = {
     .name = "cuda",
     .alloc = cuda_alloc,
@@ -322,4 +341,7 @@ const msh_backend msh_cuda_backend = {
     .scale = cuda_scale,
     .softmax = cuda_softmax,
     .argmax = cuda_argmax,
+    .randn = cuda_randn,
+    .sync = msh_cuda_sync,
+    .mem_info = cuda_mem_info,
 };

@@ -87,6 +87,10 @@ typedef enum { MSH_CPU = 0, MSH_CUDA = 1 } msh_device_kind;
 msh_status msh_device_count(int kind, int *out);
 /* 1 if this build contains the CUDA backend. */
 int msh_has_cuda(void);
+/* Waits until the device has finished the work queued so far (a no-op on the CPU). */
+msh_status msh_device_sync(int kind, int device_index);
+/* Free and total memory of a device in bytes (MSH_EUNSUPPORTED on the CPU). */
+msh_status msh_device_mem_info(int kind, int device_index, uint64_t *free_bytes, uint64_t *total_bytes);
 
 /* ============================================================================== files */
 
@@ -434,6 +438,103 @@ msh_status msh_bpe_piece(const msh_bpe *b, int32_t id, const char **piece, size_
 /* The id of a special or added token whose text is exactly text, else of the normal token whose
  * bytes are; MSH_ENOENT if none. */
 msh_status msh_bpe_find(const msh_bpe *b, const char *text, size_t len, int32_t *id);
+
+/* ====================================================================== communicators */
+
+/* A communicator: a fixed group of ranks (processes) running collectives together. One
+ * interface, two engines: TCP between CPU ranks (tensors in host memory; every distributed path
+ * runs without GPUs) and NCCL between GPU ranks (tensors on the communicator's device; ops are
+ * queued on the device's current stream and return before they finish).
+ *
+ * Every rank of a communicator must issue the same collectives, with the same sizes, dtypes and
+ * roots, in the same order. Calls block (TCP) until this rank's part is done. A TCP call that
+ * makes no progress for the communicator's timeout, or whose peer closes its connection, fails
+ * with MSH_EIO naming the peer's rank (its rank in the world communicator it came from); after
+ * any failure the communicator is broken: every later call fails at once with the first message,
+ * and only msh_comm_free remains useful. Tensors must be contiguous; outputs writable. */
+typedef struct msh_comm msh_comm;
+
+/* A listening TCP socket, made before the rendezvous so that its port can be published. */
+typedef struct msh_tcp_listener msh_tcp_listener;
+
+enum { MSH_COMM_TCP = 0, MSH_COMM_NCCL = 1 };
+typedef enum { MSH_REDUCE_SUM = 0, MSH_REDUCE_MAX = 1 } msh_reduce_op;
+enum {
+  MSH_COMM_NO_COLOR = -1,  /* msh_comm_split: this rank joins no group */
+  MSH_NCCL_ID_BYTES = 128  /* size of an NCCL unique id */
+};
+
+/* Listens on host ("0.0.0.0": every interface; NULL is the same) and port (0: any free port).
+ * MSH_EIO naming the address when the socket cannot be bound. */
+msh_status msh_tcp_listen(msh_tcp_listener **out, const char *host, int port);
+/* The port it listens on. */
+int msh_tcp_listener_port(const msh_tcp_listener *l);
+void msh_tcp_listener_free(msh_tcp_listener *l);
+
+/* Connects rank `rank` of `world` to every other rank: addrs[r] is "host:port" of rank r's
+ * listener (addrs[rank] is not used), l this rank's own listener (still owned by the caller,
+ * who may free it afterwards). Collective: every rank calls it with the same table. Connections
+ * are retried until timeout_s seconds have passed, which is also the communicator's timeout
+ * (msh_comm_set_timeout changes it). MSH_EIO "cannot connect to rank 2 at host:port within 5 s"
+ * or naming the ranks that never connected; MSH_EINVAL for a bad table; nothing is left open on
+ * failure. */
+msh_status msh_comm_new_tcp(msh_comm **out, msh_tcp_listener *l, int rank, int world,
+                            const char *const *addrs, double timeout_s);
+
+/* A fresh NCCL unique id (MSH_NCCL_ID_BYTES bytes into id), made by one rank and handed to the
+ * others (through the rendezvous) for msh_comm_new_nccl. MSH_EUNSUPPORTED without NCCL. */
+msh_status msh_nccl_unique_id(uint8_t *id);
+/* An NCCL communicator of rank `rank` of `world` on CUDA device device_index, from an id made by
+ * msh_nccl_unique_id. Collective; blocks until every rank has joined. MSH_EUNSUPPORTED without
+ * NCCL, MSH_EDEVICE with NCCL's message. */
+msh_status msh_comm_new_nccl(msh_comm **out, int rank, int world, const uint8_t *id,
+                             int device_index);
+/* 1 if this build contains the NCCL communicator. */
+int msh_has_nccl(void);
+
+/* Frees the communicator and closes its connections (peers blocked on them fail). NULL-safe.
+ * For NCCL, waits for queued operations unless the communicator was aborted. */
+void msh_comm_free(msh_comm *c);
+/* Breaks the communicator at once: connections are shut down so that peers blocked in a
+ * collective fail fast; NCCL operations are aborted. Safe to call from another thread while a
+ * collective is blocked; the blocked call then fails. */
+void msh_comm_abort(msh_comm *c);
+int msh_comm_rank(const msh_comm *c);
+int msh_comm_size(const msh_comm *c);
+/* MSH_COMM_TCP or MSH_COMM_NCCL. */
+int msh_comm_kind(const msh_comm *c);
+/* Where its tensors live: MSH_CPU (TCP) or MSH_CUDA (NCCL), and the device index. */
+int msh_comm_device(const msh_comm *c);
+int msh_comm_device_index(const msh_comm *c);
+/* The world rank (rank in the communicator it was split from, recursively) of rank r. */
+int msh_comm_world_rank(const msh_comm *c, int r);
+/* Seconds a TCP call may wait without progress before failing (> 0). */
+void msh_comm_set_timeout(msh_comm *c, double seconds);
+double msh_comm_timeout(const msh_comm *c);
+
+/* Splits c into groups, as MPI_Comm_split: ranks calling with the same color >= 0 form one new
+ * communicator, ordered by key (ties by rank in c); *out is NULL for MSH_COMM_NO_COLOR.
+ * Collective over c. */
+msh_status msh_comm_split(msh_comm **out, msh_comm *c, int color, int key);
+
+/* In place: t = op over ranks of t. TCP: f32 and i32 (a ring: every rank gets bit-identical
+ * values); NCCL: f32, f16, bf16, i32, i8. */
+msh_status msh_comm_all_reduce(msh_comm *c, msh_tensor *t, int op);
+/* out (size * n elements) = every rank's in (n elements) in rank order. in may be out's own
+ * slice (rank * n). Any dtype; equal dtypes. */
+msh_status msh_comm_all_gather(msh_comm *c, msh_tensor *out, const msh_tensor *in);
+/* out (n elements) = op over ranks of slice `rank` of in (size * n elements). Dtypes as
+ * all_reduce. */
+msh_status msh_comm_reduce_scatter(msh_comm *c, msh_tensor *out, const msh_tensor *in, int op);
+/* t on every rank = t on root. Any dtype. */
+msh_status msh_comm_broadcast(msh_comm *c, msh_tensor *t, int root);
+/* Point to point: t's bytes to peer / from peer. Sizes must match (TCP checks: MSH_EIO naming
+ * both sizes). A TCP send returns once its bytes are in the kernel's buffers, so two ranks
+ * sending large tensors to each other at once may wait on each other: order sends and receives. */
+msh_status msh_comm_send(msh_comm *c, const msh_tensor *t, int peer);
+msh_status msh_comm_recv(msh_comm *c, msh_tensor *t, int peer);
+/* Returns once every rank has entered it (NCCL: once the device reaches it). */
+msh_status msh_comm_barrier(msh_comm *c);
 
 /* ffi:end */
 

@@ -80,6 +80,12 @@ typedef struct msh_backend {
   msh_status (*scale)(msh_tensor *out, const msh_tensor *x, float s);
   msh_status (*softmax)(msh_tensor *out, const msh_tensor *x, int log);
   msh_status (*argmax)(const msh_tensor *x, int32_t *out);
+  /* Optional (NULL: filled on the host and copied): t contiguous float, values
+   * mean + std * msh_randn_at(seed, i) for element i in row-major order. */
+  msh_status (*randn)(msh_tensor *t, uint64_t seed, float mean, float std);
+  /* Optional: waits for the device's queued work; free and total memory in bytes. */
+  msh_status (*sync)(int device_index);
+  msh_status (*mem_info)(int device_index, uint64_t *free_bytes, uint64_t *total_bytes);
 } msh_backend;
 
 extern const msh_backend msh_cpu_backend;

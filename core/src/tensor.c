@@ -1,5 +1,6 @@
 /* tensor.c: tensor handles, storage reference counting, views and copies. */
 #include "internal.h"
+#include "randn.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -385,30 +386,15 @@ msh_status msh_tensor_contiguous(msh_tensor **out, const msh_tensor *src, int dt
 
 /* ------------------------------------------------------------------------------ random */
 
-static uint64_t mix64(uint64_t x) {
-  x ^= x >> 30;
-  x *= 0xbf58476d1ce4e5b9ULL;
-  x ^= x >> 27;
-  x *= 0x94d049bb133111ebULL;
-  x ^= x >> 31;
-  return x;
-}
-
-float msh_randn_at(uint64_t seed, uint64_t i) {
-  uint64_t pair = i >> 1;
-  uint64_t h1 = mix64(seed * 0x9e3779b97f4a7c15ULL + pair * 2 + 1);
-  uint64_t h2 = mix64(h1 ^ 0xd1b54a32d192ed03ULL);
-  double u1 = ((double)(h1 >> 11) + 1.0) * (1.0 / 9007199254740993.0); /* (0, 1] */
-  double u2 = (double)(h2 >> 11) * (1.0 / 9007199254740992.0);
-  double r = __builtin_sqrt(-2.0 * __builtin_log(u1));
-  double a = 6.283185307179586 * u2;
-  return (float)((i & 1) ? r * __builtin_sin(a) : r * __builtin_cos(a));
-}
+float msh_randn_at(uint64_t seed, uint64_t i) { return msh_randn_value(seed, i); }
 
 msh_status msh_tensor_randn(msh_tensor *t, uint64_t seed, float mean, float std) {
   if (!t) return MSH_FAIL(MSH_EINVAL, "NULL argument");
   if (!is_float(t->dtype)) return MSH_FAIL(MSH_EINVAL, "randn needs a float tensor");
   if (t->st->readonly) return MSH_FAIL(MSH_EINVAL, "tensor is read-only");
+  const msh_backend *be = msh_backend_for(t->st->device);
+  if (!be) return MSH_EUNSUPPORTED;
+  if (be->randn && msh_tensor_is_contiguous(t)) return be->randn(t, seed, mean, std);
   int64_t n = msh_tensor_numel(t);
   msh_tensor *host = NULL;
   int64_t shape1[1] = {n};
@@ -423,4 +409,20 @@ msh_status msh_tensor_randn(msh_tensor *t, uint64_t seed, float mean, float std)
   msh_tensor_free(shaped);
   msh_tensor_free(host);
   return s;
+}
+
+/* ------------------------------------------------------------------------------ devices */
+
+msh_status msh_device_sync(int kind, int device_index) {
+  const msh_backend *be = msh_backend_for(kind);
+  if (!be) return MSH_EUNSUPPORTED;
+  return be->sync ? be->sync(device_index) : MSH_OK;
+}
+
+msh_status msh_device_mem_info(int kind, int device_index, uint64_t *free_bytes, uint64_t *total_bytes) {
+  if (!free_bytes || !total_bytes) return MSH_FAIL(MSH_EINVAL, "NULL argument");
+  const msh_backend *be = msh_backend_for(kind);
+  if (!be) return MSH_EUNSUPPORTED;
+  if (!be->mem_info) return MSH_FAIL(MSH_EUNSUPPORTED, "the %s backend does not report memory", be->name);
+  return be->mem_info(device_index, free_bytes, total_bytes);
 }
