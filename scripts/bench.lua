@@ -1,20 +1,26 @@
--- Benchmark prefill and decode speed; prints one JSON object per configuration.
+-- Benchmark prefill and decode speed against the hardware's floors; prints JSON lines.
 local args = require "moonshard.args"
 local cjson = require "cjson"
 local uv = require "luv"
 
 local opts = args.parse(arg, {
   usage = "moonshard bench (--model PATH | --dummy CONFIG) [options]",
-  summary = "Times prefill of --prompt-len tokens and greedy decode of --gen-len tokens, --loops times.",
+  summary = "Times prefill of --prompt-len tokens and greedy decode of --gen-len tokens, --loops times\n" ..
+    "(the median is reported). On a GPU it also measures the copy bandwidth and the matrix rate in the\n" ..
+    "same run and reports efficiency = floor / measured time (floors: weight bytes / bandwidth for\n" ..
+    "decode, FLOPs / matrix rate for prefill).",
   { "model", "string", "model directory or checkpoint" },
-  { "dummy", "string", "config.json of a model to build with random weights" },
+  { "dummy", "string", "config.json of a model to build with random weights (std 0.02)" },
   { "batch-size", "int", "sequences per step (1 for now)", default = 1, min = 1, max = 1 },
   { "prompt-len", "int", "prompt tokens", default = 32, min = 1 },
   { "gen-len", "int", "generated tokens", default = 200, min = 1 },
-  { "loops", "int", "timed repetitions (the median is reported)", default = 5, min = 1 },
+  { "loops", "int", "timed repetitions", default = 5, min = 1 },
   { "warmup", "int", "untimed repetitions first", default = 1, min = 0 },
   { "threads", "int", "CPU threads (default: all cores)", min = 1 },
   { "device", "string", "cpu or cuda[:N]", default = "cpu" },
+  { "dtype", "string", "weights' dtype on the device (default: f32 on the CPU, bf16 on a GPU)" },
+  { "kv-dtype", "string", "KV cache dtype (default: f32 on the CPU, bf16 on a GPU)" },
+  { "no-ceilings", "flag", "skip measuring bandwidth and matrix rate" },
 })
 if not opts.model and not opts.dummy then
   io.stderr:write("moonshard bench: give --model PATH or --dummy CONFIG\n")
@@ -22,11 +28,78 @@ if not opts.model and not opts.dummy then
 end
 
 local moonshard = require "moonshard"
-if opts.threads then moonshard.C.msh_set_num_threads(opts.threads) end
+local tensor, ops, C = moonshard.tensor, moonshard.ops, moonshard.C
+local ffi = require "ffi"
+if opts.threads then C.msh_set_num_threads(opts.threads) end
+local gpu = opts.device ~= "cpu"
+local kind, index = tensor.device_id(opts.device)
+local dtype = opts.dtype or (gpu and "bf16" or "f32")
 
+local function fail(msg)
+  io.stderr:write("moonshard bench: ", msg, "\n")
+  os.exit(1)
+end
+
+local function sync()
+  moonshard.core.check(C.msh_device_sync(kind, index))
+end
+
+local function mem_used()
+  if not gpu then return nil end
+  local f, t = ffi.new("uint64_t[1]"), ffi.new("uint64_t[1]")
+  if C.msh_device_mem_info(kind, index, f, t) ~= 0 then return nil end
+  return tonumber(t[0] - f[0])
+end
+
+local function median(t)
+  table.sort(t)
+  local n = #t
+  return n % 2 == 1 and t[(n + 1) / 2] or (t[n / 2] + t[n / 2 + 1]) / 2
+end
+
+-- Ceilings of this device, measured now: copy bandwidth (bytes read + written) and matrix rate.
+local function ceilings()
+  local n = 256 * 1024 * 1024 -- 1 GiB of f32
+  local a, err = tensor.new({ n }, "f32", opts.device)
+  if not a then fail(err) end
+  local b = assert(tensor.new({ n }, "f32", opts.device))
+  local times = {}
+  for i = 1, 6 do
+    sync()
+    local t0 = uv.hrtime()
+    b:copy_from(a)
+    sync()
+    if i > 1 then times[#times + 1] = (uv.hrtime() - t0) / 1e9 end
+  end
+  local bw = 2 * n * 4 / median(times)
+  a:free()
+  b:free()
+  local N = 8192
+  local x = assert(tensor.new({ N, N }, "f32", opts.device)):randn(1)
+  local w = assert(tensor.new({ N, N }, "bf16", opts.device)):randn(2)
+  local o = assert(tensor.new({ N, N }, "f32", opts.device))
+  times = {}
+  for i = 1, 6 do
+    sync()
+    local t0 = uv.hrtime()
+    ops.matmul(o, x, w)
+    sync()
+    if i > 1 then times[#times + 1] = (uv.hrtime() - t0) / 1e9 end
+  end
+  local rate = 2 * N * N * N / median(times)
+  x:free()
+  w:free()
+  o:free()
+  return bw, rate
+end
+
+local bw, rate
+if gpu and not opts.no_ceilings then bw, rate = ceilings() end
+
+local mem0 = mem_used()
 local desc, err, name
 if opts.dummy then
-  desc, err = require("moonshard.loaders.dummy").load(opts.dummy)
+  desc, err = require("moonshard.loaders.dummy").load(opts.dummy, { dtype = dtype, device = opts.device })
   name = opts.dummy
 else
   local loaded
@@ -34,31 +107,33 @@ else
   desc = loaded and loaded.desc
   name = opts.model
 end
-if not desc then
-  io.stderr:write("moonshard bench: ", err, "\n")
-  os.exit(1)
-end
+if not desc then fail(err) end
 local need = opts.prompt_len + opts.gen_len
 if need > desc.max_seq then
-  io.stderr:write(string.format("moonshard bench: prompt-len + gen-len = %d exceeds the context of %d\n", need, desc.max_seq))
-  os.exit(1)
+  fail(string.format("prompt-len + gen-len = %d exceeds the context of %d", need, desc.max_seq))
 end
-local stage = require("moonshard.stage").resident(desc.weights, opts.device,
-  { dtype = opts.device == "cpu" and "f32" or "bf16" })
-local net = require("moonshard.models.llama").new(desc, { device = opts.device, stage = stage, max_seq = need })
+local ok, net = pcall(function()
+  local stage = require("moonshard.stage").resident(desc.weights, opts.device, { dtype = dtype })
+  return require("moonshard.models.llama").new(desc, {
+    device = opts.device, stage = stage, max_seq = need, chunk = math.min(need, 2048),
+    kv_dtype = opts.kv_dtype or (gpu and "bf16" or "f32"),
+  })
+end)
+if not ok then fail(tostring(net)) end
 
 local prompt = {}
 for i = 1, opts.prompt_len do prompt[i] = (i * 7919) % desc.vocab_size end
-local argmax_out = require("ffi").new("int32_t[1]")
-local host_logits = opts.device ~= "cpu" and moonshard.tensor.new({ 1, desc.vocab_size }, "f32", "cpu")
+local argmax_out = ffi.new("int32_t[1]")
+local host_logits = gpu and assert(tensor.new({ 1, desc.vocab_size }, "f32", "cpu"))
 
 local function next_token(logits)
-  if host_logits then logits = host_logits:copy_from(logits) end
-  return moonshard.ops.argmax(logits, argmax_out)
+  if host_logits then logits = host_logits:copy_from(logits) end -- waits for the device
+  return ops.argmax(logits, argmax_out)
 end
 
 local function once()
   net:reset()
+  sync()
   local t0 = uv.hrtime()
   local logits = assert(net:forward(prompt, 0))
   local id = next_token(logits)
@@ -74,22 +149,40 @@ end
 for _ = 1, opts.warmup do once() end
 local pre, dec = {}, {}
 for i = 1, opts.loops do pre[i], dec[i] = once() end
-local function median(t)
-  table.sort(t)
-  local n = #t
-  return n % 2 == 1 and t[(n + 1) / 2] or (t[n / 2] + t[n / 2 + 1]) / 2
-end
 local p, d = median(pre), median(dec)
-local params = 0
-local function count(t) params = params + t:numel() end
-count(desc.weights.embed)
-if desc.weights.output ~= desc.weights.embed then count(desc.weights.output) end
-for _, lw in ipairs(desc.weights.layers) do for _, t in pairs(lw) do count(t) end end
-print(cjson.encode {
-  model = name, device = opts.device, threads = moonshard.C.msh_get_num_threads(),
+local peak = mem_used()
+
+-- bytes every decode step must read: all weights but the embedding table (one row of it)
+local esize = (dtype == "f32") and 4 or 2
+local weight_bytes, matmul_params = 0, 0
+local function count(t, is_matrix)
+  weight_bytes = weight_bytes + t:numel() * esize
+  if is_matrix then matmul_params = matmul_params + t:numel() end
+end
+local w = desc.weights
+count(w.output, true)
+count(w.norm)
+for _, lw in ipairs(w.layers) do
+  for k, t in pairs(lw) do count(t, k ~= "attn_norm" and k ~= "ffn_norm") end
+end
+local decode_step = d / math.max(opts.gen_len - 1, 1)
+local L, H, hd, T = desc.n_layers, desc.n_heads, desc.head_dim or desc.dim / desc.n_heads, opts.prompt_len
+local prefill_flops = 2 * matmul_params * T + L * H * hd * 2 * T * T -- projections + causal attention
+local result = {
+  model = name, device = opts.device, dtype = dtype, threads = C.msh_get_num_threads(),
   batch_size = opts.batch_size, prompt_len = opts.prompt_len, gen_len = opts.gen_len, loops = opts.loops,
-  params = params,
-  prefill_tok_s = opts.prompt_len / p, time_to_first_token_s = p,
-  decode_tok_s = (opts.gen_len - 1) / d,
-  total_tok_s = (opts.prompt_len + opts.gen_len) / (p + d),
-})
+  params = matmul_params, weight_bytes = weight_bytes,
+  prefill_tok_s = T / p, time_to_first_token_s = p,
+  decode_tok_s = (opts.gen_len - 1) / d, decode_step_ms = decode_step * 1e3,
+  total_tok_s = (T + opts.gen_len) / (p + d),
+}
+if peak then result.peak_device_memory_bytes = peak; result.model_device_memory_bytes = peak - (mem0 or 0) end
+if bw then
+  result.ceiling_copy_GBps = bw / 1e9
+  result.ceiling_matmul_TFLOPs = rate / 1e12
+  result.decode_floor_ms = weight_bytes / bw * 1e3
+  result.decode_efficiency = (weight_bytes / bw) / decode_step
+  result.prefill_floor_s = prefill_flops / rate
+  result.prefill_efficiency = (prefill_flops / rate) / p
+end
+print(cjson.encode(result))

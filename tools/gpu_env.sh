@@ -44,6 +44,9 @@ msh_env_main() {
   export CPATH="$d/usr/include/luajit-2.1${CPATH:+:$CPATH}"
   # the machine's own tools first; ours (luajit, pkg-config) fill the gaps
   export PATH="$PATH:$d/usr/bin"
+  # Lua modules of the carried packages (busted and its helpers, cjson) for the moonshard host
+  export LUA_PATH="$d/usr/share/lua/5.1/?.lua;$d/usr/share/lua/5.1/?/init.lua;;"
+  export LUA_CPATH="$d/usr/lib/$arch/lua/5.1/?.so;;"
   if ! command -v pkg-config > /dev/null 2>&1; then
     echo "gpu_env: no pkg-config found" >&2
     return 1

@@ -7,9 +7,13 @@ local M = {}
 local Resident = {}
 Resident.__index = Resident
 
--- Moves (or keeps) every weight on `device`, converting to `dtype` when given.
+local tensor = require "moonshard.tensor"
+
+-- Moves (or keeps) a weight on `device`, converting to `dtype` when given.
 local function place(t, device, dtype)
-  if device == "cpu" and (not dtype or t:dtype() == dtype) then return t end
+  local kind, index = tensor.device_id(device)
+  local same = t:device() == (kind == 0 and "cpu" or "cuda:" .. index)
+  if same and (not dtype or t:dtype() == dtype) then return t end
   return t:to(dtype or t:dtype(), device)
 end
 

@@ -1,0 +1,22 @@
+"""Prints a short table of `moonshard bench` and peer JSON lines (one object per line)."""
+import json
+import sys
+
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+hf = [r for r in rows if r.get("impl") == "transformers-eager"]
+for r in rows:
+    if r.get("impl"):
+        print(f"transformers eager, batch {r['batch_size']}: decode {r['decode_tok_s']:.1f} tok/s, "
+              f"prefill {r['prefill_tok_s']:.0f} tok/s")
+        continue
+    line = (f"moonshard {r['model'].split('/')[-1]} {r['dtype']} prompt {r['prompt_len']}: "
+            f"decode {r['decode_tok_s']:.1f} tok/s ({r['decode_step_ms']:.2f} ms/token), "
+            f"prefill {r['prefill_tok_s']:.0f} tok/s")
+    if "decode_efficiency" in r:
+        line += (f"; decode {100 * r['decode_efficiency']:.0f}% / prefill {100 * r['prefill_efficiency']:.0f}%"
+                 f" of the floor")
+    if "peak_device_memory_bytes" in r:
+        line += f"; peak {r['peak_device_memory_bytes'] / 2**30:.1f} GiB"
+    if hf and r["prompt_len"] == hf[0]["prompt_len"]:
+        line += f"; {r['decode_tok_s'] / hf[0]['decode_tok_s']:.1f}x transformers"
+    print(line)
