@@ -28,6 +28,7 @@ local opts = args.parse(arg, {
   { "max-seq", "int", "context length (default: the model's, at most 4096)", min = 16 },
   { "threads", "int", "CPU threads (default: all cores)", min = 1 },
   { "device", "string", "cpu or cuda[:N]", default = "cpu" },
+  { "dtype", "string", "weights' dtype on the device: f16 (default), bf16 or f32" },
   { "verbose", "flag", "print token counts and speeds after each answer (stderr)" },
 })
 
@@ -56,7 +57,10 @@ local loaded, err = require("moonshard.loader").detect(path)
 if not loaded then fail(err) end
 local max_seq = opts.max_seq
 local model
-model, err = moonshard.load(path, { device = opts.device, max_seq = max_seq or 4096 })
+-- f16 weights: half the bytes of f32 per decoded token (quantized GGUF weights are dequantized at
+-- load), and greedy answers that match f32's on the parity prompts
+model, err = moonshard.load(path, { device = opts.device, max_seq = max_seq or 4096,
+  dtype = opts.dtype or (opts.device == "cpu" and "f16" or nil) })
 if not model then fail(err) end
 if not model.tokenizer then fail(string.format("'%s': no tokenizer found with the model", path)) end
 

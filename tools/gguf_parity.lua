@@ -16,6 +16,7 @@ local opts = args.parse(arg, {
   { "fixture", "string", "reference JSON", default = host.root .. "/tests/fixtures/gguf/smollm2_reference.json" },
   { "full", "string", "reference full logits (gguf_reference.py --dump)" },
   { "free", "flag", "continue with moonshard's own greedy tokens instead of the reference's" },
+  { "dtype", "string", "weights on the CPU: f32 (default), f16 or bf16", default = "f32" },
 })
 
 local moonshard = require "moonshard"
@@ -26,7 +27,7 @@ local ref = cjson.decode(f:read("*a"))
 f:close()
 local full = opts.full and assert(io.open(opts.full, "rb"))
 
-local m = assert(moonshard.load(opts.model))
+local m = assert(moonshard.load(opts.model, { dtype = opts.dtype, max_seq = 1024 }))
 local V = m.desc.vocab_size
 local max_top, max_full, agree, total, first_split = 0, 0, 0, 0, {}
 for c, case in ipairs(ref.cases) do
