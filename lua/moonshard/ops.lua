@@ -39,6 +39,17 @@ function M.set_rows(dst, row0, src)
   if s ~= 0 then fail(s) end
 end
 
+-- set_rows_dyn / attention_dyn: the position comes from a (1) i32 tensor on the device.
+function M.set_rows_dyn(dst, row0, src)
+  local s = C.msh_op_set_rows_dyn(dst, row0, src)
+  if s ~= 0 then fail(s) end
+end
+
+function M.attention_dyn(out, q, k, v, pos0, max_len, scale)
+  local s = C.msh_op_attention_dyn(out, q, k, v, pos0, max_len, scale)
+  if s ~= 0 then fail(s) end
+end
+
 function M.attention(out, q, k, v, pos0, scale)
   local s = C.msh_op_attention(out, q, k, v, pos0, scale)
   if s ~= 0 then fail(s) end

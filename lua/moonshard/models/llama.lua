@@ -18,7 +18,9 @@ local tensor = require "moonshard.tensor"
 local rope = require "moonshard.rope"
 local stage_mod = require "moonshard.stage"
 
+local core = require "moonshard.core"
 local ffi = require "ffi"
+local C = core.C
 
 local M = {}
 local Llama = {}
@@ -102,6 +104,10 @@ function M.new(desc, opts)
   end
   self.views = {}
   self.pos = 0 -- tokens in the cache
+  -- decode steps replay CUDA graphs on a GPU unless opts.graphs == false
+  self.device_kind, self.device_index = tensor.device_id(dev)
+  self.use_graphs = dev ~= "cpu" and opts.graphs ~= false and C.msh_has_cuda() == 1
+  self.graphs = {}
   return self
 end
 
@@ -132,8 +138,8 @@ end
 local embedding, rmsnorm, matmul, rope_op = ops.embedding, ops.rmsnorm, ops.matmul, ops.rope
 local set_rows, attention, silu_mul, add = ops.set_rows, ops.attention, ops.silu_mul, ops.add
 
--- One pass over T tokens already written to the id buffer, at positions pos0 .. pos0+T-1.
-function Llama:pass(T, pos0, all_logits_out)
+-- Moves the T token ids and positions pos0 .. pos0+T-1 to the device's buffers.
+function Llama:upload(T, pos0)
   local v = self:views_for(T)
   local pos_ptr = self.pos_ptr
   for i = 0, T - 1 do pos_ptr[i] = pos0 + i end
@@ -141,6 +147,16 @@ function Llama:pass(T, pos0, all_logits_out)
     v.ids:copy_from(v.host_ids)
     v.pos:copy_from(v.host_pos)
   end
+  return v
+end
+
+local set_rows_dyn, attention_dyn = ops.set_rows_dyn, ops.attention_dyn
+
+-- The layers over T uploaded tokens at positions pos0 ... With dyn_len, the position is read
+-- from the device's position buffer when the ops run (pos0 is then only a hint), and attention
+-- is planned for up to dyn_len positions: the form a CUDA graph captures and replays.
+function Llama:compute(T, pos0, all_logits_out, dyn_len)
+  local v = self.views[T]
   local stage, eps = self.stage, self.norm_eps
   embedding(v.x, stage:embed(), v.ids)
   for l = 1, self.n_layers do
@@ -152,9 +168,15 @@ function Llama:pass(T, pos0, all_logits_out)
     matmul(v.v, v.h, w.wv)
     rope_op(v.q3, v.pos, self.inv_freq, self.rope_style)
     rope_op(v.k3, v.pos, self.inv_freq, self.rope_style)
-    set_rows(kv.k, pos0, v.k3)
-    set_rows(kv.v, pos0, v.v3)
-    attention(v.att3, v.q3, kv.k, kv.v, pos0, self.scale)
+    if dyn_len then
+      set_rows_dyn(kv.k, v.pos, v.k3)
+      set_rows_dyn(kv.v, v.pos, v.v3)
+      attention_dyn(v.att3, v.q3, kv.k, kv.v, v.pos, dyn_len, self.scale)
+    else
+      set_rows(kv.k, pos0, v.k3)
+      set_rows(kv.v, pos0, v.v3)
+      attention(v.att3, v.q3, kv.k, kv.v, pos0, self.scale)
+    end
     matmul(v.o, v.att, w.wo)
     add(v.x, v.x, v.o)
     rmsnorm(v.h, v.x, w.ffn_norm, eps)
@@ -171,6 +193,46 @@ function Llama:pass(T, pos0, all_logits_out)
   end
   rmsnorm(self.buf.h_last, v.x_last, stage:norm(), eps)
   matmul(self.buf.logits, self.buf.h_last, stage:output())
+end
+
+-- One pass over T tokens already written to the host id buffer, at positions pos0 .. pos0+T-1.
+function Llama:pass(T, pos0, all_logits_out)
+  self:upload(T, pos0)
+  self:compute(T, pos0, all_logits_out)
+end
+
+-- Context-length buckets of the decode graphs: one graph per bucket, replayed at every position
+-- inside it (attention is planned for the bucket's length).
+local function bucket_for(n, max_seq)
+  local b = 256
+  while b < n do b = b * 2 end
+  return math.min(b, max_seq)
+end
+
+-- One decode step (T = 1) through a CUDA graph: the first step of a bucket runs eagerly with the
+-- position-from-device ops (sizing scratch), then records them; later steps replay.
+function Llama:decode_graph(pos0)
+  local len = bucket_for(pos0 + 1, self.max_seq)
+  self:upload(1, pos0)
+  local g = self.graphs[len]
+  if g then
+    local s = C.msh_graph_launch(g)
+    if s ~= 0 then core.check(s) end
+    return
+  end
+  self:compute(1, pos0, nil, len)
+  local kind, index = self.device_kind, self.device_index
+  local ok = core.try(C.msh_graph_begin(kind, index))
+  if not ok then
+    self.use_graphs = false -- no graphs on this device: stay eager
+    return
+  end
+  local cok, cerr = pcall(self.compute, self, 1, pos0, nil, len)
+  local out = ffi.new("msh_graph*[1]")
+  local s = C.msh_graph_end(kind, index, out)
+  if not cok then error(cerr, 0) end
+  core.check(s)
+  self.graphs[len] = ffi.gc(out[0], C.msh_graph_free)
 end
 
 -- model:forward(ids, pos0?, opts?) -> logits of the last token (1, V), or of every token (T, V)
@@ -203,7 +265,12 @@ function Llama:forward(ids, pos0, opts)
         self.ids_ptr[i] = id
       end
     end
-    self:pass(T, pos0 + done, all and all:narrow(1, done, T))
+    if T == 1 and not all and self.use_graphs then
+      self:views_for(1)
+      self:decode_graph(pos0 + done)
+    else
+      self:pass(T, pos0 + done, all and all:narrow(1, done, T))
+    end
     done = done + T
   end
   self.pos = pos0 + n
