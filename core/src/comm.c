@@ -1,0 +1,237 @@
+/* comm.c: communicators: operand checks, broken-state handling and dispatch to an engine
+ * (TCP in core/cpu/comm_tcp.c, NCCL in core/cuda/comm_nccl.c). */
+#include "comm_internal.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ------------------------------------------------------------------------------- head */
+
+msh_status msh_comm_init_head(msh_comm *c, const msh_comm_vt *vt, int kind, int device,
+                              int device_index, int rank, int size, const int *world_ranks,
+                              double timeout) {
+  c->vt = vt;
+  c->kind = kind;
+  c->device = device;
+  c->device_index = device_index;
+  c->rank = rank;
+  c->size = size;
+  c->timeout = timeout > 0 ? timeout : 300;
+  c->broken = 0;
+  c->error[0] = '\0';
+  c->world_ranks = malloc(sizeof(int) * (size_t)size);
+  if (!c->world_ranks) return MSH_FAIL(MSH_ENOMEM, "out of memory");
+  for (int i = 0; i < size; i++) c->world_ranks[i] = world_ranks ? world_ranks[i] : i;
+  return MSH_OK;
+}
+
+void msh_comm_free_head(msh_comm *c) {
+  free(c->world_ranks);
+  c->world_ranks = NULL;
+}
+
+msh_status msh_comm_fail(msh_comm *c, msh_status s) {
+  if (!c->broken) {
+    c->broken = 1;
+    snprintf(c->error, sizeof c->error, "%s", msh_last_error());
+  }
+  return s;
+}
+
+/* ------------------------------------------------------------------------ constructors */
+
+msh_status msh_comm_new_tcp(msh_comm **out, msh_tcp_listener *l, int rank, int world,
+                            const char *const *addrs, double timeout_s) {
+  if (!out || !l || !addrs) return MSH_FAIL(MSH_EINVAL, "NULL argument");
+  if (world < 1 || rank < 0 || rank >= world)
+    return MSH_FAIL(MSH_EINVAL, "rank %d outside a world of %d", rank, world);
+  if (!(timeout_s > 0)) return MSH_FAIL(MSH_EINVAL, "timeout must be positive (got %g)", timeout_s);
+  for (int r = 0; r < world; r++)
+    if (r != rank && !addrs[r]) return MSH_FAIL(MSH_EINVAL, "no address for rank %d", r);
+  return msh_tcp_comm_new(out, l, rank, world, addrs, NULL, timeout_s);
+}
+
+int msh_has_nccl(void) {
+#ifdef MSH_WITH_NCCL
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+msh_status msh_nccl_unique_id(uint8_t *id) {
+  if (!id) return MSH_FAIL(MSH_EINVAL, "NULL argument");
+#ifdef MSH_WITH_NCCL
+  return msh_nccl_get_unique_id(id);
+#else
+  return MSH_FAIL(MSH_EUNSUPPORTED, "this build has no NCCL");
+#endif
+}
+
+msh_status msh_comm_new_nccl(msh_comm **out, int rank, int world, const uint8_t *id,
+                             int device_index) {
+  if (!out || !id) return MSH_FAIL(MSH_EINVAL, "NULL argument");
+  if (world < 1 || rank < 0 || rank >= world)
+    return MSH_FAIL(MSH_EINVAL, "rank %d outside a world of %d", rank, world);
+#ifdef MSH_WITH_NCCL
+  return msh_nccl_comm_new(out, rank, world, id, device_index);
+#else
+  (void)device_index;
+  return MSH_FAIL(MSH_EUNSUPPORTED, "this build has no NCCL");
+#endif
+}
+
+void msh_comm_free(msh_comm *c) {
+  if (c) c->vt->destroy(c);
+}
+
+void msh_comm_abort(msh_comm *c) {
+  if (!c) return;
+  if (!c->broken) {
+    snprintf(c->error, sizeof c->error, "the communicator was aborted");
+    c->broken = 1;
+  }
+  c->vt->abort(c);
+}
+
+int msh_comm_rank(const msh_comm *c) { return c ? c->rank : -1; }
+int msh_comm_size(const msh_comm *c) { return c ? c->size : 0; }
+int msh_comm_kind(const msh_comm *c) { return c ? c->kind : -1; }
+int msh_comm_device(const msh_comm *c) { return c ? c->device : -1; }
+int msh_comm_device_index(const msh_comm *c) { return c ? c->device_index : -1; }
+int msh_comm_world_rank(const msh_comm *c, int r) {
+  return c && r >= 0 && r < c->size ? c->world_ranks[r] : -1;
+}
+void msh_comm_set_timeout(msh_comm *c, double seconds) {
+  if (c && seconds > 0) c->timeout = seconds;
+}
+double msh_comm_timeout(const msh_comm *c) { return c ? c->timeout : 0; }
+
+/* ------------------------------------------------------------------------------ checks */
+
+static msh_status usable(const msh_comm *c) {
+  if (!c) return MSH_FAIL(MSH_EINVAL, "NULL communicator");
+  if (c->broken) return MSH_FAIL(MSH_EIO, "communicator broken by an earlier failure: %s", c->error);
+  return MSH_OK;
+}
+
+/* A tensor usable by c: contiguous, on c's device, writable when it is an output. */
+static msh_status check_tensor(const msh_comm *c, const msh_tensor *t, const char *what, int output) {
+  char buf[128];
+  if (!t) return MSH_FAIL(MSH_EINVAL, "NULL %s", what);
+  if (!msh_tensor_is_contiguous(t))
+    return MSH_FAIL(MSH_EINVAL, "%s %s is not contiguous", what, msh_shape_str(t, buf, sizeof buf));
+  if (t->st->device != c->device || (c->device != MSH_CPU && t->st->device_index != c->device_index))
+    return MSH_FAIL(MSH_EINVAL, "%s is on %s:%d, the %s communicator works on %s:%d", what,
+                    t->st->device == MSH_CPU ? "cpu" : "cuda", t->st->device_index, c->vt->name,
+                    c->device == MSH_CPU ? "cpu" : "cuda", c->device_index);
+  if (output && t->st->readonly) return MSH_FAIL(MSH_EINVAL, "%s is read-only", what);
+  return MSH_OK;
+}
+
+static msh_status check_reduce(const msh_comm *c, int dtype, int op) {
+  if (op != MSH_REDUCE_SUM && op != MSH_REDUCE_MAX) return MSH_FAIL(MSH_EINVAL, "unknown reduce op %d", op);
+  int ok = dtype == MSH_F32 || dtype == MSH_I32;
+  if (c->kind == MSH_COMM_NCCL) ok = ok || dtype == MSH_F16 || dtype == MSH_BF16 || dtype == MSH_I8;
+  if (!ok)
+    return MSH_FAIL(MSH_EUNSUPPORTED, "the %s communicator does not reduce %s", c->vt->name,
+                    msh_dtype_name(dtype));
+  return MSH_OK;
+}
+
+static msh_status check_rank(const msh_comm *c, int r, const char *what) {
+  if (r < 0 || r >= c->size) return MSH_FAIL(MSH_EINVAL, "%s %d outside [0, %d)", what, r, c->size);
+  return MSH_OK;
+}
+
+/* Runs an engine call: a failure breaks the communicator. */
+static msh_status done(msh_comm *c, msh_status s) {
+  return s == MSH_OK ? s : msh_comm_fail(c, s);
+}
+
+#define TRY(call)                \
+  do {                           \
+    msh_status s_ = (call);      \
+    if (s_ != MSH_OK) return s_; \
+  } while (0)
+
+/* --------------------------------------------------------------------------- collectives */
+
+msh_status msh_comm_all_reduce(msh_comm *c, msh_tensor *t, int op) {
+  TRY(usable(c));
+  TRY(check_tensor(c, t, "tensor", 1));
+  TRY(check_reduce(c, t->dtype, op));
+  if (msh_tensor_numel(t) == 0 || c->size == 1) return MSH_OK;
+  return done(c, c->vt->all_reduce(c, t, op));
+}
+
+msh_status msh_comm_all_gather(msh_comm *c, msh_tensor *out, const msh_tensor *in) {
+  TRY(usable(c));
+  TRY(check_tensor(c, out, "out", 1));
+  TRY(check_tensor(c, in, "in", 0));
+  if (in->dtype != out->dtype)
+    return MSH_FAIL(MSH_EINVAL, "dtypes differ: out %s, in %s", msh_dtype_name(out->dtype),
+                    msh_dtype_name(in->dtype));
+  int64_t n = msh_tensor_numel(in);
+  if (msh_tensor_numel(out) != n * c->size)
+    return MSH_FAIL(MSH_EINVAL, "out holds %lld elements, %d ranks x %lld expected",
+                    (long long)msh_tensor_numel(out), c->size, (long long)n);
+  if (n == 0) return MSH_OK;
+  return done(c, c->vt->all_gather(c, out, in));
+}
+
+msh_status msh_comm_reduce_scatter(msh_comm *c, msh_tensor *out, const msh_tensor *in, int op) {
+  TRY(usable(c));
+  TRY(check_tensor(c, out, "out", 1));
+  TRY(check_tensor(c, in, "in", 0));
+  if (in->dtype != out->dtype)
+    return MSH_FAIL(MSH_EINVAL, "dtypes differ: out %s, in %s", msh_dtype_name(out->dtype),
+                    msh_dtype_name(in->dtype));
+  TRY(check_reduce(c, out->dtype, op));
+  int64_t n = msh_tensor_numel(out);
+  if (msh_tensor_numel(in) != n * c->size)
+    return MSH_FAIL(MSH_EINVAL, "in holds %lld elements, %d ranks x %lld expected",
+                    (long long)msh_tensor_numel(in), c->size, (long long)n);
+  if (n == 0) return MSH_OK;
+  return done(c, c->vt->reduce_scatter(c, out, in, op));
+}
+
+msh_status msh_comm_broadcast(msh_comm *c, msh_tensor *t, int root) {
+  TRY(usable(c));
+  TRY(check_rank(c, root, "root"));
+  TRY(check_tensor(c, t, "tensor", c->rank != root));
+  if (msh_tensor_numel(t) == 0 || c->size == 1) return MSH_OK;
+  return done(c, c->vt->broadcast(c, t, root));
+}
+
+msh_status msh_comm_send(msh_comm *c, const msh_tensor *t, int peer) {
+  TRY(usable(c));
+  TRY(check_rank(c, peer, "peer"));
+  if (peer == c->rank) return MSH_FAIL(MSH_EINVAL, "rank %d sends to itself", peer);
+  TRY(check_tensor(c, t, "tensor", 0));
+  return done(c, c->vt->send(c, t, peer));
+}
+
+msh_status msh_comm_recv(msh_comm *c, msh_tensor *t, int peer) {
+  TRY(usable(c));
+  TRY(check_rank(c, peer, "peer"));
+  if (peer == c->rank) return MSH_FAIL(MSH_EINVAL, "rank %d receives from itself", peer);
+  TRY(check_tensor(c, t, "tensor", 1));
+  return done(c, c->vt->recv(c, t, peer));
+}
+
+msh_status msh_comm_barrier(msh_comm *c) {
+  TRY(usable(c));
+  if (c->size == 1) return MSH_OK;
+  return done(c, c->vt->barrier(c));
+}
+
+msh_status msh_comm_split(msh_comm **out, msh_comm *c, int color, int key) {
+  if (!out) return MSH_FAIL(MSH_EINVAL, "NULL argument");
+  TRY(usable(c));
+  if (color < 0 && color != MSH_COMM_NO_COLOR)
+    return MSH_FAIL(MSH_EINVAL, "color %d: colors are >= 0 or MSH_COMM_NO_COLOR", color);
+  *out = NULL;
+  return done(c, c->vt->split(c, color, key, out));
+}

@@ -1,0 +1,57 @@
+/* comm_internal.h: the communicator interface shared by comm.c (checks, dispatch) and the
+ * engines (core/cpu/comm_tcp.c, core/cuda/comm_nccl.c). Not part of the public API. */
+#ifndef MSH_COMM_INTERNAL_H
+#define MSH_COMM_INTERNAL_H
+
+#include "internal.h"
+
+/* An engine's operations. comm.c has checked every operand before calling in: tensors contiguous
+ * and on the communicator's device, dtypes and element counts consistent, roots and peers in
+ * range, outputs writable, and the communicator not broken. */
+typedef struct msh_comm_vt {
+  const char *name;
+  msh_status (*all_reduce)(msh_comm *c, msh_tensor *t, int op);
+  msh_status (*all_gather)(msh_comm *c, msh_tensor *out, const msh_tensor *in);
+  msh_status (*reduce_scatter)(msh_comm *c, msh_tensor *out, const msh_tensor *in, int op);
+  msh_status (*broadcast)(msh_comm *c, msh_tensor *t, int root);
+  msh_status (*send)(msh_comm *c, const msh_tensor *t, int peer);
+  msh_status (*recv)(msh_comm *c, msh_tensor *t, int peer);
+  msh_status (*barrier)(msh_comm *c);
+  /* As msh_comm_split (color >= 0 or MSH_COMM_NO_COLOR; *out NULL for no color). */
+  msh_status (*split)(msh_comm *c, int color, int key, msh_comm **out);
+  void (*abort)(msh_comm *c);
+  void (*destroy)(msh_comm *c); /* frees the engine's state and the struct itself */
+} msh_comm_vt;
+
+/* The common head of every communicator (engines embed it first). */
+struct msh_comm {
+  const msh_comm_vt *vt;
+  int kind;          /* MSH_COMM_TCP, MSH_COMM_NCCL */
+  int device;        /* MSH_CPU, MSH_CUDA */
+  int device_index;
+  int rank, size;
+  int *world_ranks;  /* size entries: world rank of each rank, for messages */
+  double timeout;    /* seconds without progress before a call fails */
+  int broken;        /* set by the first failure or by abort */
+  char error[512];   /* the first failure's message */
+};
+
+/* Fills the head (world_ranks copied, or the identity when NULL). MSH_ENOMEM. */
+msh_status msh_comm_init_head(msh_comm *c, const msh_comm_vt *vt, int kind, int device,
+                              int device_index, int rank, int size, const int *world_ranks,
+                              double timeout);
+void msh_comm_free_head(msh_comm *c);
+
+/* Marks c broken with the thread's last error as the reason (first failure wins); returns s. */
+msh_status msh_comm_fail(msh_comm *c, msh_status s);
+
+/* Engines. */
+msh_status msh_tcp_comm_new(msh_comm **out, msh_tcp_listener *l, int rank, int world,
+                            const char *const *addrs, const int *world_ranks, double timeout_s);
+#ifdef MSH_WITH_NCCL
+msh_status msh_nccl_get_unique_id(uint8_t *id);
+msh_status msh_nccl_comm_new(msh_comm **out, int rank, int world, const uint8_t *id,
+                             int device_index);
+#endif
+
+#endif
