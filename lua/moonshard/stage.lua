@@ -13,21 +13,32 @@ local tensor = require "moonshard.tensor"
 local function place(t, device, dtype)
   local kind, index = tensor.device_id(device)
   local same = t:device() == (kind == 0 and "cpu" or "cuda:" .. index)
-  if same and (not dtype or t:dtype() == dtype) then return t end
+  if same and (not dtype or t:dtype() == dtype) and t:is_contiguous() then return t end
   return t:to(dtype or t:dtype(), device)
 end
 
--- M.resident(weights, device, opts?) -> stage. opts.dtype converts floating weights at load.
+-- M.resident(weights, device, opts?) -> stage.
+--   opts.dtype   converts floating weights at load
+--   opts.layers  { first, last }: only these layers (a pipeline stage); default all
+--   opts.embed   false: leave out the token embedding (a stage that receives activations)
+--   opts.head    false: leave out the final norm and output head (a stage that sends them on)
 function M.resident(weights, device, opts)
+  opts = opts or {}
   device = device or "cpu"
-  local dtype = opts and opts.dtype
+  local dtype = opts.dtype
   local self = setmetatable({ device = device, layers = {} }, Resident)
-  self.embed_w = place(weights.embed, device, dtype)
-  self.norm_w = place(weights.norm, device, dtype)
-  self.output_w = weights.output == weights.embed and self.embed_w or place(weights.output, device, dtype)
-  for l, lw in ipairs(weights.layers) do
+  local want_embed, want_head = opts.embed ~= false, opts.head ~= false
+  if want_embed then self.embed_w = place(weights.embed, device, dtype) end
+  if want_head then
+    self.norm_w = place(weights.norm, device, dtype)
+    if weights.output == weights.embed and self.embed_w then self.output_w = self.embed_w
+    else self.output_w = place(weights.output, device, dtype) end
+  end
+  local first, last = 1, #weights.layers
+  if opts.layers then first, last = opts.layers[1], opts.layers[2] end
+  for l = first, last do
     local t = {}
-    for k, w in pairs(lw) do t[k] = place(w, device, dtype) end
+    for k, w in pairs(weights.layers[l]) do t[k] = place(w, device, dtype) end
     self.layers[l] = t
   end
   return self

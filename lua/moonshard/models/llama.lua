@@ -70,7 +70,17 @@ function M.new(desc, opts)
   self.max_seq = math.min(opts.max_seq or desc.max_seq, desc.max_seq)
   self.chunk = math.min(opts.chunk or 256, self.max_seq)
   self.scale = 1 / math.sqrt(self.head_dim)
-  self.stage = opts.stage or stage_mod.resident(desc.weights, self.device)
+  -- distributed: opts.tp_comm sums row-parallel outputs (desc already sliced for this rank);
+  -- opts.pp_comm links the pipeline stages, this one running layers opts.layers = { first, last }
+  self.tp_comm, self.pp_comm = opts.tp_comm, opts.pp_comm
+  self.pp_rank = self.pp_comm and C.msh_comm_rank(self.pp_comm) or 0
+  self.pp_size = self.pp_comm and C.msh_comm_size(self.pp_comm) or 1
+  self.first_layer = opts.layers and opts.layers[1] or 1
+  self.last_layer = opts.layers and opts.layers[2] or desc.n_layers
+  self.stage = opts.stage or stage_mod.resident(desc.weights, self.device, {
+    layers = { self.first_layer, self.last_layer },
+    embed = self.pp_rank == 0, head = self.pp_rank == self.pp_size - 1,
+  })
 
   local r = desc.rope or {}
   self.rope_style = (r.style == "half") and ops.ROPE_HALF or ops.ROPE_INTERLEAVED
@@ -99,7 +109,7 @@ function M.new(desc, opts)
 
   self.kv = {}
   local kvdt = opts.kv_dtype or "f32"
-  for l = 1, self.n_layers do
+  for l = self.first_layer, self.last_layer do
     self.kv[l] = { k = buf({ self.max_seq, KVH, hd }, kvdt), v = buf({ self.max_seq, KVH, hd }, kvdt) }
   end
   self.views = {}
@@ -107,6 +117,7 @@ function M.new(desc, opts)
   -- decode steps replay CUDA graphs on a GPU unless opts.graphs == false
   self.device_kind, self.device_index = tensor.device_id(dev)
   self.use_graphs = dev ~= "cpu" and opts.graphs ~= false and C.msh_has_cuda() == 1
+    and not self.tp_comm and not self.pp_comm
   self.graphs = {}
   return self
 end
@@ -155,11 +166,20 @@ local set_rows_dyn, attention_dyn = ops.set_rows_dyn, ops.attention_dyn
 -- The layers over T uploaded tokens at positions pos0 ... With dyn_len, the position is read
 -- from the device's position buffer when the ops run (pos0 is then only a hint), and attention
 -- is planned for up to dyn_len positions: the form a CUDA graph captures and replays.
+local function comm_check(s)
+  if s ~= 0 then error((core.errmsg(s)), 3) end
+end
+
 function Llama:compute(T, pos0, all_logits_out, dyn_len)
   local v = self.views[T]
   local stage, eps = self.stage, self.norm_eps
-  embedding(v.x, stage:embed(), v.ids)
-  for l = 1, self.n_layers do
+  local tp, pp, pp_rank, pp_size = self.tp_comm, self.pp_comm, self.pp_rank, self.pp_size
+  if pp_rank == 0 then
+    embedding(v.x, stage:embed(), v.ids)
+  else
+    comm_check(C.msh_comm_recv(pp, v.x, pp_rank - 1))
+  end
+  for l = self.first_layer, self.last_layer do
     local w = stage:acquire(l)
     local kv = self.kv[l]
     rmsnorm(v.h, v.x, w.attn_norm, eps)
@@ -178,21 +198,32 @@ function Llama:compute(T, pos0, all_logits_out, dyn_len)
       attention(v.att3, v.q3, kv.k, kv.v, pos0, self.scale)
     end
     matmul(v.o, v.att, w.wo)
+    if tp then comm_check(C.msh_comm_all_reduce(tp, v.o, C.MSH_REDUCE_SUM)) end
     add(v.x, v.x, v.o)
     rmsnorm(v.h, v.x, w.ffn_norm, eps)
     matmul(v.g, v.h, w.w_gate)
     matmul(v.u, v.h, w.w_up)
     silu_mul(v.g, v.g, v.u)
     matmul(v.o, v.g, w.w_down)
+    if tp then comm_check(C.msh_comm_all_reduce(tp, v.o, C.MSH_REDUCE_SUM)) end
     add(v.x, v.x, v.o)
     stage:release(l)
   end
-  if all_logits_out then
-    rmsnorm(v.h, v.x, stage:norm(), eps)
-    matmul(all_logits_out, v.h, stage:output())
+  if pp_rank < pp_size - 1 then
+    comm_check(C.msh_comm_send(pp, v.x, pp_rank + 1))
+  else
+    if all_logits_out then
+      rmsnorm(v.h, v.x, stage:norm(), eps)
+      matmul(all_logits_out, v.h, stage:output())
+    end
+    rmsnorm(self.buf.h_last, v.x_last, stage:norm(), eps)
+    matmul(self.buf.logits, self.buf.h_last, stage:output())
   end
-  rmsnorm(self.buf.h_last, v.x_last, stage:norm(), eps)
-  matmul(self.buf.logits, self.buf.h_last, stage:output())
+  if pp then
+    -- every stage gets the logits, so each samples the same token from the same seed
+    if all_logits_out then comm_check(C.msh_comm_broadcast(pp, all_logits_out, pp_size - 1)) end
+    comm_check(C.msh_comm_broadcast(pp, self.buf.logits, pp_size - 1))
+  end
 end
 
 -- One pass over T tokens already written to the host id buffer, at positions pos0 .. pos0+T-1.
