@@ -151,6 +151,15 @@ describe("byte-level BPE (SmolLM2 vocabulary)", function()
     assert.are.same({ 1, 19556 }, tok:encode("Hello", true))
   end)
 
+  it("gives Hugging Face's ids under the GPT-2, Llama-3 and Qwen2 pre-tokenizers too", function()
+    for config, pre in pairs { gpt2 = "gpt-2", llama3 = "llama-bpe", qwen2 = "qwen2" } do
+      local t = assert(bpe.from_gguf(fake_gguf(setmetatable({ ["tokenizer.ggml.pre"] = pre }, { __index = meta }))))
+      for _, c in ipairs(smollm2_cases(config)) do
+        assert.are.same(c.special, t:encode(c.text, false, true), pre .. ": " .. c.text)
+      end
+    end
+  end)
+
   it("names an unknown GGUF pre-tokenizer and lists the known ones", function()
     local m2 = setmetatable({ ["tokenizer.ggml.pre"] = "falcon" }, { __index = meta })
     local t, err = bpe.from_gguf(fake_gguf(m2))
@@ -190,6 +199,25 @@ describe("byte-level BPE (SmolLM2 vocabulary)", function()
     tj.model.merges = pairs_
     local t3 = assert(bpe.from_json(tj))
     assert.are.same(cases[5].special, t3:encode(cases[5].text, false, true))
+  end)
+
+  it("reads Llama-3 style tokenizer.json pre-tokenizers (Split regex, then ByteLevel without regex)", function()
+    local tj = tokenizer_json()
+    tj.pre_tokenizer = { type = "Sequence", pretokenizers = {
+      { type = "Split", pattern = { Regex = bpe.regex.llama3 }, behavior = "Isolated", invert = false },
+      { type = "ByteLevel", add_prefix_space = false, trim_offsets = true, use_regex = false },
+    } }
+    tj.model.ignore_merges = true
+    tj.post_processor = { type = "Sequence", processors = {
+      { type = "ByteLevel" },
+      { type = "TemplateProcessing", single = { { SpecialToken = { id = "<|im_start|>", type_id = 0 } },
+        { Sequence = { id = "A", type_id = 0 } } } },
+    } }
+    local t = assert(bpe.from_json(tj, { bos = "<|im_start|>" }))
+    assert.is_true(t.add_bos) -- the post-processor puts BOS in front
+    for _, c in ipairs(smollm2_cases("llama3")) do
+      assert.are.same(c.special, t:encode(c.text, false, true), c.text)
+    end
   end)
 
   it("rejects tokenizer.json files it cannot reproduce, naming the problem", function()
