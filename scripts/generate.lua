@@ -1,4 +1,4 @@
--- Generate text from a prompt with a model (llama2.c checkpoint or Hugging Face directory).
+-- Generate text from a prompt with a model (llama2.c checkpoint, Hugging Face directory or GGUF file).
 local args = require "moonshard.args"
 
 local opts = args.parse(arg, {
