@@ -32,9 +32,9 @@ void msh_comm_free_head(msh_comm *c) {
 }
 
 msh_status msh_comm_fail(msh_comm *c, msh_status s) {
-  if (!c->broken) {
-    c->broken = 1;
+  if (!__atomic_load_n(&c->broken, __ATOMIC_ACQUIRE)) {
     snprintf(c->error, sizeof c->error, "%s", msh_last_error());
+    __atomic_store_n(&c->broken, 1, __ATOMIC_RELEASE);
   }
   return s;
 }
@@ -88,9 +88,9 @@ void msh_comm_free(msh_comm *c) {
 
 void msh_comm_abort(msh_comm *c) {
   if (!c) return;
-  if (!c->broken) {
+  if (!__atomic_load_n(&c->broken, __ATOMIC_ACQUIRE)) {
     snprintf(c->error, sizeof c->error, "the communicator was aborted");
-    c->broken = 1;
+    __atomic_store_n(&c->broken, 1, __ATOMIC_RELEASE); /* engines read it from blocked calls */
   }
   c->vt->abort(c);
 }
@@ -120,6 +120,9 @@ static msh_status usable(const msh_comm *c) {
 static msh_status check_tensor(const msh_comm *c, const msh_tensor *t, const char *what, int output) {
   char buf[128];
   if (!t) return MSH_FAIL(MSH_EINVAL, "NULL %s", what);
+  if (msh_dtype_is_block(t->dtype))
+    return MSH_FAIL(MSH_EUNSUPPORTED, "%s is block-quantized (%s): communicators move plain dtypes", what,
+                    msh_dtype_name(t->dtype));
   if (!msh_tensor_is_contiguous(t))
     return MSH_FAIL(MSH_EINVAL, "%s %s is not contiguous", what, msh_shape_str(t, buf, sizeof buf));
   if (t->st->device != c->device || (c->device != MSH_CPU && t->st->device_index != c->device_index))
