@@ -13,7 +13,12 @@
  * decode_tc_kernel (tensor cores; q and p rounded to the cache's type, fp32 accumulation). Other
  * caches with 16-byte aligned rows (hd % 8 == 0) take decode_pipe_kernel: fp32 math, tiles of TK
  * keys streamed into shared memory through a STAGES-deep cp.async pipeline, so loads stay in
- * flight while the warps compute. The rest read global memory directly (decode_direct_kernel). */
+ * flight while the warps compute. The rest read global memory directly (decode_direct_kernel).
+ *
+ * The plan (splits, chunk) depends on pos0 + T only. With a.pos0_dev every kernel reads the
+ * position on the device when it runs (clamped into [0, a.pos0]), so one captured launch serves
+ * every position up to the planned one: blocks whose chunk starts past a query's last key exit at
+ * once, and the merge reads only the chunks that hold keys. */
 #include "msh_mma.cuh"
 
 using namespace msh;
@@ -24,6 +29,14 @@ constexpr int NW = 4;
 constexpr float LOG2E = 1.4426950408889634f;
 
 __device__ __forceinline__ float exp2_or_zero(float x) { return x == -INFINITY ? 0.0f : exp2f(x); }
+
+/* Position of query 0 for this launch: the host's, or the device word clamped into the planned
+ * range [0, a.pos0] (so a bad value reads no key outside the cache). */
+__device__ __forceinline__ int64_t pos0_of(const msh_k_attn &a) {
+  if (!a.pos0_dev) return a.pos0;
+  int64_t p = *a.pos0_dev;
+  return p < 0 ? 0 : p > a.pos0 ? a.pos0 : p;
+}
 
 /* Compile-time shape of one kernel instance. */
 template <typename KV, int HDP_, int GT_> struct Cfg {
@@ -96,7 +109,8 @@ struct Where {
   int64_t k_begin, k_end;
 };
 
-__device__ __forceinline__ bool where_am_i(const msh_k_attn &a, int chunk, int ntiles, int LPK, Where &w) {
+__device__ __forceinline__ bool where_am_i(const msh_k_attn &a, int64_t pos0, int chunk, int ntiles, int LPK,
+                                           Where &w) {
   w.lane = threadIdx.x & 31;
   w.warp = threadIdx.x >> 5;
   w.gw = w.lane / LPK;
@@ -108,7 +122,7 @@ __device__ __forceinline__ bool where_am_i(const msh_k_attn &a, int chunk, int n
   w.hd = a.hd;
   w.d0 = (w.lane % LPK) * 8;
   w.dvalid = w.hd - w.d0 < 0 ? 0 : w.hd - w.d0 > 8 ? 8 : w.hd - w.d0;
-  int64_t n = a.pos0 + w.t + 1;
+  int64_t n = pos0 + w.t + 1;
   w.k_begin = (int64_t)w.split * chunk;
   w.k_end = n < w.k_begin + chunk ? n : w.k_begin + chunk;
   return w.k_begin < n; /* false: this query has fewer keys, the merge skips this chunk */
@@ -197,7 +211,7 @@ __global__ void __launch_bounds__(NW * 32) decode_pipe_kernel(msh_k_attn a, int 
   extern __shared__ __align__(16) unsigned char smem[];
   KV *tiles = reinterpret_cast<KV *>(smem); /* [STAGES][2][TK][HDP] */
   Where w;
-  if (!where_am_i(a, chunk, ntiles, C::LPK, w)) return;
+  if (!where_am_i(a, pos0_of(a), chunk, ntiles, C::LPK, w)) return;
   float qr[GT][8];
   load_q<GT>(a, w, qr);
   Acc<GT> st;
@@ -259,7 +273,7 @@ __global__ void __launch_bounds__(NW * 32) decode_direct_kernel(msh_k_attn a, in
   constexpr int U = C::U;
   __shared__ float ep[NW * GT * HDP + 2 * NW * GT];
   Where w;
-  if (!where_am_i(a, chunk, ntiles, C::LPK, w)) return;
+  if (!where_am_i(a, pos0_of(a), chunk, ntiles, C::LPK, w)) return;
   float qr[GT][8];
   load_q<GT>(a, w, qr);
   Acc<GT> st;
@@ -309,7 +323,8 @@ __global__ void __launch_bounds__(NW * 32) decode_tc_kernel(msh_k_attn a, int sp
   const int64_t tA = cA / G, tB = cB / G;
   const int64_t t_last = ((r0 + 16 < R ? r0 + 16 : R) - 1) / G;
   const int64_t k_begin = (int64_t)split * chunk;
-  const int64_t kmax = a.pos0 + t_last + 1;
+  const int64_t pos0 = pos0_of(a);
+  const int64_t kmax = pos0 + t_last + 1;
   if (k_begin >= kmax) return; /* no row of this tile sees this chunk: the merge skips it */
   const int64_t k_end = kmax < k_begin + chunk ? kmax : k_begin + chunk;
   const float qs = a.scale * LOG2E;
@@ -381,7 +396,7 @@ __global__ void __launch_bounds__(NW * 32) decode_tc_kernel(msh_k_attn a, int sp
 #pragma unroll
       for (int e = 0; e < 4; e++) {
         int64_t key = kbase + nn * 8 + 2 * tq + (e & 1);
-        bool ok = key < k_end && key <= a.pos0 + (e < 2 ? tA : tB);
+        bool ok = key < k_end && key <= pos0 + (e < 2 ? tA : tB);
         float v = ok ? sc[nn][e] * qs : -INFINITY;
         sc[nn][e] = v;
         if (e < 2) mxA = fmaxf(mxA, v);
@@ -482,7 +497,7 @@ __global__ void __launch_bounds__(NW * 32) decode_tc_kernel(msh_k_attn a, int sp
 __global__ void merge_kernel(msh_k_attn a, int splits, int chunk, const float2 *part_ml, const float *part_acc) {
   int64_t row = blockIdx.x; /* t * H + h */
   int64_t t = row / a.H;
-  int64_t n = a.pos0 + t + 1;
+  int64_t n = pos0_of(a) + t + 1;
   int ns = (int)((n + chunk - 1) / chunk);
   const float2 *ml = part_ml + row * splits;
   float M = -INFINITY;

@@ -238,8 +238,8 @@ cudaError_t launch(cudaStream_t s, const msh_k_attn *a, int splits, int64_t chun
 } // namespace
 
 extern "C" int msh_k_attn_prefill_ok(const msh_k_attn *a) {
-  return (a->kv_dt == MSH_F16 || a->kv_dt == MSH_BF16) && (a->hd == 64 || a->hd == 128) && a->KVH > 0 &&
-         a->H % a->KVH == 0 && a->ks0 % 8 == 0 && a->vs0 % 8 == 0 && aligned16(a->k) && aligned16(a->v) &&
+  return !a->pos0_dev && (a->kv_dt == MSH_F16 || a->kv_dt == MSH_BF16) && (a->hd == 64 || a->hd == 128) &&
+         a->KVH > 0 && a->H % a->KVH == 0 && a->ks0 % 8 == 0 && a->vs0 % 8 == 0 && aligned16(a->k) && aligned16(a->v) &&
          (int64_t)a->T * (a->H / a->KVH) / BM < 0x7fffffff;
 }
 

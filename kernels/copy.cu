@@ -1,4 +1,5 @@
-/* copy.cu: element copies with dtype conversion (contiguous, row-strided, any strides). */
+/* copy.cu: element copies with dtype conversion (contiguous, row-strided, any strides), and the
+ * row-strided and strided ones at a row offset read on the device (set_rows in CUDA graphs). */
 #include "msh_kutil.cuh"
 
 using namespace msh;
@@ -20,8 +21,24 @@ __global__ void convert_kernel(D *__restrict__ dst, const S *__restrict__ src, i
     dst[i] = Cvt<D, S>::f(src[i]);
 }
 
+/* Elements dst moves by when the copy runs: clamp(*row0, 0, max_row0) rows of `stride` elements
+ * (0 without row0). Every thread reads the same word, so nothing is written out of bounds
+ * whatever it holds. */
+struct Shift {
+  const int32_t *row0;
+  int64_t max_row0, stride;
+  __device__ __forceinline__ int64_t elements() const {
+    if (!row0) return 0;
+    int64_t r = *row0;
+    r = r < 0 ? 0 : r > max_row0 ? max_row0 : r;
+    return r * stride;
+  }
+};
+
 template <typename D, typename S>
-__global__ void rows_kernel(D *dst, int64_t dst_ld, const S *src, int64_t src_ld, int64_t rows, int64_t cols) {
+__global__ void rows_kernel(D *dst, int64_t dst_ld, const S *src, int64_t src_ld, int64_t rows, int64_t cols,
+                            Shift sh) {
+  dst += sh.elements();
   for (int64_t r = blockIdx.y; r < rows; r += gridDim.y)
     for (int64_t c = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; c < cols; c += (int64_t)gridDim.x * blockDim.x)
       dst[r * dst_ld + c] = Cvt<D, S>::f(src[r * src_ld + c]);
@@ -33,7 +50,8 @@ struct Geo {
   int64_t shape[MSH_K_MAX_DIMS], ds[MSH_K_MAX_DIMS], ss[MSH_K_MAX_DIMS];
 };
 
-template <typename D, typename S> __global__ void strided_kernel(D *dst, const S *src, Geo g) {
+template <typename D, typename S> __global__ void strided_kernel(D *dst, const S *src, Geo g, Shift sh) {
+  dst += sh.elements();
   int64_t step = (int64_t)gridDim.x * blockDim.x;
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < g.n; i += step) {
     int64_t rem = i, so = 0, dof = 0;
@@ -67,11 +85,12 @@ struct RowsOp {
   int64_t dst_ld;
   const void *src;
   int64_t src_ld, rows, cols;
+  Shift sh;
   template <typename D, typename S> cudaError_t run() const {
     if (rows > 0 && cols > 0) {
       int threads = cols >= 256 ? 256 : (int)((cols + 31) / 32 * 32);
       dim3 grid(grid_for(cols, threads, 1024), (unsigned)(rows < 65535 ? rows : 65535));
-      rows_kernel<D, S><<<grid, threads, 0, s>>>((D *)dst, dst_ld, (const S *)src, src_ld, rows, cols);
+      rows_kernel<D, S><<<grid, threads, 0, s>>>((D *)dst, dst_ld, (const S *)src, src_ld, rows, cols, sh);
     }
     return cudaGetLastError();
   }
@@ -82,8 +101,9 @@ struct StridedOp {
   void *dst;
   const void *src;
   Geo g;
+  Shift sh;
   template <typename D, typename S> cudaError_t run() const {
-    if (g.n > 0) strided_kernel<D, S><<<grid_for(g.n, 256), 256, 0, s>>>((D *)dst, (const S *)src, g);
+    if (g.n > 0) strided_kernel<D, S><<<grid_for(g.n, 256), 256, 0, s>>>((D *)dst, (const S *)src, g, sh);
     return cudaGetLastError();
   }
 };
@@ -123,12 +143,17 @@ extern "C" cudaError_t msh_k_convert(cudaStream_t s, void *dst, int dst_dt, cons
 
 extern "C" cudaError_t msh_k_copy_rows(cudaStream_t s, void *dst, int dst_dt, int64_t dst_ld, const void *src,
                                        int src_dt, int64_t src_ld, int64_t rows, int64_t cols) {
-  return dispatch(dst_dt, src_dt, RowsOp{s, dst, dst_ld, src, src_ld, rows, cols});
+  return dispatch(dst_dt, src_dt, RowsOp{s, dst, dst_ld, src, src_ld, rows, cols, Shift{}});
 }
 
-extern "C" cudaError_t msh_k_copy_strided(cudaStream_t s, void *dst, int dst_dt, const int64_t *dst_stride,
-                                          const void *src, int src_dt, const int64_t *src_stride, int ndim,
-                                          const int64_t *shape) {
+extern "C" cudaError_t msh_k_copy_rows_at(cudaStream_t s, void *dst, int dst_dt, int64_t dst_ld, const void *src,
+                                          int src_dt, int64_t src_ld, int64_t rows, int64_t cols,
+                                          const int32_t *row0, int64_t max_row0) {
+  return dispatch(dst_dt, src_dt, RowsOp{s, dst, dst_ld, src, src_ld, rows, cols, Shift{row0, max_row0, dst_ld}});
+}
+
+static cudaError_t strided(cudaStream_t s, void *dst, int dst_dt, const int64_t *dst_stride, const void *src,
+                           int src_dt, const int64_t *src_stride, int ndim, const int64_t *shape, Shift sh) {
   if (ndim < 0 || ndim > MSH_K_MAX_DIMS) return cudaErrorInvalidValue;
   Geo g = {};
   g.ndim = ndim;
@@ -139,5 +164,19 @@ extern "C" cudaError_t msh_k_copy_strided(cudaStream_t s, void *dst, int dst_dt,
     g.ss[d] = src_stride[d];
     g.n *= shape[d];
   }
-  return dispatch(dst_dt, src_dt, StridedOp{s, dst, src, g});
+  return dispatch(dst_dt, src_dt, StridedOp{s, dst, src, g, sh});
+}
+
+extern "C" cudaError_t msh_k_copy_strided(cudaStream_t s, void *dst, int dst_dt, const int64_t *dst_stride,
+                                          const void *src, int src_dt, const int64_t *src_stride, int ndim,
+                                          const int64_t *shape) {
+  return strided(s, dst, dst_dt, dst_stride, src, src_dt, src_stride, ndim, shape, Shift{});
+}
+
+extern "C" cudaError_t msh_k_copy_strided_at(cudaStream_t s, void *dst, int dst_dt, const int64_t *dst_stride,
+                                             const void *src, int src_dt, const int64_t *src_stride, int ndim,
+                                             const int64_t *shape, const int32_t *row0, int64_t max_row0) {
+  if (ndim < 1) return cudaErrorInvalidValue;
+  return strided(s, dst, dst_dt, dst_stride, src, src_dt, src_stride, ndim, shape,
+                 Shift{row0, max_row0, dst_stride[0]});
 }

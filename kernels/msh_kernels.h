@@ -32,6 +32,16 @@ cudaError_t msh_k_copy_strided(cudaStream_t s, void *dst, int dst_dt, const int6
                                const void *src, int src_dt, const int64_t *src_stride, int ndim,
                                const int64_t *shape);
 
+/* The same two with dst moved by r rows when the copy runs, r = *row0 (device int32) clamped into
+ * [0, max_row0]: dst_ld (rows) or dst_stride[0] (strided) elements per row. set_rows at a
+ * position that lives on the device (CUDA graphs). */
+cudaError_t msh_k_copy_rows_at(cudaStream_t s, void *dst, int dst_dt, int64_t dst_ld, const void *src,
+                               int src_dt, int64_t src_ld, int64_t rows, int64_t cols,
+                               const int32_t *row0, int64_t max_row0);
+cudaError_t msh_k_copy_strided_at(cudaStream_t s, void *dst, int dst_dt, const int64_t *dst_stride,
+                                  const void *src, int src_dt, const int64_t *src_stride, int ndim,
+                                  const int64_t *shape, const int32_t *row0, int64_t max_row0);
+
 /* ------------------------------------------------------------------------- embedding.cu */
 
 /* out (T, D) f32 = table (V, D)[ids]; an id outside [0, V) writes zeros to its row and stores
@@ -73,12 +83,17 @@ typedef struct msh_k_attn {
   int64_t ks0, vs0;  /* row strides, elements */
   int kv_dt;
   int T, H, KVH, hd;
-  int64_t pos0;
+  int64_t pos0;      /* position of query 0; with pos0_dev, the largest one the work is planned for */
   float scale;
+  const int32_t *pos0_dev; /* NULL, or position of query 0 read on the device when the kernels
+                            * run, clamped into [0, pos0] (CUDA graphs replay at any position) */
 } msh_k_attn;
 
 /* Split-KV decode (attn_decode.cu): any T (each query reads its own keys), hd <= 256. The
- * partials need msh_k_attn_decode_workspace() bytes of device memory at work. */
+ * partials need msh_k_attn_decode_workspace() bytes of device memory at work. The split plan
+ * depends on pos0 + T only, so with pos0_dev the same launch (and workspace) serves every
+ * position up to pos0: blocks whose chunk starts past a query's last key exit and the merge
+ * skips their partials. */
 size_t msh_k_attn_decode_workspace(const msh_k_attn *a, int sm_count);
 cudaError_t msh_k_attn_decode(cudaStream_t s, const msh_k_attn *a, void *work, int sm_count);
 
@@ -88,7 +103,7 @@ cudaError_t msh_k_attn_merge(cudaStream_t s, const msh_k_attn *a, int splits, in
                              const float *acc);
 
 /* Flash-attention prefill on tensor cores (attn_prefill.cu): f16/bf16 caches, hd 64 or 128,
- * 16-byte aligned rows. Splits the keys when there are too few query rows to fill the GPU; the
+ * 16-byte aligned rows, host pos0 only (pos0_dev NULL). Splits the keys when there are too few query rows to fill the GPU; the
  * partials need msh_k_attn_prefill_workspace() bytes at work. Returns cudaErrorNotSupported when
  * the operands do not qualify. */
 int msh_k_attn_prefill_ok(const msh_k_attn *a);

@@ -6,10 +6,13 @@
  * Timing: CUDA events around a batch of `inner` back-to-back launches on the op stream, after
  * warm-up; the median batch over `reps` batches, divided by inner. Weights and caches rotate over
  * enough copies to exceed the L2 cache, so each run reads device memory. */
+#define _POSIX_C_SOURCE 200809L /* clock_gettime */
+
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <cublas_v2.h>
 #include <cuda_runtime_api.h>
@@ -321,6 +324,179 @@ static void bench_attention(int64_t T, int64_t ctx, const char *name) {
   }
 }
 
+/* ------------------------------------------------------------------- decode step, graph */
+
+/* A whole Llama-3-8B decode step at batch 1 through the public ops (per layer: rmsnorm, q/k/v,
+ * two ropes, two set_rows_dyn, attention_dyn, o, add, rmsnorm, gate/up, silu_mul, down, add; then
+ * the final norm and the lm head: 546 ops), issued op by op ("eager") and replayed from one
+ * msh_graph. The layers rotate over 4 sets of weights (1.7 GB, far past the L2); every layer has
+ * its own KV cache. */
+enum { DS_LAYERS = 32, DS_SETS = 4 };
+
+typedef struct {
+  msh_tensor *wq, *wk, *wv, *wo, *wg, *wu, *wd, *n1, *n2;
+} ds_layer;
+
+typedef struct {
+  ds_layer w[DS_SETS];
+  msh_tensor *kc[DS_LAYERS], *vc[DS_LAYERS], *norm, *head, *inv_freq, *pos;
+  msh_tensor *x, *h, *qf, *kf, *vf, *att, *o, *g, *u, *logits, *q3, *k3, *v3, *att2;
+  int64_t max_len;
+} ds_ctx;
+
+static msh_tensor *ds_view(msh_tensor *t, int ndim, const int64_t *shape) {
+  msh_tensor *v = NULL;
+  OK(msh_tensor_reshape(&v, t, ndim, shape));
+  return v;
+}
+
+static void ds_step(void *p, int i) {
+  (void)i;
+  ds_ctx *c = p;
+  const float scale = 1.0f / sqrtf(128.0f), eps = 1e-5f;
+  for (int l = 0; l < DS_LAYERS; l++) {
+    ds_layer *w = &c->w[l % DS_SETS];
+    OK(msh_op_rmsnorm(c->h, c->x, w->n1, eps));
+    OK(msh_op_matmul(c->qf, c->h, w->wq));
+    OK(msh_op_matmul(c->kf, c->h, w->wk));
+    OK(msh_op_matmul(c->vf, c->h, w->wv));
+    OK(msh_op_rope(c->q3, c->pos, c->inv_freq, MSH_ROPE_HALF));
+    OK(msh_op_rope(c->k3, c->pos, c->inv_freq, MSH_ROPE_HALF));
+    OK(msh_op_set_rows_dyn(c->kc[l], c->pos, c->k3));
+    OK(msh_op_set_rows_dyn(c->vc[l], c->pos, c->v3));
+    OK(msh_op_attention_dyn(c->att, c->q3, c->kc[l], c->vc[l], c->pos, c->max_len, scale));
+    OK(msh_op_matmul(c->o, c->att2, w->wo));
+    OK(msh_op_add(c->x, c->x, c->o));
+    OK(msh_op_rmsnorm(c->h, c->x, w->n2, eps));
+    OK(msh_op_matmul(c->g, c->h, w->wg));
+    OK(msh_op_matmul(c->u, c->h, w->wu));
+    OK(msh_op_silu_mul(c->g, c->g, c->u));
+    OK(msh_op_matmul(c->o, c->g, w->wd));
+    OK(msh_op_add(c->x, c->x, c->o));
+  }
+  OK(msh_op_rmsnorm(c->h, c->x, c->norm, eps));
+  OK(msh_op_matmul(c->logits, c->h, c->head));
+}
+
+static void ds_set_pos(ds_ctx *c, int32_t pos) {
+  int64_t one = 1;
+  msh_tensor *h = NULL;
+  OK(msh_tensor_new(&h, MSH_I32, 1, &one, MSH_CPU, 0));
+  *(int32_t *)msh_tensor_data(h) = pos;
+  OK(msh_tensor_copy(c->pos, h)); /* an upload: waits for the stream */
+  msh_tensor_free(h);
+}
+
+static void bench_decode_step(int64_t pos, int64_t max_len) {
+  ds_ctx c = {0};
+  c.max_len = max_len;
+  int64_t d = 4096, ff = 14336, kv = 1024, vocab = 128256, one = 1;
+  uint64_t seed = 100;
+  for (int s = 0; s < DS_SETS; s++) {
+    ds_layer *w = &c.w[s];
+    int64_t sq[2] = {d, d}, sk[2] = {kv, d}, sg[2] = {ff, d}, sd[2] = {d, ff};
+    w->wq = dev_tensor(MSH_BF16, 2, sq);
+    w->wo = dev_tensor(MSH_BF16, 2, sq);
+    w->wk = dev_tensor(MSH_BF16, 2, sk);
+    w->wv = dev_tensor(MSH_BF16, 2, sk);
+    w->wg = dev_tensor(MSH_BF16, 2, sg);
+    w->wu = dev_tensor(MSH_BF16, 2, sg);
+    w->wd = dev_tensor(MSH_BF16, 2, sd);
+    w->n1 = dev_tensor(MSH_F32, 1, &d);
+    w->n2 = dev_tensor(MSH_F32, 1, &d);
+    msh_tensor *all[] = {w->wq, w->wo, w->wk, w->wv, w->wg, w->wu, w->wd, w->n1, w->n2};
+    for (int i = 0; i < 9; i++) OK(msh_tensor_randn(all[i], seed++, i < 7 ? 0.0f : 1.0f, i < 7 ? 0.02f : 0.1f));
+  }
+  int64_t cs[3] = {max_len, 8, 128}, hs[2] = {vocab, d}, rs = 64;
+  for (int l = 0; l < DS_LAYERS; l++) {
+    c.kc[l] = dev_tensor(MSH_BF16, 3, cs);
+    c.vc[l] = dev_tensor(MSH_BF16, 3, cs);
+    OK(msh_tensor_randn(c.kc[l], seed++, 0.0f, 1.0f));
+    OK(msh_tensor_randn(c.vc[l], seed++, 0.0f, 1.0f));
+  }
+  c.norm = dev_tensor(MSH_F32, 1, &d);
+  c.head = dev_tensor(MSH_BF16, 2, hs);
+  OK(msh_tensor_randn(c.norm, seed++, 1.0f, 0.1f));
+  OK(msh_tensor_randn(c.head, seed++, 0.0f, 0.02f));
+  c.inv_freq = dev_tensor(MSH_F32, 1, &rs);
+  OK(msh_tensor_randn(c.inv_freq, seed++, 0.0f, 0.01f));
+  c.pos = dev_tensor(MSH_I32, 1, &one);
+  int64_t xs[2] = {1, d}, ks[2] = {1, kv}, gs[2] = {1, ff}, ls[2] = {1, vocab};
+  int64_t q3[3] = {1, 32, 128}, k3[3] = {1, 8, 128};
+  c.x = dev_tensor(MSH_F32, 2, xs);
+  c.h = dev_tensor(MSH_F32, 2, xs);
+  c.qf = dev_tensor(MSH_F32, 2, xs);
+  c.kf = dev_tensor(MSH_F32, 2, ks);
+  c.vf = dev_tensor(MSH_F32, 2, ks);
+  c.att = dev_tensor(MSH_F32, 3, q3);
+  c.o = dev_tensor(MSH_F32, 2, xs);
+  c.g = dev_tensor(MSH_F32, 2, gs);
+  c.u = dev_tensor(MSH_F32, 2, gs);
+  c.logits = dev_tensor(MSH_F32, 2, ls);
+  c.q3 = ds_view(c.qf, 3, q3);
+  c.k3 = ds_view(c.kf, 3, k3);
+  c.v3 = ds_view(c.vf, 3, k3);
+  c.att2 = ds_view(c.att, 2, xs);
+  OK(msh_tensor_randn(c.x, seed++, 0.0f, 1.0f));
+  ds_set_pos(&c, (int32_t)pos);
+
+  double t = time_op(ds_step, &c, 5, 9); /* eager: the host issues 546 ops a step */
+  /* the same step as one graph; warm-up above sized the scratch */
+  msh_graph *g = NULL;
+  OK(msh_graph_begin(MSH_CUDA, 0));
+  ds_step(&c, 0);
+  OK(msh_graph_end(MSH_CUDA, 0, &g));
+  cudaEvent_t e0, e1;
+  CU(cudaEventCreate(&e0));
+  CU(cudaEventCreate(&e1));
+  double tg[9], tp[9];
+  for (int r = 0; r < 9; r++) { /* replays back to back: device time */
+    CU(cudaEventRecord(e0, stream));
+    for (int i = 0; i < 5; i++) OK(msh_graph_launch(g));
+    CU(cudaEventRecord(e1, stream));
+    CU(cudaEventSynchronize(e1));
+    float ms = 0;
+    CU(cudaEventElapsedTime(&ms, e0, e1));
+    tg[r] = ms * 1e-3 / 5;
+  }
+  for (int r = 0; r < 9; r++) { /* a token loop: upload the position, replay, wait (host clock) */
+    struct timespec a, b;
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    for (int i = 0; i < 5; i++) {
+      ds_set_pos(&c, (int32_t)(pos + i));
+      OK(msh_graph_launch(g));
+    }
+    OK(msh_device_sync(MSH_CUDA, 0));
+    clock_gettime(CLOCK_MONOTONIC, &b);
+    tp[r] = ((double)(b.tv_sec - a.tv_sec) + (double)(b.tv_nsec - a.tv_nsec) * 1e-9) / 5;
+  }
+  qsort(tg, 9, sizeof tg[0], cmp_double);
+  qsort(tp, 9, sizeof tp[0], cmp_double);
+  double wbytes = 32 * (2.0 * 4096 * 4096 + 2.0 * 1024 * 4096 + 3.0 * 14336 * 4096) * 2 + 128256.0 * 4096 * 2;
+  double kvbytes = 32 * 2.0 * (double)(pos + 1) * 8 * 128 * 2;
+  printf("{\"bench\":\"decode_step_graph\",\"model\":\"llama-3-8b shape, bf16\",\"layers\":32,\"ops\":%d,"
+         "\"pos\":%lld,\"max_len\":%lld,\"us_eager\":%.1f,\"us_graph\":%.1f,\"us_graph_pos_upload\":%.1f,"
+         "\"floor_us\":%.1f}\n",
+         DS_LAYERS * 17 + 2, (long long)pos, (long long)max_len, t * 1e6, tg[4] * 1e6, tp[4] * 1e6,
+         (wbytes + kvbytes) / copy_bw * 1e6);
+  fflush(stdout);
+  CU(cudaEventDestroy(e0));
+  CU(cudaEventDestroy(e1));
+  msh_graph_free(g);
+  for (int s = 0; s < DS_SETS; s++) {
+    ds_layer *w = &c.w[s];
+    msh_tensor *all[] = {w->wq, w->wo, w->wk, w->wv, w->wg, w->wu, w->wd, w->n1, w->n2};
+    for (int i = 0; i < 9; i++) msh_tensor_free(all[i]);
+  }
+  for (int l = 0; l < DS_LAYERS; l++) {
+    msh_tensor_free(c.kc[l]);
+    msh_tensor_free(c.vc[l]);
+  }
+  msh_tensor *rest[] = {c.norm, c.head, c.inv_freq, c.pos, c.x, c.h, c.qf, c.kf, c.vf, c.att,
+                        c.o, c.g, c.u, c.logits, c.q3, c.k3, c.v3, c.att2};
+  for (size_t i = 0; i < sizeof rest / sizeof rest[0]; i++) msh_tensor_free(rest[i]);
+}
+
 /* ----------------------------------------------------------------------------------- main */
 
 /* argv[1], when given, runs only the benchmarks whose name contains it (for profilers), against
@@ -384,5 +560,9 @@ int main(int argc, char **argv) {
     bench_attention(16, 8192, "attn_decode");
   }
   if (wanted("attn_prefill")) bench_attention(2048, 2048, "attn_prefill");
+  if (wanted("decode_step")) {
+    bench_decode_step(1000, 4096);
+    bench_decode_step(1000, 1024);
+  }
   return 0;
 }

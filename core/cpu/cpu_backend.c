@@ -270,6 +270,27 @@ msh_status msh_cpu_copy(msh_tensor *dst, const msh_tensor *src) {
   return MSH_OK;
 }
 
+/* ---------------------------------------------------------------- positions in tensors */
+
+/* The ops that take a position from a tensor (for CUDA graphs) read it here and run the host
+ * versions, with the position clamped as the device kernels clamp it. */
+
+static int64_t clamp_i64(int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : x > hi ? hi : x; }
+
+static msh_status cpu_set_rows_dyn(msh_tensor *dst, const msh_tensor *row0, const msh_tensor *src) {
+  int64_t r = clamp_i64(*(const int32_t *)msh_tensor_ptr(row0), 0, dst->shape[0] - src->shape[0]);
+  msh_tensor rows = *dst; /* a stack view of rows [r, r + T) */
+  rows.shape[0] = src->shape[0];
+  rows.offset = dst->offset + r * dst->stride[0];
+  return msh_cpu_copy(&rows, src);
+}
+
+static msh_status cpu_attention_dyn(msh_tensor *out, const msh_tensor *q, const msh_tensor *k,
+                                    const msh_tensor *v, const msh_tensor *pos0, int64_t max_len, float scale) {
+  int64_t p = clamp_i64(*(const int32_t *)msh_tensor_ptr(pos0), 0, max_len - q->shape[0]);
+  return msh_cpu_attention(out, q, k, v, p, scale);
+}
+
 /* ------------------------------------------------------------------------------- vtable */
 
 const msh_backend msh_cpu_backend = {
@@ -284,6 +305,8 @@ const msh_backend msh_cpu_backend = {
     .matmul = msh_cpu_matmul,
     .rope = msh_cpu_rope,
     .attention = msh_cpu_attention,
+    .set_rows_dyn = cpu_set_rows_dyn,
+    .attention_dyn = cpu_attention_dyn,
     .silu_mul = msh_cpu_silu_mul,
     .add = msh_cpu_add,
     .scale = msh_cpu_scale,

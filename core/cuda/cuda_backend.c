@@ -1,7 +1,8 @@
 /* cuda_backend.c: the CUDA backend: device memory, copies and ops over validated operands
  * (ops.c checked shapes, dtypes and devices). Every op is queued on the device's current stream
  * and returns without waiting, except where a result must reach the host (argmax, the id check
- * of embedding) or host memory is read or written (upload, download). */
+ * of embedding) or host memory is read or written (upload, download). Those refuse while a graph
+ * is being captured on the device (cuda_graph.c); the rest are recorded into it. */
 #include "cuda_internal.h"
 
 #include <limits.h>
@@ -16,6 +17,7 @@ static msh_status dev_for(const msh_tensor *t, msh_cuda_dev **d) { return msh_cu
 static msh_status cuda_alloc(int device_index, uint64_t bytes, void **out) {
   msh_cuda_dev *d;
   msh_status s = msh_cuda_dev_get(device_index, &d);
+  if (s == MSH_OK) s = msh_cuda_check_not_capturing(d, "allocating device memory", __func__);
   if (s != MSH_OK) return s;
   void *p = NULL;
   cudaError_t e = cudaMalloc(&p, (size_t)bytes);
@@ -43,13 +45,13 @@ static void cuda_release(int device_index, void *p) {
   if (!p) return;
   msh_cuda_dev *d;
   if (msh_cuda_dev_get(device_index, &d) != MSH_OK) return;
-  cudaFree(p); /* waits for the device; a failure here leaves nothing to recover */
-  (void)cudaGetLastError();
+  msh_cuda_free_later(d, p); /* now, or at the end of a graph capture */
 }
 
 static msh_status cuda_upload(int device_index, void *dst, const void *src, uint64_t bytes) {
   msh_cuda_dev *d;
   msh_status s = msh_cuda_dev_get(device_index, &d);
+  if (s == MSH_OK) s = msh_cuda_check_not_capturing(d, "copying from the host to the device", __func__);
   if (s != MSH_OK) return s;
   if (!bytes) return MSH_OK;
   CUDA_TRY(cudaMemcpyAsync(dst, src, (size_t)bytes, cudaMemcpyHostToDevice, d->stream));
@@ -60,6 +62,7 @@ static msh_status cuda_upload(int device_index, void *dst, const void *src, uint
 static msh_status cuda_download(int device_index, void *dst, const void *src, uint64_t bytes) {
   msh_cuda_dev *d;
   msh_status s = msh_cuda_dev_get(device_index, &d);
+  if (s == MSH_OK) s = msh_cuda_check_not_capturing(d, "copying from the device to the host", __func__);
   if (s != MSH_OK) return s;
   if (!bytes) return MSH_OK;
   CUDA_TRY(cudaMemcpyAsync(dst, src, (size_t)bytes, cudaMemcpyDeviceToHost, d->stream));
@@ -113,6 +116,27 @@ static msh_status cuda_copy(msh_tensor *dst, const msh_tensor *src) {
   }
   CUDA_TRY(msh_k_copy_strided(d->stream, dp, dst->dtype, dst->stride, sp, src->dtype, src->stride, src->ndim,
                               src->shape));
+  return MSH_OK;
+}
+
+/* dst rows [r, r + T) = src (T, ...), r = *row0 clamped into [0, rows(dst) - T] on the device:
+ * rows of packed elements when both tensors are laid out so, else any strides. */
+static msh_status cuda_set_rows_dyn(msh_tensor *dst, const msh_tensor *row0, const msh_tensor *src) {
+  msh_cuda_dev *d;
+  msh_status s = dev_for(dst, &d);
+  if (s != MSH_OK) return s;
+  if (msh_tensor_numel(src) == 0) return MSH_OK;
+  int64_t max_row0 = dst->shape[0] - src->shape[0];
+  const int32_t *r0 = msh_tensor_ptr(row0);
+  void *dp = msh_tensor_ptr(dst); /* row 0: the kernel moves it by r rows */
+  const void *sp = msh_tensor_ptr(src);
+  int64_t dr, dcols, dld, sr, scols, sld;
+  if (as_rows(dst, &dr, &dcols, &dld) && as_rows(src, &sr, &scols, &sld)) {
+    CUDA_TRY(msh_k_copy_rows_at(d->stream, dp, dst->dtype, dld, sp, src->dtype, sld, sr, scols, r0, max_row0));
+    return MSH_OK;
+  }
+  CUDA_TRY(msh_k_copy_strided_at(d->stream, dp, dst->dtype, dst->stride, sp, src->dtype, src->stride, src->ndim,
+                                 src->shape, r0, max_row0));
   return MSH_OK;
 }
 
@@ -202,8 +226,11 @@ static msh_status cuda_rope(msh_tensor *x, const msh_tensor *pos, const msh_tens
   return MSH_OK;
 }
 
-static msh_status cuda_attention(msh_tensor *out, const msh_tensor *q, const msh_tensor *k, const msh_tensor *v,
-                                 int64_t pos0, float scale) {
+/* pos0_dev NULL: queries at pos0 .. pos0 + T - 1. Else the position is read on the device when
+ * the kernels run and the work is planned for positions up to pos0 (= max_len - T): the split-KV
+ * decode kernels for any T, so that one captured graph serves every position. */
+static msh_status attention_at(msh_tensor *out, const msh_tensor *q, const msh_tensor *k, const msh_tensor *v,
+                               int64_t pos0, const int32_t *pos0_dev, float scale) {
   msh_cuda_dev *d;
   msh_status s = dev_for(out, &d);
   if (s != MSH_OK) return s;
@@ -225,11 +252,12 @@ static msh_status cuda_attention(msh_tensor *out, const msh_tensor *q, const msh
       .hd = (int)hd,
       .pos0 = pos0,
       .scale = scale,
+      .pos0_dev = pos0_dev,
   };
   /* 8 or more queries: tensor-core flash attention (splitting the keys when the queries alone
    * cannot fill the GPU); fewer: the split-KV decode kernels */
   void *work = NULL;
-  if (T >= 8 && msh_k_attn_prefill_ok(&a)) {
+  if (T >= 8 && !pos0_dev && msh_k_attn_prefill_ok(&a)) {
     size_t pbytes = msh_k_attn_prefill_workspace(&a, d->sm_count);
     if (pbytes) {
       s = msh_cuda_scratch(d, pbytes, &work);
@@ -241,8 +269,9 @@ static msh_status cuda_attention(msh_tensor *out, const msh_tensor *q, const msh
   if (hd > 256) return MSH_FAIL(MSH_EUNSUPPORTED, "attention: head dim %lld > 256 on CUDA", (long long)hd);
   if (T > 65535)
     return MSH_FAIL(MSH_EUNSUPPORTED, "attention: %lld queries over a %s cache with head dim %lld on CUDA "
-                    "(the flash kernel takes f16/bf16 caches with head dim 64 or 128)",
-                    (long long)T, msh_dtype_name(k->dtype), (long long)hd);
+                    "(the flash kernel takes f16/bf16 caches with head dim 64 or 128%s)",
+                    (long long)T, msh_dtype_name(k->dtype), (long long)hd,
+                    pos0_dev ? ", and a position on the host" : "");
   size_t wbytes = msh_k_attn_decode_workspace(&a, d->sm_count);
   if (wbytes) {
     s = msh_cuda_scratch(d, wbytes, &work);
@@ -250,6 +279,16 @@ static msh_status cuda_attention(msh_tensor *out, const msh_tensor *q, const msh
   }
   CUDA_TRY(msh_k_attn_decode(d->stream, &a, work, d->sm_count));
   return MSH_OK;
+}
+
+static msh_status cuda_attention(msh_tensor *out, const msh_tensor *q, const msh_tensor *k, const msh_tensor *v,
+                                 int64_t pos0, float scale) {
+  return attention_at(out, q, k, v, pos0, NULL, scale);
+}
+
+static msh_status cuda_attention_dyn(msh_tensor *out, const msh_tensor *q, const msh_tensor *k, const msh_tensor *v,
+                                     const msh_tensor *pos0, int64_t max_len, float scale) {
+  return attention_at(out, q, k, v, max_len - q->shape[0], msh_tensor_ptr(pos0), scale);
 }
 
 static msh_status cuda_silu_mul(msh_tensor *out, const msh_tensor *gate, const msh_tensor *up) {
@@ -288,6 +327,7 @@ static msh_status cuda_softmax(msh_tensor *out, const msh_tensor *x, int log) {
 static msh_status cuda_argmax(const msh_tensor *x, int32_t *out) {
   msh_cuda_dev *d;
   msh_status s = dev_for(x, &d);
+  if (s == MSH_OK) s = msh_cuda_check_not_capturing(d, "argmax (its result goes to the host)", __func__);
   if (s != MSH_OK) return s;
   int64_t R = msh_rows(x), N = x->shape[x->ndim - 1];
   if (R == 0) return MSH_OK;
@@ -336,6 +376,8 @@ const msh_backend msh_cuda_backend = {
     .matmul = cuda_matmul,
     .rope = cuda_rope,
     .attention = cuda_attention,
+    .set_rows_dyn = cuda_set_rows_dyn,
+    .attention_dyn = cuda_attention_dyn,
     .silu_mul = cuda_silu_mul,
     .add = cuda_add,
     .scale = cuda_scale,
@@ -344,4 +386,8 @@ const msh_backend msh_cuda_backend = {
     .randn = cuda_randn,
     .sync = msh_cuda_sync,
     .mem_info = cuda_mem_info,
+    .graph_begin = msh_cuda_graph_begin,
+    .graph_end = msh_cuda_graph_end,
+    .graph_launch = msh_cuda_graph_launch,
+    .graph_free = msh_cuda_graph_free,
 };

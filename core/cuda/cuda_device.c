@@ -1,5 +1,5 @@
-/* cuda_device.c: CUDA devices: counting, per-device state (stream, cuBLAS handle, scratch),
- * and the one checker of CUDA and cuBLAS return codes. */
+/* cuda_device.c: CUDA devices: counting, per-device state (stream, cuBLAS handle, scratch), what
+ * may not run during a graph capture, and the one checker of CUDA and cuBLAS return codes. */
 #include "cuda_internal.h"
 
 #include <pthread.h>
@@ -8,6 +8,7 @@
 enum { MAX_DEVICES = 64, WORDS = 64 };
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_mutex_t defer_lock = PTHREAD_MUTEX_INITIALIZER; /* capturing and deferred frees */
 static int device_count = -1; /* -1: not asked yet */
 static msh_cuda_dev *devices[MAX_DEVICES];
 
@@ -96,31 +97,114 @@ msh_status msh_cuda_dev_get(int device_index, msh_cuda_dev **out) {
   return s;
 }
 
+/* ----------------------------------------------------------------------------- scratch */
+
+void msh_cuda_block_retain(msh_cuda_block *b) { __atomic_add_fetch(&b->refs, 1, __ATOMIC_ACQ_REL); }
+
+void msh_cuda_block_release(msh_cuda_dev *d, msh_cuda_block *b) {
+  if (!b || __atomic_sub_fetch(&b->refs, 1, __ATOMIC_ACQ_REL) > 0) return;
+  msh_cuda_free_later(d, b->p);
+  free(b);
+}
+
 msh_status msh_cuda_scratch(msh_cuda_dev *d, size_t bytes, void **out) {
-  if (bytes <= d->scratch_bytes && d->scratch) {
-    *out = d->scratch;
+  msh_cuda_block *old = d->scratch;
+  if (old && bytes <= old->bytes) {
+    *out = old->p;
     return MSH_OK;
   }
+  if (msh_cuda_capturing(d))
+    return MSH_FAIL(MSH_EINVAL, "device scratch must grow from %zu to %zu bytes while a graph is being captured on "
+                    "CUDA device %d: run the same ops once before msh_graph_begin so that it is sized",
+                    old ? old->bytes : 0, bytes, d->index);
   size_t want = bytes + bytes / 4;
   want = (want + ((size_t)1 << 20) - 1) & ~(((size_t)1 << 20) - 1);
-  if (d->scratch) {
+  if (old) { /* ops queued before still use it; a graph may hold it for longer */
     CUDA_TRY(cudaStreamSynchronize(d->stream));
-    CUDA_TRY(cudaFree(d->scratch));
     d->scratch = NULL;
-    d->scratch_bytes = 0;
+    msh_cuda_block_release(d, old);
   }
-  void *p = NULL;
-  cudaError_t e = cudaMalloc(&p, want);
-  if (e == cudaErrorMemoryAllocation) {
-    (void)cudaGetLastError();
-    return MSH_FAIL(MSH_ENOMEM, "cannot allocate %zu bytes of scratch on CUDA device %d", want, d->index);
+  msh_cuda_block *b = calloc(1, sizeof *b);
+  if (!b) return MSH_FAIL(MSH_ENOMEM, "out of memory");
+  cudaError_t e = cudaMalloc(&b->p, want);
+  if (e != cudaSuccess) {
+    free(b);
+    if (e == cudaErrorMemoryAllocation) {
+      (void)cudaGetLastError();
+      return MSH_FAIL(MSH_ENOMEM, "cannot allocate %zu bytes of scratch on CUDA device %d", want, d->index);
+    }
+    CUDA_TRY(e);
   }
-  CUDA_TRY(e);
-  d->scratch = p;
-  d->scratch_bytes = want;
-  *out = p;
+  b->bytes = want;
+  b->refs = 1;
+  d->scratch = b;
+  *out = b->p;
   return MSH_OK;
 }
+
+/* ------------------------------------------------------------------------ graph capture */
+
+int msh_cuda_capturing(msh_cuda_dev *d) {
+  if (__atomic_load_n(&d->capturing, __ATOMIC_ACQUIRE)) return 1;
+  enum cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(d->stream, &st) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return st != cudaStreamCaptureStatusNone; /* an invalidated capture still holds the stream */
+}
+
+msh_status msh_cuda_check_not_capturing(msh_cuda_dev *d, const char *what, const char *func) {
+  if (!msh_cuda_capturing(d)) return MSH_OK;
+  return msh_fail_at(MSH_EINVAL, __FILE__, __LINE__, func,
+                     "%s while a graph is being captured on CUDA device %d: it would wait for the device "
+                     "(do it before msh_graph_begin or after msh_graph_end)",
+                     what, d->index);
+}
+
+void msh_cuda_free_later(msh_cuda_dev *d, void *p) {
+  if (!p) return;
+  pthread_mutex_lock(&defer_lock);
+  if (d->capturing) {
+    if (d->n_deferred == d->cap_deferred) {
+      int cap = d->cap_deferred ? 2 * d->cap_deferred : 16;
+      void **grown = realloc(d->deferred, sizeof(void *) * (size_t)cap);
+      if (!grown) { /* no room to remember it: leak the block rather than stall the capture */
+        pthread_mutex_unlock(&defer_lock);
+        return;
+      }
+      d->deferred = grown;
+      d->cap_deferred = cap;
+    }
+    d->deferred[d->n_deferred++] = p;
+    pthread_mutex_unlock(&defer_lock);
+    return;
+  }
+  pthread_mutex_unlock(&defer_lock);
+  cudaFree(p); /* waits for the device; a failure here leaves nothing to recover */
+  (void)cudaGetLastError();
+}
+
+/* Marks the start or the end of a capture through msh_graph_begin/end; at the end, frees what
+ * was released meanwhile. */
+void msh_cuda_set_capturing(msh_cuda_dev *d, int on) {
+  pthread_mutex_lock(&defer_lock);
+  __atomic_store_n(&d->capturing, on, __ATOMIC_RELEASE);
+  void **list = NULL;
+  int n = 0;
+  if (!on) {
+    list = d->deferred;
+    n = d->n_deferred;
+    d->deferred = NULL;
+    d->n_deferred = d->cap_deferred = 0;
+  }
+  pthread_mutex_unlock(&defer_lock);
+  for (int i = 0; i < n; i++) cudaFree(list[i]);
+  (void)cudaGetLastError();
+  free(list);
+}
+
+/* ----------------------------------------------------------------------------- streams */
 
 msh_status msh_cuda_stream(int device_index, cudaStream_t *out) {
   msh_cuda_dev *d;
@@ -132,6 +216,7 @@ msh_status msh_cuda_stream(int device_index, cudaStream_t *out) {
 msh_status msh_cuda_sync(int device_index) {
   msh_cuda_dev *d;
   msh_status s = msh_cuda_dev_get(device_index, &d);
+  if (s == MSH_OK) s = msh_cuda_check_not_capturing(d, "device sync", __func__);
   if (s != MSH_OK) return s;
   CUDA_TRY(cudaStreamSynchronize(d->stream));
   return MSH_OK;

@@ -64,12 +64,21 @@ typedef enum {
   MSH_BF16 = 2,
   MSH_I32 = 3,
   MSH_I8 = 4,
-  MSH_DTYPE_COUNT = 5 /* packed int4 and block-quantized types will follow */
+  /* Block-quantized, in ggml's layouts: blocks of 32 consecutive elements along the last dim.
+   * d and m are f16; Q4 nibbles: the low ones are elements 0..15, the high ones 16..31. */
+  MSH_Q8_0 = 5, /* 34 bytes a block: d, 32 x i8 q; value d * q */
+  MSH_Q4_0 = 6, /* 18 bytes: d, 16 bytes of nibbles q; value d * (q - 8) */
+  MSH_Q4_1 = 7, /* 20 bytes: d, m, 16 bytes of nibbles q; value d * q + m */
+  MSH_DTYPE_COUNT = 8
 } msh_dtype;
 
-/* Bytes per element (0 for an unknown dtype). */
+/* Bytes per element (0 for an unknown dtype and for block-quantized ones: see below). */
 size_t msh_dtype_size(int dtype);
-/* "f32", "f16", "bf16", "i32", "i8" ("?" for an unknown dtype). */
+/* Elements per block: 32 for the block-quantized dtypes, 1 for the others, 0 if unknown. */
+int msh_dtype_block_elems(int dtype);
+/* Bytes per block: 34, 18, 20 for Q8_0, Q4_0, Q4_1; the element size for the others; 0 if unknown. */
+size_t msh_dtype_block_bytes(int dtype);
+/* "f32", "f16", "bf16", "i32", "i8", "q8_0", "q4_0", "q4_1" ("?" for an unknown dtype). */
 const char *msh_dtype_name(int dtype);
 
 /* Scalar conversions (round-to-nearest-even for the narrowing ones). */
@@ -150,7 +159,10 @@ int msh_tensor_is_readonly(const msh_tensor *t);
 /* Address of element 0 (a device address for device tensors). */
 void *msh_tensor_data(const msh_tensor *t);
 
-/* Views share memory with t. Each checks that the view lies inside t's memory. */
+/* Views share memory with t. Each checks that the view lies inside t's memory.
+ * Block-quantized tensors keep whole blocks: the last dim is a multiple of 32 with stride 1, and
+ * every other stride and the offset are multiples of 32 elements. Views that select rows (narrow,
+ * reshape or transpose of the outer dims) work; one that would split a block is MSH_EINVAL. */
 msh_status msh_tensor_view(msh_tensor **out, msh_tensor *t, int ndim, const int64_t *shape,
                            const int64_t *strides, int64_t offset);
 msh_status msh_tensor_narrow(msh_tensor **out, msh_tensor *t, int dim, int64_t start, int64_t len);
@@ -159,7 +171,9 @@ msh_status msh_tensor_reshape(msh_tensor **out, msh_tensor *t, int ndim, const i
 msh_status msh_tensor_transpose(msh_tensor **out, msh_tensor *t, int d0, int d1);
 
 /* dst = src elementwise: equal shapes, any strides, any of f32/f16/bf16 to any of them, i32 and
- * i8 to themselves; across devices. dst must be writable. */
+ * i8 to themselves; across devices. dst must be writable. Block-quantized tensors: to the same
+ * dtype by bytes (any devices); to f32/f16/bf16 dequantizing, and from them quantizing (ggml's
+ * rounding rules), both computed on the CPU (a device operand goes through host memory). */
 msh_status msh_tensor_copy(msh_tensor *dst, const msh_tensor *src);
 /* A new contiguous tensor of dtype on the same device holding src's values. */
 msh_status msh_tensor_contiguous(msh_tensor **out, const msh_tensor *src, int dtype);
@@ -171,7 +185,9 @@ msh_status msh_tensor_randn(msh_tensor *t, uint64_t seed, float mean, float std)
 /*
  * All ops run on the device of their tensors (all operands on one device). Outputs are f32
  * unless stated, contiguous, and must not alias inputs unless stated. Weight operands may be
- * f32, f16 or bf16. Shapes are checked; a mismatch is MSH_EINVAL with both shapes in the message.
+ * f32, f16 or bf16; matmul and embedding also take block-quantized ones (Q8_0, Q4_0, Q4_1) on the
+ * CPU (MSH_EUNSUPPORTED on other devices). Shapes are checked; a mismatch is MSH_EINVAL with both
+ * shapes in the message.
  */
 
 /* out (T, D) = table[ids[t]] ; table (V, D); ids (T) i32. An id outside [0, V) is MSH_ERANGE. */
@@ -180,7 +196,10 @@ msh_status msh_op_embedding(msh_tensor *out, const msh_tensor *table, const msh_
 /* out (.., D) = x / sqrt(mean(x^2) + eps) * w ; w (D). out may alias x. */
 msh_status msh_op_rmsnorm(msh_tensor *out, const msh_tensor *x, const msh_tensor *w, float eps);
 
-/* out (M, N) = x (M, K) @ w (N, K)^T ; x and out f32, w f32/f16/bf16 (row-major [out, in]). */
+/* out (M, N) = x (M, K) @ w (N, K)^T ; x and out f32, w f32/f16/bf16 (row-major [out, in]), or
+ * block-quantized on the CPU: then for M < 32 each row of x is quantized to 8 bits per 32-element
+ * block (scale amax / 127, round to nearest even) and multiplied in integers, block by block, as
+ * llama.cpp does; for M >= 32 the weights are dequantized to f32 block by block (x exact). */
 msh_status msh_op_matmul(msh_tensor *out, const msh_tensor *x, const msh_tensor *w);
 
 typedef enum {
@@ -201,6 +220,22 @@ msh_status msh_op_set_rows(msh_tensor *dst, int64_t row0, const msh_tensor *src)
  * Query t sits at position pos0 + t and attends keys 0 .. pos0 + t. scores = q.k * scale. */
 msh_status msh_op_attention(msh_tensor *out, const msh_tensor *q, const msh_tensor *k,
                             const msh_tensor *v, int64_t pos0, float scale);
+
+/* Like msh_op_set_rows, with row0 read from device memory when the op runs (so that a captured
+ * graph serves every position): row0 (1) i32 and src on dst's device; src (T, ...) with dst's
+ * trailing dims, T <= rows(dst) (else MSH_ERANGE); dst must not overlap src or row0. A row0 with
+ * rows that do not fit is clamped on the device into [0, rows(dst) - T] (nothing is written out
+ * of bounds): the host cannot see the value. */
+msh_status msh_op_set_rows_dyn(msh_tensor *dst, const msh_tensor *row0, const msh_tensor *src);
+
+/* Like msh_op_attention, with pos0 read from device memory when the op runs: pos0 (1) i32 on the
+ * operands' device. The work is planned for positions up to max_len (pos0 + T <= max_len <= S,
+ * else MSH_ERANGE), so one captured graph serves every pos0 below that bound; a pos0 outside
+ * [0, max_len - T] is clamped into it on the device. The device scratch it needs depends on
+ * max_len and the shapes only. On CUDA it always takes the split-KV decode kernels (fast for a
+ * few queries; many queries belong to msh_op_attention). */
+msh_status msh_op_attention_dyn(msh_tensor *out, const msh_tensor *q, const msh_tensor *k,
+                                const msh_tensor *v, const msh_tensor *pos0, int64_t max_len, float scale);
 
 /* out = silu(gate) * up, elementwise. out may alias gate or up. */
 msh_status msh_op_silu_mul(msh_tensor *out, const msh_tensor *gate, const msh_tensor *up);
@@ -232,6 +267,36 @@ void msh_sampler_reseed(msh_sampler *s, uint64_t seed);
  * (top_p >= 1: all), renormalized, and one draw. */
 msh_status msh_sampler_sample(msh_sampler *s, const msh_tensor *logits, float temperature, int top_k,
                               float top_p, int32_t *out_token);
+
+/* ============================================================================= graphs */
+
+/* CUDA graphs over a device's current stream: a decode step captured once and replayed with one
+ * launch instead of hundreds. msh_graph_begin: the ops queued on that device from then on (from
+ * any thread: the device has one stream) are recorded, not run, until msh_graph_end, which
+ * returns the graph. A replay runs the same kernels on the same memory with the same host
+ * arguments: positions that change between replays must live in device tensors
+ * (msh_op_set_rows_dyn, msh_op_attention_dyn, msh_op_rope's pos), updated before each launch
+ * (msh_tensor_copy from the host is fine there).
+ *
+ * Between begin and end nothing may wait for the device: uploads and downloads (msh_tensor_copy
+ * to or from the host), msh_op_argmax, msh_device_sync, allocating device memory (msh_tensor_new,
+ * msh_tensor_contiguous, arenas; views and tensors from an existing arena are fine) and growing
+ * the device scratch all fail with MSH_EINVAL saying so, and leave the capture going. The scratch
+ * (attention partials, converted activations) grows on the first use of a size: run the step
+ * once eagerly before capturing it. Device memory freed during a capture goes at its end. The
+ * tensors a graph uses must outlive it; the graph keeps the scratch it was captured over.
+ *
+ * begin: MSH_EUNSUPPORTED on the CPU (and without CUDA), MSH_EINVAL when a capture is already
+ * going on that device. end: MSH_EINVAL without a capture; MSH_EDEVICE when CUDA refused the
+ * capture (the stream runs ops again either way). */
+typedef struct msh_graph msh_graph;
+
+msh_status msh_graph_begin(int kind, int device_index);
+msh_status msh_graph_end(int kind, int device_index, msh_graph **out);
+/* Queues one replay on the device's current stream; returns without waiting. */
+msh_status msh_graph_launch(msh_graph *g);
+/* Waits for queued replays and frees the graph (NULL-safe). */
+void msh_graph_free(msh_graph *g);
 
 /* ========================================================================== tokenizer */
 
@@ -370,9 +435,9 @@ msh_status msh_gguf_tensor_info(const msh_gguf *g, int i, int *ggml_type, int *n
                                 int64_t *shape, uint64_t *offset, uint64_t *nbytes);
 /* "F32", "Q4_K", ... ("?" for an unknown number). */
 const char *msh_gguf_ggml_type_name(int ggml_type);
-/* Tensor i as a moonshard tensor: F32, F16, BF16, I8, I32 as zero-copy read-only views of the
- * map; Q8_0, Q4_0, Q4_1 dequantized into a new f32 CPU tensor. MSH_EUNSUPPORTED naming the
- * tensor and its type for any other type; MSH_ENOMEM. */
+/* Tensor i as a moonshard tensor: a zero-copy read-only view of the map of dtype F32, F16, BF16,
+ * I8, I32, Q8_0, Q4_0 or Q4_1 (msh_tensor_contiguous(&f, t, MSH_F32) dequantizes a quantized
+ * one). MSH_EUNSUPPORTED naming the tensor and its type for any other type; MSH_ENOMEM. */
 msh_status msh_gguf_tensor(const msh_gguf *g, int i, msh_tensor **out);
 
 /* ===================================================================== byte-level BPE */

@@ -14,6 +14,36 @@ msh_status msh_fail_at(msh_status s, const char *file, int line, const char *fun
                        const char *fmt, ...) __attribute__((format(printf, 5, 6)));
 #define MSH_FAIL(s, ...) msh_fail_at((s), __FILE__, __LINE__, __func__, __VA_ARGS__)
 
+/* ------------------------------------------------------------------------------ dtypes */
+
+enum { MSH_QK = 32 }; /* elements per block of the block-quantized dtypes */
+
+static inline int msh_dtype_is_block(int dt) { return dt == MSH_Q8_0 || dt == MSH_Q4_0 || dt == MSH_Q4_1; }
+
+/* Elements per block (1 for plain dtypes, 0 if unknown) and bytes per block (element size). */
+static inline int64_t msh_dt_block_elems(int dt) {
+  return msh_dtype_is_block(dt) ? MSH_QK : (dt >= 0 && dt < MSH_Q8_0) ? 1 : 0;
+}
+
+static inline int64_t msh_dt_block_bytes(int dt) {
+  switch (dt) {
+  case MSH_F32: case MSH_I32: return 4;
+  case MSH_F16: case MSH_BF16: return 2;
+  case MSH_I8: return 1;
+  case MSH_Q8_0: return 34;
+  case MSH_Q4_0: return 18;
+  case MSH_Q4_1: return 20;
+  default: return 0;
+  }
+}
+
+/* Bytes that n consecutive elements of dtype dt take, rounded up to whole blocks: every byte-size
+ * and byte-offset computation goes through here (offsets of block dtypes are whole blocks). */
+static inline int64_t msh_dtype_bytes(int dt, int64_t n) {
+  if (!msh_dtype_is_block(dt)) return n * msh_dt_block_bytes(dt);
+  return (n + MSH_QK - 1) / MSH_QK * msh_dt_block_bytes(dt);
+}
+
 /* ---------------------------------------------------------------------------- storage */
 
 /* The memory behind one or more tensors. */
@@ -44,7 +74,20 @@ msh_status msh_tensor_make(msh_tensor **out, msh_storage *st, int dtype, int ndi
                            const int64_t *shape, const int64_t *strides, int64_t offset);
 
 static inline void *msh_tensor_ptr(const msh_tensor *t) {
-  return (char *)t->st->base + t->offset * (int64_t)msh_dtype_size(t->dtype);
+  return (char *)t->st->base + msh_dtype_bytes(t->dtype, t->offset);
+}
+
+/* The bytes of a block-quantized tensor as an i8 tensor of the same storage (rows of blocks
+ * become rows of bytes), so that same-dtype copies move bytes on any backend. */
+static inline msh_tensor msh_tensor_block_bytes(const msh_tensor *t) {
+  msh_tensor v = *t;
+  int64_t bb = msh_dt_block_bytes(t->dtype), last = t->ndim - 1;
+  v.dtype = MSH_I8;
+  v.offset = t->offset / MSH_QK * bb;
+  for (int i = 0; i < last; i++) v.stride[i] = t->stride[i] / MSH_QK * bb;
+  v.shape[last] = t->shape[last] / MSH_QK * bb;
+  v.stride[last] = 1;
+  return v;
 }
 
 static inline int64_t msh_rows(const msh_tensor *t) {
@@ -75,6 +118,13 @@ typedef struct msh_backend {
   msh_status (*rope)(msh_tensor *x, const msh_tensor *pos, const msh_tensor *inv_freq, int style);
   msh_status (*attention)(msh_tensor *out, const msh_tensor *q, const msh_tensor *k,
                           const msh_tensor *v, int64_t pos0, float scale);
+  /* Positions read from device memory when the op runs (row0, pos0: one i32 on the device).
+   * set_rows_dyn: src on dst's device with dst's trailing dims, T <= rows(dst); the row is
+   * clamped into [0, rows(dst) - T]. attention_dyn: T <= max_len <= S; pos0 is clamped into
+   * [0, max_len - T] and the work is planned for max_len. */
+  msh_status (*set_rows_dyn)(msh_tensor *dst, const msh_tensor *row0, const msh_tensor *src);
+  msh_status (*attention_dyn)(msh_tensor *out, const msh_tensor *q, const msh_tensor *k,
+                              const msh_tensor *v, const msh_tensor *pos0, int64_t max_len, float scale);
   msh_status (*silu_mul)(msh_tensor *out, const msh_tensor *gate, const msh_tensor *up);
   msh_status (*add)(msh_tensor *out, const msh_tensor *a, const msh_tensor *b);
   msh_status (*scale)(msh_tensor *out, const msh_tensor *x, float s);
@@ -86,6 +136,12 @@ typedef struct msh_backend {
   /* Optional: waits for the device's queued work; free and total memory in bytes. */
   msh_status (*sync)(int device_index);
   msh_status (*mem_info)(int device_index, uint64_t *free_bytes, uint64_t *total_bytes);
+  /* Optional (NULL: no graphs on this backend): capture of the ops queued on a device between
+   * begin and end into a graph (an opaque handle of the backend), replay, release. */
+  msh_status (*graph_begin)(int device_index);
+  msh_status (*graph_end)(int device_index, void **out);
+  msh_status (*graph_launch)(void *g);
+  void (*graph_free)(void *g);
 } msh_backend;
 
 extern const msh_backend msh_cpu_backend;

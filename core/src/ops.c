@@ -40,7 +40,19 @@ static msh_status want_f32c(const char *op, const char *name, const msh_tensor *
 
 static msh_status want_weight(const char *op, const char *name, const msh_tensor *t) {
   if (!is_float(t->dtype) || !msh_tensor_is_contiguous(t))
-    return MSH_FAIL(MSH_EINVAL, "%s: %s must be a contiguous f32/f16/bf16 tensor", op, name);
+    return MSH_FAIL(MSH_EINVAL, "%s: %s must be a contiguous f32/f16/bf16 tensor, not %s%s%s", op, name,
+                    msh_dtype_name(t->dtype), msh_tensor_is_contiguous(t) ? "" : " (strided)",
+                    msh_dtype_is_block(t->dtype) ? " (block-quantized weights go to matmul and embedding)" : "");
+  return MSH_OK;
+}
+
+/* The weights of matmul and embedding: as want_weight, or block-quantized on the CPU. */
+static msh_status want_matrix(const char *op, const char *name, const msh_tensor *t) {
+  if (!msh_dtype_is_block(t->dtype)) return want_weight(op, name, t);
+  if (t->st->device != MSH_CPU)
+    return MSH_FAIL(MSH_EUNSUPPORTED, "%s: %s weights run on the CPU only (convert %s to bf16 or f16 for a GPU)",
+                    op, msh_dtype_name(t->dtype), name);
+  if (!msh_tensor_is_contiguous(t)) return MSH_FAIL(MSH_EINVAL, "%s: %s must be contiguous", op, name);
   return MSH_OK;
 }
 
@@ -60,9 +72,8 @@ static void byte_span(const msh_tensor *t, int64_t *lo, int64_t *hi) {
     if (ext < 0) a += ext;
     else b += ext;
   }
-  int64_t es = (int64_t)msh_dtype_size(t->dtype);
-  *lo = a * es;
-  *hi = (b + 1) * es;
+  *lo = msh_dtype_bytes(t->dtype, a);
+  *hi = msh_dtype_bytes(t->dtype, b + 1);
 }
 
 static int overlaps(const msh_tensor *a, const msh_tensor *b) {
@@ -91,7 +102,7 @@ msh_status msh_op_embedding(msh_tensor *out, const msh_tensor *table, const msh_
   const msh_backend *be = same_device("embedding", out, table, ids, NULL);
   if (!be) return MSH_EINVAL;
   CHECK(want_out("embedding", out));
-  CHECK(want_weight("embedding", "table", table));
+  CHECK(want_matrix("embedding", "table", table));
   char a[96], b[96], c[96];
   if (ids->dtype != MSH_I32 || ids->ndim != 1 || !msh_tensor_is_contiguous(ids) || table->ndim != 2 ||
       out->ndim != 2 || out->shape[0] != ids->shape[0] || out->shape[1] != table->shape[1])
@@ -121,7 +132,7 @@ msh_status msh_op_matmul(msh_tensor *out, const msh_tensor *x, const msh_tensor 
   if (!be) return MSH_EINVAL;
   CHECK(want_out("matmul", out));
   CHECK(want_f32c("matmul", "x", x));
-  CHECK(want_weight("matmul", "w", w));
+  CHECK(want_matrix("matmul", "w", w));
   char a[96], b[96], c[96];
   if (out->ndim != 2 || x->ndim != 2 || w->ndim != 2 || x->shape[1] != w->shape[1] ||
       out->shape[0] != x->shape[0] || out->shape[1] != w->shape[0])
@@ -160,27 +171,81 @@ msh_status msh_op_set_rows(msh_tensor *dst, int64_t row0, const msh_tensor *src)
   return msh_tensor_copy(&view, src);
 }
 
-msh_status msh_op_attention(msh_tensor *out, const msh_tensor *q, const msh_tensor *k,
-                            const msh_tensor *v, int64_t pos0, float scale) {
-  if (!out || !q || !k || !v) return MSH_FAIL(MSH_EINVAL, "NULL argument");
-  const msh_backend *be = same_device("attention", out, q, k, v);
+/* A position operand: one i32 element on `like`'s device. */
+static msh_status want_position(const char *op, const char *name, const msh_tensor *p, const msh_tensor *like) {
+  if (p->st->device != like->st->device || p->st->device_index != like->st->device_index)
+    return MSH_FAIL(MSH_EINVAL, "%s: %s must live on the operands' device", op, name);
+  char a[96];
+  if (p->dtype != MSH_I32 || msh_tensor_numel(p) != 1 || !msh_tensor_is_contiguous(p))
+    return MSH_FAIL(MSH_EINVAL, "%s: %s must be one contiguous i32 element, not %s", op, name, SHAPE(p, a));
+  return MSH_OK;
+}
+
+msh_status msh_op_set_rows_dyn(msh_tensor *dst, const msh_tensor *row0, const msh_tensor *src) {
+  if (!dst || !row0 || !src) return MSH_FAIL(MSH_EINVAL, "NULL argument");
+  const msh_backend *be = same_device("set_rows_dyn", dst, row0, src, NULL);
   if (!be) return MSH_EINVAL;
-  CHECK(want_out("attention", out));
-  CHECK(want_f32c("attention", "q", q));
+  CHECK(want_position("set_rows_dyn", "row0", row0, dst));
+  char a[96], b[96];
+  if (dst->ndim < 1 || src->ndim != dst->ndim ||
+      memcmp(dst->shape + 1, src->shape + 1, sizeof(int64_t) * (size_t)(dst->ndim - 1)))
+    return MSH_FAIL(MSH_EINVAL, "set_rows_dyn: dst %s and src %s differ past dim 0", SHAPE(dst, a), SHAPE(src, b));
+  if (!msh_dtype_size(dst->dtype) || !msh_dtype_size(src->dtype))
+    return MSH_FAIL(MSH_EUNSUPPORTED, "set_rows_dyn: %s to %s: rows of plain dtypes only",
+                    msh_dtype_name(src->dtype), msh_dtype_name(dst->dtype));
+  if (dst->dtype != src->dtype && !(is_float(dst->dtype) && is_float(src->dtype)))
+    return MSH_FAIL(MSH_EINVAL, "set_rows_dyn: cannot convert %s to %s", msh_dtype_name(src->dtype),
+                    msh_dtype_name(dst->dtype));
+  if (dst->st->readonly) return MSH_FAIL(MSH_EINVAL, "set_rows_dyn: dst is read-only");
+  if (src->shape[0] > dst->shape[0])
+    return MSH_FAIL(MSH_ERANGE, "set_rows_dyn: %lld rows do not fit in dst's %lld", (long long)src->shape[0],
+                    (long long)dst->shape[0]);
+  if (overlaps(dst, src) || overlaps(dst, row0))
+    return MSH_FAIL(MSH_EINVAL, "set_rows_dyn: dst overlaps src or row0");
+  return be->set_rows_dyn(dst, row0, src);
+}
+
+/* The checks attention and attention_dyn share. */
+static msh_status attention_operands(const char *op, msh_tensor *out, const msh_tensor *q, const msh_tensor *k,
+                                     const msh_tensor *v, const msh_backend **be) {
+  if (!out || !q || !k || !v) return MSH_FAIL(MSH_EINVAL, "NULL argument");
+  *be = same_device(op, out, q, k, v);
+  if (!*be) return MSH_EINVAL;
+  CHECK(want_out(op, out));
+  CHECK(want_f32c(op, "q", q));
   char a[96], b[96], c[96];
   if (q->ndim != 3 || k->ndim != 3 || !same_shape(out, q) || !same_shape(k, v) ||
       k->shape[2] != q->shape[2] || k->shape[1] == 0 || q->shape[1] % k->shape[1])
-    return MSH_FAIL(MSH_EINVAL, "attention: q %s, k %s, v %s do not fit (T, H, hd) over (S, KVH, hd), H %% KVH == 0",
+    return MSH_FAIL(MSH_EINVAL, "%s: q %s, k %s, v %s do not fit (T, H, hd) over (S, KVH, hd), H %% KVH == 0", op,
                     SHAPE(q, a), SHAPE(k, b), SHAPE(v, c));
   if (k->dtype != v->dtype || !is_float(k->dtype) || k->stride[2] != 1 || v->stride[2] != 1 ||
       k->stride[1] != k->shape[2] || v->stride[1] != v->shape[2])
-    return MSH_FAIL(MSH_EINVAL, "attention: k and v must share a float dtype with contiguous heads");
+    return MSH_FAIL(MSH_EINVAL, "%s: k and v must share a float dtype with contiguous heads", op);
   if (overlaps(out, q) || overlaps(out, k) || overlaps(out, v))
-    return MSH_FAIL(MSH_EINVAL, "attention: out overlaps an input");
+    return MSH_FAIL(MSH_EINVAL, "%s: out overlaps an input", op);
+  return MSH_OK;
+}
+
+msh_status msh_op_attention(msh_tensor *out, const msh_tensor *q, const msh_tensor *k,
+                            const msh_tensor *v, int64_t pos0, float scale) {
+  const msh_backend *be = NULL;
+  CHECK(attention_operands("attention", out, q, k, v, &be));
   if (pos0 < 0 || pos0 + q->shape[0] > k->shape[0])
     return MSH_FAIL(MSH_ERANGE, "attention: positions [%lld, %lld) exceed the cache of %lld", (long long)pos0,
                     (long long)(pos0 + q->shape[0]), (long long)k->shape[0]);
   return be->attention(out, q, k, v, pos0, scale);
+}
+
+msh_status msh_op_attention_dyn(msh_tensor *out, const msh_tensor *q, const msh_tensor *k,
+                                const msh_tensor *v, const msh_tensor *pos0, int64_t max_len, float scale) {
+  if (!pos0) return MSH_FAIL(MSH_EINVAL, "NULL argument");
+  const msh_backend *be = NULL;
+  CHECK(attention_operands("attention_dyn", out, q, k, v, &be));
+  CHECK(want_position("attention_dyn", "pos0", pos0, out));
+  if (max_len < q->shape[0] || max_len > k->shape[0])
+    return MSH_FAIL(MSH_ERANGE, "attention_dyn: max_len %lld outside [%lld, %lld] (queries, cache rows)",
+                    (long long)max_len, (long long)q->shape[0], (long long)k->shape[0]);
+  return be->attention_dyn(out, q, k, v, pos0, max_len, scale);
 }
 
 static msh_status elementwise(const char *op, msh_tensor *out, const msh_tensor *a, const msh_tensor *b,
