@@ -15,22 +15,31 @@ local opts = args.parse(arg, {
   { "max-seq", "int", "context length (default: the model's)", min = 1 },
   { "threads", "int", "CPU threads (default: all cores)", min = 1 },
   { "device", "string", "cpu or cuda[:N]", default = "cpu" },
+  { "tp", "int", "tensor-parallel degree (ranks from `moonshard launch`, torchrun or Slurm)", default = 1, min = 1 },
+  { "pp", "int", "pipeline-parallel stages", default = 1, min = 1 },
+  { "pp-layers", "string", "layers of each stage, e.g. 0-12,13-25 (default: balanced)" },
+  { "dtype", "string", "weights' dtype on the device: native (each weight's own), f32, f16, bf16, q8_0 ... (default on the CPU: float weights in f32, GGUF Q8_0/Q4_0/Q4_1 kept)" },
 })
 
 local moonshard = require "moonshard"
 if opts.threads then moonshard.C.msh_set_num_threads(opts.threads) end
 local seed = opts.seed or (os.time() % 2147483647)
 
-local model, err = moonshard.load(opts.model, { device = opts.device, max_seq = opts.max_seq, tokenizer = opts.tokenizer })
+local model, err = moonshard.load(opts.model, { device = opts.device, max_seq = opts.max_seq, tokenizer = opts.tokenizer,
+  dtype = opts.dtype, tp = opts.tp, pp = opts.pp, pp_layers = opts.pp_layers })
 if not model then
   io.stderr:write("moonshard generate: ", err, "\n")
   os.exit(1)
 end
+-- every rank runs the same loop and samples the same tokens; rank 0 alone writes
+if model.dist then seed = require("moonshard.parallel").agree(model.dist, seed) end
+local quiet = model.rank ~= 0
 
 local stats, gerr = model:generate({
   prompt = opts.prompt, max_tokens = opts.max_tokens, temperature = opts.temperature,
   top_k = opts.top_k, top_p = opts.top_p, seed = seed,
 }, function(text)
+  if quiet then return end
   io.stdout:write(text)
   io.stdout:flush()
 end)
@@ -38,6 +47,7 @@ if not stats then
   io.stderr:write("moonshard generate: ", gerr, "\n")
   os.exit(1)
 end
+if quiet then os.exit(0) end
 io.stdout:write("\n")
 io.stdout:flush()
 io.stderr:write(string.format(

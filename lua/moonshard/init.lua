@@ -20,25 +20,41 @@ Model.__index = Model
 
 -- M.load(path, opts?) -> model | nil, message
 --   opts.device ("cpu"), opts.max_seq, opts.chunk, opts.kv_dtype, opts.dtype (weights' dtype on
---   the device; CPU default "f32"), opts.tokenizer (path)
+--   the device, or "native" for each weight's own; CPU default: float weights in f32,
+--   block-quantized ones (GGUF Q8_0/Q4_0/Q4_1) kept as they are; GPU default "bf16"),
+--   opts.tokenizer (path)
 function M.load(path, opts)
   opts = opts or {}
   local loaded, err = require("moonshard.loader").load(path, opts)
   if not loaded then return nil, err end
   local device = opts.device or "cpu"
+  -- tensor / pipeline parallel: this rank's slice of the weights and its run of layers
+  local par
+  if (opts.tp or 1) > 1 or (opts.pp or 1) > 1 or opts.dist then
+    par, err = require("moonshard.parallel").setup(loaded.desc, opts)
+    if not par then return nil, err end
+    device = par.device or device
+  end
+  local desc = par and par.desc or loaded.desc
   -- placing weights and buffers can fail at run time (no such device, out of memory)
   local ok, net = pcall(function()
-    local stage = require("moonshard.stage").resident(loaded.desc.weights, device,
-      { dtype = opts.dtype or (device == "cpu" and "f32" or "bf16") })
-    return require("moonshard.models.llama").new(loaded.desc, {
+    local stage = require("moonshard.stage").resident(desc.weights, device, {
+      dtype = opts.dtype or (device ~= "cpu" and "bf16" or nil), float_dtype = "f32",
+      layers = par and par.layers, embed = not par or par.first_stage, head = not par or par.last_stage,
+    })
+    return require("moonshard.models.llama").new(desc, {
       device = device, max_seq = opts.max_seq, chunk = opts.chunk, kv_dtype = opts.kv_dtype, stage = stage,
+      tp_comm = par and par.tp_comm, pp_comm = par and par.pp_comm, layers = par and par.layers,
     })
   end)
   if not ok then
     collectgarbage() -- release whatever was placed before the failure
     return nil, string.format("'%s' on %s: %s", path, device, tostring(net):gsub("^[^:]*:%d+: ", ""))
   end
-  return setmetatable({ desc = loaded.desc, tokenizer = loaded.tokenizer, net = net, path = path }, Model)
+  return setmetatable({
+    desc = loaded.desc, tokenizer = loaded.tokenizer, net = net, path = path,
+    dist = par and par.pg, rank = par and par.rank or 0,
+  }, Model)
 end
 
 -- model:forward(ids, pos0?, opts?) -> logits tensor (see moonshard.models.llama)

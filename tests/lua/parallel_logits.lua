@@ -1,0 +1,21 @@
+-- Run under `moonshard launch`: loads a Hugging Face test checkpoint with --tp/--pp from the
+-- arguments, computes the logits of every reference position, and (rank 0) prints the largest
+-- difference from transformers' logits.  usage: parallel_logits.lua NAME TP PP
+local moonshard = require "moonshard"
+local ffi = require "ffi"
+local host = require "moonshard.host"
+local name, tp, pp = arg[1], tonumber(arg[2]), tonumber(arg[3])
+local dir = host.root .. "/tests/fixtures/hf-tiny"
+local st = ffi.new("msh_safetensors*[1]")
+moonshard.core.check(moonshard.C.msh_safetensors_open(st, dir .. "/reference.safetensors"))
+local function ref(key)
+  local idx, t = ffi.new("int[1]"), ffi.new("msh_tensor*[1]")
+  moonshard.core.check(moonshard.C.msh_safetensors_find(st[0], key, idx))
+  moonshard.core.check(moonshard.C.msh_safetensors_tensor(st[0], idx[0], t))
+  return ffi.gc(t[0], moonshard.C.msh_tensor_free):values()
+end
+local m = assert(moonshard.load(dir .. "/" .. name, { tp = tp, pp = pp }))
+local got = assert(m:forward(ref("ids"), 0, { all_logits = true })):values()
+local want, diff = ref("logits_" .. name), 0
+for i = 1, #want do diff = math.max(diff, math.abs(got[i] - want[i])) end
+if m.rank == 0 then print(string.format("max_abs_diff %.3g", diff)) end
