@@ -18,9 +18,12 @@ local opts = args.parse(arg, {
   { "warmup", "int", "untimed repetitions first", default = 1, min = 0 },
   { "threads", "int", "CPU threads (default: all cores)", min = 1 },
   { "device", "string", "cpu or cuda[:N]", default = "cpu" },
-  { "dtype", "string", "weights' dtype on the device (default: f32 on the CPU, bf16 on a GPU)" },
+  { "dtype", "string", "weights' dtype on the device: native (each weight's own: the default on the CPU with --model), f32 (with --dummy), f16, bf16, q8_0 ... (default bf16 on a GPU)" },
   { "kv-dtype", "string", "KV cache dtype (default: f32 on the CPU, bf16 on a GPU)" },
   { "no-ceilings", "flag", "skip measuring bandwidth and matrix rate" },
+  { "tp", "int", "tensor-parallel degree (ranks from `moonshard launch`)", default = 1, min = 1 },
+  { "pp", "int", "pipeline-parallel stages", default = 1, min = 1 },
+  { "graphs", "string", "on or off: replay decode steps from CUDA graphs", default = "on" },
 })
 if not opts.model and not opts.dummy then
   io.stderr:write("moonshard bench: give --model PATH or --dummy CONFIG\n")
@@ -32,8 +35,19 @@ local tensor, ops, C = moonshard.tensor, moonshard.ops, moonshard.C
 local ffi = require "ffi"
 if opts.threads then C.msh_set_num_threads(opts.threads) end
 local gpu = opts.device ~= "cpu"
+-- several ranks: each takes its local GPU (NCCL) or stays on the CPU (TCP); rank 0 reports
+local pg
+if opts.tp * opts.pp > 1 then
+  local perr
+  pg, perr = require("moonshard.dist").init { tp = opts.tp, pp = opts.pp, device = gpu and "cuda" or "cpu" }
+  if not pg then
+    io.stderr:write("moonshard bench: ", perr, "\n")
+    os.exit(1)
+  end
+  if gpu then opts.device = pg.device end
+end
 local kind, index = tensor.device_id(opts.device)
-local dtype = opts.dtype or (gpu and "bf16" or "f32")
+local dtype = opts.dtype or (gpu and "bf16" or (opts.dummy and "f32" or "native"))
 
 local function fail(msg)
   io.stderr:write("moonshard bench: ", msg, "\n")
@@ -99,7 +113,7 @@ if gpu and not opts.no_ceilings then bw, rate = ceilings() end
 local mem0 = mem_used()
 local desc, err, name
 if opts.dummy then
-  desc, err = require("moonshard.loaders.dummy").load(opts.dummy, { dtype = dtype, device = opts.device })
+  desc, err = require("moonshard.loaders.dummy").load(opts.dummy)
   name = opts.dummy
 else
   local loaded
@@ -112,11 +126,20 @@ local need = opts.prompt_len + opts.gen_len
 if need > desc.max_seq then
   fail(string.format("prompt-len + gen-len = %d exceeds the context of %d", need, desc.max_seq))
 end
+local par
+if pg then
+  par, err = require("moonshard.parallel").setup(desc, { tp = opts.tp, pp = opts.pp, dist = pg })
+  if not par then fail(err) end
+end
 local ok, net = pcall(function()
-  local stage = require("moonshard.stage").resident(desc.weights, opts.device, { dtype = dtype })
-  return require("moonshard.models.llama").new(desc, {
+  local d = par and par.desc or desc
+  local stage = require("moonshard.stage").resident(d.weights, opts.device, {
+    dtype = dtype, layers = par and par.layers, embed = not par or par.first_stage, head = not par or par.last_stage,
+  })
+  return require("moonshard.models.llama").new(d, {
     device = opts.device, stage = stage, max_seq = need, chunk = math.min(need, 2048),
-    kv_dtype = opts.kv_dtype or (gpu and "bf16" or "f32"),
+    kv_dtype = opts.kv_dtype or (gpu and "bf16" or "f32"), graphs = opts.graphs ~= "off",
+    tp_comm = par and par.tp_comm, pp_comm = par and par.pp_comm, layers = par and par.layers,
   })
 end)
 if not ok then fail(tostring(net)) end
@@ -152,21 +175,22 @@ for i = 1, opts.loops do pre[i], dec[i] = once() end
 local p, d = median(pre), median(dec)
 local peak = mem_used()
 
--- bytes every decode step must read: all weights but the embedding table (one row of it)
-local esize = (dtype == "f32") and 4 or 2
+-- bytes every decode step must read: all weights but the embedding table (one row of it), as
+-- placed on the device
 local weight_bytes, matmul_params = 0, 0
 local function count(t, is_matrix)
-  weight_bytes = weight_bytes + t:numel() * esize
+  weight_bytes = weight_bytes + t:nbytes()
   if is_matrix then matmul_params = matmul_params + t:numel() end
 end
-local w = desc.weights
-count(w.output, true)
-count(w.norm)
-for _, lw in ipairs(w.layers) do
-  for k, t in pairs(lw) do count(t, k ~= "attn_norm" and k ~= "ffn_norm") end
+if net.stage:output() then -- the last pipeline stage holds the head
+  count(net.stage:output(), true)
+  count(net.stage:norm())
+end
+for l = net.first_layer, net.last_layer do
+  for k, t in pairs(net.stage:acquire(l)) do count(t, k ~= "attn_norm" and k ~= "ffn_norm") end
 end
 local decode_step = d / math.max(opts.gen_len - 1, 1)
-local L, H, hd, T = desc.n_layers, desc.n_heads, desc.head_dim or desc.dim / desc.n_heads, opts.prompt_len
+local L, H, hd, T = net.last_layer - net.first_layer + 1, net.n_heads, net.head_dim, opts.prompt_len
 local prefill_flops = 2 * matmul_params * T + L * H * hd * 2 * T * T -- projections + causal attention
 local result = {
   model = name, device = opts.device, dtype = dtype, threads = C.msh_get_num_threads(),
@@ -185,4 +209,8 @@ if bw then
   result.prefill_floor_s = prefill_flops / rate
   result.prefill_efficiency = (prefill_flops / rate) / p
 end
-print(cjson.encode(result))
+if pg then
+  result.tp, result.pp, result.world = opts.tp, opts.pp, pg.world
+  -- the floors of one rank's share: its weights over its own device's bandwidth
+end
+if not pg or pg.rank == 0 then print(cjson.encode(result)) end

@@ -94,6 +94,16 @@ if [ "${MSH_GPU_MODEL_BENCH:-1}" != 0 ]; then
     timeout 300 build-gpu/moonshard bench --dummy $shape --device cuda $cfg >> "$out/model_bench.jsonl" \
       2>> "$out/model_bench.err" || { status=1; tail -5 "$out/model_bench.err"; }
   done
+  ngpu=$(nvidia-smi -L 2>/dev/null | wc -l)
+  if [ "$ngpu" -ge 2 ]; then
+    for cfg in "--dummy $shape --tp 2 --prompt-len 128 --gen-len 65 --loops 3" \
+               "--dummy $shape --pp 2 --prompt-len 128 --gen-len 65 --loops 3" \
+               "--dummy tools/bench/shapes/llama-2-70b.json --tp 2 --prompt-len 128 --gen-len 33 --loops 2"; do
+      # shellcheck disable=SC2086
+      timeout 400 build-gpu/moonshard launch -n 2 bench --device cuda $cfg >> "$out/model_bench.jsonl" \
+        2>> "$out/model_bench.err" || { status=1; tail -5 "$out/model_bench.err"; }
+    done
+  fi
   timeout 120 build-gpu/moonshard bench --model ../shared/data/models/stories260K --device cuda --dtype f32 \
     --kv-dtype f32 --prompt-len 1 --gen-len 200 --loops 5 --no-ceilings >> "$out/model_bench.jsonl" \
     2>> "$out/model_bench.err" || status=1

@@ -48,6 +48,32 @@ describe("CUDA device", function()
     end)
   end
 
+  describe("two GPUs (NCCL)", function()
+    if gpu_count() < 2 then
+      pending("fewer than two CUDA devices: NCCL parallel specs skipped")
+      return
+    end
+    for _, extra in ipairs { { "--tp", "2" }, { "--pp", "2" } } do
+      it("launch -n 2 generate " .. table.concat(extra, " ") .. " on GPUs prints the golden text", function()
+        local args = { "launch", "-n", "2", "generate", "--model", h.stories, "--max-tokens", "200",
+          "--temperature", "0", "--device", "cuda", "--dtype", "f32" }
+        for _, a in ipairs(extra) do args[#args + 1] = a end
+        local out, err, code = h.run(args)
+        assert.are.equal(0, code, err)
+        assert.are.equal(h.read(h.stories .. "/expected_greedy_200.txt") .. "\n", out)
+      end)
+    end
+    for _, case in ipairs { { "f32", 2, 1 }, { "bf16", 1, 2 }, { "llama3", 2, 1 } } do
+      it(string.format("%s checkpoint, tp %d x pp %d on GPUs: logits within 1e-4", case[1], case[2], case[3]), function()
+        local out, err, code = h.run { "launch", "-n", "2", h.root .. "/tests/lua/parallel_logits.lua", case[1],
+          tostring(case[2]), tostring(case[3]), "cuda", "f32" }
+        assert.are.equal(0, code, err)
+        local diff = tonumber(out:match("max_abs_diff (%S+)"))
+        assert.is_true(diff ~= nil and diff < 1e-4, out .. err)
+      end)
+    end
+  end)
+
   it("names a device that does not exist", function()
     local ok, err = moonshard.load(h.stories, { device = "cuda:" .. gpu_count() })
     assert.is_nil(ok)

@@ -1,10 +1,10 @@
 -- Run under `moonshard launch`: loads a Hugging Face test checkpoint with --tp/--pp from the
 -- arguments, computes the logits of every reference position, and (rank 0) prints the largest
--- difference from transformers' logits.  usage: parallel_logits.lua NAME TP PP
+-- difference from transformers' logits.  usage: parallel_logits.lua NAME TP PP [DEVICE [DTYPE]]
 local moonshard = require "moonshard"
 local ffi = require "ffi"
 local host = require "moonshard.host"
-local name, tp, pp = arg[1], tonumber(arg[2]), tonumber(arg[3])
+local name, tp, pp, device, dtype = arg[1], tonumber(arg[2]), tonumber(arg[3]), arg[4], arg[5]
 local dir = host.root .. "/tests/fixtures/hf-tiny"
 local st = ffi.new("msh_safetensors*[1]")
 moonshard.core.check(moonshard.C.msh_safetensors_open(st, dir .. "/reference.safetensors"))
@@ -14,7 +14,7 @@ local function ref(key)
   moonshard.core.check(moonshard.C.msh_safetensors_tensor(st[0], idx[0], t))
   return ffi.gc(t[0], moonshard.C.msh_tensor_free):values()
 end
-local m = assert(moonshard.load(dir .. "/" .. name, { tp = tp, pp = pp }))
+local m = assert(moonshard.load(dir .. "/" .. name, { tp = tp, pp = pp, device = device, dtype = dtype }))
 local got = assert(m:forward(ref("ids"), 0, { all_logits = true })):values()
 local want, diff = ref("logits_" .. name), 0
 for i = 1, #want do diff = math.max(diff, math.abs(got[i] - want[i])) end

@@ -9,7 +9,8 @@ for r in rows:
         print(f"transformers eager, batch {r['batch_size']}: decode {r['decode_tok_s']:.1f} tok/s, "
               f"prefill {r['prefill_tok_s']:.0f} tok/s")
         continue
-    line = (f"moonshard {r['model'].split('/')[-1]} {r['dtype']} prompt {r['prompt_len']}: "
+    par = f" tp{r['tp']} pp{r['pp']}" if r.get("world") else ""
+    line = (f"moonshard {r['model'].split('/')[-1]}{par} {r['dtype']} prompt {r['prompt_len']}: "
             f"decode {r['decode_tok_s']:.1f} tok/s ({r['decode_step_ms']:.2f} ms/token), "
             f"prefill {r['prefill_tok_s']:.0f} tok/s")
     if "decode_efficiency" in r:
@@ -17,6 +18,6 @@ for r in rows:
                  f" of the floor")
     if "peak_device_memory_bytes" in r:
         line += f"; peak {r['peak_device_memory_bytes'] / 2**30:.1f} GiB"
-    if hf and r["prompt_len"] == hf[0]["prompt_len"]:
+    if hf and r["prompt_len"] == hf[0]["prompt_len"] and not par:
         line += f"; {r['decode_tok_s'] / hf[0]['decode_tok_s']:.1f}x transformers"
     print(line)

@@ -1,14 +1,62 @@
 -- moonshard.loaders.dummy: a Llama with random weights (normal, std 0.02; norms near 1) from a
 -- Hugging Face style config.json, for benchmarks of shapes whose weights are not at hand.
+--
+-- Weights are lazy: nothing is allocated until a stage places a weight on its device, where it
+-- is drawn directly (on a GPU by a kernel). Slicing a lazy weight (tensor parallelism) gives a
+-- lazy weight of the slice's shape with its own seed, so a rank draws only its own slices: the
+-- values of a slice are therefore not those of the same rows of the unsliced weight.
 local hf = require "moonshard.loaders.hf"
 local tensor = require "moonshard.tensor"
 local cjson = require "cjson.safe"
 
 local M = {}
 
--- M.load(config_path, opts?) -> desc | nil, message. opts.dtype: weights' dtype ("f32").
-function M.load(path, opts)
-  opts = opts or {}
+local Lazy = {}
+Lazy.__index = Lazy
+
+local function lazy(shape, seed, mean)
+  return setmetatable({ dims = shape, seed = seed, mean = mean or 0, dt = "f32" }, Lazy)
+end
+M.lazy = lazy
+
+function Lazy:shape()
+  local s = {}
+  for i, d in ipairs(self.dims) do s[i] = d end
+  return s
+end
+function Lazy:ndim() return #self.dims end
+function Lazy:size(i) return self.dims[i] end
+function Lazy:numel()
+  local n = 1
+  for _, d in ipairs(self.dims) do n = n * d end
+  return n
+end
+function Lazy:dtype() return self.dt end
+function Lazy:device() return "lazy" end
+function Lazy:is_contiguous() return true end
+function Lazy:is_quantized() return false end
+
+function Lazy:narrow(dim, start, len)
+  local s = self:shape()
+  s[dim] = len
+  return lazy(s, self.seed * 1000003 + dim * 7919 + start, self.mean)
+end
+
+-- Draws the weight on a device: a new tensor of dtype holding mean + 0.02 * normal values.
+function Lazy:to(dtype, device)
+  local t, err = tensor.new(self.dims, dtype or "f32", device or "cpu")
+  if not t then error(err, 2) end
+  return t:randn(self.seed, self.mean, 0.02)
+end
+
+function Lazy:values() return self:to("f32", "cpu"):values() end
+
+function Lazy:__tostring()
+  return string.format("lazy(%s)", table.concat(self.dims, "x"))
+end
+
+-- M.load(config_path) -> desc | nil, message
+function M.load(path)
   local f, err = io.open(path, "rb")
   if not f then return nil, string.format("cannot read '%s': %s", path, err) end
   local cfg, jerr = cjson.decode(f:read("*a"))
@@ -16,31 +64,24 @@ function M.load(path, opts)
   if type(cfg) ~= "table" then return nil, string.format("'%s' is not valid JSON: %s", path, tostring(jerr)) end
   local ok, d = pcall(hf.parse_config, cfg, path)
   if not ok then return nil, d end
-  local dt, device = opts.dtype or "f32", opts.device or "cpu"
   local seed = 1
   local function rnd(shape, mean)
-    local t, terr = tensor.new(shape, dt, device)
-    if not t then error(terr, 0) end
     seed = seed + 1
-    return t:randn(seed, mean or 0, 0.02)
+    return lazy(shape, seed, mean)
   end
   local D, F, V, hd = d.dim, d.hidden_dim, d.vocab_size, d.head_dim
   local qd, kvd = d.n_heads * hd, d.n_kv_heads * hd
-  local ok2, w = pcall(function()
-    local w = { layers = {} }
-    w.embed = rnd { V, D }
-    w.norm = rnd({ D }, 1)
-    w.output = d.tie and w.embed or rnd { V, D }
-    for l = 1, d.n_layers do
-      w.layers[l] = {
-        attn_norm = rnd({ D }, 1), wq = rnd { qd, D }, wk = rnd { kvd, D }, wv = rnd { kvd, D },
-        wo = rnd { D, qd }, ffn_norm = rnd({ D }, 1),
-        w_gate = rnd { F, D }, w_up = rnd { F, D }, w_down = rnd { D, F },
-      }
-    end
-    return w
-  end)
-  if not ok2 then return nil, string.format("'%s': %s", path, w) end
+  local w = { layers = {} }
+  w.embed = rnd { V, D }
+  w.norm = rnd({ D }, 1)
+  w.output = d.tie and w.embed or rnd { V, D }
+  for l = 1, d.n_layers do
+    w.layers[l] = {
+      attn_norm = rnd({ D }, 1), wq = rnd { qd, D }, wk = rnd { kvd, D }, wv = rnd { kvd, D },
+      wo = rnd { D, qd }, ffn_norm = rnd({ D }, 1),
+      w_gate = rnd { F, D }, w_up = rnd { F, D }, w_down = rnd { D, F },
+    }
+  end
   d.weights = w
   d.format = "dummy"
   d.path = path
