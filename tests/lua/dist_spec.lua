@@ -451,3 +451,22 @@ describe("collectives between processes", function()
     end)
   end
 end)
+
+describe("under Slurm", function()
+  -- tools/slurm_check.sh starts a one-node cluster (munged, slurmctld, slurmd) when Debian's
+  -- slurm-wlm is installed and this runs as root; srun then starts the ranks without the launcher.
+  local available = os.execute("command -v slurmctld >/dev/null 2>&1 && command -v munged >/dev/null 2>&1"
+    .. " && [ \"$(id -u)\" = 0 ]") == 0
+  if not available then
+    pending("Slurm (slurm-wlm, munge) not installed or not root: srun check skipped")
+    return
+  end
+  it("srun -n 3 ranks find each other through SLURM_* alone", function()
+    local out, code = sh(string.format("MSH_EXE=%s bash %s -n 3 2>&1", q(h.exe), q(h.root .. "/tools/slurm_check.sh")))
+    assert.are.equal(0, code, out)
+    for r = 0, 2 do
+      assert.truthy(out:find("rank " .. r .. " of 3 (source slurm, local " .. r .. " of 3", 1, true), out)
+    end
+    assert.is_nil(out:find("WRONG", 1, true), out)
+  end)
+end)
