@@ -1,0 +1,184 @@
+/* test_nccl.c: the NCCL communicator, one thread per GPU (up to 4): every collective against a
+ * float64 reference computed on the host from the same seeded inputs, bf16 all-reduce, subgroups
+ * from a split, send/recv around the ring. Exit 77 (skipped) without NCCL or without a GPU. */
+#include "check.h"
+
+#include <pthread.h>
+#include <string.h>
+
+enum { MAXW = 4 };
+
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static void tcheck(int ok, const char *what, int line) {
+  pthread_mutex_lock(&lock);
+  check_at(ok, what, __FILE__, line);
+  pthread_mutex_unlock(&lock);
+}
+static void tcheck_ok(msh_status s, const char *what, int line) {
+  pthread_mutex_lock(&lock);
+  check_ok_at(s, what, __FILE__, line);
+  pthread_mutex_unlock(&lock);
+}
+#define TCHECK(c) tcheck(!!(c), #c, __LINE__)
+#define TCHECK_OK(call) tcheck_ok((call), #call, __LINE__)
+
+static int W;
+static uint8_t id[MSH_NCCL_ID_BYTES];
+
+static uint64_t seed(int salt, int rank) { return (uint64_t)salt * 131 + (uint64_t)rank; }
+
+static msh_tensor *dev_randn(int dev, int dtype, int64_t n, uint64_t s) {
+  msh_tensor *t = NULL;
+  TCHECK_OK(msh_tensor_new(&t, dtype, 1, &n, MSH_CUDA, dev));
+  TCHECK_OK(msh_tensor_randn(t, s, 0, 1));
+  return t;
+}
+
+/* host f32 values of a seeded input (rounded through dtype, as the device holds them) */
+static float *host_values(int dtype, int64_t n, uint64_t s) {
+  msh_tensor *h = NULL, *f = NULL;
+  TCHECK_OK(msh_tensor_new(&h, dtype, 1, &n, MSH_CPU, 0));
+  TCHECK_OK(msh_tensor_randn(h, s, 0, 1));
+  TCHECK_OK(msh_tensor_contiguous(&f, h, MSH_F32));
+  float *v = malloc(sizeof(float) * (size_t)n);
+  memcpy(v, msh_tensor_data(f), sizeof(float) * (size_t)n);
+  msh_tensor_free(h);
+  msh_tensor_free(f);
+  return v;
+}
+
+static float *download(const msh_tensor *t) {
+  int64_t n = msh_tensor_numel(t);
+  msh_tensor *h = NULL;
+  TCHECK_OK(msh_tensor_new(&h, MSH_F32, 1, &n, MSH_CPU, 0));
+  TCHECK_OK(msh_tensor_copy(h, t)); /* waits for the device's stream */
+  float *v = malloc(sizeof(float) * (size_t)n);
+  memcpy(v, msh_tensor_data(h), sizeof(float) * (size_t)n);
+  msh_tensor_free(h);
+  return v;
+}
+
+static void *rank_main(void *p) {
+  int r = (int)(intptr_t)p;
+  msh_comm *c = NULL;
+  TCHECK_OK(msh_comm_new_nccl(&c, r, W, id, r));
+  if (!c) return NULL;
+  TCHECK(msh_comm_rank(c) == r && msh_comm_size(c) == W && msh_comm_kind(c) == MSH_COMM_NCCL);
+  TCHECK(msh_comm_device(c) == MSH_CUDA && msh_comm_device_index(c) == r);
+  static const int64_t sizes[] = {1, 7, 1001, 1 << 20};
+  for (int k = 0; k < 4; k++) {
+    int64_t n = sizes[k];
+    /* all_reduce f32 and bf16 */
+    for (int dt = 0; dt < 2; dt++) {
+      int dtype = dt ? MSH_BF16 : MSH_F32;
+      msh_tensor *t = dev_randn(r, dtype, n, seed(k, r));
+      TCHECK_OK(msh_comm_all_reduce(c, t, MSH_REDUCE_SUM));
+      float *got = download(t);
+      double worst = 0;
+      float **in = malloc(sizeof(float *) * (size_t)W);
+      for (int q = 0; q < W; q++) in[q] = host_values(dtype, n, seed(k, q));
+      for (int64_t i = 0; i < n; i++) {
+        double want = 0;
+        for (int q = 0; q < W; q++) want += in[q][i];
+        double e = fabs(got[i] - want) / (1 + fabs(want));
+        if (!(e <= worst)) worst = e;
+      }
+      TCHECK(worst < (dt ? 2e-2 : 1e-5));
+      for (int q = 0; q < W; q++) free(in[q]);
+      free(in);
+      free(got);
+      msh_tensor_free(t);
+    }
+    /* all_gather, reduce_scatter, broadcast */
+    msh_tensor *in = dev_randn(r, MSH_F32, n, seed(10 + k, r)), *out = NULL, *rs = NULL;
+    int64_t nw = n * W;
+    TCHECK_OK(msh_tensor_new(&out, MSH_F32, 1, &nw, MSH_CUDA, r));
+    TCHECK_OK(msh_comm_all_gather(c, out, in));
+    float *g = download(out);
+    int bad = 0;
+    for (int q = 0; q < W; q++) {
+      float *v = host_values(MSH_F32, n, seed(10 + k, q));
+      bad += memcmp(v, g + n * q, sizeof(float) * (size_t)n) != 0;
+      free(v);
+    }
+    TCHECK(bad == 0);
+    free(g);
+    msh_tensor *big = dev_randn(r, MSH_F32, nw, seed(20 + k, r));
+    TCHECK_OK(msh_tensor_new(&rs, MSH_F32, 1, &n, MSH_CUDA, r));
+    TCHECK_OK(msh_comm_reduce_scatter(c, rs, big, MSH_REDUCE_SUM));
+    float *got = download(rs);
+    double worst = 0;
+    for (int q = 0; q < W; q++) {
+      float *v = host_values(MSH_F32, nw, seed(20 + k, q));
+      for (int64_t i = 0; i < n; i++) got[i] -= v[n * r + i];
+      free(v);
+    }
+    for (int64_t i = 0; i < n; i++) worst = fabs(got[i]) > worst ? fabs(got[i]) : worst;
+    TCHECK(worst < 1e-4);
+    free(got);
+    TCHECK_OK(msh_comm_broadcast(c, in, W - 1));
+    got = download(in);
+    float *want = host_values(MSH_F32, n, seed(10 + k, W - 1));
+    TCHECK(memcmp(got, want, sizeof(float) * (size_t)n) == 0);
+    free(got);
+    free(want);
+    /* send / recv around the ring */
+    msh_tensor *mine = dev_randn(r, MSH_F32, n, seed(30 + k, r)), *recvd = NULL;
+    TCHECK_OK(msh_tensor_new(&recvd, MSH_F32, 1, &n, MSH_CUDA, r));
+    if (W > 1) {
+      if (r == 0) {
+        TCHECK_OK(msh_comm_send(c, mine, 1));
+        TCHECK_OK(msh_comm_recv(c, recvd, W - 1));
+      } else {
+        TCHECK_OK(msh_comm_recv(c, recvd, r - 1));
+        TCHECK_OK(msh_comm_send(c, mine, (r + 1) % W));
+      }
+      got = download(recvd);
+      want = host_values(MSH_F32, n, seed(30 + k, (r + W - 1) % W));
+      TCHECK(memcmp(got, want, sizeof(float) * (size_t)n) == 0);
+      free(got);
+      free(want);
+    }
+    msh_tensor_free(mine);
+    msh_tensor_free(recvd);
+    msh_tensor_free(big);
+    msh_tensor_free(rs);
+    msh_tensor_free(in);
+    msh_tensor_free(out);
+  }
+  TCHECK_OK(msh_comm_barrier(c));
+  /* split into even and odd ranks, reversed */
+  msh_comm *s = NULL;
+  TCHECK_OK(msh_comm_split(&s, c, r % 2, -r));
+  if (s) {
+    int n = (W - r % 2 + 1) / 2;
+    TCHECK(msh_comm_size(s) == n);
+    TCHECK(msh_comm_world_rank(s, msh_comm_rank(s)) == r);
+    TCHECK(msh_comm_world_rank(s, 0) == ((W - 1) % 2 == r % 2 ? W - 1 : W - 2));
+    msh_tensor *t = dev_randn(r, MSH_F32, 5, 1);
+    TCHECK_OK(msh_comm_all_reduce(s, t, MSH_REDUCE_SUM));
+    float *got = download(t), *one = host_values(MSH_F32, 5, 1);
+    for (int i = 0; i < 5; i++) TCHECK(fabs(got[i] - n * one[i]) < 1e-5 * (1 + fabs(n * one[i])));
+    free(got);
+    free(one);
+    msh_tensor_free(t);
+    msh_comm_free(s);
+  }
+  msh_comm_free(c);
+  return NULL;
+}
+
+int main(void) {
+  int n = 0;
+  if (!msh_has_nccl() || msh_device_count(MSH_CUDA, &n) != MSH_OK || n == 0) {
+    printf("test_nccl: no NCCL or no CUDA device, skipped\n");
+    return 77;
+  }
+  W = n < MAXW ? n : MAXW;
+  CHECK_OK(msh_nccl_unique_id(id));
+  pthread_t th[MAXW];
+  for (int r = 0; r < W; r++) pthread_create(&th[r], NULL, rank_main, (void *)(intptr_t)r);
+  for (int r = 0; r < W; r++) pthread_join(th[r], NULL);
+  printf("test_nccl: %d ranks\n", W);
+  return check_done("test_nccl");
+}
