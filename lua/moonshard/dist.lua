@@ -313,14 +313,14 @@ function M.init(opts)
   end
   pg.comm = world_comm
   pg.device = pg.device or "cpu"
-  -- the store stays reachable while the loop runs but does not keep the process alive
-  if pg.server then pg.server:unref() end
-  if pg.store then pg.store:unref() end
-
+  pg.timeout = timeout
   if opts.tp or opts.pp or opts.groups then
     local ok, gerr = pg:make_groups(opts)
     if not ok then return fail(gerr) end
   end
+  -- the store stays reachable while the loop runs but does not keep the process alive
+  if pg.server then pg.server:unref() end
+  if pg.store then pg.store:unref() end
   return pg
 end
 
@@ -335,7 +335,22 @@ function ProcessGroup:make_groups(opts)
   self.grid = grid
   for _, kind in ipairs { "tp", "pp", "dp" } do
     local gi, pos = groups.find(grid[kind], self.rank)
-    local c, cerr = self.comm:split(gi and gi - 1 or nil, pos)
+    local c, cerr
+    if self.backend == "nccl" then
+      -- each group's first rank makes an id, shared through the store; then a fresh communicator
+      local comm = require "moonshard.comm"
+      local members = grid[kind][gi]
+      local id = ""
+      if pos == 0 then id, cerr = comm.nccl_id() end
+      if id and self.store then
+        local all
+        all, cerr = self.store:gather("nccl-" .. kind, self.rank, self.world, id, self.timeout or 300)
+        id = all and all[members[1] + 1]
+      end
+      if id then c, cerr = comm.new_nccl(pos, #members, id, tonumber(self.device:match("^cuda:(%d+)$"))) end
+    else
+      c, cerr = self.comm:split(gi and gi - 1 or nil, pos)
+    end
     if not c then return nil, string.format("%s group: %s", kind, tostring(cerr)) end
     self[kind] = c
   end
