@@ -200,6 +200,21 @@ describe("moonshard launch", function()
     for r = 0, 1 do assert.truthy(out:find("[rank " .. r .. "] " .. single, 1, true), out) end
   end)
 
+  it("numbers ranks node by node across launchers (two 'nodes' on this host)", function()
+    local port = launch.free_port()
+    local cmd = "%s launch -n 2 --nnodes 2 --node-rank %d --master-addr 127.0.0.1 --master-port %d "
+      .. "--tag-output %s --timeout 20"
+    local out, code = sh(string.format("(" .. cmd .. " >%s 2>&1; echo \"node1=$?\" >>%s) &\n" .. cmd
+      .. " 2>&1; echo \"node0=$?\"; wait; cat %s",
+      q(h.exe), 1, port, q(h.root .. "/tools/dist_check.lua"), q(dir .. "/n1"), q(dir .. "/n1"),
+      q(h.exe), 0, port, q(h.root .. "/tools/dist_check.lua"), q(dir .. "/n1")))
+    assert.are.equal(0, code)
+    assert.truthy(out:find("node0=0", 1, true) and out:find("node1=0", 1, true), out)
+    for r = 0, 3 do
+      assert.truthy(out:find(string.format("[rank %d] rank %d of 4 (source env, local %d of 2", r, r, r % 2), 1, true), out)
+    end
+  end)
+
   it("exits with the first failing rank's status and stops the others", function()
     h.write(dir .. "/fail.lua", [[
       local uv = require "luv"
