@@ -601,6 +601,23 @@ msh_status msh_comm_recv(msh_comm *c, msh_tensor *t, int peer);
 /* Returns once every rank has entered it (NCCL: once the device reaches it). */
 msh_status msh_comm_barrier(msh_comm *c);
 
+/* Per-communicator counters, by operation: calls, bytes of this rank's tensors (the input's for
+ * all_gather and reduce_scatter), and seconds inside the calls (host wall time: for TCP the whole
+ * transfer; for NCCL the time to enqueue, the device's time needs CUDA events). Failed calls
+ * count too. MSH_EINVAL for an unknown op; any out-param may be NULL. */
+typedef enum {
+  MSH_COMM_OP_ALL_REDUCE = 0,
+  MSH_COMM_OP_ALL_GATHER = 1,
+  MSH_COMM_OP_REDUCE_SCATTER = 2,
+  MSH_COMM_OP_BROADCAST = 3,
+  MSH_COMM_OP_SEND = 4,
+  MSH_COMM_OP_RECV = 5,
+  MSH_COMM_OP_BARRIER = 6,
+  MSH_COMM_OP_COUNT = 7
+} msh_comm_op;
+msh_status msh_comm_stats(const msh_comm *c, int op, uint64_t *calls, uint64_t *bytes, double *seconds);
+void msh_comm_reset_stats(msh_comm *c);
+
 /* ffi:end */
 
 #ifdef __cplusplus

@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 /* ------------------------------------------------------------------------------- head */
 
@@ -20,6 +21,7 @@ msh_status msh_comm_init_head(msh_comm *c, const msh_comm_vt *vt, int kind, int 
   c->timeout = timeout > 0 ? timeout : 300;
   c->broken = 0;
   c->error[0] = '\0';
+  msh_comm_reset_stats(c);
   c->world_ranks = malloc(sizeof(int) * (size_t)size);
   if (!c->world_ranks) return MSH_FAIL(MSH_ENOMEM, "out of memory");
   for (int i = 0; i < size; i++) c->world_ranks[i] = world_ranks ? world_ranks[i] : i;
@@ -153,6 +155,42 @@ static msh_status done(msh_comm *c, msh_status s) {
   return s == MSH_OK ? s : msh_comm_fail(c, s);
 }
 
+static double now_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static uint64_t tensor_bytes(const msh_tensor *t) {
+  return (uint64_t)msh_tensor_numel(t) * msh_dtype_size(t->dtype);
+}
+
+/* Counts one call of op that started at t0. */
+static msh_status counted(msh_comm *c, int op, uint64_t bytes, double t0, msh_status s) {
+  c->calls[op]++;
+  c->bytes[op] += bytes;
+  c->seconds[op] += now_s() - t0;
+  return done(c, s);
+}
+
+msh_status msh_comm_stats(const msh_comm *c, int op, uint64_t *calls, uint64_t *bytes, double *seconds) {
+  if (!c) return MSH_FAIL(MSH_EINVAL, "NULL communicator");
+  if (op < 0 || op >= MSH_COMM_OP_COUNT) return MSH_FAIL(MSH_EINVAL, "unknown op %d", op);
+  if (calls) *calls = c->calls[op];
+  if (bytes) *bytes = c->bytes[op];
+  if (seconds) *seconds = c->seconds[op];
+  return MSH_OK;
+}
+
+void msh_comm_reset_stats(msh_comm *c) {
+  if (!c) return;
+  for (int i = 0; i < MSH_COMM_OP_COUNT; i++) {
+    c->calls[i] = 0;
+    c->bytes[i] = 0;
+    c->seconds[i] = 0;
+  }
+}
+
 #define TRY(call)                \
   do {                           \
     msh_status s_ = (call);      \
@@ -166,7 +204,8 @@ msh_status msh_comm_all_reduce(msh_comm *c, msh_tensor *t, int op) {
   TRY(check_tensor(c, t, "tensor", 1));
   TRY(check_reduce(c, t->dtype, op));
   if (msh_tensor_numel(t) == 0 || c->size == 1) return MSH_OK;
-  return done(c, c->vt->all_reduce(c, t, op));
+  double t0 = now_s();
+  return counted(c, MSH_COMM_OP_ALL_REDUCE, tensor_bytes(t), t0, c->vt->all_reduce(c, t, op));
 }
 
 msh_status msh_comm_all_gather(msh_comm *c, msh_tensor *out, const msh_tensor *in) {
@@ -181,7 +220,8 @@ msh_status msh_comm_all_gather(msh_comm *c, msh_tensor *out, const msh_tensor *i
     return MSH_FAIL(MSH_EINVAL, "out holds %lld elements, %d ranks x %lld expected",
                     (long long)msh_tensor_numel(out), c->size, (long long)n);
   if (n == 0) return MSH_OK;
-  return done(c, c->vt->all_gather(c, out, in));
+  double t0 = now_s();
+  return counted(c, MSH_COMM_OP_ALL_GATHER, tensor_bytes(in), t0, c->vt->all_gather(c, out, in));
 }
 
 msh_status msh_comm_reduce_scatter(msh_comm *c, msh_tensor *out, const msh_tensor *in, int op) {
@@ -197,7 +237,8 @@ msh_status msh_comm_reduce_scatter(msh_comm *c, msh_tensor *out, const msh_tenso
     return MSH_FAIL(MSH_EINVAL, "in holds %lld elements, %d ranks x %lld expected",
                     (long long)msh_tensor_numel(in), c->size, (long long)n);
   if (n == 0) return MSH_OK;
-  return done(c, c->vt->reduce_scatter(c, out, in, op));
+  double t0 = now_s();
+  return counted(c, MSH_COMM_OP_REDUCE_SCATTER, tensor_bytes(in), t0, c->vt->reduce_scatter(c, out, in, op));
 }
 
 msh_status msh_comm_broadcast(msh_comm *c, msh_tensor *t, int root) {
@@ -205,7 +246,8 @@ msh_status msh_comm_broadcast(msh_comm *c, msh_tensor *t, int root) {
   TRY(check_rank(c, root, "root"));
   TRY(check_tensor(c, t, "tensor", c->rank != root));
   if (msh_tensor_numel(t) == 0 || c->size == 1) return MSH_OK;
-  return done(c, c->vt->broadcast(c, t, root));
+  double t0 = now_s();
+  return counted(c, MSH_COMM_OP_BROADCAST, tensor_bytes(t), t0, c->vt->broadcast(c, t, root));
 }
 
 msh_status msh_comm_send(msh_comm *c, const msh_tensor *t, int peer) {
@@ -213,7 +255,8 @@ msh_status msh_comm_send(msh_comm *c, const msh_tensor *t, int peer) {
   TRY(check_rank(c, peer, "peer"));
   if (peer == c->rank) return MSH_FAIL(MSH_EINVAL, "rank %d sends to itself", peer);
   TRY(check_tensor(c, t, "tensor", 0));
-  return done(c, c->vt->send(c, t, peer));
+  double t0 = now_s();
+  return counted(c, MSH_COMM_OP_SEND, tensor_bytes(t), t0, c->vt->send(c, t, peer));
 }
 
 msh_status msh_comm_recv(msh_comm *c, msh_tensor *t, int peer) {
@@ -221,13 +264,15 @@ msh_status msh_comm_recv(msh_comm *c, msh_tensor *t, int peer) {
   TRY(check_rank(c, peer, "peer"));
   if (peer == c->rank) return MSH_FAIL(MSH_EINVAL, "rank %d receives from itself", peer);
   TRY(check_tensor(c, t, "tensor", 1));
-  return done(c, c->vt->recv(c, t, peer));
+  double t0 = now_s();
+  return counted(c, MSH_COMM_OP_RECV, tensor_bytes(t), t0, c->vt->recv(c, t, peer));
 }
 
 msh_status msh_comm_barrier(msh_comm *c) {
   TRY(usable(c));
   if (c->size == 1) return MSH_OK;
-  return done(c, c->vt->barrier(c));
+  double t0 = now_s();
+  return counted(c, MSH_COMM_OP_BARRIER, 0, t0, c->vt->barrier(c));
 }
 
 msh_status msh_comm_split(msh_comm **out, msh_comm *c, int color, int key) {

@@ -34,6 +34,8 @@ struct msh_comm {
   double timeout;    /* seconds without progress before a call fails */
   int broken;        /* set by the first failure or by abort */
   char error[512];   /* the first failure's message */
+  uint64_t calls[MSH_COMM_OP_COUNT], bytes[MSH_COMM_OP_COUNT];
+  double seconds[MSH_COMM_OP_COUNT];
 };
 
 /* Fills the head (world_ranks copied, or the identity when NULL). MSH_ENOMEM. */

@@ -132,6 +132,21 @@ function Comm:group(ranks)
   return self:split(nil)
 end
 
+local op_names = { "all_reduce", "all_gather", "reduce_scatter", "broadcast", "send", "recv", "barrier" }
+local st_calls, st_bytes, st_secs = ffi.new("uint64_t[1]"), ffi.new("uint64_t[1]"), ffi.new("double[1]")
+
+-- c:stats() -> { all_reduce = { calls, bytes, seconds }, all_gather = ..., ... } since the
+-- communicator was made or c:reset_stats() (seconds: host time inside the calls).
+function Comm:stats()
+  local out = {}
+  for i, name in ipairs(op_names) do
+    C.msh_comm_stats(self, i - 1, st_calls, st_bytes, st_secs)
+    out[name] = { calls = tonumber(st_calls[0]), bytes = tonumber(st_bytes[0]), seconds = st_secs[0] }
+  end
+  return out
+end
+function Comm:reset_stats() C.msh_comm_reset_stats(self) end
+
 function Comm:abort() C.msh_comm_abort(self) end
 
 function Comm:free()

@@ -542,6 +542,22 @@ static void bad_arguments(void) {
   msh_tensor_free(tt);
   msh_tensor_free(wrong);
   run_ok(ctx, 2, do_barrier, NULL, "barrier after argument errors");
+  /* counters: the five barriers above; failed argument checks are not calls */
+  uint64_t calls = 0, bytes = 1;
+  double secs = -1;
+  CHECK_OK(msh_comm_stats(c, MSH_COMM_OP_BARRIER, &calls, &bytes, &secs));
+  CHECK(calls == 5 && bytes == 0 && secs >= 0);
+  CHECK_OK(msh_comm_stats(c, MSH_COMM_OP_ALL_REDUCE, &calls, NULL, NULL));
+  CHECK(calls == 0);
+  job_t j = {1001, 5, MSH_REDUCE_SUM, 0};
+  run_ok(ctx, 2, do_all_reduce, &j, "all_reduce for the counters");
+  for (int r = 0; r < 2; r++) free(ar_result[r]);
+  CHECK_OK(msh_comm_stats(c, MSH_COMM_OP_ALL_REDUCE, &calls, &bytes, &secs));
+  CHECK(calls == 1 && bytes == 4004 && secs > 0);
+  CHECK_STATUS(msh_comm_stats(c, MSH_COMM_OP_COUNT, &calls, NULL, NULL), MSH_EINVAL);
+  msh_comm_reset_stats(c);
+  CHECK_OK(msh_comm_stats(c, MSH_COMM_OP_ALL_REDUCE, &calls, &bytes, &secs));
+  CHECK(calls == 0 && bytes == 0 && secs == 0);
   free_world(ctx, 2);
 
   msh_comm_free(NULL);

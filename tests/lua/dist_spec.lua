@@ -435,6 +435,12 @@ describe("collectives between processes", function()
       close(got:values(), input((r + W - 1) % W, n, n + 4):values(), 0)
     end
     assert(c:barrier())
+    local st = c:stats()
+    assert(st.all_reduce.calls == 6 and st.barrier.calls == 1, "counters")
+    assert(st.all_reduce.bytes == 2 * 4 * (1 + 5 + 1003) and st.all_reduce.seconds > 0, "all_reduce bytes")
+    assert(st.send.calls == 3 and st.recv.calls == 3, "send/recv counters")
+    c:reset_stats()
+    assert(c:stats().barrier.calls == 0, "reset")
     -- the grid's groups: tensor groups sum over adjacent ranks
     if pg.tp then
       local x = tensor.from({ r })
