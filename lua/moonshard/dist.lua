@@ -347,6 +347,8 @@ function ProcessGroup:make_groups(opts)
         all, cerr = self.store:gather("nccl-" .. kind, self.rank, self.world, id, self.timeout or 300)
         id = all and all[members[1] + 1]
       end
+      -- rank 0 blocks in NCCL next: the others' replies must have left its store first
+      if id and self.server then self.server:drain(5) end
       if id then c, cerr = comm.new_nccl(pos, #members, id, tonumber(self.device:match("^cuda:(%d+)$"))) end
     else
       c, cerr = self.comm:split(gi and gi - 1 or nil, pos)
