@@ -28,7 +28,7 @@ local opts = args.parse(arg, {
   { "max-seq", "int", "context length (default: the model's, at most 4096)", min = 16 },
   { "threads", "int", "CPU threads (default: all cores)", min = 1 },
   { "device", "string", "cpu or cuda[:N]", default = "cpu" },
-  { "dtype", "string", "weights' dtype on the device: f16 (default), bf16 or f32" },
+  { "dtype", "string", "weights' dtype on the device: native (default on the CPU: as the file has them, GGUF Q8_0/Q4_0/Q4_1 included), f16, bf16 or f32" },
   { "verbose", "flag", "print token counts and speeds after each answer (stderr)" },
 })
 
@@ -57,10 +57,10 @@ local loaded, err = require("moonshard.loader").detect(path)
 if not loaded then fail(err) end
 local max_seq = opts.max_seq
 local model
--- f16 weights: half the bytes of f32 per decoded token (quantized GGUF weights are dequantized at
--- load), and greedy answers that match f32's on the parity prompts
+-- the file's own weights on the CPU: block-quantized GGUF weights stay quantized (a quarter to
+-- half the bytes of f16 per decoded token, multiplied in integers); --dtype f16 converts
 model, err = moonshard.load(path, { device = opts.device, max_seq = max_seq or 4096,
-  dtype = opts.dtype or (opts.device == "cpu" and "f16" or nil) })
+  dtype = opts.dtype or (opts.device == "cpu" and "native" or nil) })
 if not model then fail(err) end
 if not model.tokenizer then fail(string.format("'%s': no tokenizer found with the model", path)) end
 

@@ -16,7 +16,7 @@ local opts = args.parse(arg, {
   { "fixture", "string", "reference JSON", default = host.root .. "/tests/fixtures/gguf/smollm2_reference.json" },
   { "full", "string", "reference full logits (gguf_reference.py --dump)" },
   { "free", "flag", "continue with moonshard's own greedy tokens instead of the reference's" },
-  { "dtype", "string", "weights on the CPU: f32 (default), f16 or bf16", default = "f32" },
+  { "dtype", "string", "weights on the CPU: f32 (default: dequantized), native (as the file has them: Q4_1 multiplied in integers), f16 or bf16", default = "f32" },
 })
 
 local moonshard = require "moonshard"

@@ -229,9 +229,60 @@ static void copy_rows(char *d, int ddt, const char *s, int sdt, int nd, const in
   }
 }
 
+/* Rows [r0, r1) (over all dims but the last) between a block-quantized tensor and a float one,
+ * through an f32 buffer a few blocks at a time: dequantizing when src has blocks, quantizing
+ * when dst has them. Both have whole blocks along a unit-stride last dim (tensor.c checks). */
+static void block_copy_rows(msh_tensor *dst, const msh_tensor *src, int64_t r0, int64_t r1) {
+  enum { B = 8 * MSH_QK };
+  float buf[B];
+  int nd = src->ndim, ddt = dst->dtype, sdt = src->dtype;
+  int64_t K = src->shape[nd - 1], ds = dst->stride[nd - 1], ss = src->stride[nd - 1];
+  char *dbase = dst->st->base;
+  const char *sbase = src->st->base;
+  for (int64_t r = r0; r < r1; r++) {
+    int64_t rem = r, doff = dst->offset, soff = src->offset;
+    for (int k = nd - 2; k >= 0; k--) {
+      int64_t i = rem % src->shape[k];
+      rem /= src->shape[k];
+      doff += i * dst->stride[k];
+      soff += i * src->stride[k];
+    }
+    for (int64_t k0 = 0; k0 < K; k0 += B) {
+      int64_t m = K - k0 < B ? K - k0 : B;
+      if (msh_dtype_is_block(sdt)) {
+        msh_cpu_dequant_row(buf, sbase + msh_dtype_bytes(sdt, soff + k0), sdt, m);
+        copy_run(dbase + msh_dtype_bytes(ddt, doff + k0 * ds), ddt, ds, (const char *)buf, MSH_F32, 1, m);
+      } else {
+        copy_run((char *)buf, MSH_F32, 1, sbase + msh_dtype_bytes(sdt, soff + k0 * ss), sdt, ss, m);
+        msh_cpu_quant_row(dbase + msh_dtype_bytes(ddt, doff + k0), ddt, buf, m);
+      }
+    }
+  }
+}
+
 msh_status msh_cpu_copy(msh_tensor *dst, const msh_tensor *src) {
   int64_t n = msh_tensor_numel(src);
   if (n == 0) return MSH_OK;
+  if (msh_dtype_is_block(dst->dtype) || msh_dtype_is_block(src->dtype)) {
+    if (dst->dtype == src->dtype) { /* blocks move as bytes */
+      msh_tensor d = msh_tensor_block_bytes(dst), sb = msh_tensor_block_bytes(src);
+      return msh_cpu_copy(&d, &sb);
+    }
+    int64_t rows = n / src->shape[src->ndim - 1];
+    int nt = msh_cpu_threads(n, 1 << 16);
+    if (nt > rows) nt = (int)rows;
+    if (nt <= 1) {
+      block_copy_rows(dst, src, 0, rows);
+      return MSH_OK;
+    }
+#pragma omp parallel num_threads(nt)
+    {
+      int64_t r0, r1;
+      msh_cpu_split(rows, omp_get_thread_num(), omp_get_num_threads(), 1, &r0, &r1);
+      block_copy_rows(dst, src, r0, r1);
+    }
+    return MSH_OK;
+  }
   char *d = msh_tensor_ptr(dst);
   const char *s = msh_tensor_ptr(src);
   if (dst->dtype == src->dtype && msh_tensor_is_contiguous(dst) && msh_tensor_is_contiguous(src)) {

@@ -3,7 +3,8 @@
  * portable C otherwise).
  *
  * The backend's ops live in cpu_backend.c (memory, copies, the vtable), cpu_ops.c (elementwise,
- * norms, softmax, rope, embedding, argmax), cpu_matmul.c and cpu_attention.c. */
+ * norms, softmax, rope, embedding, argmax), cpu_matmul.c, cpu_quant.c (block-quantized rows and
+ * their matmul) and cpu_attention.c. */
 #ifndef MSH_CPU_INTERNAL_H
 #define MSH_CPU_INTERNAL_H
 
@@ -75,9 +76,15 @@ MSH_CPU_INLINE float msh_cpu_load(const void *p, int64_t i, int dt) {
 /* Converts n contiguous values between float dtypes (dst and src must not overlap). */
 void msh_cpu_convert(void *dst, int ddt, const void *src, int sdt, int64_t n);
 
-/* dst (n) f32 = src (n) of a float dtype. */
+/* Block-quantized rows (cpu_quant.c): n (a multiple of 32) consecutive elements of dtype dt,
+ * that is n / 32 blocks, to f32 and from f32 (ggml's rounding rules). */
+void msh_cpu_dequant_row(float *dst, const void *src, int dt, int64_t n);
+void msh_cpu_quant_row(void *dst, int dt, const float *src, int64_t n);
+
+/* dst (n) f32 = src (n) of a float dtype, or n / 32 blocks of a block-quantized one. */
 static inline void msh_cpu_row_f32(float *dst, const void *src, int dt, int64_t n) {
   if (dt == MSH_F32) memcpy(dst, src, sizeof(float) * (size_t)n);
+  else if (msh_dtype_is_block(dt)) msh_cpu_dequant_row(dst, src, dt, n);
   else msh_cpu_convert(dst, MSH_F32, src, dt, n);
 }
 
@@ -185,6 +192,9 @@ msh_status msh_cpu_copy(msh_tensor *dst, const msh_tensor *src);
 msh_status msh_cpu_embedding(msh_tensor *out, const msh_tensor *table, const msh_tensor *ids);
 msh_status msh_cpu_rmsnorm(msh_tensor *out, const msh_tensor *x, const msh_tensor *w, float eps);
 msh_status msh_cpu_matmul(msh_tensor *out, const msh_tensor *x, const msh_tensor *w);
+/* matmul with block-quantized w and few rows of x (cpu_quant.c): x quantized to 8 bits, integer
+ * dot products. */
+msh_status msh_cpu_matmul_quant(msh_tensor *out, const msh_tensor *x, const msh_tensor *w);
 msh_status msh_cpu_rope(msh_tensor *x, const msh_tensor *pos, const msh_tensor *inv_freq, int style);
 msh_status msh_cpu_attention(msh_tensor *out, const msh_tensor *q, const msh_tensor *k,
                              const msh_tensor *v, int64_t pos0, float scale);

@@ -60,18 +60,18 @@ msh_status msh_cpu_embedding(msh_tensor *out, const msh_tensor *table, const msh
   const int32_t *id = msh_tensor_ptr(ids);
   float *o = msh_tensor_ptr(out);
   const char *w = msh_tensor_ptr(table);
-  size_t es = msh_dtype_size(table->dtype);
+  int64_t row = msh_dtype_bytes(table->dtype, D); /* bytes per row of the table */
   for (int64_t t = 0; t < T; t++) /* check every id before writing anything */
     if (id[t] < 0 || id[t] >= V)
       return MSH_FAIL(MSH_ERANGE, "embedding: id %d at %lld outside [0, %lld)", id[t], (long long)t, (long long)V);
   int nt = msh_cpu_threads(T * D, GRAIN_STREAM);
   if (nt > T) nt = (int)T;
   if (nt <= 1) {
-    for (int64_t t = 0; t < T; t++) msh_cpu_row_f32(o + t * D, w + (int64_t)id[t] * D * (int64_t)es, table->dtype, D);
+    for (int64_t t = 0; t < T; t++) msh_cpu_row_f32(o + t * D, w + (int64_t)id[t] * row, table->dtype, D);
     return MSH_OK;
   }
 #pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t t = 0; t < T; t++) msh_cpu_row_f32(o + t * D, w + (int64_t)id[t] * D * (int64_t)es, table->dtype, D);
+  for (int64_t t = 0; t < T; t++) msh_cpu_row_f32(o + t * D, w + (int64_t)id[t] * row, table->dtype, D);
   return MSH_OK;
 }
 

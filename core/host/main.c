@@ -67,10 +67,15 @@ static void open_luv(lua_State *L, uv_loop_t *loop) {
 
 /* OpenMP threads that spin while waiting lose whole time slices on a loaded machine (a worker
  * descheduled at a join stalls every op). The OpenMP runtime reads its wait policy when the
- * library loads, before main, so the host sets a passive policy and starts itself again once. */
+ * library loads, before main, so the host sets a passive policy and starts itself again once.
+ * Passive alone puts workers to sleep at once, and waking them costs tens of microseconds per
+ * op, which a decode step of a small model (hundreds of ops of 5-50 us) cannot afford: libgomp
+ * spins GOMP_SPINCOUNT times (about 0.1 ms here) before sleeping, so workers stay awake between
+ * the ops of a step and still sleep between steps and under load. */
 static void ensure_passive_wait(char **argv) {
   if (getenv("OMP_WAIT_POLICY")) return;
   setenv("OMP_WAIT_POLICY", "passive", 1);
+  if (!getenv("GOMP_SPINCOUNT")) setenv("GOMP_SPINCOUNT", "10000", 1);
   execv("/proc/self/exe", argv);
   /* exec failed: carry on with the default policy */
 }

@@ -197,9 +197,9 @@ msh_status msh_op_embedding(msh_tensor *out, const msh_tensor *table, const msh_
 msh_status msh_op_rmsnorm(msh_tensor *out, const msh_tensor *x, const msh_tensor *w, float eps);
 
 /* out (M, N) = x (M, K) @ w (N, K)^T ; x and out f32, w f32/f16/bf16 (row-major [out, in]), or
- * block-quantized on the CPU: then for M < 32 each row of x is quantized to 8 bits per 32-element
+ * block-quantized on the CPU: then for M < 64 each row of x is quantized to 8 bits per 32-element
  * block (scale amax / 127, round to nearest even) and multiplied in integers, block by block, as
- * llama.cpp does; for M >= 32 the weights are dequantized to f32 block by block (x exact). */
+ * llama.cpp does; for M >= 64 the weights are dequantized to f32 block by block (x exact). */
 msh_status msh_op_matmul(msh_tensor *out, const msh_tensor *x, const msh_tensor *w);
 
 typedef enum {

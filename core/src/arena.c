@@ -52,21 +52,24 @@ void msh_arena_reset(msh_arena *a) {
 msh_status msh_tensor_new_arena(msh_tensor **out, msh_arena *a, int dtype, int ndim,
                                 const int64_t *shape) {
   if (!out || !a || (ndim > 0 && !shape)) return MSH_FAIL(MSH_EINVAL, "NULL argument");
-  size_t es = msh_dtype_size(dtype);
-  if (!es) return MSH_FAIL(MSH_EINVAL, "unknown dtype %d", dtype);
+  uint64_t bb = (uint64_t)msh_dt_block_bytes(dtype), be = (uint64_t)msh_dt_block_elems(dtype);
+  if (!bb) return MSH_FAIL(MSH_EINVAL, "unknown dtype %d", dtype);
   if (ndim < 0 || ndim > MSH_MAX_DIMS) return MSH_FAIL(MSH_EINVAL, "bad ndim %d", ndim);
   uint64_t n = 1;
   for (int i = 0; i < ndim; i++) {
     if (shape[i] < 0) return MSH_FAIL(MSH_EINVAL, "negative dim %d", i);
     n *= (uint64_t)shape[i];
   }
-  uint64_t start = (a->used + 63) & ~(uint64_t)63;
-  uint64_t bytes = n * es;
+  /* 64-byte aligned, at a whole number of blocks (elements) from the arena's base */
+  uint64_t unit = 64;
+  while (unit % bb) unit += 64;
+  uint64_t start = (a->used + unit - 1) / unit * unit;
+  uint64_t bytes = (uint64_t)msh_dtype_bytes(dtype, (int64_t)n);
   if (start + bytes > a->st->bytes)
     return MSH_FAIL(MSH_ERANGE, "arena full: %llu bytes asked, %llu of %llu left",
                     (unsigned long long)bytes, (unsigned long long)(a->st->bytes - a->used),
                     (unsigned long long)a->st->bytes);
-  msh_status s = msh_tensor_make(out, a->st, dtype, ndim, shape, NULL, (int64_t)(start / es));
+  msh_status s = msh_tensor_make(out, a->st, dtype, ndim, shape, NULL, (int64_t)(start / bb * be));
   if (s == MSH_OK) a->used = start + bytes;
   return s;
 }

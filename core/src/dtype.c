@@ -1,18 +1,11 @@
-/* dtype.c: element sizes, names and scalar conversions between f32, f16 and bf16. */
+/* dtype.c: element and block sizes, names and scalar conversions between f32, f16 and bf16. */
 #include "internal.h"
 
 #include <string.h>
 
-size_t msh_dtype_size(int dtype) {
-  switch (dtype) {
-  case MSH_F32: return 4;
-  case MSH_F16: return 2;
-  case MSH_BF16: return 2;
-  case MSH_I32: return 4;
-  case MSH_I8: return 1;
-  default: return 0;
-  }
-}
+size_t msh_dtype_size(int dtype) { return msh_dtype_is_block(dtype) ? 0 : (size_t)msh_dt_block_bytes(dtype); }
+int msh_dtype_block_elems(int dtype) { return (int)msh_dt_block_elems(dtype); }
+size_t msh_dtype_block_bytes(int dtype) { return (size_t)msh_dt_block_bytes(dtype); }
 
 const char *msh_dtype_name(int dtype) {
   switch (dtype) {
@@ -21,6 +14,9 @@ const char *msh_dtype_name(int dtype) {
   case MSH_BF16: return "bf16";
   case MSH_I32: return "i32";
   case MSH_I8: return "i8";
+  case MSH_Q8_0: return "q8_0";
+  case MSH_Q4_0: return "q4_0";
+  case MSH_Q4_1: return "q4_1";
   default: return "?";
   }
 }

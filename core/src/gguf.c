@@ -1,4 +1,4 @@
-/* gguf.c: GGUF (v2, v3) reader: metadata, tensor infos, zero-copy views and dequantization.
+/* gguf.c: GGUF (v2, v3) reader: metadata, tensor infos and zero-copy tensor views.
  *
  * Layout (little-endian): "GGUF", u32 version, u64 n_tensors, u64 n_kv,
  *   n_kv x { string key, u32 type, value },
@@ -662,33 +662,7 @@ msh_status msh_gguf_tensor_info(const msh_gguf *g, int i, int *ggml_type_out, in
   return MSH_OK;
 }
 
-/* ---------------------------------------------------------------------------- dequantization */
-
-static float half_at(const uint8_t *p) { return msh_f16_to_f32((uint16_t)(p[0] | p[1] << 8)); }
-
-/* One 32-element block into dst. Q8_0: f16 d, 32 x i8: d * q. Q4_0: f16 d, 16 bytes: low
- * nibbles are elements 0..15, high nibbles 16..31: d * (q - 8). Q4_1: f16 d, f16 m, 16 bytes:
- * d * q + m. */
-static void dequant_q8_0(const uint8_t *b, float *dst) {
-  float d = half_at(b);
-  for (int j = 0; j < 32; j++) dst[j] = d * (float)(int8_t)b[2 + j];
-}
-
-static void dequant_q4_0(const uint8_t *b, float *dst) {
-  float d = half_at(b);
-  for (int j = 0; j < 16; j++) {
-    dst[j] = d * (float)((b[2 + j] & 0x0f) - 8);
-    dst[j + 16] = d * (float)((b[2 + j] >> 4) - 8);
-  }
-}
-
-static void dequant_q4_1(const uint8_t *b, float *dst) {
-  float d = half_at(b), m = half_at(b + 2);
-  for (int j = 0; j < 16; j++) {
-    dst[j] = d * (float)(b[4 + j] & 0x0f) + m;
-    dst[j + 16] = d * (float)(b[4 + j] >> 4) + m;
-  }
-}
+/* ----------------------------------------------------------------------------- tensors */
 
 msh_status msh_gguf_tensor(const msh_gguf *g, int i, msh_tensor **out) {
   if (!g || !out) return MSH_FAIL(MSH_EINVAL, "NULL argument");
@@ -696,29 +670,19 @@ msh_status msh_gguf_tensor(const msh_gguf *g, int i, msh_tensor **out) {
     return MSH_FAIL(MSH_ERANGE, "tensor index %d outside [0, %d)", i, g->n_tensors);
   const gguf_tensor *t = &g->tensors[i];
   int dtype = -1;
-  void (*dequant)(const uint8_t *, float *) = NULL;
   switch (t->type) {
   case MSH_GGML_F32: dtype = MSH_F32; break;
   case MSH_GGML_F16: dtype = MSH_F16; break;
   case MSH_GGML_BF16: dtype = MSH_BF16; break;
   case MSH_GGML_I8: dtype = MSH_I8; break;
   case MSH_GGML_I32: dtype = MSH_I32; break;
-  case MSH_GGML_Q8_0: dequant = dequant_q8_0; break;
-  case MSH_GGML_Q4_0: dequant = dequant_q4_0; break;
-  case MSH_GGML_Q4_1: dequant = dequant_q4_1; break;
+  case MSH_GGML_Q8_0: dtype = MSH_Q8_0; break;
+  case MSH_GGML_Q4_0: dtype = MSH_Q4_0; break;
+  case MSH_GGML_Q4_1: dtype = MSH_Q4_1; break;
   default:
     return MSH_FAIL(MSH_EUNSUPPORTED, "'%s': tensor '%s' has type %s, which moonshard does not load",
                     msh_file_path(g->file), t->name, msh_gguf_ggml_type_name(t->type));
   }
-  if (!dequant) return msh_tensor_from_file(out, g->file, t->offset, dtype, t->ndim, t->shape);
-  msh_tensor *d = NULL;
-  msh_status s = msh_tensor_new(&d, MSH_F32, t->ndim, t->shape, MSH_CPU, 0);
-  if (s != MSH_OK) return s;
-  const ggml_type_info *ti = ggml_type(t->type);
-  const uint8_t *src = g->base + t->offset;
-  float *dst = msh_tensor_ptr(d);
-  uint64_t blocks = t->nbytes / ti->bytes;
-  for (uint64_t b = 0; b < blocks; b++) dequant(src + b * ti->bytes, dst + b * ti->block);
-  *out = d;
-  return MSH_OK;
+  /* the same layouts as ggml's: the block dtypes view the file's bytes as they are */
+  return msh_tensor_from_file(out, g->file, t->offset, dtype, t->ndim, t->shape);
 }

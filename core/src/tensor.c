@@ -68,10 +68,13 @@ static msh_storage *storage_new(int device, int device_index, void *base, uint64
 /* ----------------------------------------------------------------------------- helpers */
 
 static msh_status check_shape(int dtype, int ndim, const int64_t *shape, uint64_t *numel) {
-  if (!msh_dtype_size(dtype)) return MSH_FAIL(MSH_EINVAL, "unknown dtype %d", dtype);
+  if (!msh_dt_block_bytes(dtype)) return MSH_FAIL(MSH_EINVAL, "unknown dtype %d", dtype);
   if (ndim < 0 || ndim > MSH_MAX_DIMS)
     return MSH_FAIL(MSH_EINVAL, "ndim %d outside [0, %d]", ndim, MSH_MAX_DIMS);
   if (ndim > 0 && !shape) return MSH_FAIL(MSH_EINVAL, "NULL shape");
+  if (msh_dtype_is_block(dtype) && (ndim == 0 || shape[ndim - 1] % MSH_QK))
+    return MSH_FAIL(MSH_EINVAL, "%s tensors need a last dim that is a multiple of %d (got %lld)",
+                    msh_dtype_name(dtype), MSH_QK, ndim ? (long long)shape[ndim - 1] : 0LL);
   uint64_t n = 1;
   for (int i = 0; i < ndim; i++) {
     if (shape[i] < 0) return MSH_FAIL(MSH_EINVAL, "dim %d is negative (%lld)", i, (long long)shape[i]);
@@ -109,6 +112,17 @@ static void view_span(int ndim, const int64_t *shape, const int64_t *stride, int
   }
 }
 
+/* A block-quantized layout: whole blocks along a unit-stride last dim, offset and the other
+ * strides (of dims longer than 1) at block boundaries. */
+static int whole_blocks(const msh_tensor *t) {
+  int last = t->ndim - 1;
+  if (last < 0 || t->shape[last] % MSH_QK || t->offset % MSH_QK) return 0;
+  if (t->shape[last] > 0 && t->stride[last] != 1) return 0;
+  for (int i = 0; i < last; i++)
+    if (t->shape[i] > 1 && t->stride[i] % MSH_QK) return 0;
+  return 1;
+}
+
 msh_status msh_tensor_make(msh_tensor **out, msh_storage *st, int dtype, int ndim,
                            const int64_t *shape, const int64_t *strides, int64_t offset) {
   uint64_t n;
@@ -126,10 +140,16 @@ msh_status msh_tensor_make(msh_tensor **out, msh_storage *st, int dtype, int ndi
     t->stride[i] = strides ? strides[i] : acc;
     acc *= shape[i];
   }
+  if (msh_dtype_is_block(dtype) && !whole_blocks(t)) {
+    int64_t last = ndim ? shape[ndim - 1] : 0, last_stride = ndim ? t->stride[ndim - 1] : 0;
+    free(t);
+    return MSH_FAIL(MSH_EINVAL, "a view of a %s tensor would split its %d-element blocks (%d dims, last dim %lld, "
+                    "its stride %lld, offset %lld)", msh_dtype_name(dtype), MSH_QK, ndim, (long long)last,
+                    (long long)last_stride, (long long)offset);
+  }
   int64_t lo, hi;
   view_span(ndim, t->shape, t->stride, &lo, &hi);
-  int64_t es = (int64_t)msh_dtype_size(dtype);
-  if (hi >= lo && (offset + lo < 0 || (uint64_t)((offset + hi + 1) * es) > st->bytes)) {
+  if (hi >= lo && (offset + lo < 0 || (uint64_t)msh_dtype_bytes(dtype, offset + hi + 1) > st->bytes)) {
     free(t);
     return MSH_FAIL(MSH_ERANGE, "view of %llu elements at offset %lld exceeds its %llu-byte storage",
                     (unsigned long long)n, (long long)offset, (unsigned long long)st->bytes);
@@ -149,7 +169,7 @@ msh_status msh_tensor_new(msh_tensor **out, int dtype, int ndim, const int64_t *
   if (s != MSH_OK) return s;
   const msh_backend *be = msh_backend_for(device);
   if (!be) return MSH_EUNSUPPORTED;
-  uint64_t bytes = n * msh_dtype_size(dtype);
+  uint64_t bytes = (uint64_t)msh_dtype_bytes(dtype, (int64_t)n);
   msh_storage *st = storage_new(device, device_index, NULL, bytes);
   if (!st) return MSH_FAIL(MSH_ENOMEM, "out of memory");
   s = be->alloc(device_index, bytes ? bytes : 1, &st->base);
@@ -169,8 +189,7 @@ msh_status msh_tensor_from_file(msh_tensor **out, msh_file *f, uint64_t offset, 
   uint64_t n;
   msh_status s = check_shape(dtype, ndim, shape, &n);
   if (s != MSH_OK) return s;
-  size_t es = msh_dtype_size(dtype);
-  uint64_t bytes = n * es;
+  uint64_t bytes = (uint64_t)msh_dtype_bytes(dtype, (int64_t)n);
   uint64_t size = msh_file_size(f);
   if (offset > size || bytes > size - offset)
     return MSH_FAIL(MSH_ERANGE, "'%s': %llu bytes at offset %llu run past the end of the file (%llu bytes)",
@@ -192,7 +211,7 @@ msh_status msh_tensor_wrap(msh_tensor **out, void *data, int dtype, int ndim, co
   uint64_t n;
   msh_status s = check_shape(dtype, ndim, shape, &n);
   if (s != MSH_OK) return s;
-  msh_storage *st = storage_new(MSH_CPU, 0, data, n * msh_dtype_size(dtype));
+  msh_storage *st = storage_new(MSH_CPU, 0, data, (uint64_t)msh_dtype_bytes(dtype, (int64_t)n));
   if (!st) return MSH_FAIL(MSH_ENOMEM, "out of memory");
   s = msh_tensor_make(out, st, dtype, ndim, shape, NULL, 0);
   msh_storage_release(st);
@@ -315,17 +334,33 @@ msh_status msh_tensor_copy(msh_tensor *dst, const msh_tensor *src) {
   if (dst->ndim != src->ndim || memcmp(dst->shape, src->shape, sizeof(int64_t) * (size_t)src->ndim))
     return MSH_FAIL(MSH_EINVAL, "shapes differ: dst %s, src %s", msh_shape_str(dst, a, sizeof a),
                     msh_shape_str(src, b, sizeof b));
-  if (dst->dtype != src->dtype && !(is_float(dst->dtype) && is_float(src->dtype)))
+  int dq = msh_dtype_is_block(dst->dtype), sq = msh_dtype_is_block(src->dtype);
+  if (dst->dtype != src->dtype && !((is_float(dst->dtype) || dq) && (is_float(src->dtype) || sq) && !(dq && sq)))
     return MSH_FAIL(MSH_EINVAL, "cannot convert %s to %s", msh_dtype_name(src->dtype),
                     msh_dtype_name(dst->dtype));
   if (dst->st->readonly) return MSH_FAIL(MSH_EINVAL, "destination is read-only");
-  if (dst->st->device == src->st->device && dst->st->device_index == src->st->device_index) {
+  if (dq && dst->dtype == src->dtype) { /* blocks move as bytes, on any device */
+    msh_tensor d = msh_tensor_block_bytes(dst), sb = msh_tensor_block_bytes(src);
+    return msh_tensor_copy(&d, &sb);
+  }
+  int same_dev = dst->st->device == src->st->device && dst->st->device_index == src->st->device_index;
+  if ((dq || sq) && !(same_dev && dst->st->device == MSH_CPU)) {
+    /* (de)quantizing runs on the CPU: the device side goes through a host tensor in its dtype */
+    const msh_tensor *dev = src->st->device != MSH_CPU ? src : dst;
+    msh_tensor *host = NULL;
+    msh_status s = msh_tensor_new(&host, dev->dtype, dev->ndim, dev->shape, MSH_CPU, 0);
+    if (s == MSH_OK) s = msh_tensor_copy(host, src);
+    if (s == MSH_OK) s = msh_tensor_copy(dst, host);
+    msh_tensor_free(host);
+    return s;
+  }
+  if (same_dev) {
     const msh_backend *be = msh_backend_for(dst->st->device);
     return be ? be->copy(dst, src) : MSH_EUNSUPPORTED;
   }
   /* across devices: make both sides contiguous and same-dtype on the host, then move bytes */
   int64_t n = msh_tensor_numel(src);
-  size_t bytes = (size_t)n * msh_dtype_size(dst->dtype);
+  size_t bytes = (size_t)msh_dtype_bytes(dst->dtype, n);
   msh_status s = MSH_OK;
   if (src->st->device == MSH_CPU) {
     const msh_backend *be = msh_backend_for(dst->st->device);
@@ -341,7 +376,7 @@ msh_status msh_tensor_copy(msh_tensor *dst, const msh_tensor *src) {
         s = msh_tensor_new(&stage, src->dtype, src->ndim, src->shape, dst->st->device, dst->st->device_index);
       if (s == MSH_OK)
         s = be->upload(dst->st->device_index, msh_tensor_ptr(stage), msh_tensor_ptr(tmp),
-                       (size_t)n * msh_dtype_size(src->dtype));
+                       (size_t)msh_dtype_bytes(src->dtype, n));
       if (s == MSH_OK) s = be->copy(dst, stage);
     }
     msh_tensor_free(stage);
@@ -356,7 +391,7 @@ msh_status msh_tensor_copy(msh_tensor *dst, const msh_tensor *src) {
     if (s == MSH_OK) s = msh_tensor_new(&host, src->dtype, src->ndim, src->shape, MSH_CPU, 0);
     if (s == MSH_OK)
       s = be->download(src->st->device_index, msh_tensor_ptr(host), msh_tensor_ptr(stage),
-                       (size_t)n * msh_dtype_size(src->dtype));
+                       (size_t)msh_dtype_bytes(src->dtype, n));
     if (s == MSH_OK) s = msh_cpu_backend.copy(dst, host);
     msh_tensor_free(host);
     msh_tensor_free(stage);

@@ -42,7 +42,12 @@ function M.try(s)
   return nil, msg, name
 end
 
-M.dtypes = { f32 = C.MSH_F32, f16 = C.MSH_F16, bf16 = C.MSH_BF16, i32 = C.MSH_I32, i8 = C.MSH_I8 }
+M.dtypes = {
+  f32 = C.MSH_F32, f16 = C.MSH_F16, bf16 = C.MSH_BF16, i32 = C.MSH_I32, i8 = C.MSH_I8,
+  q8_0 = C.MSH_Q8_0, q4_0 = C.MSH_Q4_0, q4_1 = C.MSH_Q4_1, -- block-quantized (32 elements a block)
+}
+-- the block-quantized ones
+M.quantized = { q8_0 = true, q4_0 = true, q4_1 = true }
 M.dtype_names = {}
 for k, v in pairs(M.dtypes) do M.dtype_names[tonumber(v)] = k end
 M.devices = { cpu = C.MSH_CPU, cuda = C.MSH_CUDA }

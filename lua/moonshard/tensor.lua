@@ -94,6 +94,13 @@ function T:size(i) return tonumber(C.msh_tensor_dim(self, i - 1)) end
 function T:stride(i) return tonumber(C.msh_tensor_stride(self, i - 1)) end
 function T:is_contiguous() return C.msh_tensor_is_contiguous(self) ~= 0 end
 function T:data() return C.msh_tensor_data(self) end
+-- Bytes its elements take (whole blocks for block-quantized dtypes; strides ignored).
+function T:nbytes()
+  local dt = C.msh_tensor_dtype(self)
+  return self:numel() / C.msh_dtype_block_elems(dt) * tonumber(C.msh_dtype_block_bytes(dt))
+end
+-- true for the block-quantized dtypes (q8_0, q4_0, q4_1)
+function T:is_quantized() return core.quantized[self:dtype()] == true end
 
 function T:device()
   local d = C.msh_tensor_device(self)

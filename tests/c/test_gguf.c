@@ -3,6 +3,7 @@
  * corrupt variants written to /tmp: each must fail with a clear status and never crash. */
 #include "check.h"
 
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 #include <unistd.h>
@@ -92,6 +93,14 @@ static const char *type_names[] = {"u8",  "i8",   "u16",    "i16",   "u32", "i32
                                    "bool", "string", "array", "u64", "i64", "f64"};
 
 static double value_sum(const msh_tensor *t) {
+  int dt = msh_tensor_dtype(t);
+  if (dt == MSH_Q8_0 || dt == MSH_Q4_0 || dt == MSH_Q4_1) { /* block-quantized: the dequantized values */
+    msh_tensor *f = NULL;
+    if (msh_tensor_contiguous(&f, t, MSH_F32) != MSH_OK) return NAN;
+    double s = value_sum(f);
+    msh_tensor_free(f);
+    return s;
+  }
   int64_t n = msh_tensor_numel(t);
   const void *d = msh_tensor_data(t);
   double s = 0;
@@ -214,11 +223,11 @@ static void check_tensor(msh_gguf *g, char **f, int nf) {
   if (!t) return;
   CHECK(msh_tensor_ndim(t) == ndim);
   for (int d = 0; d < ndim; d++) CHECK(msh_tensor_dim(t, d) == shape[d]);
-  int quant = type == MSH_GGML_Q8_0 || type == MSH_GGML_Q4_0 || type == MSH_GGML_Q4_1;
-  CHECK(msh_tensor_is_readonly(t) == !quant);
-  CHECK(!quant || msh_tensor_dtype(t) == MSH_F32);
-  CHECK(quant || (const uint8_t *)msh_tensor_data(t) ==
-                     (const uint8_t *)msh_file_data(msh_gguf_file(g)) + off);
+  /* every loadable type, the quantized ones included, is a read-only view of the file */
+  int want_dt = type == MSH_GGML_Q8_0 ? MSH_Q8_0 : type == MSH_GGML_Q4_0 ? MSH_Q4_0 : type == MSH_GGML_Q4_1 ? MSH_Q4_1 : -1;
+  CHECK(msh_tensor_is_readonly(t));
+  CHECK(want_dt < 0 || msh_tensor_dtype(t) == want_dt);
+  CHECK((const uint8_t *)msh_tensor_data(t) == (const uint8_t *)msh_file_data(msh_gguf_file(g)) + off);
   double want = strtod(sum, NULL), got = value_sum(t);
   if (!close_enough(got, want, 1e-9, 1e-9)) {
     fprintf(stderr, "tensor %s: sum %.17g, gguf package %.17g\n", f[1], got, want);
@@ -535,8 +544,12 @@ static void test_hand_built(void) {
   emit(&b, blk, sizeof blk);
   CHECK_OK(open_bytes(b.p, b.n, &g));
   for (int t = 0; g && t < 3; t++) {
-    msh_tensor *x = NULL;
-    CHECK_OK(msh_gguf_tensor(g, t, &x));
+    msh_tensor *q = NULL, *x = NULL;
+    CHECK_OK(msh_gguf_tensor(g, t, &q));
+    if (!q) continue;
+    CHECK(msh_tensor_dtype(q) == (t == 0 ? MSH_Q8_0 : t == 1 ? MSH_Q4_0 : MSH_Q4_1));
+    CHECK_OK(msh_tensor_contiguous(&x, q, MSH_F32)); /* dequantized */
+    msh_tensor_free(q);
     if (!x) continue;
     const float *v = msh_tensor_data(x);
     int bad = 0;

@@ -93,16 +93,41 @@ describe("SmolLM2-135M-Instruct Q4_1 (GGUF)", function()
     assert.are.same({ 2 }, d.stop)
   end)
 
-  it("matches the NumPy reference: 5 prompts x 32 greedy tokens, logits within 1e-3", function()
+  it("keeps Q4_1 and Q8_0 weights as the file has them on the CPU", function()
     m = m or assert(moonshard.load(SMOL, { max_seq = 512 }))
+    local w = m.net.stage
+    assert.are.equal("q8_0", w:embed():dtype())
+    assert.are.equal("q4_1", w:acquire(1).wq:dtype())
+    assert.are.equal("f32", w:acquire(1).attn_norm:dtype())
+  end)
+
+  it("dequantized to f32: matches the NumPy reference, 5 prompts x 32 greedy tokens, logits within 1e-3", function()
+    local mf = assert(moonshard.load(SMOL, { max_seq = 512, dtype = "f32" }))
     local ref = read_json(h.root .. "/tests/fixtures/gguf/smollm2_reference.json")
     for _, case in ipairs(ref.cases) do
-      assert.are.same(case.prompt_ids, m.tokenizer:encode(case.prompt, false, true))
+      assert.are.same(case.prompt_ids, mf.tokenizer:encode(case.prompt, false, true))
     end
-    local diff, agree, total = compare(m, ref)
+    local diff, agree, total = compare(mf, ref)
     assert.are.equal(160, total)
     assert.are.equal(total, agree)
     assert.is_true(diff < 1e-3, "max logit difference " .. diff)
+  end)
+
+  -- Quantized weights multiply activations quantized to 8 bits per 32-element block (as
+  -- llama.cpp does; prompts of 64 tokens and more go through dequantized weights instead): each
+  -- activation moves by up to half a step, amax / 254 of its block, at every matmul of 30 layers,
+  -- so logits drift from the float64 reference by tenths and a near-tie may flip. Measured on this
+  -- fixture: moonshard 157/160 greedy picks with top logits within 0.51; llama.cpp (llama-cpp-python
+  -- 0.3.36, the same file, the same teacher-forced tokens) 155/160 within 0.80. The bounds below are
+  -- llama.cpp's figures: no worse than the reference engine of the format. A broken kernel lands far
+  -- outside them (agreement near 0, differences of whole logits).
+  it("quantized (native): as close to the NumPy reference as llama.cpp is", function()
+    m = m or assert(moonshard.load(SMOL, { max_seq = 512 }))
+    local ref = read_json(h.root .. "/tests/fixtures/gguf/smollm2_reference.json")
+    local diff, agree, total = compare(m, ref)
+    assert.are.equal(160, total)
+    assert.is_true(agree >= 155, string.format("greedy agreement %d/%d", agree, total))
+    assert.is_true(diff < 0.8, "max logit difference " .. diff)
   end)
 end)
 

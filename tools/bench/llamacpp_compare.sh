@@ -23,7 +23,7 @@ PROMPT_LEN=${PROMPT_LEN:-128}
 GEN_LEN=${GEN_LEN:-128}
 LOOPS=${LOOPS:-5}
 ROUNDS=${ROUNDS:-3}
-DTYPE=${DTYPE:-f32}
+DTYPE=${DTYPE:-native}
 
 fail() { echo "llamacpp_compare: FAIL: $*" >&2; exit 1; }
 [ -f tools/bench/llamacpp_bench.py ] || fail "run from the repository root"

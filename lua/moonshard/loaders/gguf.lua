@@ -3,8 +3,9 @@
 -- the llama.* metadata keys and the blk.N.* tensor names to the description every loader
 -- produces (see moonshard.models.llama), checking each tensor's shape.
 --
--- F32/F16/BF16 tensors are zero-copy views of the mapped file; Q8_0/Q4_0/Q4_1 are dequantized to
--- f32 at load. llama.cpp's converter permutes the Hugging Face Q and K projections so that RoPE
+-- Every tensor is a zero-copy view of the mapped file, Q8_0/Q4_0/Q4_1 included (dtypes q8_0,
+-- q4_0, q4_1: matmul and embedding take them on the CPU; the stage converts them where a dtype is
+-- asked for, and to bf16 on a GPU). llama.cpp's converter permutes the Hugging Face Q and K projections so that RoPE
 -- rotates adjacent pairs: GGUF weights use the interleaved convention.
 --
 --   local gguf = require "moonshard.loaders.gguf"
@@ -143,7 +144,7 @@ function G:tensor_info(name)
   return { index = idx[0], ggml_type = gtype[0], type = ffi.string(C.msh_gguf_ggml_type_name(gtype[0])), shape = shape }
 end
 
--- g:tensor(name) -> tensor | nil, message (views for F32/F16/BF16, f32 copies for Q8_0/Q4_0/Q4_1)
+-- g:tensor(name) -> tensor | nil, message (a read-only view of the file, in the file's dtype)
 function G:tensor(name)
   local info = self:tensor_info(name)
   if not info then return nil, string.format("'%s': tensor '%s' is missing", self.path, name) end
