@@ -134,10 +134,10 @@ void msh_cpu_quant_row(void *dst, int dt, const float *src, int64_t n) {
 
 /* ------------------------------------------------------------------ activations to 8 bits */
 
-/* One row of x (K f32, K a multiple of 32) to qs (K i8), d (K / 32 scales), s (K / 32 sums
- * d * sum(q)): d = amax / 127, q = x * (1 / d) rounded to nearest even (0 for a zero block). The
+/* One row of x (K f32, K a multiple of 32) to qs (K i8) and per block a pair ds: the scale d and
+ * the sum s = d * sum(q): d = amax / 127, q = x * (1 / d) rounded to nearest even (0 for a zero block). The
  * AVX2 and portable paths give the same bits. */
-static void quant_x_row(int8_t *qs, float *d, float *s, const float *x, int64_t K) {
+static void quant_x_row(int8_t *qs, float *ds, const float *x, int64_t K) {
   for (int64_t b = 0; b < K / MSH_QK; b++, x += MSH_QK, qs += MSH_QK) {
 #if MSH_CPU_AVX2
     const __m256 sign = _mm256_set1_ps(-0.0f);
@@ -170,14 +170,14 @@ static void quant_x_row(int8_t *qs, float *d, float *s, const float *x, int64_t 
       sum += q;
     }
 #endif
-    d[b] = db;
-    s[b] = db * (float)sum;
+    ds[2 * b] = db;
+    ds[2 * b + 1] = db * (float)sum;
   }
 }
 
 /* ------------------------------------------------------------------------- dot kernels */
 
-/* A quantized x: row r at base + r * row bytes: qs (K i8), then d and s (K / 32 f32 each). For
+/* A quantized x: row r at base + r * row bytes: qs (K i8), then (d, s) pairs (K / 32 of them). For
  * M > 1 also, per group of four rows (the last one padded with zero scales), the scales
  * transposed: d4[(g * nb + b) * 4 + c] = d of row 4g + c at block b, and s4 likewise. */
 typedef struct {
@@ -187,8 +187,8 @@ typedef struct {
 } qx_rows;
 
 static inline const int8_t *qx_qs(const qx_rows *x, int64_t r) { return (const int8_t *)(x->base + r * x->row); }
-static inline const float *qx_d(const qx_rows *x, int64_t r) { return (const float *)(x->base + r * x->row + x->K); }
-static inline const float *qx_s(const qx_rows *x, int64_t r) { return qx_d(x, r) + x->K / MSH_QK; }
+/* Row r's scales, a pair a block: d at 2b, s at 2b + 1. */
+static inline const float *qx_ds(const qx_rows *x, int64_t r) { return (const float *)(x->base + r * x->row + x->K); }
 
 #if MSH_CPU_AVX2
 /* The integer products of one weight block with one x block (32 i8), as 8 i32 partial sums:
@@ -214,9 +214,9 @@ MSH_CPU_INLINE void qdot(float *res, const uint8_t *w, const qx_rows *x, int64_t
   enum { MAXX = 4 };
   const int64_t nb = x->K / MSH_QK, bb = block_bytes(dt);
   const int8_t *xq[MAXX];
-  const float *xd[MAXX], *xs[MAXX];
+  const float *xds[MAXX];
   float mins[MAXX];
-  for (int c = 0; c < RX; c++) xq[c] = qx_qs(x, m0 + c), xd[c] = qx_d(x, m0 + c), xs[c] = qx_s(x, m0 + c);
+  for (int c = 0; c < RX; c++) xq[c] = qx_qs(x, m0 + c), xds[c] = qx_ds(x, m0 + c);
   for (int c = 0; c < RX; c++) mins[c] = 0;
 #if MSH_CPU_AVX2
   __m256 acc[MAXX];
@@ -226,8 +226,8 @@ MSH_CPU_INLINE void qdot(float *res, const uint8_t *w, const qx_rows *x, int64_t
     float dw = half_at(blk), cw = dt == MSH_Q4_1 ? half_at(blk + 2) : -8.0f * dw;
     for (int c = 0; c < RX; c++) {
       __m256i p = block_isum(blk, _mm256_loadu_si256((const __m256i *)(xq[c] + b * MSH_QK)), dt);
-      acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * xd[c][b]), acc[c]);
-      if (dt != MSH_Q8_0) mins[c] += cw * xs[c][b];
+      acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * xds[c][2 * b]), acc[c]);
+      if (dt != MSH_Q8_0) mins[c] += cw * xds[c][2 * b + 1];
     }
   }
   for (int c = 0; c < RX; c++) res[c] = msh_cpu_hsum8(acc[c]) + mins[c];
@@ -245,9 +245,9 @@ MSH_CPU_INLINE void qdot(float *res, const uint8_t *w, const qx_rows *x, int64_t
         for (int j = 0; j < MSH_QK; j++) sum += (int8_t)q[j] * xb[j];
       } else {
         for (int j = 0; j < 16; j++) sum += (q[j] & 0x0f) * xb[j] + (q[j] >> 4) * xb[j + 16];
-        mins[c] += cw * xs[c][b];
+        mins[c] += cw * xds[c][2 * b + 1];
       }
-      acc[c] += (float)sum * (dw * xd[c][b]);
+      acc[c] += (float)sum * (dw * xds[c][2 * b]);
     }
   }
   for (int c = 0; c < RX; c++) res[c] = acc[c] + mins[c];
@@ -297,32 +297,45 @@ MSH_CPU_INLINE void qdot4(float *res, const uint8_t *w, const qx_rows *x, int64_
 #endif
 
 /* res[i] = dot(weight row i, x row 0) for RW weight rows wrow bytes apart (M == 1): x's block is
- * loaded once for all RW rows. */
+ * loaded once for all RW rows. A weight block's f16 d (and Q4_1's m beside it) widen with one
+ * conversion and meet x's (d, s) pair in one multiply: (dw * dx, m * sx). */
 MSH_CPU_INLINE void qdot_rows(float *res, const uint8_t *w, int64_t wrow, const qx_rows *x, int RW, int dt) {
 #if MSH_CPU_AVX2
   enum { MAXW = 4 };
   const int64_t nb = x->K / MSH_QK, bb = block_bytes(dt);
   const int8_t *xq = qx_qs(x, 0);
-  const float *xd = qx_d(x, 0), *xs = qx_s(x, 0);
+  const float *xds = qx_ds(x, 0);
   __m256 acc[MAXW];
-  float mins[MAXW];
-  for (int i = 0; i < RW; i++) acc[i] = _mm256_setzero_ps(), mins[i] = 0;
+  __m128 mins[MAXW]; /* lane 1: sum of m * sx (Q4_1), or of dw * sx (Q4_0, times -8 at the end) */
+  for (int i = 0; i < RW; i++) acc[i] = _mm256_setzero_ps(), mins[i] = _mm_setzero_ps();
   for (int64_t b = 0; b < nb; b++) {
     __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + b * MSH_QK));
+    __m128 xp = _mm_castpd_ps(_mm_load_sd((const double *)(xds + 2 * b))); /* (dx, sx, 0, 0) */
     for (int i = 0; i < RW; i++) {
       const uint8_t *blk = w + i * wrow + b * bb;
-      float dw = half_at(blk);
-      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_isum(blk, xv, dt)), _mm256_set1_ps(dw * xd[b]), acc[i]);
-      if (dt == MSH_Q4_1) mins[i] += half_at(blk + 2) * xs[b];
-      else if (dt == MSH_Q4_0) mins[i] += -8.0f * dw * xs[b];
+      __m256 p = _mm256_cvtepi32_ps(block_isum(blk, xv, dt));
+      if (dt == MSH_Q8_0) {
+        acc[i] = _mm256_fmadd_ps(p, _mm256_set1_ps(half_at(blk) * xds[2 * b]), acc[i]);
+        continue;
+      }
+      int32_t dm;
+      memcpy(&dm, blk, 4); /* Q4_1: (d, m); Q4_0: d and two bytes of nibbles */
+      __m128 wd = _mm_cvtph_ps(_mm_cvtsi32_si128(dm));
+      if (dt == MSH_Q4_0) wd = _mm_moveldup_ps(wd); /* (d, d) */
+      __m128 pr = _mm_mul_ps(wd, xp);
+      acc[i] = _mm256_fmadd_ps(p, _mm256_broadcastss_ps(pr), acc[i]);
+      mins[i] = _mm_add_ps(mins[i], pr);
     }
   }
+  float mn[MAXW];
+  for (int i = 0; i < RW; i++)
+    mn[i] = dt == MSH_Q8_0 ? 0.0f : (dt == MSH_Q4_0 ? -8.0f : 1.0f) * _mm_cvtss_f32(_mm_movehdup_ps(mins[i]));
   if (RW == 4) {
     float r[4];
     _mm_storeu_ps(r, msh_cpu_hsum4x8(acc[0], acc[1], acc[2], acc[3]));
-    for (int i = 0; i < 4; i++) res[i] = r[i] + mins[i];
+    for (int i = 0; i < 4; i++) res[i] = r[i] + mn[i];
   } else {
-    for (int i = 0; i < RW; i++) res[i] = msh_cpu_hsum8(acc[i]) + mins[i];
+    for (int i = 0; i < RW; i++) res[i] = msh_cpu_hsum8(acc[i]) + mn[i];
   }
 #else
   for (int i = 0; i < RW; i++) qdot(res + i, w + i * wrow, x, 0, 1, dt, 0);
@@ -424,15 +437,15 @@ msh_status msh_cpu_matmul_quant(msh_tensor *out, const msh_tensor *x, const msh_
   const float *xf = msh_tensor_ptr(x);
   for (int64_t m = 0; m < M; m++) {
     uint8_t *r = xq + m * row;
-    quant_x_row((int8_t *)r, (float *)(r + K), (float *)(r + K) + nb, xf + m * K, K);
+    quant_x_row((int8_t *)r, (float *)(r + K), xf + m * K, K);
   }
   float *d4 = (float *)(xq + M * row), *s4 = d4 + groups * nb * 4;
   for (int64_t g = 0; g < groups; g++)
     for (int64_t b = 0; b < nb; b++)
       for (int64_t c = 0; c < 4; c++) {
         int64_t m = 4 * g + c, at = (g * nb + b) * 4 + c;
-        d4[at] = m < M ? ((const float *)(xq + m * row + K))[b] : 0.0f;
-        s4[at] = m < M ? ((const float *)(xq + m * row + K))[nb + b] : 0.0f;
+        d4[at] = m < M ? ((const float *)(xq + m * row + K))[2 * b] : 0.0f;
+        s4[at] = m < M ? ((const float *)(xq + m * row + K))[2 * b + 1] : 0.0f;
       }
   qmm_args a = {o, {xq, row, K, M, d4, s4}, msh_tensor_ptr(w), M, N, msh_dtype_bytes(w->dtype, K), w->dtype, N, 0};
   int nt = msh_cpu_threads(M * N * K, GRAIN_MACS);

@@ -8,7 +8,7 @@
 #     MODEL.gguf  default .cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf (./run.sh demo fetches it)
 #     BUILD_DIR   default build
 #   environment: THREADS (default: nproc), PROMPT_LEN (128), GEN_LEN (128), LOOPS (5),
-#                DTYPE (moonshard's weights on the CPU: f32, the default, or f16),
+#                DTYPE (moonshard's weights on the CPU: native, the default: as the file has them; f32 or f16),
 #                ROUNDS (3: the engines alternate ROUNDS times; each figure is the median over rounds)
 # Needs `pip install llama-cpp-python` (builds llama.cpp for this CPU; not part of moonshard).
 # Prints one JSON object: both engines' prefill and decode tok/s and the ratios moonshard / llama.cpp.
