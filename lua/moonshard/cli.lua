@@ -58,6 +58,15 @@ local function run_chunk(chunk, name, args)
   return type(err) == "number" and err or 0
 end
 
+-- os.exit closes the Lua state by default here, so finalizers release what the library holds
+-- (tensors, files, communicators) before the process ends.
+local raw_exit = os.exit
+os.exit = function(code, close)
+  if close == nil then close = true end
+  io.stdout:flush()
+  return raw_exit(code, close)
+end
+
 function M.main(argv)
   local first = argv[1]
   local rest = {}

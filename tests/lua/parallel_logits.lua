@@ -6,12 +6,13 @@ local ffi = require "ffi"
 local host = require "moonshard.host"
 local name, tp, pp, device, dtype = arg[1], tonumber(arg[2]), tonumber(arg[3]), arg[4], arg[5]
 local dir = host.root .. "/tests/fixtures/hf-tiny"
-local st = ffi.new("msh_safetensors*[1]")
-moonshard.core.check(moonshard.C.msh_safetensors_open(st, dir .. "/reference.safetensors"))
+local out = ffi.new("msh_safetensors*[1]")
+moonshard.core.check(moonshard.C.msh_safetensors_open(out, dir .. "/reference.safetensors"))
+local st = ffi.gc(out[0], moonshard.C.msh_safetensors_free)
 local function ref(key)
   local idx, t = ffi.new("int[1]"), ffi.new("msh_tensor*[1]")
-  moonshard.core.check(moonshard.C.msh_safetensors_find(st[0], key, idx))
-  moonshard.core.check(moonshard.C.msh_safetensors_tensor(st[0], idx[0], t))
+  moonshard.core.check(moonshard.C.msh_safetensors_find(st, key, idx))
+  moonshard.core.check(moonshard.C.msh_safetensors_tensor(st, idx[0], t))
   return ffi.gc(t[0], moonshard.C.msh_tensor_free):values()
 end
 local m = assert(moonshard.load(dir .. "/" .. name, { tp = tp, pp = pp, device = device, dtype = dtype }))
