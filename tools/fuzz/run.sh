@@ -1,6 +1,6 @@
 #!/bin/sh
 # Builds the libFuzzer targets with clang (ASan + UBSan) and runs each for SECONDS (default 60).
-#   tools/fuzz/run.sh [SECONDS] [TARGET...]      targets: safetensors (default), tokenizer
+#   tools/fuzz/run.sh [SECONDS] [TARGET...]      targets: safetensors (default), tokenizer, gguf, bpe
 set -eu
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 SECS=${1:-60}
@@ -14,15 +14,23 @@ CFLAGS="-std=gnu11 -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-reco
 CORE="$ROOT/core/src/status.c $ROOT/core/src/dtype.c $ROOT/core/src/file.c $ROOT/core/src/tensor.c
   $ROOT/tools/fuzz/backend_stub.c"
 for t in $TARGETS; do
+  OBJS=$CORE
   case $t in
     safetensors) SRC="$ROOT/core/src/safetensors.c"; LIBS=$(pkg-config --libs libcjson) ;;
     tokenizer) SRC="-DMSH_DATA_DIR=\"$ROOT/../shared/data\""; LIBS="" ;;
+    # the GGUF target brings its own CPU allocator (no backend stub)
+    gguf) SRC="$ROOT/core/src/gguf.c"; LIBS=""
+          OBJS="$ROOT/core/src/status.c $ROOT/core/src/dtype.c $ROOT/core/src/file.c $ROOT/core/src/tensor.c" ;;
+    # the BPE target includes the tokenizer's source
+    bpe) SRC="-I$ROOT/tests/c -DMSH_ROOT=\"$ROOT\""; LIBS=$(pkg-config --libs libpcre2-8)
+         OBJS="$ROOT/core/src/status.c" ;;
     *) echo "unknown target $t" >&2; exit 2 ;;
   esac
   # shellcheck disable=SC2086
-  $CC $CFLAGS -o "$OUT/fuzz_$t" "$ROOT/tools/fuzz/fuzz_$t.c" $SRC $CORE $LIBS -lm
+  $CC $CFLAGS -o "$OUT/fuzz_$t" "$ROOT/tools/fuzz/fuzz_$t.c" $SRC $OBJS $LIBS -lm
   mkdir -p "$OUT/corpus_$t"
   cp "$ROOT"/tools/fuzz/seeds_$t/* "$OUT/corpus_$t/" 2>/dev/null || true
+  [ "$t" = gguf ] && cp "$ROOT/tests/fixtures/gguf/synth.gguf" "$OUT/corpus_$t/" 2>/dev/null
   DICT=""
   [ -f "$ROOT/tools/fuzz/$t.dict" ] && DICT="-dict=$ROOT/tools/fuzz/$t.dict"
   # shellcheck disable=SC2086
