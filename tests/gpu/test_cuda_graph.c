@@ -13,31 +13,10 @@
 #include <string.h>
 
 #include "check.h"
+#include "gpu_helpers.h"
 #include "moonshard.h"
 
-static uint64_t seed_counter = 0;
-static uint64_t fresh_seed(void) { return 0x51ed270bULL + 7919ULL * ++seed_counter; }
-
 /* ------------------------------------------------------------------------------ helpers */
-
-static msh_tensor *cpu_new(int dtype, int ndim, const int64_t *shape) {
-  msh_tensor *t = NULL;
-  CHECK_OK(msh_tensor_new(&t, dtype, ndim, shape, MSH_CPU, 0));
-  return t;
-}
-
-static msh_tensor *gpu_new(int dtype, int ndim, const int64_t *shape) {
-  msh_tensor *t = NULL;
-  CHECK_OK(msh_tensor_new(&t, dtype, ndim, shape, MSH_CUDA, 0));
-  return t;
-}
-
-/* Random values generated on the device (the same as the host generator would give). */
-static msh_tensor *gpu_randn(int dtype, int ndim, const int64_t *shape, float std) {
-  msh_tensor *t = gpu_new(dtype, ndim, shape);
-  if (t) CHECK_OK(msh_tensor_randn(t, fresh_seed(), 0.0f, std));
-  return t;
-}
 
 static msh_tensor *copy_to(int device, const msh_tensor *src) {
   int64_t shape[MSH_MAX_DIMS];

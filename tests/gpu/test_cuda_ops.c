@@ -8,30 +8,10 @@
 #include <string.h>
 
 #include "check.h"
+#include "gpu_helpers.h"
 #include "moonshard.h"
 
-static uint64_t seed_counter = 0;
-static uint64_t fresh_seed(void) { return 0x9e3779b9ULL + 7919ULL * ++seed_counter; }
-
 /* ------------------------------------------------------------------------------ helpers */
-
-static msh_tensor *cpu_new(int dtype, int ndim, const int64_t *shape) {
-  msh_tensor *t = NULL;
-  CHECK_OK(msh_tensor_new(&t, dtype, ndim, shape, MSH_CPU, 0));
-  return t;
-}
-
-static msh_tensor *gpu_new(int dtype, int ndim, const int64_t *shape) {
-  msh_tensor *t = NULL;
-  CHECK_OK(msh_tensor_new(&t, dtype, ndim, shape, MSH_CUDA, 0));
-  return t;
-}
-
-static msh_tensor *cpu_randn(int dtype, int ndim, const int64_t *shape, float std) {
-  msh_tensor *t = cpu_new(dtype, ndim, shape);
-  if (t) CHECK_OK(msh_tensor_randn(t, fresh_seed(), 0.0f, std));
-  return t;
-}
 
 /* A device copy of a CPU tensor (same dtype and shape). */
 static msh_tensor *to_gpu(const msh_tensor *c) {
