@@ -18,15 +18,6 @@
 
 /* ------------------------------------------------------------------------------ helpers */
 
-static msh_tensor *copy_to(int device, const msh_tensor *src) {
-  int64_t shape[MSH_MAX_DIMS];
-  int nd = msh_tensor_ndim(src);
-  for (int i = 0; i < nd; i++) shape[i] = msh_tensor_dim(src, i);
-  msh_tensor *t = device == MSH_CPU ? cpu_new(msh_tensor_dtype(src), nd, shape) : gpu_new(msh_tensor_dtype(src), nd, shape);
-  if (t) CHECK_OK(msh_tensor_copy(t, src));
-  return t;
-}
-
 /* A (1) i32 tensor on the device holding v, or v written into one. */
 static void set_pos(msh_tensor *g, int32_t v) {
   int64_t one = 1;
@@ -54,51 +45,7 @@ static void poison(msh_tensor *g) {
   msh_tensor_free(h);
 }
 
-static void free_all(msh_tensor **ts, int n) {
-  for (int i = 0; i < n; i++) msh_tensor_free(ts[i]);
-}
-
 static int64_t clamp(int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : x > hi ? hi : x; }
-
-/* got against want (either on either device, f32): norm-wise relative error <= rtol, and every
- * element within rtol * (|want| + 4 * rms(want)); NaN never passes. */
-static void compare_at(const char *what, const msh_tensor *got_t, const msh_tensor *want_t, double rtol,
-                       const char *file, int line) {
-  msh_tensor *got = copy_to(MSH_CPU, got_t), *want = copy_to(MSH_CPU, want_t);
-  if (!got || !want) {
-    msh_tensor_free(got);
-    msh_tensor_free(want);
-    return;
-  }
-  const float *g = msh_tensor_data(got), *w = msh_tensor_data(want);
-  int64_t n = msh_tensor_numel(want);
-  double ss = 0, es = 0, worst = 0;
-  for (int64_t i = 0; i < n; i++) ss += (double)w[i] * w[i];
-  double rms = n ? sqrt(ss / (double)n) : 0;
-  int64_t bad = 0, first_bad = -1;
-  for (int64_t i = 0; i < n; i++) {
-    double d = fabs((double)g[i] - w[i]);
-    if (isnan(g[i]) || isnan(w[i])) d = INFINITY;
-    es += d * d;
-    double lim = rtol * (fabs(w[i]) + 4 * rms) + 1e-30;
-    if (d / lim > worst) worst = d / lim;
-    if (!(d <= lim)) {
-      if (first_bad < 0) first_bad = i;
-      bad++;
-    }
-  }
-  double rel = ss > 0 ? sqrt(es / ss) : sqrt(es);
-  int ok = bad == 0 && rel <= rtol;
-  char msg[512];
-  snprintf(msg, sizeof msg, "%s: rel err %.3g (tol %.0e), %lld of %lld elements outside (first at %lld: got %g want %g)",
-           what, rel, rtol, (long long)bad, (long long)n, (long long)first_bad, first_bad >= 0 ? g[first_bad] : 0.0,
-           first_bad >= 0 ? w[first_bad] : 0.0);
-  check_at(ok, msg, file, line);
-  printf("  %-70s rel %.2e  worst/limit %.2f %s\n", what, rel, worst, ok ? "ok" : "FAIL");
-  msh_tensor_free(got);
-  msh_tensor_free(want);
-}
-#define COMPARE(what, got, want, rtol) compare_at((what), (got), (want), (rtol), __FILE__, __LINE__)
 
 /* The same bytes (either tensor on either device). */
 static void compare_bits_at(const char *what, const msh_tensor *a_t, const msh_tensor *b_t, const char *file,

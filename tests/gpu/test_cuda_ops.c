@@ -13,26 +13,6 @@
 
 /* ------------------------------------------------------------------------------ helpers */
 
-/* A device copy of a CPU tensor (same dtype and shape). */
-static msh_tensor *to_gpu(const msh_tensor *c) {
-  int64_t shape[MSH_MAX_DIMS];
-  int nd = msh_tensor_ndim(c);
-  for (int i = 0; i < nd; i++) shape[i] = msh_tensor_dim(c, i);
-  msh_tensor *g = gpu_new(msh_tensor_dtype(c), nd, shape);
-  if (g) CHECK_OK(msh_tensor_copy(g, c));
-  return g;
-}
-
-/* A host copy of any tensor (same dtype and shape, contiguous). */
-static msh_tensor *to_cpu(const msh_tensor *g) {
-  int64_t shape[MSH_MAX_DIMS];
-  int nd = msh_tensor_ndim(g);
-  for (int i = 0; i < nd; i++) shape[i] = msh_tensor_dim(g, i);
-  msh_tensor *c = cpu_new(msh_tensor_dtype(g), nd, shape);
-  if (c) CHECK_OK(msh_tensor_copy(c, g));
-  return c;
-}
-
 /* A device f32 tensor full of NaN: any element an op leaves unwritten fails the comparison. */
 static msh_tensor *gpu_poisoned(int ndim, const int64_t *shape) {
   msh_tensor *h = cpu_new(MSH_F32, ndim, shape);
@@ -43,45 +23,6 @@ static msh_tensor *gpu_poisoned(int ndim, const int64_t *shape) {
   msh_tensor_free(h);
   return g;
 }
-
-static void free_all(msh_tensor **ts, int n) {
-  for (int i = 0; i < n; i++) msh_tensor_free(ts[i]);
-}
-
-/* got (device, f32) against want (CPU, f32): norm-wise relative error <= rtol, and every element
- * within rtol * (|want| + 4 * rms(want)); NaN never passes. */
-static void compare_at(const char *what, const msh_tensor *got_gpu, const msh_tensor *want, double rtol,
-                       const char *file, int line) {
-  msh_tensor *got = to_cpu(got_gpu);
-  if (!got) return;
-  const float *g = msh_tensor_data(got), *w = msh_tensor_data(want);
-  int64_t n = msh_tensor_numel(want);
-  double ss = 0, es = 0, worst = 0;
-  for (int64_t i = 0; i < n; i++) ss += (double)w[i] * w[i];
-  double rms = n ? sqrt(ss / (double)n) : 0;
-  int64_t bad = 0, first_bad = -1;
-  for (int64_t i = 0; i < n; i++) {
-    double d = fabs((double)g[i] - w[i]);
-    if (isnan(g[i]) || isnan(w[i])) d = INFINITY;
-    es += d * d;
-    double lim = rtol * (fabs(w[i]) + 4 * rms) + 1e-30;
-    if (d / lim > worst) worst = d / lim;
-    if (!(d <= lim)) {
-      if (first_bad < 0) first_bad = i;
-      bad++;
-    }
-  }
-  double rel = ss > 0 ? sqrt(es / ss) : sqrt(es);
-  int ok = bad == 0 && rel <= rtol;
-  char msg[512];
-  snprintf(msg, sizeof msg, "%s: rel err %.3g (tol %.0e), %lld of %lld elements outside (first at %lld: got %g want %g)",
-           what, rel, rtol, (long long)bad, (long long)n, (long long)first_bad,
-           first_bad >= 0 ? g[first_bad] : 0.0, first_bad >= 0 ? w[first_bad] : 0.0);
-  check_at(ok, msg, file, line);
-  printf("  %-66s rel %.2e  worst/limit %.2f %s\n", what, rel, worst, ok ? "ok" : "FAIL");
-  msh_tensor_free(got);
-}
-#define COMPARE(what, got, want, rtol) compare_at((what), (got), (want), (rtol), __FILE__, __LINE__)
 
 /* Bit-exact comparison of two tensors of one dtype (the device one is downloaded). */
 static void compare_bits(const char *what, const msh_tensor *got_gpu, const msh_tensor *want) {
