@@ -5,7 +5,11 @@
  * flight per row before the first use. Each weight chunk meets all MT rows of x (fp32, read
  * through the read-only cache, shared by every warp of the SM); the partial dot products are
  * summed across the warp with shuffles at the end. Rows of K not a multiple of 8 (or unaligned
- * pointers) take a scalar loop with the same structure. */
+ * pointers) take a scalar loop with the same structure.
+ *
+ * Epilogues: STORE writes out, ACC adds into it (a layer's residual), GLU reads each output's
+ * gate row n and up row F + n of a stacked (2F, K) weight in the same warp and writes
+ * silu(gate) * up (the feed-forward input without a second pass). */
 #include "msh_kutil.cuh"
 
 using namespace msh;
@@ -13,6 +17,35 @@ using namespace msh;
 namespace {
 
 constexpr int WARPS = 4;
+
+enum Epi { STORE, ACC, GLU };
+
+/* Row r of a warp's NR weight rows: its RPW output rows, then (GLU) their up rows F further. */
+template <int EPI, int RPW>
+__device__ __forceinline__ int64_t weight_row(int64_t row0, int r, int64_t N) {
+  int64_t n = row0 + (EPI == GLU && r >= RPW ? r - RPW : r);
+  if (n >= N) n = N - 1;
+  return EPI == GLU && r >= RPW ? N + n : n;
+}
+
+template <int EPI, int RPW, int MT>
+__device__ __forceinline__ void finish(float *out, float (&acc)[EPI == GLU ? 2 * RPW : RPW][MT], int lane,
+                                       int64_t row0, int M, int64_t N) {
+#pragma unroll
+  for (int r = 0; r < RPW; r++)
+#pragma unroll
+    for (int m = 0; m < MT; m++) {
+      float v = warp_sum(acc[r][m]);
+      if (EPI == GLU) {
+        float u = warp_sum(acc[EPI == GLU ? r + RPW : r][m]);
+        v = v / (1.0f + expf(-v)) * u;
+      }
+      if (lane == 0 && m < M && row0 + r < N) {
+        float *o = out + m * N + row0 + r;
+        *o = EPI == ACC ? *o + v : v;
+      }
+    }
+}
 
 template <int MT> __device__ __forceinline__ void load_x8(const float *x, int64_t K, int64_t c, int M, float (&xf)[MT][8]) {
 #pragma unroll
@@ -26,29 +59,30 @@ template <int MT> __device__ __forceinline__ void load_x8(const float *x, int64_
   }
 }
 
-template <typename W, int MT, int RPW, int U>
+template <typename W, int MT, int RPW, int U, int EPI>
 __global__ void __launch_bounds__(WARPS * 32) gemv_vec_kernel(float *__restrict__ out, const float *__restrict__ x,
                                                                const W *__restrict__ w, int M, int64_t N, int64_t K) {
+  constexpr int NR = EPI == GLU ? 2 * RPW : RPW;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t row0 = ((int64_t)blockIdx.x * WARPS + warp) * RPW;
   if (row0 >= N) return;
-  const W *wr[RPW];
+  const W *wr[NR];
 #pragma unroll
-  for (int r = 0; r < RPW; r++) wr[r] = w + (row0 + r < N ? row0 + r : N - 1) * K;
+  for (int r = 0; r < NR; r++) wr[r] = w + weight_row<EPI, RPW>(row0, r, N) * K;
 
-  float acc[RPW][MT];
+  float acc[NR][MT];
 #pragma unroll
-  for (int r = 0; r < RPW; r++)
+  for (int r = 0; r < NR; r++)
 #pragma unroll
     for (int m = 0; m < MT; m++) acc[r][m] = 0.0f;
 
   const int64_t K8 = K / 8;
   for (int64_t c0 = lane; c0 < K8; c0 += 32 * U) {
-    Raw8<W> wv[U][RPW];
+    Raw8<W> wv[U][NR];
 #pragma unroll
     for (int u = 0; u < U; u++)
 #pragma unroll
-      for (int r = 0; r < RPW; r++) {
+      for (int r = 0; r < NR; r++) {
         if (c0 + u * 32 < K8) wv[u][r].load_stream(wr[r] + (c0 + u * 32) * 8);
         else wv[u][r].zero();
       }
@@ -59,7 +93,7 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_vec_kernel(float *__restrict_
         float xf[MT][8];
         load_x8<MT>(x, K, c, M, xf);
 #pragma unroll
-        for (int r = 0; r < RPW; r++) {
+        for (int r = 0; r < NR; r++) {
           float wf[8];
           wv[u][r].to_float(wf);
 #pragma unroll
@@ -72,78 +106,78 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_vec_kernel(float *__restrict_
       }
     }
   }
-#pragma unroll
-  for (int r = 0; r < RPW; r++)
-#pragma unroll
-    for (int m = 0; m < MT; m++) {
-      float v = warp_sum(acc[r][m]);
-      if (lane == 0 && m < M && row0 + r < N) out[m * N + row0 + r] = v;
-    }
+  finish<EPI, RPW, MT>(out, acc, lane, row0, M, N);
 }
 
-template <typename W, int MT, int RPW>
+template <typename W, int MT, int RPW, int EPI>
 __global__ void __launch_bounds__(WARPS * 32) gemv_scalar_kernel(float *__restrict__ out, const float *__restrict__ x,
                                                                   const W *__restrict__ w, int M, int64_t N, int64_t K) {
+  constexpr int NR = EPI == GLU ? 2 * RPW : RPW;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t row0 = ((int64_t)blockIdx.x * WARPS + warp) * RPW;
   if (row0 >= N) return;
-  float acc[RPW][MT];
+  float acc[NR][MT];
 #pragma unroll
-  for (int r = 0; r < RPW; r++)
+  for (int r = 0; r < NR; r++)
 #pragma unroll
     for (int m = 0; m < MT; m++) acc[r][m] = 0.0f;
   for (int64_t k = lane; k < K; k += 32) {
 #pragma unroll
-    for (int r = 0; r < RPW; r++) {
-      float wf = to_f(w[(row0 + r < N ? row0 + r : N - 1) * K + k]);
+    for (int r = 0; r < NR; r++) {
+      float wf = to_f(w[weight_row<EPI, RPW>(row0, r, N) * K + k]);
 #pragma unroll
       for (int m = 0; m < MT; m++)
         if (m < M) acc[r][m] = fmaf(wf, x[m * K + k], acc[r][m]);
     }
   }
-#pragma unroll
-  for (int r = 0; r < RPW; r++)
-#pragma unroll
-    for (int m = 0; m < MT; m++) {
-      float v = warp_sum(acc[r][m]);
-      if (lane == 0 && m < M && row0 + r < N) out[m * N + row0 + r] = v;
-    }
+  finish<EPI, RPW, MT>(out, acc, lane, row0, M, N);
 }
 
+/* RPW: weight rows per warp for STORE and ACC; GLU gives each warp RPW / 2 outputs (RPW rows). */
 template <typename W, int MT, int RPW, int U>
-cudaError_t launch(cudaStream_t s, float *out, const float *x, const void *w, int M, int64_t N, int64_t K) {
-  int64_t rows_per_block = WARPS * RPW;
+cudaError_t launch(cudaStream_t s, int epi, float *out, const float *x, const void *w, int M, int64_t N, int64_t K) {
+  constexpr int RG = RPW > 1 ? RPW / 2 : 1;
+  int64_t rows_per_block = WARPS * (epi == GLU ? RG : RPW);
   int64_t blocks = (N + rows_per_block - 1) / rows_per_block;
   if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
   bool vec = K % 8 == 0 && aligned16(x) && aligned16(w);
-  if (vec)
-    gemv_vec_kernel<W, MT, RPW, U><<<(unsigned)blocks, WARPS * 32, 0, s>>>(out, x, (const W *)w, M, N, K);
-  else
-    gemv_scalar_kernel<W, MT, RPW><<<(unsigned)blocks, WARPS * 32, 0, s>>>(out, x, (const W *)w, M, N, K);
+  const W *wt = (const W *)w;
+  dim3 g((unsigned)blocks), b(WARPS * 32);
+  if (vec) {
+    if (epi == GLU) gemv_vec_kernel<W, MT, RG, U, GLU><<<g, b, 0, s>>>(out, x, wt, M, N, K);
+    else if (epi == ACC) gemv_vec_kernel<W, MT, RPW, U, ACC><<<g, b, 0, s>>>(out, x, wt, M, N, K);
+    else gemv_vec_kernel<W, MT, RPW, U, STORE><<<g, b, 0, s>>>(out, x, wt, M, N, K);
+  } else {
+    if (epi == GLU) gemv_scalar_kernel<W, MT, RG, GLU><<<g, b, 0, s>>>(out, x, wt, M, N, K);
+    else if (epi == ACC) gemv_scalar_kernel<W, MT, RPW, ACC><<<g, b, 0, s>>>(out, x, wt, M, N, K);
+    else gemv_scalar_kernel<W, MT, RPW, STORE><<<g, b, 0, s>>>(out, x, wt, M, N, K);
+  }
   return cudaGetLastError();
 }
 
 int m1_variant = 0; /* shape of the M = 1 kernel (tuning; see msh_k_gemv_variant) */
 
-template <typename W> cudaError_t by_m(cudaStream_t s, float *out, const float *x, const void *w, int M, int64_t N, int64_t K) {
+template <typename W>
+cudaError_t by_m(cudaStream_t s, int epi, float *out, const float *x, const void *w, int M, int64_t N, int64_t K) {
   if (M <= 1) {
     int v = m1_variant;
     /* measured on an H200 (bf16, Llama-3-8B shapes, graph replay): one row per warp with 8
      * chunks in flight wins on small matrices (4096 x 1024: 30% of the floor against 22-28%), four
-     * rows per warp with 2 chunks on the rest (4096 x 14336: 96% against 81-83%) */
-    if (v == 0) v = N * K <= (8 << 20) ? 1 : 4;
+     * rows per warp with 2 chunks on the rest (4096 x 14336: 96% against 81-83%). GLU reads two
+     * rows per output. */
+    if (v == 0) v = N * K * (epi == GLU ? 2 : 1) <= (8 << 20) ? (epi == GLU ? 2 : 1) : 4;
     switch (v) {
-    case 1: return launch<W, 1, 1, 8>(s, out, x, w, M, N, K);
-    case 2: return launch<W, 1, 2, 8>(s, out, x, w, M, N, K);
-    case 3: return launch<W, 1, 4, 4>(s, out, x, w, M, N, K);
-    case 4: return launch<W, 1, 4, 2>(s, out, x, w, M, N, K);
-    default: return launch<W, 1, 2, 4>(s, out, x, w, M, N, K);
+    case 1: return launch<W, 1, 1, 8>(s, epi, out, x, w, M, N, K);
+    case 2: return launch<W, 1, 2, 8>(s, epi, out, x, w, M, N, K);
+    case 3: return launch<W, 1, 4, 4>(s, epi, out, x, w, M, N, K);
+    case 4: return launch<W, 1, 4, 2>(s, epi, out, x, w, M, N, K);
+    default: return launch<W, 1, 2, 4>(s, epi, out, x, w, M, N, K);
     }
   }
-  if (M <= 2) return launch<W, 2, 2, 4>(s, out, x, w, M, N, K);
-  if (M <= 4) return launch<W, 4, 2, 2>(s, out, x, w, M, N, K);
-  if (M <= 8) return launch<W, 8, 4, 1>(s, out, x, w, M, N, K);
-  return launch<W, 16, 4, 1>(s, out, x, w, M, N, K);
+  if (M <= 2) return launch<W, 2, 2, 4>(s, epi, out, x, w, M, N, K);
+  if (M <= 4) return launch<W, 4, 2, 2>(s, epi, out, x, w, M, N, K);
+  if (M <= 8) return launch<W, 8, 4, 1>(s, epi, out, x, w, M, N, K);
+  return launch<W, 16, 4, 1>(s, epi, out, x, w, M, N, K);
 }
 
 } // namespace
@@ -154,14 +188,19 @@ extern "C" int msh_k_gemv_variant(int v) {
   return old;
 }
 
-extern "C" cudaError_t msh_k_gemv(cudaStream_t s, float *out, const float *x, const void *w, int w_dt, int64_t M,
-                                  int64_t N, int64_t K) {
-  if (M < 1 || M > 16) return cudaErrorInvalidValue;
+extern "C" cudaError_t msh_k_gemv_epi(cudaStream_t s, int epi, float *out, const float *x, const void *w, int w_dt,
+                                      int64_t M, int64_t N, int64_t K) {
+  if (M < 1 || M > 16 || epi < STORE || epi > GLU) return cudaErrorInvalidValue;
   if (N == 0) return cudaGetLastError();
   switch (w_dt) {
-  case MSH_F32: return by_m<float>(s, out, x, w, (int)M, N, K);
-  case MSH_F16: return by_m<f16>(s, out, x, w, (int)M, N, K);
-  case MSH_BF16: return by_m<bf16>(s, out, x, w, (int)M, N, K);
+  case MSH_F32: return by_m<float>(s, epi, out, x, w, (int)M, N, K);
+  case MSH_F16: return by_m<f16>(s, epi, out, x, w, (int)M, N, K);
+  case MSH_BF16: return by_m<bf16>(s, epi, out, x, w, (int)M, N, K);
   default: return cudaErrorInvalidValue;
   }
+}
+
+extern "C" cudaError_t msh_k_gemv(cudaStream_t s, float *out, const float *x, const void *w, int w_dt, int64_t M,
+                                  int64_t N, int64_t K) {
+  return msh_k_gemv_epi(s, STORE, out, x, w, w_dt, M, N, K);
 }

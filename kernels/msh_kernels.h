@@ -32,15 +32,19 @@ cudaError_t msh_k_copy_strided(cudaStream_t s, void *dst, int dst_dt, const int6
                                const void *src, int src_dt, const int64_t *src_stride, int ndim,
                                const int64_t *shape);
 
-/* The same two with dst moved by r rows when the copy runs, r = *row0 (device int32) clamped into
- * [0, max_row0]: dst_ld (rows) or dst_stride[0] (strided) elements per row. set_rows at a
- * position that lives on the device (CUDA graphs). */
-cudaError_t msh_k_copy_rows_at(cudaStream_t s, void *dst, int dst_dt, int64_t dst_ld, const void *src,
-                               int src_dt, int64_t src_ld, int64_t rows, int64_t cols,
-                               const int32_t *row0, int64_t max_row0);
+/* Batched row copies at rows read on the device (set_rows_dyn, CUDA graphs): for sequence
+ * b < B, rows r < rows of src go to row r + clamp(row0[b], 0, max_row0) of dst's sequence b
+ * (row0[0] for every b when n_row0 is 1; row0 is device int32). Conversions as above.
+ * copy_rows_at: elements (b, r, c), c < cols, at b * bs + r * ld + c (element strides, any sign).
+ * copy_strided_at: any strides over ndim >= 2 dims, dim 0 the sequence, dim 1 the row. */
+cudaError_t msh_k_copy_rows_at(cudaStream_t s, void *dst, int dst_dt, int64_t dst_bs, int64_t dst_ld,
+                               const void *src, int src_dt, int64_t src_bs, int64_t src_ld, int64_t B,
+                               int64_t rows, int64_t cols, const int32_t *row0, int64_t n_row0,
+                               int64_t max_row0);
 cudaError_t msh_k_copy_strided_at(cudaStream_t s, void *dst, int dst_dt, const int64_t *dst_stride,
                                   const void *src, int src_dt, const int64_t *src_stride, int ndim,
-                                  const int64_t *shape, const int32_t *row0, int64_t max_row0);
+                                  const int64_t *shape, const int32_t *row0, int64_t n_row0,
+                                  int64_t max_row0);
 
 /* ------------------------------------------------------------------------- embedding.cu */
 
@@ -61,6 +65,10 @@ cudaError_t msh_k_rmsnorm(cudaStream_t s, float *out, const float *x, const void
  * decode path (16-byte weight loads, several rows per block, warp-shuffle reductions). */
 cudaError_t msh_k_gemv(cudaStream_t s, float *out, const float *x, const void *w, int w_dt, int64_t M,
                        int64_t N, int64_t K);
+/* msh_k_gemv with an epilogue: 0 stores, 1 adds into out, 2 (GLU) reads w as (2N, K), gate rows
+ * then up rows, and writes silu(x . gate_n) * (x . up_n). */
+cudaError_t msh_k_gemv_epi(cudaStream_t s, int epi, float *out, const float *x, const void *w, int w_dt,
+                           int64_t M, int64_t N, int64_t K);
 /* Tuning hook for benchmarks: selects the shape of the M = 1 kernel (rows per warp x 16-byte
  * chunks in flight per row): 0 by matrix size (the default), 1: 1 x 8, 2: 2 x 8, 3: 4 x 4,
  * 4: 4 x 2, 5: 2 x 4. Returns the previous choice. */
@@ -76,36 +84,41 @@ cudaError_t msh_k_rope(cudaStream_t s, float *x, const int32_t *pos, const float
 /* ------------------------------------------------------------------------- attention */
 
 typedef struct msh_k_attn {
-  float *out;        /* (T, H, hd) f32 */
-  const float *q;    /* (T, H, hd) f32 */
-  const void *k;     /* row s of head g at k + s * ks0 + g * hd (elements) */
+  float *out;        /* (B, T, H, hd) f32, contiguous */
+  const float *q;    /* (B, T, H, hd) f32, contiguous */
+  const void *k;     /* sequence b, row s, head g at k + b * ksb + s * ks0 + g * hd (elements) */
   const void *v;
   int64_t ks0, vs0;  /* row strides, elements */
+  int64_t ksb, vsb;  /* batch strides, elements (any sign) */
   int kv_dt;
-  int T, H, KVH, hd;
+  int B, T, H, KVH, hd;
   int64_t pos0;      /* position of query 0; with pos0_dev, the largest one the work is planned for */
   float scale;
   const int32_t *pos0_dev; /* NULL, or position of query 0 read on the device when the kernels
-                            * run, clamped into [0, pos0] (CUDA graphs replay at any position) */
+                            * run, clamped into [0, pos0] (CUDA graphs replay at any position):
+                            * pos0_dev[b] for sequence b, or pos0_dev[0] for all when pos0_n is 1 */
+  int pos0_n;
 } msh_k_attn;
 
-/* Split-KV decode (attn_decode.cu): any T (each query reads its own keys), hd <= 256. The
- * partials need msh_k_attn_decode_workspace() bytes of device memory at work. The split plan
- * depends on pos0 + T only, so with pos0_dev the same launch (and workspace) serves every
- * position up to pos0: blocks whose chunk starts past a query's last key exit and the merge
- * skips their partials. */
+/* Split-KV decode (attn_decode.cu): any T (each query reads its own keys), hd <= 256, the batch
+ * in the grid (B * KVH * head tiles <= 65535 blocks along y). The partials need
+ * msh_k_attn_decode_workspace() bytes of device memory at work. The split plan depends on the
+ * shapes and pos0 + T only (fewer splits as B grows: the batch alone fills the GPU), so with
+ * pos0_dev the same launch (and workspace) serves every position up to pos0: blocks whose chunk
+ * starts past a query's last key exit and the merge skips their partials. */
 size_t msh_k_attn_decode_workspace(const msh_k_attn *a, int sm_count);
 cudaError_t msh_k_attn_decode(cudaStream_t s, const msh_k_attn *a, void *work, int sm_count);
 
-/* Merges `splits` partial results (per (t, h) row: max and sum of weights in ml, unnormalized
+/* Merges `splits` partial results (per (b, t, h) row: max and sum of weights in ml, unnormalized
  * output in acc) of key chunks of `chunk` keys into a->out (attn_decode.cu). */
 cudaError_t msh_k_attn_merge(cudaStream_t s, const msh_k_attn *a, int splits, int chunk, const float2 *ml,
                              const float *acc);
 
 /* Flash-attention prefill on tensor cores (attn_prefill.cu): f16/bf16 caches, hd 64 or 128,
- * 16-byte aligned rows, host pos0 only (pos0_dev NULL). Splits the keys when there are too few query rows to fill the GPU; the
- * partials need msh_k_attn_prefill_workspace() bytes at work. Returns cudaErrorNotSupported when
- * the operands do not qualify. */
+ * 16-byte aligned rows and sequences, host pos0 only (pos0_dev NULL), B * KVH <= 65535. Splits
+ * the keys when there are too few query rows to fill the GPU; the partials need
+ * msh_k_attn_prefill_workspace() bytes at work. Returns cudaErrorNotSupported when the operands
+ * do not qualify. */
 int msh_k_attn_prefill_ok(const msh_k_attn *a);
 size_t msh_k_attn_prefill_workspace(const msh_k_attn *a, int sm_count);
 cudaError_t msh_k_attn_prefill(cudaStream_t s, const msh_k_attn *a, void *work, int sm_count);
@@ -114,6 +127,19 @@ cudaError_t msh_k_attn_prefill(cudaStream_t s, const msh_k_attn *a, void *work, 
 
 /* silu_mul.cu: out = silu(g) * u; out may alias g or u. */
 cudaError_t msh_k_silu_mul(cudaStream_t s, float *out, const float *g, const float *u, int64_t n);
+/* out (M, F) = silu(gu[:, :F]) * gu[:, F:] for gu (M, 2F) contiguous. */
+cudaError_t msh_k_glu(cudaStream_t s, float *out, const float *gu, int64_t M, int64_t F);
+
+/* ------------------------------------------------------------------------- qkv_rope.cu */
+
+/* The attention inputs of R rows of a fused projection qkv (R, (H + 2 KVH) hd) f32: q and k
+ * rotated (rope over R pairs, angles pos[r] * inv_freq[i] in double), q into q_out (R, H, hd),
+ * k and v into rows pos[r] of the caches (cache dtype kv_dt): element (b, p, head, e) at
+ * b * bstride + p * rstride + head * hd + e, with b = r / T. Rows whose pos is outside [0, S)
+ * write no cache row. */
+cudaError_t msh_k_qkv_rope(cudaStream_t s, float *q_out, void *k_cache, void *v_cache, int kv_dt, const float *qkv,
+                           const int32_t *pos, const float *inv_freq, int64_t R, int64_t T, int64_t H, int64_t KVH,
+                           int64_t hd, int64_t n_rot, int style, int64_t S, int64_t bstride, int64_t rstride);
 /* add.cu: out = a + b; out may alias either. */
 cudaError_t msh_k_add(cudaStream_t s, float *out, const float *a, const float *b, int64_t n);
 /* scale.cu: out = x * v; out may alias x. */

@@ -328,18 +328,28 @@ msh_status msh_cpu_copy(msh_tensor *dst, const msh_tensor *src) {
 
 static int64_t clamp_i64(int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : x > hi ? hi : x; }
 
+/* dst (B, S, ...), src (B, T, ...): sequence by sequence, a stack view of rows [r, r + T) of
+ * dst[b] takes src[b], r = row0[b] (or row0[0] for all). */
 static msh_status cpu_set_rows_dyn(msh_tensor *dst, const msh_tensor *row0, const msh_tensor *src) {
-  int64_t r = clamp_i64(*(const int32_t *)msh_tensor_ptr(row0), 0, dst->shape[0] - src->shape[0]);
-  msh_tensor rows = *dst; /* a stack view of rows [r, r + T) */
-  rows.shape[0] = src->shape[0];
-  rows.offset = dst->offset + r * dst->stride[0];
-  return msh_cpu_copy(&rows, src);
-}
-
-static msh_status cpu_attention_dyn(msh_tensor *out, const msh_tensor *q, const msh_tensor *k,
-                                    const msh_tensor *v, const msh_tensor *pos0, int64_t max_len, float scale) {
-  int64_t p = clamp_i64(*(const int32_t *)msh_tensor_ptr(pos0), 0, max_len - q->shape[0]);
-  return msh_cpu_attention(out, q, k, v, p, scale);
+  const int32_t *r0 = msh_tensor_ptr(row0);
+  int64_t B = dst->shape[0], T = src->shape[1], n = msh_tensor_numel(row0);
+  msh_tensor rows = *dst, from = *src;
+  rows.ndim = from.ndim = dst->ndim - 1;
+  for (int i = 0; i < rows.ndim; i++) {
+    rows.shape[i] = dst->shape[i + 1];
+    rows.stride[i] = dst->stride[i + 1];
+    from.shape[i] = src->shape[i + 1];
+    from.stride[i] = src->stride[i + 1];
+  }
+  rows.shape[0] = T;
+  for (int64_t b = 0; b < B; b++) {
+    int64_t r = clamp_i64(r0[n == 1 ? 0 : b], 0, dst->shape[1] - T);
+    rows.offset = dst->offset + b * dst->stride[0] + r * dst->stride[1];
+    from.offset = src->offset + b * src->stride[0];
+    msh_status s = msh_cpu_copy(&rows, &from);
+    if (s != MSH_OK) return s;
+  }
+  return MSH_OK;
 }
 
 /* ------------------------------------------------------------------------------- vtable */
@@ -354,10 +364,13 @@ const msh_backend msh_cpu_backend = {
     .embedding = msh_cpu_embedding,
     .rmsnorm = msh_cpu_rmsnorm,
     .matmul = msh_cpu_matmul,
+    .matmul_acc = msh_cpu_matmul_acc,
+    .matmul_glu = msh_cpu_matmul_glu,
+    .qkv_rope = msh_cpu_qkv_rope,
     .rope = msh_cpu_rope,
     .attention = msh_cpu_attention,
     .set_rows_dyn = cpu_set_rows_dyn,
-    .attention_dyn = cpu_attention_dyn,
+    .attention_dyn = msh_cpu_attention_dyn,
     .silu_mul = msh_cpu_silu_mul,
     .add = msh_cpu_add,
     .scale = msh_cpu_scale,

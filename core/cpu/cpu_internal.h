@@ -196,8 +196,18 @@ msh_status msh_cpu_matmul(msh_tensor *out, const msh_tensor *x, const msh_tensor
  * dot products. */
 msh_status msh_cpu_matmul_quant(msh_tensor *out, const msh_tensor *x, const msh_tensor *w);
 msh_status msh_cpu_rope(msh_tensor *x, const msh_tensor *pos, const msh_tensor *inv_freq, int style);
+/* Rotates rows t0 .. t1 of x (T, H, hd) by positions pos[t] (msh_op_rope's arithmetic). */
+void msh_cpu_rope_rows(float *x, const int32_t *pos, const float *inv_freq, int64_t H, int64_t hd, int64_t R,
+                       int style, int64_t t0, int64_t t1);
+/* The fused ops (cpu_fused.c). */
+msh_status msh_cpu_matmul_acc(msh_tensor *out, const msh_tensor *x, const msh_tensor *w);
+msh_status msh_cpu_matmul_glu(msh_tensor *out, const msh_tensor *x, const msh_tensor *w, msh_tensor *scratch);
+msh_status msh_cpu_qkv_rope(msh_tensor *q_out, msh_tensor *k_cache, msh_tensor *v_cache, const msh_tensor *qkv,
+                            const msh_tensor *pos, const msh_tensor *inv_freq, int style);
 msh_status msh_cpu_attention(msh_tensor *out, const msh_tensor *q, const msh_tensor *k,
                              const msh_tensor *v, int64_t pos0, float scale);
+msh_status msh_cpu_attention_dyn(msh_tensor *out, const msh_tensor *q, const msh_tensor *k, const msh_tensor *v,
+                                 const msh_tensor *pos0, int64_t max_len, float scale);
 msh_status msh_cpu_silu_mul(msh_tensor *out, const msh_tensor *gate, const msh_tensor *up);
 msh_status msh_cpu_add(msh_tensor *out, const msh_tensor *a, const msh_tensor *b);
 msh_status msh_cpu_scale(msh_tensor *out, const msh_tensor *x, float s);

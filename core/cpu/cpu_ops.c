@@ -133,8 +133,8 @@ msh_status msh_cpu_rmsnorm(msh_tensor *out, const msh_tensor *x, const msh_tenso
 
 /* Rotates rows t0 .. t1 of x (T, H, hd). Angles are formed in double, so that large positions keep
  * their precision; cos and sin are rounded to f32 once and then applied to every head. */
-static void rope_rows(float *x, const int32_t *pos, const float *inv_freq, int64_t H, int64_t hd, int64_t R,
-                      int style, int64_t t0, int64_t t1) {
+void msh_cpu_rope_rows(float *x, const int32_t *pos, const float *inv_freq, int64_t H, int64_t hd, int64_t R,
+                       int style, int64_t t0, int64_t t1) {
   enum { CHUNK = 64 };
   float c[CHUNK], s[CHUNK];
   for (int64_t t = t0; t < t1; t++)
@@ -174,14 +174,14 @@ msh_status msh_cpu_rope(msh_tensor *x, const msh_tensor *pos, const msh_tensor *
   int nt = msh_cpu_threads(T * (H + 8) * R, GRAIN_MATH); /* + 8: the sin/cos of each row */
   if (nt > T) nt = (int)T;
   if (nt <= 1) {
-    rope_rows(xp, pp, f, H, hd, R, style, 0, T);
+    msh_cpu_rope_rows(xp, pp, f, H, hd, R, style, 0, T);
     return MSH_OK;
   }
 #pragma omp parallel num_threads(nt)
   {
     int64_t t0, t1;
     msh_cpu_split(T, omp_get_thread_num(), omp_get_num_threads(), 1, &t0, &t1);
-    rope_rows(xp, pp, f, H, hd, R, style, t0, t1);
+    msh_cpu_rope_rows(xp, pp, f, H, hd, R, style, t0, t1);
   }
   return MSH_OK;
 }

@@ -53,10 +53,9 @@ static msh_status cuda_upload(int device_index, void *dst, const void *src, uint
   msh_status s = msh_cuda_dev_get(device_index, &d);
   if (s == MSH_OK) s = msh_cuda_check_not_capturing(d, "copying from the host to the device", __func__);
   if (s != MSH_OK) return s;
-  if (!bytes) return MSH_OK;
-  CUDA_TRY(cudaMemcpyAsync(dst, src, (size_t)bytes, cudaMemcpyHostToDevice, d->stream));
-  CUDA_TRY(cudaStreamSynchronize(d->stream)); /* the caller may free src right away */
-  return MSH_OK;
+  /* through the pinned staging buffers (cuda_staging.c): returns once src has been read, so the
+   * caller may free it right away */
+  return msh_cuda_upload_bytes(d, dst, src, bytes);
 }
 
 static msh_status cuda_download(int device_index, void *dst, const void *src, uint64_t bytes) {
@@ -119,24 +118,37 @@ static msh_status cuda_copy(msh_tensor *dst, const msh_tensor *src) {
   return MSH_OK;
 }
 
-/* dst rows [r, r + T) = src (T, ...), r = *row0 clamped into [0, rows(dst) - T] on the device:
- * rows of packed elements when both tensors are laid out so, else any strides. */
+/* Dims 2.. packed (row-major): a batch of rows of `cols` contiguous elements. */
+static int as_batch_rows(const msh_tensor *t, int64_t *cols) {
+  int64_t acc = 1;
+  for (int i = t->ndim - 1; i >= 2; i--) {
+    if (t->shape[i] != 1 && t->stride[i] != acc) return 0;
+    acc *= t->shape[i];
+  }
+  *cols = acc;
+  return 1;
+}
+
+/* dst (B, S, ...) rows [r, r + T) of each sequence b = src (B, T, ...), r = row0[b] (or row0[0])
+ * clamped into [0, S - T] on the device: rows of packed elements when both tensors are laid out
+ * so, else any strides. */
 static msh_status cuda_set_rows_dyn(msh_tensor *dst, const msh_tensor *row0, const msh_tensor *src) {
   msh_cuda_dev *d;
   msh_status s = dev_for(dst, &d);
   if (s != MSH_OK) return s;
   if (msh_tensor_numel(src) == 0) return MSH_OK;
-  int64_t max_row0 = dst->shape[0] - src->shape[0];
+  int64_t B = src->shape[0], T = src->shape[1], max_row0 = dst->shape[1] - T, n = msh_tensor_numel(row0);
   const int32_t *r0 = msh_tensor_ptr(row0);
-  void *dp = msh_tensor_ptr(dst); /* row 0: the kernel moves it by r rows */
+  void *dp = msh_tensor_ptr(dst); /* row 0: the kernel moves each sequence by its r rows */
   const void *sp = msh_tensor_ptr(src);
-  int64_t dr, dcols, dld, sr, scols, sld;
-  if (as_rows(dst, &dr, &dcols, &dld) && as_rows(src, &sr, &scols, &sld)) {
-    CUDA_TRY(msh_k_copy_rows_at(d->stream, dp, dst->dtype, dld, sp, src->dtype, sld, sr, scols, r0, max_row0));
+  int64_t dcols, scols;
+  if (as_batch_rows(dst, &dcols) && as_batch_rows(src, &scols)) {
+    CUDA_TRY(msh_k_copy_rows_at(d->stream, dp, dst->dtype, dst->stride[0], dst->stride[1], sp, src->dtype,
+                                src->stride[0], src->stride[1], B, T, scols, r0, n, max_row0));
     return MSH_OK;
   }
   CUDA_TRY(msh_k_copy_strided_at(d->stream, dp, dst->dtype, dst->stride, sp, src->dtype, src->stride, src->ndim,
-                                 src->shape, r0, max_row0));
+                                 src->shape, r0, n, max_row0));
   return MSH_OK;
 }
 
@@ -179,41 +191,78 @@ static msh_status cuda_rmsnorm(msh_tensor *out, const msh_tensor *x, const msh_t
   return MSH_OK;
 }
 
-static msh_status cuda_matmul(msh_tensor *out, const msh_tensor *x, const msh_tensor *w) {
+enum { EPI_STORE, EPI_ACC, EPI_GLU }; /* msh_k_gemv_epi's epilogues */
+
+/* out (M, N) = x @ w^T (EPI_STORE), out += x @ w^T (EPI_ACC), or for w (2N, K) stacked gate and up
+ * rows silu(x @ gate^T) * (x @ up^T) (EPI_GLU, both products formed in scratch (M, 2N) first
+ * unless the GEMV kernel fuses them). GEMV for M <= gemv_max_m, else cuBLAS. */
+static msh_status matmul_epi(msh_tensor *out, const msh_tensor *x, const msh_tensor *w, int epi, msh_tensor *scratch) {
   msh_cuda_dev *d;
   msh_status s = dev_for(out, &d);
   if (s != MSH_OK) return s;
-  int64_t M = x->shape[0], K = x->shape[1], N = w->shape[0];
+  int64_t M = x->shape[0], K = x->shape[1], N = w->shape[0], NO = out->shape[1];
   float *op = msh_tensor_ptr(out);
   const float *xp = msh_tensor_ptr(x);
   const void *wp = msh_tensor_ptr(w);
   if (M == 0 || N == 0) return MSH_OK;
   if (K == 0) {
-    CUDA_TRY(cudaMemsetAsync(op, 0, (size_t)(M * N) * sizeof(float), d->stream));
+    if (epi != EPI_ACC) CUDA_TRY(cudaMemsetAsync(op, 0, (size_t)(M * NO) * sizeof(float), d->stream));
     return MSH_OK;
   }
   if (M <= d->gemv_max_m) {
-    CUDA_TRY(msh_k_gemv(d->stream, op, xp, wp, w->dtype, M, N, K));
+    CUDA_TRY(msh_k_gemv_epi(d->stream, epi, op, xp, wp, w->dtype, M, NO, K));
     return MSH_OK;
   }
   if (M > INT_MAX || N > INT_MAX || K > INT_MAX)
     return MSH_FAIL(MSH_EUNSUPPORTED, "matmul: dims (%lld, %lld, %lld) exceed the cuBLAS int range", (long long)M,
                     (long long)N, (long long)K);
   const float one = 1.0f, zero = 0.0f;
+  const float *beta = epi == EPI_ACC ? &one : &zero;
+  float *dst = epi == EPI_GLU ? (float *)msh_tensor_ptr(scratch) : op;
   if (w->dtype == MSH_F32) {
     /* column-major view: out^T (N, M) = w^T^T (N, K) @ x^T (K, M) */
     CUBLAS_TRY(cublasSgemm(d->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)N, (int)M, (int)K, &one, wp, (int)K, xp, (int)K,
-                           &zero, op, (int)N));
-    return MSH_OK;
+                           beta, dst, (int)N));
+  } else {
+    /* 16-bit weights: x goes to the weights' type in scratch, then tensor-core GEMM, fp32 out */
+    void *xs = NULL;
+    s = msh_cuda_scratch(d, (size_t)(M * K) * 2, &xs);
+    if (s != MSH_OK) return s;
+    CUDA_TRY(msh_k_convert(d->stream, xs, w->dtype, xp, MSH_F32, M * K));
+    cudaDataType_t dt = w->dtype == MSH_BF16 ? CUDA_R_16BF : CUDA_R_16F;
+    CUBLAS_TRY(cublasGemmEx(d->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)N, (int)M, (int)K, &one, wp, dt, (int)K, xs, dt,
+                            (int)K, beta, dst, CUDA_R_32F, (int)N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   }
-  /* 16-bit weights: x goes to the weights' type in scratch, then tensor-core GEMM, fp32 out */
-  void *xs = NULL;
-  s = msh_cuda_scratch(d, (size_t)(M * K) * 2, &xs);
+  if (epi == EPI_GLU) CUDA_TRY(msh_k_glu(d->stream, op, dst, M, NO));
+  return MSH_OK;
+}
+
+static msh_status cuda_matmul(msh_tensor *out, const msh_tensor *x, const msh_tensor *w) {
+  return matmul_epi(out, x, w, EPI_STORE, NULL);
+}
+
+static msh_status cuda_matmul_acc(msh_tensor *out, const msh_tensor *x, const msh_tensor *w) {
+  return matmul_epi(out, x, w, EPI_ACC, NULL);
+}
+
+static msh_status cuda_matmul_glu(msh_tensor *out, const msh_tensor *x, const msh_tensor *w, msh_tensor *scratch) {
+  return matmul_epi(out, x, w, EPI_GLU, scratch);
+}
+
+static msh_status cuda_qkv_rope(msh_tensor *q_out, msh_tensor *k_cache, msh_tensor *v_cache, const msh_tensor *qkv,
+                                const msh_tensor *pos, const msh_tensor *inv_freq, int style) {
+  msh_cuda_dev *d;
+  msh_status s = dev_for(q_out, &d);
   if (s != MSH_OK) return s;
-  CUDA_TRY(msh_k_convert(d->stream, xs, w->dtype, xp, MSH_F32, M * K));
-  cudaDataType_t dt = w->dtype == MSH_BF16 ? CUDA_R_16BF : CUDA_R_16F;
-  CUBLAS_TRY(cublasGemmEx(d->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)N, (int)M, (int)K, &one, wp, dt, (int)K, xs, dt,
-                          (int)K, &zero, op, CUDA_R_32F, (int)N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  int nd = k_cache->ndim;
+  int64_t R = q_out->shape[0], H = q_out->shape[1], hd = q_out->shape[2];
+  int64_t KVH = k_cache->shape[nd - 2], S = k_cache->shape[nd - 3], B = nd == 4 ? k_cache->shape[0] : 1;
+  int64_t bstride = nd == 4 ? k_cache->stride[0] : 0, rstride = k_cache->stride[nd - 3];
+  if (nd == 4 ? (v_cache->stride[0] != bstride || v_cache->stride[1] != rstride) : v_cache->stride[0] != rstride)
+    return MSH_FAIL(MSH_EUNSUPPORTED, "qkv_rope: the k and v caches must share their strides on CUDA");
+  CUDA_TRY(msh_k_qkv_rope(d->stream, msh_tensor_ptr(q_out), msh_tensor_ptr(k_cache), msh_tensor_ptr(v_cache),
+                          k_cache->dtype, msh_tensor_ptr(qkv), msh_tensor_ptr(pos), msh_tensor_ptr(inv_freq), R, R / B,
+                          H, KVH, hd, inv_freq->shape[0], style, S, bstride, rstride));
   return MSH_OK;
 }
 
@@ -226,26 +275,31 @@ static msh_status cuda_rope(msh_tensor *x, const msh_tensor *pos, const msh_tens
   return MSH_OK;
 }
 
-/* pos0_dev NULL: queries at pos0 .. pos0 + T - 1. Else the position is read on the device when
- * the kernels run and the work is planned for positions up to pos0 (= max_len - T): the split-KV
- * decode kernels for any T, so that one captured graph serves every position. */
+/* Operands (B, T, H, hd) over (B, S, KVH, hd). pos0_dev NULL: every sequence's queries at
+ * pos0 .. pos0 + T - 1. Else the positions (pos0_n of them: one for all or one per sequence) are
+ * read on the device when the kernels run and the work is planned for positions up to pos0
+ * (= max_len - T): the split-KV decode kernels for any T, so that one captured graph serves every
+ * position. */
 static msh_status attention_at(msh_tensor *out, const msh_tensor *q, const msh_tensor *k, const msh_tensor *v,
-                               int64_t pos0, const int32_t *pos0_dev, float scale) {
+                               int64_t pos0, const int32_t *pos0_dev, int64_t pos0_n, float scale) {
   msh_cuda_dev *d;
   msh_status s = dev_for(out, &d);
   if (s != MSH_OK) return s;
-  int64_t T = q->shape[0], H = q->shape[1], hd = q->shape[2], KVH = k->shape[1];
-  if (T == 0 || H == 0 || hd == 0) return MSH_OK;
-  if (T > INT_MAX || H > INT_MAX || hd > INT_MAX)
+  int64_t B = q->shape[0], T = q->shape[1], H = q->shape[2], hd = q->shape[3], KVH = k->shape[2];
+  if (B == 0 || T == 0 || H == 0 || hd == 0) return MSH_OK;
+  if (B > INT_MAX || T > INT_MAX || H > INT_MAX || hd > INT_MAX)
     return MSH_FAIL(MSH_EUNSUPPORTED, "attention: shape too large for the CUDA kernels");
   msh_k_attn a = {
       .out = msh_tensor_ptr(out),
       .q = msh_tensor_ptr(q),
       .k = msh_tensor_ptr(k),
       .v = msh_tensor_ptr(v),
-      .ks0 = k->stride[0],
-      .vs0 = v->stride[0],
+      .ks0 = k->stride[1],
+      .vs0 = v->stride[1],
+      .ksb = k->stride[0],
+      .vsb = v->stride[0],
       .kv_dt = k->dtype,
+      .B = (int)B,
       .T = (int)T,
       .H = (int)H,
       .KVH = (int)KVH,
@@ -253,11 +307,12 @@ static msh_status attention_at(msh_tensor *out, const msh_tensor *q, const msh_t
       .pos0 = pos0,
       .scale = scale,
       .pos0_dev = pos0_dev,
+      .pos0_n = (int)pos0_n,
   };
   /* 8 or more queries: tensor-core flash attention (splitting the keys when the queries alone
    * cannot fill the GPU); fewer: the split-KV decode kernels */
   void *work = NULL;
-  if (T >= 8 && !pos0_dev && msh_k_attn_prefill_ok(&a)) {
+  if (T >= 8 && !pos0_dev && B * KVH <= 65535 && msh_k_attn_prefill_ok(&a)) {
     size_t pbytes = msh_k_attn_prefill_workspace(&a, d->sm_count);
     if (pbytes) {
       s = msh_cuda_scratch(d, pbytes, &work);
@@ -272,6 +327,10 @@ static msh_status attention_at(msh_tensor *out, const msh_tensor *q, const msh_t
                     "(the flash kernel takes f16/bf16 caches with head dim 64 or 128%s)",
                     (long long)T, msh_dtype_name(k->dtype), (long long)hd,
                     pos0_dev ? ", and a position on the host" : "");
+  /* the grid's y dimension holds (sequence, kv head, tile of up to 8 query heads) */
+  if (B * KVH * ((H / KVH + 7) / 8) > 65535)
+    return MSH_FAIL(MSH_EUNSUPPORTED, "attention: %lld sequences x %lld kv heads exceed the CUDA grid", (long long)B,
+                    (long long)KVH);
   size_t wbytes = msh_k_attn_decode_workspace(&a, d->sm_count);
   if (wbytes) {
     s = msh_cuda_scratch(d, wbytes, &work);
@@ -283,12 +342,12 @@ static msh_status attention_at(msh_tensor *out, const msh_tensor *q, const msh_t
 
 static msh_status cuda_attention(msh_tensor *out, const msh_tensor *q, const msh_tensor *k, const msh_tensor *v,
                                  int64_t pos0, float scale) {
-  return attention_at(out, q, k, v, pos0, NULL, scale);
+  return attention_at(out, q, k, v, pos0, NULL, 1, scale);
 }
 
 static msh_status cuda_attention_dyn(msh_tensor *out, const msh_tensor *q, const msh_tensor *k, const msh_tensor *v,
                                      const msh_tensor *pos0, int64_t max_len, float scale) {
-  return attention_at(out, q, k, v, max_len - q->shape[0], msh_tensor_ptr(pos0), scale);
+  return attention_at(out, q, k, v, max_len - q->shape[1], msh_tensor_ptr(pos0), msh_tensor_numel(pos0), scale);
 }
 
 static msh_status cuda_silu_mul(msh_tensor *out, const msh_tensor *gate, const msh_tensor *up) {
@@ -371,9 +430,13 @@ const msh_backend msh_cuda_backend = {
     .copy = cuda_copy,
     .upload = cuda_upload,
     .download = cuda_download,
+    .upload_rows = msh_cuda_upload_rows,
     .embedding = cuda_embedding,
     .rmsnorm = cuda_rmsnorm,
     .matmul = cuda_matmul,
+    .matmul_acc = cuda_matmul_acc,
+    .matmul_glu = cuda_matmul_glu,
+    .qkv_rope = cuda_qkv_rope,
     .rope = cuda_rope,
     .attention = cuda_attention,
     .set_rows_dyn = cuda_set_rows_dyn,

@@ -100,6 +100,20 @@ int msh_has_cuda(void);
 msh_status msh_device_sync(int kind, int device_index);
 /* Free and total memory of a device in bytes (MSH_EUNSUPPORTED on the CPU). */
 msh_status msh_device_mem_info(int kind, int device_index, uint64_t *free_bytes, uint64_t *total_bytes);
+/* Host-to-device copies (msh_tensor_copy from a CPU tensor: mapped weight files above all) go
+ * through each GPU's pinned staging buffers: n_buffers of chunk_bytes (default 3 of 32 MiB),
+ * allocated on the first such copy and kept. The host packs one chunk while the previous ones are
+ * copied; a source laid out in rows (a weight or a slice of one) is packed straight from the
+ * file, and one bound for another float dtype (f32 or f16 file, bf16 device) is converted on the
+ * device. Such a copy returns once the source has been read; the device finishes it before any
+ * op queued after it. Where pinned memory is refused, copies go from pageable memory instead.
+ * set_staging: waits for the copies in flight, frees the buffers and takes the sizes for the
+ * next copy (0: the default; 4 KiB to 1 GiB and 2 to 8 buffers, else MSH_EINVAL).
+ * staging_stats: the sizes in effect (*n_buffers 0 when pinned memory was refused), and the source
+ * bytes and chunks staged so far; any out-param may be NULL. Both MSH_EUNSUPPORTED on the CPU. */
+msh_status msh_device_set_staging(int kind, int device_index, uint64_t chunk_bytes, int n_buffers);
+msh_status msh_device_staging_stats(int kind, int device_index, uint64_t *chunk_bytes, int *n_buffers,
+                                    uint64_t *bytes, uint64_t *chunks);
 
 /* ============================================================================== files */
 
@@ -211,13 +225,42 @@ typedef enum {
  * first 2R dims of each head (2R <= hd). Angle of pair i at position p: p * inv_freq[i]. */
 msh_status msh_op_rope(msh_tensor *x, const msh_tensor *pos, const msh_tensor *inv_freq, int style);
 
+/* Fused forms of a layer's ops (fewer passes over memory and fewer launches on a device).
+ *
+ * msh_op_matmul_acc: out (M, N) += x (M, K) @ w (N, K)^T, operands as msh_op_matmul: the residual
+ * add of an output projection folded into it.
+ *
+ * msh_op_matmul_glu: out (M, F) = silu(x @ w[0:F]^T) * (x @ w[F:2F]^T) for w (2F, K), the gate
+ * rows stacked over the up rows. scratch (M, 2F) f32 on out's device, contiguous, not overlapping
+ * the operands: room for backends that form both products first (left unspecified).
+ *
+ * msh_op_qkv_rope: a layer's attention inputs from its fused projection qkv (R, (H + 2 KVH) hd)
+ * f32, each row holding its q, k and v heads; pos (R) i32 the rows' positions. Rotates q and k as
+ * msh_op_rope (inv_freq (n) with 2n <= hd, style), writes q to q_out (R, H, hd) f32 and k, v into
+ * row pos[r] of k_cache and v_cache: (S, KVH, hd), or (B, S, KVH, hd) with R = B * T and row r
+ * belonging to sequence r / T; f32/f16/bf16, (KVH, hd) packed, any row and batch strides.
+ * Positions are read when the op runs (a captured graph serves every position): a position
+ * outside [0, S) is MSH_ERANGE on the CPU, and writes no cache row on a device (the host cannot
+ * see it there). */
+msh_status msh_op_matmul_acc(msh_tensor *out, const msh_tensor *x, const msh_tensor *w);
+msh_status msh_op_matmul_glu(msh_tensor *out, const msh_tensor *x, const msh_tensor *w, msh_tensor *scratch);
+msh_status msh_op_qkv_rope(msh_tensor *q_out, msh_tensor *k_cache, msh_tensor *v_cache, const msh_tensor *qkv,
+                           const msh_tensor *pos, const msh_tensor *inv_freq, int style);
+
 /* dst rows [row0, row0 + T) = src (T, ...): copies along dim 0 (with dtype conversion as in
- * msh_tensor_copy). MSH_ERANGE when the rows do not fit. */
+ * msh_tensor_copy). Batched: dst (B, S, ...) and src (B, T, ...) (equal in dim 0 and past dim 1):
+ * row r of sequence b goes to dst[b, row0 + r] (when src has dst's shape both readings write
+ * the same). dst may be any view (a narrowed batch range of a larger cache, say). MSH_EINVAL when
+ * the shapes fit neither form; MSH_ERANGE when the rows do not fit. */
 msh_status msh_op_set_rows(msh_tensor *dst, int64_t row0, const msh_tensor *src);
 
 /* Causal grouped-query attention of T new queries over a cache.
  * out (T, H, hd); q (T, H, hd); k, v (S, KVH, hd) with H % KVH == 0 and S >= pos0 + T.
- * Query t sits at position pos0 + t and attends keys 0 .. pos0 + t. scores = q.k * scale. */
+ * Query t sits at position pos0 + t and attends keys 0 .. pos0 + t. scores = q.k * scale.
+ * Batched: out, q (B, T, H, hd) and k, v (B, S, KVH, hd): sequence b's queries attend its own
+ * cache k[b], v[b], every sequence at positions pos0 .. pos0 + T - 1. k and v need packed heads
+ * (KVH, hd); their row and batch strides may be any (views into a fused or larger cache, a
+ * narrowed batch range). q and out are contiguous. */
 msh_status msh_op_attention(msh_tensor *out, const msh_tensor *q, const msh_tensor *k,
                             const msh_tensor *v, int64_t pos0, float scale);
 
@@ -225,15 +268,19 @@ msh_status msh_op_attention(msh_tensor *out, const msh_tensor *q, const msh_tens
  * graph serves every position): row0 (1) i32 and src on dst's device; src (T, ...) with dst's
  * trailing dims, T <= rows(dst) (else MSH_ERANGE); dst must not overlap src or row0. A row0 with
  * rows that do not fit is clamped on the device into [0, rows(dst) - T] (nothing is written out
- * of bounds): the host cannot see the value. */
+ * of bounds): the host cannot see the value. Batched (dst (B, S, ...), src (B, T, ...) as in
+ * msh_op_set_rows): row0 holds 1 element (every sequence starts there) or B (row0[b] for
+ * sequence b, each clamped into [0, S - T]). */
 msh_status msh_op_set_rows_dyn(msh_tensor *dst, const msh_tensor *row0, const msh_tensor *src);
 
 /* Like msh_op_attention, with pos0 read from device memory when the op runs: pos0 (1) i32 on the
- * operands' device. The work is planned for positions up to max_len (pos0 + T <= max_len <= S,
- * else MSH_ERANGE), so one captured graph serves every pos0 below that bound; a pos0 outside
- * [0, max_len - T] is clamped into it on the device. The device scratch it needs depends on
- * max_len and the shapes only. On CUDA it always takes the split-KV decode kernels (fast for a
- * few queries; many queries belong to msh_op_attention). */
+ * operands' device, or for batched operands 1 or B elements (pos0[b]: the position of sequence
+ * b's first query, so sequences of different lengths decode together). The work is planned for
+ * positions up to max_len (T <= max_len <= S, else MSH_ERANGE), so one captured graph serves
+ * every pos0 below that bound; a pos0 outside [0, max_len - T] is clamped into it on the device.
+ * The device scratch it needs depends on max_len and the shapes only. On CUDA it always takes the
+ * split-KV decode kernels (fast for a few queries; many queries belong to msh_op_attention),
+ * splitting each sequence's keys less as the batch grows. out must not overlap pos0. */
 msh_status msh_op_attention_dyn(msh_tensor *out, const msh_tensor *q, const msh_tensor *k,
                                 const msh_tensor *v, const msh_tensor *pos0, int64_t max_len, float scale);
 
@@ -297,6 +344,30 @@ msh_status msh_graph_end(int kind, int device_index, msh_graph **out);
 msh_status msh_graph_launch(msh_graph *g);
 /* Waits for queued replays and frees the graph (NULL-safe). */
 void msh_graph_free(msh_graph *g);
+
+/* ============================================================================= timers */
+
+/* Device timers: a point in a device's queue of work, for timing spans of it without waiting.
+ * On CUDA a timer is an event recorded on the device's current stream (the one every op runs
+ * on): it is reached once the work queued before it has run. On the CPU, where ops run
+ * synchronously, it is the monotonic wall clock at the call. Reading a span waits only when
+ * asked to: a CUDA timer not yet reached reads as pending. A timer may be recorded again, which
+ * replaces its point. Recording while a graph is being captured on the device is MSH_EINVAL (a
+ * timestamp inside a graph would be replayed, not taken); the capture goes on. */
+typedef struct msh_timer msh_timer;
+
+/* A timer on a device. MSH_EINVAL for an unknown kind or a CUDA device that does not exist,
+ * MSH_EUNSUPPORTED for CUDA in a build without it, MSH_EDEVICE when no event can be made. */
+msh_status msh_timer_new(msh_timer **out, int kind, int device_index);
+void msh_timer_free(msh_timer *t);
+/* Takes the point now (CPU) or queues it on the device's stream (CUDA). */
+msh_status msh_timer_record(msh_timer *t);
+/* *done = 1 when t was recorded and the device has reached that point, else 0. Never waits. */
+msh_status msh_timer_done(const msh_timer *t, int *done);
+/* Seconds from start's point to end's (both recorded, on the same device). wait 0: *seconds = -1
+ * while either point is not reached yet; wait 1: waits for both. MSH_EINVAL when either was never
+ * recorded or they lie on different devices; MSH_EDEVICE when an event failed. */
+msh_status msh_timer_elapsed(const msh_timer *start, const msh_timer *end, int wait, double *seconds);
 
 /* ========================================================================== tokenizer */
 
@@ -617,6 +688,27 @@ typedef enum {
 } msh_comm_op;
 msh_status msh_comm_stats(const msh_comm *c, int op, uint64_t *calls, uint64_t *bytes, double *seconds);
 void msh_comm_reset_stats(msh_comm *c);
+
+/* Per-call events, for telemetry. With capacity > 0, every successful call of the operations
+ * above appends a record to a ring of that many entries: its op (msh_comm_op), bytes (as
+ * msh_comm_stats counts them), peer (send and recv: the peer; broadcast: the root; else -1), t
+ * (CLOCK_MONOTONIC seconds at the call, the clock of uv.hrtime()), and its duration in seconds:
+ * for TCP the host time inside the call (the whole transfer); for NCCL the device time between
+ * two CUDA events recorded on the stream around the enqueue (the collective's kernel, including
+ * its wait for the other ranks). NCCL calls made while a graph is being captured carry the host
+ * time of the enqueue instead (device flag 0). Nothing waits on the device on the way: a record
+ * becomes readable once its end event has been reached. A full ring drops its oldest record
+ * (counted). Capacity 0 (the default) turns recording off and discards the records; a new
+ * capacity discards them too. MSH_EINVAL for a negative capacity; MSH_ENOMEM; MSH_EDEVICE when
+ * the events cannot be made (recording is then off). */
+msh_status msh_comm_set_events(msh_comm *c, int capacity);
+/* Moves up to max of the oldest readable records, in call order, into the arrays (each NULL or
+ * of max entries): op, bytes, peer, t, seconds, device (1: timed on the device). *n gets the
+ * count. It stops at the first record whose device time is not known yet, unless wait is 1
+ * (then it waits for the device). *dropped (may be NULL) gets the records lost to a full ring
+ * since the last call. A record whose events failed comes out with its host time (device 0). */
+msh_status msh_comm_drain_events(msh_comm *c, int max, int wait, int *op, uint64_t *bytes, int *peer, double *t,
+                                 double *seconds, int *device, int *n, uint64_t *dropped);
 
 /* ffi:end */
 

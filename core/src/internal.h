@@ -111,20 +111,38 @@ typedef struct msh_backend {
   /* Contiguous bytes between host memory and this device. */
   msh_status (*upload)(int device_index, void *dst, const void *src, uint64_t bytes);
   msh_status (*download)(int device_index, void *dst, const void *src, uint64_t bytes);
+  /* Optional (NULL: the generic path): dst (contiguous, rows * cols elements of dst_dtype on
+   * this device) = host memory holding rows of cols elements of src_dtype, ld elements apart,
+   * converting between float dtypes on the device (equal dtypes otherwise). Returns once src has
+   * been read. */
+  msh_status (*upload_rows)(int device_index, void *dst, int dst_dtype, const void *src, int src_dtype,
+                            int64_t rows, int64_t cols, int64_t ld);
 
   msh_status (*embedding)(msh_tensor *out, const msh_tensor *table, const msh_tensor *ids);
   msh_status (*rmsnorm)(msh_tensor *out, const msh_tensor *x, const msh_tensor *w, float eps);
   msh_status (*matmul)(msh_tensor *out, const msh_tensor *x, const msh_tensor *w);
   msh_status (*rope)(msh_tensor *x, const msh_tensor *pos, const msh_tensor *inv_freq, int style);
+  /* Batched: out, q (B, T, H, hd) contiguous; k, v (B, S, KVH, hd) with packed heads and any
+   * row and batch strides (3-D operands arrive as B = 1); T >= 1 and pos0 + T <= S. Every
+   * sequence's queries sit at pos0 .. pos0 + T - 1. */
   msh_status (*attention)(msh_tensor *out, const msh_tensor *q, const msh_tensor *k,
                           const msh_tensor *v, int64_t pos0, float scale);
-  /* Positions read from device memory when the op runs (row0, pos0: one i32 on the device).
-   * set_rows_dyn: src on dst's device with dst's trailing dims, T <= rows(dst); the row is
-   * clamped into [0, rows(dst) - T]. attention_dyn: T <= max_len <= S; pos0 is clamped into
-   * [0, max_len - T] and the work is planned for max_len. */
+  /* Positions read from device memory when the op runs (row0, pos0: contiguous i32 on the
+   * device, 1 element shared by every sequence or B, one per sequence).
+   * set_rows_dyn: dst (B, S, ...), src (B, T, ...) on dst's device, equal in dim 0 and past
+   * dim 1 (a plain (S, ...) form arrives as B = 1), 0 < T <= S, any strides; row r of sequence b
+   * goes to row row0[b] + r of dst[b], the row clamped into [0, S - T]. attention_dyn: operands
+   * as attention, T <= max_len <= S; each sequence's pos0 is clamped into [0, max_len - T] and
+   * the work is planned for max_len. */
   msh_status (*set_rows_dyn)(msh_tensor *dst, const msh_tensor *row0, const msh_tensor *src);
   msh_status (*attention_dyn)(msh_tensor *out, const msh_tensor *q, const msh_tensor *k,
                               const msh_tensor *v, const msh_tensor *pos0, int64_t max_len, float scale);
+  /* The fused ops (moonshard.h): matmul_acc adds into out; matmul_glu may use scratch; qkv_rope
+   * gets caches (B, S, KVH, hd) (a 3-D cache as B = 1), T = rows / B. */
+  msh_status (*matmul_acc)(msh_tensor *out, const msh_tensor *x, const msh_tensor *w);
+  msh_status (*matmul_glu)(msh_tensor *out, const msh_tensor *x, const msh_tensor *w, msh_tensor *scratch);
+  msh_status (*qkv_rope)(msh_tensor *q_out, msh_tensor *k_cache, msh_tensor *v_cache, const msh_tensor *qkv,
+                         const msh_tensor *pos, const msh_tensor *inv_freq, int style);
   msh_status (*silu_mul)(msh_tensor *out, const msh_tensor *gate, const msh_tensor *up);
   msh_status (*add)(msh_tensor *out, const msh_tensor *a, const msh_tensor *b);
   msh_status (*scale)(msh_tensor *out, const msh_tensor *x, float s);
@@ -148,6 +166,10 @@ extern const msh_backend msh_cpu_backend;
 #ifdef MSH_WITH_CUDA
 extern const msh_backend msh_cuda_backend;
 msh_status msh_cuda_device_count(int *out);
+/* Pinned staging of host-to-device copies (cuda_staging.c; msh_device_set_staging). */
+msh_status msh_cuda_staging_set(int device_index, uint64_t chunk_bytes, int n_buffers);
+msh_status msh_cuda_staging_stats(int device_index, uint64_t *chunk_bytes, int *n_buffers, uint64_t *bytes,
+                                  uint64_t *chunks);
 #endif
 
 /* The backend of a device kind, or NULL (with the error set) when it is not built in. */

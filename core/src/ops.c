@@ -126,20 +126,91 @@ msh_status msh_op_rmsnorm(msh_tensor *out, const msh_tensor *x, const msh_tensor
   return be->rmsnorm(out, x, w, eps);
 }
 
+/* The operands of matmul and its fused forms: out (M, N), x (M, K), w (wn * N, K). */
+static msh_status check_matmul(const char *op, const msh_tensor *out, const msh_tensor *x, const msh_tensor *w,
+                               int64_t wn) {
+  CHECK(want_out(op, out));
+  CHECK(want_f32c(op, "x", x));
+  CHECK(want_matrix(op, "w", w));
+  char a[96], b[96], c[96];
+  if (out->ndim != 2 || x->ndim != 2 || w->ndim != 2 || x->shape[1] != w->shape[1] ||
+      out->shape[0] != x->shape[0] || wn * out->shape[1] != w->shape[0])
+    return MSH_FAIL(MSH_EINVAL, "%s: out %s, x %s, w %s do not fit (M, N) = (M, K) @ (%sN, K)^T", op,
+                    SHAPE(out, a), SHAPE(x, b), SHAPE(w, c), wn == 2 ? "2 " : "");
+  if (overlaps(out, x) || overlaps(out, w)) return MSH_FAIL(MSH_EINVAL, "%s: out overlaps an input", op);
+  return MSH_OK;
+}
+
 msh_status msh_op_matmul(msh_tensor *out, const msh_tensor *x, const msh_tensor *w) {
   if (!out || !x || !w) return MSH_FAIL(MSH_EINVAL, "NULL argument");
   const msh_backend *be = same_device("matmul", out, x, w, NULL);
   if (!be) return MSH_EINVAL;
-  CHECK(want_out("matmul", out));
-  CHECK(want_f32c("matmul", "x", x));
-  CHECK(want_matrix("matmul", "w", w));
-  char a[96], b[96], c[96];
-  if (out->ndim != 2 || x->ndim != 2 || w->ndim != 2 || x->shape[1] != w->shape[1] ||
-      out->shape[0] != x->shape[0] || out->shape[1] != w->shape[0])
-    return MSH_FAIL(MSH_EINVAL, "matmul: out %s, x %s, w %s do not fit (M, N) = (M, K) @ (N, K)^T",
-                    SHAPE(out, a), SHAPE(x, b), SHAPE(w, c));
-  if (overlaps(out, x) || overlaps(out, w)) return MSH_FAIL(MSH_EINVAL, "matmul: out overlaps an input");
+  CHECK(check_matmul("matmul", out, x, w, 1));
   return be->matmul(out, x, w);
+}
+
+msh_status msh_op_matmul_acc(msh_tensor *out, const msh_tensor *x, const msh_tensor *w) {
+  if (!out || !x || !w) return MSH_FAIL(MSH_EINVAL, "NULL argument");
+  const msh_backend *be = same_device("matmul_acc", out, x, w, NULL);
+  if (!be) return MSH_EINVAL;
+  CHECK(check_matmul("matmul_acc", out, x, w, 1));
+  if (msh_tensor_numel(out) == 0) return MSH_OK;
+  return be->matmul_acc(out, x, w);
+}
+
+msh_status msh_op_matmul_glu(msh_tensor *out, const msh_tensor *x, const msh_tensor *w, msh_tensor *scratch) {
+  if (!out || !x || !w || !scratch) return MSH_FAIL(MSH_EINVAL, "NULL argument");
+  const msh_backend *be = same_device("matmul_glu", out, x, w, scratch);
+  if (!be) return MSH_EINVAL;
+  CHECK(check_matmul("matmul_glu", out, x, w, 2));
+  CHECK(want_out("matmul_glu", scratch));
+  char a[96], b[96];
+  if (msh_tensor_numel(scratch) < 2 * msh_tensor_numel(out))
+    return MSH_FAIL(MSH_EINVAL, "matmul_glu: scratch %s holds fewer than the 2 x %s products", SHAPE(scratch, a),
+                    SHAPE(out, b));
+  if (overlaps(scratch, out) || overlaps(scratch, x) || overlaps(scratch, w))
+    return MSH_FAIL(MSH_EINVAL, "matmul_glu: scratch overlaps an operand");
+  if (msh_tensor_numel(out) == 0) return MSH_OK;
+  return be->matmul_glu(out, x, w, scratch);
+}
+
+/* A KV cache of qkv_rope: (S, KVH, hd) or (B, S, KVH, hd) float with (KVH, hd) packed. */
+static int kv_cache_fits(const msh_tensor *c, int64_t KVH, int64_t hd) {
+  if (!is_float(c->dtype) || (c->ndim != 3 && c->ndim != 4) || c->st->readonly) return 0;
+  int n = c->ndim;
+  return c->shape[n - 2] == KVH && c->shape[n - 1] == hd && (hd <= 1 || c->stride[n - 1] == 1) &&
+         (KVH <= 1 || c->stride[n - 2] == hd);
+}
+
+msh_status msh_op_qkv_rope(msh_tensor *q_out, msh_tensor *k_cache, msh_tensor *v_cache, const msh_tensor *qkv,
+                           const msh_tensor *pos, const msh_tensor *inv_freq, int style) {
+  if (!q_out || !k_cache || !v_cache || !qkv || !pos || !inv_freq) return MSH_FAIL(MSH_EINVAL, "NULL argument");
+  const char *op = "qkv_rope";
+  const msh_backend *be = same_device(op, q_out, k_cache, v_cache, qkv);
+  if (!be || !same_device(op, qkv, pos, inv_freq, NULL)) return MSH_EINVAL;
+  CHECK(want_out(op, q_out));
+  CHECK(want_f32c(op, "qkv", qkv));
+  CHECK(want_f32c(op, "inv_freq", inv_freq));
+  char a[96], b[96], c[96], d[96], e[96];
+  int64_t R = q_out->ndim == 3 ? q_out->shape[0] : -1, H = q_out->shape[1], hd = q_out->ndim == 3 ? q_out->shape[2] : 0;
+  int64_t KVH = k_cache->shape[k_cache->ndim - 2];
+  int64_t B = k_cache->ndim == 4 ? k_cache->shape[0] : 1;
+  if (q_out->ndim != 3 || qkv->ndim != 2 || qkv->shape[0] != R || hd < 1 || H < 1 || KVH < 1 || H % KVH != 0 ||
+      qkv->shape[1] != (H + 2 * KVH) * hd || !kv_cache_fits(k_cache, KVH, hd) || !kv_cache_fits(v_cache, KVH, hd) ||
+      k_cache->ndim != v_cache->ndim || k_cache->dtype != v_cache->dtype || B < 1 || R % B != 0 ||
+      k_cache->shape[0] != v_cache->shape[0] || k_cache->shape[1] != v_cache->shape[1] ||
+      (k_cache->ndim == 4 && k_cache->shape[0] != B) || pos->dtype != MSH_I32 || pos->ndim != 1 ||
+      pos->shape[0] != R || !msh_tensor_is_contiguous(pos) || inv_freq->ndim != 1 || 2 * inv_freq->shape[0] > hd)
+    return MSH_FAIL(MSH_EINVAL,
+                    "%s: q_out %s, caches %s and %s, qkv %s, pos %s do not fit (R, H, hd), ([B,] S, KVH, hd) "
+                    "writable float with packed heads, (R, (H + 2 KVH) hd), (R) i32, with B dividing R",
+                    op, SHAPE(q_out, a), SHAPE(k_cache, b), SHAPE(v_cache, c), SHAPE(qkv, d), SHAPE(pos, e));
+  if (style != MSH_ROPE_INTERLEAVED && style != MSH_ROPE_HALF) return MSH_FAIL(MSH_EINVAL, "%s: unknown style %d", op, style);
+  if (overlaps(k_cache, v_cache) || overlaps(q_out, qkv) || overlaps(k_cache, qkv) || overlaps(v_cache, qkv) ||
+      overlaps(q_out, k_cache) || overlaps(q_out, v_cache))
+    return MSH_FAIL(MSH_EINVAL, "%s: outputs overlap each other or an input", op);
+  if (R == 0) return MSH_OK;
+  return be->qkv_rope(q_out, k_cache, v_cache, qkv, pos, inv_freq, style);
 }
 
 msh_status msh_op_rope(msh_tensor *x, const msh_tensor *pos, const msh_tensor *inv_freq, int style) {
@@ -158,38 +229,81 @@ msh_status msh_op_rope(msh_tensor *x, const msh_tensor *pos, const msh_tensor *i
   return be->rope(x, pos, inv_freq, style);
 }
 
+/* The two layouts of set_rows: dst (S, ...) and src (T, ...) equal past dim 0 take rows along
+ * dim 0 (0); dst (B, S, ...) and src (B, T, ...) equal in dim 0 and past dim 1 take rows along
+ * dim 1 of each sequence (1); -1: neither. When src has dst's shape both readings write the same
+ * (row0 can only be 0). */
+static int rows_layout(const msh_tensor *dst, const msh_tensor *src) {
+  if (dst->ndim < 1 || src->ndim != dst->ndim) return -1;
+  size_t tail = sizeof(int64_t) * (size_t)(dst->ndim - 1);
+  if (!memcmp(dst->shape + 1, src->shape + 1, tail)) return 0;
+  if (dst->ndim >= 2 && dst->shape[0] == src->shape[0] &&
+      !memcmp(dst->shape + 2, src->shape + 2, tail - sizeof(int64_t)))
+    return 1;
+  return -1;
+}
+
 msh_status msh_op_set_rows(msh_tensor *dst, int64_t row0, const msh_tensor *src) {
   if (!dst || !src) return MSH_FAIL(MSH_EINVAL, "NULL argument");
   if (dst->ndim < 1 || src->ndim != dst->ndim || src->ndim < 1)
     return MSH_FAIL(MSH_EINVAL, "set_rows: dst and src need the same number of dims");
-  if (row0 < 0 || row0 + src->shape[0] > dst->shape[0])
+  int d = rows_layout(dst, src);
+  char a[96], b[96];
+  if (d < 0)
+    return MSH_FAIL(MSH_EINVAL, "set_rows: dst %s and src %s fit neither (S, ...) <- (T, ...) nor (B, S, ...) <- (B, T, ...)",
+                    SHAPE(dst, a), SHAPE(src, b));
+  if (row0 < 0 || row0 + src->shape[d] > dst->shape[d])
     return MSH_FAIL(MSH_ERANGE, "set_rows: rows [%lld, %lld) outside [0, %lld)", (long long)row0,
-                    (long long)(row0 + src->shape[0]), (long long)dst->shape[0]);
+                    (long long)(row0 + src->shape[d]), (long long)dst->shape[d]);
   msh_tensor view = *dst; /* a stack view: no allocation on the hot path */
-  view.shape[0] = src->shape[0];
-  view.offset = dst->offset + row0 * dst->stride[0];
+  view.shape[d] = src->shape[d];
+  view.offset = dst->offset + row0 * dst->stride[d];
   return msh_tensor_copy(&view, src);
 }
 
-/* A position operand: one i32 element on `like`'s device. */
-static msh_status want_position(const char *op, const char *name, const msh_tensor *p, const msh_tensor *like) {
+/* A position operand: contiguous i32 on `like`'s device, one element or (when B > 1) B of them,
+ * one per sequence. */
+static msh_status want_positions(const char *op, const char *name, const msh_tensor *p, const msh_tensor *like,
+                                 int64_t B) {
   if (p->st->device != like->st->device || p->st->device_index != like->st->device_index)
     return MSH_FAIL(MSH_EINVAL, "%s: %s must live on the operands' device", op, name);
   char a[96];
-  if (p->dtype != MSH_I32 || msh_tensor_numel(p) != 1 || !msh_tensor_is_contiguous(p))
+  int64_t n = msh_tensor_numel(p);
+  if (p->dtype != MSH_I32 || !msh_tensor_is_contiguous(p) || (n != 1 && n != B)) {
+    if (B > 1)
+      return MSH_FAIL(MSH_EINVAL, "%s: %s must be 1 or %lld contiguous i32 elements (one per sequence), not %s", op,
+                      name, (long long)B, SHAPE(p, a));
     return MSH_FAIL(MSH_EINVAL, "%s: %s must be one contiguous i32 element, not %s", op, name, SHAPE(p, a));
+  }
   return MSH_OK;
+}
+
+/* t with a leading dim of 1 (a stack copy of the handle). */
+static msh_tensor with_unit_batch(const msh_tensor *t) {
+  msh_tensor v = *t;
+  for (int i = t->ndim; i > 0; i--) {
+    v.shape[i] = t->shape[i - 1];
+    v.stride[i] = t->stride[i - 1];
+  }
+  v.shape[0] = 1;
+  v.stride[0] = 0;
+  v.ndim = t->ndim + 1;
+  return v;
 }
 
 msh_status msh_op_set_rows_dyn(msh_tensor *dst, const msh_tensor *row0, const msh_tensor *src) {
   if (!dst || !row0 || !src) return MSH_FAIL(MSH_EINVAL, "NULL argument");
   const msh_backend *be = same_device("set_rows_dyn", dst, row0, src, NULL);
   if (!be) return MSH_EINVAL;
-  CHECK(want_position("set_rows_dyn", "row0", row0, dst));
   char a[96], b[96];
-  if (dst->ndim < 1 || src->ndim != dst->ndim ||
-      memcmp(dst->shape + 1, src->shape + 1, sizeof(int64_t) * (size_t)(dst->ndim - 1)))
-    return MSH_FAIL(MSH_EINVAL, "set_rows_dyn: dst %s and src %s differ past dim 0", SHAPE(dst, a), SHAPE(src, b));
+  int d = rows_layout(dst, src);
+  if (d < 0)
+    return MSH_FAIL(MSH_EINVAL,
+                    "set_rows_dyn: dst %s and src %s fit neither (S, ...) <- (T, ...) nor (B, S, ...) <- (B, T, ...)",
+                    SHAPE(dst, a), SHAPE(src, b));
+  /* equal shapes read either way: one row per sequence then says which */
+  if (d == 0 && dst->ndim >= 2 && same_shape(dst, src) && msh_tensor_numel(row0) == dst->shape[0]) d = 1;
+  CHECK(want_positions("set_rows_dyn", "row0", row0, dst, d ? dst->shape[0] : 1));
   if (!msh_dtype_size(dst->dtype) || !msh_dtype_size(src->dtype))
     return MSH_FAIL(MSH_EUNSUPPORTED, "set_rows_dyn: %s to %s: rows of plain dtypes only",
                     msh_dtype_name(src->dtype), msh_dtype_name(dst->dtype));
@@ -197,55 +311,76 @@ msh_status msh_op_set_rows_dyn(msh_tensor *dst, const msh_tensor *row0, const ms
     return MSH_FAIL(MSH_EINVAL, "set_rows_dyn: cannot convert %s to %s", msh_dtype_name(src->dtype),
                     msh_dtype_name(dst->dtype));
   if (dst->st->readonly) return MSH_FAIL(MSH_EINVAL, "set_rows_dyn: dst is read-only");
-  if (src->shape[0] > dst->shape[0])
-    return MSH_FAIL(MSH_ERANGE, "set_rows_dyn: %lld rows do not fit in dst's %lld", (long long)src->shape[0],
-                    (long long)dst->shape[0]);
+  if (src->shape[d] > dst->shape[d])
+    return MSH_FAIL(MSH_ERANGE, "set_rows_dyn: %lld rows do not fit in dst's %lld", (long long)src->shape[d],
+                    (long long)dst->shape[d]);
   if (overlaps(dst, src) || overlaps(dst, row0))
     return MSH_FAIL(MSH_EINVAL, "set_rows_dyn: dst overlaps src or row0");
-  return be->set_rows_dyn(dst, row0, src);
+  if (msh_tensor_numel(src) == 0) return MSH_OK;
+  if (d == 1) return be->set_rows_dyn(dst, row0, src);
+  if (dst->ndim == MSH_MAX_DIMS)
+    return MSH_FAIL(MSH_EUNSUPPORTED, "set_rows_dyn: rows of %d-dim tensors (at most %d)", MSH_MAX_DIMS, MSH_MAX_DIMS - 1);
+  msh_tensor db = with_unit_batch(dst), sb = with_unit_batch(src); /* backends see (B, S, ...) */
+  return be->set_rows_dyn(&db, row0, &sb);
 }
 
-/* The checks attention and attention_dyn share. */
+/* The checks attention and attention_dyn share: q, out (B, T, H, hd) over k, v (B, S, KVH, hd),
+ * or all 3-D (B = 1). On success the 4-D forms go to b4: out, q, k, v. */
 static msh_status attention_operands(const char *op, msh_tensor *out, const msh_tensor *q, const msh_tensor *k,
-                                     const msh_tensor *v, const msh_backend **be) {
+                                     const msh_tensor *v, const msh_backend **be, msh_tensor b4[4]) {
   if (!out || !q || !k || !v) return MSH_FAIL(MSH_EINVAL, "NULL argument");
   *be = same_device(op, out, q, k, v);
   if (!*be) return MSH_EINVAL;
   CHECK(want_out(op, out));
   CHECK(want_f32c(op, "q", q));
   char a[96], b[96], c[96];
-  if (q->ndim != 3 || k->ndim != 3 || !same_shape(out, q) || !same_shape(k, v) ||
-      k->shape[2] != q->shape[2] || k->shape[1] == 0 || q->shape[1] % k->shape[1])
-    return MSH_FAIL(MSH_EINVAL, "%s: q %s, k %s, v %s do not fit (T, H, hd) over (S, KVH, hd), H %% KVH == 0", op,
+  int n = q->ndim;
+  if ((n != 3 && n != 4) || k->ndim != n || !same_shape(out, q) || !same_shape(k, v) ||
+      (n == 4 && k->shape[0] != q->shape[0]) || k->shape[n - 1] != q->shape[n - 1] || k->shape[n - 2] == 0 ||
+      q->shape[n - 2] % k->shape[n - 2])
+    return MSH_FAIL(MSH_EINVAL,
+                    "%s: q %s, k %s, v %s do not fit ([B,] T, H, hd) over ([B,] S, KVH, hd), H %% KVH == 0", op,
                     SHAPE(q, a), SHAPE(k, b), SHAPE(v, c));
-  if (k->dtype != v->dtype || !is_float(k->dtype) || k->stride[2] != 1 || v->stride[2] != 1 ||
-      k->stride[1] != k->shape[2] || v->stride[1] != v->shape[2])
+  if (k->dtype != v->dtype || !is_float(k->dtype) || k->stride[n - 1] != 1 || v->stride[n - 1] != 1 ||
+      k->stride[n - 2] != k->shape[n - 1] || v->stride[n - 2] != v->shape[n - 1])
     return MSH_FAIL(MSH_EINVAL, "%s: k and v must share a float dtype with contiguous heads", op);
   if (overlaps(out, q) || overlaps(out, k) || overlaps(out, v))
     return MSH_FAIL(MSH_EINVAL, "%s: out overlaps an input", op);
+  if (n == 4) {
+    b4[0] = *out, b4[1] = *q, b4[2] = *k, b4[3] = *v;
+  } else {
+    b4[0] = with_unit_batch(out), b4[1] = with_unit_batch(q), b4[2] = with_unit_batch(k), b4[3] = with_unit_batch(v);
+    b4[1].stride[0] = b4[0].stride[0] = msh_tensor_numel(q); /* packed, as 4-D ones are */
+  }
   return MSH_OK;
 }
 
 msh_status msh_op_attention(msh_tensor *out, const msh_tensor *q, const msh_tensor *k,
                             const msh_tensor *v, int64_t pos0, float scale) {
   const msh_backend *be = NULL;
-  CHECK(attention_operands("attention", out, q, k, v, &be));
-  if (pos0 < 0 || pos0 + q->shape[0] > k->shape[0])
+  msh_tensor b4[4];
+  CHECK(attention_operands("attention", out, q, k, v, &be, b4));
+  if (pos0 < 0 || pos0 + b4[1].shape[1] > b4[2].shape[1])
     return MSH_FAIL(MSH_ERANGE, "attention: positions [%lld, %lld) exceed the cache of %lld", (long long)pos0,
-                    (long long)(pos0 + q->shape[0]), (long long)k->shape[0]);
-  return be->attention(out, q, k, v, pos0, scale);
+                    (long long)(pos0 + b4[1].shape[1]), (long long)b4[2].shape[1]);
+  if (msh_tensor_numel(q) == 0) return MSH_OK;
+  return be->attention(&b4[0], &b4[1], &b4[2], &b4[3], pos0, scale);
 }
 
 msh_status msh_op_attention_dyn(msh_tensor *out, const msh_tensor *q, const msh_tensor *k,
                                 const msh_tensor *v, const msh_tensor *pos0, int64_t max_len, float scale) {
   if (!pos0) return MSH_FAIL(MSH_EINVAL, "NULL argument");
   const msh_backend *be = NULL;
-  CHECK(attention_operands("attention_dyn", out, q, k, v, &be));
-  CHECK(want_position("attention_dyn", "pos0", pos0, out));
-  if (max_len < q->shape[0] || max_len > k->shape[0])
+  msh_tensor b4[4];
+  CHECK(attention_operands("attention_dyn", out, q, k, v, &be, b4));
+  CHECK(want_positions("attention_dyn", "pos0", pos0, out, b4[1].shape[0]));
+  if (overlaps(out, pos0)) return MSH_FAIL(MSH_EINVAL, "attention_dyn: out overlaps pos0");
+  int64_t T = b4[1].shape[1], S = b4[2].shape[1];
+  if (max_len < T || max_len > S)
     return MSH_FAIL(MSH_ERANGE, "attention_dyn: max_len %lld outside [%lld, %lld] (queries, cache rows)",
-                    (long long)max_len, (long long)q->shape[0], (long long)k->shape[0]);
-  return be->attention_dyn(out, q, k, v, pos0, max_len, scale);
+                    (long long)max_len, (long long)T, (long long)S);
+  if (msh_tensor_numel(q) == 0) return MSH_OK;
+  return be->attention_dyn(&b4[0], &b4[1], &b4[2], &b4[3], pos0, max_len, scale);
 }
 
 static msh_status elementwise(const char *op, msh_tensor *out, const msh_tensor *a, const msh_tensor *b,

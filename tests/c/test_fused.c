@@ -1,0 +1,46 @@
+/* test_fused.c: the fused layer ops on the CPU against the unfused ops composed (fused_cases.h),
+ * and their operand checks. */
+#include "../gpu/fused_cases.h"
+
+static void test_errors(void) {
+  int64_t xs[2] = {2, 8}, ws[2] = {6, 8}, os[2] = {2, 3}, bad[2] = {2, 4}, small[2] = {2, 5}, big[2] = {2, 6};
+  msh_tensor *x = cpu_randn(MSH_F32, 2, xs, 1), *w = cpu_randn(MSH_F32, 2, ws, 1), *o = cpu_new(MSH_F32, 2, os);
+  msh_tensor *ob = cpu_new(MSH_F32, 2, bad), *sc = cpu_new(MSH_F32, 2, small), *sc_ok = cpu_new(MSH_F32, 2, big);
+  CHECK_STATUS(msh_op_matmul_glu(o, x, w, sc), MSH_EINVAL); /* scratch too small */
+  CHECK_OK(msh_op_matmul_glu(o, x, w, sc_ok));
+  CHECK_STATUS(msh_op_matmul_glu(ob, x, w, sc_ok), MSH_EINVAL); /* w is not (2N, K) */
+  CHECK_STATUS(msh_op_matmul_glu(o, x, w, NULL), MSH_EINVAL);
+  CHECK_STATUS(msh_op_matmul_acc(o, x, w), MSH_EINVAL); /* w has 6 rows, out 3 columns */
+  CHECK_STATUS(msh_op_matmul_acc(ob, ob, w), MSH_EINVAL);
+
+  /* qkv_rope: a position past the cache is MSH_ERANGE and writes nothing */
+  int64_t qs[2] = {2, (2 + 2) * 4}, q3[3] = {2, 2, 4}, cs[3] = {3, 1, 4}, ps[1] = {2}, fs[1] = {2};
+  msh_tensor *qkv = cpu_randn(MSH_F32, 2, qs, 1), *q = cpu_new(MSH_F32, 3, q3);
+  msh_tensor *kc = cpu_new(MSH_BF16, 3, cs), *vc = cpu_new(MSH_BF16, 3, cs);
+  msh_tensor *pos = cpu_new(MSH_I32, 1, ps), *inv = cpu_randn(MSH_F32, 1, fs, 1);
+  int32_t *pp = msh_tensor_data(pos);
+  pp[0] = 0;
+  pp[1] = 3;
+  CHECK_STATUS(msh_op_qkv_rope(q, kc, vc, qkv, pos, inv, MSH_ROPE_HALF), MSH_ERANGE);
+  CHECK(strstr(msh_last_error(), "position 3") != NULL);
+  const uint16_t *kp = msh_tensor_data(kc);
+  int untouched = 1;
+  for (int i = 0; i < 12; i++) untouched &= kp[i] == 0;
+  CHECK(untouched);
+  pp[1] = 2;
+  CHECK_OK(msh_op_qkv_rope(q, kc, vc, qkv, pos, inv, MSH_ROPE_HALF));
+  CHECK_STATUS(msh_op_qkv_rope(q, kc, kc, qkv, pos, inv, MSH_ROPE_HALF), MSH_EINVAL); /* k and v overlap */
+  CHECK_STATUS(msh_op_qkv_rope(q, kc, vc, qkv, pos, inv, 7), MSH_EINVAL);
+  int64_t q3b[3] = {2, 3, 4};
+  msh_tensor *qb = cpu_new(MSH_F32, 3, q3b);
+  CHECK_STATUS(msh_op_qkv_rope(qb, kc, vc, qkv, pos, inv, MSH_ROPE_HALF), MSH_EINVAL);
+  CHECK(strstr(msh_last_error(), "qkv_rope") != NULL);
+  msh_tensor *ts[] = {x, w, o, ob, sc, sc_ok, qkv, q, kc, vc, pos, inv, qb};
+  free_all(ts, 13);
+}
+
+int main(void) {
+  fused_all_cases(MSH_CPU);
+  test_errors();
+  return check_done("test_fused");
+}
