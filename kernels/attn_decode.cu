@@ -1,7 +1,8 @@
 /* attn_decode.cu: causal GQA attention of a few queries over a long cache, split-KV
  * (flash-decoding): the keys of each query are cut into `splits` chunks, one block per
- * (chunk, kv head, head tile, query), each keeping an online softmax; a second kernel merges the
- * chunks' partial results. The split count fills the GPU once (blocks per SM x SMs).
+ * (chunk, sequence, kv head, head tile, query), each keeping an online softmax; a second kernel
+ * merges the chunks' partial results. The split count fills the GPU once (blocks per SM x SMs):
+ * a large batch fills it alone and takes one chunk (no merge).
  *
  * Inside a block (4 warps) a key is read by LPK = HDP/8 lanes, 8 dims each, so a warp takes
  * 32/LPK keys per step; the score of each of the GT query heads that share the kv head is summed
@@ -15,7 +16,7 @@
  * keys streamed into shared memory through a STAGES-deep cp.async pipeline, so loads stay in
  * flight while the warps compute. The rest read global memory directly (decode_direct_kernel).
  *
- * The plan (splits, chunk) depends on pos0 + T only. With a.pos0_dev every kernel reads the
+ * The plan (splits, chunk) depends on the shapes and pos0 + T only. With a.pos0_dev every kernel reads the
  * position on the device when it runs (clamped into [0, a.pos0]), so one captured launch serves
  * every position up to the planned one: blocks whose chunk starts past a query's last key exit at
  * once, and the merge reads only the chunks that hold keys. */
@@ -30,11 +31,11 @@ constexpr float LOG2E = 1.4426950408889634f;
 
 __device__ __forceinline__ float exp2_or_zero(float x) { return x == -INFINITY ? 0.0f : exp2f(x); }
 
-/* Position of query 0 for this launch: the host's, or the device word clamped into the planned
- * range [0, a.pos0] (so a bad value reads no key outside the cache). */
-__device__ __forceinline__ int64_t pos0_of(const msh_k_attn &a) {
+/* Position of sequence b's query 0 for this launch: the host's, or the device word clamped into
+ * the planned range [0, a.pos0] (so a bad value reads no key outside the cache). */
+__device__ __forceinline__ int64_t pos0_of(const msh_k_attn &a, int64_t b) {
   if (!a.pos0_dev) return a.pos0;
-  int64_t p = *a.pos0_dev;
+  int64_t p = a.pos0_dev[a.pos0_n == 1 ? 0 : b];
   return p < 0 ? 0 : p > a.pos0 ? a.pos0 : p;
 }
 
@@ -105,19 +106,23 @@ __device__ __forceinline__ void consume(const float (&qr)[GT][8], const float (&
 }
 
 struct Where {
-  int split, kvh, tile, t, G, hd, d0, dvalid, lane, warp, gw;
+  int split, kvh, tile, t, b, G, hd, d0, dvalid, lane, warp, gw;
+  int64_t bt; /* b * T + t: the query's row in q and out */
   int64_t k_begin, k_end;
 };
 
-__device__ __forceinline__ bool where_am_i(const msh_k_attn &a, int64_t pos0, int chunk, int ntiles, int LPK,
-                                           Where &w) {
+/* Block (split, (b * KVH + kvh) * ntiles + tile, t). */
+__device__ __forceinline__ bool where_am_i(const msh_k_attn &a, int chunk, int ntiles, int LPK, Where &w) {
   w.lane = threadIdx.x & 31;
   w.warp = threadIdx.x >> 5;
   w.gw = w.lane / LPK;
   w.split = blockIdx.x;
-  w.kvh = blockIdx.y / ntiles;
   w.tile = blockIdx.y % ntiles;
+  w.kvh = blockIdx.y / ntiles % a.KVH;
+  w.b = blockIdx.y / ntiles / a.KVH;
   w.t = blockIdx.z;
+  w.bt = (int64_t)w.b * a.T + w.t;
+  const int64_t pos0 = pos0_of(a, w.b);
   w.G = a.H / a.KVH;
   w.hd = a.hd;
   w.d0 = (w.lane % LPK) * 8;
@@ -133,7 +138,7 @@ template <int GT> __device__ __forceinline__ void load_q(const msh_k_attn &a, co
 #pragma unroll
   for (int i = 0; i < GT; i++) {
     int hg = w.tile * GT + i;
-    const float *qp = a.q + ((int64_t)w.t * a.H + w.kvh * w.G + (hg < w.G ? hg : 0)) * w.hd + w.d0;
+    const float *qp = a.q + (w.bt * a.H + w.kvh * w.G + (hg < w.G ? hg : 0)) * w.hd + w.d0;
 #pragma unroll
     for (int j = 0; j < 8; j++) qr[i][j] = (hg < w.G && j < w.dvalid) ? qp[j] * qs : 0.0f;
   }
@@ -191,7 +196,7 @@ __device__ __forceinline__ void finish(const msh_k_attn &a, const Where &w, Acc<
       L += sm_l[v * GT + i] * f;
       A += sm_acc[(v * GT + i) * HDP + d] * f;
     }
-    int64_t row = (int64_t)w.t * a.H + w.kvh * w.G + hg;
+    int64_t row = w.bt * a.H + w.kvh * w.G + hg;
     if (splits == 1) {
       a.out[row * w.hd + d] = A / L;
     } else {
@@ -211,14 +216,14 @@ __global__ void __launch_bounds__(NW * 32) decode_pipe_kernel(msh_k_attn a, int 
   extern __shared__ __align__(16) unsigned char smem[];
   KV *tiles = reinterpret_cast<KV *>(smem); /* [STAGES][2][TK][HDP] */
   Where w;
-  if (!where_am_i(a, pos0_of(a), chunk, ntiles, C::LPK, w)) return;
+  if (!where_am_i(a, chunk, ntiles, C::LPK, w)) return;
   float qr[GT][8];
   load_q<GT>(a, w, qr);
   Acc<GT> st;
   st.init();
 
-  const KV *kg = (const KV *)a.k + (int64_t)w.kvh * w.hd;
-  const KV *vg = (const KV *)a.v + (int64_t)w.kvh * w.hd;
+  const KV *kg = (const KV *)a.k + w.b * a.ksb + (int64_t)w.kvh * w.hd;
+  const KV *vg = (const KV *)a.v + w.b * a.vsb + (int64_t)w.kvh * w.hd;
   constexpr int EPC = 16 / (int)sizeof(KV); /* elements per 16-byte chunk */
   const int cpr = w.hd / EPC;               /* chunks per row */
   const int ntile = (int)((w.k_end - w.k_begin + TK - 1) / TK);
@@ -273,13 +278,13 @@ __global__ void __launch_bounds__(NW * 32) decode_direct_kernel(msh_k_attn a, in
   constexpr int U = C::U;
   __shared__ float ep[NW * GT * HDP + 2 * NW * GT];
   Where w;
-  if (!where_am_i(a, pos0_of(a), chunk, ntiles, C::LPK, w)) return;
+  if (!where_am_i(a, chunk, ntiles, C::LPK, w)) return;
   float qr[GT][8];
   load_q<GT>(a, w, qr);
   Acc<GT> st;
   st.init();
-  const KV *kb = (const KV *)a.k + (int64_t)w.kvh * w.hd + w.d0;
-  const KV *vb = (const KV *)a.v + (int64_t)w.kvh * w.hd + w.d0;
+  const KV *kb = (const KV *)a.k + w.b * a.ksb + (int64_t)w.kvh * w.hd + w.d0;
+  const KV *vb = (const KV *)a.v + w.b * a.vsb + (int64_t)w.kvh * w.hd + w.d0;
   /* the loop bound depends on the warp only, so every lane reaches the shuffles */
   for (int64_t base = w.k_begin + w.warp * C::KPW; base < w.k_end; base += C::NG * U) {
     float kf[U][8], vf[U][8];
@@ -298,7 +303,8 @@ __global__ void __launch_bounds__(NW * 32) decode_direct_kernel(msh_k_attn a, in
 }
 
 /* f16/bf16 caches, head dim 64 or 128, 16-byte aligned rows: tensor cores. The block's 16 query
- * rows (r = t * G + g, as in the prefill kernel) form one m16 tile; tiles of 64 keys stream
+ * rows of one sequence (r = t * G + g, as in the prefill kernel; the sequence is blockIdx.z) form
+ * one m16 tile; tiles of 64 keys stream
  * through a cp.async pipeline and each warp takes 16 keys of every tile: S = Q K^T (16 x 16) and
  * P V with mma.sync, an online softmax per warp, the 4 warps merged at the end. */
 template <typename KV, int HD> struct TcCfg {
@@ -317,13 +323,14 @@ __global__ void __launch_bounds__(NW * 32) decode_tc_kernel(msh_k_attn a, int sp
   KV *tiles = reinterpret_cast<KV *>(smem); /* [STAGES][2][TK][LD] */
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tq = lane & 3;
   const int G = a.H / a.KVH, kvh = blockIdx.y / rtiles, rt = blockIdx.y % rtiles, split = blockIdx.x;
+  const int64_t b = blockIdx.z, bT = b * a.T; /* the sequence and its first query's row */
   const int64_t R = (int64_t)a.T * G, r0 = (int64_t)rt * 16;
   const int64_t rA = r0 + g, rB = r0 + g + 8;
   const int64_t cA = rA < R ? rA : R - 1, cB = rB < R ? rB : R - 1;
   const int64_t tA = cA / G, tB = cB / G;
   const int64_t t_last = ((r0 + 16 < R ? r0 + 16 : R) - 1) / G;
   const int64_t k_begin = (int64_t)split * chunk;
-  const int64_t pos0 = pos0_of(a);
+  const int64_t pos0 = pos0_of(a, b);
   const int64_t kmax = pos0 + t_last + 1;
   if (k_begin >= kmax) return; /* no row of this tile sees this chunk: the merge skips it */
   const int64_t k_end = kmax < k_begin + chunk ? kmax : k_begin + chunk;
@@ -331,8 +338,8 @@ __global__ void __launch_bounds__(NW * 32) decode_tc_kernel(msh_k_attn a, int sp
 
   uint32_t qf[KT][4];
   {
-    const float *qA = a.q + (tA * a.H + kvh * G + cA % G) * a.hd;
-    const float *qB = a.q + (tB * a.H + kvh * G + cB % G) * a.hd;
+    const float *qA = a.q + ((bT + tA) * a.H + kvh * G + cA % G) * a.hd;
+    const float *qB = a.q + ((bT + tB) * a.H + kvh * G + cB % G) * a.hd;
     const float zA = rA < R ? 1.0f : 0.0f, zB = rB < R ? 1.0f : 0.0f;
 #pragma unroll
     for (int kk = 0; kk < KT; kk++) {
@@ -344,8 +351,8 @@ __global__ void __launch_bounds__(NW * 32) decode_tc_kernel(msh_k_attn a, int sp
     }
   }
 
-  const KV *kg = (const KV *)a.k + (int64_t)kvh * a.hd;
-  const KV *vg = (const KV *)a.v + (int64_t)kvh * a.hd;
+  const KV *kg = (const KV *)a.k + b * a.ksb + (int64_t)kvh * a.hd;
+  const KV *vg = (const KV *)a.v + b * a.vsb + (int64_t)kvh * a.hd;
   const int ntile = (int)((k_end - k_begin + TK - 1) / TK);
   auto load = [&](int j) {
     constexpr int CPR = HD / 8;
@@ -483,7 +490,7 @@ __global__ void __launch_bounds__(NW * 32) decode_tc_kernel(msh_k_attn a, int sp
       L += sm_l[v * 16 + i] * f;
       A += sm_o[(v * 16 + i) * HD + d] * f;
     }
-    int64_t row = (r / G) * a.H + kvh * G + r % G;
+    int64_t row = (bT + r / G) * a.H + kvh * G + r % G;
     if (splits == 1) {
       a.out[row * a.hd + d] = A / L;
     } else {
@@ -495,9 +502,9 @@ __global__ void __launch_bounds__(NW * 32) decode_tc_kernel(msh_k_attn a, int sp
 }
 
 __global__ void merge_kernel(msh_k_attn a, int splits, int chunk, const float2 *part_ml, const float *part_acc) {
-  int64_t row = blockIdx.x; /* t * H + h */
-  int64_t t = row / a.H;
-  int64_t n = pos0_of(a) + t + 1;
+  int64_t row = blockIdx.x; /* (b * T + t) * H + h */
+  int64_t bt = row / a.H, b = bt / a.T, t = bt % a.T;
+  int64_t n = pos0_of(a, b) + t + 1;
   int ns = (int)((n + chunk - 1) / chunk);
   const float2 *ml = part_ml + row * splits;
   float M = -INFINITY;
@@ -573,7 +580,7 @@ struct LaunchOp {
   float2 *ml;
   float *acc;
   template <typename KV, int HDP, int GT, bool PIPE> cudaError_t run() {
-    dim3 grid((unsigned)p->splits, (unsigned)(a->KVH * p->ntiles), (unsigned)a->T);
+    dim3 grid((unsigned)p->splits, (unsigned)((int64_t)a->B * a->KVH * p->ntiles), (unsigned)a->T);
     if (PIPE) {
       /* per device: the occupancy query may have run on another one */
       cudaError_t e = cudaFuncSetAttribute(decode_pipe_kernel<KV, HDP, GT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -601,7 +608,7 @@ cudaError_t tc_launch(cudaStream_t s, const msh_k_attn *a, const Plan &p, float2
   cudaError_t e =
       cudaFuncSetAttribute(decode_tc_kernel<KV, HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
   if (e != cudaSuccess) return e;
-  dim3 grid((unsigned)p.splits, (unsigned)(a->KVH * p.rtiles), 1);
+  dim3 grid((unsigned)p.splits, (unsigned)((int64_t)a->KVH * p.rtiles), (unsigned)a->B);
   decode_tc_kernel<KV, HD><<<grid, NW * 32, C::SMEM, s>>>(*a, p.splits, p.chunk, p.rtiles, ml, acc);
   return cudaGetLastError();
 }
@@ -618,7 +625,8 @@ cudaError_t plan_for(const msh_k_attn *a, int sm_count, Plan &p) {
   p.ntiles = (G + p.GT - 1) / p.GT;
   p.rtiles = (int)(((int64_t)a->T * G + 15) / 16);
   size_t es = msh_dtype_size(a->kv_dt);
-  p.vec = a->hd % 8 == 0 && aligned16(a->k) && aligned16(a->v) && (a->ks0 * es) % 16 == 0 && (a->vs0 * es) % 16 == 0;
+  p.vec = a->hd % 8 == 0 && aligned16(a->k) && aligned16(a->v) && (a->ks0 * es) % 16 == 0 && (a->vs0 * es) % 16 == 0 &&
+          (a->B <= 1 || ((a->ksb * es) % 16 == 0 && (a->vsb * es) % 16 == 0));
   p.tc = (a->kv_dt == MSH_F16 || a->kv_dt == MSH_BF16) && (a->hd == 64 || a->hd == 128) && p.vec;
   int64_t base;
   if (p.tc) {
@@ -632,7 +640,7 @@ cudaError_t plan_for(const msh_k_attn *a, int sm_count, Plan &p) {
     }
     p.occ = *occ;
     p.smem = 0;
-    base = (int64_t)a->KVH * p.rtiles;
+    base = (int64_t)a->B * a->KVH * p.rtiles;
   } else {
     int di = a->kv_dt == MSH_F32 ? 0 : a->kv_dt == MSH_F16 ? 1 : 2;
     int hi = p.HDP == 64 ? 0 : p.HDP == 128 ? 1 : 2;
@@ -647,7 +655,7 @@ cudaError_t plan_for(const msh_k_attn *a, int sm_count, Plan &p) {
     }
     p.occ = *occ;
     p.smem = *smem;
-    base = (int64_t)a->T * a->KVH * p.ntiles;
+    base = (int64_t)a->B * a->T * a->KVH * p.ntiles;
   }
   int64_t maxn = a->pos0 + a->T;
   int64_t target = (int64_t)p.occ * (sm_count > 0 ? sm_count : 132); /* one full wave */
@@ -659,6 +667,10 @@ cudaError_t plan_for(const msh_k_attn *a, int sm_count, Plan &p) {
   chunk = (chunk + 63) / 64 * 64; /* whole tiles */
   p.chunk = (int)chunk;
   p.splits = (int)((maxn + chunk - 1) / chunk);
+  /* grid limits: y and z hold at most 65535 blocks */
+  int64_t gy = p.tc ? (int64_t)a->KVH * p.rtiles : (int64_t)a->B * a->KVH * p.ntiles;
+  int64_t gz = p.tc ? a->B : a->T;
+  if (gy > 65535 || gz > 65535) return cudaErrorInvalidConfiguration;
   return cudaSuccess;
 }
 
@@ -667,20 +679,22 @@ cudaError_t plan_for(const msh_k_attn *a, int sm_count, Plan &p) {
 extern "C" cudaError_t msh_k_attn_merge(cudaStream_t s, const msh_k_attn *a, int splits, int chunk, const float2 *ml,
                                         const float *acc) {
   int threads = a->hd >= 128 ? 128 : (a->hd + 31) / 32 * 32;
-  merge_kernel<<<(unsigned)((int64_t)a->T * a->H), threads, 0, s>>>(*a, splits, chunk, ml, acc);
+  merge_kernel<<<(unsigned)((int64_t)a->B * a->T * a->H), threads, 0, s>>>(*a, splits, chunk, ml, acc);
   return cudaGetLastError();
 }
 
 extern "C" size_t msh_k_attn_decode_workspace(const msh_k_attn *a, int sm_count) {
   Plan p;
-  if (a->T <= 0 || a->H <= 0 || a->KVH <= 0 || plan_for(a, sm_count, p) != cudaSuccess || p.splits <= 1) return 0;
-  size_t slots = (size_t)a->T * a->H * p.splits;
+  if (a->B <= 0 || a->T <= 0 || a->H <= 0 || a->KVH <= 0 || plan_for(a, sm_count, p) != cudaSuccess || p.splits <= 1)
+    return 0;
+  size_t slots = (size_t)a->B * a->T * a->H * p.splits;
   return slots * sizeof(float2) + slots * a->hd * sizeof(float);
 }
 
 extern "C" cudaError_t msh_k_attn_decode(cudaStream_t s, const msh_k_attn *a, void *work, int sm_count) {
-  if (a->T <= 0 || a->H <= 0) return cudaGetLastError();
+  if (a->B <= 0 || a->T <= 0 || a->H <= 0) return cudaGetLastError();
   if (a->hd > 256 || a->hd < 1 || a->KVH < 1 || a->H % a->KVH) return cudaErrorInvalidValue;
+  if (a->pos0_dev && a->pos0_n != 1 && a->pos0_n != a->B) return cudaErrorInvalidValue;
   Plan p;
   cudaError_t e = plan_for(a, sm_count, p);
   if (e != cudaSuccess) return e;
@@ -689,7 +703,7 @@ extern "C" cudaError_t msh_k_attn_decode(cudaStream_t s, const msh_k_attn *a, vo
   if (p.splits > 1) {
     if (!work) return cudaErrorInvalidValue;
     ml = (float2 *)work;
-    acc = (float *)(ml + (size_t)a->T * a->H * p.splits);
+    acc = (float *)(ml + (size_t)a->B * a->T * a->H * p.splits);
   }
   if (p.tc) {
     if (a->kv_dt == MSH_F16) e = a->hd == 64 ? tc_launch<f16, 64>(s, a, p, ml, acc) : tc_launch<f16, 128>(s, a, p, ml, acc);

@@ -1,8 +1,9 @@
 /* attn_prefill.cu: causal GQA flash attention on tensor cores (mma.sync m16n8k16, fp32
  * accumulation) for f16/bf16 caches, head dim 64 or 128.
  *
- * The T * G query rows that share a kv head (G = H / KVH) are packed as row r = t * G + g, so one
- * block of 64 rows (16 per warp) reads each K/V tile once for all of its heads and tokens. Key
+ * The T * G query rows of one sequence that share a kv head (G = H / KVH) are packed as row
+ * r = t * G + g, so one block of 64 rows (16 per warp) reads each K/V tile once for all of its
+ * heads and tokens; grid (row blocks, sequence x kv head, key chunks). Key
  * tiles of 64 rows stream through shared memory with cp.async, double-buffered. Per tile and
  * warp: S = Q K^T (16 x 64) in registers, causal mask, online softmax in log2 units, then
  * P (rounded to the cache's type) @ V; K fragments come from ldmatrix, V fragments from
@@ -29,14 +30,15 @@ __global__ void __launch_bounds__(THREADS) prefill_kernel(msh_k_attn a, int spli
   KV *Vs = Ks + 2 * BN * LD;             /* [2][BN][LD] */
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tq = lane & 3;
-  const int G = a.H / a.KVH, kvh = blockIdx.y;
+  const int G = a.H / a.KVH, kvh = blockIdx.y % a.KVH;
+  const int64_t b = blockIdx.y / a.KVH, bT = b * a.T; /* the sequence and its first query's row */
   const int64_t rows = (int64_t)a.T * G;
   const int64_t rblk = (int64_t)(gridDim.x - 1 - blockIdx.x) * BM;
   const int64_t rA = rblk + warp * 16 + g, rB = rA + 8;
   const int64_t cA = rA < rows ? rA : rows - 1, cB = rB < rows ? rB : rows - 1;
   const int64_t tA = cA / G, tB = cB / G;
-  const float *qA = a.q + (tA * a.H + kvh * G + cA % G) * a.hd;
-  const float *qB = a.q + (tB * a.H + kvh * G + cB % G) * a.hd;
+  const float *qA = a.q + ((bT + tA) * a.H + kvh * G + cA % G) * a.hd;
+  const float *qB = a.q + ((bT + tB) * a.H + kvh * G + cB % G) * a.hd;
   const int64_t rlast = (rblk + BM < rows ? rblk + BM : rows) - 1;
   const int64_t t_first = rblk / G;
   /* keys this block needs: [0, pos0 + t_last + 1), of which split z takes one chunk */
@@ -57,8 +59,8 @@ __global__ void __launch_bounds__(THREADS) prefill_kernel(msh_k_attn a, int spli
     qf[kk][3] = Mma<KV>::pack(qB[col + 8], qB[col + 9]);
   }
 
-  const KV *kg = (const KV *)a.k + (int64_t)kvh * a.hd;
-  const KV *vg = (const KV *)a.v + (int64_t)kvh * a.hd;
+  const KV *kg = (const KV *)a.k + b * a.ksb + (int64_t)kvh * a.hd;
+  const KV *vg = (const KV *)a.v + b * a.vsb + (int64_t)kvh * a.hd;
   auto load_tile = [&](int j, int b) {
     constexpr int CPR = HD / 8; /* 16-byte chunks per row */
     for (int e = threadIdx.x; e < BN * CPR; e += THREADS) {
@@ -172,7 +174,7 @@ __global__ void __launch_bounds__(THREADS) prefill_kernel(msh_k_attn a, int spli
     lA += __shfl_xor_sync(0xffffffffu, lA, off);
     lB += __shfl_xor_sync(0xffffffffu, lB, off);
   }
-  const int64_t rowA = tA * a.H + kvh * G + cA % G, rowB = tB * a.H + kvh * G + cB % G;
+  const int64_t rowA = (bT + tA) * a.H + kvh * G + cA % G, rowB = (bT + tB) * a.H + kvh * G + cB % G;
   if (splits > 1) { /* this chunk's partial: unnormalized sum, max and sum of weights per row */
 #pragma unroll
     for (int dn = 0; dn < DT; dn++) {
@@ -211,7 +213,7 @@ __global__ void __launch_bounds__(THREADS) prefill_kernel(msh_k_attn a, int spli
  * chunks of whole tiles, enough to fill two blocks per SM. */
 void split_plan(const msh_k_attn *a, int sm_count, int *splits, int64_t *chunk) {
   int64_t rows = (int64_t)a->T * (a->H / a->KVH);
-  int64_t blocks = (rows + BM - 1) / BM * a->KVH;
+  int64_t blocks = (rows + BM - 1) / BM * a->KVH * a->B;
   int64_t maxn = a->pos0 + a->T;
   int64_t target = 2LL * (sm_count > 0 ? sm_count : 132);
   int64_t n = blocks >= target ? 1 : (target + blocks - 1) / blocks;
@@ -230,7 +232,7 @@ cudaError_t launch(cudaStream_t s, const msh_k_attn *a, int splits, int64_t chun
   cudaError_t e = cudaFuncSetAttribute(prefill_kernel<KV, HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (e != cudaSuccess) return e;
   int64_t rows = (int64_t)a->T * (a->H / a->KVH);
-  dim3 grid((unsigned)((rows + BM - 1) / BM), (unsigned)a->KVH, (unsigned)splits);
+  dim3 grid((unsigned)((rows + BM - 1) / BM), (unsigned)((int64_t)a->B * a->KVH), (unsigned)splits);
   prefill_kernel<KV, HD><<<grid, THREADS, bytes, s>>>(*a, splits, chunk, ml, acc);
   return cudaGetLastError();
 }
@@ -240,6 +242,7 @@ cudaError_t launch(cudaStream_t s, const msh_k_attn *a, int splits, int64_t chun
 extern "C" int msh_k_attn_prefill_ok(const msh_k_attn *a) {
   return !a->pos0_dev && (a->kv_dt == MSH_F16 || a->kv_dt == MSH_BF16) && (a->hd == 64 || a->hd == 128) &&
          a->KVH > 0 && a->H % a->KVH == 0 && a->ks0 % 8 == 0 && a->vs0 % 8 == 0 && aligned16(a->k) && aligned16(a->v) &&
+         (a->B <= 1 || (a->ksb % 8 == 0 && a->vsb % 8 == 0)) && a->B >= 1 && (int64_t)a->B * a->KVH <= 65535 &&
          (int64_t)a->T * (a->H / a->KVH) / BM < 0x7fffffff;
 }
 
@@ -249,7 +252,7 @@ extern "C" size_t msh_k_attn_prefill_workspace(const msh_k_attn *a, int sm_count
   int64_t chunk;
   split_plan(a, sm_count, &splits, &chunk);
   if (splits <= 1) return 0;
-  size_t slots = (size_t)a->T * a->H * splits;
+  size_t slots = (size_t)a->B * a->T * a->H * splits;
   return slots * sizeof(float2) + slots * a->hd * sizeof(float);
 }
 
@@ -264,7 +267,7 @@ extern "C" cudaError_t msh_k_attn_prefill(cudaStream_t s, const msh_k_attn *a, v
   if (splits > 1) {
     if (!work) return cudaErrorInvalidValue;
     ml = (float2 *)work;
-    acc = (float *)(ml + (size_t)a->T * a->H * splits);
+    acc = (float *)(ml + (size_t)a->B * a->T * a->H * splits);
   }
   cudaError_t e;
   if (a->kv_dt == MSH_BF16)

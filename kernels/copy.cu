@@ -1,5 +1,6 @@
 /* copy.cu: element copies with dtype conversion (contiguous, row-strided, any strides), and the
- * row-strided and strided ones at a row offset read on the device (set_rows in CUDA graphs). */
+ * row-strided and strided ones of a batch of sequences at row offsets read on the device
+ * (set_rows_dyn in CUDA graphs). */
 #include "msh_kutil.cuh"
 
 using namespace msh;
@@ -21,27 +22,32 @@ __global__ void convert_kernel(D *__restrict__ dst, const S *__restrict__ src, i
     dst[i] = Cvt<D, S>::f(src[i]);
 }
 
-/* Elements dst moves by when the copy runs: clamp(*row0, 0, max_row0) rows of `stride` elements
- * (0 without row0). Every thread reads the same word, so nothing is written out of bounds
- * whatever it holds. */
+/* Elements sequence b of dst moves by when the copy runs: clamp(row0[b], 0, max_row0) rows of
+ * `stride` elements (row0[0] for every b when n is 1; 0 without row0). Every thread of a sequence
+ * reads the same word, so nothing is written out of bounds whatever it holds. */
 struct Shift {
   const int32_t *row0;
-  int64_t max_row0, stride;
-  __device__ __forceinline__ int64_t elements() const {
+  int64_t n, max_row0, stride;
+  __device__ __forceinline__ int64_t elements(int64_t b) const {
     if (!row0) return 0;
-    int64_t r = *row0;
+    int64_t r = row0[n == 1 ? 0 : b];
     r = r < 0 ? 0 : r > max_row0 ? max_row0 : r;
     return r * stride;
   }
 };
 
+/* B sequences of `rows` rows of `cols` elements: (b, r, c) at b * bs + r * ld + c. */
 template <typename D, typename S>
-__global__ void rows_kernel(D *dst, int64_t dst_ld, const S *src, int64_t src_ld, int64_t rows, int64_t cols,
-                            Shift sh) {
-  dst += sh.elements();
-  for (int64_t r = blockIdx.y; r < rows; r += gridDim.y)
+__global__ void rows_kernel(D *dst, int64_t dst_bs, int64_t dst_ld, const S *src, int64_t src_bs, int64_t src_ld,
+                            int64_t B, int64_t rows, int64_t cols, Shift sh) {
+  const int64_t nr = B * rows;
+  for (int64_t i = blockIdx.y; i < nr; i += gridDim.y) {
+    const int64_t b = i / rows, r = i % rows;
+    D *d = dst + b * dst_bs + sh.elements(b) + r * dst_ld;
+    const S *s = src + b * src_bs + r * src_ld;
     for (int64_t c = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; c < cols; c += (int64_t)gridDim.x * blockDim.x)
-      dst[r * dst_ld + c] = Cvt<D, S>::f(src[r * src_ld + c]);
+      d[c] = Cvt<D, S>::f(s[c]);
+  }
 }
 
 struct Geo {
@@ -50,18 +56,19 @@ struct Geo {
   int64_t shape[MSH_K_MAX_DIMS], ds[MSH_K_MAX_DIMS], ss[MSH_K_MAX_DIMS];
 };
 
+/* With a shift, dim 0 is the sequence (the index `rem` holds after the loop). */
 template <typename D, typename S> __global__ void strided_kernel(D *dst, const S *src, Geo g, Shift sh) {
-  dst += sh.elements();
   int64_t step = (int64_t)gridDim.x * blockDim.x;
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < g.n; i += step) {
-    int64_t rem = i, so = 0, dof = 0;
+    int64_t rem = i, so = 0, dof = 0, b = 0;
     for (int d = g.ndim - 1; d >= 0; d--) {
       int64_t idx = rem % g.shape[d];
       rem /= g.shape[d];
       so += idx * g.ss[d];
       dof += idx * g.ds[d];
+      b = idx; /* ends as dim 0's index */
     }
-    dst[dof] = Cvt<D, S>::f(src[so]);
+    dst[dof + sh.elements(b)] = Cvt<D, S>::f(src[so]);
   }
 }
 
@@ -82,15 +89,17 @@ struct ConvertOp {
 struct RowsOp {
   cudaStream_t s;
   void *dst;
-  int64_t dst_ld;
+  int64_t dst_bs, dst_ld;
   const void *src;
-  int64_t src_ld, rows, cols;
+  int64_t src_bs, src_ld, B, rows, cols;
   Shift sh;
   template <typename D, typename S> cudaError_t run() const {
-    if (rows > 0 && cols > 0) {
+    if (B > 0 && rows > 0 && cols > 0) {
       int threads = cols >= 256 ? 256 : (int)((cols + 31) / 32 * 32);
-      dim3 grid(grid_for(cols, threads, 1024), (unsigned)(rows < 65535 ? rows : 65535));
-      rows_kernel<D, S><<<grid, threads, 0, s>>>((D *)dst, dst_ld, (const S *)src, src_ld, rows, cols, sh);
+      int64_t nr = B * rows;
+      dim3 grid(grid_for(cols, threads, 1024), (unsigned)(nr < 65535 ? nr : 65535));
+      rows_kernel<D, S><<<grid, threads, 0, s>>>((D *)dst, dst_bs, dst_ld, (const S *)src, src_bs, src_ld, B, rows,
+                                                 cols, sh);
     }
     return cudaGetLastError();
   }
@@ -143,13 +152,16 @@ extern "C" cudaError_t msh_k_convert(cudaStream_t s, void *dst, int dst_dt, cons
 
 extern "C" cudaError_t msh_k_copy_rows(cudaStream_t s, void *dst, int dst_dt, int64_t dst_ld, const void *src,
                                        int src_dt, int64_t src_ld, int64_t rows, int64_t cols) {
-  return dispatch(dst_dt, src_dt, RowsOp{s, dst, dst_ld, src, src_ld, rows, cols, Shift{}});
+  return dispatch(dst_dt, src_dt, RowsOp{s, dst, 0, dst_ld, src, 0, src_ld, 1, rows, cols, Shift{}});
 }
 
-extern "C" cudaError_t msh_k_copy_rows_at(cudaStream_t s, void *dst, int dst_dt, int64_t dst_ld, const void *src,
-                                          int src_dt, int64_t src_ld, int64_t rows, int64_t cols,
-                                          const int32_t *row0, int64_t max_row0) {
-  return dispatch(dst_dt, src_dt, RowsOp{s, dst, dst_ld, src, src_ld, rows, cols, Shift{row0, max_row0, dst_ld}});
+extern "C" cudaError_t msh_k_copy_rows_at(cudaStream_t s, void *dst, int dst_dt, int64_t dst_bs, int64_t dst_ld,
+                                          const void *src, int src_dt, int64_t src_bs, int64_t src_ld, int64_t B,
+                                          int64_t rows, int64_t cols, const int32_t *row0, int64_t n_row0,
+                                          int64_t max_row0) {
+  if (!row0 || n_row0 < 1 || (n_row0 != 1 && n_row0 != B) || max_row0 < 0) return cudaErrorInvalidValue;
+  return dispatch(dst_dt, src_dt,
+                  RowsOp{s, dst, dst_bs, dst_ld, src, src_bs, src_ld, B, rows, cols, Shift{row0, n_row0, max_row0, dst_ld}});
 }
 
 static cudaError_t strided(cudaStream_t s, void *dst, int dst_dt, const int64_t *dst_stride, const void *src,
@@ -175,8 +187,10 @@ extern "C" cudaError_t msh_k_copy_strided(cudaStream_t s, void *dst, int dst_dt,
 
 extern "C" cudaError_t msh_k_copy_strided_at(cudaStream_t s, void *dst, int dst_dt, const int64_t *dst_stride,
                                              const void *src, int src_dt, const int64_t *src_stride, int ndim,
-                                             const int64_t *shape, const int32_t *row0, int64_t max_row0) {
-  if (ndim < 1) return cudaErrorInvalidValue;
+                                             const int64_t *shape, const int32_t *row0, int64_t n_row0,
+                                             int64_t max_row0) {
+  if (ndim < 2 || !row0 || n_row0 < 1 || (n_row0 != 1 && n_row0 != shape[0]) || max_row0 < 0)
+    return cudaErrorInvalidValue;
   return strided(s, dst, dst_dt, dst_stride, src, src_dt, src_stride, ndim, shape,
-                 Shift{row0, max_row0, dst_stride[0]});
+                 Shift{row0, n_row0, max_row0, dst_stride[1]});
 }

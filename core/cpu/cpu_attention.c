@@ -1,10 +1,11 @@
 /* cpu_attention.c: causal grouped-query attention over a KV cache on the CPU.
  *
- *   out (T, H, hd) ; q (T, H, hd) f32 ; k, v (S, KVH, hd) f32/f16/bf16, row stride k->stride[0].
- *   Query t sits at position pos0 + t and sees keys 0 .. pos0 + t; head h reads kv head h / (H / KVH).
+ *   out (B, T, H, hd) ; q (B, T, H, hd) f32 ; k, v (B, S, KVH, hd) f32/f16/bf16, row stride
+ *   k->stride[1], batch stride k->stride[0] (any). Query t of sequence b sits at position
+ *   pos0[b] + t and sees keys 0 .. pos0[b] + t of its own cache; head h reads kv head h / (H / KVH).
  *
- * A unit of work is one query and up to GMAX query heads that share a kv head; threads claim units
- * one at a time. Keys go in chunks whose k (then v) rows stay in L1 while every head of the unit
+ * A unit of work is one query of one sequence and up to GMAX query heads that share a kv head;
+ * threads claim units one at a time. Keys go in chunks whose k (then v) rows stay in L1 while every head of the unit
  * uses them, so the cache is read once per kv head rather than once per query head. Per head:
  * scores = q.k * scale (f32), softmax in f32 with the max subtracted, out = sum p v / sum p.
  * Scores live in a per-thread scratch. */
@@ -120,23 +121,36 @@ typedef struct {
   float *out;
   const float *q;
   const void *k, *v;
-  int64_t T, H, hd, group, ks, vs, pos0; /* ks, vs: row strides of k and v in elements */
+  int64_t B, T, H, hd, group, ks, vs; /* ks, vs: row strides of k and v in elements */
+  int64_t kbs, vbs;                   /* batch strides of k and v in elements */
   int64_t KVH, sub, gsize; /* each kv head's group of query heads goes in `sub` units of gsize */
+  int64_t pos0;            /* every sequence's first position, unless pos_dev */
+  const int32_t *pos_dev;  /* NULL, or pos_n (1 or B) positions clamped into [0, pos_hi] */
+  int64_t pos_n, pos_hi;
   float scale;
   int dt;
   int64_t next; /* the first unit nobody has claimed yet (atomic) */
 } att_args;
 
-/* Unit u: query t, kv head kvh, query heads h0 .. h0 + g. sc holds g rows of S scores. */
+/* Position of sequence b's first query. */
+static inline int64_t pos_of(const att_args *a, int64_t b) {
+  if (!a->pos_dev) return a->pos0;
+  int64_t p = a->pos_dev[a->pos_n == 1 ? 0 : b];
+  return p < 0 ? 0 : p > a->pos_hi ? a->pos_hi : p;
+}
+
+/* Unit u: sequence b, query t, kv head kvh, query heads h0 .. h0 + g. sc holds g rows of S scores. */
 MSH_CPU_INLINE void unit_dt(const att_args *a, int64_t u, float *sc, int64_t S, int dt) {
-  int64_t per_t = a->KVH * a->sub, t = u / per_t, kvh = u % per_t / a->sub, j = u % a->sub;
-  int64_t h0 = kvh * a->group + j * a->gsize, g = a->group - j * a->gsize, hd = a->hd, n = a->pos0 + t + 1;
+  int64_t per_t = a->KVH * a->sub, per_b = a->T * per_t, b = u / per_b, r = u % per_b;
+  int64_t t = r / per_t, kvh = r % per_t / a->sub, j = r % a->sub;
+  int64_t h0 = kvh * a->group + j * a->gsize, g = a->group - j * a->gsize, hd = a->hd, n = pos_of(a, b) + t + 1;
   if (g > a->gsize) g = a->gsize;
   int64_t es = dt == MSH_F32 ? 4 : 2, kc = CHUNK_BYTES / (hd * es);
   kc = kc < 8 ? 8 : kc & ~(int64_t)7;
-  const char *k = (const char *)a->k + kvh * hd * es, *v = (const char *)a->v + kvh * hd * es;
-  const float *q = a->q + (t * a->H + h0) * hd;
-  float *o = a->out + (t * a->H + h0) * hd, inv[GMAX];
+  const char *k = (const char *)a->k + (b * a->kbs + kvh * hd) * es;
+  const char *v = (const char *)a->v + (b * a->vbs + kvh * hd) * es;
+  const float *q = a->q + ((b * a->T + t) * a->H + h0) * hd;
+  float *o = a->out + ((b * a->T + t) * a->H + h0) * hd, inv[GMAX];
   for (int64_t s0 = 0; s0 < n; s0 += kc) {
     int64_t c = n - s0 < kc ? n - s0 : kc;
     for (int64_t i = 0; i < g; i++) scores_dt(sc + i * S + s0, q + i * hd, k + s0 * a->ks * es, a->ks, c, hd, a->scale, dt);
@@ -160,11 +174,11 @@ static void unit_f16(const att_args *a, int64_t u, float *sc, int64_t S) { unit_
 static void unit_bf16(const att_args *a, int64_t u, float *sc, int64_t S) { unit_dt(a, u, sc, S, MSH_BF16); }
 
 /* Claims units one at a time until none are left (later queries see more keys, and a thread on a
- * busy core simply takes fewer); -1 when the scratch cannot grow. */
-static int run_units(att_args *a) {
+ * busy core simply takes fewer); S: keys of the longest query. -1 when the scratch cannot grow. */
+static int run_units(att_args *a, int64_t S) {
   void (*fn)(const att_args *, int64_t, float *, int64_t) =
       a->dt == MSH_F32 ? unit_f32 : a->dt == MSH_F16 ? unit_f16 : unit_bf16;
-  int64_t S = a->pos0 + a->T, units = a->T * a->KVH * a->sub;
+  int64_t units = a->B * a->T * a->KVH * a->sub;
   float *sc = msh_cpu_scratch(1, (size_t)(a->gsize * S));
   if (!sc) return -1;
   for (;;) {
@@ -174,26 +188,45 @@ static int run_units(att_args *a) {
   }
 }
 
-msh_status msh_cpu_attention(msh_tensor *out, const msh_tensor *q, const msh_tensor *k, const msh_tensor *v,
-                             int64_t pos0, float scale) {
-  int64_t T = q->shape[0], H = q->shape[1], KVH = k->shape[1], group = H / KVH;
+/* Operands as the backend entries get them (4-D); positions as att_args says. */
+static msh_status attention_run(msh_tensor *out, const msh_tensor *q, const msh_tensor *k, const msh_tensor *v,
+                                int64_t pos0, const int32_t *pos_dev, int64_t pos_n, int64_t pos_hi, float scale) {
+  int64_t B = q->shape[0], T = q->shape[1], H = q->shape[2], KVH = k->shape[2], group = H / KVH;
   int64_t sub = (group + GMAX - 1) / GMAX, gsize = (group + sub - 1) / sub;
-  att_args a = {msh_tensor_ptr(out), msh_tensor_ptr(q), msh_tensor_ptr(k), msh_tensor_ptr(v), T, H, q->shape[2],
-                group, k->stride[0], v->stride[0], pos0, KVH, sub, gsize, scale, k->dtype, 0};
-  int64_t units = T * KVH * sub;
+  att_args a = {msh_tensor_ptr(out), msh_tensor_ptr(q), msh_tensor_ptr(k), msh_tensor_ptr(v), B, T, H, q->shape[3],
+                group, k->stride[1], v->stride[1], k->stride[0], v->stride[0], KVH, sub, gsize, pos0, pos_dev,
+                pos_n, pos_hi, scale, k->dtype, 0};
+  int64_t units = B * T * KVH * sub;
   if (units == 0) return MSH_OK;
-  int64_t work = T * H * (pos0 + (T + 1) / 2) * (a.hd + 8); /* + 8: the softmax of each score */
+  int64_t keys = 0, S = 0; /* keys: the queries' keys summed; S: the longest query's */
+  for (int64_t b = 0; b < B; b++) {
+    int64_t p = pos_of(&a, b);
+    keys += T * (p + (T + 1) / 2);
+    if (p + T > S) S = p + T;
+  }
+  int64_t work = keys * H * (a.hd + 8); /* + 8: the softmax of each score */
   int nt = msh_cpu_threads(work, GRAIN_FLOPS);
   if (nt > units) nt = (int)units;
   int failed = 0;
   if (nt <= 1) {
-    failed = run_units(&a);
+    failed = run_units(&a, S);
   } else {
 #pragma omp parallel num_threads(nt) reduction(| : failed)
-    failed |= run_units(&a);
+    failed |= run_units(&a, S);
   }
   if (failed)
-    return MSH_FAIL(MSH_ENOMEM, "attention: out of memory for %lld x %lld scores", (long long)gsize,
-                    (long long)(pos0 + T));
+    return MSH_FAIL(MSH_ENOMEM, "attention: out of memory for %lld x %lld scores", (long long)gsize, (long long)S);
   return MSH_OK;
+}
+
+msh_status msh_cpu_attention(msh_tensor *out, const msh_tensor *q, const msh_tensor *k, const msh_tensor *v,
+                             int64_t pos0, float scale) {
+  return attention_run(out, q, k, v, pos0, NULL, 1, pos0, scale);
+}
+
+/* Positions read from pos0 (1 or B i32), each clamped into [0, max_len - T] as the device kernels
+ * clamp them. */
+msh_status msh_cpu_attention_dyn(msh_tensor *out, const msh_tensor *q, const msh_tensor *k, const msh_tensor *v,
+                                 const msh_tensor *pos0, int64_t max_len, float scale) {
+  return attention_run(out, q, k, v, 0, msh_tensor_ptr(pos0), msh_tensor_numel(pos0), max_len - q->shape[1], scale);
 }
