@@ -1,5 +1,7 @@
 /* comm.c: communicators: operand checks, broken-state handling and dispatch to an engine
- * (TCP in core/cpu/comm_tcp.c, NCCL in core/cuda/comm_nccl.c). */
+ * (TCP in core/cpu/comm_tcp.c, NCCL in core/cuda/comm_nccl.c), with the counters and the event
+ * ring of every call (timed here for both engines: host time for TCP, CUDA events around the
+ * enqueue for NCCL). */
 #include "comm_internal.h"
 
 #include <stdio.h>
@@ -21,6 +23,9 @@ msh_status msh_comm_init_head(msh_comm *c, const msh_comm_vt *vt, int kind, int 
   c->timeout = timeout > 0 ? timeout : 300;
   c->broken = 0;
   c->error[0] = '\0';
+  c->ring = NULL;
+  c->ring_cap = 0;
+  c->ring_head = c->ring_tail = c->ring_dropped = 0;
   msh_comm_reset_stats(c);
   c->world_ranks = malloc(sizeof(int) * (size_t)size);
   if (!c->world_ranks) return MSH_FAIL(MSH_ENOMEM, "out of memory");
@@ -28,9 +33,12 @@ msh_status msh_comm_init_head(msh_comm *c, const msh_comm_vt *vt, int kind, int 
   return MSH_OK;
 }
 
+static void free_ring(msh_comm *c);
+
 void msh_comm_free_head(msh_comm *c) {
   free(c->world_ranks);
   c->world_ranks = NULL;
+  free_ring(c);
 }
 
 msh_status msh_comm_fail(msh_comm *c, msh_status s) {
@@ -165,11 +173,108 @@ static uint64_t tensor_bytes(const msh_tensor *t) {
   return (uint64_t)msh_tensor_numel(t) * msh_dtype_size(t->dtype);
 }
 
-/* Counts one call of op that started at t0. */
-static msh_status counted(msh_comm *c, int op, uint64_t bytes, double t0, msh_status s) {
+/* ------------------------------------------------------------------------------ events */
+
+static void free_ring(msh_comm *c) {
+  for (int i = 0; i < c->ring_cap; i++) {
+    msh_timer_free(c->ring[i].start);
+    msh_timer_free(c->ring[i].end);
+  }
+  free(c->ring);
+  c->ring = NULL;
+  c->ring_cap = 0;
+  c->ring_head = c->ring_tail = c->ring_dropped = 0;
+}
+
+msh_status msh_comm_set_events(msh_comm *c, int capacity) {
+  if (!c) return MSH_FAIL(MSH_EINVAL, "NULL communicator");
+  if (capacity < 0) return MSH_FAIL(MSH_EINVAL, "negative event capacity %d", capacity);
+  free_ring(c);
+  if (capacity == 0) return MSH_OK;
+  msh_comm_rec *ring = calloc((size_t)capacity, sizeof *ring);
+  if (!ring) return MSH_FAIL(MSH_ENOMEM, "out of memory for %d communicator events", capacity);
+  c->ring = ring;
+  c->ring_cap = capacity;
+  if (c->device != MSH_CPU) {
+    for (int i = 0; i < capacity; i++) {
+      msh_status s = msh_timer_new(&ring[i].start, c->device, c->device_index);
+      if (s == MSH_OK) s = msh_timer_new(&ring[i].end, c->device, c->device_index);
+      if (s != MSH_OK) {
+        free_ring(c);
+        return s;
+      }
+    }
+  }
+  return MSH_OK;
+}
+
+/* The slot of the next record (dropping the oldest when the ring is full), with its start point
+ * taken; NULL when recording is off. */
+static msh_comm_rec *event_begin(msh_comm *c, int op, int peer, uint64_t bytes) {
+  if (!c->ring_cap) return NULL;
+  if (c->ring_head - c->ring_tail == (uint64_t)c->ring_cap) {
+    c->ring_tail++;
+    c->ring_dropped++;
+  }
+  msh_comm_rec *r = &c->ring[c->ring_head % (uint64_t)c->ring_cap];
+  r->op = op;
+  r->peer = peer;
+  r->bytes = bytes;
+  r->device = r->start && msh_timer_try_record(r->start) == 0;
+  return r;
+}
+
+/* Publishes a successful call's record with its end point. */
+static void event_end(msh_comm *c, msh_comm_rec *r, double t0, double t1, msh_status s) {
+  if (!r || s != MSH_OK) return;
+  r->t = t0;
+  r->seconds = t1 - t0;
+  if (r->device && msh_timer_try_record(r->end) != 0) r->device = 0;
+  c->ring_head++;
+}
+
+msh_status msh_comm_drain_events(msh_comm *c, int max, int wait, int *op, uint64_t *bytes, int *peer, double *t,
+                                 double *seconds, int *device, int *n, uint64_t *dropped) {
+  if (!c || !n) return MSH_FAIL(MSH_EINVAL, "NULL argument");
+  if (max < 0) return MSH_FAIL(MSH_EINVAL, "negative max %d", max);
+  int k = 0;
+  while (k < max && c->ring_tail < c->ring_head) {
+    msh_comm_rec *r = &c->ring[c->ring_tail % (uint64_t)c->ring_cap];
+    double secs = r->seconds;
+    int dev = r->device;
+    if (dev) {
+      double d = -1;
+      msh_status s = msh_timer_elapsed(r->start, r->end, wait, &d);
+      if (s != MSH_OK) dev = 0;      /* a failed event: keep the host time */
+      else if (d < 0) break;         /* not reached yet: later records wait behind it */
+      else secs = d;
+    }
+    if (op) op[k] = r->op;
+    if (bytes) bytes[k] = r->bytes;
+    if (peer) peer[k] = r->peer;
+    if (t) t[k] = r->t;
+    if (seconds) seconds[k] = secs;
+    if (device) device[k] = dev;
+    k++;
+    c->ring_tail++;
+  }
+  *n = k;
+  if (dropped) {
+    *dropped = c->ring_dropped;
+    c->ring_dropped = 0;
+  }
+  return MSH_OK;
+}
+
+/* ---------------------------------------------------------------------------- counting */
+
+/* Counts one call of op that started at t0 and publishes its event record (from event_begin). */
+static msh_status counted(msh_comm *c, int op, uint64_t bytes, msh_comm_rec *rec, double t0, msh_status s) {
+  double t1 = now_s();
   c->calls[op]++;
   c->bytes[op] += bytes;
-  c->seconds[op] += now_s() - t0;
+  c->seconds[op] += t1 - t0;
+  event_end(c, rec, t0, t1, s);
   return done(c, s);
 }
 
@@ -204,8 +309,9 @@ msh_status msh_comm_all_reduce(msh_comm *c, msh_tensor *t, int op) {
   TRY(check_tensor(c, t, "tensor", 1));
   TRY(check_reduce(c, t->dtype, op));
   if (msh_tensor_numel(t) == 0 || c->size == 1) return MSH_OK;
+  msh_comm_rec *rec = event_begin(c, MSH_COMM_OP_ALL_REDUCE, -1, tensor_bytes(t));
   double t0 = now_s();
-  return counted(c, MSH_COMM_OP_ALL_REDUCE, tensor_bytes(t), t0, c->vt->all_reduce(c, t, op));
+  return counted(c, MSH_COMM_OP_ALL_REDUCE, tensor_bytes(t), rec, t0, c->vt->all_reduce(c, t, op));
 }
 
 msh_status msh_comm_all_gather(msh_comm *c, msh_tensor *out, const msh_tensor *in) {
@@ -220,8 +326,9 @@ msh_status msh_comm_all_gather(msh_comm *c, msh_tensor *out, const msh_tensor *i
     return MSH_FAIL(MSH_EINVAL, "out holds %lld elements, %d ranks x %lld expected",
                     (long long)msh_tensor_numel(out), c->size, (long long)n);
   if (n == 0) return MSH_OK;
+  msh_comm_rec *rec = event_begin(c, MSH_COMM_OP_ALL_GATHER, -1, tensor_bytes(in));
   double t0 = now_s();
-  return counted(c, MSH_COMM_OP_ALL_GATHER, tensor_bytes(in), t0, c->vt->all_gather(c, out, in));
+  return counted(c, MSH_COMM_OP_ALL_GATHER, tensor_bytes(in), rec, t0, c->vt->all_gather(c, out, in));
 }
 
 msh_status msh_comm_reduce_scatter(msh_comm *c, msh_tensor *out, const msh_tensor *in, int op) {
@@ -237,8 +344,9 @@ msh_status msh_comm_reduce_scatter(msh_comm *c, msh_tensor *out, const msh_tenso
     return MSH_FAIL(MSH_EINVAL, "in holds %lld elements, %d ranks x %lld expected",
                     (long long)msh_tensor_numel(in), c->size, (long long)n);
   if (n == 0) return MSH_OK;
+  msh_comm_rec *rec = event_begin(c, MSH_COMM_OP_REDUCE_SCATTER, -1, tensor_bytes(in));
   double t0 = now_s();
-  return counted(c, MSH_COMM_OP_REDUCE_SCATTER, tensor_bytes(in), t0, c->vt->reduce_scatter(c, out, in, op));
+  return counted(c, MSH_COMM_OP_REDUCE_SCATTER, tensor_bytes(in), rec, t0, c->vt->reduce_scatter(c, out, in, op));
 }
 
 msh_status msh_comm_broadcast(msh_comm *c, msh_tensor *t, int root) {
@@ -246,8 +354,9 @@ msh_status msh_comm_broadcast(msh_comm *c, msh_tensor *t, int root) {
   TRY(check_rank(c, root, "root"));
   TRY(check_tensor(c, t, "tensor", c->rank != root));
   if (msh_tensor_numel(t) == 0 || c->size == 1) return MSH_OK;
+  msh_comm_rec *rec = event_begin(c, MSH_COMM_OP_BROADCAST, root, tensor_bytes(t));
   double t0 = now_s();
-  return counted(c, MSH_COMM_OP_BROADCAST, tensor_bytes(t), t0, c->vt->broadcast(c, t, root));
+  return counted(c, MSH_COMM_OP_BROADCAST, tensor_bytes(t), rec, t0, c->vt->broadcast(c, t, root));
 }
 
 msh_status msh_comm_send(msh_comm *c, const msh_tensor *t, int peer) {
@@ -255,8 +364,9 @@ msh_status msh_comm_send(msh_comm *c, const msh_tensor *t, int peer) {
   TRY(check_rank(c, peer, "peer"));
   if (peer == c->rank) return MSH_FAIL(MSH_EINVAL, "rank %d sends to itself", peer);
   TRY(check_tensor(c, t, "tensor", 0));
+  msh_comm_rec *rec = event_begin(c, MSH_COMM_OP_SEND, peer, tensor_bytes(t));
   double t0 = now_s();
-  return counted(c, MSH_COMM_OP_SEND, tensor_bytes(t), t0, c->vt->send(c, t, peer));
+  return counted(c, MSH_COMM_OP_SEND, tensor_bytes(t), rec, t0, c->vt->send(c, t, peer));
 }
 
 msh_status msh_comm_recv(msh_comm *c, msh_tensor *t, int peer) {
@@ -264,15 +374,17 @@ msh_status msh_comm_recv(msh_comm *c, msh_tensor *t, int peer) {
   TRY(check_rank(c, peer, "peer"));
   if (peer == c->rank) return MSH_FAIL(MSH_EINVAL, "rank %d receives from itself", peer);
   TRY(check_tensor(c, t, "tensor", 1));
+  msh_comm_rec *rec = event_begin(c, MSH_COMM_OP_RECV, peer, tensor_bytes(t));
   double t0 = now_s();
-  return counted(c, MSH_COMM_OP_RECV, tensor_bytes(t), t0, c->vt->recv(c, t, peer));
+  return counted(c, MSH_COMM_OP_RECV, tensor_bytes(t), rec, t0, c->vt->recv(c, t, peer));
 }
 
 msh_status msh_comm_barrier(msh_comm *c) {
   TRY(usable(c));
   if (c->size == 1) return MSH_OK;
+  msh_comm_rec *rec = event_begin(c, MSH_COMM_OP_BARRIER, -1, 0);
   double t0 = now_s();
-  return counted(c, MSH_COMM_OP_BARRIER, 0, t0, c->vt->barrier(c));
+  return counted(c, MSH_COMM_OP_BARRIER, 0, rec, t0, c->vt->barrier(c));
 }
 
 msh_status msh_comm_split(msh_comm **out, msh_comm *c, int color, int key) {

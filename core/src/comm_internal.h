@@ -4,6 +4,7 @@
 #define MSH_COMM_INTERNAL_H
 
 #include "internal.h"
+#include "timer_internal.h"
 
 /* An engine's operations. comm.c has checked every operand before calling in: tensors contiguous
  * and on the communicator's device, dtypes and element counts consistent, roots and peers in
@@ -23,6 +24,15 @@ typedef struct msh_comm_vt {
   void (*destroy)(msh_comm *c); /* frees the engine's state and the struct itself */
 } msh_comm_vt;
 
+/* One call in the event ring (msh_comm_set_events). */
+typedef struct msh_comm_rec {
+  int op, peer;
+  int device;          /* 1: start and end were recorded on the device's stream */
+  uint64_t bytes;
+  double t, seconds;   /* host clock at the call; host seconds inside it */
+  msh_timer *start, *end; /* device timers of an NCCL communicator (NULL for TCP) */
+} msh_comm_rec;
+
 /* The common head of every communicator (engines embed it first). */
 struct msh_comm {
   const msh_comm_vt *vt;
@@ -36,6 +46,10 @@ struct msh_comm {
   char error[512];   /* the first failure's message */
   uint64_t calls[MSH_COMM_OP_COUNT], bytes[MSH_COMM_OP_COUNT];
   double seconds[MSH_COMM_OP_COUNT];
+  /* event ring: records [tail, head) are pending, slot i % cap; cap 0: recording off */
+  msh_comm_rec *ring;
+  int ring_cap;
+  uint64_t ring_head, ring_tail, ring_dropped;
 };
 
 /* Fills the head (world_ranks copied, or the identity when NULL). MSH_ENOMEM. */

@@ -1,7 +1,9 @@
 /* test_comm.c: the TCP communicator on 2, 3 and 4 ranks (one thread per rank, loopback only):
  * every collective against a float64 reference on random inputs of odd sizes, subgroups,
  * send/recv, and the failures: a peer that exits, a peer that stalls (timeout), abort from
- * another thread, a wrong world size, an unreachable rank, mismatched sizes, bad arguments. */
+ * another thread, a wrong world size, an unreachable rank, mismatched sizes, bad arguments;
+ * the event ring (records in call order with op, bytes, peer and duration; a full ring drops
+ * the oldest; off by default and after capacity 0). */
 #define _GNU_SOURCE
 #include "check.h"
 
@@ -585,9 +587,81 @@ static void bad_arguments(void) {
   }
 }
 
+/* --------------------------------------------------------------------------------- events */
+
+enum { EV_MAX = 16 };
+
+typedef struct {
+  int n;
+  int op[EV_MAX], peer[EV_MAX], device[EV_MAX];
+  uint64_t bytes[EV_MAX], dropped;
+  double t[EV_MAX], seconds[EV_MAX];
+} ev_batch;
+
+static void drain(rank_ctx *x, ev_batch *b, int max) {
+  note(x, msh_comm_drain_events(x->c, max, 0, b->op, b->bytes, b->peer, b->t, b->seconds, b->device, &b->n,
+                                &b->dropped));
+}
+
+static ev_batch ev_got[MAXW][3];
+
+/* Rank 1 enters the first all_reduce 60 ms late: rank 0's record of it must show the wait. Then a
+ * broadcast from rank 1, a send/recv pair, events off for one call, and a ring of 4 overrun by 6
+ * barriers. */
+static void do_events(rank_ctx *x) {
+  int r = x->rank;
+  ev_batch *b = ev_got[r];
+  memset(b, 0, sizeof(ev_batch) * 3);
+  note(x, msh_comm_set_events(x->c, 8));
+  msh_tensor *t = randn1(5, 7);
+  if (r == 1) sleep_ms(60);
+  note(x, msh_comm_all_reduce(x->c, t, MSH_REDUCE_SUM));
+  note(x, msh_comm_broadcast(x->c, t, 1));
+  if (r == 0) note(x, msh_comm_send(x->c, t, 1));
+  else note(x, msh_comm_recv(x->c, t, 0));
+  drain(x, &b[0], 2); /* the first two only */
+  drain(x, &b[1], EV_MAX);
+  note(x, msh_comm_set_events(x->c, 0));
+  note(x, msh_comm_all_reduce(x->c, t, MSH_REDUCE_SUM)); /* not recorded */
+  note(x, msh_comm_set_events(x->c, 4));
+  for (int i = 0; i < 6; i++) note(x, msh_comm_barrier(x->c));
+  drain(x, &b[2], EV_MAX);
+  note(x, msh_comm_set_events(x->c, 0));
+  msh_tensor_free(t);
+}
+
+static void events(void) {
+  rank_ctx ctx[MAXW];
+  if (!make_world(ctx, 2, 10)) return;
+  run_ok(ctx, 2, do_events, NULL, "events");
+  for (int r = 0; r < 2; r++) {
+    ev_batch *b = ev_got[r];
+    CHECK(b[0].n == 2 && b[1].n == 1 && b[2].n == 4);
+    CHECK(b[0].op[0] == MSH_COMM_OP_ALL_REDUCE && b[0].bytes[0] == 5 * sizeof(float) && b[0].peer[0] == -1);
+    CHECK(b[0].op[1] == MSH_COMM_OP_BROADCAST && b[0].peer[1] == 1 && b[0].bytes[1] == 5 * sizeof(float));
+    CHECK(b[1].op[0] == (r == 0 ? MSH_COMM_OP_SEND : MSH_COMM_OP_RECV) && b[1].peer[0] == 1 - r);
+    CHECK(b[0].dropped == 0 && b[1].dropped == 0 && b[2].dropped == 2);
+    CHECK(b[0].t[0] <= b[0].t[1] && b[0].t[1] <= b[1].t[0]);
+    for (int i = 0; i < 4; i++) CHECK(b[2].op[i] == MSH_COMM_OP_BARRIER && b[2].bytes[i] == 0);
+    for (int k = 0; k < 3; k++)
+      for (int i = 0; i < b[k].n; i++) CHECK(b[k].seconds[i] >= 0 && b[k].seconds[i] < 5 && b[k].device[i] == 0);
+  }
+  /* rank 0 waited for the late rank inside its all_reduce; rank 1 did not */
+  CHECK(ev_got[0][0].seconds[0] > 0.04);
+  CHECK(ev_got[1][0].seconds[0] < ev_got[0][0].seconds[0]);
+  CHECK_STATUS(msh_comm_set_events(ctx[0].c, -1), MSH_EINVAL);
+  int n = -1;
+  CHECK_STATUS(msh_comm_drain_events(ctx[0].c, -1, 0, NULL, NULL, NULL, NULL, NULL, NULL, &n, NULL), MSH_EINVAL);
+  CHECK_STATUS(msh_comm_drain_events(NULL, 1, 0, NULL, NULL, NULL, NULL, NULL, NULL, &n, NULL), MSH_EINVAL);
+  CHECK_OK(msh_comm_drain_events(ctx[0].c, 4, 1, NULL, NULL, NULL, NULL, NULL, NULL, &n, NULL));
+  CHECK(n == 0);
+  free_world(ctx, 2);
+}
+
 int main(void) {
   for (int W = 2; W <= MAXW; W++) collectives_on(W);
   failures();
   bad_arguments();
+  events();
   return check_done("test_comm");
 }
