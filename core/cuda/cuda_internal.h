@@ -100,6 +100,18 @@ msh_status msh_cuda_stream(int device_index, cudaStream_t *out);
  * capture). */
 msh_status msh_cuda_sync(int device_index);
 
+/* ------------------------------------------------------------------------------ staging */
+
+/* Host-to-device copies through the device's pinned staging buffers (cuda_staging.c); see
+ * msh_device_set_staging in moonshard.h. upload_rows: dst (contiguous, rows * cols elements of
+ * dst_dtype) = host rows of cols elements of src_dtype, ld elements apart, converting float dtypes
+ * on the device. upload_bytes: bytes from host memory to device memory of device d (current). Both
+ * return once the source has been read; the device finishes in stream order. */
+msh_status msh_cuda_upload_rows(int device_index, void *dst, int dst_dtype, const void *src, int src_dtype,
+                                int64_t rows, int64_t cols, int64_t ld);
+msh_status msh_cuda_upload_bytes(msh_cuda_dev *d, void *dst, const void *src, uint64_t bytes);
+/* msh_cuda_staging_set / _stats are declared in internal.h (the public wrappers call them). */
+
 /* Tuning knob: M up to which matmul uses the GEMV kernel (clamped to [0, 16]); returns the
  * previous value. */
 int msh_cuda_set_gemv_max_m(int device_index, int m);

@@ -328,6 +328,36 @@ msh_status msh_tensor_transpose(msh_tensor **out, msh_tensor *t, int d0, int d1)
 
 static int is_float(int dt) { return dt == MSH_F32 || dt == MSH_F16 || dt == MSH_BF16; }
 
+/* t as `rows` rows of `cols` packed elements, ld apart (dims 1.. packed, a row stride that does
+ * not overlap rows): the layout of a weight and of its slices along either dim. */
+static int packed_rows(const msh_tensor *t, int64_t *rows, int64_t *cols, int64_t *ld) {
+  if (t->ndim == 0) {
+    *rows = *cols = *ld = 1;
+    return 1;
+  }
+  int64_t acc = 1;
+  for (int i = t->ndim - 1; i >= 1; i--) {
+    if (t->shape[i] != 1 && t->stride[i] != acc) return 0;
+    acc *= t->shape[i];
+  }
+  if (t->shape[0] > 1 && t->stride[0] < acc) return 0;
+  *rows = t->shape[0];
+  *cols = acc;
+  *ld = t->shape[0] > 1 ? t->stride[0] : acc;
+  return 1;
+}
+
+/* Host to a contiguous device tensor through the backend's streaming upload (pinned staging,
+ * conversion on the device) when it has one and src is laid out in rows; 0 when not taken. */
+static int upload_streamed(const msh_backend *be, msh_tensor *dst, const msh_tensor *src, msh_status *s) {
+  int64_t rows, cols, ld;
+  if (!be->upload_rows || !msh_tensor_is_contiguous(dst) || !packed_rows(src, &rows, &cols, &ld)) return 0;
+  if (dst->dtype != src->dtype && !(is_float(dst->dtype) && is_float(src->dtype))) return 0;
+  *s = be->upload_rows(dst->st->device_index, msh_tensor_ptr(dst), dst->dtype, msh_tensor_ptr(src), src->dtype, rows,
+                       cols, ld);
+  return 1;
+}
+
 msh_status msh_tensor_copy(msh_tensor *dst, const msh_tensor *src) {
   if (!dst || !src) return MSH_FAIL(MSH_EINVAL, "NULL argument");
   char a[128], b[128];
@@ -365,6 +395,7 @@ msh_status msh_tensor_copy(msh_tensor *dst, const msh_tensor *src) {
   if (src->st->device == MSH_CPU) {
     const msh_backend *be = msh_backend_for(dst->st->device);
     if (!be) return MSH_EUNSUPPORTED;
+    if (upload_streamed(be, dst, src, &s)) return s;
     msh_tensor *tmp = NULL, *stage = NULL;
     if (msh_tensor_is_contiguous(dst)) {
       s = msh_tensor_contiguous(&tmp, src, dst->dtype);
@@ -460,4 +491,23 @@ msh_status msh_device_mem_info(int kind, int device_index, uint64_t *free_bytes,
   if (!be) return MSH_EUNSUPPORTED;
   if (!be->mem_info) return MSH_FAIL(MSH_EUNSUPPORTED, "the %s backend does not report memory", be->name);
   return be->mem_info(device_index, free_bytes, total_bytes);
+}
+
+msh_status msh_device_set_staging(int kind, int device_index, uint64_t chunk_bytes, int n_buffers) {
+#ifdef MSH_WITH_CUDA
+  if (kind == MSH_CUDA) return msh_cuda_staging_set(device_index, chunk_bytes, n_buffers);
+#endif
+  (void)device_index, (void)chunk_bytes, (void)n_buffers;
+  if (kind == MSH_CPU) return MSH_FAIL(MSH_EUNSUPPORTED, "the CPU has no staging buffers");
+  return MSH_FAIL(MSH_EUNSUPPORTED, "device kind %d is not available in this build", kind);
+}
+
+msh_status msh_device_staging_stats(int kind, int device_index, uint64_t *chunk_bytes, int *n_buffers,
+                                    uint64_t *bytes, uint64_t *chunks) {
+#ifdef MSH_WITH_CUDA
+  if (kind == MSH_CUDA) return msh_cuda_staging_stats(device_index, chunk_bytes, n_buffers, bytes, chunks);
+#endif
+  (void)device_index, (void)chunk_bytes, (void)n_buffers, (void)bytes, (void)chunks;
+  if (kind == MSH_CPU) return MSH_FAIL(MSH_EUNSUPPORTED, "the CPU has no staging buffers");
+  return MSH_FAIL(MSH_EUNSUPPORTED, "device kind %d is not available in this build", kind);
 }
