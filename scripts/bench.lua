@@ -131,11 +131,16 @@ if pg then
   par, err = require("moonshard.parallel").setup(desc, { tp = opts.tp, pp = opts.pp, dist = pg })
   if not par then fail(err) end
 end
+local load_s -- seconds to place the weights on the device (files through staging, or drawn)
 local ok, net = pcall(function()
   local d = par and par.desc or desc
+  sync()
+  local t_load = uv.hrtime()
   local stage = require("moonshard.stage").resident(d.weights, opts.device, {
     dtype = dtype, layers = par and par.layers, embed = not par or par.first_stage, head = not par or par.last_stage,
   })
+  sync()
+  load_s = (uv.hrtime() - t_load) / 1e9
   return require("moonshard.models.llama").new(d, {
     device = opts.device, stage = stage, max_seq = need, chunk = math.min(need, 2048),
     kv_dtype = opts.kv_dtype or (gpu and "bf16" or "f32"), graphs = opts.graphs ~= "off",
@@ -200,6 +205,20 @@ local result = {
   decode_tok_s = (opts.gen_len - 1) / d, decode_step_ms = decode_step * 1e3,
   total_tok_s = (T + opts.gen_len) / (p + d),
 }
+-- what the stage placed: every distinct weight it holds (the embedding too), over the load time
+local load_bytes, seen = 0, {}
+local function placed(t)
+  if type(t) == "cdata" and not seen[t] then seen[t] = true; load_bytes = load_bytes + t:nbytes() end
+end
+placed(net.stage:embed()); placed(net.stage:norm()); placed(net.stage:output())
+for l = net.first_layer, net.last_layer do
+  for _, t in pairs(net.stage:acquire(l)) do placed(t) end
+end
+result.load_s = load_s
+result.load_bytes = load_bytes
+result.load_GBps = load_s and load_s > 0 and load_bytes / load_s / 1e9 or nil
+result.load_source = opts.dummy and "random values drawn on the device"
+  or gpu and "mapped files through the staging buffers" or "mapped files (zero-copy where the dtype is kept)"
 if peak then result.peak_device_memory_bytes = peak; result.model_device_memory_bytes = peak - (mem0 or 0) end
 if bw then
   result.ceiling_copy_GBps = bw / 1e9

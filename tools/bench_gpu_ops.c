@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <cublas_v2.h>
 #include <cuda_runtime_api.h>
@@ -274,50 +275,76 @@ static double bench_matmul(int64_t M, int64_t N, int64_t K, const char *path) {
 /* --------------------------------------------------------------------------- attention */
 
 typedef struct {
-  msh_tensor *q, *out, *k[64], *v[64];
+  msh_tensor *q, *out, *k[64], *v[64], *pos; /* pos: (B) i32 per-sequence positions, or NULL */
   int nkv;
-  int64_t pos0;
+  int64_t pos0, max_len;
   float scale;
 } at_ctx;
 
 static void at_op(void *p, int i) {
   at_ctx *c = p;
-  OK(msh_op_attention(c->out, c->q, c->k[i % c->nkv], c->v[i % c->nkv], c->pos0, c->scale));
+  if (c->pos)
+    OK(msh_op_attention_dyn(c->out, c->q, c->k[i % c->nkv], c->v[i % c->nkv], c->pos, c->max_len, c->scale));
+  else
+    OK(msh_op_attention(c->out, c->q, c->k[i % c->nkv], c->v[i % c->nkv], c->pos0, c->scale));
 }
 
-static void bench_attention(int64_t T, int64_t ctx, const char *name) {
+/* B sequences of T queries over bf16 caches of ctx rows each (Llama-3-8B heads). dyn: positions
+ * per sequence read on the device (attention_dyn planned for ctx), sequence b at
+ * ctx - T - (b % 8) * ctx / 64 (different lengths, as in a real batch); else all at ctx - T. */
+static void bench_attention(int64_t B, int64_t T, int64_t ctx, int dyn, const char *name) {
   const int64_t H = 32, KVH = 8, hd = 128;
   at_ctx c = {0};
-  int64_t qs[3] = {T, H, hd}, ks[3] = {ctx, KVH, hd};
-  double kvbytes = 2.0 * ctx * KVH * hd * 2;
+  int64_t qs[4] = {B, T, H, hd}, ks[4] = {B, ctx, KVH, hd};
+  double kvbytes = 2.0 * B * ctx * KVH * hd * 2;
   c.nkv = (int)ceil(512e6 / kvbytes);
   if (c.nkv > 64) c.nkv = 64;
   if (c.nkv < 1) c.nkv = 1;
-  c.q = dev_tensor(MSH_F32, 3, qs);
-  c.out = dev_tensor(MSH_F32, 3, qs);
+  c.q = dev_tensor(MSH_F32, 4, qs);
+  c.out = dev_tensor(MSH_F32, 4, qs);
   fill_random(c.q, 20);
   for (int i = 0; i < c.nkv; i++) {
-    c.k[i] = dev_tensor(MSH_BF16, 3, ks);
-    c.v[i] = dev_tensor(MSH_BF16, 3, ks);
+    c.k[i] = dev_tensor(MSH_BF16, 4, ks);
+    c.v[i] = dev_tensor(MSH_BF16, 4, ks);
     fill_random(c.k[i], 21 + 2 * (uint64_t)i);
     fill_random(c.v[i], 22 + 2 * (uint64_t)i);
   }
   c.pos0 = ctx - T;
+  c.max_len = ctx;
   c.scale = 1.0f / sqrtf((float)hd);
-  /* causal pairs (query, visible key) over all heads: QK^T and PV are 2 * hd FLOPs each */
-  double pairs = (double)T * c.pos0 + (double)T * (T + 1) / 2;
+  /* causal pairs (query, visible key) over all heads: QK^T and PV are 2 * hd FLOPs each; bytes:
+   * the keys and values the queries see, q and out */
+  double pairs = 0, seen = 0;
+  if (dyn) {
+    msh_tensor *h = NULL;
+    OK(msh_tensor_new(&h, MSH_I32, 1, &B, MSH_CPU, 0));
+    int32_t *p = msh_tensor_data(h);
+    for (int64_t b = 0; b < B; b++) p[b] = (int32_t)(ctx - T - (b % 8) * ctx / 64);
+    c.pos = dev_tensor(MSH_I32, 1, &B);
+    OK(msh_tensor_copy(c.pos, h));
+    for (int64_t b = 0; b < B; b++) {
+      pairs += (double)T * p[b] + (double)T * (T + 1) / 2;
+      seen += (double)p[b] + T;
+    }
+    msh_tensor_free(h);
+  } else {
+    pairs = B * ((double)T * c.pos0 + (double)T * (T + 1) / 2);
+    seen = (double)B * ctx;
+  }
   double flops = 4.0 * hd * H * pairs;
-  double bytes = kvbytes + 2.0 * T * H * hd * 4;
+  double bytes = seen * 2.0 * KVH * hd * 2 + 2.0 * B * T * H * hd * 4;
   double t = time_op(at_op, &c, T > 1 ? 5 : 20, 15);
   double tg = time_graph(at_op, &c, T > 1 ? 5 : 20, 15);
   const char *kind;
   double fl = floor_of(bytes, flops, &kind);
-  char extra[160];
-  snprintf(extra, sizeof extra, "\"op\":\"attention\",\"kv\":\"bf16\",\"T\":%lld,\"ctx\":%lld,\"H\":32,\"KVH\":8,\"hd\":128,",
-           (long long)T, (long long)ctx);
+  char extra[200];
+  snprintf(extra, sizeof extra,
+           "\"op\":\"attention%s\",\"kv\":\"bf16\",\"B\":%lld,\"T\":%lld,\"ctx\":%lld,\"H\":32,\"KVH\":8,\"hd\":128,",
+           dyn ? "_dyn" : "", (long long)B, (long long)T, (long long)ctx);
   report(name, extra, t, tg, fl, kind, bytes, flops);
   msh_tensor_free(c.q);
   msh_tensor_free(c.out);
+  msh_tensor_free(c.pos);
   for (int i = 0; i < c.nkv; i++) {
     msh_tensor_free(c.k[i]);
     msh_tensor_free(c.v[i]);
@@ -497,6 +524,103 @@ static void bench_decode_step(int64_t pos, int64_t max_len) {
   for (size_t i = 0; i < sizeof rest / sizeof rest[0]; i++) msh_tensor_free(rest[i]);
 }
 
+/* ------------------------------------------------------------------------- file uploads */
+
+static double wall(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+/* Median seconds of msh_tensor_copy(dst, src) followed by a device sync (5 runs after one). */
+static double time_copy(msh_tensor *dst, const msh_tensor *src) {
+  double t[5];
+  OK(msh_tensor_copy(dst, src));
+  OK(msh_device_sync(MSH_CUDA, 0));
+  for (int r = 0; r < 5; r++) {
+    double t0 = wall();
+    OK(msh_tensor_copy(dst, src));
+    OK(msh_device_sync(MSH_CUDA, 0));
+    t[r] = wall() - t0;
+  }
+  qsort(t, 5, sizeof t[0], cmp_double);
+  return t[2];
+}
+
+/* Weights from a 1 GiB file in the page cache to the device through the staging buffers (as is,
+ * and f32 -> bf16 converted on the device), against pinned and pageable cudaMemcpy of the same
+ * size measured now. Target: >= 3 GB/s (ideally near the pinned ceiling). */
+static void bench_upload_file(void) {
+  const char *dir = getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp";
+  char path[512];
+  snprintf(path, sizeof path, "%s/msh_bench_upload_XXXXXX", dir);
+  int fd = mkstemp(path);
+  if (fd < 0) {
+    fprintf(stderr, "bench_gpu_ops: cannot create a file in %s: upload benchmark skipped\n", dir);
+    return;
+  }
+  const size_t bytes = (size_t)1 << 30, block = (size_t)16 << 20;
+  float *buf = malloc(block);
+  for (size_t i = 0; i < block / 4; i++) buf[i] = (float)(i % 1000) * 1e-3f;
+  size_t done = 0;
+  while (done < bytes) {
+    ssize_t w = write(fd, buf, block);
+    if (w <= 0) break;
+    done += (size_t)w;
+  }
+  close(fd);
+  free(buf);
+  msh_file *f = NULL;
+  if (done < bytes || msh_file_open(&f, path) != MSH_OK) {
+    fprintf(stderr, "bench_gpu_ops: cannot write %zu bytes to %s: upload benchmark skipped\n", bytes, path);
+    unlink(path);
+    return;
+  }
+  int64_t n16 = (int64_t)(bytes / 2), n32 = (int64_t)(bytes / 4);
+  msh_tensor *src16 = NULL, *src32 = NULL, *dst = NULL, *dst32 = NULL;
+  OK(msh_tensor_from_file(&src16, f, 0, MSH_BF16, 1, &n16));
+  OK(msh_tensor_from_file(&src32, f, 0, MSH_F32, 1, &n32));
+  OK(msh_tensor_new(&dst, MSH_BF16, 1, &n16, MSH_CUDA, 0));
+  OK(msh_tensor_new(&dst32, MSH_BF16, 1, &n32, MSH_CUDA, 0));
+  volatile char sink = 0; /* read the file once: the runs below copy from the page cache */
+  for (size_t i = 0; i < bytes; i += 4096) sink ^= ((const char *)msh_file_data(f))[i];
+  (void)sink;
+  double t_same = time_copy(dst, src16);
+  double t_conv = time_copy(dst32, src32);
+  /* ceilings of the same size: one cudaMemcpy from pinned memory, and from the mapped file */
+  void *pinned = NULL;
+  double t_pinned = 0, t_pageable = 0;
+  if (cudaMallocHost(&pinned, bytes) == cudaSuccess) {
+    memset(pinned, 1, bytes);
+    CU(cudaMemcpy(msh_tensor_data(dst), pinned, bytes, cudaMemcpyHostToDevice));
+    double t0 = wall();
+    CU(cudaMemcpy(msh_tensor_data(dst), pinned, bytes, cudaMemcpyHostToDevice));
+    t_pinned = wall() - t0;
+    cudaFreeHost(pinned);
+  }
+  (void)cudaGetLastError();
+  {
+    double t0 = wall();
+    CU(cudaMemcpy(msh_tensor_data(dst), msh_file_data(f), bytes, cudaMemcpyHostToDevice));
+    t_pageable = wall() - t0;
+  }
+  uint64_t chunk = 0;
+  int nbuf = 0;
+  OK(msh_device_staging_stats(MSH_CUDA, 0, &chunk, &nbuf, NULL, NULL));
+  printf("{\"bench\":\"upload_file\",\"bytes\":%zu,\"staging_buffers\":%d,\"staging_chunk_MiB\":%.0f,"
+         "\"GBps\":%.2f,\"GBps_f32_to_bf16\":%.2f,\"pinned_memcpy_GBps\":%.2f,\"pageable_memcpy_GBps\":%.2f,"
+         "\"fraction_of_pinned\":%.3f,\"target_GBps\":3}\n",
+         bytes, nbuf, chunk / 1048576.0, bytes / t_same / 1e9, bytes / t_conv / 1e9,
+         t_pinned > 0 ? bytes / t_pinned / 1e9 : 0.0, bytes / t_pageable / 1e9,
+         t_pinned > 0 ? t_pinned / t_same : 0.0);
+  msh_tensor_free(dst32);
+  msh_tensor_free(dst);
+  msh_tensor_free(src32);
+  msh_tensor_free(src16);
+  msh_file_free(f);
+  unlink(path);
+}
+
 /* ----------------------------------------------------------------------------------- main */
 
 /* argv[1], when given, runs only the benchmarks whose name contains it (for profilers), against
@@ -554,15 +678,25 @@ int main(int argc, char **argv) {
   if (wanted("gemm_prefill"))
     for (int s = 0; s < 5; s++) bench_matmul(2048, shapes[s][0], shapes[s][1], "cublas");
   if (wanted("attn_decode")) {
-    bench_attention(1, 1024, "attn_decode");
-    bench_attention(1, 8192, "attn_decode");
-    bench_attention(1, 32768, "attn_decode");
-    bench_attention(16, 8192, "attn_decode");
+    bench_attention(1, 1, 1024, 0, "attn_decode");
+    bench_attention(1, 1, 8192, 0, "attn_decode");
+    bench_attention(1, 1, 32768, 0, "attn_decode");
+    bench_attention(1, 16, 8192, 0, "attn_decode");
   }
-  if (wanted("attn_prefill")) bench_attention(2048, 2048, "attn_prefill");
+  /* decode attention at batch 64: the batch fills the GPU, one key chunk per sequence */
+  if (wanted("attn_decode_batch64")) {
+    bench_attention(64, 1, 1024, 0, "attn_decode_batch64");
+    bench_attention(64, 1, 1024, 1, "attn_decode_batch64");
+    bench_attention(64, 1, 4096, 1, "attn_decode_batch64");
+  }
+  if (wanted("attn_prefill")) {
+    bench_attention(1, 2048, 2048, 0, "attn_prefill");
+    bench_attention(8, 512, 512, 0, "attn_prefill_batch8");
+  }
   if (wanted("decode_step")) {
     bench_decode_step(1000, 4096);
     bench_decode_step(1000, 1024);
   }
+  if (wanted("upload_file")) bench_upload_file();
   return 0;
 }
