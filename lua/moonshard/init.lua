@@ -22,7 +22,7 @@ Model.__index = Model
 --   opts.device ("cpu"), opts.max_seq, opts.chunk, opts.kv_dtype, opts.dtype (weights' dtype on
 --   the device, or "native" for each weight's own; CPU default: float weights in f32,
 --   block-quantized ones (GGUF Q8_0/Q4_0/Q4_1) kept as they are; GPU default "bf16"),
---   opts.tokenizer (path)
+--   opts.tokenizer (path), opts.fuse (false: keep q/k/v and gate/up as separate weights)
 function M.load(path, opts)
   opts = opts or {}
   local loaded, err = require("moonshard.loader").load(path, opts)
@@ -41,6 +41,7 @@ function M.load(path, opts)
     local stage = require("moonshard.stage").resident(desc.weights, device, {
       dtype = opts.dtype or (device ~= "cpu" and "bf16" or nil), float_dtype = "f32",
       layers = par and par.layers, embed = not par or par.first_stage, head = not par or par.last_stage,
+      fuse = opts.fuse,
     })
     return require("moonshard.models.llama").new(desc, {
       device = device, max_seq = opts.max_seq, chunk = opts.chunk, kv_dtype = opts.kv_dtype, stage = stage,

@@ -5,6 +5,8 @@
 --   attention(out, q, k, v, pos0, scale)
 --   attention_dyn(out, q, k, v, pos0_t, max_len, scale)   (positions read on the device)
 --   silu_mul(out, gate, up)  add(out, a, b)  scale(out, x, f)  softmax(out, x)  log_softmax(out, x)
+--   fused: matmul_acc(out, x, w) (out +=)   matmul_glu(out, x, w_gate_up, scratch)
+--          qkv_rope(q_out, k_cache, v_cache, qkv, pos, inv_freq, style)
 --   argmax(x, out_buf) -> the first row's index (out_buf: int32_t[] with a slot per row)
 local core = require "moonshard.core"
 
@@ -29,7 +31,8 @@ local function op(name)
 end
 
 for _, name in ipairs { "embedding", "rmsnorm", "matmul", "rope", "set_rows", "set_rows_dyn", "attention",
-                        "attention_dyn", "silu_mul", "add", "scale", "softmax", "log_softmax" } do
+                        "attention_dyn", "silu_mul", "add", "scale", "softmax", "log_softmax",
+                        "matmul_acc", "matmul_glu", "qkv_rope" } do
   M[name] = op(name)
 end
 

@@ -37,6 +37,48 @@ local function place(t, device, dtype, float_dtype)
 end
 M.target_dtype = target_dtype
 
+-- Several weights (N_i, K) of one dtype on `device` stacked into one (sum N_i, K) weight, drawn
+-- or copied part by part straight into its rows; nil when their shapes or target dtypes differ.
+local function fuse(parts, device, dtype, float_dtype)
+  local kind = tensor.device_id(device)
+  local want = target_dtype(parts[1], kind, dtype, float_dtype)
+  local K, rows = parts[1]:size(2), 0
+  for _, p in ipairs(parts) do
+    if p:ndim() ~= 2 or p:size(2) ~= K or target_dtype(p, kind, dtype, float_dtype) ~= want then return nil end
+    rows = rows + p:size(1)
+  end
+  local out = assert(tensor.new({ rows, K }, want, device))
+  local off = 0
+  for _, p in ipairs(parts) do
+    local dst = out:narrow(1, off, p:size(1))
+    if type(p) == "table" and p.draw_into then p:draw_into(dst) else dst:copy_from(p) end
+    off = off + p:size(1)
+  end
+  return out
+end
+M.fuse = fuse
+
+-- The weights of layer w placed on device: q/k/v stacked into wqkv and gate/up into w_gu where
+-- they fuse (the model then runs one projection for each group), the rest one by one.
+local FUSED = { wqkv = { "wq", "wk", "wv" }, w_gu = { "w_gate", "w_up" } }
+local function place_layer(w, device, dtype, float_dtype, fuse_groups)
+  local t, done = {}, {}
+  if fuse_groups then
+    for name, group in pairs(FUSED) do
+      local parts = {}
+      for i, k in ipairs(group) do parts[i] = w[k] end
+      if #parts == #group then
+        t[name] = fuse(parts, device, dtype, float_dtype)
+        if t[name] then for _, k in ipairs(group) do done[k] = true end end
+      end
+    end
+  end
+  for k, x in pairs(w) do
+    if not done[k] then t[k] = place(x, device, dtype, float_dtype) end
+  end
+  return t
+end
+
 -- M.resident(weights, device, opts?) -> stage.
 --   opts.dtype   every weight's dtype on the device ("f32", "f16", "bf16", "q8_0" ...); "native"
 --                or nil keeps each weight's own dtype (block-quantized weights become bf16 on a GPU)
@@ -45,6 +87,7 @@ M.target_dtype = target_dtype
 --   opts.layers  { first, last }: only these layers (a pipeline stage); default all
 --   opts.embed   false: leave out the token embedding (a stage that receives activations)
 --   opts.head    false: leave out the final norm and output head (a stage that sends them on)
+--   opts.fuse    false: keep q/k/v and gate/up as separate weights (default: stacked, see place_layer)
 function M.resident(weights, device, opts)
   opts = opts or {}
   device = device or "cpu"
@@ -60,9 +103,7 @@ function M.resident(weights, device, opts)
   local first, last = 1, #weights.layers
   if opts.layers then first, last = opts.layers[1], opts.layers[2] end
   for l = first, last do
-    local t = {}
-    for k, w in pairs(weights.layers[l]) do t[k] = place(w, device, dtype, float_dtype) end
-    self.layers[l] = t
+    self.layers[l] = place_layer(weights.layers[l], device, dtype, float_dtype, opts.fuse ~= false)
   end
   return self
 end

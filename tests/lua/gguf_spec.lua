@@ -97,7 +97,7 @@ describe("SmolLM2-135M-Instruct Q4_1 (GGUF)", function()
     m = m or assert(moonshard.load(SMOL, { max_seq = 512 }))
     local w = m.net.stage
     assert.are.equal("q8_0", w:embed():dtype())
-    assert.are.equal("q4_1", w:acquire(1).wq:dtype())
+    assert.are.equal("q4_1", w:acquire(1).wqkv:dtype()) -- q, k and v stacked, still Q4_1
     assert.are.equal("f32", w:acquire(1).attn_norm:dtype())
   end)
 

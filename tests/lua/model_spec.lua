@@ -76,6 +76,22 @@ describe("Hugging Face checkpoints against transformers", function()
     end)
   end
 
+  it("gives the same logits with q/k/v and gate/up fused into single weights as without", function()
+    local fused = assert(moonshard.load(h.hf .. "/llama3"))
+    local plain = assert(moonshard.load(h.hf .. "/llama3", { fuse = false }))
+    local w1, w0 = fused.net.stage:acquire(1), plain.net.stage:acquire(1)
+    assert.truthy(w1.wqkv and w1.w_gu and not w1.wq and not w1.w_gate)
+    assert.truthy(w0.wq and w0.w_gate and not w0.wqkv)
+    local a = assert(fused:forward(ids, 0, { all_logits = true })):values()
+    local b = assert(plain:forward(ids, 0, { all_logits = true })):values()
+    assert.is_true(h.max_abs_diff(a, b) < 1e-5)
+    for i, id in ipairs(ids) do
+      a = assert(fused:forward(id, i - 1)):values()
+      b = assert(plain:forward(id, i - 1)):values()
+    end
+    assert.is_true(h.max_abs_diff(a, b) < 1e-5)
+  end)
+
   it("decodes token by token to the same logits as the full pass", function()
     local m = assert(moonshard.load(h.hf .. "/f32"))
     local want = ref("logits_f32")

@@ -112,6 +112,42 @@ describe("resident stage dtypes", function()
   end)
 end)
 
+describe("fused weights", function()
+  local dummy = require "moonshard.loaders.dummy"
+  local function rows_of(t, r0, n)
+    return t:narrow(1, r0, n):values()
+  end
+
+  it("stacks q/k/v and gate/up row by row, from files and from lazy random weights", function()
+    local q4, f4 = q4_1(4, 64)
+    local q2, f2 = q4_1(2, 64)
+    local lazy_g, lazy_u = dummy.lazy({ 3, 32 }, 11), dummy.lazy({ 3, 32 }, 12)
+    local w = { layers = { { wq = f4, wk = f2, wv = f2, w_gate = lazy_g, w_up = lazy_u, wo = f4 } } }
+    local layers_only = { embed = false, head = false }
+    local s = stage.resident(w, "cpu", layers_only)
+    local l = s:acquire(1)
+    assert.are.same({ 8, 64 }, l.wqkv:shape())
+    assert.are.same(f4:values(), rows_of(l.wqkv, 0, 4))
+    assert.are.same(f2:values(), rows_of(l.wqkv, 4, 2))
+    assert.are.same(f2:values(), rows_of(l.wqkv, 6, 2))
+    assert.are.same(lazy_g:values(), rows_of(l.w_gu, 0, 3))
+    assert.are.same(lazy_u:values(), rows_of(l.w_gu, 3, 3))
+    assert.is_nil(l.wq)
+    assert.is_nil(l.w_gate)
+    assert.are.equal(f4, l.wo)
+    -- quantized weights stack as blocks; weights of different dtypes stay apart
+    local sq = stage.resident({ layers = { { wq = q4, wk = q2, wv = q2 } } }, "cpu", layers_only)
+    assert.are.equal("q4_1", sq:acquire(1).wqkv:dtype())
+    assert.are.same(q2:to("f32"):values(), sq:acquire(1).wqkv:narrow(1, 4, 2):to("f32"):values())
+    local mixed = stage.resident({ layers = { { wq = q4, wk = f2, wv = q2 } } }, "cpu", layers_only)
+    assert.is_nil(mixed:acquire(1).wqkv)
+    assert.are.equal(q4, mixed:acquire(1).wq)
+    local off = stage.resident(w, "cpu", { fuse = false, embed = false, head = false }):acquire(1)
+    assert.is_nil(off.wqkv)
+    assert.are.equal(f4, off.wq)
+  end)
+end)
+
 describe("block-quantized tensors on a CUDA device", function()
   if gpu_count() == 0 then
     pending("no CUDA device (or no CUDA backend in this build)")

@@ -49,6 +49,11 @@ function Lazy:to(dtype, device)
   return t:randn(self.seed, self.mean, 0.02)
 end
 
+-- Draws the weight into t, a tensor of its shape (a block of rows of a fused weight, say).
+function Lazy:draw_into(t)
+  t:randn(self.seed, self.mean, 0.02)
+end
+
 function Lazy:values() return self:to("f32", "cpu"):values() end
 
 function Lazy:__tostring()

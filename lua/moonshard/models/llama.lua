@@ -94,6 +94,7 @@ function M.new(desc, opts)
     x = buf { Tm, D }, h = buf { Tm, D }, o = buf { Tm, D },
     q = buf { Tm, H * hd }, k = buf { Tm, KVH * hd }, v = buf { Tm, KVH * hd }, att = buf { Tm, H * hd },
     g = buf { Tm, F }, u = buf { Tm, F },
+    qkv = buf { Tm, (H + 2 * KVH) * hd }, gu = buf { Tm, 2 * F }, -- fused projections' outputs
     ids = buf({ Tm }, "i32"), pos = buf({ Tm }, "i32"),
     h_last = buf { 1, D }, logits = buf { 1, self.vocab_size },
   }
@@ -132,6 +133,7 @@ function Llama:views_for(T)
     x = rows(b.x), h = rows(b.h), o = rows(b.o),
     q = rows(b.q), k = rows(b.k), v = rows(b.v), att = rows(b.att),
     g = rows(b.g), u = rows(b.u), ids = rows(b.ids), pos = rows(b.pos),
+    qkv = rows(b.qkv), gu = rows(b.gu),
     x_last = b.x:narrow(1, T - 1, 1),
   }
   v.q3 = v.q:reshape { T, H, hd }
@@ -148,6 +150,7 @@ end
 
 local embedding, rmsnorm, matmul, rope_op = ops.embedding, ops.rmsnorm, ops.matmul, ops.rope
 local set_rows, attention, silu_mul, add = ops.set_rows, ops.attention, ops.silu_mul, ops.add
+local matmul_acc, matmul_glu, qkv_rope = ops.matmul_acc, ops.matmul_glu, ops.qkv_rope
 
 -- Moves the T token ids and positions pos0 .. pos0+T-1 to the device's buffers.
 function Llama:upload(T, pos0)
@@ -170,10 +173,23 @@ local function comm_check(s)
   if s ~= 0 then error((core.errmsg(s)), 3) end
 end
 
+-- x += a @ w^T: fused into the projection on one rank; with tensor parallelism the partial
+-- products are summed across ranks first.
+function Llama:residual(v, a, w)
+  local tp = self.tp_comm
+  if tp then
+    matmul(v.o, a, w)
+    comm_check(C.msh_comm_all_reduce(tp, v.o, C.MSH_REDUCE_SUM))
+    add(v.x, v.x, v.o)
+  else
+    matmul_acc(v.x, a, w)
+  end
+end
+
 function Llama:compute(T, pos0, all_logits_out, dyn_len)
   local v = self.views[T]
   local stage, eps = self.stage, self.norm_eps
-  local tp, pp, pp_rank, pp_size = self.tp_comm, self.pp_comm, self.pp_rank, self.pp_size
+  local pp, pp_rank, pp_size = self.pp_comm, self.pp_rank, self.pp_size
   if pp_rank == 0 then
     embedding(v.x, stage:embed(), v.ids)
   else
@@ -183,30 +199,39 @@ function Llama:compute(T, pos0, all_logits_out, dyn_len)
     local w = stage:acquire(l)
     local kv = self.kv[l]
     rmsnorm(v.h, v.x, w.attn_norm, eps)
-    matmul(v.q, v.h, w.wq)
-    matmul(v.k, v.h, w.wk)
-    matmul(v.v, v.h, w.wv)
-    rope_op(v.q3, v.pos, self.inv_freq, self.rope_style)
-    rope_op(v.k3, v.pos, self.inv_freq, self.rope_style)
+    if w.wqkv then
+      -- one projection; rope and the cache store in one op (positions from the device)
+      matmul(v.qkv, v.h, w.wqkv)
+      qkv_rope(v.q3, kv.k, kv.v, v.qkv, v.pos, self.inv_freq, self.rope_style)
+    else
+      matmul(v.q, v.h, w.wq)
+      matmul(v.k, v.h, w.wk)
+      matmul(v.v, v.h, w.wv)
+      rope_op(v.q3, v.pos, self.inv_freq, self.rope_style)
+      rope_op(v.k3, v.pos, self.inv_freq, self.rope_style)
+      if dyn_len then
+        set_rows_dyn(kv.k, v.pos, v.k3)
+        set_rows_dyn(kv.v, v.pos, v.v3)
+      else
+        set_rows(kv.k, pos0, v.k3)
+        set_rows(kv.v, pos0, v.v3)
+      end
+    end
     if dyn_len then
-      set_rows_dyn(kv.k, v.pos, v.k3)
-      set_rows_dyn(kv.v, v.pos, v.v3)
       attention_dyn(v.att3, v.q3, kv.k, kv.v, v.pos, dyn_len, self.scale)
     else
-      set_rows(kv.k, pos0, v.k3)
-      set_rows(kv.v, pos0, v.v3)
       attention(v.att3, v.q3, kv.k, kv.v, pos0, self.scale)
     end
-    matmul(v.o, v.att, w.wo)
-    if tp then comm_check(C.msh_comm_all_reduce(tp, v.o, C.MSH_REDUCE_SUM)) end
-    add(v.x, v.x, v.o)
+    self:residual(v, v.att, w.wo)
     rmsnorm(v.h, v.x, w.ffn_norm, eps)
-    matmul(v.g, v.h, w.w_gate)
-    matmul(v.u, v.h, w.w_up)
-    silu_mul(v.g, v.g, v.u)
-    matmul(v.o, v.g, w.w_down)
-    if tp then comm_check(C.msh_comm_all_reduce(tp, v.o, C.MSH_REDUCE_SUM)) end
-    add(v.x, v.x, v.o)
+    if w.w_gu then
+      matmul_glu(v.g, v.h, w.w_gu, v.gu)
+    else
+      matmul(v.g, v.h, w.w_gate)
+      matmul(v.u, v.h, w.w_up)
+      silu_mul(v.g, v.g, v.u)
+    end
+    self:residual(v, v.g, w.w_down)
     stage:release(l)
   end
   if pp_rank < pp_size - 1 then
