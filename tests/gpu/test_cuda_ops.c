@@ -1,7 +1,8 @@
 /* test_cuda_ops.c: every op of the CUDA backend against the CPU backend on fresh random inputs
  * (after ggml's test-backend-ops): odd sizes, every weight and cache dtype, GQA ratios 1 to 12,
- * contexts past 8k, one and many queries at pos0 > 0; outputs poisoned with NaN beforehand so an
- * unwritten element fails. Also: device out-of-memory and a device index that does not exist.
+ * contexts past 8k, one and many queries at pos0 > 0; batched attention and set_rows (batch 64
+ * decode at context 1k, per-sequence positions, narrowed fused caches, batched prefill, a captured
+ * batch-64 decode graph); outputs poisoned with NaN beforehand so an unwritten element fails. Also: device out-of-memory and a device index that does not exist.
  * Exits 77 (skipped) when there is no CUDA device. */
 #include <math.h>
 #include <stdint.h>
@@ -389,6 +390,232 @@ static void test_attention(void) {
   for (size_t i = 0; i < sizeof prefill / sizeof prefill[0]; i++) run_attention(&prefill[i]);
 }
 
+/* ------------------------------------------------------------------ batched cache ops */
+
+/* A batched KV cache on both devices with equal contents and layouts: k, v (B, S, KVH, hd) are
+ * views of sequences [b0, b0 + B) of one fused (NB, S, 2, KVH, hd) buffer (row stride 2 KVH hd,
+ * batch stride 2 S KVH hd), or (fused 0) two packed tensors. */
+typedef struct {
+  msh_tensor *cbuf, *gbuf, *ck, *cv, *gk, *gv;
+} batch_kv;
+
+static batch_kv batch_kv_new(int dt, int fused, int64_t NB, int64_t b0, int64_t B, int64_t S, int64_t KVH,
+                             int64_t hd) {
+  batch_kv c = {0};
+  int64_t shape[4] = {B, S, KVH, hd};
+  if (!fused) {
+    c.ck = cpu_randn(dt, 4, shape, 1.0f);
+    c.cv = cpu_randn(dt, 4, shape, 1.0f);
+    c.gk = c.ck ? to_gpu(c.ck) : NULL;
+    c.gv = c.cv ? to_gpu(c.cv) : NULL;
+    return c;
+  }
+  int64_t fshape[5] = {NB, S, 2, KVH, hd};
+  int64_t st[4] = {S * 2 * KVH * hd, 2 * KVH * hd, hd, 1};
+  c.cbuf = cpu_randn(dt, 5, fshape, 1.0f);
+  c.gbuf = c.cbuf ? to_gpu(c.cbuf) : NULL;
+  if (c.cbuf && c.gbuf) {
+    CHECK_OK(msh_tensor_view(&c.ck, c.cbuf, 4, shape, st, b0 * st[0]));
+    CHECK_OK(msh_tensor_view(&c.cv, c.cbuf, 4, shape, st, b0 * st[0] + KVH * hd));
+    CHECK_OK(msh_tensor_view(&c.gk, c.gbuf, 4, shape, st, b0 * st[0]));
+    CHECK_OK(msh_tensor_view(&c.gv, c.gbuf, 4, shape, st, b0 * st[0] + KVH * hd));
+  }
+  return c;
+}
+
+static void batch_kv_free(batch_kv *c) {
+  msh_tensor *ts[] = {c->ck, c->cv, c->gk, c->gv, c->cbuf, c->gbuf};
+  free_all(ts, 6);
+}
+
+/* (n) i32 on the CPU holding v, and its device copy. */
+static void positions_new(const int32_t *v, int64_t n, msh_tensor **cpu, msh_tensor **gpu) {
+  *cpu = cpu_new(MSH_I32, 1, &n);
+  *gpu = NULL;
+  if (!*cpu) return;
+  memcpy(msh_tensor_data(*cpu), v, sizeof(int32_t) * (size_t)n);
+  *gpu = to_gpu(*cpu);
+}
+
+typedef struct {
+  int64_t B, T, H, KVH, hd, S, pos0;
+  int kv_dt;
+  int fused; /* narrowed batch range of a fused k|v buffer */
+  int npos;  /* 0: host pos0 (attention); 1 or B: attention_dyn with random positions, max_len S */
+  double tol;
+} batch_case;
+
+/* Random positions in [lo, hi] plus, for several sequences, the edges and one out of range on
+ * each side (clamped on both devices). */
+static void random_positions(int32_t *p, int64_t n, int64_t lo, int64_t hi) {
+  for (int64_t i = 0; i < n; i++) {
+    uint64_t z = fresh_seed() * 0xbf58476d1ce4e5b9ULL;
+    z ^= z >> 31;
+    p[i] = (int32_t)(lo + (int64_t)(z % (uint64_t)(hi - lo + 1)));
+  }
+  if (n >= 4) {
+    p[0] = (int32_t)lo;
+    p[1] = (int32_t)hi;
+    p[2] = -7;
+    p[3] = (int32_t)hi + 50;
+  }
+}
+
+static void run_batch_attention(const batch_case *bc) {
+  int64_t qs[4] = {bc->B, bc->T, bc->H, bc->hd};
+  batch_kv c = batch_kv_new(bc->kv_dt, bc->fused, bc->B + 3, 2, bc->B, bc->S, bc->KVH, bc->hd);
+  msh_tensor *cq = cpu_randn(MSH_F32, 4, qs, 1.0f), *gq = cq ? to_gpu(cq) : NULL;
+  msh_tensor *co = cpu_new(MSH_F32, 4, qs), *go = gpu_poisoned(4, qs), *cp = NULL, *gp = NULL;
+  float scale = 1.0f / sqrtf((float)bc->hd);
+  int32_t pos[512];
+  char what[200];
+  int n = snprintf(what, sizeof what, "batch B %lld T %lld H %lld KVH %lld hd %lld S %lld %s%s", (long long)bc->B,
+                   (long long)bc->T, (long long)bc->H, (long long)bc->KVH, (long long)bc->hd, (long long)bc->S,
+                   msh_dtype_name(bc->kv_dt), bc->fused ? " narrowed-fused" : "");
+  if (bc->npos && bc->npos <= 512) {
+    random_positions(pos, bc->npos, 0, bc->S - bc->T);
+    positions_new(pos, bc->npos, &cp, &gp);
+    snprintf(what + n, sizeof what - (size_t)n, " dyn %s", bc->npos == 1 ? "one pos" : "per-seq pos");
+  } else {
+    snprintf(what + n, sizeof what - (size_t)n, " pos0 %lld", (long long)bc->pos0);
+  }
+  if (cq && gq && c.ck && c.cv && c.gk && c.gv && co && go && (!bc->npos || (cp && gp))) {
+    if (bc->npos) {
+      CHECK_OK(msh_op_attention_dyn(co, cq, c.ck, c.cv, cp, bc->S, scale));
+      CHECK_OK(msh_op_attention_dyn(go, gq, c.gk, c.gv, gp, bc->S, scale));
+    } else {
+      CHECK_OK(msh_op_attention(co, cq, c.ck, c.cv, bc->pos0, scale));
+      CHECK_OK(msh_op_attention(go, gq, c.gk, c.gv, bc->pos0, scale));
+    }
+    COMPARE(what, go, co, bc->tol);
+  }
+  batch_kv_free(&c);
+  msh_tensor *ts[] = {cq, gq, co, go, cp, gp};
+  free_all(ts, 6);
+}
+
+/* Batched set_rows (host row) and set_rows_dyn (per-sequence rows, some out of range) into a
+ * narrowed batch range: the packed k cache, the k half of a fused one (row copies), and columns
+ * [1, hd - 1) of it (strided copies); with and without conversion; bit for bit against the CPU. */
+static void test_batch_set_rows(void) {
+  const int64_t NB = 70, B = 64, S = 40, KVH = 4, hd = 24;
+  for (int layout = 0; layout < 3; layout++)
+    for (int j = 0; j < 3; j++)
+      for (int dyn = 0; dyn < 2; dyn++) {
+        int cdt = float_dtypes[j];
+        int64_t T = dyn ? 1 : 3, hv = layout == 2 ? hd - 2 : hd, col0 = layout == 2 ? 1 : 0;
+        int64_t fshape[5] = {NB, S, 2, KVH, hd}, pshape[4] = {NB, S, KVH, hd};
+        int64_t fst[4] = {S * 2 * KVH * hd, 2 * KVH * hd, hd, 1}, pst[4] = {S * KVH * hd, KVH * hd, hd, 1};
+        int64_t dshape[4] = {B, S, KVH, hv}, sshape[4] = {B, T, KVH, hv};
+        const int64_t *st = layout ? fst : pst;
+        msh_tensor *cc = cpu_randn(cdt, layout ? 5 : 4, layout ? fshape : pshape, 1.0f), *gc = cc ? to_gpu(cc) : NULL;
+        msh_tensor *cd = NULL, *gd = NULL, *cp = NULL, *gp = NULL;
+        /* host rows convert (bf16 -> f32, f32 -> f16/bf16); device rows copy equal dtypes */
+        int sdt = dyn ? cdt : j == 0 ? MSH_BF16 : MSH_F32;
+        msh_tensor *cs = cpu_randn(sdt, 4, sshape, 1.0f), *gs = cs ? to_gpu(cs) : NULL;
+        if (cc && gc) {
+          CHECK_OK(msh_tensor_view(&cd, cc, 4, dshape, st, 3 * st[0] + col0));
+          CHECK_OK(msh_tensor_view(&gd, gc, 4, dshape, st, 3 * st[0] + col0));
+        }
+        int32_t rows[64];
+        random_positions(rows, B, 0, S - T);
+        positions_new(rows, B, &cp, &gp);
+        if (cd && gd && cs && gs && cp && gp) {
+          if (dyn) {
+            CHECK_OK(msh_op_set_rows_dyn(cd, cp, cs));
+            CHECK_OK(msh_op_set_rows_dyn(gd, gp, gs));
+          } else {
+            CHECK_OK(msh_op_set_rows(cd, 17, cs));
+            CHECK_OK(msh_op_set_rows(gd, 17, gs));
+          }
+          char what[160];
+          snprintf(what, sizeof what, "batch set_rows%s %s -> %s, %s, B %lld T %lld", dyn ? "_dyn per-seq rows" : " row 17",
+                   msh_dtype_name(msh_tensor_dtype(cs)), msh_dtype_name(cdt),
+                   layout == 0 ? "packed cache" : layout == 1 ? "fused k|v cache (rows)" : "column slice (strided)",
+                   (long long)B, (long long)T);
+          compare_bits(what, gc, cc);
+        }
+        msh_tensor *ts[] = {cc, gc, cd, gd, cp, gp, cs, gs};
+        free_all(ts, 8);
+      }
+}
+
+/* Batch-64 decode with per-sequence positions captured once into a graph and replayed at new
+ * positions (written into the device tensor between replays), against the CPU. */
+static void test_batch_graph(void) {
+  const int64_t B = 64, H = 32, KVH = 8, hd = 128, S = 1024, T = 1;
+  int64_t qs[4] = {B, T, H, hd}, rs[4] = {B, T, KVH, hd};
+  batch_kv c = batch_kv_new(MSH_BF16, 1, B + 2, 1, B, S, KVH, hd);
+  msh_tensor *cq = cpu_randn(MSH_F32, 4, qs, 1.0f), *gq = cq ? to_gpu(cq) : NULL;
+  msh_tensor *cr = cpu_randn(MSH_F32, 4, rs, 1.0f), *gr = cr ? to_gpu(cr) : NULL;
+  msh_tensor *co = cpu_new(MSH_F32, 4, qs), *go = gpu_poisoned(4, qs), *cp = NULL, *gp = NULL;
+  int32_t pos[64];
+  random_positions(pos, B, 0, S - T);
+  positions_new(pos, B, &cp, &gp);
+  float scale = 1.0f / sqrtf((float)hd);
+  msh_graph *g = NULL;
+  if (cq && gq && cr && gr && co && go && cp && gp && c.gk && c.gv) {
+    CHECK_OK(msh_op_attention_dyn(go, gq, c.gk, c.gv, gp, S, scale)); /* scratch sized before the capture */
+    CHECK_OK(msh_graph_begin(MSH_CUDA, 0));
+    CHECK_OK(msh_op_set_rows_dyn(c.gk, gp, gr));
+    CHECK_OK(msh_op_set_rows_dyn(c.gv, gp, gr));
+    CHECK_OK(msh_op_attention_dyn(go, gq, c.gk, c.gv, gp, S, scale));
+    CHECK_OK(msh_graph_end(MSH_CUDA, 0, &g));
+  }
+  for (int step = 0; step < 3 && g; step++) {
+    if (step) {
+      random_positions(pos, B, 0, S - T);
+      memcpy(msh_tensor_data(cp), pos, sizeof pos);
+      CHECK_OK(msh_tensor_copy(gp, cp));
+    }
+    CHECK_OK(msh_graph_launch(g));
+    CHECK_OK(msh_op_set_rows_dyn(c.ck, cp, cr));
+    CHECK_OK(msh_op_set_rows_dyn(c.cv, cp, cr));
+    CHECK_OK(msh_op_attention_dyn(co, cq, c.ck, c.cv, cp, S, scale));
+    char what[96];
+    snprintf(what, sizeof what, "batch 64 decode graph replay %d (set_rows_dyn + attention_dyn)", step);
+    COMPARE(what, go, co, 1e-2);
+    compare_bits("batch 64 decode graph: cache rows", c.gbuf, c.cbuf);
+  }
+  msh_graph_free(g);
+  batch_kv_free(&c);
+  msh_tensor *ts[] = {cq, gq, cr, gr, co, go, cp, gp};
+  free_all(ts, 8);
+}
+
+static void test_batch(void) {
+  printf("batched attention and set_rows\n");
+  /* f32 caches and head dims other than 64/128 compute in fp32 (1e-5 for f32 values, 2e-5 for
+   * 16-bit ones as above); f16/bf16 caches with head dim 64 or 128 take the tensor-core kernels
+   * (1e-2) */
+  static const batch_case cases[] = {
+      /* batch 64 decode at context ~1k, Llama-3-8B heads: one split per sequence */
+      {64, 1, 32, 8, 128, 1030, 1000, MSH_BF16, 1, 0, 1e-2},
+      {64, 1, 32, 8, 128, 1024, 0, MSH_BF16, 1, 64, 1e-2},
+      {64, 1, 32, 8, 128, 1024, 0, MSH_BF16, 0, 1, 1e-2},
+      {64, 1, 32, 8, 128, 1030, 1000, MSH_F32, 1, 0, 1e-5},
+      {64, 1, 32, 8, 128, 1024, 0, MSH_F32, 0, 64, 1e-5},
+      /* small batches over long caches (still split), GQA 1, 4, 8, odd sizes */
+      {3, 1, 8, 8, 64, 5000, 4990, MSH_BF16, 1, 0, 1e-2},
+      {3, 1, 8, 2, 64, 5000, 0, MSH_F16, 1, 3, 1e-2},
+      {5, 1, 8, 1, 128, 3001, 0, MSH_BF16, 0, 5, 1e-2},
+      {7, 2, 8, 2, 36, 700, 600, MSH_F32, 1, 0, 1e-5},   /* direct kernel (hd % 8 != 0) */
+      {7, 2, 8, 2, 36, 700, 0, MSH_BF16, 1, 7, 2e-5},
+      {4, 3, 12, 3, 80, 900, 0, MSH_F16, 1, 4, 2e-5},    /* pipe kernel, 16-bit values */
+      {4, 3, 8, 8, 96, 900, 0, MSH_F32, 0, 4, 1e-5},
+      {2, 5, 64, 1, 128, 2000, 0, MSH_BF16, 1, 2, 1e-2}, /* 64 heads on one kv head */
+      /* batched prefill: the flash kernel (16-bit caches, hd 64/128), and fp32 decode kernels */
+      {4, 200, 8, 2, 128, 203, 0, MSH_BF16, 1, 0, 1e-2},
+      {3, 64, 16, 4, 64, 3000, 2900, MSH_F16, 1, 0, 1e-2},
+      {5, 100, 32, 8, 128, 150, 40, MSH_BF16, 0, 0, 1e-2},
+      {2, 20, 8, 2, 40, 60, 33, MSH_F32, 1, 0, 1e-5},
+      {2, 16, 8, 8, 128, 8000, 7900, MSH_BF16, 1, 0, 1e-2}, /* few rows over a long cache: split */
+  };
+  for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) run_batch_attention(&cases[i]);
+  test_batch_set_rows();
+  test_batch_graph();
+}
+
 /* ------------------------------------------------------------------------- elementwise */
 
 static void test_elementwise(void) {
@@ -496,6 +723,7 @@ int main(void) {
   test_matmul();
   test_rope();
   test_attention();
+  test_batch();
   test_elementwise();
   test_softmax();
   test_argmax();
