@@ -117,8 +117,9 @@ function M.new(desc, opts)
   self.pos = 0 -- tokens in the cache
   -- decode steps replay CUDA graphs on a GPU unless opts.graphs == false
   self.device_kind, self.device_index = tensor.device_id(dev)
+  -- (NCCL all-reduces are captured with the step; pipeline stages wait on their peers eagerly)
   self.use_graphs = dev ~= "cpu" and opts.graphs ~= false and C.msh_has_cuda() == 1
-    and not self.tp_comm and not self.pp_comm
+    and (not self.tp_comm or C.msh_comm_kind(self.tp_comm) == C.MSH_COMM_NCCL) and not self.pp_comm
   self.graphs = {}
   return self
 end
