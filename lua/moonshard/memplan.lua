@@ -1,0 +1,347 @@
+-- moonshard.memplan: what a model needs on a device before anything is placed there (weights in
+-- the dtypes the stage will give them, the KV cache, activation buffers and scratch), checked
+-- against the device's free memory. When it does not fit, the message says by how much and what
+-- would fit: the smallest tensor/pipeline-parallel degrees, the longest context, a smaller dtype.
+--
+-- Pure arithmetic over the description's shapes and plain numbers: M.estimate and M.check take
+-- the free memory as an argument (opts.free_bytes) so that the policy runs and is tested on a
+-- CPU-only machine; only M.check without it asks the device.
+local core = require "moonshard.core"
+local ffi = core.ffi
+local C = core.C
+
+local M = {}
+
+local GiB = 1024 ^ 3
+local MiB = 1024 ^ 2
+
+-- Bytes the CUDA side keeps beyond the model's own buffers: cuBLAS workspaces, CUDA graphs,
+-- the staging conversion scratch and the allocator's rounding. The context itself is already
+-- gone from the free memory the device reports.
+M.GPU_RESERVE = 256 * MiB
+-- Most GPUs one tensor-parallel group spans (one node).
+M.MAX_TP = 8
+
+local dtype_cache = {}
+-- Bytes per element of a dtype name (fractional for block-quantized ones).
+local function elem_bytes(name)
+  local b = dtype_cache[name]
+  if b then return b end
+  local id = core.dtypes[name]
+  if not id then error("unknown dtype '" .. tostring(name) .. "'", 3) end
+  b = tonumber(C.msh_dtype_block_bytes(id)) / C.msh_dtype_block_elems(id)
+  dtype_cache[name] = b
+  return b
+end
+M.elem_bytes = elem_bytes
+
+local function numel(t)
+  local n = 1
+  for _, d in ipairs(t:shape()) do n = n * d end
+  return n
+end
+
+-- "cuda:1" -> "cuda", 1 ; "cpu" -> "cpu", 0
+local function parse_device(device)
+  device = device or "cpu"
+  local kind, idx = device:match("^(%a+):?(%d*)$")
+  if kind ~= "cpu" and kind ~= "cuda" then return nil end
+  return kind, tonumber(idx) or 0
+end
+
+-- Which part of a tensor-parallel layer a rank keeps, per weight name: a function of the
+-- shard plan (nil: replicated).
+local SHARE = {
+  wq = function(p, d) return p.heads / d.n_heads end,
+  wo = function(p, d) return p.heads / d.n_heads end,
+  wk = function(p, d) return p.kv_heads / d.n_kv_heads end,
+  wv = function(p, d) return p.kv_heads / d.n_kv_heads end,
+  w_gate = function(p, d) return p.hidden / d.hidden_dim end,
+  w_up = function(p, d) return p.hidden / d.hidden_dim end,
+  w_down = function(p, d) return p.hidden / d.hidden_dim end,
+}
+
+-- Bytes of one weight placed on a device of `kind` (0: CPU) with the stage's dtype rule.
+local function placed_bytes(t, kind, dtype, float_dtype)
+  local target = require("moonshard.stage").target_dtype(t, kind, dtype, float_dtype)
+  return numel(t) * elem_bytes(target), target
+end
+
+-- M.estimate(desc, opts) -> need: bytes a model needs on one device.
+--   opts.device       "cpu" or "cuda[:i]" (decides the weights' dtypes as moonshard.stage does)
+--   opts.dtype, opts.float_dtype   as moonshard.stage.resident
+--   opts.kv_dtype     the KV cache's dtype (default "f32", as the model's)
+--   opts.max_seq      context length (default and at most desc.max_seq)
+--   opts.batch        sequences sharing the device (KV cache per sequence; default 1)
+--   opts.chunk        tokens per forward pass (default min(256, max_seq))
+--   opts.layers       { first, last } layers held (default all); opts.embed / opts.head = false
+--                     leave out the embedding / the final norm and output head
+--   opts.tp           tensor-parallel degree to apply to desc (default 1: desc as it is)
+-- need = { weights, kv, act, scratch, total, params, kv_per_position, weights_dtype, kv_dtype,
+--          max_seq, batch, tp, layers = { first, last } }
+function M.estimate(desc, opts)
+  opts = opts or {}
+  local kind_name = parse_device(opts.device) or "cpu"
+  local kind = kind_name == "cpu" and 0 or 1
+  local tp = opts.tp or 1
+  local plan = { heads = desc.n_heads, kv_heads = desc.n_kv_heads, hidden = desc.hidden_dim }
+  if tp > 1 then
+    local p, err = require("moonshard.policy.shard").plan(desc, tp)
+    if not p then return nil, err end
+    plan = p
+  end
+  local w = desc.weights
+  local first, last = 1, desc.n_layers
+  if opts.layers then first, last = opts.layers[1], opts.layers[2] end
+  local want_embed, want_head = opts.embed ~= false, opts.head ~= false
+  local weights, params, dtypes = 0, 0, {}
+  local function add(t, share)
+    local b, target = placed_bytes(t, kind, opts.dtype, opts.float_dtype)
+    share = share or 1
+    weights = weights + b * share
+    params = params + numel(t) * share
+    dtypes[target] = (dtypes[target] or 0) + b * share
+  end
+  if w then
+    if want_embed then add(w.embed) end
+    if want_head then
+      add(w.norm)
+      if not (w.output == w.embed and want_embed) then add(w.output) end
+    end
+    for l = first, last do
+      for name, t in pairs(w.layers[l]) do
+        local f = SHARE[name]
+        add(t, f and f(plan, desc) or 1)
+      end
+    end
+  end
+  -- the dtype holding most of the bytes names the weights in messages
+  local main, most = nil, -1
+  for dt, b in pairs(dtypes) do
+    if b > most then main, most = dt, b end
+  end
+  local max_seq = math.min(opts.max_seq or desc.max_seq, desc.max_seq)
+  local batch = opts.batch or 1
+  local kv_dtype = opts.kv_dtype or "f32"
+  local hd = desc.head_dim or desc.dim / desc.n_heads
+  local n_layers = last - first + 1
+  local kv_per_position = n_layers * 2 * plan.kv_heads * hd * elem_bytes(kv_dtype) * batch
+  local kv = kv_per_position * max_seq
+  -- the model's activation buffers (f32): x, h, o (D); q, att (H hd); k, v (KVH hd); gate, up (F);
+  -- ids, pos (i32); the last row and its logits
+  local T = math.max(math.min(opts.chunk or 256, max_seq), batch)
+  local D, V = desc.dim, desc.vocab_size
+  local act = 4 * (T * (3 * D + 2 * plan.heads * hd + 2 * plan.kv_heads * hd + 2 * plan.hidden + 2) + D + V)
+  -- device scratch: activations converted to 16 bits for the GEMMs, plus the fixed reserve
+  local scratch = 0
+  if kind == 1 then
+    scratch = T * math.max(D, plan.hidden, plan.heads * hd) * 2 * 1.25 + M.GPU_RESERVE
+  end
+  return {
+    weights = weights, kv = kv, act = act, scratch = scratch, total = weights + kv + act + scratch,
+    params = params, kv_per_position = kv_per_position, weights_dtype = main or opts.dtype or "f32",
+    kv_dtype = kv_dtype, max_seq = max_seq, batch = batch, tp = tp, layers = { first, last },
+  }
+end
+
+-- ------------------------------------------------------------------------------ messages
+
+local function gib(b) return string.format("%.1f GiB", b / GiB) end
+
+local function count_str(n)
+  if n >= 1e12 then return string.format("%.2fT", n / 1e12) end
+  if n >= 1e9 then return string.format("%.1fB", n / 1e9) end
+  if n >= 1e6 then return string.format("%.1fM", n / 1e6) end
+  return string.format("%.0fK", n / 1e3)
+end
+
+-- "a 70.6B-parameter model (80 layers, hidden size 8192)": all of it, whatever one device holds.
+function M.describe(desc)
+  local n = 0
+  local w = desc.weights
+  if w then
+    n = numel(w.embed) + numel(w.norm) + (w.output ~= w.embed and numel(w.output) or 0)
+    for _, lw in ipairs(w.layers) do
+      for _, t in pairs(lw) do n = n + numel(t) end
+    end
+  end
+  if desc.tp then n = nil end -- a rank's slice: its count would mislead
+  local shape = string.format("%d layers, hidden size %d", desc.n_layers, desc.dim)
+  if not n then return string.format("this rank's slice of a model (%s)", shape) end
+  return string.format("a %s-parameter model (%s)", count_str(n), shape)
+end
+
+-- ---------------------------------------------------------------------------- suggestions
+
+local function fits(need, free) return need.total <= free end
+
+-- Largest x in [lo, hi] with ok(x) (ok monotone: true up to some point), or nil.
+local function largest(lo, hi, ok)
+  if hi < lo or not ok(lo) then return nil end
+  while lo < hi do
+    local mid = math.floor((lo + hi + 1) / 2)
+    if ok(mid) then lo = mid else hi = mid - 1 end
+  end
+  return lo
+end
+
+-- The tensor-parallel degrees desc allows, ascending, up to limit.
+local function tp_degrees(desc, limit)
+  local shard = require "moonshard.policy.shard"
+  local list = {}
+  for tp = 2, limit do
+    if shard.plan(desc, tp) then list[#list + 1] = tp end
+  end
+  return list
+end
+
+-- The most any stage of a pp-stage pipeline (balanced as moonshard.policy.pipeline does) needs
+-- at tensor-parallel degree tp, or nil when desc cannot be split so.
+local function pipeline_need(desc, opts, tp, pp)
+  local ranges = require("moonshard.policy.pipeline").plan(desc, pp)
+  if not ranges then return nil end
+  local worst
+  for s, r in ipairs(ranges) do
+    local o = {}
+    for k, v in pairs(opts) do o[k] = v end
+    o.tp, o.layers, o.embed, o.head = tp, r, s == 1, s == #ranges
+    local need = M.estimate(desc, o)
+    if not need then return nil end
+    if not worst or need.total > worst.total then worst = need end
+  end
+  return worst
+end
+
+-- What would fit on devices with `free` bytes each: a list of { flag = "--tp 2", ... } entries.
+function M.suggest(desc, opts, free)
+  local out = {}
+  local base = M.estimate(desc, opts)
+  local tp0 = desc.tp and desc.tp.size or 1 -- desc may already be one rank's slice
+  -- tensor parallel alone, inside one node
+  local tps = tp_degrees(desc, math.max(1, math.floor(M.MAX_TP / tp0)))
+  local best_tp
+  for _, tp in ipairs(tps) do
+    local o = setmetatable({ tp = tp }, { __index = opts })
+    local need = M.estimate(desc, o)
+    if need and fits(need, free) then best_tp = tp break end
+  end
+  if best_tp then
+    out[#out + 1] = { flag = string.format("--tp %d", best_tp * tp0),
+      note = string.format("%d GPUs like this one", best_tp * tp0) }
+  elseif desc.n_layers > 1 then
+    -- tensor parallel as wide as a node allows, then the fewest pipeline stages
+    local tp = tps[#tps] or 1
+    local lo = 2
+    -- a lower bound first (every stage holds at least 1/pp of the layers), then the real plans
+    while lo <= desc.n_layers do
+      local need = pipeline_need(desc, opts, tp, lo)
+      if need and fits(need, free) then break end
+      lo = lo + math.max(1, math.floor(lo / 8))
+    end
+    if lo <= desc.n_layers then
+      -- step back to the smallest count that fits (the step above may have overshot)
+      local pp = lo
+      while pp > 2 do
+        local need = pipeline_need(desc, opts, tp, pp - 1)
+        if not (need and fits(need, free)) then break end
+        pp = pp - 1
+      end
+      local flag = tp > 1 and string.format("--tp %d --pp %d", tp * tp0, pp) or string.format("--pp %d", pp)
+      out[#out + 1] = { flag = flag, note = string.format("%d GPUs like this one", tp * tp0 * pp) }
+    end
+  end
+  -- a shorter context (the KV cache shrinks; the model's weights stay)
+  if base.max_seq > 1 then
+    local function ok(s)
+      local o = setmetatable({ max_seq = s }, { __index = opts })
+      return fits(M.estimate(desc, o), free)
+    end
+    local s = largest(1, base.max_seq - 1, ok)
+    if s then
+      if s >= 512 then s = s - s % 256 end
+      out[#out + 1] = { flag = string.format("--max-seq %d", s), max_seq = s }
+    end
+  end
+  -- fewer sequences at once
+  if base.batch > 1 then
+    local function ok(b)
+      local o = setmetatable({ batch = b }, { __index = opts })
+      return fits(M.estimate(desc, o), free)
+    end
+    local b = largest(1, base.batch - 1, ok)
+    if b then out[#out + 1] = { flag = string.format("--batch-size %d", b), batch = b } end
+  end
+  -- 16-bit weights or cache instead of f32
+  if base.weights_dtype == "f32" then
+    local o = setmetatable({ dtype = "bf16" }, { __index = opts })
+    if fits(M.estimate(desc, o), free) then out[#out + 1] = { flag = "--dtype bf16" } end
+  end
+  if base.kv_dtype == "f32" then
+    local o = setmetatable({ kv_dtype = "bf16" }, { __index = opts })
+    if fits(M.estimate(desc, o), free) then out[#out + 1] = { flag = "--kv-dtype bf16" } end
+  end
+  return out
+end
+
+-- ----------------------------------------------------------------------------------- check
+
+-- Free and total bytes of a device, or nil, message (naming how many GPUs there are when the
+-- device does not exist).
+function M.device_memory(device)
+  local kind, idx = parse_device(device)
+  if not kind then return nil, string.format("unknown device '%s' (want cpu or cuda[:N])", tostring(device)) end
+  if kind == "cpu" then return nil, "the CPU's memory is not planned" end
+  if C.msh_has_cuda() == 0 then
+    return nil, string.format("%s: this build of moonshard has no CUDA backend (use --device cpu)", device)
+  end
+  local n = ffi.new("int[1]")
+  core.check(C.msh_device_count(C.MSH_CUDA, n))
+  local count = n[0]
+  if idx >= count then
+    if count == 0 then return nil, string.format("%s does not exist: no CUDA GPU is present (use --device cpu)", device) end
+    return nil, string.format("%s does not exist: this machine has %d GPU%s (cuda:0%s)", device, count,
+      count == 1 and "" or "s", count == 1 and "" or " to cuda:" .. (count - 1))
+  end
+  local f, t = ffi.new("uint64_t[1]"), ffi.new("uint64_t[1]")
+  local ok, msg = core.try(C.msh_device_mem_info(C.MSH_CUDA, idx, f, t))
+  if not ok then return nil, msg end
+  return tonumber(f[0]), tonumber(t[0])
+end
+
+-- M.check(desc, opts) -> need | nil, message. opts as M.estimate, plus opts.free_bytes and
+-- opts.total_bytes (default: asked from the device now). On the CPU nothing is checked (need is
+-- still returned). The message names the model, what it needs by part, what the device has and
+-- what would fit.
+function M.check(desc, opts)
+  opts = opts or {}
+  local device = opts.device or "cpu"
+  local kind = parse_device(device)
+  if not kind then return nil, string.format("unknown device '%s' (want cpu or cuda[:N])", tostring(device)) end
+  local need, err = M.estimate(desc, opts)
+  if not need then return nil, err end
+  if kind == "cpu" and not opts.free_bytes then return need end
+  local free, total = opts.free_bytes, opts.total_bytes
+  if not free then
+    free, total = M.device_memory(device)
+    if not free then return nil, total end
+  end
+  if fits(need, free) then return need end
+  local parts = {
+    string.format("%s of weights (%s)", gib(need.weights), need.weights_dtype),
+    string.format("%s of KV cache (%s, %d positions x %d)", gib(need.kv), need.kv_dtype, need.max_seq, need.batch),
+    string.format("%s of activations and scratch", gib(need.act + need.scratch)),
+  }
+  local msg = string.format("%s needs %s = %s on %s, which has %s free%s", M.describe(desc), table.concat(parts, " + "),
+    gib(need.total), device, gib(free), total and (" of " .. gib(total)) or "")
+  local sugg = M.suggest(desc, opts, free)
+  if #sugg == 0 then
+    msg = msg .. "; it does not fit on GPUs of this size with any setting moonshard can change (try --device cpu)"
+  else
+    local alts = {}
+    for i, s in ipairs(sugg) do alts[i] = s.note and string.format("%s (%s)", s.flag, s.note) or s.flag end
+    msg = msg .. "; it would fit with " .. table.concat(alts, ", or ")
+  end
+  return nil, msg, need, sugg
+end
+
+return M

@@ -1,0 +1,160 @@
+-- moonshard.memplan: the bytes a model needs on a device and what would fit, on the CPU with
+-- made-up free memory. Every suggestion is checked by applying it: it fits, and one step further
+-- (a longer context, a smaller degree) does not.
+local h = require "helpers"
+local memplan = require "moonshard.memplan"
+local dummy = require "moonshard.loaders.dummy"
+local ffi = require "ffi"
+
+local GiB = 1024 ^ 3
+
+local function shape(name)
+  return assert(dummy.load(h.root .. "/tools/bench/shapes/" .. name .. ".json"))
+end
+
+local function with(opts, extra)
+  local o = {}
+  for k, v in pairs(opts) do o[k] = v end
+  for k, v in pairs(extra) do o[k] = v end
+  return o
+end
+
+local function find(sugg, pattern)
+  for _, s in ipairs(sugg) do
+    if s.flag:match(pattern) then return s end
+  end
+end
+
+describe("memplan", function()
+  local d8 = shape("llama-3-8b")
+  local gpu = { device = "cuda:0", dtype = "bf16", kv_dtype = "bf16" }
+
+  it("counts a Llama-3-8B shape's weights, KV cache and activations", function()
+    local need = memplan.estimate(d8, gpu)
+    assert.are.equal(8030261248, need.params)
+    assert.are.equal(2 * 8030261248, need.weights)
+    -- 32 layers x (k, v) x 8 KV heads x 128 x 2 bytes x 8192 positions = 1 GiB
+    assert.are.equal(32 * 2 * 8 * 128 * 2 * 8192, need.kv)
+    assert.are.equal(need.weights + need.kv + need.act + need.scratch, need.total)
+    assert.is_true(need.act > 0 and need.scratch >= memplan.GPU_RESERVE)
+    -- f32 weights on the CPU: no GPU reserve; a shorter context and a batch scale the cache
+    local cpu = memplan.estimate(d8, { device = "cpu", float_dtype = "f32", max_seq = 1024, batch = 3 })
+    assert.are.equal(4 * 8030261248, cpu.weights)
+    assert.are.equal(32 * 2 * 8 * 128 * 4 * 1024 * 3, cpu.kv)
+    assert.are.equal(0, cpu.scratch)
+    -- one pipeline stage: its layers only, the head without the embedding
+    local last = memplan.estimate(d8, with(gpu, { layers = { 17, 32 }, embed = false }))
+    local per_layer = (4096 * 4096 * 2 + 1024 * 4096 * 2 + 3 * 4096 * 14336 + 2 * 4096) * 2
+    assert.are.equal(16 * per_layer + (128256 * 4096 + 4096) * 2, last.weights)
+    -- a tensor-parallel rank: its share of the layers, the embedding, head and norms whole
+    local tp2 = memplan.estimate(d8, with(gpu, { tp = 2 }))
+    local shared = (2 * 128256 * 4096 + 4096 + 32 * 2 * 4096) * 2
+    assert.are.equal(shared + (need.weights - shared) / 2, tp2.weights)
+    assert.are.equal(need.kv / 2, tp2.kv)
+  end)
+
+  it("passes a model that fits and returns what it needs", function()
+    local need = assert(memplan.check(d8, with(gpu, { free_bytes = 20 * GiB })))
+    assert.is_true(need.total < 20 * GiB)
+  end)
+
+  it("names the model, the parts, the device and what would fit", function()
+    local free = 10 * GiB
+    local ok, msg, need, sugg = memplan.check(d8, with(gpu, { free_bytes = free, total_bytes = 11 * GiB }))
+    assert.is_nil(ok)
+    for _, needle in ipairs { "8.0B-parameter model (32 layers, hidden size 4096)", "15.0 GiB of weights (bf16)",
+                              "1.0 GiB of KV cache (bf16, 8192 positions x 1)", "on cuda:0, which has 10.0 GiB free of 11.0 GiB",
+                              "it would fit with --tp 2 (2 GPUs like this one)" } do
+      assert.truthy(msg:find(needle, 1, true), "message lacks '" .. needle .. "': " .. msg)
+    end
+    assert.is_true(need.total > free)
+    -- the weights alone do not fit: no shorter context helps
+    assert.is_nil(find(sugg, "^%-%-max%-seq"))
+    local tp = assert(find(sugg, "^%-%-tp (%d+)$"))
+    local n = tonumber(tp.flag:match("%d+"))
+    assert.is_true(memplan.estimate(d8, with(gpu, { tp = n })).total <= free)
+  end)
+
+  it("suggests the longest context that fits, and it is the longest (to 256 positions)", function()
+    local base = memplan.estimate(d8, with(gpu, { max_seq = 1 }))
+    local per = base.kv_per_position
+    for _, extra in ipairs { 0.3, 0.75 } do
+      local free = base.total + per * 8192 * extra -- room for part of the 8192-position cache
+      local ok, msg, _, sugg = memplan.check(d8, with(gpu, { free_bytes = free }))
+      assert.is_nil(ok)
+      local s = assert(find(sugg, "^%-%-max%-seq"), msg)
+      assert.truthy(msg:find(s.flag, 1, true))
+      assert.is_true(memplan.estimate(d8, with(gpu, { max_seq = s.max_seq })).total <= free)
+      assert.is_true(memplan.estimate(d8, with(gpu, { max_seq = s.max_seq + 256 })).total > free)
+      assert.are.equal(0, s.max_seq % 256)
+    end
+    -- below 512 positions the exact largest (from 256 on, the activations no longer grow)
+    local free = memplan.estimate(d8, with(gpu, { max_seq = 256 })).total + per * 45.5
+    local _, _, _, sugg = memplan.check(d8, with(gpu, { free_bytes = free }))
+    local s = assert(find(sugg, "^%-%-max%-seq"))
+    assert.are.equal(301, s.max_seq)
+  end)
+
+  it("suggests a smaller batch, bf16 weights and a bf16 cache when they fit", function()
+    local b1 = memplan.estimate(d8, with(gpu, { max_seq = 4096, batch = 1 }))
+    local free = b1.total + 2.5 * b1.kv -- room for 3 sequences' caches
+    local _, _, _, sugg = memplan.check(d8, with(gpu, { max_seq = 4096, batch = 8, free_bytes = free }))
+    local b = assert(find(sugg, "^%-%-batch%-size"))
+    assert.are.equal(3, b.batch)
+    local f32 = { device = "cuda:0", dtype = "f32", kv_dtype = "f32" }
+    local bf = memplan.estimate(d8, with(f32, { dtype = "bf16" }))
+    local _, msg, _, sugg2 = memplan.check(d8, with(f32, { free_bytes = bf.total + 1 }))
+    assert.truthy(find(sugg2, "^%-%-dtype bf16$"), msg)
+    assert.truthy(msg:find("(f32)", 1, true))
+    local kvb = memplan.estimate(d8, with(gpu, { kv_dtype = "bf16" }))
+    local _, _, _, sugg3 = memplan.check(d8, with(gpu, { kv_dtype = "f32", free_bytes = kvb.total + 1 }))
+    assert.truthy(find(sugg3, "^%-%-kv%-dtype bf16$"))
+  end)
+
+  it("suggests tensor x pipeline parallel for a 1T-parameter shape, the fewest stages that fit", function()
+    local big = shape("llama-1t")
+    local free = 78.2 * GiB
+    local ok, msg, _, sugg = memplan.check(big, with(gpu, { free_bytes = free }))
+    assert.is_nil(ok)
+    assert.truthy(msg:find("1.01T-parameter model", 1, true), msg)
+    local s = assert(find(sugg, "^%-%-tp 8 %-%-pp %d+$"), msg)
+    local pp = tonumber(s.flag:match("%-%-pp (%d+)"))
+    local pipeline = require "moonshard.policy.pipeline"
+    local function worst(n)
+      local m = 0
+      for i, r in ipairs(assert(pipeline.plan(big, n))) do
+        local need = memplan.estimate(big, with(gpu, { tp = 8, layers = r, embed = i == 1, head = i == n }))
+        m = math.max(m, need.total)
+      end
+      return m
+    end
+    assert.is_true(worst(pp) <= free)
+    assert.is_true(worst(pp - 1) > free)
+    assert.truthy(msg:find(string.format("(%d GPUs like this one)", 8 * pp), 1, true))
+  end)
+
+  it("says when nothing it can change would fit", function()
+    local ok, msg = memplan.check(d8, with(gpu, { free_bytes = 0.5 * GiB }))
+    assert.is_nil(ok)
+    assert.truthy(msg:find("does not fit on GPUs of this size", 1, true), msg)
+  end)
+
+  it("counts the GPUs when a device does not exist", function()
+    local n = ffi.new("int[1]")
+    assert.are.equal(0, require("moonshard").C.msh_device_count(1, n))
+    local ok, msg = memplan.device_memory("cuda:" .. (n[0] + 7))
+    assert.is_nil(ok)
+    assert.truthy(msg:find("cuda:" .. (n[0] + 7) .. " ", 1, true), msg)
+    if require("moonshard").C.msh_has_cuda() == 0 then
+      assert.truthy(msg:find("no CUDA backend", 1, true), msg)
+    elseif n[0] == 0 then
+      assert.truthy(msg:find("no CUDA GPU is present", 1, true), msg)
+    else
+      assert.truthy(msg:find(string.format("this machine has %d GPU", n[0]), 1, true), msg)
+    end
+    local ok2, msg2 = memplan.check(d8, { device = "cuda:" .. (n[0] + 7) })
+    assert.is_nil(ok2)
+    assert.are.equal(msg, msg2)
+    assert.is_nil((memplan.check(d8, { device = "tpu:0" })))
+  end)
+end)
