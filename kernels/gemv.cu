@@ -63,6 +63,7 @@ template <typename W, int MT, int RPW, int U, int EPI>
 __global__ void __launch_bounds__(WARPS * 32) gemv_vec_kernel(float *__restrict__ out, const float *__restrict__ x,
                                                                const W *__restrict__ w, int M, int64_t N, int64_t K) {
   constexpr int NR = EPI == GLU ? 2 * RPW : RPW;
+  pdl_trigger();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t row0 = ((int64_t)blockIdx.x * WARPS + warp) * RPW;
   if (row0 >= N) return;
@@ -86,6 +87,7 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_vec_kernel(float *__restrict_
         if (c0 + u * 32 < K8) wv[u][r].load_stream(wr[r] + (c0 + u * 32) * 8);
         else wv[u][r].zero();
       }
+    if (c0 == lane) pdl_wait(); /* the first weights are in flight: now x (the previous kernel's) */
 #pragma unroll
     for (int u = 0; u < U; u++) {
       const int64_t c = c0 + u * 32;
@@ -106,6 +108,7 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_vec_kernel(float *__restrict_
       }
     }
   }
+  pdl_wait(); /* lanes that had no chunk */
   finish<EPI, RPW, MT>(out, acc, lane, row0, M, N);
 }
 
@@ -113,6 +116,8 @@ template <typename W, int MT, int RPW, int EPI>
 __global__ void __launch_bounds__(WARPS * 32) gemv_scalar_kernel(float *__restrict__ out, const float *__restrict__ x,
                                                                   const W *__restrict__ w, int M, int64_t N, int64_t K) {
   constexpr int NR = EPI == GLU ? 2 * RPW : RPW;
+  pdl_trigger();
+  pdl_wait();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t row0 = ((int64_t)blockIdx.x * WARPS + warp) * RPW;
   if (row0 >= N) return;
@@ -143,16 +148,15 @@ cudaError_t launch(cudaStream_t s, int epi, float *out, const float *x, const vo
   bool vec = K % 8 == 0 && aligned16(x) && aligned16(w);
   const W *wt = (const W *)w;
   dim3 g((unsigned)blocks), b(WARPS * 32);
+  /* dependent launches: the weights stream in while the kernel before finishes */
   if (vec) {
-    if (epi == GLU) gemv_vec_kernel<W, MT, RG, U, GLU><<<g, b, 0, s>>>(out, x, wt, M, N, K);
-    else if (epi == ACC) gemv_vec_kernel<W, MT, RPW, U, ACC><<<g, b, 0, s>>>(out, x, wt, M, N, K);
-    else gemv_vec_kernel<W, MT, RPW, U, STORE><<<g, b, 0, s>>>(out, x, wt, M, N, K);
-  } else {
-    if (epi == GLU) gemv_scalar_kernel<W, MT, RG, GLU><<<g, b, 0, s>>>(out, x, wt, M, N, K);
-    else if (epi == ACC) gemv_scalar_kernel<W, MT, RPW, ACC><<<g, b, 0, s>>>(out, x, wt, M, N, K);
-    else gemv_scalar_kernel<W, MT, RPW, STORE><<<g, b, 0, s>>>(out, x, wt, M, N, K);
+    if (epi == GLU) return launch_pdl(gemv_vec_kernel<W, MT, RG, U, GLU>, g, b, 0, s, out, x, wt, M, N, K);
+    if (epi == ACC) return launch_pdl(gemv_vec_kernel<W, MT, RPW, U, ACC>, g, b, 0, s, out, x, wt, M, N, K);
+    return launch_pdl(gemv_vec_kernel<W, MT, RPW, U, STORE>, g, b, 0, s, out, x, wt, M, N, K);
   }
-  return cudaGetLastError();
+  if (epi == GLU) return launch_pdl(gemv_scalar_kernel<W, MT, RG, GLU>, g, b, 0, s, out, x, wt, M, N, K);
+  if (epi == ACC) return launch_pdl(gemv_scalar_kernel<W, MT, RPW, ACC>, g, b, 0, s, out, x, wt, M, N, K);
+  return launch_pdl(gemv_scalar_kernel<W, MT, RPW, STORE>, g, b, 0, s, out, x, wt, M, N, K);
 }
 
 int m1_variant = 0; /* shape of the M = 1 kernel (tuning; see msh_k_gemv_variant) */

@@ -3,6 +3,7 @@
 #define MSH_KUTIL_CUH
 
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <cuda_bf16.h>
@@ -164,6 +165,53 @@ static inline unsigned grid_for(int64_t n, int threads, int64_t cap = 65535LL * 
 }
 
 static inline bool aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
+
+/* Programmatic dependent launch (sm_90): a kernel launched with launch_pdl may start while the
+ * kernel before it on the stream is finishing; it must call pdl_wait() before touching anything
+ * that kernel (or any earlier one) writes or reads, and may do independent work (loading
+ * weights) first. pdl_trigger() in a kernel lets the next one launch once every block of this
+ * one has started. Both are no-ops where there is no dependent launch. MSH_PDL=0 in the
+ * environment turns dependent launches off (plain launches). */
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+static inline bool pdl_on() {
+  static int on = -1;
+  if (on < 0) {
+    const char *e = getenv("MSH_PDL");
+    on = !(e && e[0] == '0');
+  }
+  return on != 0;
+}
+
+template <typename... KArgs, typename... Args>
+static inline cudaError_t launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t s,
+                                     Args... args) {
+  if (!pdl_on()) {
+    kernel<<<grid, block, smem, s>>>(args...);
+    return cudaGetLastError();
+  }
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = s;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, kernel, args...);
+}
 
 } // namespace msh
 

@@ -9,6 +9,7 @@ template <typename W>
 __global__ void __launch_bounds__(512) rmsnorm_kernel(float *out, const float *x, const W *__restrict__ w, int64_t R,
                                                       int64_t D, float eps) {
   __shared__ float red[32];
+  pdl_trigger(); /* the projection after the norm may start loading its weights */
   for (int64_t r = blockIdx.x; r < R; r += gridDim.x) {
     const float *xr = x + r * D;
     float *orow = out + r * D;
