@@ -24,6 +24,7 @@ local opts = args.parse(arg, {
   { "tp", "int", "tensor-parallel degree (ranks from `moonshard launch`)", default = 1, min = 1 },
   { "pp", "int", "pipeline-parallel stages", default = 1, min = 1 },
   { "graphs", "string", "on or off: replay decode steps from CUDA graphs", default = "on" },
+  { "log-dir", "string", "write JSON Lines events (collectives, stage busy/idle) to this folder and report all-reduce time and pipeline bubble (default: $MSH_LOG_DIR, set by `moonshard launch`)" },
 })
 if not opts.model and not opts.dummy then
   io.stderr:write("moonshard bench: give --model PATH or --dummy CONFIG\n")
@@ -149,6 +150,26 @@ local ok, net = pcall(function()
 end)
 if not ok then fail(tostring(net)) end
 
+-- telemetry (only with a log folder): collectives of this rank, busy and idle time of its stage
+local tel
+local log_dir = opts.log_dir or os.getenv("MSH_LOG_DIR")
+if log_dir and log_dir ~= "" then
+  local terr
+  tel, terr = require("moonshard.telemetry").open(log_dir, { rank = pg and pg.rank or 0, world = pg and pg.world or 1,
+    meta = { script = "bench", model = name, tp = opts.tp, pp = opts.pp, device = opts.device } })
+  if not tel then fail(terr) end
+  tel:watch(net.tp_comm, "tp")
+  tel:watch(net.pp_comm, "pp")
+  net.hooks = tel:stage_hooks(opts.device, net.pp_rank)
+end
+-- all-reduce seconds recorded so far (waits for the device's pending records)
+local function allreduce_s()
+  tel:poll(true)
+  local a = tel.totals.all_reduce
+  return a and a.seconds or 0, a and a.calls or 0
+end
+local decode_ar_s, decode_ar_calls = {}, {}
+
 local prompt = {}
 for i = 1, opts.prompt_len do prompt[i] = (i * 7919) % desc.vocab_size end
 local argmax_out = ffi.new("int32_t[1]")
@@ -166,17 +187,37 @@ local function once()
   local logits = assert(net:forward(prompt, 0))
   local id = next_token(logits)
   local t1 = uv.hrtime()
+  local ar0, calls0
+  if tel then
+    ar0, calls0 = allreduce_s()
+    t1 = uv.hrtime()
+  end
   for _ = 2, opts.gen_len do
     logits = assert(net:forward(id))
     id = next_token(logits)
   end
   local t2 = uv.hrtime()
+  if tel then
+    local ar1, calls1 = allreduce_s()
+    decode_ar_s[#decode_ar_s + 1], decode_ar_calls[#decode_ar_calls + 1] = ar1 - ar0, calls1 - calls0
+  end
   return (t1 - t0) / 1e9, (t2 - t1) / 1e9
 end
 
 for _ = 1, opts.warmup do once() end
+decode_ar_s, decode_ar_calls = {}, {}
+local probe = tel and net.hooks.probe
+if probe then
+  if pg then assert(pg.comm:barrier()) end
+  probe:window_begin()
+end
 local pre, dec = {}, {}
 for i = 1, opts.loops do pre[i], dec[i] = once() end
+if probe then
+  sync()
+  if pg then assert(pg.comm:barrier()) end
+  probe:window_end()
+end
 local p, d = median(pre), median(dec)
 local peak = mem_used()
 
@@ -231,5 +272,35 @@ end
 if pg then
   result.tp, result.pp, result.world = opts.tp, opts.pp, pg.world
   -- the floors of one rank's share: its weights over its own device's bandwidth
+end
+if tel then
+  local tokens = math.max(opts.gen_len - 1, 1)
+  if opts.tp > 1 then
+    local ar = median(decode_ar_s)
+    result.allreduce_ms_per_token = ar / tokens * 1e3
+    result.allreduce_calls_per_token = median(decode_ar_calls) / tokens
+    result.allreduce_share = ar / d
+  end
+  -- every rank's busy and idle seconds over the timed loops, gathered to rank 0
+  local s = probe:summary()
+  local stages = { s }
+  if pg then
+    local mine = tensor.from({ s.busy_s, s.idle_s, net.pp_rank }, { 3 }, "f32")
+    local all = assert(tensor.new({ 3 * pg.world }, "f32", pg.comm:device()))
+    if pg.comm:device() ~= "cpu" then mine = mine:to("f32", pg.comm:device()) end
+    assert(pg.comm:all_gather(all, mine))
+    local v = all:to("f32", "cpu"):values()
+    stages = {}
+    for r = 0, pg.world - 1 do
+      stages[r + 1] = { rank = r, stage = v[3 * r + 3], busy_s = v[3 * r + 1], idle_s = v[3 * r + 2] }
+    end
+  end
+  if opts.pp > 1 then
+    result.bubble = require("moonshard.telemetry").bubble(stages)
+    result.stage_busy_s, result.stage_idle_s = {}, {}
+    for i, st in ipairs(stages) do result.stage_busy_s[i], result.stage_idle_s[i] = st.busy_s, st.idle_s end
+  end
+  result.log_dir = log_dir
+  tel:close { bench = result }
 end
 if not pg or pg.rank == 0 then print(cjson.encode(result)) end

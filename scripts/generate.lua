@@ -18,6 +18,7 @@ local opts = args.parse(arg, {
   { "tp", "int", "tensor-parallel degree (ranks from `moonshard launch`, torchrun or Slurm)", default = 1, min = 1 },
   { "pp", "int", "pipeline-parallel stages", default = 1, min = 1 },
   { "pp-layers", "string", "layers of each stage, e.g. 0-12,13-25 (default: balanced)" },
+  { "log-dir", "string", "write JSON Lines events (collectives, stage busy/idle) to this folder (default: $MSH_LOG_DIR, set by `moonshard launch`)" },
   { "dtype", "string", "weights' dtype on the device: native (each weight's own), f32, f16, bf16, q8_0 ... (default on the CPU: float weights in f32, GGUF Q8_0/Q4_0/Q4_1 kept)" },
 })
 
@@ -35,6 +36,23 @@ end
 if model.dist then seed = require("moonshard.parallel").agree(model.dist, seed) end
 local quiet = model.rank ~= 0
 
+-- telemetry: only when a log folder is named (nothing is recorded otherwise)
+local tel
+local log_dir = opts.log_dir or os.getenv("MSH_LOG_DIR")
+if log_dir and log_dir ~= "" then
+  local terr
+  tel, terr = require("moonshard.telemetry").open(log_dir, { rank = model.rank, world = model.dist and model.dist.world or 1,
+    meta = { script = "generate", model = opts.model, tp = opts.tp, pp = opts.pp, device = model.net.device } })
+  if not tel then
+    io.stderr:write("moonshard generate: ", terr, "\n")
+    os.exit(1)
+  end
+  local net = model.net
+  tel:watch(net.tp_comm, "tp")
+  tel:watch(net.pp_comm, "pp")
+  net.hooks = tel:stage_hooks(net.device, net.pp_rank)
+end
+
 local stats, gerr = model:generate({
   prompt = opts.prompt, max_tokens = opts.max_tokens, temperature = opts.temperature,
   top_k = opts.top_k, top_p = opts.top_p, seed = seed,
@@ -46,6 +64,10 @@ end)
 if not stats then
   io.stderr:write("moonshard generate: ", gerr, "\n")
   os.exit(1)
+end
+if tel then
+  tel:close { prompt_tokens = stats.prompt_tokens, generated_tokens = stats.generated_tokens,
+    prefill_s = stats.prefill_s, decode_s = stats.decode_s, n_layers = model.net.last_layer - model.net.first_layer + 1 }
 end
 if quiet then os.exit(0) end
 io.stdout:write("\n")

@@ -147,6 +147,36 @@ function Comm:stats()
 end
 function Comm:reset_stats() C.msh_comm_reset_stats(self) end
 
+-- c:set_events(capacity) -> true | nil, message. capacity > 0: every successful call is recorded
+-- in a ring of that many entries (drained by c:drain_events); 0 turns recording off.
+function Comm:set_events(capacity) return try(C.msh_comm_set_events(self, capacity or 0)) end
+
+local EV_MAX = 256
+local ev_op, ev_bytes, ev_peer = ffi.new("int[?]", EV_MAX), ffi.new("uint64_t[?]", EV_MAX), ffi.new("int[?]", EV_MAX)
+local ev_t, ev_secs, ev_dev = ffi.new("double[?]", EV_MAX), ffi.new("double[?]", EV_MAX), ffi.new("int[?]", EV_MAX)
+local ev_n, ev_dropped = ffi.new("int[1]"), ffi.new("uint64_t[1]")
+
+-- c:drain_events(fn, wait?) -> records, dropped. Calls fn(op, bytes, peer, t, seconds, on_device)
+-- for every readable record in call order (op: "all_reduce", ...; peer: the peer or root, -1 for
+-- none; t: CLOCK_MONOTONIC seconds at the call, as uv.hrtime() / 1e9; seconds: its duration, on
+-- the device for NCCL). Records whose device time is not known yet stay for a later call unless
+-- wait is true (then it waits for the device). dropped: records lost to a full ring.
+function Comm:drain_events(fn, wait)
+  local total, dropped = 0, 0
+  repeat
+    local s = C.msh_comm_drain_events(self, EV_MAX, wait and 1 or 0, ev_op, ev_bytes, ev_peer, ev_t, ev_secs, ev_dev,
+      ev_n, ev_dropped)
+    if s ~= 0 then core.check(s, 2) end
+    local n = ev_n[0]
+    dropped = dropped + tonumber(ev_dropped[0])
+    for i = 0, n - 1 do
+      fn(op_names[ev_op[i] + 1], tonumber(ev_bytes[i]), ev_peer[i], ev_t[i], ev_secs[i], ev_dev[i] ~= 0)
+    end
+    total = total + n
+  until n < EV_MAX
+  return total, dropped
+end
+
 function Comm:abort() C.msh_comm_abort(self) end
 
 function Comm:free()

@@ -9,6 +9,10 @@
 -- text as one process would); every other stream is tagged line by line with "[rank R] " (stdout
 -- to stdout, stderr to stderr). --tag-output tags rank 0's stdout too. Only rank 0 reads stdin.
 --
+-- Logs: the run's log folder (--log-dir DIR, else MSH_LOG_DIR, else logs/<date>-<time>-<pid>/
+-- under the current directory) is made before the ranks start, named on stderr and passed to them as MSH_LOG_DIR;
+-- each rank writes its JSON Lines events there (moonshard.telemetry).
+--
 -- Exit: 0 when every rank exits 0. When a rank fails (non-zero status or a signal), the launcher
 -- says which ("rank 1 exited on signal 9 (SIGKILL)"), sends SIGTERM to the others, SIGKILL after
 -- the grace period, and exits with that rank's status (128 + signal for a signal). SIGINT,
@@ -31,6 +35,8 @@ options:
   --master-addr A         address of rank 0's node (default 127.0.0.1)
   --master-port P         rendezvous port (default: a free port on one node, 29500 on several)
   --tag-output            prefix rank 0's stdout with "[rank 0] " too
+  --log-dir DIR           the run's log folder, passed to the ranks as MSH_LOG_DIR
+                          (default: $MSH_LOG_DIR, else logs/<date>-<time>-<pid>)
   --grace S               seconds between SIGTERM and SIGKILL when stopping ranks (default 5)
   --help                  show this help
 
@@ -87,6 +93,11 @@ function M.parse(argv)
       if not o.grace or o.grace < 0 then return nil, "--grace expects seconds, got '" .. v .. "'" end
     elseif a == "--tag-output" then
       o.tag_output = true
+    elseif a == "--log-dir" or a == "--log_dir" then
+      local v, err = get()
+      if not v then return nil, err end
+      if v == "" then return nil, "--log-dir needs a folder" end
+      o.log_dir = v
     elseif a:match("^%-") then
       return nil, "unknown option " .. a
     else
@@ -117,6 +128,16 @@ function M.free_port()
   local port = ok and t:getsockname().port
   t:close()
   return port or 29500
+end
+
+-- M.log_dir(opts) -> the run's log folder as an absolute path, made | nil, message
+function M.log_dir(o)
+  local env = os.getenv("MSH_LOG_DIR")
+  local dir = o.log_dir or (env ~= "" and env) or string.format("logs/%s-%d", os.date("%Y%m%d-%H%M%S"), uv.os_getpid())
+  if dir:sub(1, 1) ~= "/" then dir = uv.cwd() .. "/" .. dir end
+  local ok, err = require("moonshard.telemetry").mkdir_p(dir)
+  if not ok then return nil, string.format("cannot make the log folder %s: %s", dir, tostring(err)) end
+  return dir
 end
 
 -- Line tagging: returns feed(data) and flush() writing "[rank R] line\n" to out.
@@ -161,12 +182,20 @@ function M.run(o, script, args)
   local threads = os.getenv("OMP_NUM_THREADS") or tostring(math.max(1, math.floor(cpu_count() / o.nproc)))
   local base_env = {}
   local drop = { RANK = true, WORLD_SIZE = true, LOCAL_RANK = true, LOCAL_WORLD_SIZE = true, MASTER_ADDR = true,
-    MASTER_PORT = true, OMP_NUM_THREADS = true, MOONSHARD_LAUNCHER_PID = true, GROUP_RANK = true }
+    MASTER_PORT = true, OMP_NUM_THREADS = true, MOONSHARD_LAUNCHER_PID = true, GROUP_RANK = true, MSH_LOG_DIR = true }
   for k, v in pairs(uv.os_environ()) do
     if not drop[k] then base_env[#base_env + 1] = k .. "=" .. v end
   end
   -- the ranks run `moonshard -e BOOT SCRIPT args...`: die with us, then run the script as usual
   local boot = "require('moonshard.dist').child_setup() return require('moonshard.cli').main({...})"
+
+  local log_dir, lerr = M.log_dir(o)
+  if not log_dir then
+    io.stderr:write("moonshard launch: ", lerr, "\n")
+    return 1
+  end
+  io.stderr:write("moonshard launch: logs in ", log_dir, "\n")
+  M.last_log_dir = log_dir
 
   local ranks, alive = {}, 0
   local open_pipes, pipes = 0, {}
@@ -305,7 +334,7 @@ function M.run(o, script, args)
     for k, v in pairs {
       RANK = rank, WORLD_SIZE = world, LOCAL_RANK = lr, LOCAL_WORLD_SIZE = o.nproc, GROUP_RANK = o.node_rank,
       MASTER_ADDR = o.master_addr, MASTER_PORT = port, OMP_NUM_THREADS = threads,
-      MOONSHARD_LAUNCHER_PID = uv.os_getpid(),
+      MOONSHARD_LAUNCHER_PID = uv.os_getpid(), MSH_LOG_DIR = log_dir,
     } do env[#env + 1] = k .. "=" .. tostring(v) end
     local out, err = uv.new_pipe(false), uv.new_pipe(false)
     local argv = { "-e", boot, script }

@@ -191,11 +191,10 @@ function Llama:compute(T, pos0, all_logits_out, dyn_len)
   local v = self.views[T]
   local stage, eps = self.stage, self.norm_eps
   local pp, pp_rank, pp_size = self.pp_comm, self.pp_rank, self.pp_size
-  if pp_rank == 0 then
-    embedding(v.x, stage:embed(), v.ids)
-  else
-    comm_check(C.msh_comm_recv(pp, v.x, pp_rank - 1))
-  end
+  local hooks = self.hooks -- optional: begin(model, T) once the input is here, finish(model) before it leaves
+  if pp_rank > 0 then comm_check(C.msh_comm_recv(pp, v.x, pp_rank - 1)) end
+  if hooks then hooks.begin(self, T) end
+  if pp_rank == 0 then embedding(v.x, stage:embed(), v.ids) end
   for l = self.first_layer, self.last_layer do
     local w = stage:acquire(l)
     local kv = self.kv[l]
@@ -236,6 +235,7 @@ function Llama:compute(T, pos0, all_logits_out, dyn_len)
     stage:release(l)
   end
   if pp_rank < pp_size - 1 then
+    if hooks then hooks.finish(self) end
     comm_check(C.msh_comm_send(pp, v.x, pp_rank + 1))
   else
     if all_logits_out then
@@ -244,6 +244,7 @@ function Llama:compute(T, pos0, all_logits_out, dyn_len)
     end
     rmsnorm(self.buf.h_last, v.x_last, stage:norm(), eps)
     matmul(self.buf.logits, self.buf.h_last, stage:output())
+    if hooks then hooks.finish(self) end
   end
   if pp then
     -- every stage gets the logits, so each samples the same token from the same seed
@@ -273,8 +274,11 @@ function Llama:decode_graph(pos0)
   self:upload(1, pos0)
   local g = self.graphs[len]
   if g then
+    local hooks = self.hooks
+    if hooks then hooks.begin(self, 1) end
     local s = C.msh_graph_launch(g)
     if s ~= 0 then core.check(s) end
+    if hooks then hooks.finish(self) end
     return
   end
   self:compute(1, pos0, nil, len)
