@@ -8,7 +8,10 @@
 # Environment: OUT (where logs and bench.jsonl go; default /tmp/msh-gpu-check), MSH_GPU_TESTS=0
 # skips the tests, MSH_GPU_BENCH=0 skips the benchmarks, MSH_GPU_SANITIZE=1 runs the GPU tests
 # under compute-sanitizer too, MSH_GPU_PROFILE=1 runs Nsight Compute over the attention and GEMV
-# kernels (ncu_*.txt), MSH_JOBS sets the build parallelism.
+# kernels (ncu_*.txt), MSH_JOBS sets the build parallelism. MSH_GPU_PARITY8B=1 runs the 8B
+# parity check against transformers (tools/parity: a random Llama-3-8B shape saved under
+# MSH_PARITY8B_DIR, default $TMPDIR/msh-parity-8b, and reused there; 16 GB of disk, about two
+# minutes); it is on by default when the GPU has at least 40 GB.
 # Exit status: 0 when the build and every test passed, 1 otherwise.
 set -u -o pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
@@ -114,6 +117,43 @@ if [ "${MSH_GPU_MODEL_BENCH:-1}" != 0 ]; then
   cat "$out/model_bench.jsonl"
 fi
 
+parity_summary="not run"
+gpu_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1 | tr -dc 0-9)
+parity_default=0
+if [ -n "$gpu_mib" ] && [ "$gpu_mib" -ge 40000 ]; then parity_default=1; fi
+if [ "${MSH_GPU_PARITY8B:-$parity_default}" = 1 ]; then
+  echo "== 8B parity with transformers (bf16, 512 positions, 10 greedy prompts)"
+  pdir=${MSH_PARITY8B_DIR:-${TMPDIR:-/tmp}/msh-parity-8b}
+  t0=$(date +%s)
+  if timeout 900 python3 tools/parity/hf_8b.py "$pdir" > "$out/parity_8b_hf.log" 2>&1; then
+    tail -4 "$out/parity_8b_hf.log"
+    timeout 600 build-gpu/moonshard tools/parity/check_8b.lua "$pdir" > "$out/parity_8b.json" \
+      2> "$out/parity_8b.err"
+    prc=$?
+    cat "$out/parity_8b.json"
+    if [ -s "$out/parity_8b.err" ]; then tail -5 "$out/parity_8b.err"; fi
+    [ "$prc" = 0 ] || status=1
+    parity_summary=$(python3 - "$out/parity_8b.json" << 'EOF'
+import json, sys
+try:
+    r = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
+except Exception as e:
+    print(f"no result ({e})")
+    sys.exit(0)
+print(f"{'PASS' if r['pass'] else 'FAIL'}: top-1 {100 * r['top1_agreement']:.1f}% (strict {100 * r['top1_agreement_strict']:.1f}%, "
+      f"transformers bf16 vs f32 {100 * r['transformers_bf16_vs_f32_top1']:.1f}%), greedy identical "
+      f"{r['prompts_identical']}/{r['prompts']}; load {r['load_bytes'] / 1e9:.1f} GB in {r['load_s']:.1f} s "
+      f"= {r['load_GBps']:.1f} GB/s")
+EOF
+)
+  else
+    status=1
+    tail -20 "$out/parity_8b_hf.log"
+    parity_summary="transformers reference failed (see parity_8b_hf.log)"
+  fi
+  parity_summary="$parity_summary ($(( $(date +%s) - t0 )) s)"
+fi
+
 if [ "${MSH_GPU_PROFILE:-0}" = 1 ] && command -v ncu > /dev/null && [ -x "$bench_bin" ]; then
   echo "== ncu (clocks left alone)"
   sections="--section SpeedOfLight --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis"
@@ -131,6 +171,7 @@ echo
 echo "== summary ($(( $(date +%s) - t_start )) s)"
 echo "GPU tests: $gpu_summary"
 echo "C tests:   $c_summary"
+echo "8B parity: $parity_summary"
 if [ -s "$out/bench.jsonl" ]; then
   python3 - "$out/bench.jsonl" << 'EOF'
 import json, sys
@@ -140,6 +181,10 @@ for r in rows:
         print(f"device {r['name']}: {r['sm']} SMs, {r['l2_MB']:.0f} MB L2, {r['mem_GB']:.0f} GB")
     elif r["bench"] == "ceiling_copy_d2d":
         print(f"ceiling: device copy {r['GBps']:.0f} GB/s (read + write)")
+    elif r["bench"] == "upload_file":
+        print(f"upload of a 1 GiB file from the page cache: {r['GBps']:.1f} GB/s as is, {r['GBps_f32_to_bf16']:.1f} GB/s "
+              f"f32 -> bf16 (pinned cudaMemcpy {r['pinned_memcpy_GBps']:.1f}, pageable {r['pageable_memcpy_GBps']:.1f}; "
+              f"target >= 3)")
     elif r["bench"] == "ceiling_gemm_bf16_8192":
         print(f"ceiling: cuBLAS bf16 8192^3 {r['TFLOPs']:.0f} TFLOP/s")
     elif r["bench"].startswith("llama3"):
