@@ -11,7 +11,7 @@ local opts = args.parse(arg, {
     "decode, FLOPs / matrix rate for prefill).",
   { "model", "string", "model directory or checkpoint" },
   { "dummy", "string", "config.json of a model to build with random weights (std 0.02)" },
-  { "batch-size", "int", "sequences per step (1 for now)", default = 1, min = 1, max = 1 },
+  { "batch-size", "int", "sequences prefilled (--prompt-len tokens each) and decoded (--gen-len steps) together in lockstep", default = 1, min = 1 },
   { "prompt-len", "int", "prompt tokens", default = 32, min = 1 },
   { "gen-len", "int", "generated tokens", default = 200, min = 1 },
   { "loops", "int", "timed repetitions", default = 5, min = 1 },
@@ -143,7 +143,9 @@ local ok, net = pcall(function()
   sync()
   load_s = (uv.hrtime() - t_load) / 1e9
   return require("moonshard.models.llama").new(d, {
-    device = opts.device, stage = stage, max_seq = need, chunk = math.min(need, 2048),
+    -- a batch's buffers hold batch x chunk rows: shorter chunks for larger batches
+    device = opts.device, stage = stage, max_seq = need, batch = opts.batch_size,
+    chunk = math.min(need, math.max(math.floor(2048 / opts.batch_size), 64)),
     kv_dtype = opts.kv_dtype or (gpu and "bf16" or "f32"), graphs = opts.graphs ~= "off",
     tp_comm = par and par.tp_comm, pp_comm = par and par.pp_comm, layers = par and par.layers,
   })
@@ -180,7 +182,37 @@ local function next_token(logits)
   return ops.argmax(logits, argmax_out)
 end
 
+-- --batch-size B > 1: B different prompts, then B greedy tokens a step (tables made once)
+local B = opts.batch_size
+local prompts, steps, batch_out, host_blogits = {}, {}, ffi.new("int32_t[?]", B), nil
+if B > 1 then
+  for b = 1, B do
+    prompts[b] = {}
+    for i = 1, opts.prompt_len do prompts[b][i] = (i * 7919 + (b - 1) * 104729) % desc.vocab_size end
+    steps[b] = { 0 }
+  end
+  host_blogits = gpu and assert(tensor.new({ B, desc.vocab_size }, "f32", "cpu"))
+end
+
+local function next_tokens(logits)
+  if host_blogits then logits = host_blogits:copy_from(logits) end
+  ops.argmax(logits, batch_out)
+  for b = 1, B do steps[b][1] = batch_out[b - 1] end
+end
+
+local function once_batch()
+  net:reset()
+  sync()
+  local t0 = uv.hrtime()
+  next_tokens(assert(net:forward_batch(prompts, 0)))
+  local t1 = uv.hrtime()
+  for _ = 2, opts.gen_len do next_tokens(assert(net:forward_batch(steps))) end
+  local t2 = uv.hrtime()
+  return (t1 - t0) / 1e9, (t2 - t1) / 1e9
+end
+
 local function once()
+  if B > 1 then return once_batch() end
   net:reset()
   sync()
   local t0 = uv.hrtime()
@@ -237,14 +269,19 @@ for l = net.first_layer, net.last_layer do
 end
 local decode_step = d / math.max(opts.gen_len - 1, 1)
 local L, H, hd, T = net.last_layer - net.first_layer + 1, net.n_heads, net.head_dim, opts.prompt_len
-local prefill_flops = 2 * matmul_params * T + L * H * hd * 2 * T * T -- projections + causal attention
+local prefill_flops = B * (2 * matmul_params * T + L * H * hd * 2 * T * T) -- projections + causal attention
+-- KV cache bytes a decode step reads: every sequence's keys and values of this rank's layers and
+-- kv heads, at the mean context of the decode steps (prompt + half the generated tokens)
+local kv0 = net.kv[net.first_layer].K
+local kv_elem = kv0:nbytes() / kv0:numel()
+local kv_bytes = B * L * 2 * net.n_kv_heads * hd * kv_elem * (T + opts.gen_len / 2)
 local result = {
   model = name, device = opts.device, dtype = dtype, threads = C.msh_get_num_threads(),
   batch_size = opts.batch_size, prompt_len = opts.prompt_len, gen_len = opts.gen_len, loops = opts.loops,
   params = matmul_params, weight_bytes = weight_bytes,
-  prefill_tok_s = T / p, time_to_first_token_s = p,
-  decode_tok_s = (opts.gen_len - 1) / d, decode_step_ms = decode_step * 1e3,
-  total_tok_s = (T + opts.gen_len) / (p + d),
+  prefill_tok_s = B * T / p, time_to_first_token_s = p,
+  decode_tok_s = B * (opts.gen_len - 1) / d, decode_step_ms = decode_step * 1e3,
+  total_tok_s = B * (T + opts.gen_len) / (p + d), kv_bytes_per_step = kv_bytes,
 }
 -- what the stage placed: every distinct weight it holds (the embedding too), over the load time
 local load_bytes, seen = 0, {}
@@ -264,8 +301,8 @@ if peak then result.peak_device_memory_bytes = peak; result.model_device_memory_
 if bw then
   result.ceiling_copy_GBps = bw / 1e9
   result.ceiling_matmul_TFLOPs = rate / 1e12
-  result.decode_floor_ms = weight_bytes / bw * 1e3
-  result.decode_efficiency = (weight_bytes / bw) / decode_step
+  result.decode_floor_ms = (weight_bytes + kv_bytes) / bw * 1e3
+  result.decode_efficiency = ((weight_bytes + kv_bytes) / bw) / decode_step
   result.prefill_floor_s = prefill_flops / rate
   result.prefill_efficiency = (prefill_flops / rate) / p
 end

@@ -22,7 +22,8 @@ Model.__index = Model
 --   opts.device ("cpu"), opts.max_seq, opts.chunk, opts.kv_dtype, opts.dtype (weights' dtype on
 --   the device, or "native" for each weight's own; CPU default: float weights in f32,
 --   block-quantized ones (GGUF Q8_0/Q4_0/Q4_1) kept as they are; GPU default "bf16"),
---   opts.tokenizer (path), opts.fuse (false: keep q/k/v and gate/up as separate weights)
+--   opts.tokenizer (path), opts.fuse (false: keep q/k/v and gate/up as separate weights),
+--   opts.batch (sequences model:forward_batch runs at once, default 1)
 function M.load(path, opts)
   opts = opts or {}
   local loaded, err = require("moonshard.loader").load(path, opts)
@@ -45,6 +46,7 @@ function M.load(path, opts)
     })
     return require("moonshard.models.llama").new(desc, {
       device = device, max_seq = opts.max_seq, chunk = opts.chunk, kv_dtype = opts.kv_dtype, stage = stage,
+      batch = opts.batch,
       tp_comm = par and par.tp_comm, pp_comm = par and par.pp_comm, layers = par and par.layers,
     })
   end)
@@ -60,6 +62,9 @@ end
 
 -- model:forward(ids, pos0?, opts?) -> logits tensor (see moonshard.models.llama)
 function Model:forward(ids, pos0, opts) return self.net:forward(ids, pos0, opts) end
+-- model:forward_batch(tokens, pos0?, slot0?) -> logits (B, V) of several sequences at once
+-- (opts.batch slots; see moonshard.models.llama)
+function Model:forward_batch(tokens, pos0, slot0) return self.net:forward_batch(tokens, pos0, slot0) end
 function Model:reset() self.net:reset() end
 
 local argmax_out = ffi.new("int32_t[1]")

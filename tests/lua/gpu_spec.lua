@@ -48,6 +48,23 @@ describe("CUDA device", function()
     end)
   end
 
+  -- batched steps: cuBLAS over B * T rows against GEMV over one; decode steps replay CUDA graphs
+  -- per (slots, batch size, context bucket), at per-sequence positions read on the device
+  for _, case in ipairs { { h.stories, "f32", "f32", 1e-4 }, { h.hf .. "/llama3", "f32", "f32", 1e-4 },
+                          { h.hf .. "/f32", "bf16", "bf16", 5e-2 } } do
+    local path, dtype, kv, tol = case[1], case[2], case[3], case[4]
+    it(string.format("forward_batch on the GPU (%s, %s weights, %s cache): each sequence as alone within %g",
+      path:match("[^/]+$"), dtype, kv, tol), function()
+      local check = require "batch_check"
+      local m = assert(moonshard.load(path, { device = "cuda", dtype = dtype, kv_dtype = kv, batch = 3 }))
+      local s = assert(moonshard.load(path, { device = "cuda", dtype = dtype, kv_dtype = kv }))
+      local diff, rows = check.run(m, s, m.desc.vocab_size)
+      assert.are.equal(12, rows)
+      assert.is_true(diff < tol, string.format("max |diff| %.3g", diff))
+      assert.is_true(m.net.use_graphs, "decode steps ran from CUDA graphs")
+    end)
+  end
+
   describe("two GPUs (NCCL)", function()
     if gpu_count() < 2 then
       pending("fewer than two CUDA devices: NCCL parallel specs skipped")
@@ -66,6 +83,16 @@ describe("CUDA device", function()
     for _, case in ipairs { { "f32", 2, 1 }, { "bf16", 1, 2 }, { "llama3", 2, 1 } } do
       it(string.format("%s checkpoint, tp %d x pp %d on GPUs: logits within 1e-4", case[1], case[2], case[3]), function()
         local out, err, code = h.run { "launch", "-n", "2", h.root .. "/tests/lua/parallel_logits.lua", case[1],
+          tostring(case[2]), tostring(case[3]), "cuda", "f32" }
+        assert.are.equal(0, code, err)
+        local diff = tonumber(out:match("max_abs_diff (%S+)"))
+        assert.is_true(diff ~= nil and diff < 1e-4, out .. err)
+      end)
+    end
+    for _, case in ipairs { { "f32", 2, 1 }, { "llama3", 1, 2 } } do
+      it(string.format("%s checkpoint, tp %d x pp %d on GPUs: forward_batch as alone within 1e-4", case[1], case[2],
+        case[3]), function()
+        local out, err, code = h.run { "launch", "-n", "2", h.root .. "/tests/lua/parallel_batch.lua", case[1],
           tostring(case[2]), tostring(case[3]), "cuda", "f32" }
         assert.are.equal(0, code, err)
         local diff = tonumber(out:match("max_abs_diff (%S+)"))

@@ -12,7 +12,12 @@
 -- before it runs, so placement (resident, streamed, partitioned) is the stage's business.
 --
 -- Per forward pass nothing is allocated: activations live in buffers sized at construction for
--- up to `chunk` tokens, and views of them are made once per distinct token count.
+-- up to `chunk` tokens (of each of up to `batch` sequences), and views of them are made once per
+-- distinct token count.
+--
+-- Several sequences run together through model:forward_batch: each owns a slot of the KV cache
+-- (B, max_seq, KVH, hd), their rows stacked sequence by sequence (row b * T + t), so every
+-- projection is one matmul over B * T rows and attention reads each sequence's own cache.
 local ops = require "moonshard.ops"
 local tensor = require "moonshard.tensor"
 local rope = require "moonshard.rope"
@@ -53,6 +58,7 @@ end
 --   opts.chunk     tokens per forward pass (prefill is split into chunks of this size)
 --   opts.kv_dtype  "f32" (default), "f16" or "bf16"
 --   opts.stage     a stage owning the weights (default: resident on opts.device)
+--   opts.batch     sequences (KV cache slots) model:forward_batch may run at once (default 1)
 function M.new(desc, opts)
   opts = opts or {}
   assert(M.validate(desc))
@@ -69,6 +75,9 @@ function M.new(desc, opts)
   self.norm_eps = desc.norm_eps or 1e-5
   self.max_seq = math.min(opts.max_seq or desc.max_seq, desc.max_seq)
   self.chunk = math.min(opts.chunk or 256, self.max_seq)
+  self.batch = opts.batch or 1
+  assert(type(self.batch) == "number" and self.batch >= 1 and self.batch % 1 == 0,
+    "opts.batch must be a positive integer")
   self.scale = 1 / math.sqrt(self.head_dim)
   -- distributed: opts.tp_comm sums row-parallel outputs (desc already sliced for this rank);
   -- opts.pp_comm links the pipeline stages, this one running layers opts.layers = { first, last }
@@ -87,7 +96,7 @@ function M.new(desc, opts)
   local inv = rope.inv_freq(r, self.head_dim)
   self.inv_freq = tensor.from(inv, { #inv }, "f32"):to("f32", self.device)
 
-  local dev, Tm = self.device, self.chunk
+  local dev, Tm, Bm = self.device, self.chunk * self.batch, self.batch
   local D, H, KVH, hd, F = self.dim, self.n_heads, self.n_kv_heads, self.head_dim, self.hidden_dim
   local function buf(shape, dt) return assert(tensor.new(shape, dt or "f32", dev)) end
   self.buf = {
@@ -97,30 +106,42 @@ function M.new(desc, opts)
     qkv = buf { Tm, (H + 2 * KVH) * hd }, gu = buf { Tm, 2 * F }, -- fused projections' outputs
     ids = buf({ Tm }, "i32"), pos = buf({ Tm }, "i32"),
     h_last = buf { 1, D }, logits = buf { 1, self.vocab_size },
+    -- forward_batch: each sequence's last row, its norm, the logits, its first position
+    bx_last = buf { Bm, D }, bh_last = buf { Bm, D }, blogits = buf { Bm, self.vocab_size },
+    starts = buf({ Bm }, "i32"),
   }
   -- token ids and positions are written on the host, then moved when the model is on a device
   if dev ~= "cpu" then
     self.host_ids = assert(tensor.new({ Tm }, "i32", "cpu"))
     self.host_pos = assert(tensor.new({ Tm }, "i32", "cpu"))
+    self.host_starts = assert(tensor.new({ Bm }, "i32", "cpu"))
   else
-    self.host_ids, self.host_pos = self.buf.ids, self.buf.pos
+    self.host_ids, self.host_pos, self.host_starts = self.buf.ids, self.buf.pos, self.buf.starts
   end
   self.ids_ptr = ffi.cast("int32_t*", self.host_ids:data())
   self.pos_ptr = ffi.cast("int32_t*", self.host_pos:data())
+  self.starts_ptr = ffi.cast("int32_t*", self.host_starts:data())
 
   self.kv = {}
   local kvdt = opts.kv_dtype or "f32"
   for l = self.first_layer, self.last_layer do
-    self.kv[l] = { k = buf({ self.max_seq, KVH, hd }, kvdt), v = buf({ self.max_seq, KVH, hd }, kvdt) }
+    -- K, V (batch, max_seq, KVH, hd): one slot per sequence; k, v: slot 0, which forward uses
+    local K, V = buf({ Bm, self.max_seq, KVH, hd }, kvdt), buf({ Bm, self.max_seq, KVH, hd }, kvdt)
+    local function slot0(t) return t:narrow(1, 0, 1):reshape { self.max_seq, KVH, hd } end
+    self.kv[l] = { K = K, V = V, k = slot0(K), v = slot0(V) }
   end
   self.views = {}
-  self.pos = 0 -- tokens in the cache
+  self.batch_ctxs = {} -- [slot0][B][T]: views of a forward_batch pass (see batch_ctx)
+  self.pos = 0 -- tokens in the cache (slot 0)
+  self.slot_pos = {} -- tokens in the cache of slots 1 .. batch - 1
+  self.pos_list = {} -- forward_batch's positions (reused)
   -- decode steps replay CUDA graphs on a GPU unless opts.graphs == false
   self.device_kind, self.device_index = tensor.device_id(dev)
   -- (NCCL all-reduces are captured with the step; pipeline stages wait on their peers eagerly)
   self.use_graphs = dev ~= "cpu" and opts.graphs ~= false and C.msh_has_cuda() == 1
     and (not self.tp_comm or C.msh_comm_kind(self.tp_comm) == C.MSH_COMM_NCCL) and not self.pp_comm
   self.graphs = {}
+  self.batch_graphs = {} -- [slot0][B][context bucket]: batched decode steps
   return self
 end
 
@@ -187,7 +208,9 @@ function Llama:residual(v, a, w)
   end
 end
 
-function Llama:compute(T, pos0, all_logits_out, dyn_len)
+-- bt (forward_batch): a batch context (batch_ctx); T then counts rows (B x tokens), the caches
+-- are its slots' and positions come from bt.starts with dyn_len (one per sequence).
+function Llama:compute(T, pos0, all_logits_out, dyn_len, bt)
   local v = self.views[T]
   local stage, eps = self.stage, self.norm_eps
   local pp, pp_rank, pp_size = self.pp_comm, self.pp_rank, self.pp_size
@@ -197,7 +220,7 @@ function Llama:compute(T, pos0, all_logits_out, dyn_len)
   if pp_rank == 0 then embedding(v.x, stage:embed(), v.ids) end
   for l = self.first_layer, self.last_layer do
     local w = stage:acquire(l)
-    local kv = self.kv[l]
+    local kv = bt and bt.kv[l] or self.kv[l]
     rmsnorm(v.h, v.x, w.attn_norm, eps)
     if w.wqkv then
       -- one projection; rope and the cache store in one op (positions from the device)
@@ -209,18 +232,20 @@ function Llama:compute(T, pos0, all_logits_out, dyn_len)
       matmul(v.v, v.h, w.wv)
       rope_op(v.q3, v.pos, self.inv_freq, self.rope_style)
       rope_op(v.k3, v.pos, self.inv_freq, self.rope_style)
+      local kr, vr = bt and bt.k4 or v.k3, bt and bt.v4 or v.v3
       if dyn_len then
-        set_rows_dyn(kv.k, v.pos, v.k3)
-        set_rows_dyn(kv.v, v.pos, v.v3)
+        set_rows_dyn(kv.k, bt and bt.starts or v.pos, kr)
+        set_rows_dyn(kv.v, bt and bt.starts or v.pos, vr)
       else
-        set_rows(kv.k, pos0, v.k3)
-        set_rows(kv.v, pos0, v.v3)
+        set_rows(kv.k, pos0, kr)
+        set_rows(kv.v, pos0, vr)
       end
     end
+    local q, att = bt and bt.q4 or v.q3, bt and bt.att4 or v.att3
     if dyn_len then
-      attention_dyn(v.att3, v.q3, kv.k, kv.v, v.pos, dyn_len, self.scale)
+      attention_dyn(att, q, kv.k, kv.v, bt and bt.starts or v.pos, dyn_len, self.scale)
     else
-      attention(v.att3, v.q3, kv.k, kv.v, pos0, self.scale)
+      attention(att, q, kv.k, kv.v, pos0, self.scale)
     end
     self:residual(v, v.att, w.wo)
     rmsnorm(v.h, v.x, w.ffn_norm, eps)
@@ -242,14 +267,21 @@ function Llama:compute(T, pos0, all_logits_out, dyn_len)
       rmsnorm(v.h, v.x, stage:norm(), eps)
       matmul(all_logits_out, v.h, stage:output())
     end
-    rmsnorm(self.buf.h_last, v.x_last, stage:norm(), eps)
-    matmul(self.buf.logits, self.buf.h_last, stage:output())
+    if bt then
+      -- each sequence's last row (x itself for one token a sequence)
+      if bt.x_rows then bt.x_last:copy_from(bt.x_rows) end
+      rmsnorm(bt.h_last, bt.x_last, stage:norm(), eps)
+      matmul(bt.logits, bt.h_last, stage:output())
+    else
+      rmsnorm(self.buf.h_last, v.x_last, stage:norm(), eps)
+      matmul(self.buf.logits, self.buf.h_last, stage:output())
+    end
     if hooks then hooks.finish(self) end
   end
   if pp then
     -- every stage gets the logits, so each samples the same token from the same seed
     if all_logits_out then comm_check(C.msh_comm_broadcast(pp, all_logits_out, pp_size - 1)) end
-    comm_check(C.msh_comm_broadcast(pp, self.buf.logits, pp_size - 1))
+    comm_check(C.msh_comm_broadcast(pp, bt and bt.logits or self.buf.logits, pp_size - 1))
   end
 end
 
@@ -338,9 +370,169 @@ function Llama:forward(ids, pos0, opts)
   return all or self.buf.logits
 end
 
--- Forgets the cache (the next forward starts at position 0).
+-- ------------------------------------------------------------------------------ batches
+
+-- The views of a forward_batch pass of B sequences of T tokens in slots slot0 .. slot0 + B - 1
+-- (made once per (slot0, B, T)): activation views of B * T rows and their 4-D forms, the
+-- slots' caches, the sequences' first positions (the rows' own when T = 1) and logits.
+function Llama:batch_ctx(B, T, slot0)
+  local by_slot = self.batch_ctxs[slot0]
+  if not by_slot then by_slot = {}; self.batch_ctxs[slot0] = by_slot end
+  local by_b = by_slot[B]
+  if not by_b then by_b = {}; by_slot[B] = by_b end
+  local bt = by_b[T]
+  if bt then return bt end
+  local R, D, H, KVH, hd = B * T, self.dim, self.n_heads, self.n_kv_heads, self.head_dim
+  local v, b = self:views_for(R), self.buf
+  bt = {
+    B = B, T = T, R = R, v = v,
+    q4 = v.q:reshape { B, T, H, hd }, att4 = v.att:reshape { B, T, H, hd },
+    k4 = v.k:reshape { B, T, KVH, hd }, v4 = v.v:reshape { B, T, KVH, hd },
+    starts = T == 1 and v.pos or b.starts:narrow(1, 0, B),
+    h_last = b.bh_last:narrow(1, 0, B), logits = b.blogits:narrow(1, 0, B), kv = {},
+  }
+  if T == 1 then
+    bt.x_last = v.x
+  else
+    bt.x_last = b.bx_last:narrow(1, 0, B)
+    bt.x_rows = v.x:view({ B, D }, { T * D, 1 }, (T - 1) * D) -- row T - 1 of each sequence
+    bt.host_starts = self.host_starts:narrow(1, 0, B)
+  end
+  for l = self.first_layer, self.last_layer do
+    local kv = self.kv[l]
+    bt.kv[l] = { k = kv.K:narrow(1, slot0, B), v = kv.V:narrow(1, slot0, B) }
+  end
+  by_b[T] = bt
+  return bt
+end
+
+-- Tokens in the cache of a slot.
+function Llama:slot_position(slot)
+  if slot == 0 then return self.pos end
+  return self.slot_pos[slot] or 0
+end
+
+local function set_slot_position(self, slot, n)
+  if slot == 0 then self.pos = n else self.slot_pos[slot] = n end
+end
+
+-- One batched decode step (T = 1, positions already in the host buffer) through a CUDA graph
+-- per (slot0, B, context bucket): recorded on its bucket's first step, replayed after.
+function Llama:decode_graph_batch(bt, slot0, max_pos)
+  local B, len = bt.B, bucket_for(max_pos + 1, self.max_seq)
+  local v = bt.v
+  v.ids:copy_from(v.host_ids)
+  v.pos:copy_from(v.host_pos)
+  local by_slot = self.batch_graphs[slot0]
+  if not by_slot then by_slot = {}; self.batch_graphs[slot0] = by_slot end
+  local by_b = by_slot[B]
+  if not by_b then by_b = {}; by_slot[B] = by_b end
+  local g = by_b[len]
+  if g then
+    local s = C.msh_graph_launch(g)
+    if s ~= 0 then core.check(s) end
+    return
+  end
+  self:compute(B, nil, nil, len, bt) -- eagerly first: sizes the device scratch
+  local kind, index = self.device_kind, self.device_index
+  if not core.try(C.msh_graph_begin(kind, index)) then
+    self.use_graphs = false -- no graphs on this device: stay eager
+    return
+  end
+  local cok, cerr = pcall(self.compute, self, B, nil, nil, len, bt)
+  local out = ffi.new("msh_graph*[1]")
+  local s = C.msh_graph_end(kind, index, out)
+  if not cok then error(cerr, 0) end
+  core.check(s)
+  by_b[len] = ffi.gc(out[0], C.msh_graph_free)
+end
+
+-- model:forward_batch(tokens, pos0?, slot0?) -> logits (B, V) f32 of each sequence's last token,
+-- on the model's device (a view, valid until the next call), or nil, message.
+--   tokens: B arrays of T token ids each (the same T for all), B <= opts.batch.
+--   pos0: the first position of every sequence (a number), or an array of B numbers (sequences
+--     of different lengths decode together: positions read on the device per sequence); default:
+--     each slot's tokens in the cache.
+--   slot0: the first KV cache slot (0-based, default 0); sequence b uses slot slot0 + b - 1.
+--     Slot 0 is the cache model:forward uses.
+-- Prompts longer than opts.chunk go in chunks. Decode steps (T = 1) replay CUDA graphs on a GPU.
+function Llama:forward_batch(tokens, pos0, slot0)
+  slot0 = slot0 or 0
+  local B = type(tokens) == "table" and #tokens or 0
+  if B == 0 then return nil, "forward_batch: no sequences" end
+  if slot0 < 0 or slot0 % 1 ~= 0 or slot0 + B > self.batch then
+    return nil, string.format("forward_batch: slots [%s, %s) outside the model's %d (opts.batch)",
+      tostring(slot0), tostring(slot0 + B), self.batch)
+  end
+  local T = #tokens[1]
+  if T == 0 then return nil, "forward_batch: no tokens" end
+  local V, pos, uniform, max_pos = self.vocab_size, self.pos_list, true, 0
+  for b = 1, B do
+    local seq = tokens[b]
+    if type(seq) ~= "table" or #seq ~= T then
+      return nil, string.format("forward_batch: sequence %d has %s tokens, sequence 1 has %d (equal lengths only)",
+        b, type(seq) == "table" and tostring(#seq) or "no", T)
+    end
+    for i = 1, T do
+      local id = seq[i]
+      if type(id) ~= "number" or id < 0 or id >= V then
+        return nil, string.format("forward_batch: token id %s of sequence %d outside the vocabulary [0, %d)",
+          tostring(id), b, V)
+      end
+    end
+    local p
+    if type(pos0) == "number" then p = pos0
+    elseif type(pos0) == "table" then p = pos0[b]
+    else p = self:slot_position(slot0 + b - 1) end
+    if type(p) ~= "number" or p < 0 or p % 1 ~= 0 then
+      return nil, string.format("forward_batch: position %s of sequence %d is not a position", tostring(p), b)
+    end
+    if p + T > self.max_seq then
+      return nil, string.format("context full: %d tokens at position %d exceed the context of %d (sequence %d)",
+        T, p, self.max_seq, b)
+    end
+    pos[b] = p
+    if p ~= pos[1] then uniform = false end
+    if p > max_pos then max_pos = p end
+  end
+  local ids_ptr, pos_ptr, starts_ptr = self.ids_ptr, self.pos_ptr, self.starts_ptr
+  local done, bt = 0, nil
+  while done < T do
+    local Tc = math.min(self.chunk, T - done)
+    bt = self:batch_ctx(B, Tc, slot0)
+    for b = 0, B - 1 do
+      local seq, p, r = tokens[b + 1], pos[b + 1] + done, b * Tc
+      for i = 0, Tc - 1 do
+        ids_ptr[r + i] = seq[done + i + 1]
+        pos_ptr[r + i] = p + i
+      end
+      starts_ptr[b] = p
+    end
+    if Tc == 1 and self.use_graphs then
+      self:decode_graph_batch(bt, slot0, max_pos + done)
+    else
+      local v = bt.v
+      if v.host_ids then
+        v.ids:copy_from(v.host_ids)
+        v.pos:copy_from(v.host_pos)
+      end
+      if uniform then
+        self:compute(bt.R, pos[1] + done, nil, nil, bt)
+      else
+        if bt.host_starts and self.device ~= "cpu" then bt.starts:copy_from(bt.host_starts) end
+        self:compute(bt.R, nil, nil, bucket_for(max_pos + done + Tc, self.max_seq), bt)
+      end
+    end
+    done = done + Tc
+  end
+  for b = 1, B do set_slot_position(self, slot0 + b - 1, pos[b] + T) end
+  return bt.logits
+end
+
+-- Forgets the cache (the next forward starts at position 0), of every slot.
 function Llama:reset()
   self.pos = 0
+  self.slot_pos = {}
 end
 
 M.Llama = Llama
