@@ -24,6 +24,7 @@ local opts = args.parse(arg, {
   { "tp", "int", "tensor-parallel degree (ranks from `moonshard launch`)", default = 1, min = 1 },
   { "pp", "int", "pipeline-parallel stages", default = 1, min = 1 },
   { "graphs", "string", "on or off: replay decode steps from CUDA graphs", default = "on" },
+  { "micro-batches", "int", "with --pp: run the batch as this many micro-batches through the pipeline schedule (moonshard.schedule) and report the measured bubble against (p-1)/(m+p-1)", min = 1 },
   { "log-dir", "string", "write JSON Lines events (collectives, stage busy/idle) to this folder and report all-reduce time and pipeline bubble (default: $MSH_LOG_DIR, set by `moonshard launch`)" },
 })
 if not opts.model and not opts.dummy then
@@ -211,7 +212,43 @@ local function once_batch()
   return (t1 - t0) / 1e9, (t2 - t1) / 1e9
 end
 
+-- --pp P --micro-batches m: the micro-batched pipeline (moonshard.schedule). Each repetition
+-- times a prefill-only run of the batch (GPipe's fill and drain) and the whole generation, each
+-- between barriers, with every stage's busy and idle time over each.
+local pipe = opts.micro_batches and par and par.pp_comm
+local pipe_stats = { pre = { busy = 0, idle = 0 }, full = { busy = 0, idle = 0 } }
+local pipe_prompts = B > 1 and prompts or { prompt }
+if opts.micro_batches and not pipe then fail("--micro-batches needs --pp 2 or more (under moonshard launch)") end
+if pipe then
+  tel = tel or require("moonshard.telemetry").null { rank = pg.rank }
+  net.hooks = net.hooks or tel:stage_hooks(opts.device, net.pp_rank)
+end
+
+local function pipeline_run(gen_len, acc)
+  local schedule = require "moonshard.schedule"
+  net:reset()
+  sync()
+  assert(pg.comm:barrier())
+  local probe_ = net.hooks.probe
+  probe_:window_begin()
+  local t0 = uv.hrtime()
+  schedule.run(net, { prompts = net.pp_rank == 0 and pipe_prompts or nil, batch = B, prompt_len = opts.prompt_len,
+    gen_len = gen_len, micro_batches = opts.micro_batches })
+  sync()
+  assert(pg.comm:barrier())
+  local t = (uv.hrtime() - t0) / 1e9
+  probe_:window_end()
+  local st = probe_:summary()
+  acc.busy, acc.idle = acc.busy + st.busy_s, acc.idle + st.idle_s
+  return t
+end
+
 local function once()
+  if pipe then
+    local t_pre = pipeline_run(1, pipe_stats.pre)
+    local t_all = pipeline_run(opts.gen_len, pipe_stats.full)
+    return t_pre, math.max(t_all - t_pre, 1e-9)
+  end
   if B > 1 then return once_batch() end
   net:reset()
   sync()
@@ -238,7 +275,8 @@ end
 
 for _ = 1, opts.warmup do once() end
 decode_ar_s, decode_ar_calls = {}, {}
-local probe = tel and net.hooks.probe
+pipe_stats = { pre = { busy = 0, idle = 0 }, full = { busy = 0, idle = 0 } }
+local probe = not pipe and tel and net.hooks.probe
 if probe then
   if pg then assert(pg.comm:barrier()) end
   probe:window_begin()
@@ -310,27 +348,43 @@ if pg then
   result.tp, result.pp, result.world = opts.tp, opts.pp, pg.world
   -- the floors of one rank's share: its weights over its own device's bandwidth
 end
+if tel and opts.tp > 1 and B == 1 and not pipe and net.use_graphs then
+  -- collectives inside CUDA graphs are not recorded: time the all-reduces of one eager repetition
+  net.use_graphs = false
+  decode_ar_s, decode_ar_calls = {}, {}
+  once()
+  net.use_graphs = true
+  result.allreduce_source = "one eager repetition (decode steps replay CUDA graphs, whose collectives are not timed)"
+end
 if tel then
   local tokens = math.max(opts.gen_len - 1, 1)
-  if opts.tp > 1 then
+  if opts.tp > 1 and #decode_ar_s > 0 then
     local ar = median(decode_ar_s)
     result.allreduce_ms_per_token = ar / tokens * 1e3
     result.allreduce_calls_per_token = median(decode_ar_calls) / tokens
     result.allreduce_share = ar / d
   end
   -- every rank's busy and idle seconds over the timed loops, gathered to rank 0
-  local s = probe:summary()
-  local stages = { s }
+  local s = probe and probe:summary() or { busy_s = pipe_stats.full.busy, idle_s = pipe_stats.full.idle }
+  local stages, prefill_stages = { s }, nil
   if pg then
-    local mine = tensor.from({ s.busy_s, s.idle_s, net.pp_rank }, { 3 }, "f32")
-    local all = assert(tensor.new({ 3 * pg.world }, "f32", pg.comm:device()))
+    local mine = tensor.from({ s.busy_s, s.idle_s, net.pp_rank, pipe_stats.pre.busy, pipe_stats.pre.idle }, { 5 }, "f32")
+    local all = assert(tensor.new({ 5 * pg.world }, "f32", pg.comm:device()))
     if pg.comm:device() ~= "cpu" then mine = mine:to("f32", pg.comm:device()) end
     assert(pg.comm:all_gather(all, mine))
     local v = all:to("f32", "cpu"):values()
-    stages = {}
+    stages, prefill_stages = {}, {}
     for r = 0, pg.world - 1 do
-      stages[r + 1] = { rank = r, stage = v[3 * r + 3], busy_s = v[3 * r + 1], idle_s = v[3 * r + 2] }
+      stages[r + 1] = { rank = r, stage = v[5 * r + 3], busy_s = v[5 * r + 1], idle_s = v[5 * r + 2] }
+      prefill_stages[r + 1] = { busy_s = v[5 * r + 4], idle_s = v[5 * r + 5] }
     end
+  end
+  if pipe then
+    -- bubble: the whole generation; bubble_prefill: the prefill-only runs (GPipe's fill and
+    -- drain), whose bound is (p-1)/(m+p-1)
+    result.micro_batches = opts.micro_batches
+    result.bubble_prefill = require("moonshard.telemetry").bubble(prefill_stages)
+    result.bubble_bound = require("moonshard.schedule").bound(opts.pp, opts.micro_batches)
   end
   if opts.pp > 1 then
     result.bubble = require("moonshard.telemetry").bubble(stages)

@@ -106,6 +106,18 @@ if [ "${MSH_GPU_MODEL_BENCH:-1}" != 0 ]; then
       timeout 400 build-gpu/moonshard launch -n 2 bench --device cuda $cfg >> "$out/model_bench.jsonl" \
         2>> "$out/model_bench.err" || { status=1; tail -5 "$out/model_bench.err"; }
     done
+    # the micro-batched pipeline (moonshard.schedule) with telemetry: bubble against (p-1)/(m+p-1),
+    # and the all-reduce share of TP decode; each rank's JSON Lines events go to $out/logs-*
+    for cfg in "--dummy $shape --pp 2 --batch-size 8 --micro-batches 1 --prompt-len 128 --gen-len 33 --loops 3" \
+               "--dummy $shape --pp 2 --batch-size 8 --micro-batches 2 --prompt-len 128 --gen-len 33 --loops 3" \
+               "--dummy $shape --pp 2 --batch-size 8 --micro-batches 4 --prompt-len 128 --gen-len 33 --loops 3" \
+               "--dummy tools/bench/shapes/llama-2-70b.json --pp 2 --batch-size 8 --micro-batches 4 --prompt-len 128 --gen-len 17 --loops 2" \
+               "--dummy $shape --tp 2 --prompt-len 128 --gen-len 65 --loops 3"; do
+      tag=$(echo "$cfg" | tr -c 'a-z0-9' '_' | cut -c1-60)
+      # shellcheck disable=SC2086
+      timeout 400 build-gpu/moonshard launch -n 2 --log-dir "$out/logs-$tag" bench --device cuda $cfg \
+        >> "$out/model_bench.jsonl" 2>> "$out/model_bench.err" || { status=1; tail -5 "$out/model_bench.err"; }
+    done
   fi
   timeout 120 build-gpu/moonshard bench --model ../shared/data/models/stories260K --device cuda --dtype f32 \
     --kv-dtype f32 --prompt-len 1 --gen-len 200 --loops 5 --no-ceilings >> "$out/model_bench.jsonl" \

@@ -101,6 +101,13 @@ function M.open(dir, opts)
   return self
 end
 
+-- M.null(opts?) -> a recorder that keeps figures (summary, stage probes) but writes no file
+function M.null(opts)
+  opts = opts or {}
+  return setmetatable({ dir = nil, path = nil, file = { write = function() end, close = function() end },
+    rank = opts.rank or 0, comms = {}, stages = {}, totals = {}, line = { rank = opts.rank or 0 } }, Recorder)
+end
+
 -- M.from_env(opts?) -> recorder when opts.dir or MSH_LOG_DIR names a folder, else nil.
 function M.from_env(opts)
   opts = opts or {}
@@ -175,7 +182,7 @@ function Recorder:stage_hooks(device, index)
   local st = self:stage(device, index)
   return {
     probe = st,
-    begin = function(_, tokens, mb) st:begin(tokens, mb) end,
+    begin = function(model, tokens) st:begin(tokens, model.mb) end,
     finish = function()
       if st:finish() then self:poll() end
     end,

@@ -215,7 +215,10 @@ function Llama:compute(T, pos0, all_logits_out, dyn_len, bt)
   local stage, eps = self.stage, self.norm_eps
   local pp, pp_rank, pp_size = self.pp_comm, self.pp_rank, self.pp_size
   local hooks = self.hooks -- optional: begin(model, T) once the input is here, finish(model) before it leaves
-  if pp_rank > 0 then comm_check(C.msh_comm_recv(pp, v.x, pp_rank - 1)) end
+  -- pp_external: the caller moves activations between stages (moonshard.schedule) and only the
+  -- last stage gets logits
+  if self.pp_external then pp = nil end
+  if pp_rank > 0 and pp then comm_check(C.msh_comm_recv(pp, v.x, pp_rank - 1)) end
   if hooks then hooks.begin(self, T) end
   if pp_rank == 0 then embedding(v.x, stage:embed(), v.ids) end
   for l = self.first_layer, self.last_layer do
@@ -261,7 +264,7 @@ function Llama:compute(T, pos0, all_logits_out, dyn_len, bt)
   end
   if pp_rank < pp_size - 1 then
     if hooks then hooks.finish(self) end
-    comm_check(C.msh_comm_send(pp, v.x, pp_rank + 1))
+    if pp then comm_check(C.msh_comm_send(pp, v.x, pp_rank + 1)) end
   else
     if all_logits_out then
       rmsnorm(v.h, v.x, stage:norm(), eps)
