@@ -138,16 +138,18 @@ local ok, net = pcall(function()
   local d = par and par.desc or desc
   sync()
   local t_load = uv.hrtime()
+  -- a batch's buffers hold batch x chunk rows: shorter chunks for larger batches
+  local chunk = math.min(need, math.max(math.floor(2048 / opts.batch_size), 64))
+  local kv_dtype = opts.kv_dtype or (gpu and "bf16" or "f32")
   local stage = require("moonshard.stage").resident(d.weights, opts.device, {
     dtype = dtype, layers = par and par.layers, embed = not par or par.first_stage, head = not par or par.last_stage,
+    plan = { desc = d, max_seq = need, kv_dtype = kv_dtype, chunk = chunk, batch = opts.batch_size },
   })
   sync()
   load_s = (uv.hrtime() - t_load) / 1e9
   return require("moonshard.models.llama").new(d, {
-    -- a batch's buffers hold batch x chunk rows: shorter chunks for larger batches
-    device = opts.device, stage = stage, max_seq = need, batch = opts.batch_size,
-    chunk = math.min(need, math.max(math.floor(2048 / opts.batch_size), 64)),
-    kv_dtype = opts.kv_dtype or (gpu and "bf16" or "f32"), graphs = opts.graphs ~= "off",
+    device = opts.device, stage = stage, max_seq = need, batch = opts.batch_size, chunk = chunk,
+    kv_dtype = kv_dtype, graphs = opts.graphs ~= "off",
     tp_comm = par and par.tp_comm, pp_comm = par and par.pp_comm, layers = par and par.layers,
   })
 end)

@@ -38,11 +38,14 @@ function M.load(path, opts)
   end
   local desc = par and par.desc or loaded.desc
   -- placing weights and buffers can fail at run time (no such device, out of memory)
+  local stage
   local ok, net = pcall(function()
-    local stage = require("moonshard.stage").resident(desc.weights, device, {
+    stage = require("moonshard.stage").resident(desc.weights, device, {
       dtype = opts.dtype or (device ~= "cpu" and "bf16" or nil), float_dtype = "f32",
       layers = par and par.layers, embed = not par or par.first_stage, head = not par or par.last_stage,
       fuse = opts.fuse,
+      -- the memory check before placing anything counts the model's cache and buffers too
+      plan = { desc = desc, max_seq = opts.max_seq, kv_dtype = opts.kv_dtype, chunk = opts.chunk, batch = opts.batch },
     })
     return require("moonshard.models.llama").new(desc, {
       device = device, max_seq = opts.max_seq, chunk = opts.chunk, kv_dtype = opts.kv_dtype, stage = stage,
@@ -51,7 +54,8 @@ function M.load(path, opts)
     })
   end)
   if not ok then
-    collectgarbage() -- release whatever was placed before the failure
+    if stage then stage:free() end -- the weights placed before the model's buffers failed
+    collectgarbage() -- release whatever else was made before the failure
     return nil, string.format("'%s' on %s: %s", path, device, tostring(net):gsub("^[^:]*:%d+: ", ""))
   end
   return setmetatable({

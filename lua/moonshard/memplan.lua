@@ -91,7 +91,7 @@ function M.estimate(desc, opts)
     plan = p
   end
   local w = desc.weights
-  local first, last = 1, desc.n_layers
+  local first, last = 1, desc.n_layers or (w and #w.layers) or 0
   if opts.layers then first, last = opts.layers[1], opts.layers[2] end
   local want_embed, want_head = opts.embed ~= false, opts.head ~= false
   local weights, params, dtypes = 0, 0, {}
@@ -120,23 +120,27 @@ function M.estimate(desc, opts)
   for dt, b in pairs(dtypes) do
     if b > most then main, most = dt, b end
   end
-  local max_seq = math.min(opts.max_seq or desc.max_seq, desc.max_seq)
   local batch = opts.batch or 1
   local kv_dtype = opts.kv_dtype or "f32"
-  local hd = desc.head_dim or desc.dim / desc.n_heads
-  local n_layers = last - first + 1
-  local kv_per_position = n_layers * 2 * plan.kv_heads * hd * elem_bytes(kv_dtype) * batch
-  local kv = kv_per_position * max_seq
-  -- the model's activation buffers (f32): x, h, o (D); q, att (H hd); k, v (KVH hd); gate, up (F);
-  -- ids, pos (i32); the last row and its logits
-  local T = math.max(math.min(opts.chunk or 256, max_seq), batch)
-  local D, V = desc.dim, desc.vocab_size
-  local act = 4 * (T * (3 * D + 2 * plan.heads * hd + 2 * plan.kv_heads * hd + 2 * plan.hidden + 2) + D + V)
+  local max_seq, kv, act, kv_per_position, T = 0, 0, 0, 0, 0
+  local D = desc.dim
+  if D then -- a whole description (weights alone: only they are counted)
+    max_seq = math.min(opts.max_seq or desc.max_seq, desc.max_seq)
+    local hd = desc.head_dim or D / desc.n_heads
+    local H, KVH, F, V = plan.heads, plan.kv_heads, plan.hidden, desc.vocab_size
+    kv_per_position = (last - first + 1) * 2 * KVH * hd * elem_bytes(kv_dtype) * batch
+    kv = kv_per_position * max_seq
+    -- the model's activation buffers (f32), for chunk x batch rows: x, h, o (D); q, att (H hd);
+    -- k, v (KVH hd); gate, up (F); the fused projections' outputs ((H + 2 KVH) hd, 2F); ids, pos
+    -- (i32); per sequence its last row, norm, logits and start; the last row and its logits
+    T = math.min(opts.chunk or 256, max_seq) * batch
+    act = 4 * (T * (3 * D + 2 * H * hd + 2 * KVH * hd + 2 * F + (H + 2 * KVH) * hd + 2 * F + 2)
+      + batch * (2 * D + V + 1) + D + V)
+    T = T * math.max(D, F, H * hd) -- elements of the widest activation, for the scratch below
+  end
   -- device scratch: activations converted to 16 bits for the GEMMs, plus the fixed reserve
   local scratch = 0
-  if kind == 1 then
-    scratch = T * math.max(D, plan.hidden, plan.heads * hd) * 2 * 1.25 + M.GPU_RESERVE
-  end
+  if kind == 1 then scratch = T * 2 * 1.25 + M.GPU_RESERVE end
   return {
     weights = weights, kv = kv, act = act, scratch = scratch, total = weights + kv + act + scratch,
     params = params, kv_per_position = kv_per_position, weights_dtype = main or opts.dtype or "f32",
@@ -166,6 +170,7 @@ function M.describe(desc)
     end
   end
   if desc.tp then n = nil end -- a rank's slice: its count would mislead
+  if not desc.dim then return string.format("a model of %s parameters", count_str(n or 0)) end
   local shape = string.format("%d layers, hidden size %d", desc.n_layers, desc.dim)
   if not n then return string.format("this rank's slice of a model (%s)", shape) end
   return string.format("a %s-parameter model (%s)", count_str(n), shape)
@@ -216,6 +221,7 @@ end
 function M.suggest(desc, opts, free)
   local out = {}
   local base = M.estimate(desc, opts)
+  if not desc.dim then return out end -- weights alone: no shapes to plan with
   local tp0 = desc.tp and desc.tp.size or 1 -- desc may already be one rank's slice
   -- tensor parallel alone, inside one node
   local tps = tp_degrees(desc, math.max(1, math.floor(M.MAX_TP / tp0)))
@@ -326,11 +332,12 @@ function M.check(desc, opts)
     if not free then return nil, total end
   end
   if fits(need, free) then return need end
-  local parts = {
-    string.format("%s of weights (%s)", gib(need.weights), need.weights_dtype),
-    string.format("%s of KV cache (%s, %d positions x %d)", gib(need.kv), need.kv_dtype, need.max_seq, need.batch),
-    string.format("%s of activations and scratch", gib(need.act + need.scratch)),
-  }
+  local parts = { string.format("%s of weights (%s)", gib(need.weights), need.weights_dtype) }
+  if need.max_seq > 0 then
+    parts[#parts + 1] = string.format("%s of KV cache (%s, %d positions x %d)", gib(need.kv), need.kv_dtype,
+      need.max_seq, need.batch)
+  end
+  parts[#parts + 1] = string.format("%s of activations and scratch", gib(need.act + need.scratch))
   local msg = string.format("%s needs %s = %s on %s, which has %s free%s", M.describe(desc), table.concat(parts, " + "),
     gib(need.total), device, gib(free), total and (" of " .. gib(total)) or "")
   local sugg = M.suggest(desc, opts, free)

@@ -48,11 +48,17 @@ local function fuse(parts, device, dtype, float_dtype)
     rows = rows + p:size(1)
   end
   local out = assert(tensor.new({ rows, K }, want, device))
-  local off = 0
-  for _, p in ipairs(parts) do
-    local dst = out:narrow(1, off, p:size(1))
-    if type(p) == "table" and p.draw_into then p:draw_into(dst) else dst:copy_from(p) end
-    off = off + p:size(1)
+  local ok, err = pcall(function()
+    local off = 0
+    for _, p in ipairs(parts) do
+      local dst = out:narrow(1, off, p:size(1))
+      if type(p) == "table" and p.draw_into then p:draw_into(dst) else dst:copy_from(p) end
+      off = off + p:size(1)
+    end
+  end)
+  if not ok then
+    out:free()
+    error(err, 0)
   end
   return out
 end
@@ -88,24 +94,61 @@ end
 --   opts.embed   false: leave out the token embedding (a stage that receives activations)
 --   opts.head    false: leave out the final norm and output head (a stage that sends them on)
 --   opts.fuse    false: keep q/k/v and gate/up as separate weights (default: stacked, see place_layer)
+--   opts.plan    on a GPU, what the model will add there, for the memory check made before
+--                anything is placed (moonshard.memplan): { desc, max_seq, kv_dtype, chunk, batch };
+--                nil checks the weights alone, false skips the check
+-- Raises when the check fails (the message says what would fit) or a placement fails; nothing
+-- placed stays on the device then.
 function M.resident(weights, device, opts)
   opts = opts or {}
   device = device or "cpu"
   local dtype, float_dtype = opts.dtype, opts.float_dtype
-  local self = setmetatable({ device = device, layers = {} }, Resident)
-  local want_embed, want_head = opts.embed ~= false, opts.head ~= false
-  if want_embed then self.embed_w = place(weights.embed, device, dtype, float_dtype) end
-  if want_head then
-    self.norm_w = place(weights.norm, device, dtype, float_dtype)
-    if weights.output == weights.embed and self.embed_w then self.output_w = self.embed_w
-    else self.output_w = place(weights.output, device, dtype, float_dtype) end
+  if opts.plan ~= false and device ~= "cpu" then
+    local p = opts.plan or {}
+    local desc = setmetatable({ weights = weights }, { __index = p.desc })
+    local need, err = require("moonshard.memplan").check(desc, {
+      device = device, dtype = dtype, float_dtype = float_dtype, layers = opts.layers, embed = opts.embed,
+      head = opts.head, max_seq = p.max_seq, kv_dtype = p.kv_dtype, chunk = p.chunk, batch = p.batch,
+    })
+    if not need then error(err, 0) end
   end
-  local first, last = 1, #weights.layers
-  if opts.layers then first, last = opts.layers[1], opts.layers[2] end
-  for l = first, last do
-    self.layers[l] = place_layer(weights.layers[l], device, dtype, float_dtype, opts.fuse ~= false)
+  local self = setmetatable({ device = device, layers = {}, owned = {} }, Resident)
+  local ok, err = pcall(function()
+    local function own(t, src)
+      if t ~= src then self.owned[#self.owned + 1] = t end
+      return t
+    end
+    local want_embed, want_head = opts.embed ~= false, opts.head ~= false
+    if want_embed then self.embed_w = own(place(weights.embed, device, dtype, float_dtype), weights.embed) end
+    if want_head then
+      self.norm_w = own(place(weights.norm, device, dtype, float_dtype), weights.norm)
+      if weights.output == weights.embed and self.embed_w then self.output_w = self.embed_w
+      else self.output_w = own(place(weights.output, device, dtype, float_dtype), weights.output) end
+    end
+    local first, last = 1, #weights.layers
+    if opts.layers then first, last = opts.layers[1], opts.layers[2] end
+    for l = first, last do
+      local lw = weights.layers[l]
+      local placed = place_layer(lw, device, dtype, float_dtype, opts.fuse ~= false)
+      for k, t in pairs(placed) do own(t, lw[k]) end
+      self.layers[l] = placed
+    end
+  end)
+  if not ok then
+    self:free()
+    error(err, 0)
   end
   return self
+end
+
+-- Frees every weight the stage placed (not the loader's own tensors it kept as they were) and
+-- the views made while placing them; the stage is empty afterwards.
+function Resident:free()
+  for i = #self.owned, 1, -1 do self.owned[i]:free() end
+  self.owned = {}
+  self.layers, self.embed_w, self.norm_w, self.output_w = {}, nil, nil, nil
+  collectgarbage() -- views of freed weights (rows of stacked ones) hold their memory until collected
+  collectgarbage()
 end
 
 function Resident:embed() return self.embed_w end

@@ -105,5 +105,49 @@ describe("CUDA device", function()
     local ok, err = moonshard.load(h.stories, { device = "cuda:" .. gpu_count() })
     assert.is_nil(ok)
     assert.truthy(tostring(err):find("does not exist", 1, true), err)
+    assert.truthy(tostring(err):find(string.format("this machine has %d GPU", gpu_count()), 1, true), err)
+  end)
+
+  describe("a model bigger than the GPU", function()
+    local dummy = require "moonshard.loaders.dummy"
+    local stage = require "moonshard.stage"
+    local big = h.root .. "/tools/bench/shapes/llama-1t.json"
+    local function free_bytes()
+      local f, t = ffi.new("uint64_t[1]"), ffi.new("uint64_t[1]")
+      moonshard.core.check(moonshard.C.msh_device_mem_info(moonshard.C.MSH_CUDA, 0, f, t))
+      return tonumber(f[0])
+    end
+
+    it("is refused before anything is placed, with what would fit", function()
+      local desc = assert(dummy.load(big))
+      local before = free_bytes()
+      local ok, err = pcall(stage.resident, desc.weights, "cuda", { dtype = "bf16",
+        plan = { desc = desc, kv_dtype = "bf16", max_seq = 4096 } })
+      assert.is_false(ok)
+      for _, needle in ipairs { "1.01T-parameter model", "GiB of weights (bf16)", "on cuda, which has",
+                                "it would fit with --tp " } do
+        assert.truthy(tostring(err):find(needle, 1, true), err)
+      end
+      assert.is_true(math.abs(free_bytes() - before) < 4 * 2 ^ 20, "device memory changed")
+    end)
+
+    it("frees what was placed when an allocation fails half way (check skipped)", function()
+      local desc = assert(dummy.load(big))
+      local before = free_bytes()
+      local ok, err = pcall(stage.resident, desc.weights, "cuda", { dtype = "bf16", plan = false })
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find("cannot allocate", 1, true), err)
+      local after = free_bytes()
+      assert.is_true(math.abs(after - before) < 4 * 2 ^ 20,
+        string.format("free before %.1f MiB, after %.1f MiB", before / 2 ^ 20, after / 2 ^ 20))
+    end)
+
+    it("makes moonshard bench fail with the message, exit status 1 and no crash", function()
+      local out, err, code = h.run { "bench", "--dummy", big, "--device", "cuda", "--no-ceilings", "--gen-len", "2",
+        "--prompt-len", "2", "--loops", "1" }
+      assert.are.equal(1, code, err)
+      assert.are.equal("", out)
+      assert.truthy(err:find("needs", 1, true) and err:find("it would fit with", 1, true), err)
+    end)
   end)
 end)

@@ -86,9 +86,11 @@ function M.new(desc, opts)
   self.pp_size = self.pp_comm and C.msh_comm_size(self.pp_comm) or 1
   self.first_layer = opts.layers and opts.layers[1] or 1
   self.last_layer = opts.layers and opts.layers[2] or desc.n_layers
+  local own_stage = not opts.stage
   self.stage = opts.stage or stage_mod.resident(desc.weights, self.device, {
     layers = { self.first_layer, self.last_layer },
     embed = self.pp_rank == 0, head = self.pp_rank == self.pp_size - 1,
+    plan = { desc = desc, max_seq = opts.max_seq, kv_dtype = opts.kv_dtype, chunk = opts.chunk, batch = opts.batch },
   })
 
   local r = desc.rope or {}
@@ -98,7 +100,20 @@ function M.new(desc, opts)
 
   local dev, Tm, Bm = self.device, self.chunk * self.batch, self.batch
   local D, H, KVH, hd, F = self.dim, self.n_heads, self.n_kv_heads, self.head_dim, self.hidden_dim
-  local function buf(shape, dt) return assert(tensor.new(shape, dt or "f32", dev)) end
+  -- an allocation that fails frees what was made before it (and a stage made here): nothing
+  -- stays on the device
+  local made = { self.inv_freq }
+  local function buf(shape, dt)
+    local t, err = tensor.new(shape, dt or "f32", dev)
+    if not t then
+      for i = #made, 1, -1 do made[i]:free() end
+      if own_stage and self.stage.free then self.stage:free() end
+      collectgarbage() -- views of the freed buffers
+      error(err, 0)
+    end
+    made[#made + 1] = t
+    return t
+  end
   self.buf = {
     x = buf { Tm, D }, h = buf { Tm, D }, o = buf { Tm, D },
     q = buf { Tm, H * hd }, k = buf { Tm, KVH * hd }, v = buf { Tm, KVH * hd }, att = buf { Tm, H * hd },
