@@ -97,6 +97,8 @@ def save(model, d):
     os.makedirs(d, exist_ok=True)
     cfg = model.config.to_dict()
     cfg["torch_dtype"] = "bfloat16"
+    if "dtype" in cfg:  # transformers 5 spells it so
+        cfg["dtype"] = "bfloat16"
     with open(os.path.join(d, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2, sort_keys=True, default=str)
     sd = model.state_dict()
@@ -167,6 +169,7 @@ def reference(model):
     ref["greedy_bf16"] = greedy(model, prompts)
     t_bf16 = time.time() - t0
     t0 = time.time()
+    torch.cuda.empty_cache()
     model.float()  # the same weights, exactly upcast (the rotary frequencies were f32 already)
     ref["top1_f32"] = logits_of(model, ids).argmax(-1).cpu().tolist()
     ref["greedy_f32"] = greedy(model, prompts)
