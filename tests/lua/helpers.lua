@@ -15,9 +15,13 @@ end
 M.q = shell_quote
 
 -- Runs the moonshard executable with args (a list); returns stdout, stderr, exit code.
+-- A command that outlives this many seconds is killed (its exit status is then 124): a hung
+-- child fails its spec instead of stalling the suite.
+M.run_timeout = 300
+
 function M.run(args, stdin)
   local tmp = os.tmpname()
-  local parts = { shell_quote(M.exe) }
+  local parts = { "timeout", "-k", "10", tostring(M.run_timeout), shell_quote(M.exe) }
   for _, a in ipairs(args) do parts[#parts + 1] = shell_quote(a) end
   local cmd = table.concat(parts, " ") .. " 2>" .. tmp
   if stdin then

@@ -152,9 +152,12 @@ function M.new(desc, opts)
   self.pos_list = {} -- forward_batch's positions (reused)
   -- decode steps replay CUDA graphs on a GPU unless opts.graphs == false
   self.device_kind, self.device_index = tensor.device_id(dev)
-  -- (NCCL all-reduces are captured with the step; pipeline stages wait on their peers eagerly)
+  -- (with MSH_TP_GRAPHS=1, tensor-parallel ranks on NCCL capture their all-reduces with the
+  -- step; pipeline stages wait on their peers eagerly)
+  local tp_graphs = os.getenv("MSH_TP_GRAPHS") == "1"
   self.use_graphs = dev ~= "cpu" and opts.graphs ~= false and C.msh_has_cuda() == 1
-    and (not self.tp_comm or C.msh_comm_kind(self.tp_comm) == C.MSH_COMM_NCCL) and not self.pp_comm
+    and (not self.tp_comm or (tp_graphs and C.msh_comm_kind(self.tp_comm) == C.MSH_COMM_NCCL))
+    and not self.pp_comm
   self.graphs = {}
   self.batch_graphs = {} -- [slot0][B][context bucket]: batched decode steps
   return self
@@ -447,8 +450,11 @@ function Llama:decode_graph_batch(bt, slot0, max_pos)
   if not by_b then by_b = {}; by_slot[B] = by_b end
   local g = by_b[len]
   if g then
+    local hooks = self.hooks
+    if hooks then hooks.begin(self, B) end
     local s = C.msh_graph_launch(g)
     if s ~= 0 then core.check(s) end
+    if hooks then hooks.finish(self) end
     return
   end
   self:compute(B, nil, nil, len, bt) -- eagerly first: sizes the device scratch
