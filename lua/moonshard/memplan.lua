@@ -298,7 +298,7 @@ function M.device_memory(device)
   if not kind then return nil, string.format("unknown device '%s' (want cpu or cuda[:N])", tostring(device)) end
   if kind == "cpu" then return nil, "the CPU's memory is not planned" end
   if C.msh_has_cuda() == 0 then
-    return nil, string.format("%s: this build of moonshard has no CUDA backend (use --device cpu)", device)
+    return nil, string.format("%s does not exist: this build of moonshard has no CUDA backend (use --device cpu)", device)
   end
   local n = ffi.new("int[1]")
   core.check(C.msh_device_count(C.MSH_CUDA, n))
