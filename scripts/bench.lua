@@ -178,27 +178,24 @@ local decode_ar_s, decode_ar_calls = {}, {}
 local prompt = {}
 for i = 1, opts.prompt_len do prompt[i] = (i * 7919) % desc.vocab_size end
 local argmax_out = ffi.new("int32_t[1]")
-local host_logits = gpu and assert(tensor.new({ 1, desc.vocab_size }, "f32", "cpu"))
 
+-- greedy tokens are picked where the logits are (on a GPU only the ids come back)
 local function next_token(logits)
-  if host_logits then logits = host_logits:copy_from(logits) end -- waits for the device
   return ops.argmax(logits, argmax_out)
 end
 
 -- --batch-size B > 1: B different prompts, then B greedy tokens a step (tables made once)
 local B = opts.batch_size
-local prompts, steps, batch_out, host_blogits = {}, {}, ffi.new("int32_t[?]", B), nil
+local prompts, steps, batch_out = {}, {}, ffi.new("int32_t[?]", B)
 if B > 1 then
   for b = 1, B do
     prompts[b] = {}
     for i = 1, opts.prompt_len do prompts[b][i] = (i * 7919 + (b - 1) * 104729) % desc.vocab_size end
     steps[b] = { 0 }
   end
-  host_blogits = gpu and assert(tensor.new({ B, desc.vocab_size }, "f32", "cpu"))
 end
 
 local function next_tokens(logits)
-  if host_blogits then logits = host_blogits:copy_from(logits) end
   ops.argmax(logits, batch_out)
   for b = 1, B do steps[b][1] = batch_out[b - 1] end
 end
