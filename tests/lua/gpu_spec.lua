@@ -113,6 +113,9 @@ describe("CUDA device", function()
     local stage = require "moonshard.stage"
     local big = h.root .. "/tools/bench/shapes/llama-1t.json"
     local function free_bytes()
+      -- earlier specs' tensors go first, so that only this spec's allocations count
+      collectgarbage()
+      collectgarbage()
       local f, t = ffi.new("uint64_t[1]"), ffi.new("uint64_t[1]")
       moonshard.core.check(moonshard.C.msh_device_mem_info(moonshard.C.MSH_CUDA, 0, f, t))
       return tonumber(f[0])
