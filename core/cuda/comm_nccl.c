@@ -266,21 +266,14 @@ static void nccl_abort(msh_comm *base) {
   c->nc = NULL;
 }
 
+/* Local teardown only: ncclCommAbort. ncclCommFinalize (and ncclCommDestroy, which calls it) is
+ * collective, and communicators are released by finalizers whose order differs from rank to
+ * rank (a rank finalizing its world communicator while its peer finalizes the tensor-parallel
+ * one waits for the timeout); an abort also releases kernels still waiting for a peer, so the
+ * device memory freed after it does not wait on them either. */
 static void nccl_destroy(msh_comm *base) {
   nccl_comm *c = (nccl_comm *)base;
-  if (c->nc) {
-    ncclResult_t r = ncclCommFinalize(c->nc);
-    if (r == ncclSuccess || r == ncclInProgress) {
-      double deadline = now_s() + base->timeout;
-      while (r == ncclInProgress && now_s() < deadline) {
-        struct timespec ts = {0, 100 * 1000};
-        nanosleep(&ts, NULL);
-        ncclCommGetAsyncError(c->nc, &r);
-      }
-    }
-    if (r == ncclSuccess) ncclCommDestroy(c->nc);
-    else ncclCommAbort(c->nc);
-  }
+  if (c->nc) ncclCommAbort(c->nc);
   cudaFree(c->word);
   msh_comm_free_head(base);
   free(c);
