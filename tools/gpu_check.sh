@@ -92,7 +92,8 @@ fi
 if [ "${MSH_GPU_MODEL_BENCH:-1}" != 0 ]; then
   echo "== model benchmarks (moonshard bench, Llama-3-8B shape, random bf16 weights)"
   shape=tools/bench/shapes/llama-3-8b.json
-  for cfg in "--prompt-len 128 --gen-len 129 --loops 3" "--prompt-len 2048 --gen-len 2 --loops 3"; do
+  for cfg in "--prompt-len 128 --gen-len 129 --loops 3" "--prompt-len 2048 --gen-len 2 --loops 3 --no-ceilings" \
+             "--batch-size 64 --prompt-len 128 --gen-len 33 --loops 2 --no-ceilings"; do
     # shellcheck disable=SC2086
     timeout 300 build-gpu/moonshard bench --dummy $shape --device cuda $cfg >> "$out/model_bench.jsonl" \
       2>> "$out/model_bench.err" || { status=1; tail -5 "$out/model_bench.err"; }
@@ -103,7 +104,8 @@ if [ "${MSH_GPU_MODEL_BENCH:-1}" != 0 ]; then
                "--dummy $shape --pp 2 --prompt-len 128 --gen-len 65 --loops 3" \
                "--dummy tools/bench/shapes/llama-2-70b.json --tp 2 --prompt-len 128 --gen-len 33 --loops 2"; do
       # shellcheck disable=SC2086
-      timeout 400 build-gpu/moonshard launch -n 2 bench --device cuda $cfg >> "$out/model_bench.jsonl" \
+      # a hung pair of ranks costs 150 s, not the whole run
+      timeout 150 build-gpu/moonshard launch -n 2 bench --device cuda $cfg >> "$out/model_bench.jsonl" \
         2>> "$out/model_bench.err" || { status=1; tail -5 "$out/model_bench.err"; }
     done
     # the micro-batched pipeline (moonshard.schedule) with telemetry: bubble against (p-1)/(m+p-1),
@@ -115,7 +117,7 @@ if [ "${MSH_GPU_MODEL_BENCH:-1}" != 0 ]; then
                "--dummy $shape --tp 2 --prompt-len 128 --gen-len 65 --loops 3"; do
       tag=$(echo "$cfg" | tr -c 'a-z0-9' '_' | cut -c1-60)
       # shellcheck disable=SC2086
-      timeout 400 build-gpu/moonshard launch -n 2 --log-dir "$out/logs-$tag" bench --device cuda $cfg \
+      timeout 150 build-gpu/moonshard launch -n 2 --log-dir "$out/logs-$tag" bench --device cuda $cfg \
         >> "$out/model_bench.jsonl" 2>> "$out/model_bench.err" || { status=1; tail -5 "$out/model_bench.err"; }
     done
   fi
