@@ -9,36 +9,7 @@ local launch = require "moonshard.launch"
 
 local q = h.q
 
--- Runs a shell script; returns its stdout and exit status.
-local function sh(script)
-  local p = assert(io.popen(script .. "\necho \"::exit=$?\"", "r"))
-  local out = p:read("*a")
-  p:close()
-  local code = tonumber(out:match("::exit=(%d+)%s*$"))
-  return out:gsub("::exit=%d+%s*$", ""), code
-end
-
--- A process is gone when /proc has no entry for it or it is a zombie awaiting its reaper.
-local function running(pid)
-  local f = io.open("/proc/" .. pid .. "/stat", "r")
-  if not f then return false end
-  local s = f:read("*a") or ""
-  f:close()
-  local state = s:match("^%d+ %b() (%a)")
-  return state ~= nil and state ~= "Z" and state ~= "X"
-end
-
-local function pids_in(dir, n)
-  local pids = {}
-  for r = 0, n - 1 do
-    local f = io.open(dir .. "/pid." .. r, "r")
-    if f then
-      pids[#pids + 1] = tonumber(f:read("*a"))
-      f:close()
-    end
-  end
-  return pids
-end
+local sh, running, pids_in = h.sh, h.running, h.pids_in
 
 describe("dist.identity", function()
   it("reads the torchrun variables", function()
@@ -242,26 +213,9 @@ describe("moonshard launch", function()
     end
   ]]
 
-  -- Starts a 3-rank launcher in the background, waits for the ranks' pid files, runs `action`
-  -- (shell, with $L the launcher's pid and $D the directory), then waits for the launcher.
   local function launch_and(action)
     h.write(dir .. "/loop.lua", loop_script)
-    local script = string.format([[
-      D=%s
-      %s launch -n 3 --grace 3 "$D/loop.lua" "$D" >"$D/out" 2>"$D/err" &
-      L=$!
-      i=0
-      while [ ! -s "$D/pid.0" ] || [ ! -s "$D/pid.1" ] || [ ! -s "$D/pid.2" ]; do
-        i=$((i+1)); [ $i -gt 300 ] && break; sleep 0.05
-      done
-      start=$(date +%%s)
-      %s
-      wait $L
-      code=$?
-      echo "code=$code seconds=$(( $(date +%%s) - start ))"
-    ]], q(dir), q(h.exe), action)
-    local out = sh(script)
-    return tonumber(out:match("code=(%d+)")), tonumber(out:match("seconds=(%d+)")), h.read(dir .. "/err")
+    return h.launch_and(dir, 3, dir .. "/loop.lua", action)
   end
 
   it("stops every rank when one is killed mid-run and names it", function()

@@ -70,6 +70,33 @@ describe("CUDA device", function()
       pending("fewer than two CUDA devices: NCCL parallel specs skipped")
       return
     end
+    it("stops the other rank when one is killed inside NCCL all-reduces, and names it", function()
+      local dir = h.tmpdir()
+      -- two ranks all-reducing a device tensor in a loop: rank 0 is left waiting on the device for
+      -- a peer that is gone, which is the case a GPU adds to the CPU fault specs
+      h.write(dir .. "/loop.lua", [[
+        local dist = require "moonshard.dist"
+        local tensor = require "moonshard.tensor"
+        local uv = require "luv"
+        local pg = assert(dist.init { device = "cuda", timeout = 20 })
+        local t = tensor.from({ 1, 2, 3, 4 }):to("f32", pg.device)
+        assert(pg.comm:all_reduce(t))
+        local f = io.open(arg[1] .. "/pid." .. pg.rank, "w") f:write(uv.os_getpid()) f:close()
+        for _ = 1, 1e7 do
+          local ok, err = pg.comm:all_reduce(t)
+          if not ok then io.stderr:write(err, "\n") os.exit(1) end
+        end
+      ]])
+      local code, secs, err = h.launch_and(dir, 2, dir .. "/loop.lua", 'sleep 1; kill -9 "$(cat "$D/pid.1")"')
+      assert.are.equal(128 + 9, code, err)
+      assert.is_true(secs <= 30, string.format("the launcher took %s s", tostring(secs)))
+      assert.truthy(err:find("rank 1 exited on signal 9 (SIGKILL)", 1, true), err)
+      for _, pid in ipairs(h.pids_in(dir, 2)) do
+        assert.is_false(h.running(pid), "rank process " .. pid .. " left running")
+      end
+      h.rmdir(dir)
+    end)
+
     for _, extra in ipairs { { "--tp", "2" }, { "--pp", "2" } } do
       it("launch -n 2 generate " .. table.concat(extra, " ") .. " on GPUs prints the golden text", function()
         local args = { "launch", "-n", "2", "generate", "--model", h.stories, "--max-tokens", "200",

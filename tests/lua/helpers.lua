@@ -46,6 +46,63 @@ function M.run(args, stdin)
   return out, err, code
 end
 
+-- Runs a shell script; returns its stdout and exit status.
+function M.sh(script)
+  local p = assert(io.popen(script .. "\necho \"::exit=$?\"", "r"))
+  local out = p:read("*a")
+  p:close()
+  local code = tonumber(out:match("::exit=(%d+)%s*$"))
+  return out:gsub("::exit=%d+%s*$", ""), code
+end
+
+-- A process is gone when /proc has no entry for it or it is a zombie awaiting its reaper.
+function M.running(pid)
+  local f = io.open("/proc/" .. pid .. "/stat", "r")
+  if not f then return false end
+  local s = f:read("*a") or ""
+  f:close()
+  local state = s:match("^%d+ %b() (%a)")
+  return state ~= nil and state ~= "Z" and state ~= "X"
+end
+
+function M.pids_in(dir, n)
+  local pids = {}
+  for r = 0, n - 1 do
+    local f = io.open(dir .. "/pid." .. r, "r")
+    if f then
+      pids[#pids + 1] = tonumber(f:read("*a"))
+      f:close()
+    end
+  end
+  return pids
+end
+
+-- Starts `moonshard launch -n n --grace 3 SCRIPT DIR` in the background (each rank writes its pid
+-- to DIR/pid.<rank>), waits for the n pid files, runs `action` (shell, with $L the launcher's pid
+-- and $D the directory), then waits for the launcher. Returns its exit status, the seconds from
+-- the action to its exit, and its stderr.
+function M.launch_and(dir, n, script, action)
+  local files = {}
+  for r = 0, n - 1 do files[#files + 1] = string.format('[ ! -s "$D/pid.%d" ]', r) end
+  local sh_script = string.format([[
+    D=%s
+    %s launch -n %d --grace 3 %s "$D" >"$D/out" 2>"$D/err" &
+    L=$!
+    i=0
+    while %s; do
+      i=$((i+1)); [ $i -gt 1200 ] && break; sleep 0.05
+    done
+    start=$(date +%%s)
+    %s
+    wait $L
+    code=$?
+    echo "code=$code seconds=$(( $(date +%%s) - start ))"
+  ]], shell_quote(dir), shell_quote(M.exe), n, shell_quote(script),
+    table.concat(files, " || "), action)
+  local out = M.sh(sh_script)
+  return tonumber(out:match("code=(%d+)")), tonumber(out:match("seconds=(%d+)")), M.read(dir .. "/err")
+end
+
 function M.read(path)
   local f = assert(io.open(path, "rb"))
   local s = f:read("*a")
