@@ -71,22 +71,6 @@ static msh_status cuda_download(int device_index, void *dst, const void *src, ui
 
 /* ------------------------------------------------------------------------------- copies */
 
-/* Dims 1.. packed (row-major) and a non-negative row stride: the tensor is `rows` rows of `cols`
- * contiguous elements, ld apart. */
-static int as_rows(const msh_tensor *t, int64_t *rows, int64_t *cols, int64_t *ld) {
-  if (t->ndim < 1) return 0;
-  int64_t acc = 1;
-  for (int i = t->ndim - 1; i >= 1; i--) {
-    if (t->shape[i] != 1 && t->stride[i] != acc) return 0;
-    acc *= t->shape[i];
-  }
-  if (t->shape[0] > 1 && t->stride[0] < acc) return 0;
-  *rows = t->shape[0];
-  *cols = acc;
-  *ld = t->shape[0] > 1 ? t->stride[0] : acc;
-  return 1;
-}
-
 static msh_status cuda_copy(msh_tensor *dst, const msh_tensor *src) {
   msh_cuda_dev *d;
   msh_status s = dev_for(dst, &d);
@@ -105,7 +89,7 @@ static msh_status cuda_copy(msh_tensor *dst, const msh_tensor *src) {
     return MSH_OK;
   }
   int64_t dr, dcols, dld, sr, scols, sld;
-  if (as_rows(dst, &dr, &dcols, &dld) && as_rows(src, &sr, &scols, &sld)) {
+  if (msh_packed_rows(dst, &dr, &dcols, &dld) && msh_packed_rows(src, &sr, &scols, &sld)) {
     if (dst->dtype == src->dtype)
       CUDA_TRY(cudaMemcpy2DAsync(dp, (size_t)dld * es, sp, (size_t)sld * es, (size_t)dcols * es, (size_t)dr,
                                  cudaMemcpyDeviceToDevice, d->stream));

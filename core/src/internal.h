@@ -90,6 +90,26 @@ static inline msh_tensor msh_tensor_block_bytes(const msh_tensor *t) {
   return v;
 }
 
+/* t as `rows` rows of `cols` packed elements, ld apart (dims 1.. packed, a row stride that does
+ * not overlap rows): the layout of a weight, of its slices along either dim, and of a cache's
+ * rows. A 0-dim tensor is one row of one element. */
+static inline int msh_packed_rows(const msh_tensor *t, int64_t *rows, int64_t *cols, int64_t *ld) {
+  if (t->ndim == 0) {
+    *rows = *cols = *ld = 1;
+    return 1;
+  }
+  int64_t acc = 1;
+  for (int i = t->ndim - 1; i >= 1; i--) {
+    if (t->shape[i] != 1 && t->stride[i] != acc) return 0;
+    acc *= t->shape[i];
+  }
+  if (t->shape[0] > 1 && t->stride[0] < acc) return 0;
+  *rows = t->shape[0];
+  *cols = acc;
+  *ld = t->shape[0] > 1 ? t->stride[0] : acc;
+  return 1;
+}
+
 static inline int64_t msh_rows(const msh_tensor *t) {
   return t->ndim == 0 ? 1 : msh_tensor_numel(t) / t->shape[t->ndim - 1];
 }

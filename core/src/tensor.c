@@ -328,30 +328,11 @@ msh_status msh_tensor_transpose(msh_tensor **out, msh_tensor *t, int d0, int d1)
 
 static int is_float(int dt) { return dt == MSH_F32 || dt == MSH_F16 || dt == MSH_BF16; }
 
-/* t as `rows` rows of `cols` packed elements, ld apart (dims 1.. packed, a row stride that does
- * not overlap rows): the layout of a weight and of its slices along either dim. */
-static int packed_rows(const msh_tensor *t, int64_t *rows, int64_t *cols, int64_t *ld) {
-  if (t->ndim == 0) {
-    *rows = *cols = *ld = 1;
-    return 1;
-  }
-  int64_t acc = 1;
-  for (int i = t->ndim - 1; i >= 1; i--) {
-    if (t->shape[i] != 1 && t->stride[i] != acc) return 0;
-    acc *= t->shape[i];
-  }
-  if (t->shape[0] > 1 && t->stride[0] < acc) return 0;
-  *rows = t->shape[0];
-  *cols = acc;
-  *ld = t->shape[0] > 1 ? t->stride[0] : acc;
-  return 1;
-}
-
 /* Host to a contiguous device tensor through the backend's streaming upload (pinned staging,
  * conversion on the device) when it has one and src is laid out in rows; 0 when not taken. */
 static int upload_streamed(const msh_backend *be, msh_tensor *dst, const msh_tensor *src, msh_status *s) {
   int64_t rows, cols, ld;
-  if (!be->upload_rows || !msh_tensor_is_contiguous(dst) || !packed_rows(src, &rows, &cols, &ld)) return 0;
+  if (!be->upload_rows || !msh_tensor_is_contiguous(dst) || !msh_packed_rows(src, &rows, &cols, &ld)) return 0;
   if (dst->dtype != src->dtype && !(is_float(dst->dtype) && is_float(src->dtype))) return 0;
   *s = be->upload_rows(dst->st->device_index, msh_tensor_ptr(dst), dst->dtype, msh_tensor_ptr(src), src->dtype, rows,
                        cols, ld);

@@ -256,27 +256,22 @@ function M.suggest(desc, opts, free)
       out[#out + 1] = { flag = flag, note = string.format("%d GPUs like this one", tp * tp0 * pp) }
     end
   end
+  -- the largest value below the current one of an option that fits with the others unchanged
+  local function largest_fitting(key)
+    if base[key] <= 1 then return nil end
+    return largest(1, base[key] - 1, function(v)
+      return fits(M.estimate(desc, setmetatable({ [key] = v }, { __index = opts })), free)
+    end)
+  end
   -- a shorter context (the KV cache shrinks; the model's weights stay)
-  if base.max_seq > 1 then
-    local function ok(s)
-      local o = setmetatable({ max_seq = s }, { __index = opts })
-      return fits(M.estimate(desc, o), free)
-    end
-    local s = largest(1, base.max_seq - 1, ok)
-    if s then
-      if s >= 512 then s = s - s % 256 end
-      out[#out + 1] = { flag = string.format("--max-seq %d", s), max_seq = s }
-    end
+  local s = largest_fitting("max_seq")
+  if s then
+    if s >= 512 then s = s - s % 256 end
+    out[#out + 1] = { flag = string.format("--max-seq %d", s), max_seq = s }
   end
   -- fewer sequences at once
-  if base.batch > 1 then
-    local function ok(b)
-      local o = setmetatable({ batch = b }, { __index = opts })
-      return fits(M.estimate(desc, o), free)
-    end
-    local b = largest(1, base.batch - 1, ok)
-    if b then out[#out + 1] = { flag = string.format("--batch-size %d", b), batch = b } end
-  end
+  local b = largest_fitting("batch")
+  if b then out[#out + 1] = { flag = string.format("--batch-size %d", b), batch = b } end
   -- 16-bit weights or cache instead of f32
   if base.weights_dtype == "f32" then
     local o = setmetatable({ dtype = "bf16" }, { __index = opts })

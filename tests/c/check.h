@@ -4,6 +4,7 @@
 #define MSH_TEST_CHECK_H
 
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -47,6 +48,22 @@ static inline void check_status_at(msh_status got, msh_status want, const char *
 static inline int close_enough(double got, double want, double rtol, double atol) {
   return fabs(got - want) <= atol + rtol * fabs(want) && !isnan(got);
 }
+
+/* CHECK and CHECK_OK from several threads (one per rank or GPU): the counters and the output
+ * are taken under a lock. */
+static pthread_mutex_t check_lock = PTHREAD_MUTEX_INITIALIZER;
+static inline void tcheck_at(int ok, const char *what, const char *file, int line) {
+  pthread_mutex_lock(&check_lock);
+  check_at(ok, what, file, line);
+  pthread_mutex_unlock(&check_lock);
+}
+static inline void tcheck_ok_at(msh_status s, const char *what, const char *file, int line) {
+  pthread_mutex_lock(&check_lock);
+  check_ok_at(s, what, file, line);
+  pthread_mutex_unlock(&check_lock);
+}
+#define TCHECK(cond) tcheck_at(!!(cond), #cond, __FILE__, __LINE__)
+#define TCHECK_OK(call) tcheck_ok_at((call), #call, __FILE__, __LINE__)
 
 static inline int check_done(const char *name) {
   printf("%s: %d checks, %d failed\n", name, check_count, check_failures);

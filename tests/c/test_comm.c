@@ -111,15 +111,6 @@ static void run_ok(rank_ctx *ctx, int W, rank_fn fn, const void *arg, const char
   }
 }
 
-/* The check counters are plain globals: rank threads count their checks under a lock. */
-static pthread_mutex_t check_lock = PTHREAD_MUTEX_INITIALIZER;
-static void locked_check_ok(msh_status s, const char *what, int line) {
-  pthread_mutex_lock(&check_lock);
-  check_ok_at(s, what, __FILE__, line);
-  pthread_mutex_unlock(&check_lock);
-}
-#define TCHECK_OK(call) locked_check_ok((call), #call, __LINE__)
-
 static msh_tensor *tensor1(int dtype, int64_t n) {
   msh_tensor *t = NULL;
   TCHECK_OK(msh_tensor_new(&t, dtype, 1, &n, MSH_CPU, 0));

@@ -102,19 +102,6 @@ static void timers(void) {
 
 /* ------------------------------------------------------------------------- NCCL events */
 
-static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
-static void tcheck(int ok, const char *what, int line) {
-  pthread_mutex_lock(&lock);
-  check_at(ok, what, __FILE__, line);
-  pthread_mutex_unlock(&lock);
-}
-static void tcheck_ok(msh_status s, const char *what, int line) {
-  pthread_mutex_lock(&lock);
-  check_ok_at(s, what, __FILE__, line);
-  pthread_mutex_unlock(&lock);
-}
-#define TCHECK(c) tcheck(!!(c), #c, __LINE__)
-#define TCHECK_OK(call) tcheck_ok((call), #call, __LINE__)
 
 static uint8_t id[MSH_NCCL_ID_BYTES];
 static double ar_seconds[2], late_seconds;

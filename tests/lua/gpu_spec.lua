@@ -107,24 +107,21 @@ describe("CUDA device", function()
         assert.are.equal(h.read(h.stories .. "/expected_greedy_200.txt") .. "\n", out)
       end)
     end
-    for _, case in ipairs { { "f32", 2, 1 }, { "bf16", 1, 2 }, { "llama3", 2, 1 } } do
-      it(string.format("%s checkpoint, tp %d x pp %d on GPUs: logits within 1e-4", case[1], case[2], case[3]), function()
-        local out, err, code = h.run { "launch", "-n", "2", h.root .. "/tests/lua/parallel_logits.lua", case[1],
-          tostring(case[2]), tostring(case[3]), "cuda", "f32" }
-        assert.are.equal(0, code, err)
-        local diff = tonumber(out:match("max_abs_diff (%S+)"))
-        assert.is_true(diff ~= nil and diff < 1e-4, out .. err)
-      end)
-    end
-    for _, case in ipairs { { "f32", 2, 1 }, { "llama3", 1, 2 } } do
-      it(string.format("%s checkpoint, tp %d x pp %d on GPUs: forward_batch as alone within 1e-4", case[1], case[2],
-        case[3]), function()
-        local out, err, code = h.run { "launch", "-n", "2", h.root .. "/tests/lua/parallel_batch.lua", case[1],
-          tostring(case[2]), tostring(case[3]), "cuda", "f32" }
-        assert.are.equal(0, code, err)
-        local diff = tonumber(out:match("max_abs_diff (%S+)"))
-        assert.is_true(diff ~= nil and diff < 1e-4, out .. err)
-      end)
+    -- { script, what it checks, cases { checkpoint, tp, pp } }: 2 ranks on GPUs against one rank
+    for _, group in ipairs {
+      { "parallel_logits.lua", "logits", { { "f32", 2, 1 }, { "bf16", 1, 2 }, { "llama3", 2, 1 } } },
+      { "parallel_batch.lua", "forward_batch as alone", { { "f32", 2, 1 }, { "llama3", 1, 2 } } },
+    } do
+      for _, case in ipairs(group[3]) do
+        it(string.format("%s checkpoint, tp %d x pp %d on GPUs: %s within 1e-4", case[1], case[2], case[3], group[2]),
+          function()
+            local out, err, code = h.run { "launch", "-n", "2", h.root .. "/tests/lua/" .. group[1], case[1],
+              tostring(case[2]), tostring(case[3]), "cuda", "f32" }
+            assert.are.equal(0, code, err)
+            local diff = tonumber(out:match("max_abs_diff (%S+)"))
+            assert.is_true(diff ~= nil and diff < 1e-4, out .. err)
+          end)
+      end
     end
   end)
 
