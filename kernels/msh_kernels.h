@@ -140,6 +140,22 @@ cudaError_t msh_k_glu(cudaStream_t s, float *out, const float *gu, int64_t M, in
 cudaError_t msh_k_qkv_rope(cudaStream_t s, float *q_out, void *k_cache, void *v_cache, int kv_dt, const float *qkv,
                            const int32_t *pos, const float *inv_freq, int64_t R, int64_t T, int64_t H, int64_t KVH,
                            int64_t hd, int64_t n_rot, int style, int64_t S, int64_t bstride, int64_t rstride);
+/* ------------------------------------------------------------------------ allreduce.cu */
+
+enum { MSH_K_AR_MAX_RANKS = 8, MSH_K_AR_MAX_BLOCKS = 64 };
+
+/* One-shot sum over the ranks of one host through peer-mapped memory (see allreduce.cu).
+ * bufs[p], flags[p]: rank p's data slots ([2][size][slot_bytes]) and flags ([size]
+ * [MSH_K_AR_MAX_BLOCKS] uint32, zero at first) as mapped in this process; epoch: this rank's
+ * MSH_K_AR_MAX_BLOCKS uint32 counters (zero at first). x: n elements of dt (f32, f16, bf16),
+ * 16-byte aligned, n * size of dt <= slot_bytes. add = 0: out = sum of every rank's x (out may be
+ * x); add = 1: out += that sum (out must not overlap x). The same on every rank, bit for bit. A
+ * peer missing for timeout_ns traps (the context is lost). Every rank must issue the same
+ * sequence of calls with the same n. */
+cudaError_t msh_k_allreduce_oneshot(cudaStream_t s, char *const *bufs, uint32_t *const *flags, uint32_t *epoch,
+                                    int rank, int size, size_t slot_bytes, void *out, const void *x, int dt,
+                                    int64_t n, int add, uint64_t timeout_ns);
+
 /* add.cu: out = a + b; out may alias either. */
 cudaError_t msh_k_add(cudaStream_t s, float *out, const float *a, const float *b, int64_t n);
 /* scale.cu: out = x * v; out may alias x. */

@@ -347,6 +347,39 @@ if pg then
   result.tp, result.pp, result.world = opts.tp, opts.pp, pg.world
   -- the floors of one rank's share: its weights over its own device's bandwidth
 end
+if pg and opts.tp > 1 and net.tp_comm then
+  -- one decode step's all-reduce (B rows of the hidden size, f32) in isolation: 200 back to back
+  -- between barriers (captured in a CUDA graph when the communicator can)
+  local acc = assert(tensor.new({ B, net.dim }, "f32", opts.device))
+  local part = assert(tensor.new({ B, net.dim }, "f32", opts.device))
+  local core, tp, n = moonshard.core, net.tp_comm, 200
+  local run_ar = function()
+    for _ = 1, n do core.check(C.msh_comm_all_reduce_add(tp, acc, part)) end
+  end
+  local captured = gpu and C.msh_comm_capturable(tp, part) == 1
+  if captured then
+    core.check(C.msh_graph_begin(kind, index))
+    local ok, err = pcall(run_ar)
+    local out = ffi.new("msh_graph*[1]")
+    core.check(C.msh_graph_end(kind, index, out))
+    if not ok then error(err, 0) end
+    local g = ffi.gc(out[0], C.msh_graph_free)
+    run_ar = function() core.check(C.msh_graph_launch(g)) end
+  end
+  run_ar()
+  sync()
+  assert(pg.comm:barrier())
+  local t0 = uv.hrtime()
+  run_ar()
+  sync()
+  local us = (uv.hrtime() - t0) / 1e3 / n
+  local calls = 2 * (net.last_layer - net.first_layer + 1)
+  result.allreduce_us = us
+  result.allreduce_path = captured and "one-shot kernel, graph" or "eager"
+  result.allreduce_share_isolated = calls * us / 1e3 / result.decode_step_ms
+  acc:free()
+  part:free()
+end
 if tel and opts.tp > 1 and B == 1 and not pipe and net.use_graphs then
   -- collectives inside CUDA graphs are not recorded: time the all-reduces of one eager repetition
   net.use_graphs = false

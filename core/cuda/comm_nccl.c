@@ -9,6 +9,7 @@
 #ifdef MSH_WITH_NCCL
 
 #include "comm_internal.h"
+#include "comm_p2p.h"
 #include "cuda_internal.h"
 
 #include <nccl.h>
@@ -20,6 +21,7 @@ typedef struct nccl_comm {
   msh_comm head;
   ncclComm_t nc;
   int32_t *word; /* one device int32 for barriers */
+  msh_p2p *p2p;  /* peer-mapped buffers for small all-reduces (NULL: NCCL only) */
 } nccl_comm;
 
 static const msh_comm_vt nccl_vt;
@@ -101,6 +103,59 @@ msh_status msh_nccl_get_unique_id(uint8_t *id) {
   return MSH_OK;
 }
 
+/* Sets up the one-shot all-reduce of comm_p2p.c: every rank makes its region, the ranks exchange
+ * what they made over NCCL and keep it only when every rank mapped every peer. Collective. */
+static msh_status p2p_setup(nccl_comm *c) {
+  cudaStream_t st;
+  msh_status s = stream_of(c, &st);
+  if (s != MSH_OK) return s;
+  int n = c->head.size;
+  msh_p2p_info mine;
+  msh_p2p *p = NULL;
+  s = msh_p2p_prepare(c->head.device_index, c->head.rank, n, c->head.timeout, &p, &mine);
+  if (s != MSH_OK) return s;
+  size_t bytes = sizeof(msh_p2p_info) * (size_t)n;
+  msh_p2p_info *all = malloc(bytes);
+  uint8_t *dev = NULL;
+  int32_t ok = 0;
+  if (!all) s = MSH_FAIL(MSH_ENOMEM, "out of memory");
+  if (s == MSH_OK) s = msh_cuda_check_at(MSH_CUDA_RT, cudaMalloc((void **)&dev, bytes + sizeof(msh_p2p_info) + 8),
+                                         "cudaMalloc", __FILE__, __LINE__, __func__);
+  uint8_t *dev_mine = dev + bytes;
+  int32_t *dev_ok = (int32_t *)(dev + bytes + sizeof(msh_p2p_info));
+  if (s == MSH_OK)
+    s = msh_cuda_check_at(MSH_CUDA_RT, cudaMemcpyAsync(dev_mine, &mine, sizeof mine, cudaMemcpyHostToDevice, st),
+                          "cudaMemcpyAsync", __FILE__, __LINE__, __func__);
+  if (s == MSH_OK)
+    s = nccl_wait_at(c->nc, ncclAllGather(dev_mine, dev, sizeof mine, ncclUint8, c->nc, st), c->head.timeout,
+                     "ncclAllGather", __FILE__, __LINE__, __func__);
+  if (s == MSH_OK)
+    s = msh_cuda_check_at(MSH_CUDA_RT, cudaMemcpyAsync(all, dev, bytes, cudaMemcpyDeviceToHost, st),
+                          "cudaMemcpyAsync", __FILE__, __LINE__, __func__);
+  if (s == MSH_OK)
+    s = msh_cuda_check_at(MSH_CUDA_RT, cudaStreamSynchronize(st), "cudaStreamSynchronize", __FILE__, __LINE__,
+                          __func__);
+  if (s == MSH_OK) {
+    ok = msh_p2p_connect(p, all);
+    s = msh_cuda_check_at(MSH_CUDA_RT, cudaMemcpyAsync(dev_ok, &ok, sizeof ok, cudaMemcpyHostToDevice, st),
+                          "cudaMemcpyAsync", __FILE__, __LINE__, __func__);
+  }
+  if (s == MSH_OK)
+    s = nccl_wait_at(c->nc, ncclAllReduce(dev_ok, dev_ok, 1, ncclInt32, ncclMin, c->nc, st), c->head.timeout,
+                     "ncclAllReduce", __FILE__, __LINE__, __func__);
+  if (s == MSH_OK)
+    s = msh_cuda_check_at(MSH_CUDA_RT, cudaMemcpyAsync(&ok, dev_ok, sizeof ok, cudaMemcpyDeviceToHost, st),
+                          "cudaMemcpyAsync", __FILE__, __LINE__, __func__);
+  if (s == MSH_OK)
+    s = msh_cuda_check_at(MSH_CUDA_RT, cudaStreamSynchronize(st), "cudaStreamSynchronize", __FILE__, __LINE__,
+                          __func__);
+  cudaFree(dev);
+  free(all);
+  if (s == MSH_OK && ok) c->p2p = p;
+  else msh_p2p_free(p);
+  return s;
+}
+
 static msh_status wrap(ncclComm_t nc, int device_index, const int *world_ranks, double timeout, msh_comm **out) {
   nccl_comm *c = calloc(1, sizeof *c);
   if (!c) return MSH_FAIL(MSH_ENOMEM, "out of memory");
@@ -117,6 +172,14 @@ static msh_status wrap(ncclComm_t nc, int device_index, const int *world_ranks, 
     return s;
   }
   c->nc = nc;
+  s = p2p_setup(c);
+  if (s != MSH_OK) {
+    c->nc = NULL; /* the caller aborts nc */
+    cudaFree(c->word);
+    msh_comm_free_head(&c->head);
+    free(c);
+    return s;
+  }
   *out = &c->head;
   return MSH_OK;
 }
@@ -150,10 +213,26 @@ static msh_status nccl_all_reduce(msh_comm *base, msh_tensor *t, int op) {
   cudaStream_t st;
   msh_status s = stream_of(c, &st);
   if (s != MSH_OK) return s;
+  if (msh_p2p_fits(c->p2p, t, NULL, op)) return msh_p2p_all_reduce(c->p2p, st, NULL, t);
   void *p = msh_tensor_ptr(t);
   NCCL_TRY(c->nc, base->timeout,
            ncclAllReduce(p, p, (size_t)msh_tensor_numel(t), nccl_dtype(t->dtype), nccl_op(op), c->nc, st));
   return MSH_OK;
+}
+
+static msh_status nccl_all_reduce_add(msh_comm *base, msh_tensor *acc, msh_tensor *t) {
+  nccl_comm *c = (nccl_comm *)base;
+  cudaStream_t st;
+  msh_status s = stream_of(c, &st);
+  if (s != MSH_OK) return s;
+  if (msh_p2p_fits(c->p2p, t, acc, MSH_REDUCE_SUM)) return msh_p2p_all_reduce(c->p2p, st, acc, t);
+  s = nccl_all_reduce(base, t, MSH_REDUCE_SUM);
+  return s == MSH_OK ? msh_op_add(acc, acc, t) : s;
+}
+
+static int nccl_capturable(const msh_comm *base, const msh_tensor *t) {
+  const nccl_comm *c = (const nccl_comm *)base;
+  return msh_p2p_fits(c->p2p, t, NULL, MSH_REDUCE_SUM);
 }
 
 static msh_status nccl_all_gather(msh_comm *base, msh_tensor *out, const msh_tensor *in) {
@@ -274,6 +353,7 @@ static void nccl_abort(msh_comm *base) {
 static void nccl_destroy(msh_comm *base) {
   nccl_comm *c = (nccl_comm *)base;
   if (c->nc) ncclCommAbort(c->nc);
+  msh_p2p_free(c->p2p);
   cudaFree(c->word);
   msh_comm_free_head(base);
   free(c);
@@ -282,6 +362,8 @@ static void nccl_destroy(msh_comm *base) {
 static const msh_comm_vt nccl_vt = {
     .name = "nccl",
     .all_reduce = nccl_all_reduce,
+    .all_reduce_add = nccl_all_reduce_add,
+    .capturable = nccl_capturable,
     .all_gather = nccl_all_gather,
     .reduce_scatter = nccl_reduce_scatter,
     .broadcast = nccl_broadcast,

@@ -656,6 +656,15 @@ msh_status msh_comm_split(msh_comm **out, msh_comm *c, int color, int key);
 /* In place: t = op over ranks of t. TCP: f32 and i32 (a ring: every rank gets bit-identical
  * values); NCCL: f32, f16, bf16, i32, i8. */
 msh_status msh_comm_all_reduce(msh_comm *c, msh_tensor *t, int op);
+/* acc += sum over ranks of t; t's values afterwards are unspecified. Same dtype and element
+ * count; dtypes as all_reduce (and msh_op_add: f32 on a GPU). On NCCL ranks of one host, sums
+ * up to MSH_P2P_BYTES (default 2 MiB) take a one-shot kernel over peer-mapped memory with the
+ * add fused in (MSH_P2P_ALLREDUCE=0 turns it off); larger ones NCCL, then msh_op_add. Every rank
+ * gets bit-identical values. */
+msh_status msh_comm_all_reduce_add(msh_comm *c, msh_tensor *acc, msh_tensor *t);
+/* 1 when an all-reduce (sum, in place or _add) of a tensor like t may be captured into a CUDA
+ * graph on this communicator: the one-shot path of an NCCL communicator, or a single rank. */
+int msh_comm_capturable(const msh_comm *c, const msh_tensor *t);
 /* out (size * n elements) = every rank's in (n elements) in rank order. in may be out's own
  * slice (rank * n). Any dtype; equal dtypes. */
 msh_status msh_comm_all_gather(msh_comm *c, msh_tensor *out, const msh_tensor *in);

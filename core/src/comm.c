@@ -314,6 +314,32 @@ msh_status msh_comm_all_reduce(msh_comm *c, msh_tensor *t, int op) {
   return counted(c, MSH_COMM_OP_ALL_REDUCE, tensor_bytes(t), rec, t0, c->vt->all_reduce(c, t, op));
 }
 
+msh_status msh_comm_all_reduce_add(msh_comm *c, msh_tensor *acc, msh_tensor *t) {
+  TRY(usable(c));
+  TRY(check_tensor(c, acc, "acc", 1));
+  TRY(check_tensor(c, t, "tensor", 1));
+  TRY(check_reduce(c, t->dtype, MSH_REDUCE_SUM));
+  if (acc->dtype != t->dtype)
+    return MSH_FAIL(MSH_EINVAL, "dtypes differ: acc %s, tensor %s", msh_dtype_name(acc->dtype),
+                    msh_dtype_name(t->dtype));
+  if (msh_tensor_numel(acc) != msh_tensor_numel(t))
+    return MSH_FAIL(MSH_EINVAL, "acc holds %lld elements, tensor %lld", (long long)msh_tensor_numel(acc),
+                    (long long)msh_tensor_numel(t));
+  if (msh_tensor_numel(t) == 0) return MSH_OK;
+  if (c->size == 1) return msh_op_add(acc, acc, t);
+  msh_comm_rec *rec = event_begin(c, MSH_COMM_OP_ALL_REDUCE, -1, tensor_bytes(t));
+  double t0 = now_s();
+  msh_status s = c->vt->all_reduce_add ? c->vt->all_reduce_add(c, acc, t) : c->vt->all_reduce(c, t, MSH_REDUCE_SUM);
+  if (s == MSH_OK && !c->vt->all_reduce_add) s = msh_op_add(acc, acc, t);
+  return counted(c, MSH_COMM_OP_ALL_REDUCE, tensor_bytes(t), rec, t0, s);
+}
+
+int msh_comm_capturable(const msh_comm *c, const msh_tensor *t) {
+  if (!c || !t || c->broken) return 0;
+  if (c->size == 1) return 1;
+  return c->vt->capturable ? c->vt->capturable(c, t) : 0;
+}
+
 msh_status msh_comm_all_gather(msh_comm *c, msh_tensor *out, const msh_tensor *in) {
   TRY(usable(c));
   TRY(check_tensor(c, out, "out", 1));

@@ -12,6 +12,10 @@
 typedef struct msh_comm_vt {
   const char *name;
   msh_status (*all_reduce)(msh_comm *c, msh_tensor *t, int op);
+  /* acc += sum over ranks of t (t may change); NULL: all_reduce, then msh_op_add */
+  msh_status (*all_reduce_add)(msh_comm *c, msh_tensor *acc, msh_tensor *t);
+  /* 1 when an all-reduce (sum) of t can be captured into a CUDA graph; NULL: never */
+  int (*capturable)(const msh_comm *c, const msh_tensor *t);
   msh_status (*all_gather)(msh_comm *c, msh_tensor *out, const msh_tensor *in);
   msh_status (*reduce_scatter)(msh_comm *c, msh_tensor *out, const msh_tensor *in, int op);
   msh_status (*broadcast)(msh_comm *c, msh_tensor *t, int root);

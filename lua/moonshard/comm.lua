@@ -5,6 +5,7 @@
 --   local l = assert(comm.listen("0.0.0.0", 0))      -- publish l:port() through the rendezvous
 --   local c = assert(comm.new_tcp(l, rank, world, { "10.0.0.1:4711", "10.0.0.2:4711" }, 30))
 --   assert(c:all_reduce(t))                           -- t = sum over ranks, in place
+--   assert(c:all_reduce_add(x, t))                    -- x += sum over ranks of t
 --   local tp = assert(c:split(rank // 2, rank))       -- MPI_Comm_split
 --
 -- Methods return true (or a value) on success and nil, message, code on failure; a failed
@@ -105,6 +106,11 @@ function Comm:device()
 end
 
 function Comm:all_reduce(t, op) return try(C.msh_comm_all_reduce(self, t, op_id(op))) end
+-- acc += sum over ranks of t (t's values afterwards unspecified); one kernel on NCCL ranks of
+-- one host for small tensors
+function Comm:all_reduce_add(acc, t) return try(C.msh_comm_all_reduce_add(self, acc, t)) end
+-- whether an all-reduce of a tensor like t can be captured into a CUDA graph
+function Comm:capturable(t) return C.msh_comm_capturable(self, t) == 1 end
 function Comm:all_gather(out, input) return try(C.msh_comm_all_gather(self, out, input)) end
 function Comm:reduce_scatter(out, input, op) return try(C.msh_comm_reduce_scatter(self, out, input, op_id(op))) end
 function Comm:broadcast(t, root) return try(C.msh_comm_broadcast(self, t, root or 0)) end

@@ -162,6 +162,17 @@ static void do_all_reduce(rank_ctx *x) {
     msh_tensor_free(in);
   }
   x->err = max_rel_err(msh_tensor_data(t), ref, j->n);
+  if (j->op == MSH_REDUCE_SUM) {
+    /* all_reduce_add: acc += the same sum */
+    msh_tensor *in = randn1(j->n, seed_of(j, x->rank)), *acc = randn1(j->n, j->seed * 977 + (uint64_t)x->rank);
+    const float *a = msh_tensor_data(acc);
+    for (int64_t i = 0; i < j->n; i++) ref[i] += a[i];
+    note(x, msh_comm_all_reduce_add(x->c, acc, in));
+    double e = max_rel_err(a, ref, j->n);
+    if (!(e <= x->err)) x->err = e;
+    msh_tensor_free(in);
+    msh_tensor_free(acc);
+  }
   ar_result[x->rank] = malloc(sizeof(float) * (size_t)j->n);
   memcpy(ar_result[x->rank], msh_tensor_data(t), sizeof(float) * (size_t)j->n);
   free(ref);
@@ -515,6 +526,10 @@ static void bad_arguments(void) {
   CHECK(strstr(msh_last_error(), "not contiguous") != NULL);
   CHECK_STATUS(msh_comm_all_reduce(c, h, MSH_REDUCE_SUM), MSH_EUNSUPPORTED);
   CHECK_STATUS(msh_comm_all_reduce(c, t, 7), MSH_EINVAL);
+  CHECK_STATUS(msh_comm_all_reduce_add(c, wrong, t), MSH_EINVAL);
+  CHECK(strstr(msh_last_error(), "acc holds 5 elements, tensor 6") != NULL);
+  CHECK_STATUS(msh_comm_all_reduce_add(c, h, t), MSH_EINVAL);
+  CHECK(msh_comm_capturable(c, t) == 0);
   CHECK_STATUS(msh_comm_all_gather(c, wrong, t), MSH_EINVAL);
   CHECK_STATUS(msh_comm_all_gather(c, t, h), MSH_EINVAL);
   CHECK_STATUS(msh_comm_reduce_scatter(c, t, wrong, MSH_REDUCE_SUM), MSH_EINVAL);
@@ -546,7 +561,7 @@ static void bad_arguments(void) {
   run_ok(ctx, 2, do_all_reduce, &j, "all_reduce for the counters");
   for (int r = 0; r < 2; r++) free(ar_result[r]);
   CHECK_OK(msh_comm_stats(c, MSH_COMM_OP_ALL_REDUCE, &calls, &bytes, &secs));
-  CHECK(calls == 1 && bytes == 4004 && secs > 0);
+  CHECK(calls == 2 && bytes == 8008 && secs > 0); /* all_reduce and all_reduce_add */
   CHECK_STATUS(msh_comm_stats(c, MSH_COMM_OP_COUNT, &calls, NULL, NULL), MSH_EINVAL);
   msh_comm_reset_stats(c);
   CHECK_OK(msh_comm_stats(c, MSH_COMM_OP_ALL_REDUCE, &calls, &bytes, &secs));

@@ -1,6 +1,10 @@
 /* test_nccl.c: the NCCL communicator, one thread per GPU (up to 4): every collective against a
  * float64 reference computed on the host from the same seeded inputs, bf16 all-reduce, subgroups
- * from a split, send/recv around the ring. Exit 77 (skipped) without NCCL or without a GPU. */
+ * from a split, send/recv around the ring; all_reduce_add on both of its paths (the one-shot
+ * peer-mapped kernel up to MSH_P2P_BYTES, NCCL and an add above), hundreds of calls in a row and
+ * calls replayed from a CUDA graph, with every rank's result bit-identical. The GPUs of one host
+ * are expected to reach each other (NVLink or PCIe peer access), unless MSH_P2P_ALLREDUCE=0.
+ * Exit 77 (skipped) without NCCL or without a GPU. */
 #include "check.h"
 
 #include <pthread.h>
@@ -43,6 +47,55 @@ static float *download(const msh_tensor *t) {
   memcpy(v, msh_tensor_data(h), sizeof(float) * (size_t)n);
   msh_tensor_free(h);
   return v;
+}
+
+static float *results[MAXW];
+static pthread_barrier_t bar;
+
+/* acc += sum over ranks of t, `calls` times (eagerly, or as a graph of 4 calls replayed), against
+ * the host's float64 sum; every rank must end with the same bits. */
+static void check_add(msh_comm *c, int r, int64_t n, int calls, int graph) {
+  msh_tensor *t = dev_randn(r, MSH_F32, n, seed(40, r)), *acc = dev_randn(r, MSH_F32, n, seed(41, r));
+  if (graph) {
+    const char *off = getenv("MSH_P2P_ALLREDUCE");
+    if (W > 1 && !(off && strcmp(off, "0") == 0)) TCHECK(msh_comm_capturable(c, t) == 1);
+    if (!msh_comm_capturable(c, t)) {
+      calls = 0;
+    } else {
+      msh_graph *g = NULL;
+      TCHECK_OK(msh_graph_begin(MSH_CUDA, r));
+      for (int i = 0; i < 4; i++) TCHECK_OK(msh_comm_all_reduce_add(c, acc, t));
+      TCHECK_OK(msh_graph_end(MSH_CUDA, r, &g));
+      for (int i = 0; i < calls / 4; i++) TCHECK_OK(msh_graph_launch(g));
+      calls = calls / 4 * 4;
+      msh_graph_free(g);
+    }
+  } else {
+    for (int i = 0; i < calls; i++) TCHECK_OK(msh_comm_all_reduce_add(c, acc, t));
+  }
+  float *got = download(acc), *acc0 = host_values(MSH_F32, n, seed(41, r));
+  double *sum = calloc((size_t)n, sizeof(double));
+  for (int q = 0; q < W; q++) {
+    float *v = host_values(MSH_F32, n, seed(40, q));
+    for (int64_t i = 0; i < n; i++) sum[i] += v[i];
+    free(v);
+  }
+  double worst = 0;
+  for (int64_t i = 0; i < n; i++) {
+    double want = acc0[i] + calls * sum[i];
+    double e = fabs(got[i] - want) / (1 + fabs(want));
+    if (!(e <= worst)) worst = e;
+  }
+  TCHECK(worst < 1e-6 * (4 + calls));
+  results[r] = got;
+  pthread_barrier_wait(&bar);
+  TCHECK(memcmp(got, results[0], sizeof(float) * (size_t)n) == 0);
+  pthread_barrier_wait(&bar);
+  free(got);
+  free(acc0);
+  free(sum);
+  msh_tensor_free(t);
+  msh_tensor_free(acc);
 }
 
 static void *rank_main(void *p) {
@@ -133,6 +186,11 @@ static void *rank_main(void *p) {
     msh_tensor_free(in);
     msh_tensor_free(out);
   }
+  /* one-shot sizes (odd ones end in a partial vector), then one past the slot (NCCL + add) */
+  static const int64_t add_sizes[] = {1, 13, 4096, 1 << 17, (1 << 19) + 1};
+  for (int k = 0; k < 5; k++) check_add(c, r, add_sizes[k], k < 3 ? 300 : 3, 0);
+  check_add(c, r, 4096, 200, 1);
+  check_add(c, r, 1 << 17, 8, 1);
   TCHECK_OK(msh_comm_barrier(c));
   /* split into even and odd ranks, reversed */
   msh_comm *s = NULL;
@@ -164,6 +222,7 @@ int main(void) {
   W = n < MAXW ? n : MAXW;
   CHECK_OK(msh_nccl_unique_id(id));
   pthread_t th[MAXW];
+  pthread_barrier_init(&bar, NULL, (unsigned)W);
   for (int r = 0; r < W; r++) pthread_create(&th[r], NULL, rank_main, (void *)(intptr_t)r);
   for (int r = 0; r < W; r++) pthread_join(th[r], NULL);
   printf("test_nccl: %d ranks\n", W);

@@ -356,6 +356,15 @@ describe("collectives between processes", function()
         for i, v in ipairs(input(k, n, n):values()) do want[i] = k == 0 and v or math.max(want[i], v) end
       end
       close(t:values(), want, 0)
+      -- all_reduce_add: acc += the sum
+      local acc, acc_want = input(r, n, n + 5), {}
+      for i, v in ipairs(acc:values()) do acc_want[i] = v end
+      assert(c:all_reduce_add(acc, input(r, n, n)))
+      for k = 0, W - 1 do
+        for i, v in ipairs(input(k, n, n):values()) do acc_want[i] = acc_want[i] + v end
+      end
+      close(acc:values(), acc_want, 1e-5)
+      assert(not c:capturable(acc), "a TCP all-reduce is not captured into graphs")
       -- all_gather
       local out = tensor.new({ W * n })
       assert(c:all_gather(out, input(r, n, n + 1)))
@@ -390,8 +399,8 @@ describe("collectives between processes", function()
     end
     assert(c:barrier())
     local st = c:stats()
-    assert(st.all_reduce.calls == 6 and st.barrier.calls == 1, "counters")
-    assert(st.all_reduce.bytes == 2 * 4 * (1 + 5 + 1003) and st.all_reduce.seconds > 0, "all_reduce bytes")
+    assert(st.all_reduce.calls == 9 and st.barrier.calls == 1, "counters")
+    assert(st.all_reduce.bytes == 3 * 4 * (1 + 5 + 1003) and st.all_reduce.seconds > 0, "all_reduce bytes")
     assert(st.send.calls == 3 and st.recv.calls == 3, "send/recv counters")
     c:reset_stats()
     assert(c:stats().barrier.calls == 0, "reset")

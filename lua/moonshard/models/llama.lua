@@ -152,15 +152,22 @@ function M.new(desc, opts)
   self.pos_list = {} -- forward_batch's positions (reused)
   -- decode steps replay CUDA graphs on a GPU unless opts.graphs == false
   self.device_kind, self.device_index = tensor.device_id(dev)
-  -- (with MSH_TP_GRAPHS=1, tensor-parallel ranks on NCCL capture their all-reduces with the
-  -- step; pipeline stages wait on their peers eagerly)
-  local tp_graphs = os.getenv("MSH_TP_GRAPHS") == "1"
+  -- (tensor-parallel ranks capture their all-reduces with the step when the communicator can:
+  -- the one-shot kernel of NCCL ranks on one host; pipeline stages wait on their peers eagerly)
   self.use_graphs = dev ~= "cpu" and opts.graphs ~= false and C.msh_has_cuda() == 1
-    and (not self.tp_comm or (tp_graphs and C.msh_comm_kind(self.tp_comm) == C.MSH_COMM_NCCL))
-    and not self.pp_comm
+    and (not self.tp_comm or self:tp_capturable(1)) and not self.pp_comm
   self.graphs = {}
   self.batch_graphs = {} -- [slot0][B][context bucket]: batched decode steps
   return self
+end
+
+-- Whether the tensor-parallel all-reduces of a step of R rows can be captured into a CUDA graph
+-- (MSH_TP_GRAPHS=1 also captures NCCL's own kernels).
+function Llama:tp_capturable(R)
+  local tp = self.tp_comm
+  if not tp then return true end
+  if os.getenv("MSH_TP_GRAPHS") == "1" and C.msh_comm_kind(tp) == C.MSH_COMM_NCCL then return true end
+  return C.msh_comm_capturable(tp, self.buf.o:narrow(1, 0, R)) == 1
 end
 
 -- Views of the activation buffers for a pass of T tokens (made once per T).
@@ -189,7 +196,7 @@ function Llama:views_for(T)
 end
 
 local embedding, rmsnorm, matmul, rope_op = ops.embedding, ops.rmsnorm, ops.matmul, ops.rope
-local set_rows, attention, silu_mul, add = ops.set_rows, ops.attention, ops.silu_mul, ops.add
+local set_rows, attention, silu_mul = ops.set_rows, ops.attention, ops.silu_mul
 local matmul_acc, matmul_glu, qkv_rope = ops.matmul_acc, ops.matmul_glu, ops.qkv_rope
 
 -- Moves the T token ids and positions pos0 .. pos0+T-1 to the device's buffers.
@@ -219,8 +226,7 @@ function Llama:residual(v, a, w)
   local tp = self.tp_comm
   if tp then
     matmul(v.o, a, w)
-    comm_check(C.msh_comm_all_reduce(tp, v.o, C.MSH_REDUCE_SUM))
-    add(v.x, v.x, v.o)
+    comm_check(C.msh_comm_all_reduce_add(tp, v.x, v.o))
   else
     matmul_acc(v.x, a, w)
   end
@@ -532,7 +538,7 @@ function Llama:forward_batch(tokens, pos0, slot0)
       end
       starts_ptr[b] = p
     end
-    if Tc == 1 and self.use_graphs then
+    if Tc == 1 and self.use_graphs and self:tp_capturable(B) then
       self:decode_graph_batch(bt, slot0, max_pos + done)
     else
       local v = bt.v
