@@ -16,6 +16,8 @@
  * MSH_K_AR_MAX_BLOCKS blocks, fewer than any GPU this runs on has SMs. */
 #include "msh_kutil.cuh"
 
+using namespace msh;
+
 namespace {
 
 constexpr int THREADS = 512;
@@ -50,6 +52,24 @@ template <typename T> struct Pack {
   };
 };
 
+/* Steps 2 and 3 of block b at epoch e, between barriers: every thread's pushes are visible to
+ * the peers before the flags go up (fence, release), and the peers' before any thread reads. */
+__device__ __forceinline__ void exchange(const Peers &peers, int rank, int size, int b, uint32_t e,
+                                         uint64_t timeout_ns) {
+  __syncthreads();
+  const int tid = threadIdx.x;
+  if (tid < size && tid != rank) {
+    __threadfence_system();
+    st_release_sys(peers.flag[tid] + (size_t)rank * MSH_K_AR_MAX_BLOCKS + b, e);
+    const uint32_t *mine = peers.flag[rank] + (size_t)tid * MSH_K_AR_MAX_BLOCKS + b;
+    uint64_t start = global_ns();
+    while ((int32_t)(ld_acquire_sys(mine) - e) < 0) {
+      if (global_ns() - start > timeout_ns) __trap(); /* a peer never arrived */
+    }
+  }
+  __syncthreads();
+}
+
 template <typename T>
 __global__ void __launch_bounds__(THREADS)
     oneshot(Peers peers, uint32_t *epoch, int rank, int size, size_t slot_bytes, T *out, const T *x, int64_t n,
@@ -70,18 +90,8 @@ __global__ void __launch_bounds__(THREADS)
     for (int64_t i = tid; i < packs; i += THREADS) dv[i] = xv[i];
     if (tid < tail) dst[packs * V + tid] = x[lo + packs * V + tid];
   }
-  __syncthreads();
   /* 2. raise this block's flag at every peer; 3. wait for every peer's */
-  if (tid < size && tid != rank) {
-    __threadfence_system();
-    st_release_sys(peers.flag[tid] + (size_t)rank * MSH_K_AR_MAX_BLOCKS + b, e);
-    const uint32_t *mine = peers.flag[rank] + (size_t)tid * MSH_K_AR_MAX_BLOCKS + b;
-    uint64_t start = global_ns();
-    while ((int32_t)(ld_acquire_sys(mine) - e) < 0) {
-      if (global_ns() - start > timeout_ns) __trap(); /* a peer never arrived */
-    }
-  }
-  __syncthreads();
+  exchange(peers, rank, size, b, e, timeout_ns);
   /* 4. sum in rank order */
   const char *base = peers.buf[rank] + phase_off;
   for (int64_t i = tid; i < packs; i += THREADS) {
@@ -91,20 +101,63 @@ __global__ void __launch_bounds__(THREADS)
       Pack<T> v;
       if (p == rank) v.u = xv[i];
       else v.u = __ldcg(reinterpret_cast<const uint4 *>(reinterpret_cast<const T *>(base + (size_t)p * slot_bytes) + lo) + i);
-      for (int j = 0; j < V; j++) acc[j] += msh::to_f(v.e[j]);
+      for (int j = 0; j < V; j++) acc[j] += to_f(v.e[j]);
     }
     uint4 *ov = reinterpret_cast<uint4 *>(out + lo) + i;
     Pack<T> r;
     if (add) r.u = *ov;
-    for (int j = 0; j < V; j++) r.e[j] = msh::from_f<T>(add ? msh::to_f(r.e[j]) + acc[j] : acc[j]);
+    for (int j = 0; j < V; j++) r.e[j] = from_f<T>(add ? to_f(r.e[j]) + acc[j] : acc[j]);
     *ov = r.u;
   }
   if (tid < tail) {
     const int64_t k = lo + packs * V + tid;
     float acc = 0.f;
     for (int p = 0; p < size; p++)
-      acc += msh::to_f(p == rank ? x[k] : __ldcg(reinterpret_cast<const T *>(base + (size_t)p * slot_bytes) + k));
-    out[k] = msh::from_f<T>(add ? msh::to_f(out[k]) + acc : acc);
+      acc += to_f(p == rank ? x[k] : __ldcg(reinterpret_cast<const T *>(base + (size_t)p * slot_bytes) + k));
+    out[k] = from_f<T>(add ? to_f(out[k]) + acc : acc);
+  }
+  if (tid == 0) epoch[b] = e;
+}
+
+/* One block per row of D f32 (D % 4 == 0): acc += the sum over ranks of x, then
+ * h = acc / sqrt(mean(acc^2) + eps) * w (the next layer's RMSNorm, as rmsnorm.cu computes it). */
+template <typename W>
+__global__ void __launch_bounds__(THREADS)
+    oneshot_norm(Peers peers, uint32_t *epoch, int rank, int size, size_t slot_bytes, float *acc, const float *x,
+                 float *h, const W *__restrict__ w, int64_t D, float eps, uint64_t timeout_ns) {
+  __shared__ float red[32];
+  const int b = blockIdx.x, tid = threadIdx.x;
+  const uint32_t e = epoch[b] + 1;
+  const size_t phase_off = (size_t)(e & 1) * (size_t)size * slot_bytes;
+  const int64_t lo = (int64_t)b * D, packs = D / 4;
+  const float4 *xv = reinterpret_cast<const float4 *>(x + lo);
+  for (int p = 0; p < size; p++) {
+    if (p == rank) continue;
+    float4 *dv = reinterpret_cast<float4 *>(reinterpret_cast<float *>(peers.buf[p] + phase_off + (size_t)rank * slot_bytes) + lo);
+    for (int64_t i = tid; i < packs; i += THREADS) dv[i] = xv[i];
+  }
+  exchange(peers, rank, size, b, e, timeout_ns);
+  const char *base = peers.buf[rank] + phase_off;
+  float4 *av = reinterpret_cast<float4 *>(acc + lo);
+  float ss = 0.f;
+  for (int64_t i = tid; i < packs; i += THREADS) {
+    float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int p = 0; p < size; p++) {
+      float4 v = p == rank ? xv[i] : __ldcg(reinterpret_cast<const float4 *>(reinterpret_cast<const float *>(base + (size_t)p * slot_bytes) + lo) + i);
+      s.x += v.x; s.y += v.y; s.z += v.z; s.w += v.w;
+    }
+    float4 a = av[i];
+    a.x += s.x; a.y += s.y; a.z += s.z; a.w += s.w;
+    av[i] = a;
+    ss += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w;
+  }
+  ss = block_sum(ss, red);
+  const float inv = 1.0f / sqrtf(ss / (float)D + eps);
+  float4 *hv = reinterpret_cast<float4 *>(h + lo);
+  for (int64_t i = tid; i < packs; i += THREADS) {
+    float4 a = av[i]; /* this thread's own write */
+    const W *wi = w + 4 * i;
+    hv[i] = make_float4(a.x * inv * to_f(wi[0]), a.y * inv * to_f(wi[1]), a.z * inv * to_f(wi[2]), a.w * inv * to_f(wi[3]));
   }
   if (tid == 0) epoch[b] = e;
 }
@@ -136,8 +189,36 @@ extern "C" cudaError_t msh_k_allreduce_oneshot(cudaStream_t s, char *const *bufs
   }
   switch (dt) {
   case MSH_F32: return launch<float>(s, peers, epoch, rank, size, slot_bytes, out, x, n, add, timeout_ns);
-  case MSH_F16: return launch<msh::f16>(s, peers, epoch, rank, size, slot_bytes, out, x, n, add, timeout_ns);
-  case MSH_BF16: return launch<msh::bf16>(s, peers, epoch, rank, size, slot_bytes, out, x, n, add, timeout_ns);
+  case MSH_F16: return launch<f16>(s, peers, epoch, rank, size, slot_bytes, out, x, n, add, timeout_ns);
+  case MSH_BF16: return launch<bf16>(s, peers, epoch, rank, size, slot_bytes, out, x, n, add, timeout_ns);
   default: return cudaErrorInvalidValue;
   }
+}
+
+extern "C" cudaError_t msh_k_allreduce_oneshot_norm(cudaStream_t s, char *const *bufs, uint32_t *const *flags,
+                                                    uint32_t *epoch, int rank, int size, size_t slot_bytes,
+                                                    float *acc, const float *x, float *h, const void *w, int w_dt,
+                                                    int64_t R, int64_t D, float eps, uint64_t timeout_ns) {
+  if (size < 1 || size > MSH_K_AR_MAX_RANKS || rank < 0 || rank >= size || R > MSH_K_AR_MAX_BLOCKS || D % 4 != 0)
+    return cudaErrorInvalidValue;
+  if (R <= 0 || D <= 0) return cudaGetLastError();
+  Peers peers = {};
+  for (int p = 0; p < size; p++) {
+    peers.buf[p] = bufs[p];
+    peers.flag[p] = flags[p];
+  }
+  dim3 g((unsigned)R), blk(THREADS);
+  switch (w_dt) {
+  case MSH_F32:
+    oneshot_norm<float><<<g, blk, 0, s>>>(peers, epoch, rank, size, slot_bytes, acc, x, h, (const float *)w, D, eps, timeout_ns);
+    break;
+  case MSH_F16:
+    oneshot_norm<f16><<<g, blk, 0, s>>>(peers, epoch, rank, size, slot_bytes, acc, x, h, (const f16 *)w, D, eps, timeout_ns);
+    break;
+  case MSH_BF16:
+    oneshot_norm<bf16><<<g, blk, 0, s>>>(peers, epoch, rank, size, slot_bytes, acc, x, h, (const bf16 *)w, D, eps, timeout_ns);
+    break;
+  default: return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
 }

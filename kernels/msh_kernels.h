@@ -155,6 +155,13 @@ enum { MSH_K_AR_MAX_RANKS = 8, MSH_K_AR_MAX_BLOCKS = 64 };
 cudaError_t msh_k_allreduce_oneshot(cudaStream_t s, char *const *bufs, uint32_t *const *flags, uint32_t *epoch,
                                     int rank, int size, size_t slot_bytes, void *out, const void *x, int dt,
                                     int64_t n, int add, uint64_t timeout_ns);
+/* The same exchange for R <= MSH_K_AR_MAX_BLOCKS rows of D f32 (D % 4 == 0, R * D * 4 <=
+ * slot_bytes), one block per row: acc += the sum of every rank's x, then h = acc / sqrt(mean(acc^2)
+ * + eps) * w (w: D elements of w_dt), a residual add and the RMSNorm after it in one kernel. */
+cudaError_t msh_k_allreduce_oneshot_norm(cudaStream_t s, char *const *bufs, uint32_t *const *flags, uint32_t *epoch,
+                                         int rank, int size, size_t slot_bytes, float *acc, const float *x, float *h,
+                                         const void *w, int w_dt, int64_t R, int64_t D, float eps,
+                                         uint64_t timeout_ns);
 
 /* add.cu: out = a + b; out may alias either. */
 cudaError_t msh_k_add(cudaStream_t s, float *out, const float *a, const float *b, int64_t n);

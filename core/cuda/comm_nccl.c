@@ -230,6 +230,17 @@ static msh_status nccl_all_reduce_add(msh_comm *base, msh_tensor *acc, msh_tenso
   return s == MSH_OK ? msh_op_add(acc, acc, t) : s;
 }
 
+static msh_status nccl_all_reduce_add_norm(msh_comm *base, msh_tensor *acc, msh_tensor *t, msh_tensor *out,
+                                           const msh_tensor *w, float eps) {
+  nccl_comm *c = (nccl_comm *)base;
+  cudaStream_t st;
+  msh_status s = stream_of(c, &st);
+  if (s != MSH_OK) return s;
+  if (msh_p2p_fits_norm(c->p2p, acc, t, out)) return msh_p2p_all_reduce_norm(c->p2p, st, acc, t, out, w, eps);
+  s = nccl_all_reduce_add(base, acc, t);
+  return s == MSH_OK ? msh_op_rmsnorm(out, acc, w, eps) : s;
+}
+
 static int nccl_capturable(const msh_comm *base, const msh_tensor *t) {
   const nccl_comm *c = (const nccl_comm *)base;
   return msh_p2p_fits(c->p2p, t, NULL, MSH_REDUCE_SUM);
@@ -363,6 +374,7 @@ static const msh_comm_vt nccl_vt = {
     .name = "nccl",
     .all_reduce = nccl_all_reduce,
     .all_reduce_add = nccl_all_reduce_add,
+    .all_reduce_add_norm = nccl_all_reduce_add_norm,
     .capturable = nccl_capturable,
     .all_gather = nccl_all_gather,
     .reduce_scatter = nccl_reduce_scatter,

@@ -143,6 +143,21 @@ msh_status msh_p2p_all_reduce(msh_p2p *p, cudaStream_t st, msh_tensor *acc, cons
   return MSH_OK;
 }
 
+int msh_p2p_fits_norm(const msh_p2p *p, const msh_tensor *acc, const msh_tensor *t, const msh_tensor *out) {
+  if (!msh_p2p_fits(p, t, acc, MSH_REDUCE_SUM) || t->dtype != MSH_F32 || out->dtype != MSH_F32) return 0;
+  int64_t D = t->ndim ? t->shape[t->ndim - 1] : 1, R = D ? msh_tensor_numel(t) / D : 0;
+  return D % 4 == 0 && R <= MSH_K_AR_MAX_BLOCKS && ((uintptr_t)msh_tensor_ptr(out) & 15) == 0;
+}
+
+msh_status msh_p2p_all_reduce_norm(msh_p2p *p, cudaStream_t st, msh_tensor *acc, const msh_tensor *t,
+                                   msh_tensor *out, const msh_tensor *w, float eps) {
+  int64_t D = t->ndim ? t->shape[t->ndim - 1] : 1, R = msh_tensor_numel(t) / D;
+  CUDA_TRY(msh_k_allreduce_oneshot_norm(st, p->bufs, p->flags, p->epoch, p->rank, p->size, p->slot,
+                                        msh_tensor_ptr(acc), msh_tensor_ptr(t), msh_tensor_ptr(out),
+                                        msh_tensor_ptr(w), w->dtype, R, D, eps, p->timeout_ns));
+  return MSH_OK;
+}
+
 void msh_p2p_free(msh_p2p *p) {
   if (!p) return;
   for (int r = 0; r < MSH_K_AR_MAX_RANKS; r++)

@@ -37,6 +37,14 @@ int msh_p2p_fits(const msh_p2p *p, const msh_tensor *t, const msh_tensor *acc, i
 /* Enqueues on st: acc += sum over ranks of t (acc non-NULL), or t = that sum. */
 msh_status msh_p2p_all_reduce(msh_p2p *p, cudaStream_t st, msh_tensor *acc, const msh_tensor *t);
 
+/* 1 when acc += sum of t, out = rmsnorm(acc) * w can run as one kernel: f32, rows of a multiple
+ * of 4 elements, at most MSH_K_AR_MAX_BLOCKS rows, within the slot. */
+int msh_p2p_fits_norm(const msh_p2p *p, const msh_tensor *acc, const msh_tensor *t, const msh_tensor *out);
+
+/* Enqueues on st: acc += sum over ranks of t; out = acc / sqrt(mean(acc^2) + eps) * w, by rows. */
+msh_status msh_p2p_all_reduce_norm(msh_p2p *p, cudaStream_t st, msh_tensor *acc, const msh_tensor *t,
+                                   msh_tensor *out, const msh_tensor *w, float eps);
+
 void msh_p2p_free(msh_p2p *p);
 
 #endif

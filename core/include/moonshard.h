@@ -662,6 +662,11 @@ msh_status msh_comm_all_reduce(msh_comm *c, msh_tensor *t, int op);
  * add fused in (MSH_P2P_ALLREDUCE=0 turns it off); larger ones NCCL, then msh_op_add. Every rank
  * gets bit-identical values. */
 msh_status msh_comm_all_reduce_add(msh_comm *c, msh_tensor *acc, msh_tensor *t);
+/* all_reduce_add, then out = acc / sqrt(mean(acc^2) + eps) * w by rows of acc's last dim (the
+ * RMSNorm that follows a residual add; msh_op_rmsnorm's rules). acc, t, out f32. On the one-shot
+ * path (up to 64 rows, rows a multiple of 4) one kernel does all of it. */
+msh_status msh_comm_all_reduce_add_norm(msh_comm *c, msh_tensor *acc, msh_tensor *t, msh_tensor *out,
+                                       const msh_tensor *w, float eps);
 /* 1 when an all-reduce (sum, in place or _add) of a tensor like t may be captured into a CUDA
  * graph on this communicator: the one-shot path of an NCCL communicator, or a single rank. */
 int msh_comm_capturable(const msh_comm *c, const msh_tensor *t);

@@ -334,6 +334,32 @@ msh_status msh_comm_all_reduce_add(msh_comm *c, msh_tensor *acc, msh_tensor *t) 
   return counted(c, MSH_COMM_OP_ALL_REDUCE, tensor_bytes(t), rec, t0, s);
 }
 
+msh_status msh_comm_all_reduce_add_norm(msh_comm *c, msh_tensor *acc, msh_tensor *t, msh_tensor *out,
+                                       const msh_tensor *w, float eps) {
+  TRY(usable(c));
+  TRY(check_tensor(c, acc, "acc", 1));
+  TRY(check_tensor(c, out, "out", 1));
+  TRY(check_tensor(c, w, "norm weight", 0));
+  if (out->dtype != MSH_F32 || acc->dtype != MSH_F32)
+    return MSH_FAIL(MSH_EINVAL, "acc and out must be f32 (acc %s, out %s)", msh_dtype_name(acc->dtype),
+                    msh_dtype_name(out->dtype));
+  int64_t D = acc->ndim ? acc->shape[acc->ndim - 1] : 1;
+  if (msh_tensor_numel(out) != msh_tensor_numel(acc) || w->ndim != 1 || w->shape[0] != D)
+    return MSH_FAIL(MSH_EINVAL, "out must have acc's %lld elements and the norm weight %lld",
+                    (long long)msh_tensor_numel(acc), (long long)D);
+  if (c->size == 1 || !c->vt->all_reduce_add_norm) {
+    TRY(msh_comm_all_reduce_add(c, acc, t));
+    return msh_op_rmsnorm(out, acc, w, eps);
+  }
+  TRY(check_tensor(c, t, "tensor", 1));
+  if (t->dtype != MSH_F32 || msh_tensor_numel(t) != msh_tensor_numel(acc))
+    return MSH_FAIL(MSH_EINVAL, "tensor must be f32 with acc's %lld elements", (long long)msh_tensor_numel(acc));
+  if (msh_tensor_numel(t) == 0) return MSH_OK;
+  msh_comm_rec *rec = event_begin(c, MSH_COMM_OP_ALL_REDUCE, -1, tensor_bytes(t));
+  double t0 = now_s();
+  return counted(c, MSH_COMM_OP_ALL_REDUCE, tensor_bytes(t), rec, t0, c->vt->all_reduce_add_norm(c, acc, t, out, w, eps));
+}
+
 int msh_comm_capturable(const msh_comm *c, const msh_tensor *t) {
   if (!c || !t || c->broken) return 0;
   if (c->size == 1) return 1;

@@ -14,6 +14,10 @@ typedef struct msh_comm_vt {
   msh_status (*all_reduce)(msh_comm *c, msh_tensor *t, int op);
   /* acc += sum over ranks of t (t may change); NULL: all_reduce, then msh_op_add */
   msh_status (*all_reduce_add)(msh_comm *c, msh_tensor *acc, msh_tensor *t);
+  /* acc += sum over ranks of t, then out = rmsnorm(acc) * w; NULL: all_reduce_add, then
+   * msh_op_rmsnorm (comm.c has checked out and w) */
+  msh_status (*all_reduce_add_norm)(msh_comm *c, msh_tensor *acc, msh_tensor *t, msh_tensor *out,
+                                    const msh_tensor *w, float eps);
   /* 1 when an all-reduce (sum) of t can be captured into a CUDA graph; NULL: never */
   int (*capturable)(const msh_comm *c, const msh_tensor *t);
   msh_status (*all_gather)(msh_comm *c, msh_tensor *out, const msh_tensor *in);

@@ -166,10 +166,28 @@ static void do_all_reduce(rank_ctx *x) {
     /* all_reduce_add: acc += the same sum */
     msh_tensor *in = randn1(j->n, seed_of(j, x->rank)), *acc = randn1(j->n, j->seed * 977 + (uint64_t)x->rank);
     const float *a = msh_tensor_data(acc);
-    for (int64_t i = 0; i < j->n; i++) ref[i] += a[i];
+    double *sum = malloc(sizeof(double) * (size_t)j->n);
+    for (int64_t i = 0; i < j->n; i++) sum[i] = ref[i], ref[i] += a[i];
     note(x, msh_comm_all_reduce_add(x->c, acc, in));
     double e = max_rel_err(a, ref, j->n);
     if (!(e <= x->err)) x->err = e;
+    /* all_reduce_add_norm: once more, then out = rmsnorm(acc) * w */
+    msh_tensor *in2 = randn1(j->n, seed_of(j, x->rank)), *out = tensor1(MSH_F32, j->n), *w = randn1(j->n, 5);
+    for (int64_t i = 0; i < j->n; i++) ref[i] += sum[i];
+    free(sum);
+    note(x, msh_comm_all_reduce_add_norm(x->c, acc, in2, out, w, 1e-5f));
+    double ss = 0;
+    for (int64_t i = 0; i < j->n; i++) ss += ref[i] * ref[i];
+    double inv = 1 / sqrt(ss / (double)j->n + 1e-5);
+    e = max_rel_err(a, ref, j->n);
+    if (!(e <= x->err)) x->err = e;
+    const float *wv = msh_tensor_data(w);
+    for (int64_t i = 0; i < j->n; i++) ref[i] = ref[i] * inv * wv[i];
+    e = max_rel_err(msh_tensor_data(out), ref, j->n);
+    if (!(e <= x->err)) x->err = e;
+    msh_tensor_free(in2);
+    msh_tensor_free(out);
+    msh_tensor_free(w);
     msh_tensor_free(in);
     msh_tensor_free(acc);
   }
@@ -530,6 +548,9 @@ static void bad_arguments(void) {
   CHECK(strstr(msh_last_error(), "acc holds 5 elements, tensor 6") != NULL);
   CHECK_STATUS(msh_comm_all_reduce_add(c, h, t), MSH_EINVAL);
   CHECK(msh_comm_capturable(c, t) == 0);
+  CHECK_STATUS(msh_comm_all_reduce_add_norm(c, t, t, wrong, t, 1e-5f), MSH_EINVAL);
+  CHECK(strstr(msh_last_error(), "out must have acc's 6 elements") != NULL);
+  CHECK_STATUS(msh_comm_all_reduce_add_norm(c, t, t, t, NULL, 1e-5f), MSH_EINVAL);
   CHECK_STATUS(msh_comm_all_gather(c, wrong, t), MSH_EINVAL);
   CHECK_STATUS(msh_comm_all_gather(c, t, h), MSH_EINVAL);
   CHECK_STATUS(msh_comm_reduce_scatter(c, t, wrong, MSH_REDUCE_SUM), MSH_EINVAL);
@@ -561,7 +582,7 @@ static void bad_arguments(void) {
   run_ok(ctx, 2, do_all_reduce, &j, "all_reduce for the counters");
   for (int r = 0; r < 2; r++) free(ar_result[r]);
   CHECK_OK(msh_comm_stats(c, MSH_COMM_OP_ALL_REDUCE, &calls, &bytes, &secs));
-  CHECK(calls == 2 && bytes == 8008 && secs > 0); /* all_reduce and all_reduce_add */
+  CHECK(calls == 3 && bytes == 12012 && secs > 0); /* all_reduce, all_reduce_add, all_reduce_add_norm */
   CHECK_STATUS(msh_comm_stats(c, MSH_COMM_OP_COUNT, &calls, NULL, NULL), MSH_EINVAL);
   msh_comm_reset_stats(c);
   CHECK_OK(msh_comm_stats(c, MSH_COMM_OP_ALL_REDUCE, &calls, &bytes, &secs));

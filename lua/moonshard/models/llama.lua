@@ -92,6 +92,12 @@ function M.new(desc, opts)
     embed = self.pp_rank == 0, head = self.pp_rank == self.pp_size - 1,
     plan = { desc = desc, max_seq = opts.max_seq, kv_dtype = opts.kv_dtype, chunk = opts.chunk, batch = opts.batch },
   })
+  -- the attention norms, read a layer early by the fused sum and norm of tensor parallelism
+  self.attn_norms = {}
+  for l = self.first_layer, self.last_layer do
+    self.attn_norms[l] = self.stage:acquire(l).attn_norm
+    self.stage:release(l)
+  end
 
   local r = desc.rope or {}
   self.rope_style = (r.style == "half") and ops.ROPE_HALF or ops.ROPE_INTERLEAVED
@@ -221,15 +227,21 @@ local function comm_check(s)
 end
 
 -- x += a @ w^T: fused into the projection on one rank; with tensor parallelism the partial
--- products are summed across ranks first.
-function Llama:residual(v, a, w)
+-- products are summed across ranks first, and the RMSNorm that follows (h = norm(x) * norm_w)
+-- comes with the sum (one kernel on NCCL ranks of one host). Returns true when h was computed.
+function Llama:residual(v, a, w, norm_w)
   local tp = self.tp_comm
   if tp then
     matmul(v.o, a, w)
+    if norm_w then
+      comm_check(C.msh_comm_all_reduce_add_norm(tp, v.x, v.o, v.h, norm_w, self.norm_eps))
+      return true
+    end
     comm_check(C.msh_comm_all_reduce_add(tp, v.x, v.o))
   else
     matmul_acc(v.x, a, w)
   end
+  return false
 end
 
 -- bt (forward_batch): a batch context (batch_ctx); T then counts rows (B x tokens), the caches
@@ -245,10 +257,11 @@ function Llama:compute(T, pos0, all_logits_out, dyn_len, bt)
   if pp_rank > 0 and pp then comm_check(C.msh_comm_recv(pp, v.x, pp_rank - 1)) end
   if hooks then hooks.begin(self, T) end
   if pp_rank == 0 then embedding(v.x, stage:embed(), v.ids) end
+  local normed = false -- h already holds this layer's attention norm (see residual)
   for l = self.first_layer, self.last_layer do
     local w = stage:acquire(l)
     local kv = bt and bt.kv[l] or self.kv[l]
-    rmsnorm(v.h, v.x, w.attn_norm, eps)
+    if not normed then rmsnorm(v.h, v.x, w.attn_norm, eps) end
     if w.wqkv then
       -- one projection; rope and the cache store in one op (positions from the device)
       matmul(v.qkv, v.h, w.wqkv)
@@ -274,8 +287,7 @@ function Llama:compute(T, pos0, all_logits_out, dyn_len, bt)
     else
       attention(att, q, kv.k, kv.v, pos0, self.scale)
     end
-    self:residual(v, v.att, w.wo)
-    rmsnorm(v.h, v.x, w.ffn_norm, eps)
+    if not self:residual(v, v.att, w.wo, w.ffn_norm) then rmsnorm(v.h, v.x, w.ffn_norm, eps) end
     if w.w_gu then
       matmul_glu(v.g, v.h, w.w_gu, v.gu)
     else
@@ -283,7 +295,7 @@ function Llama:compute(T, pos0, all_logits_out, dyn_len, bt)
       matmul(v.u, v.h, w.w_up)
       silu_mul(v.g, v.g, v.u)
     end
-    self:residual(v, v.g, w.w_down)
+    normed = self:residual(v, v.g, w.w_down, l < self.last_layer and self.attn_norms[l + 1] or nil)
     stage:release(l)
   end
   if pp_rank < pp_size - 1 then
