@@ -388,6 +388,16 @@ static msh_status cuda_argmax(const msh_tensor *x, int32_t *out) {
   return MSH_OK;
 }
 
+static msh_status cuda_argmax_into(msh_tensor *out, const msh_tensor *x) {
+  msh_cuda_dev *d;
+  msh_status s = dev_for(x, &d);
+  if (s != MSH_OK) return s;
+  int64_t R = msh_rows(x), N = x->shape[x->ndim - 1];
+  if (R == 0) return MSH_OK;
+  CUDA_TRY(msh_k_argmax(d->stream, msh_tensor_ptr(out), msh_tensor_ptr(x), R, N));
+  return MSH_OK;
+}
+
 static msh_status cuda_randn(msh_tensor *t, uint64_t seed, float mean, float std) {
   msh_cuda_dev *d;
   msh_status s = msh_cuda_dev_get(t->st->device_index, &d);
@@ -430,6 +440,7 @@ const msh_backend msh_cuda_backend = {
     .scale = cuda_scale,
     .softmax = cuda_softmax,
     .argmax = cuda_argmax,
+    .argmax_into = cuda_argmax_into,
     .randn = cuda_randn,
     .sync = msh_cuda_sync,
     .mem_info = cuda_mem_info,

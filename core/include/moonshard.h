@@ -300,6 +300,9 @@ msh_status msh_op_log_softmax(msh_tensor *out, const msh_tensor *x);
 /* out[r] = index of the largest value of row r of x (.., N); the first one on ties.
  * out must hold numel(x) / N values. */
 msh_status msh_op_argmax(const msh_tensor *x, int32_t *out);
+/* The same into a tensor on x's device: out (numel(x) / N) contiguous i32. On a GPU nothing
+ * waits (the ids stay there: fed to a collective, say); CUDA graphs may capture it. */
+msh_status msh_op_argmax_into(msh_tensor *out, const msh_tensor *x);
 
 /* ============================================================================ sampler */
 

@@ -168,6 +168,9 @@ typedef struct msh_backend {
   msh_status (*scale)(msh_tensor *out, const msh_tensor *x, float s);
   msh_status (*softmax)(msh_tensor *out, const msh_tensor *x, int log);
   msh_status (*argmax)(const msh_tensor *x, int32_t *out);
+  /* out (i32 on the device) = argmax of each row, without waiting; NULL: out is host memory and
+   * argmax writes it */
+  msh_status (*argmax_into)(msh_tensor *out, const msh_tensor *x);
   /* Optional (NULL: filled on the host and copied): t contiguous float, values
    * mean + std * msh_randn_at(seed, i) for element i in row-major order. */
   msh_status (*randn)(msh_tensor *t, uint64_t seed, float mean, float std);

@@ -437,3 +437,17 @@ msh_status msh_op_argmax(const msh_tensor *x, int32_t *out) {
   if (x->ndim < 1 || x->shape[x->ndim - 1] < 1) return MSH_FAIL(MSH_EINVAL, "argmax: empty rows");
   return be->argmax(x, out);
 }
+
+msh_status msh_op_argmax_into(msh_tensor *out, const msh_tensor *x) {
+  if (!x || !out) return MSH_FAIL(MSH_EINVAL, "NULL argument");
+  const msh_backend *be = same_device("argmax_into", out, x, NULL, NULL);
+  if (!be) return MSH_EINVAL;
+  CHECK(want_f32c("argmax_into", "x", x));
+  if (x->ndim < 1 || x->shape[x->ndim - 1] < 1) return MSH_FAIL(MSH_EINVAL, "argmax_into: empty rows");
+  if (out->dtype != MSH_I32 || !msh_tensor_is_contiguous(out) || msh_tensor_numel(out) != msh_rows(x))
+    return MSH_FAIL(MSH_EINVAL, "argmax_into: out must be %lld contiguous i32 (one per row of x)",
+                    (long long)msh_rows(x));
+  if (out->st->readonly) return MSH_FAIL(MSH_EINVAL, "argmax_into: out is read-only");
+  if (be->argmax_into) return be->argmax_into(out, x);
+  return be->argmax(x, msh_tensor_ptr(out)); /* host memory: the backend writes it directly */
+}

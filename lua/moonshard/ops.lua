@@ -8,6 +8,7 @@
 --   fused: matmul_acc(out, x, w) (out +=)   matmul_glu(out, x, w_gate_up, scratch)
 --          qkv_rope(q_out, k_cache, v_cache, qkv, pos, inv_freq, style)
 --   argmax(x, out_buf) -> the first row's index (out_buf: int32_t[] with a slot per row)
+--   argmax_into(out, x): the same into an i32 tensor on x's device (nothing waits on a GPU)
 local core = require "moonshard.core"
 
 local C = core.C
@@ -43,6 +44,12 @@ function M.argmax(x, out_buf)
   local s = C.msh_op_argmax(x, out_buf)
   if s ~= 0 then fail(s) end
   return out_buf[0]
+end
+
+-- argmax_into(out, x): out (i32, x's device, a value per row) = each row's argmax, no wait
+function M.argmax_into(out, x)
+  local s = C.msh_op_argmax_into(out, x)
+  if s ~= 0 then fail(s) end
 end
 
 return M

@@ -170,6 +170,10 @@ function M.run(net, opts)
   local out = last and {}
   if last then for b = 1, N do out[b] = {} end end
   local sampled = ffi.new("int32_t[?]", math.max(N, 1))
+  -- greedy picks on a GPU stay there: the ids go back to stage 0 from the device and every
+  -- round's land in hist (rounds x N), read once at the end, so the last stage never waits for
+  -- its device between passes
+  local hist = last and not opts.sample and dev ~= "cpu" and assert(tensor.new({ G, N }, "i32", dev))
 
   local function prompt_chunk(pass)
     local z = {}
@@ -215,6 +219,14 @@ function M.run(net, opts)
       local logits = check(net:forward_batch(tokens, pass.pos0, pass.slot0))
       if not last then
         check(comm:send(x, s + 1))
+      elseif pass.sample and hist then
+        ops.argmax_into(ids_dev[j], logits)
+        local round = pass.phase == "prefill" and 0 or pass.round
+        hist:narrow(1, round, 1):reshape({ N }):narrow(1, pass.slot0, B):copy_from(ids_dev[j])
+        if pass.feed then
+          pending = j
+          if not lookahead then flush() end
+        end
       elseif pass.sample then
         sample(logits, B, sampled)
         local ptr = ids_ptr[j]
@@ -232,6 +244,12 @@ function M.run(net, opts)
       if opts.on_pass then opts.on_pass(pass) end
     end
     flush()
+    if hist then
+      local v = hist:to("i32", "cpu"):values()
+      for r = 0, G - 1 do
+        for b = 1, N do out[b][r + 1] = v[r * N + b] end
+      end
+    end
   end)
   net.pp_external = prev
   net.mb = nil

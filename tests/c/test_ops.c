@@ -346,6 +346,19 @@ static void test_argmax(void) {
   int32_t got[6] = {-1, -1, -1, -1, -1, -1};
   CHECK_OK(msh_op_argmax(x, got));
   for (int r = 0; r < 6; r++) CHECK(got[r] == want[r]);
+  /* into a tensor: the same ids; a wrong count, dtype or a NULL is refused */
+  int64_t six = 6, five = 5;
+  msh_tensor *ids = NULL, *bad = NULL;
+  CHECK_OK(msh_tensor_new(&ids, MSH_I32, 1, &six, MSH_CPU, 0));
+  CHECK_OK(msh_op_argmax_into(ids, x));
+  for (int r = 0; r < 6; r++) CHECK(((int32_t *)msh_tensor_data(ids))[r] == want[r]);
+  CHECK_OK(msh_tensor_new(&bad, MSH_I32, 1, &five, MSH_CPU, 0));
+  CHECK_STATUS(msh_op_argmax_into(bad, x), MSH_EINVAL);
+  CHECK(strstr(msh_last_error(), "6 contiguous i32") != NULL);
+  CHECK_STATUS(msh_op_argmax_into(x, x), MSH_EINVAL);
+  CHECK_STATUS(msh_op_argmax_into(NULL, x), MSH_EINVAL);
+  msh_tensor_free(ids);
+  msh_tensor_free(bad);
   /* a long row with ties across vector lanes */
   int64_t s2[1] = {32003};
   msh_tensor *y = trand(MSH_F32, 1, s2);

@@ -690,6 +690,15 @@ static void test_argmax(void) {
       CHECK_OK(msh_op_argmax(gx, got));
       int same = !memcmp(want, got, sizeof(int32_t) * (size_t)shapes[s][0]);
       CHECK(same);
+      /* into a device tensor, then back */
+      msh_tensor *gi = NULL, *hi = NULL;
+      CHECK_OK(msh_tensor_new(&gi, MSH_I32, 1, &shapes[s][0], MSH_CUDA, 0));
+      CHECK_OK(msh_tensor_new(&hi, MSH_I32, 1, &shapes[s][0], MSH_CPU, 0));
+      CHECK_OK(msh_op_argmax_into(gi, gx));
+      CHECK_OK(msh_tensor_copy(hi, gi));
+      CHECK(!memcmp(want, msh_tensor_data(hi), sizeof(int32_t) * (size_t)shapes[s][0]));
+      msh_tensor_free(gi);
+      msh_tensor_free(hi);
       printf("  argmax (%lld, %lld) %s\n", (long long)shapes[s][0], (long long)shapes[s][1], same ? "equal" : "DIFFERENT");
     }
     msh_tensor *ts[] = {cx, gx};

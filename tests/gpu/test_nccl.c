@@ -107,12 +107,14 @@ static float *results_h[MAXW];
 static void check_add_norm(msh_comm *c, int r, int64_t R, int64_t D) {
   int64_t n = R * D, shape[2] = {R, D};
   msh_tensor *t1 = dev_randn(r, MSH_F32, n, seed(50, r)), *a1 = dev_randn(r, MSH_F32, n, seed(51, 0));
-  msh_tensor *t = NULL, *acc = NULL, *h = NULL, *w = dev_randn(r, MSH_BF16, D, seed(52, 0));
+  msh_tensor *t = NULL, *acc = NULL, *h = NULL, *h1 = NULL, *w = dev_randn(r, MSH_BF16, D, seed(52, 0));
+  TCHECK_OK(msh_tensor_new(&h1, MSH_F32, 1, &n, MSH_CUDA, r));
   TCHECK_OK(msh_tensor_reshape(&t, t1, 2, shape));
   TCHECK_OK(msh_tensor_reshape(&acc, a1, 2, shape));
-  TCHECK_OK(msh_tensor_new(&h, MSH_F32, 2, shape, MSH_CUDA, r));
+  TCHECK_OK(msh_tensor_reshape(&h, h1, 2, shape));
   TCHECK_OK(msh_comm_all_reduce_add_norm(c, acc, t, h, w, 1e-5f));
-  float *got_a = download(acc), *got_h = download(h), *acc0 = host_values(MSH_F32, n, seed(51, 0));
+  /* (the 1-D tensors behind the (R, D) views go to the host) */
+  float *got_a = download(a1), *got_h = download(h1), *acc0 = host_values(MSH_F32, n, seed(51, 0));
   float *wv = host_values(MSH_BF16, D, seed(52, 0));
   double *want = calloc((size_t)n, sizeof(double));
   for (int q = 0; q < W; q++) {
@@ -153,6 +155,7 @@ static void check_add_norm(msh_comm *c, int r, int64_t R, int64_t D) {
   msh_tensor_free(t1);
   msh_tensor_free(a1);
   msh_tensor_free(h);
+  msh_tensor_free(h1);
   msh_tensor_free(w);
 }
 

@@ -107,6 +107,21 @@ describe("CUDA device", function()
         assert.are.equal(h.read(h.stories .. "/expected_greedy_200.txt") .. "\n", out)
       end)
     end
+    for _, case in ipairs { { 4, 2, "-" }, { 6, 3, "lookahead" } } do
+      local N, m, extra = case[1], case[2], case[3]
+      it(string.format("pp 2 on GPUs, %d sequences in %d micro-batches (%s): one GPU's batched greedy tokens", N, m,
+        extra == "-" and "sends in order" or extra), function()
+        local script = h.root .. "/tests/lua/pipeline_batch.lua"
+        local ref_out, rerr, rcode = h.run { script, "ref", tostring(N), "1", "12", "-", "cuda" }
+        assert.are.equal(0, rcode, rerr)
+        local out, err, code = h.run { "launch", "-n", "2", "--tag-output", script, "pp", tostring(N), tostring(m), "12",
+          extra, "cuda" }
+        assert.are.equal(0, code, err)
+        local want, got = ref_out:match("tokens (%[.-%]%])"), out:match("tokens (%[.-%]%])")
+        assert.truthy(want, ref_out)
+        assert.are.equal(want, got, out .. err)
+      end)
+    end
     -- { script, what it checks, cases { checkpoint, tp, pp } }: 2 ranks on GPUs against one rank
     for _, group in ipairs {
       { "parallel_logits.lua", "logits", { { "f32", 2, 1 }, { "bf16", 1, 2 }, { "llama3", 2, 1 } } },

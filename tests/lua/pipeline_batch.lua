@@ -1,11 +1,14 @@
 -- A batch of N sequences of stories260K: greedy tokens from the micro-batched pipeline
 -- (moonshard.schedule) on pipeline ranks, or from one rank's batched forward passes (the
 -- reference). Prints "tokens <json>" (the last stage) and, on the pipeline, its bubble.
---   moonshard launch -n 2 pipeline_batch.lua pp N M GEN [lookahead]
---   moonshard pipeline_batch.lua ref N 1 GEN
+--   moonshard launch -n 2 pipeline_batch.lua pp N M GEN [lookahead|-] [cuda]
+--   moonshard pipeline_batch.lua ref N 1 GEN [-] [cuda]
+-- With cuda, every rank runs on its GPU (f32 weights and cache; NCCL between the stages).
 local stories = require("moonshard.host").root .. "/../shared/data/models/stories260K"
 local cjson = require "cjson"
 local mode, N, m, G, lookahead = arg[1], tonumber(arg[2]), tonumber(arg[3]), tonumber(arg[4]), arg[5] == "lookahead"
+local gpu = arg[6] == "cuda"
+local dev_opts = gpu and { dtype = "f32", kv_dtype = "f32" } or {}
 local moonshard = require "moonshard"
 local ffi = require "ffi"
 
@@ -20,7 +23,8 @@ local function prompts_for(V)
 end
 
 if mode == "ref" then
-  local model = assert(moonshard.load(stories, { batch = N }))
+  local model = assert(moonshard.load(stories, { batch = N, device = gpu and "cuda:0" or nil, dtype = dev_opts.dtype,
+    kv_dtype = dev_opts.kv_dtype }))
   local net = model.net
   local prompts = prompts_for(net.vocab_size)
   local out, ids, steps = {}, ffi.new("int32_t[?]", N), {}
@@ -40,10 +44,11 @@ end
 
 local telemetry = require "moonshard.telemetry"
 local schedule = require "moonshard.schedule"
-local model = assert(moonshard.load(stories, { pp = 2, batch = N }))
+local model = assert(moonshard.load(stories, { pp = 2, batch = N, device = gpu and "cuda" or nil,
+  dtype = dev_opts.dtype, kv_dtype = dev_opts.kv_dtype }))
 local net = model.net
 local tel = telemetry.null { rank = model.rank }
-net.hooks = tel:stage_hooks("cpu", net.pp_rank)
+net.hooks = tel:stage_hooks(net.device, net.pp_rank)
 local probe = net.hooks.probe
 assert(model.dist.comm:barrier())
 probe:window_begin()
