@@ -660,7 +660,9 @@ cudaError_t plan_for(const msh_k_attn *a, int sm_count, Plan &p) {
   int64_t maxn = a->pos0 + a->T;
   int64_t target = (int64_t)p.occ * (sm_count > 0 ? sm_count : 132); /* one full wave */
   int64_t splits = (target + base - 1) / base;
-  int64_t max_splits = (maxn + 63) / 64;
+  /* short contexts take one chunk: a block reads at most 512 keys (about a microsecond), less than
+   * the merge kernel that splitting would add */
+  int64_t max_splits = maxn <= 512 ? 1 : (maxn + 63) / 64;
   if (splits > max_splits) splits = max_splits;
   if (splits < 1) splits = 1;
   int64_t chunk = (maxn + splits - 1) / splits;
