@@ -23,6 +23,8 @@ local opts = args.parse(arg, {
   { "no-ceilings", "flag", "skip measuring bandwidth and matrix rate" },
   { "tp", "int", "tensor-parallel degree (ranks from `moonshard launch`)", default = 1, min = 1 },
   { "pp", "int", "pipeline-parallel stages", default = 1, min = 1 },
+  { "pp-layers", "string", "layers of each stage, e.g. 0-15,16-31 (default: balanced)" },
+  { "pp-balance", "string", "what the stage balance evens out: decode (default) or prefill" },
   { "graphs", "string", "on or off: replay decode steps from CUDA graphs", default = "on" },
   { "micro-batches", "int", "with --pp: run the batch as this many micro-batches through the pipeline schedule (moonshard.schedule) and report the measured bubble against (p-1)/(m+p-1)", min = 1 },
   { "log-dir", "string", "write JSON Lines events (collectives, stage busy/idle) to this folder and report all-reduce time and pipeline bubble (default: $MSH_LOG_DIR, set by `moonshard launch`)" },
@@ -130,7 +132,8 @@ if need > desc.max_seq then
 end
 local par
 if pg then
-  par, err = require("moonshard.parallel").setup(desc, { tp = opts.tp, pp = opts.pp, dist = pg })
+  par, err = require("moonshard.parallel").setup(desc, { tp = opts.tp, pp = opts.pp, dist = pg,
+    pp_layers = opts.pp_layers, pp_balance = opts.pp_balance })
   if not par then fail(err) end
 end
 local load_s -- seconds to place the weights on the device (files through staging, or drawn)

@@ -18,6 +18,7 @@ local opts = args.parse(arg, {
   { "tp", "int", "tensor-parallel degree (ranks from `moonshard launch`, torchrun or Slurm)", default = 1, min = 1 },
   { "pp", "int", "pipeline-parallel stages", default = 1, min = 1 },
   { "pp-layers", "string", "layers of each stage, e.g. 0-12,13-25 (default: balanced)" },
+  { "pp-balance", "string", "what the stage balance evens out: decode (default) or prefill" },
   { "log-dir", "string", "write JSON Lines events (collectives, stage busy/idle) to this folder (default: $MSH_LOG_DIR, set by `moonshard launch`)" },
   { "dtype", "string", "weights' dtype on the device: native (each weight's own), f32, f16, bf16, q8_0 ... (default on the CPU: float weights in f32, GGUF Q8_0/Q4_0/Q4_1 kept)" },
 })
@@ -27,7 +28,8 @@ if opts.threads then moonshard.C.msh_set_num_threads(opts.threads) end
 local seed = opts.seed or (os.time() % 2147483647)
 
 local model, err = moonshard.load(opts.model, { device = opts.device, max_seq = opts.max_seq, tokenizer = opts.tokenizer,
-  dtype = opts.dtype, tp = opts.tp, pp = opts.pp, pp_layers = opts.pp_layers })
+  dtype = opts.dtype, tp = opts.tp, pp = opts.pp, pp_layers = opts.pp_layers,
+  pp_balance = opts.pp_balance })
 if not model then
   io.stderr:write("moonshard generate: ", err, "\n")
   os.exit(1)

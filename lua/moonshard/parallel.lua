@@ -7,6 +7,8 @@ local M = {}
 -- M.setup(desc, opts) -> { desc, pg, tp_comm, pp_comm, layers, rank, device } | nil, message
 --   opts.tp, opts.pp      degrees (default 1)
 --   opts.pp_layers        "0-12,13-25": the layers of each stage (default: balanced by cost)
+--   opts.pp_balance       "decode" (default) or "prefill": what the balance evens out
+--                         (moonshard.policy.pipeline)
 --   opts.dist             an existing process group (moonshard.dist.init) to reuse
 --   opts.device           "cpu" (TCP between ranks) or "cuda" (NCCL; each rank on its local GPU)
 function M.setup(desc, opts)
@@ -29,7 +31,7 @@ function M.setup(desc, opts)
   sliced, err = require("moonshard.policy.shard").slice(desc, tp, c.tp)
   if not sliced then return nil, err end
   local ranges
-  ranges, err = require("moonshard.policy.pipeline").plan(desc, pp, { layers = opts.pp_layers })
+  ranges, err = require("moonshard.policy.pipeline").plan(desc, pp, { layers = opts.pp_layers, balance = opts.pp_balance })
   if not ranges then return nil, err end
   return {
     desc = sliced, pg = pg, rank = pg.rank, world = pg.world,

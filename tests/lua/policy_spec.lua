@@ -47,4 +47,16 @@ describe("pipeline stages", function()
     assert.are.same({ { 1, 3 }, { 4, 4 } }, pipeline.balance({ 1, 1, 1, 1 }, 2, 0, 2))
     assert.are.same({ { 1, 1 }, { 2, 4 } }, pipeline.balance({ 5, 1, 1, 1 }, 2))
   end)
+
+  it("counts the output head for decode, not for prefill", function()
+    -- Llama-3-8B: the head (128256 x 4096) weighs about 2.4 layers
+    local desc = { dim = 4096, n_heads = 32, n_kv_heads = 8, head_dim = 128, hidden_dim = 14336, n_layers = 32,
+      vocab_size = 128256 }
+    assert.are.same({ { 1, 17 }, { 18, 32 } }, pipeline.plan(desc, 2))
+    assert.are.same({ { 1, 17 }, { 18, 32 } }, pipeline.plan(desc, 2, { balance = "decode" }))
+    assert.are.same({ { 1, 16 }, { 17, 32 } }, pipeline.plan(desc, 2, { balance = "prefill" }))
+    local r, err = pipeline.plan(desc, 2, { balance = "fast" })
+    assert.is_nil(r)
+    assert.matches("unknown pipeline balance 'fast'", err, 1, true)
+  end)
 end)

@@ -1,7 +1,7 @@
 -- moonshard.policy.pipeline: which layers each pipeline stage runs.
 -- Balanced by cost: every layer costs its parameter count (or a measured time when given), the
--- first stage also pays for the embedding lookup and the last for the output head, and stages
--- take contiguous runs of layers so that the most loaded stage is as light as possible.
+-- last stage also pays for the output head when decode is what is balanced, and stages take
+-- contiguous runs of layers so that the most loaded stage is as light as possible.
 local M = {}
 
 -- M.parse("0-12,13-25") -> { {1, 13}, {14, 26} } (1-based inclusive layer ranges) or nil, message
@@ -65,7 +65,9 @@ function M.balance(costs, pp, first_extra, last_extra)
 end
 
 -- M.plan(desc, pp, opts?) -> ranges. opts.layers: "0-12,13-25" override; opts.costs: measured
--- per-layer times.
+-- per-layer times; opts.balance: "decode" (default: a decode step reads every weight, so the
+-- output head costs its parameters on the last stage) or "prefill" (long prompts: the head runs
+-- for one row a sequence, so only the layers count).
 function M.plan(desc, pp, opts)
   opts = opts or {}
   if opts.layers then
@@ -81,7 +83,11 @@ function M.plan(desc, pp, opts)
   local per_layer = D * hd * (2 * desc.n_heads + 2 * desc.n_kv_heads) + 3 * D * F
   local costs = opts.costs or {}
   if not opts.costs then for l = 1, desc.n_layers do costs[l] = per_layer end end
-  local head = desc.vocab_size * D
+  local balance = opts.balance or "decode"
+  if balance ~= "decode" and balance ~= "prefill" then
+    return nil, string.format("unknown pipeline balance '%s' (decode or prefill)", tostring(balance))
+  end
+  local head = balance == "decode" and desc.vocab_size * D or 0
   return M.balance(costs, pp, 0, head)
 end
 
