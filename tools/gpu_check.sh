@@ -116,7 +116,7 @@ if [ "${MSH_GPU_MODEL_BENCH:-1}" != 0 ]; then
     for cfg in "--dummy $shape --pp 2 --batch-size 8 --micro-batches 1 --prompt-len 128 --gen-len 33 --loops 3" \
                "--dummy $shape --pp 2 --batch-size 8 --micro-batches 2 --prompt-len 128 --gen-len 33 --loops 3" \
                "--dummy $shape --pp 2 --batch-size 8 --micro-batches 4 --prompt-len 128 --gen-len 33 --loops 3" \
-               "--dummy $shape --pp 2 --pp-balance prefill --batch-size 8 --micro-batches 4 --prompt-len 128 --gen-len 33 --loops 3" \
+               "--dummy $shape --pp 2 --batch-size 8 --micro-batches 4 --prompt-len 512 --gen-len 17 --loops 3" \
                "--dummy tools/bench/shapes/llama-2-70b.json --pp 2 --batch-size 8 --micro-batches 4 --prompt-len 128 --gen-len 17 --loops 2" \
                "--dummy $shape --tp 2 --prompt-len 128 --gen-len 65 --loops 3"; do
       tag=$(echo "$cfg" | tr -c 'a-z0-9' '_' | cut -c1-60)
