@@ -162,6 +162,32 @@ __global__ void __launch_bounds__(THREADS)
   if (tid == 0) epoch[b] = e;
 }
 
+/* All-gather of `bytes` (a multiple of 16, 16-byte aligned) per rank: every block pushes its
+ * chunk into every peer's slot `rank`, exchanges flags, then copies each rank's chunk to
+ * out + p * stride (bytes); this rank's own part comes from x unless it is already in place. */
+__global__ void __launch_bounds__(THREADS)
+    gather_oneshot(Peers peers, uint32_t *epoch, int rank, int size, size_t slot_bytes, char *out, const char *x,
+                   int64_t packs, int64_t chunk, int64_t stride, uint64_t timeout_ns) {
+  const int b = blockIdx.x, tid = threadIdx.x;
+  const uint32_t e = epoch[b] + 1;
+  const size_t phase_off = (size_t)(e & 1) * (size_t)size * slot_bytes;
+  const int64_t lo = (int64_t)b * chunk, hi = min(packs, lo + chunk);
+  const uint4 *xv = reinterpret_cast<const uint4 *>(x);
+  for (int p = 0; p < size; p++) {
+    if (p == rank) continue;
+    uint4 *dv = reinterpret_cast<uint4 *>(peers.buf[p] + phase_off + (size_t)rank * slot_bytes);
+    for (int64_t i = lo + tid; i < hi; i += THREADS) dv[i] = xv[i];
+  }
+  exchange(peers, rank, size, b, e, timeout_ns);
+  for (int p = 0; p < size; p++) {
+    uint4 *ov = reinterpret_cast<uint4 *>(out + (int64_t)p * stride);
+    const uint4 *src = p == rank ? xv : reinterpret_cast<const uint4 *>(peers.buf[rank] + phase_off + (size_t)p * slot_bytes);
+    if (p == rank && src == ov) continue;
+    for (int64_t i = lo + tid; i < hi; i += THREADS) ov[i] = p == rank ? src[i] : __ldcg(src + i);
+  }
+  if (tid == 0) epoch[b] = e;
+}
+
 template <typename T>
 cudaError_t launch(cudaStream_t s, const Peers &peers, uint32_t *epoch, int rank, int size, size_t slot_bytes,
                    void *out, const void *x, int64_t n, int add, uint64_t timeout_ns) {
@@ -220,5 +246,25 @@ extern "C" cudaError_t msh_k_allreduce_oneshot_norm(cudaStream_t s, char *const 
     break;
   default: return cudaErrorInvalidValue;
   }
+  return cudaGetLastError();
+}
+
+extern "C" cudaError_t msh_k_allgather_oneshot(cudaStream_t s, char *const *bufs, uint32_t *const *flags,
+                                               uint32_t *epoch, int rank, int size, size_t slot_bytes, void *out,
+                                               int64_t stride, const void *x, int64_t bytes, uint64_t timeout_ns) {
+  if (size < 1 || size > MSH_K_AR_MAX_RANKS || rank < 0 || rank >= size || bytes % 16 || stride % 16 ||
+      (size_t)bytes > slot_bytes)
+    return cudaErrorInvalidValue;
+  if (bytes <= 0) return cudaGetLastError();
+  Peers peers = {};
+  for (int p = 0; p < size; p++) {
+    peers.buf[p] = bufs[p];
+    peers.flag[p] = flags[p];
+  }
+  int64_t packs = bytes / 16, want = (packs + THREADS - 1) / THREADS;
+  int blocks = want < 1 ? 1 : want > MSH_K_AR_MAX_BLOCKS ? MSH_K_AR_MAX_BLOCKS : (int)want;
+  int64_t chunk = (packs + blocks - 1) / blocks;
+  gather_oneshot<<<blocks, THREADS, 0, s>>>(peers, epoch, rank, size, slot_bytes, static_cast<char *>(out),
+                                            static_cast<const char *>(x), packs, chunk, stride, timeout_ns);
   return cudaGetLastError();
 }

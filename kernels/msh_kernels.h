@@ -155,6 +155,12 @@ enum { MSH_K_AR_MAX_RANKS = 8, MSH_K_AR_MAX_BLOCKS = 64 };
 cudaError_t msh_k_allreduce_oneshot(cudaStream_t s, char *const *bufs, uint32_t *const *flags, uint32_t *epoch,
                                     int rank, int size, size_t slot_bytes, void *out, const void *x, int dt,
                                     int64_t n, int add, uint64_t timeout_ns);
+/* All-gather over the same buffers: out + p * stride (bytes) = rank p's `bytes` of x, for every
+ * rank p (this rank's part may already be in place: x == out + rank * stride). bytes and stride
+ * multiples of 16, pointers 16-byte aligned, bytes <= slot_bytes. */
+cudaError_t msh_k_allgather_oneshot(cudaStream_t s, char *const *bufs, uint32_t *const *flags, uint32_t *epoch,
+                                    int rank, int size, size_t slot_bytes, void *out, int64_t stride, const void *x,
+                                    int64_t bytes, uint64_t timeout_ns);
 /* The same exchange for R <= MSH_K_AR_MAX_BLOCKS rows of D f32 (D % 4 == 0, R * D * 4 <=
  * slot_bytes), one block per row: acc += the sum of every rank's x, then h = acc / sqrt(mean(acc^2)
  * + eps) * w (w: D elements of w_dt), a residual add and the RMSNorm after it in one kernel. */

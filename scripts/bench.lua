@@ -359,7 +359,7 @@ if pg and opts.tp > 1 and net.tp_comm then
   local run_ar = function()
     for _ = 1, n do core.check(C.msh_comm_all_reduce_add(tp, acc, part)) end
   end
-  local captured = gpu and C.msh_comm_capturable(tp, part) == 1
+  local captured = gpu and C.msh_comm_capturable(tp, C.MSH_COMM_OP_ALL_REDUCE, part) == 1
   if captured then
     core.check(C.msh_graph_begin(kind, index))
     local ok, err = pcall(run_ar)

@@ -241,8 +241,9 @@ static msh_status nccl_all_reduce_add_norm(msh_comm *base, msh_tensor *acc, msh_
   return s == MSH_OK ? msh_op_rmsnorm(out, acc, w, eps) : s;
 }
 
-static int nccl_capturable(const msh_comm *base, const msh_tensor *t) {
+static int nccl_capturable(const msh_comm *base, int op, const msh_tensor *t) {
   const nccl_comm *c = (const nccl_comm *)base;
+  if (op == MSH_COMM_OP_ALL_GATHER) return msh_p2p_fits_gather(c->p2p, t, t);
   return msh_p2p_fits(c->p2p, t, NULL, MSH_REDUCE_SUM);
 }
 
@@ -251,6 +252,7 @@ static msh_status nccl_all_gather(msh_comm *base, msh_tensor *out, const msh_ten
   cudaStream_t st;
   msh_status s = stream_of(c, &st);
   if (s != MSH_OK) return s;
+  if (msh_p2p_fits_gather(c->p2p, out, in)) return msh_p2p_all_gather(c->p2p, st, out, in);
   NCCL_TRY(c->nc, base->timeout,
            ncclAllGather(msh_tensor_ptr(in), msh_tensor_ptr(out), nbytes(in), ncclUint8, c->nc, st));
   return MSH_OK;

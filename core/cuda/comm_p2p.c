@@ -158,6 +158,25 @@ msh_status msh_p2p_all_reduce_norm(msh_p2p *p, cudaStream_t st, msh_tensor *acc,
   return MSH_OK;
 }
 
+int msh_p2p_fits_gather(const msh_p2p *p, const msh_tensor *out, const msh_tensor *in) {
+  if (!p) return 0;
+  uint64_t bytes = (uint64_t)msh_tensor_numel(in) * msh_dtype_size(in->dtype);
+  return bytes % 16 == 0 && ((uintptr_t)msh_tensor_ptr(in) & 15) == 0 && ((uintptr_t)msh_tensor_ptr(out) & 15) == 0;
+}
+
+msh_status msh_p2p_all_gather(msh_p2p *p, cudaStream_t st, msh_tensor *out, const msh_tensor *in) {
+  int64_t bytes = (int64_t)msh_tensor_numel(in) * (int64_t)msh_dtype_size(in->dtype);
+  char *o = msh_tensor_ptr(out);
+  const char *x = msh_tensor_ptr(in);
+  /* slot-sized pieces, one launch each (every rank makes the same launches) */
+  for (int64_t off = 0; off < bytes; off += (int64_t)p->slot) {
+    int64_t n = bytes - off < (int64_t)p->slot ? bytes - off : (int64_t)p->slot;
+    CUDA_TRY(msh_k_allgather_oneshot(st, p->bufs, p->flags, p->epoch, p->rank, p->size, p->slot, o + off, bytes,
+                                     x + off, n, p->timeout_ns));
+  }
+  return MSH_OK;
+}
+
 void msh_p2p_free(msh_p2p *p) {
   if (!p) return;
   for (int r = 0; r < MSH_K_AR_MAX_RANKS; r++)

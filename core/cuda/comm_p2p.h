@@ -45,6 +45,11 @@ int msh_p2p_fits_norm(const msh_p2p *p, const msh_tensor *acc, const msh_tensor 
 msh_status msh_p2p_all_reduce_norm(msh_p2p *p, cudaStream_t st, msh_tensor *acc, const msh_tensor *t,
                                    msh_tensor *out, const msh_tensor *w, float eps);
 
+/* 1 when out = every rank's in (rank order) can take the one-shot gather: 16-byte multiples and
+ * alignment (any size: it goes in slot-sized launches). */
+int msh_p2p_fits_gather(const msh_p2p *p, const msh_tensor *out, const msh_tensor *in);
+msh_status msh_p2p_all_gather(msh_p2p *p, cudaStream_t st, msh_tensor *out, const msh_tensor *in);
+
 void msh_p2p_free(msh_p2p *p);
 
 #endif

@@ -670,9 +670,11 @@ msh_status msh_comm_all_reduce_add(msh_comm *c, msh_tensor *acc, msh_tensor *t);
  * path (up to 64 rows, rows a multiple of 4) one kernel does all of it. */
 msh_status msh_comm_all_reduce_add_norm(msh_comm *c, msh_tensor *acc, msh_tensor *t, msh_tensor *out,
                                        const msh_tensor *w, float eps);
-/* 1 when an all-reduce (sum, in place or _add) of a tensor like t may be captured into a CUDA
- * graph on this communicator: the one-shot path of an NCCL communicator, or a single rank. */
-int msh_comm_capturable(const msh_comm *c, const msh_tensor *t);
+/* 1 when op (MSH_COMM_OP_ALL_REDUCE: a sum of a tensor like t, in place or _add; or
+ * MSH_COMM_OP_ALL_GATHER with t as the input) may be captured into a CUDA graph on this
+ * communicator: the one-shot paths of an NCCL communicator (all-gathers of 16-byte multiples at
+ * any size), or a single rank. 0 for other ops. */
+int msh_comm_capturable(const msh_comm *c, int op, const msh_tensor *t);
 /* out (size * n elements) = every rank's in (n elements) in rank order. in may be out's own
  * slice (rank * n). Any dtype; equal dtypes. */
 msh_status msh_comm_all_gather(msh_comm *c, msh_tensor *out, const msh_tensor *in);

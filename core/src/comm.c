@@ -360,10 +360,10 @@ msh_status msh_comm_all_reduce_add_norm(msh_comm *c, msh_tensor *acc, msh_tensor
   return counted(c, MSH_COMM_OP_ALL_REDUCE, tensor_bytes(t), rec, t0, c->vt->all_reduce_add_norm(c, acc, t, out, w, eps));
 }
 
-int msh_comm_capturable(const msh_comm *c, const msh_tensor *t) {
-  if (!c || !t || c->broken) return 0;
+int msh_comm_capturable(const msh_comm *c, int op, const msh_tensor *t) {
+  if (!c || !t || c->broken || (op != MSH_COMM_OP_ALL_REDUCE && op != MSH_COMM_OP_ALL_GATHER)) return 0;
   if (c->size == 1) return 1;
-  return c->vt->capturable ? c->vt->capturable(c, t) : 0;
+  return c->vt->capturable ? c->vt->capturable(c, op, t) : 0;
 }
 
 msh_status msh_comm_all_gather(msh_comm *c, msh_tensor *out, const msh_tensor *in) {

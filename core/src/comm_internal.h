@@ -18,8 +18,9 @@ typedef struct msh_comm_vt {
    * msh_op_rmsnorm (comm.c has checked out and w) */
   msh_status (*all_reduce_add_norm)(msh_comm *c, msh_tensor *acc, msh_tensor *t, msh_tensor *out,
                                     const msh_tensor *w, float eps);
-  /* 1 when an all-reduce (sum) of t can be captured into a CUDA graph; NULL: never */
-  int (*capturable)(const msh_comm *c, const msh_tensor *t);
+  /* 1 when an all-reduce (sum) of t, or an all-gather of t (op), can be captured into a CUDA
+   * graph; NULL: never */
+  int (*capturable)(const msh_comm *c, int op, const msh_tensor *t);
   msh_status (*all_gather)(msh_comm *c, msh_tensor *out, const msh_tensor *in);
   msh_status (*reduce_scatter)(msh_comm *c, msh_tensor *out, const msh_tensor *in, int op);
   msh_status (*broadcast)(msh_comm *c, msh_tensor *t, int root);

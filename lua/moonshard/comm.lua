@@ -110,7 +110,10 @@ function Comm:all_reduce(t, op) return try(C.msh_comm_all_reduce(self, t, op_id(
 -- one host for small tensors
 function Comm:all_reduce_add(acc, t) return try(C.msh_comm_all_reduce_add(self, acc, t)) end
 -- whether an all-reduce of a tensor like t can be captured into a CUDA graph
-function Comm:capturable(t) return C.msh_comm_capturable(self, t) == 1 end
+-- (op: "all_reduce", the default, or "all_gather" with t as the input)
+function Comm:capturable(t, op)
+  return C.msh_comm_capturable(self, op == "all_gather" and C.MSH_COMM_OP_ALL_GATHER or C.MSH_COMM_OP_ALL_REDUCE, t) == 1
+end
 function Comm:all_gather(out, input) return try(C.msh_comm_all_gather(self, out, input)) end
 function Comm:reduce_scatter(out, input, op) return try(C.msh_comm_reduce_scatter(self, out, input, op_id(op))) end
 function Comm:broadcast(t, root) return try(C.msh_comm_broadcast(self, t, root or 0)) end

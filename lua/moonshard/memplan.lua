@@ -136,6 +136,9 @@ function M.estimate(desc, opts)
     T = math.min(opts.chunk or 256, max_seq) * batch
     act = 4 * (T * (3 * D + 2 * H * hd + 2 * KVH * hd + 2 * F + (H + 2 * KVH) * hd + 2 * F + 2)
       + batch * (2 * D + V + 1) + D + V)
+    if desc.vocab_local and desc.tp then -- a vocabulary-parallel head's columns and their gather
+      act = act + 4 * desc.vocab_local * (batch + 1 + desc.tp.size * batch)
+    end
     T = T * math.max(D, F, H * hd) -- elements of the widest activation, for the scratch below
   end
   -- device scratch: activations converted to 16 bits for the GEMMs, plus the fixed reserve

@@ -7,6 +7,7 @@ local M = {}
 -- M.setup(desc, opts) -> { desc, pg, tp_comm, pp_comm, layers, rank, device } | nil, message
 --   opts.tp, opts.pp      degrees (default 1)
 --   opts.pp_layers        "0-12,13-25": the layers of each stage (default: balanced by cost)
+--   opts.vocab_parallel   false: every tensor-parallel rank keeps the whole output head
 --   opts.pp_balance       "decode" (default) or "prefill": what the balance evens out
 --                         (moonshard.policy.pipeline)
 --   opts.dist             an existing process group (moonshard.dist.init) to reuse
@@ -28,7 +29,7 @@ function M.setup(desc, opts)
   end
   local c = pg.coords or { tp = 0, pp = 0, dp = 0 }
   local sliced
-  sliced, err = require("moonshard.policy.shard").slice(desc, tp, c.tp)
+  sliced, err = require("moonshard.policy.shard").slice(desc, tp, c.tp, { vocab_parallel = opts.vocab_parallel })
   if not sliced then return nil, err end
   local ranges
   ranges, err = require("moonshard.policy.pipeline").plan(desc, pp, { layers = opts.pp_layers, balance = opts.pp_balance })

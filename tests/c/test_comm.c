@@ -547,7 +547,8 @@ static void bad_arguments(void) {
   CHECK_STATUS(msh_comm_all_reduce_add(c, wrong, t), MSH_EINVAL);
   CHECK(strstr(msh_last_error(), "acc holds 5 elements, tensor 6") != NULL);
   CHECK_STATUS(msh_comm_all_reduce_add(c, h, t), MSH_EINVAL);
-  CHECK(msh_comm_capturable(c, t) == 0);
+  CHECK(msh_comm_capturable(c, MSH_COMM_OP_ALL_REDUCE, t) == 0);
+  CHECK(msh_comm_capturable(c, MSH_COMM_OP_ALL_GATHER, t) == 0);
   CHECK_STATUS(msh_comm_all_reduce_add_norm(c, t, t, wrong, t, 1e-5f), MSH_EINVAL);
   CHECK(strstr(msh_last_error(), "out must have acc's 6 elements") != NULL);
   CHECK_STATUS(msh_comm_all_reduce_add_norm(c, t, t, t, NULL, 1e-5f), MSH_EINVAL);

@@ -59,8 +59,8 @@ static void check_add(msh_comm *c, int r, int64_t n, int calls, int graph) {
   msh_tensor *t = dev_randn(r, MSH_F32, n, seed(40, r)), *acc = dev_randn(r, MSH_F32, n, seed(41, 0));
   if (graph) {
     const char *off = getenv("MSH_P2P_ALLREDUCE");
-    if (W > 1 && !(off && strcmp(off, "0") == 0)) TCHECK(msh_comm_capturable(c, t) == 1);
-    if (!msh_comm_capturable(c, t)) {
+    if (W > 1 && !(off && strcmp(off, "0") == 0)) TCHECK(msh_comm_capturable(c, MSH_COMM_OP_ALL_REDUCE, t) == 1);
+    if (!msh_comm_capturable(c, MSH_COMM_OP_ALL_REDUCE, t)) {
       calls = 0;
     } else {
       msh_graph *g = NULL;
@@ -159,6 +159,45 @@ static void check_add_norm(msh_comm *c, int r, int64_t R, int64_t D) {
   msh_tensor_free(w);
 }
 
+/* all_gather of n f32 per rank on the one-shot path (n % 4 == 0), out of place or in place,
+ * eagerly or replayed 3 times from a CUDA graph; sizes past MSH_P2P_BYTES go in several launches. */
+static void check_gather(msh_comm *c, int r, int64_t n, int inplace, int graph) {
+  int64_t nw = n * W;
+  msh_tensor *out = NULL, *in = NULL;
+  TCHECK_OK(msh_tensor_new(&out, MSH_F32, 1, &nw, MSH_CUDA, r));
+  TCHECK_OK(msh_tensor_randn(out, seed(60, 99), 0, 1)); /* stale values to overwrite */
+  msh_tensor *mine = dev_randn(r, MSH_F32, n, seed(61, r));
+  if (inplace) {
+    TCHECK_OK(msh_tensor_narrow(&in, out, 0, n * r, n));
+    TCHECK_OK(msh_tensor_copy(in, mine));
+  } else {
+    in = mine;
+  }
+  if (graph) {
+    TCHECK(msh_comm_capturable(c, MSH_COMM_OP_ALL_GATHER, in) == 1);
+    msh_graph *g = NULL;
+    TCHECK_OK(msh_graph_begin(MSH_CUDA, r));
+    TCHECK_OK(msh_comm_all_gather(c, out, in));
+    TCHECK_OK(msh_graph_end(MSH_CUDA, r, &g));
+    for (int i = 0; i < 3; i++) TCHECK_OK(msh_graph_launch(g));
+    msh_graph_free(g);
+  } else {
+    TCHECK_OK(msh_comm_all_gather(c, out, in));
+  }
+  float *got = download(out);
+  int bad = 0;
+  for (int q = 0; q < W; q++) {
+    float *v = host_values(MSH_F32, n, seed(61, q));
+    bad += memcmp(v, got + n * q, sizeof(float) * (size_t)n) != 0;
+    free(v);
+  }
+  TCHECK(bad == 0);
+  free(got);
+  if (inplace) msh_tensor_free(in);
+  msh_tensor_free(mine);
+  msh_tensor_free(out);
+}
+
 static void *rank_main(void *p) {
   int r = (int)(intptr_t)p;
   msh_comm *c = NULL;
@@ -251,6 +290,10 @@ static void *rank_main(void *p) {
   static const int64_t add_sizes[] = {1, 13, 4096, 1 << 17, (1 << 19) + 1};
   for (int k = 0; k < 5; k++) check_add(c, r, add_sizes[k], k < 3 ? 300 : k == 3 ? 3 : 1, 0); /* NCCL changes t */
   check_add(c, r, 4096, 200, 1);
+  check_gather(c, r, 4096, 0, 0);
+  check_gather(c, r, 4096, 1, 0);
+  check_gather(c, r, (1 << 20) + 4, 0, 0); /* three launches */
+  check_gather(c, r, 64128, 1, 1);         /* a vocabulary-parallel row of logits, from a graph */
   static const int64_t norm_shapes[][2] = {{1, 4096}, {3, 8192}, {64, 4096}, {65, 256}, {2, 10}};
   for (int k = 0; k < 5; k++) check_add_norm(c, r, norm_shapes[k][0], norm_shapes[k][1]);
   check_add(c, r, 1 << 17, 8, 1);

@@ -365,6 +365,7 @@ describe("collectives between processes", function()
       end
       close(acc:values(), acc_want, 1e-5)
       assert(not c:capturable(acc), "a TCP all-reduce is not captured into graphs")
+      assert(not c:capturable(acc, "all_gather"), "nor a TCP all-gather")
       -- all_gather
       local out = tensor.new({ W * n })
       assert(c:all_gather(out, input(r, n, n + 1)))

@@ -19,11 +19,13 @@ describe("tensor and pipeline parallel (CPU ranks)", function()
     end)
   end
 
-  for _, case in ipairs { { "f32", 2, 1 }, { "f32", 1, 2 }, { "bf16", 2, 2 }, { "llama3", 1, 2 } } do
-    local name, tp, pp = case[1], case[2], case[3]
-    it(string.format("%s checkpoint, tp %d x pp %d: logits within 1e-4 of transformers", name, tp, pp), function()
+  for _, case in ipairs { { "f32", 2, 1 }, { "f32", 1, 2 }, { "bf16", 2, 2 }, { "llama3", 1, 2 },
+                           { "f32", 2, 1, "replicated" } } do
+    local name, tp, pp, head = case[1], case[2], case[3], case[4]
+    it(string.format("%s checkpoint, tp %d x pp %d%s: logits within 1e-4 of transformers", name, tp, pp,
+      head and " (" .. head .. " head)" or ""), function()
       local out, err, code = h.run { "launch", "-n", tostring(tp * pp), h.root .. "/tests/lua/parallel_logits.lua",
-        name, tostring(tp), tostring(pp) }
+        name, tostring(tp), tostring(pp), "-", "-", head }
       assert.are.equal(0, code, err)
       local diff = tonumber(out:match("max_abs_diff (%S+)"))
       assert.is_not_nil(diff, out .. err)

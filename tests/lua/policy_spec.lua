@@ -29,6 +29,16 @@ describe("tensor-parallel slicing", function()
     -- rank 1's wq rows are rows 32..63 of the full matrix
     local full, part = d.weights.layers[1].wq:values(), s.weights.layers[1].wq:values()
     assert.are.equal(full[32 * 64 + 1], part[1])
+    -- the output head: rank 1 holds the second half of the vocabulary's rows
+    local V = d.vocab_size
+    assert.are.equal(V / 2, s.vocab_local)
+    assert.are.same({ V / 2, 64 }, s.weights.output:shape())
+    assert.are.equal(d.weights.output:values()[(V / 2) * 64 + 1], s.weights.output:values()[1])
+    -- kept whole on request, or when the vocabulary does not split evenly
+    local whole = assert(shard.slice(d, 2, 1, { vocab_parallel = false }))
+    assert.is_nil(whole.vocab_local)
+    assert.are.same({ V, 64 }, whole.weights.output:shape())
+    if V % 3 ~= 0 and d.n_heads % 3 == 0 then assert.is_nil(assert(shard.slice(d, 3, 0)).vocab_local) end
     assert.is_truthy(moonshard)
   end)
 end)

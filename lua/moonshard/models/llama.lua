@@ -131,6 +131,14 @@ function M.new(desc, opts)
     bx_last = buf { Bm, D }, bh_last = buf { Bm, D }, blogits = buf { Bm, self.vocab_size },
     starts = buf({ Bm }, "i32"),
   }
+  -- a vocabulary-parallel head: this rank's columns of the logits, and the gather of every rank's
+  if self.tp_comm and desc.vocab_local then
+    local Vl = desc.vocab_local
+    self.vocab_local, self.tp_size = Vl, C.msh_comm_size(self.tp_comm)
+    self.buf.logits_l = buf { 1, Vl }
+    self.buf.blogits_l = buf { Bm, Vl }
+    self.buf.gather = buf { self.tp_size * Bm * Vl }
+  end
   -- token ids and positions are written on the host, then moved when the model is on a device
   if dev ~= "cpu" then
     self.host_ids = assert(tensor.new({ Tm }, "i32", "cpu"))
@@ -173,7 +181,10 @@ function Llama:tp_capturable(R)
   local tp = self.tp_comm
   if not tp then return true end
   if os.getenv("MSH_TP_GRAPHS") == "1" and C.msh_comm_kind(tp) == C.MSH_COMM_NCCL then return true end
-  return C.msh_comm_capturable(tp, self.buf.o:narrow(1, 0, R)) == 1
+  if C.msh_comm_capturable(tp, C.MSH_COMM_OP_ALL_REDUCE, self.buf.o:narrow(1, 0, R)) ~= 1 then return false end
+  if not self.vocab_local then return true end
+  local l = R == 1 and self.buf.logits_l or self.buf.blogits_l:narrow(1, 0, R)
+  return C.msh_comm_capturable(tp, C.MSH_COMM_OP_ALL_GATHER, l) == 1
 end
 
 -- Views of the activation buffers for a pass of T tokens (made once per T).
@@ -224,6 +235,33 @@ local set_rows_dyn, attention_dyn = ops.set_rows_dyn, ops.attention_dyn
 -- is planned for up to dyn_len positions: the form a CUDA graph captures and replays.
 local function comm_check(s)
   if s ~= 0 then error((core.errmsg(s)), 3) end
+end
+
+-- logits (R, V) = h (R, D) @ output^T. A vocabulary-parallel head (desc.vocab_local rows on each
+-- tensor-parallel rank) computes this rank's columns, then an all-gather joins them: the gather
+-- holds (rank, row, columns), which a strided copy turns into rows.
+function Llama:head(logits, h, R)
+  local out_w, Vl = self.stage:output(), self.vocab_local
+  if not Vl then
+    matmul(logits, h, out_w)
+    return
+  end
+  local tp, n, b = self.tp_comm, self.tp_size, self.buf
+  local l, g
+  if R == 1 then
+    l = b.logits_l
+  elseif R <= self.batch then
+    l, g = b.blogits_l:narrow(1, 0, R), b.gather:narrow(1, 0, n * R * Vl)
+  else -- every position's logits (opts.all_logits): buffers for this call
+    l, g = assert(tensor.new({ R, Vl }, "f32", self.device)), assert(tensor.new({ n * R * Vl }, "f32", self.device))
+  end
+  matmul(l, h, out_w)
+  if R == 1 then
+    comm_check(C.msh_comm_all_gather(tp, logits, l))
+    return
+  end
+  comm_check(C.msh_comm_all_gather(tp, g, l))
+  logits:reshape({ R, n, Vl }):copy_from(g:view({ R, n, Vl }, { Vl, R * Vl, 1 }, 0))
 end
 
 -- x += a @ w^T: fused into the projection on one rank; with tensor parallelism the partial
@@ -304,16 +342,16 @@ function Llama:compute(T, pos0, all_logits_out, dyn_len, bt)
   else
     if all_logits_out then
       rmsnorm(v.h, v.x, stage:norm(), eps)
-      matmul(all_logits_out, v.h, stage:output())
+      self:head(all_logits_out, v.h, T)
     end
     if bt then
       -- each sequence's last row (x itself for one token a sequence)
       if bt.x_rows then bt.x_last:copy_from(bt.x_rows) end
       rmsnorm(bt.h_last, bt.x_last, stage:norm(), eps)
-      matmul(bt.logits, bt.h_last, stage:output())
+      self:head(bt.logits, bt.h_last, bt.B)
     else
       rmsnorm(self.buf.h_last, v.x_last, stage:norm(), eps)
-      matmul(self.buf.logits, self.buf.h_last, stage:output())
+      self:head(self.buf.logits, self.buf.h_last, 1)
     end
     if hooks then hooks.finish(self) end
   end

@@ -1,7 +1,9 @@
 -- moonshard.policy.shard: tensor-parallel slicing of a Llama description (Megatron style).
 -- Column-parallel: wq, wk, wv (by heads) and w_gate, w_up (by rows of the hidden dim);
 -- row-parallel: wo and w_down (by columns), whose partial outputs are summed by an all-reduce.
--- Embedding, norms and the output head stay replicated. KV heads are split when there are at
+-- The output head is vocabulary-parallel when the vocabulary splits evenly (each rank computes
+-- its rows' logits, an all-gather puts the rows together; opts.vocab_parallel = false keeps it
+-- replicated); embedding and norms stay replicated. KV heads are split when there are at
 -- least as many as ranks, otherwise each rank keeps the one KV head its query heads read.
 -- Slices are views of the loaded (mapped) tensors: a rank touches only the bytes of its slice.
 local M = {}
@@ -33,9 +35,10 @@ function M.plan(desc, tp)
   return { tp = tp, heads = heads, kv_heads = kv_heads, hidden = F / tp }
 end
 
--- M.slice(desc, tp, rank) -> a description of this rank's part (same fields, local sizes;
--- desc.tp = { size, rank }), or nil, message.
-function M.slice(desc, tp, rank)
+-- M.slice(desc, tp, rank, opts?) -> a description of this rank's part (same fields, local sizes;
+-- desc.tp = { size, rank }; desc.vocab_local = the head's rows on this rank when it is split), or
+-- nil, message.
+function M.slice(desc, tp, rank, opts)
   local p, err = M.plan(desc, tp)
   if not p then return nil, err end
   if tp == 1 then return desc end
@@ -64,7 +67,13 @@ function M.slice(desc, tp, rank)
       w_down = lw.w_down:narrow(2, f0, fn),
     }
   end
-  out.weights = { embed = w.embed, norm = w.norm, output = w.output, layers = layers }
+  local output = w.output
+  if not (opts and opts.vocab_parallel == false) and desc.vocab_size % tp == 0 then
+    local vl = desc.vocab_size / tp
+    output = w.output:narrow(1, rank * vl, vl)
+    out.vocab_local = vl
+  end
+  out.weights = { embed = w.embed, norm = w.norm, output = output, layers = layers }
   return out
 end
 
