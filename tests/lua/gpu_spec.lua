@@ -10,17 +10,7 @@ local function gpu_count()
   return n[0]
 end
 
-local function reference(name)
-  local st = ffi.new("msh_safetensors*[1]")
-  moonshard.core.check(moonshard.C.msh_safetensors_open(st, h.hf .. "/reference.safetensors"))
-  local idx, t = ffi.new("int[1]"), ffi.new("msh_tensor*[1]")
-  moonshard.core.check(moonshard.C.msh_safetensors_find(st[0], name, idx))
-  moonshard.core.check(moonshard.C.msh_safetensors_tensor(st[0], idx[0], t))
-  local v = t[0]:values()
-  moonshard.C.msh_tensor_free(t[0])
-  moonshard.C.msh_safetensors_free(st[0])
-  return v
-end
+local reference = h.reference
 
 describe("CUDA device", function()
   if gpu_count() == 0 then

@@ -133,6 +133,25 @@ function M.copy_dir(src, dst)
 end
 
 -- max |a[i] - b[i]| over two equal-length arrays
+-- The Hugging Face fixtures' reference tensor `name` (token ids, transformers' logits) from
+-- reference.safetensors: its values (a Lua array) and shape.
+function M.reference(name)
+  local moonshard, ffi = require "moonshard", require "ffi"
+  local C, check = moonshard.C, moonshard.core.check
+  local st, idx, t = ffi.new("msh_safetensors*[1]"), ffi.new("int[1]"), ffi.new("msh_tensor*[1]")
+  check(C.msh_safetensors_open(st, M.hf .. "/reference.safetensors"))
+  local ok, err = pcall(function()
+    check(C.msh_safetensors_find(st[0], name, idx))
+    check(C.msh_safetensors_tensor(st[0], idx[0], t))
+  end)
+  local v, shape
+  if ok then v, shape = t[0]:values(), t[0]:shape() end
+  C.msh_tensor_free(t[0])
+  C.msh_safetensors_free(st[0])
+  if not ok then error(err, 2) end
+  return v, shape
+end
+
 function M.max_abs_diff(a, b)
   assert(#a == #b, string.format("lengths differ: %d vs %d", #a, #b))
   local m = 0

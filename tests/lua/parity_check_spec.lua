@@ -4,19 +4,8 @@
 local h = require "helpers"
 local moonshard = require "moonshard"
 local cjson = require "cjson"
-local ffi = require "ffi"
 
-local function reference_tensor(name)
-  local st = ffi.new("msh_safetensors*[1]")
-  moonshard.core.check(moonshard.C.msh_safetensors_open(st, h.hf .. "/reference.safetensors"))
-  local idx, t = ffi.new("int[1]"), ffi.new("msh_tensor*[1]")
-  moonshard.core.check(moonshard.C.msh_safetensors_find(st[0], name, idx))
-  moonshard.core.check(moonshard.C.msh_safetensors_tensor(st[0], idx[0], t))
-  local v, shape = t[0]:values(), t[0]:shape()
-  moonshard.C.msh_tensor_free(t[0])
-  moonshard.C.msh_safetensors_free(st[0])
-  return v, shape
-end
+local reference_tensor = h.reference
 
 -- reference.json for DIR: top-1 (with ties), top-5 from transformers' logits; greedy tokens
 -- from moonshard on the CPU with the script's settings (bf16 weights and cache)
