@@ -20,7 +20,7 @@ constexpr float LOG2E = 1.4426950408889634f;
 
 template <int HD> constexpr int smem_bytes() { return 4 * BN * (HD + 8) * 2; }
 
-template <typename KV, int HD>
+template <typename KV, int HD, bool SPLIT>
 __global__ void __launch_bounds__(THREADS) prefill_kernel(msh_k_attn a, int splits, int64_t chunk, float2 *part_ml,
                                                           float *part_acc) {
   constexpr int LD = HD + 8; /* shared row stride (elements): conflict-free fragments */
@@ -126,10 +126,12 @@ __global__ void __launch_bounds__(THREADS) prefill_kernel(msh_k_attn a, int spli
       mxA = fmaxf(mxA, __shfl_xor_sync(0xffffffffu, mxA, off));
       mxB = fmaxf(mxB, __shfl_xor_sync(0xffffffffu, mxB, off));
     }
-    /* without splits key 0 is visible to every row; a later chunk may hide all of a row's keys,
-     * so every step stays finite with the running max at -inf */
+    /* without splits key 0 (in the first tile) is visible to every row, so the running max is
+     * finite from then on and exp2 of -inf gives the zeros; a later chunk may hide all of a row's
+     * keys, so with splits every step guards against a max still at -inf */
     const float mnA = fmaxf(mA, mxA), mnB = fmaxf(mB, mxB);
-    const float corrA = mA == -INFINITY ? 0.0f : exp2f(mA - mnA), corrB = mB == -INFINITY ? 0.0f : exp2f(mB - mnB);
+    const float corrA = SPLIT && mA == -INFINITY ? 0.0f : exp2f(mA - mnA);
+    const float corrB = SPLIT && mB == -INFINITY ? 0.0f : exp2f(mB - mnB);
     mA = mnA;
     mB = mnB;
     lA *= corrA;
@@ -143,10 +145,10 @@ __global__ void __launch_bounds__(THREADS) prefill_kernel(msh_k_attn a, int spli
     }
 #pragma unroll
     for (int nn = 0; nn < NT; nn++) {
-      s[nn][0] = s[nn][0] == -INFINITY ? 0.0f : exp2f(s[nn][0] - mnA);
-      s[nn][1] = s[nn][1] == -INFINITY ? 0.0f : exp2f(s[nn][1] - mnA);
-      s[nn][2] = s[nn][2] == -INFINITY ? 0.0f : exp2f(s[nn][2] - mnB);
-      s[nn][3] = s[nn][3] == -INFINITY ? 0.0f : exp2f(s[nn][3] - mnB);
+      s[nn][0] = SPLIT && s[nn][0] == -INFINITY ? 0.0f : exp2f(s[nn][0] - mnA);
+      s[nn][1] = SPLIT && s[nn][1] == -INFINITY ? 0.0f : exp2f(s[nn][1] - mnA);
+      s[nn][2] = SPLIT && s[nn][2] == -INFINITY ? 0.0f : exp2f(s[nn][2] - mnB);
+      s[nn][3] = SPLIT && s[nn][3] == -INFINITY ? 0.0f : exp2f(s[nn][3] - mnB);
       lA += s[nn][0] + s[nn][1];
       lB += s[nn][2] + s[nn][3];
     }
@@ -175,7 +177,7 @@ __global__ void __launch_bounds__(THREADS) prefill_kernel(msh_k_attn a, int spli
     lB += __shfl_xor_sync(0xffffffffu, lB, off);
   }
   const int64_t rowA = (bT + tA) * a.H + kvh * G + cA % G, rowB = (bT + tB) * a.H + kvh * G + cB % G;
-  if (splits > 1) { /* this chunk's partial: unnormalized sum, max and sum of weights per row */
+  if (SPLIT) { /* this chunk's partial: unnormalized sum, max and sum of weights per row */
 #pragma unroll
     for (int dn = 0; dn < DT; dn++) {
       int col = dn * 8 + 2 * tq;
@@ -226,15 +228,23 @@ void split_plan(const msh_k_attn *a, int sm_count, int *splits, int64_t *chunk) 
   *splits = (int)((maxn + c - 1) / c);
 }
 
-template <typename KV, int HD>
-cudaError_t launch(cudaStream_t s, const msh_k_attn *a, int splits, int64_t chunk, float2 *ml, float *acc) {
+template <typename KV, int HD, bool SPLIT>
+cudaError_t launch_as(cudaStream_t s, const msh_k_attn *a, int splits, int64_t chunk, float2 *ml, float *acc) {
   constexpr int bytes = smem_bytes<HD>();
-  cudaError_t e = cudaFuncSetAttribute(prefill_kernel<KV, HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  cudaError_t e =
+      cudaFuncSetAttribute(prefill_kernel<KV, HD, SPLIT>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (e != cudaSuccess) return e;
   int64_t rows = (int64_t)a->T * (a->H / a->KVH);
   dim3 grid((unsigned)((rows + BM - 1) / BM), (unsigned)((int64_t)a->B * a->KVH), (unsigned)splits);
-  prefill_kernel<KV, HD><<<grid, THREADS, bytes, s>>>(*a, splits, chunk, ml, acc);
+  prefill_kernel<KV, HD, SPLIT><<<grid, THREADS, bytes, s>>>(*a, splits, chunk, ml, acc);
   return cudaGetLastError();
+}
+
+/* the unsplit kernel skips the -inf guards that only chunks after the first need */
+template <typename KV, int HD>
+cudaError_t launch(cudaStream_t s, const msh_k_attn *a, int splits, int64_t chunk, float2 *ml, float *acc) {
+  return splits > 1 ? launch_as<KV, HD, true>(s, a, splits, chunk, ml, acc)
+                    : launch_as<KV, HD, false>(s, a, splits, chunk, ml, acc);
 }
 
 } // namespace

@@ -9,7 +9,12 @@
  *
  * Epilogues: STORE writes out, ACC adds into it (a layer's residual), GLU reads each output's
  * gate row n and up row F + n of a stacked (2F, K) weight in the same warp and writes
- * silu(gate) * up (the feed-forward input without a second pass). */
+ * silu(gate) * up (the feed-forward input without a second pass).
+ *
+ * NORM folds the RMSNorm before a projection into it: x is the raw residual, each x chunk is
+ * multiplied by the norm weight g as it is loaded, and the sum of squares of x is formed on the
+ * way (every warp meets every chunk of x once), so the dot products are scaled by
+ * 1 / sqrt(mean(x^2) + eps) at the end. No normalized copy of x is written or read. */
 #include "msh_kutil.cuh"
 
 using namespace msh;
@@ -30,14 +35,14 @@ __device__ __forceinline__ int64_t weight_row(int64_t row0, int r, int64_t N) {
 
 template <int EPI, int RPW, int MT>
 __device__ __forceinline__ void finish(float *out, float (&acc)[EPI == GLU ? 2 * RPW : RPW][MT], int lane,
-                                       int64_t row0, int M, int64_t N) {
+                                       int64_t row0, int M, int64_t N, const float (&scale)[MT]) {
 #pragma unroll
   for (int r = 0; r < RPW; r++)
 #pragma unroll
     for (int m = 0; m < MT; m++) {
-      float v = warp_sum(acc[r][m]);
+      float v = warp_sum(acc[r][m]) * scale[m];
       if (EPI == GLU) {
-        float u = warp_sum(acc[EPI == GLU ? r + RPW : r][m]);
+        float u = warp_sum(acc[EPI == GLU ? r + RPW : r][m]) * scale[m];
         v = v / (1.0f + expf(-v)) * u;
       }
       if (lane == 0 && m < M && row0 + r < N) {
@@ -59,11 +64,11 @@ template <int MT> __device__ __forceinline__ void load_x8(const float *x, int64_
   }
 }
 
-template <typename W, int MT, int RPW, int U, int EPI>
+template <typename W, int MT, int RPW, int U, int EPI, bool NORM>
 __global__ void __launch_bounds__(WARPS * 32) gemv_vec_kernel(float *__restrict__ out, const float *__restrict__ x,
-                                                               const W *__restrict__ w, int M, int64_t N, int64_t K) {
+                                                               const W *__restrict__ w, int M, int64_t N, int64_t K,
+                                                               const W *__restrict__ g, float eps) {
   constexpr int NR = EPI == GLU ? 2 * RPW : RPW;
-  pdl_trigger();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t row0 = ((int64_t)blockIdx.x * WARPS + warp) * RPW;
   if (row0 >= N) return;
@@ -71,11 +76,13 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_vec_kernel(float *__restrict_
 #pragma unroll
   for (int r = 0; r < NR; r++) wr[r] = w + weight_row<EPI, RPW>(row0, r, N) * K;
 
-  float acc[NR][MT];
+  float acc[NR][MT], ss[MT];
 #pragma unroll
-  for (int r = 0; r < NR; r++)
+  for (int m = 0; m < MT; m++) {
+    ss[m] = 0.0f;
 #pragma unroll
-    for (int m = 0; m < MT; m++) acc[r][m] = 0.0f;
+    for (int r = 0; r < NR; r++) acc[r][m] = 0.0f;
+  }
 
   const int64_t K8 = K / 8;
   for (int64_t c0 = lane; c0 < K8; c0 += 32 * U) {
@@ -94,6 +101,19 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_vec_kernel(float *__restrict_
       if (c < K8) {
         float xf[MT][8];
         load_x8<MT>(x, K, c, M, xf);
+        if (NORM) {
+          Raw8<W> gr;
+          gr.load_nc(g + c * 8);
+          float gf[8];
+          gr.to_float(gf);
+#pragma unroll
+          for (int m = 0; m < MT; m++)
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+              ss[m] = fmaf(xf[m][j], xf[m][j], ss[m]);
+              xf[m][j] *= gf[j];
+            }
+        }
 #pragma unroll
         for (int r = 0; r < NR; r++) {
           float wf[8];
@@ -109,14 +129,19 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_vec_kernel(float *__restrict_
     }
   }
   pdl_wait(); /* lanes that had no chunk */
-  finish<EPI, RPW, MT>(out, acc, lane, row0, M, N);
+  /* every weight of this block is loaded: the next kernel may launch into the SM slots that free
+   * up (triggering at the start instead let chains of waiting kernels crowd out this one) */
+  pdl_trigger();
+  float scale[MT];
+#pragma unroll
+  for (int m = 0; m < MT; m++) scale[m] = NORM ? 1.0f / sqrtf(warp_sum(ss[m]) / (float)K + eps) : 1.0f;
+  finish<EPI, RPW, MT>(out, acc, lane, row0, M, N, scale);
 }
 
 template <typename W, int MT, int RPW, int EPI>
 __global__ void __launch_bounds__(WARPS * 32) gemv_scalar_kernel(float *__restrict__ out, const float *__restrict__ x,
                                                                   const W *__restrict__ w, int M, int64_t N, int64_t K) {
   constexpr int NR = EPI == GLU ? 2 * RPW : RPW;
-  pdl_trigger();
   pdl_wait();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t row0 = ((int64_t)blockIdx.x * WARPS + warp) * RPW;
@@ -135,7 +160,11 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_scalar_kernel(float *__restri
         if (m < M) acc[r][m] = fmaf(wf, x[m * K + k], acc[r][m]);
     }
   }
-  finish<EPI, RPW, MT>(out, acc, lane, row0, M, N);
+  pdl_trigger();
+  float one[MT];
+#pragma unroll
+  for (int m = 0; m < MT; m++) one[m] = 1.0f;
+  finish<EPI, RPW, MT>(out, acc, lane, row0, M, N, one);
 }
 
 /* RPW: weight rows per warp for STORE and ACC; GLU gives each warp RPW / 2 outputs (RPW rows). */
@@ -146,13 +175,15 @@ cudaError_t launch(cudaStream_t s, int epi, float *out, const float *x, const vo
   int64_t blocks = (N + rows_per_block - 1) / rows_per_block;
   if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
   bool vec = K % 8 == 0 && aligned16(x) && aligned16(w);
-  const W *wt = (const W *)w;
+  const W *wt = (const W *)w, *nog = nullptr;
   dim3 g((unsigned)blocks), b(WARPS * 32);
   /* dependent launches: the weights stream in while the kernel before finishes */
   if (vec) {
-    if (epi == GLU) return launch_pdl(gemv_vec_kernel<W, MT, RG, U, GLU>, g, b, 0, s, out, x, wt, M, N, K);
-    if (epi == ACC) return launch_pdl(gemv_vec_kernel<W, MT, RPW, U, ACC>, g, b, 0, s, out, x, wt, M, N, K);
-    return launch_pdl(gemv_vec_kernel<W, MT, RPW, U, STORE>, g, b, 0, s, out, x, wt, M, N, K);
+    if (epi == GLU)
+      return launch_pdl(gemv_vec_kernel<W, MT, RG, U, GLU, false>, g, b, 0, s, out, x, wt, M, N, K, nog, 0.0f);
+    if (epi == ACC)
+      return launch_pdl(gemv_vec_kernel<W, MT, RPW, U, ACC, false>, g, b, 0, s, out, x, wt, M, N, K, nog, 0.0f);
+    return launch_pdl(gemv_vec_kernel<W, MT, RPW, U, STORE, false>, g, b, 0, s, out, x, wt, M, N, K, nog, 0.0f);
   }
   if (epi == GLU) return launch_pdl(gemv_scalar_kernel<W, MT, RG, GLU>, g, b, 0, s, out, x, wt, M, N, K);
   if (epi == ACC) return launch_pdl(gemv_scalar_kernel<W, MT, RPW, ACC>, g, b, 0, s, out, x, wt, M, N, K);
@@ -184,7 +215,37 @@ cudaError_t by_m(cudaStream_t s, int epi, float *out, const float *x, const void
   return launch<W, 16, 4, 1>(s, epi, out, x, w, M, N, K);
 }
 
+/* The RMSNorm-folded form for one row of x (the decode step), STORE or GLU, shapes as by_m's
+ * default choice. */
+template <typename W>
+cudaError_t norm_m1(cudaStream_t s, int epi, float *out, const float *x, const W *w, const W *g, float eps, int64_t N,
+                    int64_t K) {
+  bool small = N * K * (epi == GLU ? 2 : 1) <= (8 << 20);
+  int rpw = epi == GLU ? (small ? 1 : 2) : (small ? 1 : 4);
+  int64_t blocks = (N + WARPS * rpw - 1) / (WARPS * rpw);
+  if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
+  dim3 gr((unsigned)blocks), b(WARPS * 32);
+  if (epi == GLU)
+    return small ? launch_pdl(gemv_vec_kernel<W, 1, 1, 8, GLU, true>, gr, b, 0, s, out, x, w, 1, N, K, g, eps)
+                 : launch_pdl(gemv_vec_kernel<W, 1, 2, 2, GLU, true>, gr, b, 0, s, out, x, w, 1, N, K, g, eps);
+  return small ? launch_pdl(gemv_vec_kernel<W, 1, 1, 8, STORE, true>, gr, b, 0, s, out, x, w, 1, N, K, g, eps)
+               : launch_pdl(gemv_vec_kernel<W, 1, 4, 2, STORE, true>, gr, b, 0, s, out, x, w, 1, N, K, g, eps);
+}
+
 } // namespace
+
+extern "C" cudaError_t msh_k_gemv_norm(cudaStream_t s, int epi, float *out, const float *x, const void *w,
+                                       const void *g, int w_dt, float eps, int64_t N, int64_t K) {
+  if (epi != STORE && epi != GLU) return cudaErrorInvalidValue;
+  if (K % 8 != 0 || !aligned16(x) || !aligned16(w) || !aligned16(g)) return cudaErrorNotSupported;
+  if (N == 0) return cudaGetLastError();
+  switch (w_dt) {
+  case MSH_F32: return norm_m1<float>(s, epi, out, x, (const float *)w, (const float *)g, eps, N, K);
+  case MSH_F16: return norm_m1<f16>(s, epi, out, x, (const f16 *)w, (const f16 *)g, eps, N, K);
+  case MSH_BF16: return norm_m1<bf16>(s, epi, out, x, (const bf16 *)w, (const bf16 *)g, eps, N, K);
+  default: return cudaErrorInvalidValue;
+  }
+}
 
 extern "C" int msh_k_gemv_variant(int v) {
   int old = m1_variant;

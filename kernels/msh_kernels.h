@@ -58,6 +58,10 @@ cudaError_t msh_k_embedding(cudaStream_t s, float *out, const void *table, int t
 /* out (R, D) = x / sqrt(mean(x^2) + eps) * w; out may alias x. */
 cudaError_t msh_k_rmsnorm(cudaStream_t s, float *out, const float *x, const void *w, int w_dt,
                           int64_t R, int64_t D, float eps);
+/* msh_k_rmsnorm with out of type out_dt (f32, f16 or bf16): the normalized rows straight into a
+ * 16-bit GEMM operand. out must not overlap x unless out_dt is f32. */
+cudaError_t msh_k_rmsnorm_to(cudaStream_t s, void *out, int out_dt, const float *x, const void *w, int w_dt,
+                             int64_t R, int64_t D, float eps);
 
 /* ------------------------------------------------------------------------------ gemv.cu */
 
@@ -69,6 +73,12 @@ cudaError_t msh_k_gemv(cudaStream_t s, float *out, const float *x, const void *w
  * then up rows, and writes silu(x . gate_n) * (x . up_n). */
 cudaError_t msh_k_gemv_epi(cudaStream_t s, int epi, float *out, const float *x, const void *w, int w_dt,
                            int64_t M, int64_t N, int64_t K);
+/* The decode step's normalized projections in one pass (x one row, the raw residual): out =
+ * rmsnorm(x) * g @ w^T (epi 0) or the GLU form of msh_k_gemv_epi (epi 2), the norm's sum of
+ * squares formed while x is read. g (K) has w's type. cudaErrorNotSupported when K % 8 != 0 or a
+ * pointer is not 16-byte aligned (the caller then normalizes first). */
+cudaError_t msh_k_gemv_norm(cudaStream_t s, int epi, float *out, const float *x, const void *w, const void *g,
+                            int w_dt, float eps, int64_t N, int64_t K);
 /* Tuning hook for benchmarks: selects the shape of the M = 1 kernel (rows per warp x 16-byte
  * chunks in flight per row): 0 by matrix size (the default), 1: 1 x 8, 2: 2 x 8, 3: 4 x 4,
  * 4: 4 x 2, 5: 2 x 4. Returns the previous choice. */
@@ -129,6 +139,8 @@ cudaError_t msh_k_attn_prefill(cudaStream_t s, const msh_k_attn *a, void *work, 
 cudaError_t msh_k_silu_mul(cudaStream_t s, float *out, const float *g, const float *u, int64_t n);
 /* out (M, F) = silu(gu[:, :F]) * gu[:, F:] for gu (M, 2F) contiguous. */
 cudaError_t msh_k_glu(cudaStream_t s, float *out, const float *gu, int64_t M, int64_t F);
+/* msh_k_glu over bf16 products (a GEMM's 16-bit output). */
+cudaError_t msh_k_glu_bf16(cudaStream_t s, float *out, const void *gu, int64_t M, int64_t F);
 
 /* ------------------------------------------------------------------------- qkv_rope.cu */
 

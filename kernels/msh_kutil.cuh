@@ -92,6 +92,15 @@ template <> struct Raw8<float> {
   }
 };
 
+/* Four consecutive elements moved as one load or store (16 bytes for f32, 8 for 16-bit types):
+ * the elementwise kernels' unit where pointers are aligned to it. */
+template <typename T> struct alignas(4 * sizeof(T)) Vec4 {
+  T v[4];
+};
+template <typename T> static inline bool aligned_vec4(const void *p) {
+  return ((uintptr_t)p % (4 * sizeof(T))) == 0;
+}
+
 /* Eight elements from shared memory (16-byte aligned). */
 template <typename T> __device__ __forceinline__ void load8_shared(const T *p, float (&f)[8]) {
   Raw8<T> r;

@@ -1,8 +1,10 @@
 /* qkv_rope.cu: a layer's attention inputs from its fused q/k/v projection in one pass: q and k
  * rotated (rope), q written for attention, k and v stored into the caches at each row's position.
- * One block per row: the row's cos and sin are formed once in shared memory (angles in double,
- * as msh_k_rope and the CPU do) and applied to every q and k head; each thread then makes one
- * output element from the one or two inputs it depends on, so reads and writes are coalesced. */
+ * Blocks own a row's slice of elements (the whole row when there are many rows; a few hundred
+ * elements at decode, so that one token's row is spread over the SMs instead of one block's
+ * latency): each forms the row's cos and sin in shared memory (angles in double, as msh_k_rope
+ * and the CPU do) and each thread then makes one output element from the one or two inputs it
+ * depends on, so reads and writes are coalesced. */
 #include "msh_kutil.cuh"
 
 using namespace msh;
@@ -27,7 +29,7 @@ template <typename KV>
 __global__ void qkv_rope_kernel(float *__restrict__ q_out, KV *__restrict__ kc, KV *__restrict__ vc,
                                 const float *__restrict__ qkv, const int32_t *__restrict__ pos,
                                 const float *__restrict__ inv_freq, int64_t T, int H, int KVH, int hd, int n, int style,
-                                int64_t S, int64_t bstride, int64_t rstride) {
+                                int64_t S, int64_t bstride, int64_t rstride, int per_block) {
   extern __shared__ float cs[]; /* cos[n], sin[n] */
   const int64_t r = blockIdx.x;
   const int32_t p = pos[r];
@@ -42,7 +44,8 @@ __global__ void qkv_rope_kernel(float *__restrict__ q_out, KV *__restrict__ kc, 
   const float *row = qkv + r * (int64_t)(nq + 2 * nk);
   const bool store = p >= 0 && p < S;
   const int64_t at = (r / T) * bstride + (int64_t)(store ? p : 0) * rstride;
-  for (int e = threadIdx.x; e < nq + 2 * nk; e += blockDim.x) {
+  const int e1 = min(nq + 2 * nk, (int)(blockIdx.y + 1) * per_block);
+  for (int e = (int)blockIdx.y * per_block + threadIdx.x; e < e1; e += blockDim.x) {
     if (e < nq + nk) {
       int j = e % hd;
       float v = rotated(row + (e - j), j, cs, n, style);
@@ -59,8 +62,14 @@ cudaError_t launch(cudaStream_t s, float *q_out, void *kc, void *vc, const float
                    const float *inv_freq, int64_t R, int64_t T, int64_t H, int64_t KVH, int64_t hd, int64_t n,
                    int style, int64_t S, int64_t bstride, int64_t rstride) {
   size_t smem = (size_t)(2 * n) * sizeof(float);
-  qkv_rope_kernel<KV><<<(unsigned)R, 256, smem, s>>>(q_out, (KV *)kc, (KV *)vc, qkv, pos, inv_freq, T, (int)H,
-                                                       (int)KVH, (int)hd, (int)n, style, S, bstride, rstride);
+  /* rows x slices: at least ~128 blocks while rows are few, slices of 512 elements or more */
+  int64_t E = (H + 2 * KVH) * hd, want = R >= 128 ? 1 : 128 / R, slices = (E + 511) / 512;
+  if (slices > want) slices = want;
+  if (slices < 1) slices = 1;
+  int per_block = (int)((E + slices - 1) / slices);
+  dim3 grid((unsigned)R, (unsigned)slices);
+  qkv_rope_kernel<KV><<<grid, 256, smem, s>>>(q_out, (KV *)kc, (KV *)vc, qkv, pos, inv_freq, T, (int)H, (int)KVH,
+                                              (int)hd, (int)n, style, S, bstride, rstride, per_block);
   return cudaGetLastError();
 }
 

@@ -663,12 +663,13 @@ int main(int argc, char **argv) {
       bench_matmul(64, shapes[s][0], shapes[s][1], "cublas");
     }
     /* shapes of the M = 1 kernel (see msh_k_gemv_variant; "gemv" is the default choice) */
-    for (int v = 1; v <= 5; v++)
-      for (int s = 0; s < 5; s++) {
-        char path[16];
-        snprintf(path, sizeof path, "gemv-v%d", v);
-        bench_matmul(1, shapes[s][0], shapes[s][1], path);
-      }
+    static const int64_t fused[2][2] = {{6144, 4096}, {28672, 4096}}; /* stacked q/k/v, gate/up */
+    for (int v = 0; v <= 5; v++) {
+      char path[16];
+      snprintf(path, sizeof path, "gemv-v%d", v);
+      for (int s = 0; s < 5; s++) bench_matmul(1, shapes[s][0], shapes[s][1], path);
+      for (int s = 0; s < 2; s++) bench_matmul(1, fused[s][0], fused[s][1], path);
+    }
     /* one decode token's projections (graph times): 32 layers x (q, k, v, o, gate, up, down) + lm head */
     double step = 32 * (2 * t1[0] + 2 * t1[1] + 2 * t1[2] + t1[3]) + t1[4];
     double wbytes = 32 * (2.0 * 4096 * 4096 + 2.0 * 1024 * 4096 + 3.0 * 14336 * 4096) * 2 + 128256.0 * 4096 * 2;

@@ -177,6 +177,33 @@ static msh_status cuda_rmsnorm(msh_tensor *out, const msh_tensor *x, const msh_t
 
 enum { EPI_STORE, EPI_ACC, EPI_GLU }; /* msh_k_gemv_epi's epilogues */
 
+/* The cuBLAS half of matmul_epi for 16-bit weights, x16 (M, K) already in w's type. The GLU
+ * form has bf16 products written in scratch (half the bytes of f32 ones; the reference model
+ * forms them in bf16 too) and f16 ones in f32 (whose range f16 lacks). */
+static msh_status gemm16(msh_cuda_dev *d, float *op, const void *x16, const msh_tensor *w, int64_t M, int64_t K,
+                         int64_t NO, int epi, msh_tensor *scratch) {
+  int64_t N = w->shape[0];
+  if (M > INT_MAX || N > INT_MAX || K > INT_MAX)
+    return MSH_FAIL(MSH_EUNSUPPORTED, "matmul: dims (%lld, %lld, %lld) exceed the cuBLAS int range", (long long)M,
+                    (long long)N, (long long)K);
+  const float one = 1.0f, zero = 0.0f;
+  cudaDataType_t dt = w->dtype == MSH_BF16 ? CUDA_R_16BF : CUDA_R_16F;
+  void *dst = op;
+  cudaDataType_t ct = CUDA_R_32F;
+  if (epi == EPI_GLU) {
+    dst = msh_tensor_ptr(scratch);
+    if (w->dtype == MSH_BF16) ct = CUDA_R_16BF;
+  }
+  CUBLAS_TRY(cublasGemmEx(d->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)N, (int)M, (int)K, &one, msh_tensor_ptr(w), dt,
+                          (int)K, x16, dt, (int)K, epi == EPI_ACC ? &one : &zero, dst, ct, (int)N,
+                          CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  if (epi == EPI_GLU) {
+    if (ct == CUDA_R_16BF) CUDA_TRY(msh_k_glu_bf16(d->stream, op, dst, M, NO));
+    else CUDA_TRY(msh_k_glu(d->stream, op, dst, M, NO));
+  }
+  return MSH_OK;
+}
+
 /* out (M, N) = x @ w^T (EPI_STORE), out += x @ w^T (EPI_ACC), or for w (2N, K) stacked gate and up
  * rows silu(x @ gate^T) * (x @ up^T) (EPI_GLU, both products formed in scratch (M, 2N) first
  * unless the GEMV kernel fuses them). GEMV for M <= gemv_max_m, else cuBLAS. */
@@ -197,28 +224,59 @@ static msh_status matmul_epi(msh_tensor *out, const msh_tensor *x, const msh_ten
     CUDA_TRY(msh_k_gemv_epi(d->stream, epi, op, xp, wp, w->dtype, M, NO, K));
     return MSH_OK;
   }
-  if (M > INT_MAX || N > INT_MAX || K > INT_MAX)
-    return MSH_FAIL(MSH_EUNSUPPORTED, "matmul: dims (%lld, %lld, %lld) exceed the cuBLAS int range", (long long)M,
-                    (long long)N, (long long)K);
-  const float one = 1.0f, zero = 0.0f;
-  const float *beta = epi == EPI_ACC ? &one : &zero;
-  float *dst = epi == EPI_GLU ? (float *)msh_tensor_ptr(scratch) : op;
-  if (w->dtype == MSH_F32) {
-    /* column-major view: out^T (N, M) = w^T^T (N, K) @ x^T (K, M) */
-    CUBLAS_TRY(cublasSgemm(d->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)N, (int)M, (int)K, &one, wp, (int)K, xp, (int)K,
-                           beta, dst, (int)N));
-  } else {
+  if (w->dtype != MSH_F32) {
     /* 16-bit weights: x goes to the weights' type in scratch, then tensor-core GEMM, fp32 out */
     void *xs = NULL;
     s = msh_cuda_scratch(d, (size_t)(M * K) * 2, &xs);
     if (s != MSH_OK) return s;
     CUDA_TRY(msh_k_convert(d->stream, xs, w->dtype, xp, MSH_F32, M * K));
-    cudaDataType_t dt = w->dtype == MSH_BF16 ? CUDA_R_16BF : CUDA_R_16F;
-    CUBLAS_TRY(cublasGemmEx(d->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)N, (int)M, (int)K, &one, wp, dt, (int)K, xs, dt,
-                            (int)K, beta, dst, CUDA_R_32F, (int)N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    return gemm16(d, op, xs, w, M, K, NO, epi, scratch);
   }
+  if (M > INT_MAX || N > INT_MAX || K > INT_MAX)
+    return MSH_FAIL(MSH_EUNSUPPORTED, "matmul: dims (%lld, %lld, %lld) exceed the cuBLAS int range", (long long)M,
+                    (long long)N, (long long)K);
+  const float one = 1.0f, zero = 0.0f;
+  float *dst = epi == EPI_GLU ? (float *)msh_tensor_ptr(scratch) : op;
+  /* column-major view: out^T (N, M) = w^T^T (N, K) @ x^T (K, M) */
+  CUBLAS_TRY(cublasSgemm(d->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)N, (int)M, (int)K, &one, wp, (int)K, xp, (int)K,
+                         epi == EPI_ACC ? &one : &zero, dst, (int)N));
   if (epi == EPI_GLU) CUDA_TRY(msh_k_glu(d->stream, op, dst, M, NO));
   return MSH_OK;
+}
+
+/* rmsnorm then a projection (moonshard.h): one row folds the norm into the GEMV; more rows are
+ * normalized straight into the GEMM's 16-bit operand (no f32 copy, no conversion pass). */
+static msh_status cuda_rmsnorm_matmul(msh_tensor *out, const msh_tensor *x, const msh_tensor *norm_w, float eps,
+                                      const msh_tensor *w, msh_tensor *h, msh_tensor *gu) {
+  msh_cuda_dev *d;
+  msh_status s = dev_for(out, &d);
+  if (s != MSH_OK) return s;
+  int64_t M = x->shape[0], K = x->shape[1], NO = out->shape[1];
+  int epi = gu ? EPI_GLU : EPI_STORE;
+  const void *gp = msh_tensor_ptr(norm_w);
+  if (K > 0 && M == 1 && d->gemv_max_m >= 1 && norm_w->dtype == w->dtype) {
+    cudaError_t e = msh_k_gemv_norm(d->stream, epi, msh_tensor_ptr(out), msh_tensor_ptr(x), msh_tensor_ptr(w), gp,
+                                    w->dtype, eps, NO, K);
+    if (e != cudaErrorNotSupported) {
+      CUDA_TRY(e);
+      return MSH_OK;
+    }
+  }
+  if (K > 0 && M > d->gemv_max_m && w->dtype != MSH_F32) {
+    void *xs = NULL;
+    s = msh_cuda_scratch(d, (size_t)(M * K) * 2, &xs);
+    if (s != MSH_OK) return s;
+    CUDA_TRY(msh_k_rmsnorm_to(d->stream, xs, w->dtype, msh_tensor_ptr(x), gp, norm_w->dtype, M, K, eps));
+    return gemm16(d, msh_tensor_ptr(out), xs, w, M, K, NO, epi, gu);
+  }
+  msh_tensor hv = *h; /* h's first M x K elements as (M, K) */
+  hv.ndim = 2;
+  hv.shape[0] = M;
+  hv.shape[1] = K;
+  hv.stride[0] = K;
+  hv.stride[1] = 1;
+  if (M * K > 0) CUDA_TRY(msh_k_rmsnorm(d->stream, msh_tensor_ptr(&hv), msh_tensor_ptr(x), gp, norm_w->dtype, M, K, eps));
+  return matmul_epi(out, &hv, w, epi, gu);
 }
 
 static msh_status cuda_matmul(msh_tensor *out, const msh_tensor *x, const msh_tensor *w) {
@@ -430,6 +488,7 @@ const msh_backend msh_cuda_backend = {
     .matmul = cuda_matmul,
     .matmul_acc = cuda_matmul_acc,
     .matmul_glu = cuda_matmul_glu,
+    .rmsnorm_matmul = cuda_rmsnorm_matmul,
     .qkv_rope = cuda_qkv_rope,
     .rope = cuda_rope,
     .attention = cuda_attention,

@@ -241,7 +241,15 @@ msh_status msh_op_rope(msh_tensor *x, const msh_tensor *pos, const msh_tensor *i
  * belonging to sequence r / T; f32/f16/bf16, (KVH, hd) packed, any row and batch strides.
  * Positions are read when the op runs (a captured graph serves every position): a position
  * outside [0, S) is MSH_ERANGE on the CPU, and writes no cache row on a device (the host cannot
- * see it there). */
+ * see it there).
+ *
+ * msh_op_rmsnorm_matmul: a projection of the RMSNorm of x, the norm folded into it: with
+ * h = rmsnorm(x, norm_w, eps) as msh_op_rmsnorm, out = h @ w^T as msh_op_matmul (gu NULL), or
+ * out = silu(h @ w[0:F]^T) * (h @ w[F:2F]^T) as msh_op_matmul_glu with gu its scratch. h (M, K)
+ * f32 contiguous on out's device, apart from the operands: scratch for backends that form the
+ * normalized rows (its contents are left unspecified). x is only read. */
+msh_status msh_op_rmsnorm_matmul(msh_tensor *out, const msh_tensor *x, const msh_tensor *norm_w, float eps,
+                                 const msh_tensor *w, msh_tensor *h, msh_tensor *gu);
 msh_status msh_op_matmul_acc(msh_tensor *out, const msh_tensor *x, const msh_tensor *w);
 msh_status msh_op_matmul_glu(msh_tensor *out, const msh_tensor *x, const msh_tensor *w, msh_tensor *scratch);
 msh_status msh_op_qkv_rope(msh_tensor *q_out, msh_tensor *k_cache, msh_tensor *v_cache, const msh_tensor *qkv,

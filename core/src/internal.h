@@ -163,6 +163,10 @@ typedef struct msh_backend {
   msh_status (*matmul_glu)(msh_tensor *out, const msh_tensor *x, const msh_tensor *w, msh_tensor *scratch);
   msh_status (*qkv_rope)(msh_tensor *q_out, msh_tensor *k_cache, msh_tensor *v_cache, const msh_tensor *qkv,
                          const msh_tensor *pos, const msh_tensor *inv_freq, int style);
+  /* Optional (NULL: rmsnorm into h, then matmul or matmul_glu): operands checked as
+   * msh_op_rmsnorm_matmul's, gu NULL for the plain projection. */
+  msh_status (*rmsnorm_matmul)(msh_tensor *out, const msh_tensor *x, const msh_tensor *norm_w, float eps,
+                               const msh_tensor *w, msh_tensor *h, msh_tensor *gu);
   msh_status (*silu_mul)(msh_tensor *out, const msh_tensor *gate, const msh_tensor *up);
   msh_status (*add)(msh_tensor *out, const msh_tensor *a, const msh_tensor *b);
   msh_status (*scale)(msh_tensor *out, const msh_tensor *x, float s);

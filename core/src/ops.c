@@ -174,6 +174,42 @@ msh_status msh_op_matmul_glu(msh_tensor *out, const msh_tensor *x, const msh_ten
   return be->matmul_glu(out, x, w, scratch);
 }
 
+msh_status msh_op_rmsnorm_matmul(msh_tensor *out, const msh_tensor *x, const msh_tensor *norm_w, float eps,
+                                 const msh_tensor *w, msh_tensor *h, msh_tensor *gu) {
+  const char *op = "rmsnorm_matmul";
+  if (!out || !x || !norm_w || !w || !h) return MSH_FAIL(MSH_EINVAL, "NULL argument");
+  const msh_backend *be = same_device(op, out, x, w, h);
+  if (!be || !same_device(op, x, norm_w, gu, NULL)) return MSH_EINVAL;
+  CHECK(check_matmul(op, out, x, w, gu ? 2 : 1));
+  CHECK(want_weight(op, "norm_w", norm_w));
+  CHECK(want_out(op, h));
+  char a[96], b[96], c[96];
+  if (norm_w->ndim != 1 || norm_w->shape[0] != x->shape[1] || !msh_tensor_is_contiguous(h) || h->dtype != MSH_F32 ||
+      msh_tensor_numel(h) < msh_tensor_numel(x))
+    return MSH_FAIL(MSH_EINVAL, "%s: x %s, norm_w %s, h %s do not fit (K) weights and (M, K) f32 scratch", op,
+                    SHAPE(x, a), SHAPE(norm_w, b), SHAPE(h, c));
+  if (overlaps(h, out) || overlaps(h, x) || overlaps(h, w) || overlaps(h, norm_w))
+    return MSH_FAIL(MSH_EINVAL, "%s: h overlaps an operand", op);
+  if (gu) {
+    CHECK(want_out(op, gu));
+    if (msh_tensor_numel(gu) < 2 * msh_tensor_numel(out))
+      return MSH_FAIL(MSH_EINVAL, "%s: scratch %s holds fewer than the 2 x %s products", op, SHAPE(gu, a),
+                      SHAPE(out, b));
+    if (overlaps(gu, out) || overlaps(gu, x) || overlaps(gu, w) || overlaps(gu, h))
+      return MSH_FAIL(MSH_EINVAL, "%s: scratch overlaps an operand", op);
+  }
+  if (msh_tensor_numel(out) == 0) return MSH_OK;
+  if (be->rmsnorm_matmul) return be->rmsnorm_matmul(out, x, norm_w, eps, w, h, gu);
+  msh_tensor hv = *h; /* h's first M x K elements as (M, K) */
+  hv.ndim = 2;
+  hv.shape[0] = x->shape[0];
+  hv.shape[1] = x->shape[1];
+  hv.stride[0] = x->shape[1];
+  hv.stride[1] = 1;
+  if (msh_tensor_numel(x) > 0) CHECK(be->rmsnorm(&hv, x, norm_w, eps));
+  return gu ? be->matmul_glu(out, &hv, w, gu) : be->matmul(out, &hv, w);
+}
+
 /* A KV cache of qkv_rope: (S, KVH, hd) or (B, S, KVH, hd) float with (KVH, hd) packed. */
 static int kv_cache_fits(const msh_tensor *c, int64_t KVH, int64_t hd) {
   if (!is_float(c->dtype) || (c->ndim != 3 && c->ndim != 4) || c->st->readonly) return 0;

@@ -7,6 +7,8 @@
 --   silu_mul(out, gate, up)  add(out, a, b)  scale(out, x, f)  softmax(out, x)  log_softmax(out, x)
 --   fused: matmul_acc(out, x, w) (out +=)   matmul_glu(out, x, w_gate_up, scratch)
 --          qkv_rope(q_out, k_cache, v_cache, qkv, pos, inv_freq, style)
+--          rmsnorm_matmul(out, x, norm_w, eps, w, h, gu) (out = rmsnorm(x) @ w^T, or the GLU form
+--          with gu its scratch; h (M, K) scratch)
 --   argmax(x, out_buf) -> the first row's index (out_buf: int32_t[] with a slot per row)
 --   argmax_into(out, x): the same into an i32 tensor on x's device (nothing waits on a GPU)
 local core = require "moonshard.core"
@@ -33,7 +35,7 @@ end
 
 for _, name in ipairs { "embedding", "rmsnorm", "matmul", "rope", "set_rows", "set_rows_dyn", "attention",
                         "attention_dyn", "silu_mul", "add", "scale", "softmax", "log_softmax",
-                        "matmul_acc", "matmul_glu", "qkv_rope" } do
+                        "matmul_acc", "matmul_glu", "qkv_rope", "rmsnorm_matmul" } do
   M[name] = op(name)
 end
 

@@ -13,6 +13,20 @@ static void test_errors(void) {
   CHECK_STATUS(msh_op_matmul_acc(o, x, w), MSH_EINVAL); /* w has 6 rows, out 3 columns */
   CHECK_STATUS(msh_op_matmul_acc(ob, ob, w), MSH_EINVAL);
 
+  /* rmsnorm_matmul: h too small, a norm weight of the wrong length, h overlapping x */
+  int64_t ns[1] = {8}, nbad[1] = {7}, hs[2] = {1, 8};
+  msh_tensor *nw = cpu_randn(MSH_F32, 1, ns, 1), *nwb = cpu_randn(MSH_F32, 1, nbad, 1);
+  msh_tensor *h = cpu_new(MSH_F32, 2, xs), *hsm = cpu_new(MSH_F32, 2, hs);
+  CHECK_OK(msh_op_rmsnorm_matmul(o, x, nw, 1e-5f, w, h, sc_ok));
+  CHECK_STATUS(msh_op_rmsnorm_matmul(o, x, nw, 1e-5f, w, hsm, sc_ok), MSH_EINVAL);
+  CHECK(strstr(msh_last_error(), "rmsnorm_matmul") != NULL);
+  CHECK_STATUS(msh_op_rmsnorm_matmul(o, x, nwb, 1e-5f, w, h, sc_ok), MSH_EINVAL);
+  CHECK_STATUS(msh_op_rmsnorm_matmul(o, x, nw, 1e-5f, w, x, sc_ok), MSH_EINVAL);
+  CHECK_STATUS(msh_op_rmsnorm_matmul(o, x, nw, 1e-5f, w, h, NULL), MSH_EINVAL); /* w (6, 8) is 2 x out's 3 */
+  CHECK_STATUS(msh_op_rmsnorm_matmul(o, x, nw, 1e-5f, w, NULL, sc_ok), MSH_EINVAL);
+  msh_tensor *ns_ts[] = {nw, nwb, h, hsm};
+  free_all(ns_ts, 4);
+
   /* qkv_rope: a position past the cache is MSH_ERANGE and writes nothing */
   int64_t qs[2] = {2, (2 + 2) * 4}, q3[3] = {2, 2, 4}, cs[3] = {3, 1, 4}, ps[1] = {2}, fs[1] = {2};
   msh_tensor *qkv = cpu_randn(MSH_F32, 2, qs, 1), *q = cpu_new(MSH_F32, 3, q3);

@@ -1,4 +1,4 @@
-/* fused_cases.h: the fused layer ops (matmul_acc, matmul_glu, qkv_rope) on a device against the
+/* fused_cases.h: the fused layer ops (matmul_acc, matmul_glu, rmsnorm_matmul, qkv_rope) on a device against the
  * unfused ops composed on the CPU, on fresh random inputs: every weight dtype, the GEMV shapes of
  * decode (M = 1, with K not a multiple of 8 for the scalar path) and the cuBLAS shapes of prefill,
  * both rope styles with full and partial rotation, f32/f16/bf16 caches, 3-D and batched 4-D caches
@@ -66,6 +66,32 @@ static void fused_matmul_glu_case(int dev, int64_t M, int64_t K, int64_t F, int 
   COMPARE(what, got, g, tol_for(wdt));
   msh_tensor *ts[] = {x, w, wg, wu, g, u, dx, dw, got, scratch};
   free_all(ts, 10);
+}
+
+/* rmsnorm_matmul against rmsnorm then matmul (glu: then matmul_glu's composition) on the CPU; the
+ * norm weight in w's dtype (the GEMV folds it) or in f32 (normalized first). x is not written. */
+static void fused_rmsnorm_matmul_case(int dev, int64_t M, int64_t K, int64_t N, int wdt, int ndt, int glu) {
+  int64_t xs[2] = {M, K}, ws[2] = {glu ? 2 * N : N, K}, os[2] = {M, N}, ns[1] = {K}, gs[2] = {M, 2 * N};
+  msh_tensor *x = dev_randn(MSH_CPU, MSH_F32, 2, xs, 3.0f), *w = dev_randn(MSH_CPU, wdt, 2, ws, 0.05f);
+  msh_tensor *nw = dev_randn(MSH_CPU, ndt, 1, ns, 1.0f), *h = cpu_new(MSH_F32, 2, xs);
+  msh_tensor *want = cpu_new(MSH_F32, 2, os), *gu = cpu_new(MSH_F32, 2, gs);
+  const float eps = 1e-5f;
+  CHECK_OK(msh_op_rmsnorm(h, x, nw, eps));
+  if (glu) CHECK_OK(msh_op_matmul_glu(want, h, w, gu));
+  else CHECK_OK(msh_op_matmul(want, h, w));
+  msh_tensor *dx = copy_to(dev, x), *dw = copy_to(dev, w), *dn = copy_to(dev, nw);
+  msh_tensor *dh = dev_new(dev, MSH_F32, 2, xs), *dgu = glu ? dev_new(dev, MSH_F32, 2, gs) : NULL;
+  msh_tensor *got = dev_new(dev, MSH_F32, 2, os);
+  CHECK_OK(msh_op_rmsnorm_matmul(got, dx, dn, eps, dw, dh, dgu));
+  char what[128];
+  snprintf(what, sizeof what, "rmsnorm_matmul%s M=%lld K=%lld N=%lld w=%s norm=%s", glu ? " glu" : "", (long long)M,
+           (long long)K, (long long)N, msh_dtype_name(wdt), msh_dtype_name(ndt));
+  COMPARE(what, got, want, tol_for(wdt));
+  size_t L = strlen(what);
+  snprintf(what + L, sizeof what - L, " x kept");
+  COMPARE(what, dx, x, 0.0);
+  msh_tensor *ts[] = {x, w, nw, h, want, gu, dx, dw, dn, dh, dgu, got};
+  free_all(ts, 12);
 }
 
 /* A cache for qkv_rope on dev: (S, KVH, hd), or B sequences (B, S, KVH, hd) taken from rows
@@ -185,6 +211,20 @@ static void fused_all_cases(int dev) {
     fused_matmul_glu_case(dev, 3, 256, 100, dt);
     fused_matmul_glu_case(dev, 40, 128, 64, dt);
   }
+  for (int i = 0; i < 3; i++) {
+    int dt = wdts[i];
+    for (int glu = 0; glu < 2; glu++) {
+      fused_rmsnorm_matmul_case(dev, 1, 4096, 1024, dt, dt, glu); /* one row a warp */
+      fused_rmsnorm_matmul_case(dev, 1, 1024, 3584, dt, dt, glu); /* several rows a warp */
+      fused_rmsnorm_matmul_case(dev, 1, 72, 37, dt, dt, glu);     /* K % 8 != 0: normalized first */
+      fused_rmsnorm_matmul_case(dev, 3, 256, 100, dt, dt, glu);
+      fused_rmsnorm_matmul_case(dev, 40, 128, 64, dt, dt, glu);
+    }
+    fused_rmsnorm_matmul_case(dev, 1, 256, 96, dt, MSH_F32, 0);
+  }
+  fused_rmsnorm_matmul_case(dev, 1, 4096, 6144, MSH_BF16, MSH_BF16, 0);
+  fused_rmsnorm_matmul_case(dev, 1, 4096, 14336, MSH_BF16, MSH_BF16, 1);
+  fused_rmsnorm_matmul_case(dev, 1, 4096, 128256, MSH_BF16, MSH_BF16, 0);
   fused_matmul_acc_case(dev, 1, 14336, 4096, MSH_BF16);
   fused_matmul_glu_case(dev, 1, 4096, 14336, MSH_BF16);
   static const int kvdts[3] = {MSH_F32, MSH_F16, MSH_BF16};

@@ -680,8 +680,8 @@ static void test_softmax(void) {
 
 static void test_argmax(void) {
   printf("argmax\n");
-  int64_t shapes[3][2] = {{4, 128256}, {100, 33}, {1, 1}};
-  for (int s = 0; s < 3; s++) {
+  int64_t shapes[5][2] = {{4, 128256}, {100, 33}, {1, 1}, {1, 128256}, {64, 9000}};
+  for (int s = 0; s < 5; s++) {
     msh_tensor *cx = cpu_randn(MSH_F32, 2, shapes[s], 1.0f), *gx = cx ? to_gpu(cx) : NULL;
     int32_t want[100], got[100];
     if (cx && gx) {
@@ -704,6 +704,23 @@ static void test_argmax(void) {
     msh_tensor *ts[] = {cx, gx};
     free_all(ts, 2);
   }
+  /* one row cut into slices (the split form): the first of equal maxima in different slices
+   * wins, twice in a row (the form's per-row counter is reset for the next call) */
+  int64_t big[2] = {1, 131072};
+  msh_tensor *bx = cpu_new(MSH_F32, 2, big);
+  if (bx) {
+    float *bp = msh_tensor_data(bx);
+    for (int64_t i = 0; i < big[1]; i++) bp[i] = -1.0f;
+    bp[100000] = bp[5000] = 3.0f;
+    msh_tensor *gb = to_gpu(bx);
+    for (int rep = 0; rep < 2; rep++) {
+      int32_t bi = -1;
+      if (gb) CHECK_OK(msh_op_argmax(gb, &bi));
+      CHECK(bi == 5000);
+    }
+    msh_tensor_free(gb);
+  }
+  msh_tensor_free(bx);
   /* ties go to the first index */
   float row[6] = {1.0f, 5.0f, -2.0f, 5.0f, 5.0f, 0.0f};
   msh_tensor *h = NULL;

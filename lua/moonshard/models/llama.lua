@@ -215,6 +215,7 @@ end
 local embedding, rmsnorm, matmul, rope_op = ops.embedding, ops.rmsnorm, ops.matmul, ops.rope
 local set_rows, attention, silu_mul = ops.set_rows, ops.attention, ops.silu_mul
 local matmul_acc, matmul_glu, qkv_rope = ops.matmul_acc, ops.matmul_glu, ops.qkv_rope
+local rmsnorm_matmul = ops.rmsnorm_matmul
 
 -- Moves the T token ids and positions pos0 .. pos0+T-1 to the device's buffers.
 function Llama:upload(T, pos0)
@@ -264,6 +265,17 @@ function Llama:head(logits, h, R)
   logits:reshape({ R, n, Vl }):copy_from(g:view({ R, n, Vl }, { Vl, R * Vl, 1 }, 0))
 end
 
+-- logits = head(rmsnorm(x)) through h (R, D): the final norm folded into a replicated head.
+function Llama:norm_head(logits, x, h, R)
+  local stage = self.stage
+  if self.vocab_local then
+    rmsnorm(h, x, stage:norm(), self.norm_eps)
+    self:head(logits, h, R)
+  else
+    rmsnorm_matmul(logits, x, stage:norm(), self.norm_eps, stage:output(), h, nil)
+  end
+end
+
 -- x += a @ w^T: fused into the projection on one rank; with tensor parallelism the partial
 -- products are summed across ranks first, and the RMSNorm that follows (h = norm(x) * norm_w)
 -- comes with the sum (one kernel on NCCL ranks of one host). Returns true when h was computed.
@@ -299,12 +311,17 @@ function Llama:compute(T, pos0, all_logits_out, dyn_len, bt)
   for l = self.first_layer, self.last_layer do
     local w = stage:acquire(l)
     local kv = bt and bt.kv[l] or self.kv[l]
-    if not normed then rmsnorm(v.h, v.x, w.attn_norm, eps) end
     if w.wqkv then
-      -- one projection; rope and the cache store in one op (positions from the device)
-      matmul(v.qkv, v.h, w.wqkv)
+      -- one projection (the norm folded in unless the sum across ranks brought it); rope and the
+      -- cache store in one op (positions from the device)
+      if normed then
+        matmul(v.qkv, v.h, w.wqkv)
+      else
+        rmsnorm_matmul(v.qkv, v.x, w.attn_norm, eps, w.wqkv, v.h, nil)
+      end
       qkv_rope(v.q3, kv.k, kv.v, v.qkv, v.pos, self.inv_freq, self.rope_style)
     else
+      if not normed then rmsnorm(v.h, v.x, w.attn_norm, eps) end
       matmul(v.q, v.h, w.wq)
       matmul(v.k, v.h, w.wk)
       matmul(v.v, v.h, w.wv)
@@ -325,10 +342,15 @@ function Llama:compute(T, pos0, all_logits_out, dyn_len, bt)
     else
       attention(att, q, kv.k, kv.v, pos0, self.scale)
     end
-    if not self:residual(v, v.att, w.wo, w.ffn_norm) then rmsnorm(v.h, v.x, w.ffn_norm, eps) end
+    local ffn_normed = self:residual(v, v.att, w.wo, w.ffn_norm)
     if w.w_gu then
-      matmul_glu(v.g, v.h, w.w_gu, v.gu)
+      if ffn_normed then
+        matmul_glu(v.g, v.h, w.w_gu, v.gu)
+      else
+        rmsnorm_matmul(v.g, v.x, w.ffn_norm, eps, w.w_gu, v.h, v.gu)
+      end
     else
+      if not ffn_normed then rmsnorm(v.h, v.x, w.ffn_norm, eps) end
       matmul(v.g, v.h, w.w_gate)
       matmul(v.u, v.h, w.w_up)
       silu_mul(v.g, v.g, v.u)
@@ -340,18 +362,13 @@ function Llama:compute(T, pos0, all_logits_out, dyn_len, bt)
     if hooks then hooks.finish(self) end
     if pp then comm_check(C.msh_comm_send(pp, v.x, pp_rank + 1)) end
   else
-    if all_logits_out then
-      rmsnorm(v.h, v.x, stage:norm(), eps)
-      self:head(all_logits_out, v.h, T)
-    end
+    if all_logits_out then self:norm_head(all_logits_out, v.x, v.h, T) end
     if bt then
       -- each sequence's last row (x itself for one token a sequence)
       if bt.x_rows then bt.x_last:copy_from(bt.x_rows) end
-      rmsnorm(bt.h_last, bt.x_last, stage:norm(), eps)
-      self:head(bt.logits, bt.h_last, bt.B)
+      self:norm_head(bt.logits, bt.x_last, bt.h_last, bt.B)
     else
-      rmsnorm(self.buf.h_last, v.x_last, stage:norm(), eps)
-      self:head(self.buf.logits, self.buf.h_last, 1)
+      self:norm_head(self.buf.logits, v.x_last, self.buf.h_last, 1)
     end
     if hooks then hooks.finish(self) end
   end
