@@ -16,11 +16,6 @@
  * keys streamed into shared memory through a STAGES-deep cp.async pipeline, so loads stay in
  * flight while the warps compute. The rest read global memory directly (decode_direct_kernel).
  *
- * The tensor-core kernel merges the chunks itself: the last block of a row tile to finish (a
- * counter per tile in device memory, reset by that block, so a captured graph replays as it is)
- * reads the tile's partials back and writes the output. With no merge kernel to pay for, short
- * contexts are split too (chunks of 64 keys): one block per kv head left most SMs idle.
- *
  * The plan (splits, chunk) depends on the shapes and pos0 + T only. With a.pos0_dev every kernel reads the
  * position on the device when it runs (clamped into [0, a.pos0]), so one captured launch serves
  * every position up to the planned one: blocks whose chunk starts past a query's last key exit at
@@ -319,48 +314,9 @@ template <typename KV, int HD> struct TcCfg {
   static constexpr int SMEM = PIPE_BYTES > EPI_BYTES ? PIPE_BYTES : EPI_BYTES;
 };
 
-/* Row tiles whose chunks the tensor-core kernel merges itself (more take the merge kernel). */
-constexpr int TC_MERGE_TILES = 4096;
-__device__ unsigned tc_done[TC_MERGE_TILES];
-
-/* The end of every block of a split tensor-core launch (also those whose chunk held no key):
- * the tile's last block merges the partials of its 16 rows (r0 ..) as merge_kernel does. */
-__device__ __noinline__ void tc_merge_tail(const msh_k_attn &a, int chunk, int64_t r0, int64_t R, int G, int kvh,
-                                           int64_t bT, int64_t pos0, const float2 *part_ml, const float *part_acc) {
-  __shared__ bool last;
-  const int splits = gridDim.x;
-  unsigned *done = &tc_done[blockIdx.z * gridDim.y + blockIdx.y];
-  __threadfence(); /* this block's partials are visible before its arrival is */
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(done, 1u) == (unsigned)splits - 1;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  for (int e = threadIdx.x; e < 16 * a.hd; e += blockDim.x) {
-    int i = e / a.hd, d = e % a.hd;
-    int64_t r = r0 + i;
-    if (r >= R) continue;
-    int64_t t = r / G, row = (bT + t) * a.H + kvh * G + r % G, n = pos0 + t + 1;
-    int ns = (int)((n + chunk - 1) / chunk);
-    const float2 *ml = part_ml + row * splits;
-    float M = -INFINITY;
-    for (int sp = 0; sp < ns; sp++) M = fmaxf(M, __ldcg(&ml[sp].x));
-    float L = 0.0f, A = 0.0f;
-    for (int sp = 0; sp < ns; sp++) {
-      float2 v = __ldcg(&ml[sp]);
-      float f = exp2_or_zero(v.x == -INFINITY ? -INFINITY : v.x - M);
-      L += v.y * f;
-      A += __ldcg(&part_acc[(row * splits + sp) * a.hd + d]) * f;
-    }
-    a.out[row * a.hd + d] = A / L;
-  }
-  if (threadIdx.x == 0) *done = 0; /* ready for the next launch */
-}
-
-/* merge: the split form merges in its last block (tc_merge_tail); 0 leaves it to merge_kernel */
 template <typename KV, int HD>
 __global__ void __launch_bounds__(NW * 32) decode_tc_kernel(msh_k_attn a, int splits, int chunk, int rtiles,
-                                                            float2 *part_ml, float *part_acc, int merge) {
+                                                            float2 *part_ml, float *part_acc) {
   typedef TcCfg<KV, HD> C;
   constexpr int TK = C::TK, STAGES = C::STAGES, LD = C::LD, KT = HD / 16, DT = HD / 8;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -376,10 +332,7 @@ __global__ void __launch_bounds__(NW * 32) decode_tc_kernel(msh_k_attn a, int sp
   const int64_t k_begin = (int64_t)split * chunk;
   const int64_t pos0 = pos0_of(a, b);
   const int64_t kmax = pos0 + t_last + 1;
-  if (k_begin >= kmax) { /* no row of this tile sees this chunk: the merge skips it */
-    if (merge) tc_merge_tail(a, chunk, r0, R, G, kvh, bT, pos0, part_ml, part_acc);
-    return;
-  }
+  if (k_begin >= kmax) return; /* no row of this tile sees this chunk: the merge skips it */
   const int64_t k_end = kmax < k_begin + chunk ? kmax : k_begin + chunk;
   const float qs = a.scale * LOG2E;
 
@@ -546,7 +499,6 @@ __global__ void __launch_bounds__(NW * 32) decode_tc_kernel(msh_k_attn a, int sp
       if (d == 0) part_ml[slot] = make_float2(M, L);
     }
   }
-  if (merge) tc_merge_tail(a, chunk, r0, R, G, kvh, bT, pos0, part_ml, part_acc);
 }
 
 __global__ void merge_kernel(msh_k_attn a, int splits, int chunk, const float2 *part_ml, const float *part_acc) {
@@ -572,7 +524,6 @@ __global__ void merge_kernel(msh_k_attn a, int splits, int chunk, const float2 *
 
 struct Plan {
   int tc;                             /* tensor-core kernel (else the fp32 one) */
-  int tc_merge;                       /* ... which merges its splits itself */
   int HDP, GT, ntiles, rtiles, vec;   /* instance and grid shape */
   int splits, chunk, smem, occ;
 };
@@ -658,8 +609,7 @@ cudaError_t tc_launch(cudaStream_t s, const msh_k_attn *a, const Plan &p, float2
       cudaFuncSetAttribute(decode_tc_kernel<KV, HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
   if (e != cudaSuccess) return e;
   dim3 grid((unsigned)p.splits, (unsigned)((int64_t)a->KVH * p.rtiles), (unsigned)a->B);
-  decode_tc_kernel<KV, HD>
-      <<<grid, NW * 32, C::SMEM, s>>>(*a, p.splits, p.chunk, p.rtiles, ml, acc, p.splits > 1 && p.tc_merge);
+  decode_tc_kernel<KV, HD><<<grid, NW * 32, C::SMEM, s>>>(*a, p.splits, p.chunk, p.rtiles, ml, acc);
   return cudaGetLastError();
 }
 
@@ -708,12 +658,11 @@ cudaError_t plan_for(const msh_k_attn *a, int sm_count, Plan &p) {
     base = (int64_t)a->B * a->T * a->KVH * p.ntiles;
   }
   int64_t maxn = a->pos0 + a->T;
-  p.tc_merge = p.tc && base <= TC_MERGE_TILES;
   int64_t target = (int64_t)p.occ * (sm_count > 0 ? sm_count : 132); /* one full wave */
   int64_t splits = (target + base - 1) / base;
-  /* without the merge in the kernel, short contexts take one chunk: a block reads at most 512
-   * keys (about a microsecond), less than the merge kernel that splitting would add */
-  int64_t max_splits = maxn <= 512 && !p.tc_merge ? 1 : (maxn + 63) / 64;
+  /* short contexts take one chunk: a block reads at most 512 keys (about a microsecond), less than
+   * the merge kernel that splitting would add */
+  int64_t max_splits = maxn <= 512 ? 1 : (maxn + 63) / 64;
   if (splits > max_splits) splits = max_splits;
   if (splits < 1) splits = 1;
   int64_t chunk = (maxn + splits - 1) / splits;
@@ -765,6 +714,6 @@ extern "C" cudaError_t msh_k_attn_decode(cudaStream_t s, const msh_k_attn *a, vo
     LaunchOp op = {s, a, &p, ml, acc};
     e = with_instance(a->kv_dt, p, op);
   }
-  if (e != cudaSuccess || p.splits <= 1 || (p.tc && p.tc_merge)) return e;
+  if (e != cudaSuccess || p.splits <= 1) return e;
   return msh_k_attn_merge(s, a, p.splits, p.chunk, ml, acc);
 }
