@@ -3,8 +3,8 @@
  * Many rows: one block a row. Few long rows (greedy decode over a vocabulary): each row is cut
  * into PARTS slices, one block a slice; every block leaves its (value, index) in a device table
  * and the last block of a row to finish (a counter in device memory, reset by that block, so a
- * captured graph replays the kernel as it is) reduces the row's slices. On a 128k-entry row one block took ~100 us
- * (ncu, base clocks), mostly waiting on its own loads; 32 slices take 6 us. */
+ * captured graph replays the kernel as it is) reduces the row's slices. On a 128k-entry row one
+ * block took ~100 us (ncu, base clocks), mostly waiting on its own loads; 32 slices take 6 us. */
 #include "msh_kutil.cuh"
 
 using namespace msh;
