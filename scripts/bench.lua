@@ -351,37 +351,57 @@ if pg then
   -- the floors of one rank's share: its weights over its own device's bandwidth
 end
 if pg and opts.tp > 1 and net.tp_comm then
-  -- one decode step's all-reduce (B rows of the hidden size, f32) in isolation: 200 back to back
-  -- between barriers (captured in a CUDA graph when the communicator can)
+  -- collectives in isolation, back to back between barriers (captured in a CUDA graph when the
+  -- communicator can): 200 all-reduces of B rows of the hidden size (f32), and 20 decode steps'
+  -- collectives as the model issues them at batch 1: per layer the two residual sums, each with
+  -- the RMSNorm that follows but the last, then the vocabulary-parallel head's gather
+  local core, tp = moonshard.core, net.tp_comm
   local acc = assert(tensor.new({ B, net.dim }, "f32", opts.device))
   local part = assert(tensor.new({ B, net.dim }, "f32", opts.device))
-  local core, tp, n = moonshard.core, net.tp_comm, 200
-  local run_ar = function()
-    for _ = 1, n do core.check(C.msh_comm_all_reduce_add(tp, acc, part)) end
+  local h = assert(tensor.new({ B, net.dim }, "f32", opts.device))
+  acc:randn(1, 0, 1)
+  part:randn(2, 0, 0.02)
+  local layers = net.last_layer - net.first_layer + 1
+  local norm_w = net.attn_norms[net.first_layer]
+  local function timed(n, body, capturable)
+    local run = function() for _ = 1, n do body() end end
+    local captured = gpu and capturable
+    if captured then
+      core.check(C.msh_graph_begin(kind, index))
+      local ok, err = pcall(run)
+      local out = ffi.new("msh_graph*[1]")
+      core.check(C.msh_graph_end(kind, index, out))
+      if not ok then error(err, 0) end
+      local g = ffi.gc(out[0], C.msh_graph_free)
+      run = function() core.check(C.msh_graph_launch(g)) end
+    end
+    run()
+    sync()
+    assert(pg.comm:barrier())
+    local t0 = uv.hrtime()
+    run()
+    sync()
+    return (uv.hrtime() - t0) / 1e3 / n, captured
   end
-  local captured = gpu and C.msh_comm_capturable(tp, C.MSH_COMM_OP_ALL_REDUCE, part) == 1
-  if captured then
-    core.check(C.msh_graph_begin(kind, index))
-    local ok, err = pcall(run_ar)
-    local out = ffi.new("msh_graph*[1]")
-    core.check(C.msh_graph_end(kind, index, out))
-    if not ok then error(err, 0) end
-    local g = ffi.gc(out[0], C.msh_graph_free)
-    run_ar = function() core.check(C.msh_graph_launch(g)) end
-  end
-  run_ar()
-  sync()
-  assert(pg.comm:barrier())
-  local t0 = uv.hrtime()
-  run_ar()
-  sync()
-  local us = (uv.hrtime() - t0) / 1e3 / n
-  local calls = 2 * (net.last_layer - net.first_layer + 1)
+  local us, captured = timed(200, function() core.check(C.msh_comm_all_reduce_add(tp, acc, part)) end,
+    C.msh_comm_capturable(tp, C.MSH_COMM_OP_ALL_REDUCE, part) == 1)
+  local calls = 2 * layers
   result.allreduce_us = us
   result.allreduce_path = captured and "one-shot kernel, graph" or "eager"
   result.allreduce_share_isolated = calls * us / 1e3 / result.decode_step_ms
+  if B == 1 then
+    local a1, p1, h1 = acc:narrow(1, 0, 1), part:narrow(1, 0, 1), h:narrow(1, 0, 1)
+    local step_us = timed(20, function()
+      for _ = 1, calls - 1 do core.check(C.msh_comm_all_reduce_add_norm(tp, a1, p1, h1, norm_w, net.norm_eps)) end
+      core.check(C.msh_comm_all_reduce_add(tp, a1, p1))
+      if net.vocab_local then core.check(C.msh_comm_all_gather(tp, net.buf.logits, net.buf.logits_l)) end
+    end, net:tp_capturable(1))
+    result.collectives_us_per_token = step_us
+    result.collectives_share_isolated = step_us / 1e3 / result.decode_step_ms
+  end
   acc:free()
   part:free()
+  h:free()
 end
 if tel and opts.tp > 1 and B == 1 and not pipe and net.use_graphs then
   -- collectives inside CUDA graphs are not recorded: time the all-reduces of one eager repetition

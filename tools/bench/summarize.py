@@ -24,6 +24,9 @@ for r in rows:
     if r.get("allreduce_us") is not None:
         line += (f"; all-reduce {r['allreduce_us']:.1f} us ({r.get('allreduce_path', '')}), "
                  f"{100 * r['allreduce_share_isolated']:.0f}% of a step")
+    if r.get("collectives_us_per_token") is not None:
+        line += (f"; a step's collectives {r['collectives_us_per_token']:.0f} us, "
+                 f"{100 * r['collectives_share_isolated']:.0f}%")
     if r.get("bubble") is not None:
         line += f"; bubble {100 * r['bubble']:.1f}%"
         if r.get("bubble_prefill") is not None:
