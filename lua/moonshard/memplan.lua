@@ -77,6 +77,7 @@ end
 --   opts.layers       { first, last } layers held (default all); opts.embed / opts.head = false
 --                     leave out the embedding / the final norm and output head
 --   opts.tp           tensor-parallel degree to apply to desc (default 1: desc as it is)
+--   opts.fuse         false: the layers keep q/k/v and gate/up apart (as moonshard.stage's opts.fuse)
 -- need = { weights, kv, act, scratch, total, params, kv_per_position, weights_dtype, kv_dtype,
 --          max_seq, batch, tp, layers = { first, last } }
 function M.estimate(desc, opts)
@@ -131,11 +132,12 @@ function M.estimate(desc, opts)
     kv_per_position = (last - first + 1) * 2 * KVH * hd * elem_bytes(kv_dtype) * batch
     kv = kv_per_position * max_seq
     -- the model's activation buffers (f32), for chunk x batch rows: x, h, o (D); q, att (H hd);
-    -- k, v (KVH hd); gate, up (F); the fused projections' outputs ((H + 2 KVH) hd, 2F); ids, pos
-    -- (i32); per sequence its last row, norm, logits and start; the last row and its logits
+    -- gate (F); the stacked projections' outputs ((H + 2 KVH) hd, 2F), or with opts.fuse = false
+    -- the separate ones' k, v (KVH hd) and up (F); ids, pos (i32); per sequence its last row,
+    -- norm, logits and start; the last row and its logits
     T = math.min(opts.chunk or 256, max_seq) * batch
-    act = 4 * (T * (3 * D + 2 * H * hd + 2 * KVH * hd + 2 * F + (H + 2 * KVH) * hd + 2 * F + 2)
-      + batch * (2 * D + V + 1) + D + V)
+    local proj = opts.fuse == false and 2 * KVH * hd + F or (H + 2 * KVH) * hd + 2 * F
+    act = 4 * (T * (3 * D + 2 * H * hd + F + proj + 2) + batch * (2 * D + V + 1) + D + V)
     if desc.vocab_local and desc.tp then -- a vocabulary-parallel head's columns and their gather
       act = act + 4 * desc.vocab_local * (batch + 1 + desc.tp.size * batch)
     end

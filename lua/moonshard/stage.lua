@@ -109,6 +109,7 @@ function M.resident(weights, device, opts)
     local need, err = require("moonshard.memplan").check(desc, {
       device = device, dtype = dtype, float_dtype = float_dtype, layers = opts.layers, embed = opts.embed,
       head = opts.head, max_seq = p.max_seq, kv_dtype = p.kv_dtype, chunk = p.chunk, batch = p.batch,
+      fuse = opts.fuse,
     })
     if not need then error(err, 0) end
   end

@@ -37,6 +37,10 @@ describe("memplan", function()
     assert.are.equal(32 * 2 * 8 * 128 * 2 * 8192, need.kv)
     assert.are.equal(need.weights + need.kv + need.act + need.scratch, need.total)
     assert.is_true(need.act > 0 and need.scratch >= memplan.GPU_RESERVE)
+    -- separate q/k/v and gate/up: k, v and up buffers instead of the stacked outputs (256 rows of
+    -- 32 x 128 + 14336 fewer floats)
+    local sep = memplan.estimate(d8, with(gpu, { fuse = false }))
+    assert.are.equal(4 * 256 * (32 * 128 + 14336), need.act - sep.act)
     -- f32 weights on the CPU: no GPU reserve; a shorter context and a batch scale the cache
     local cpu = memplan.estimate(d8, { device = "cpu", float_dtype = "f32", max_seq = 1024, batch = 3 })
     assert.are.equal(4 * 8030261248, cpu.weights)

@@ -66,6 +66,10 @@ describe("Hugging Face checkpoints against transformers", function()
     local w1, w0 = fused.net.stage:acquire(1), plain.net.stage:acquire(1)
     assert.truthy(w1.wqkv and w1.w_gu and not w1.wq and not w1.w_gate)
     assert.truthy(w0.wq and w0.w_gate and not w0.wqkv)
+    -- each holds the activation buffers of its own projections only
+    local bf, bp = fused.net.buf, plain.net.buf
+    assert.truthy(bf.qkv and bf.gu and not bf.k and not bf.v and not bf.u)
+    assert.truthy(bp.k and bp.v and bp.u and not bp.qkv and not bp.gu)
     local a = assert(fused:forward(ids, 0, { all_logits = true })):values()
     local b = assert(plain:forward(ids, 0, { all_logits = true })):values()
     assert.is_true(h.max_abs_diff(a, b) < 1e-5)

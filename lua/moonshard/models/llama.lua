@@ -92,10 +92,15 @@ function M.new(desc, opts)
     embed = self.pp_rank == 0, head = self.pp_rank == self.pp_size - 1,
     plan = { desc = desc, max_seq = opts.max_seq, kv_dtype = opts.kv_dtype, chunk = opts.chunk, batch = opts.batch },
   })
-  -- the attention norms, read a layer early by the fused sum and norm of tensor parallelism
+  -- the attention norms, read a layer early by the fused sum and norm of tensor parallelism; and
+  -- which projections the layers run stacked (qkv, gu) or one by one (q_k_v, g_u)
   self.attn_norms = {}
+  local forms = {}
   for l = self.first_layer, self.last_layer do
-    self.attn_norms[l] = self.stage:acquire(l).attn_norm
+    local w = self.stage:acquire(l)
+    self.attn_norms[l] = w.attn_norm
+    forms[w.wqkv and "qkv" or "q_k_v"] = true
+    forms[w.w_gu and "gu" or "g_u"] = true
     self.stage:release(l)
   end
 
@@ -122,9 +127,12 @@ function M.new(desc, opts)
   end
   self.buf = {
     x = buf { Tm, D }, h = buf { Tm, D }, o = buf { Tm, D },
-    q = buf { Tm, H * hd }, k = buf { Tm, KVH * hd }, v = buf { Tm, KVH * hd }, att = buf { Tm, H * hd },
-    g = buf { Tm, F }, u = buf { Tm, F },
-    qkv = buf { Tm, (H + 2 * KVH) * hd }, gu = buf { Tm, 2 * F }, -- fused projections' outputs
+    q = buf { Tm, H * hd }, att = buf { Tm, H * hd }, g = buf { Tm, F },
+    -- the separate projections' k, v and up outputs, the stacked ones' outputs: only those the
+    -- layers use (memplan counts the same)
+    k = forms.q_k_v and buf { Tm, KVH * hd } or nil, v = forms.q_k_v and buf { Tm, KVH * hd } or nil,
+    u = forms.g_u and buf { Tm, F } or nil,
+    qkv = forms.qkv and buf { Tm, (H + 2 * KVH) * hd } or nil, gu = forms.gu and buf { Tm, 2 * F } or nil,
     ids = buf({ Tm }, "i32"), pos = buf({ Tm }, "i32"),
     h_last = buf { 1, D }, logits = buf { 1, self.vocab_size },
     -- forward_batch: each sequence's last row, its norm, the logits, its first position
@@ -192,7 +200,7 @@ function Llama:views_for(T)
   local v = self.views[T]
   if v then return v end
   local b, H, KVH, hd = self.buf, self.n_heads, self.n_kv_heads, self.head_dim
-  local function rows(t) return t:narrow(1, 0, T) end
+  local function rows(t) return t and t:narrow(1, 0, T) end
   v = {
     x = rows(b.x), h = rows(b.h), o = rows(b.o),
     q = rows(b.q), k = rows(b.k), v = rows(b.v), att = rows(b.att),
@@ -201,8 +209,8 @@ function Llama:views_for(T)
     x_last = b.x:narrow(1, T - 1, 1),
   }
   v.q3 = v.q:reshape { T, H, hd }
-  v.k3 = v.k:reshape { T, KVH, hd }
-  v.v3 = v.v:reshape { T, KVH, hd }
+  v.k3 = v.k and v.k:reshape { T, KVH, hd }
+  v.v3 = v.v and v.v:reshape { T, KVH, hd }
   v.att3 = v.att:reshape { T, H, hd }
   if self.device ~= "cpu" then
     v.host_ids = self.host_ids:narrow(1, 0, T)
@@ -481,7 +489,7 @@ function Llama:batch_ctx(B, T, slot0)
   bt = {
     B = B, T = T, R = R, v = v,
     q4 = v.q:reshape { B, T, H, hd }, att4 = v.att:reshape { B, T, H, hd },
-    k4 = v.k:reshape { B, T, KVH, hd }, v4 = v.v:reshape { B, T, KVH, hd },
+    k4 = v.k and v.k:reshape { B, T, KVH, hd }, v4 = v.v and v.v:reshape { B, T, KVH, hd },
     starts = T == 1 and v.pos or b.starts:narrow(1, 0, B),
     h_last = b.bh_last:narrow(1, 0, B), logits = b.blogits:narrow(1, 0, B), kv = {},
   }
