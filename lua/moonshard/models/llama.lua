@@ -184,8 +184,8 @@ function M.new(desc, opts)
 end
 
 -- Whether the tensor-parallel all-reduces of a step of R rows can be captured into a CUDA graph
--- (MSH_TP_GRAPHS=1 also captures NCCL's own kernels).
-function Llama:tp_capturable(R)
+-- (MSH_TP_GRAPHS=1 also captures NCCL's own kernels). Asked once per R: the buffers are fixed.
+local function tp_capturable(self, R)
   local tp = self.tp_comm
   if not tp then return true end
   if os.getenv("MSH_TP_GRAPHS") == "1" and C.msh_comm_kind(tp) == C.MSH_COMM_NCCL then return true end
@@ -193,6 +193,16 @@ function Llama:tp_capturable(R)
   if not self.vocab_local then return true end
   local l = R == 1 and self.buf.logits_l or self.buf.blogits_l:narrow(1, 0, R)
   return C.msh_comm_capturable(tp, C.MSH_COMM_OP_ALL_GATHER, l) == 1
+end
+
+function Llama:tp_capturable(R)
+  local known = self.tp_capturable_rows
+  if not known then
+    known = {}
+    self.tp_capturable_rows = known
+  end
+  if known[R] == nil then known[R] = tp_capturable(self, R) end
+  return known[R]
 end
 
 -- Views of the activation buffers for a pass of T tokens (made once per T).
