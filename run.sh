@@ -14,12 +14,15 @@ cd "$(dirname "$0")"
 
 DEPS=(build-essential cmake pkg-config luajit libluajit-5.1-dev libuv1-dev lua-luv lua-luv-dev
       lua-cjson libcjson-dev libedit-dev libopenblas-dev libpcre2-dev lua-busted)
+# the test suite also starts a one-node Slurm cluster (tools/slurm_check.sh) for the srun specs
+TEST_DEPS=(slurm-wlm munge)
 DATA=../shared/data
 JOBS=$(nproc 2>/dev/null || echo 2)
 
+# install_deps [EXTRA...]: DEPS and the extra packages, those not installed yet
 install_deps() {
   local missing=()
-  for p in "${DEPS[@]}"; do
+  for p in "${DEPS[@]}" "$@"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
   done
   [ ${#missing[@]} -eq 0 ] && return 0
@@ -103,7 +106,7 @@ case "$cmd" in
       --max-tokens 200 --temperature 0.8 --seed 42
     ;;
   test)
-    install_deps
+    install_deps "${TEST_DEPS[@]}"
     build build -DMSH_WERROR="${MSH_WERROR:-ON}"
     need_data
     # the SmolLM2 specs (chat answers, parity with the reference) run when the model can be had;
@@ -112,7 +115,7 @@ case "$cmd" in
     ctest --test-dir build --output-on-failure -j"$JOBS"
     ;;
   asan)
-    install_deps
+    install_deps "${TEST_DEPS[@]}"
     build build-asan -DMSH_SANITIZE=ON -DMSH_CUDA=OFF -DCMAKE_BUILD_TYPE=Debug
     need_data
     ASAN_OPTIONS=detect_leaks=1 ctest --test-dir build-asan --output-on-failure -j"$JOBS"

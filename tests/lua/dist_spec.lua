@@ -454,4 +454,11 @@ describe("under Slurm", function()
     end
     assert.is_nil(out:find("WRONG", 1, true), out)
   end)
+
+  it("srun -n 2 generate --tp 2 prints the stories260K golden text", function()
+    local out, code = sh(string.format("MSH_EXE=%s bash %s -n 2 generate --model %s --max-tokens 200 "
+      .. "--temperature 0 --tp 2 2>/dev/null", q(h.exe), q(h.root .. "/tools/slurm_check.sh"), q(h.stories)))
+    assert.are.equal(0, code, out)
+    assert.are.equal(h.read(h.stories .. "/expected_greedy_200.txt") .. "\n", out)
+  end)
 end)
