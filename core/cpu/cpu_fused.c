@@ -5,17 +5,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* The first M x N elements of t as a contiguous (M, N) f32 tensor (a stack view). */
-static msh_tensor rows_view(const msh_tensor *t, int64_t M, int64_t N) {
-  msh_tensor v = *t;
-  v.ndim = 2;
-  v.shape[0] = M;
-  v.shape[1] = N;
-  v.stride[0] = N;
-  v.stride[1] = 1;
-  return v;
-}
-
 msh_status msh_cpu_matmul_acc(msh_tensor *out, const msh_tensor *x, const msh_tensor *w) {
   int64_t M = out->shape[0], N = out->shape[1], n = M * N;
   float *tmp = malloc((size_t)n * sizeof(float));
@@ -35,7 +24,7 @@ msh_status msh_cpu_matmul_acc(msh_tensor *out, const msh_tensor *x, const msh_te
 
 msh_status msh_cpu_matmul_glu(msh_tensor *out, const msh_tensor *x, const msh_tensor *w, msh_tensor *scratch) {
   int64_t M = out->shape[0], F = out->shape[1];
-  msh_tensor gu = rows_view(scratch, M, 2 * F);
+  msh_tensor gu = msh_rows_view(scratch, M, 2 * F);
   msh_status s = msh_cpu_matmul(&gu, x, w);
   if (s != MSH_OK) return s;
   const float *g = msh_tensor_ptr(&gu);

@@ -180,12 +180,18 @@ enum { EPI_STORE, EPI_ACC, EPI_GLU }; /* msh_k_gemv_epi's epilogues */
 /* The cuBLAS half of matmul_epi for 16-bit weights, x16 (M, K) already in w's type. The GLU
  * form has bf16 products written in scratch (half the bytes of f32 ones; the reference model
  * forms them in bf16 too) and f16 ones in f32 (whose range f16 lacks). */
-static msh_status gemm16(msh_cuda_dev *d, float *op, const void *x16, const msh_tensor *w, int64_t M, int64_t K,
-                         int64_t NO, int epi, msh_tensor *scratch) {
-  int64_t N = w->shape[0];
+static msh_status cublas_dims(int64_t M, int64_t N, int64_t K) {
   if (M > INT_MAX || N > INT_MAX || K > INT_MAX)
     return MSH_FAIL(MSH_EUNSUPPORTED, "matmul: dims (%lld, %lld, %lld) exceed the cuBLAS int range", (long long)M,
                     (long long)N, (long long)K);
+  return MSH_OK;
+}
+
+static msh_status gemm16(msh_cuda_dev *d, float *op, const void *x16, const msh_tensor *w, int64_t M, int64_t K,
+                         int64_t NO, int epi, msh_tensor *scratch) {
+  int64_t N = w->shape[0];
+  msh_status s = cublas_dims(M, N, K);
+  if (s != MSH_OK) return s;
   const float one = 1.0f, zero = 0.0f;
   cudaDataType_t dt = w->dtype == MSH_BF16 ? CUDA_R_16BF : CUDA_R_16F;
   void *dst = op;
@@ -232,9 +238,8 @@ static msh_status matmul_epi(msh_tensor *out, const msh_tensor *x, const msh_ten
     CUDA_TRY(msh_k_convert(d->stream, xs, w->dtype, xp, MSH_F32, M * K));
     return gemm16(d, op, xs, w, M, K, NO, epi, scratch);
   }
-  if (M > INT_MAX || N > INT_MAX || K > INT_MAX)
-    return MSH_FAIL(MSH_EUNSUPPORTED, "matmul: dims (%lld, %lld, %lld) exceed the cuBLAS int range", (long long)M,
-                    (long long)N, (long long)K);
+  s = cublas_dims(M, N, K);
+  if (s != MSH_OK) return s;
   const float one = 1.0f, zero = 0.0f;
   float *dst = epi == EPI_GLU ? (float *)msh_tensor_ptr(scratch) : op;
   /* column-major view: out^T (N, M) = w^T^T (N, K) @ x^T (K, M) */
@@ -269,12 +274,7 @@ static msh_status cuda_rmsnorm_matmul(msh_tensor *out, const msh_tensor *x, cons
     CUDA_TRY(msh_k_rmsnorm_to(d->stream, xs, w->dtype, msh_tensor_ptr(x), gp, norm_w->dtype, M, K, eps));
     return gemm16(d, msh_tensor_ptr(out), xs, w, M, K, NO, epi, gu);
   }
-  msh_tensor hv = *h; /* h's first M x K elements as (M, K) */
-  hv.ndim = 2;
-  hv.shape[0] = M;
-  hv.shape[1] = K;
-  hv.stride[0] = K;
-  hv.stride[1] = 1;
+  msh_tensor hv = msh_rows_view(h, M, K);
   if (M * K > 0) CUDA_TRY(msh_k_rmsnorm(d->stream, msh_tensor_ptr(&hv), msh_tensor_ptr(x), gp, norm_w->dtype, M, K, eps));
   return matmul_epi(out, &hv, w, epi, gu);
 }

@@ -90,6 +90,18 @@ static inline msh_tensor msh_tensor_block_bytes(const msh_tensor *t) {
   return v;
 }
 
+/* The first M x N elements of a contiguous t as an (M, N) tensor (a stack view of the same
+ * storage): the scratch operands of the fused ops. */
+static inline msh_tensor msh_rows_view(const msh_tensor *t, int64_t M, int64_t N) {
+  msh_tensor v = *t;
+  v.ndim = 2;
+  v.shape[0] = M;
+  v.shape[1] = N;
+  v.stride[0] = N;
+  v.stride[1] = 1;
+  return v;
+}
+
 /* t as `rows` rows of `cols` packed elements, ld apart (dims 1.. packed, a row stride that does
  * not overlap rows): the layout of a weight, of its slices along either dim, and of a cache's
  * rows. A 0-dim tensor is one row of one element. */

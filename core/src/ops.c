@@ -200,12 +200,7 @@ msh_status msh_op_rmsnorm_matmul(msh_tensor *out, const msh_tensor *x, const msh
   }
   if (msh_tensor_numel(out) == 0) return MSH_OK;
   if (be->rmsnorm_matmul) return be->rmsnorm_matmul(out, x, norm_w, eps, w, h, gu);
-  msh_tensor hv = *h; /* h's first M x K elements as (M, K) */
-  hv.ndim = 2;
-  hv.shape[0] = x->shape[0];
-  hv.shape[1] = x->shape[1];
-  hv.stride[0] = x->shape[1];
-  hv.stride[1] = 1;
+  msh_tensor hv = msh_rows_view(h, x->shape[0], x->shape[1]);
   if (msh_tensor_numel(x) > 0) CHECK(be->rmsnorm(&hv, x, norm_w, eps));
   return gu ? be->matmul_glu(out, &hv, w, gu) : be->matmul(out, &hv, w);
 }
