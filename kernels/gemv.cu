@@ -167,41 +167,46 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_scalar_kernel(float *__restri
   finish<EPI, RPW, MT>(out, acc, lane, row0, M, N, one);
 }
 
-/* RPW: weight rows per warp for STORE and ACC; GLU gives each warp RPW / 2 outputs (RPW rows). */
-template <typename W, int MT, int RPW, int U>
-cudaError_t launch(cudaStream_t s, int epi, float *out, const float *x, const void *w, int M, int64_t N, int64_t K) {
+/* RPW: weight rows per warp for STORE and ACC; GLU gives each warp RPW / 2 outputs (RPW rows).
+ * NORM (STORE and GLU, 16-byte rows: the caller checks) folds the RMSNorm of x with weight g. */
+template <typename W, int MT, int RPW, int U, bool NORM = false>
+cudaError_t launch(cudaStream_t s, int epi, float *out, const float *x, const void *w, int M, int64_t N, int64_t K,
+                   const W *g = nullptr, float eps = 0.0f) {
   constexpr int RG = RPW > 1 ? RPW / 2 : 1;
   int64_t rows_per_block = WARPS * (epi == GLU ? RG : RPW);
   int64_t blocks = (N + rows_per_block - 1) / rows_per_block;
   if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
   bool vec = K % 8 == 0 && aligned16(x) && aligned16(w);
-  const W *wt = (const W *)w, *nog = nullptr;
-  dim3 g((unsigned)blocks), b(WARPS * 32);
+  if (NORM && (!vec || epi == ACC)) return cudaErrorNotSupported;
+  const W *wt = (const W *)w;
+  dim3 gr((unsigned)blocks), b(WARPS * 32);
   /* dependent launches: the weights stream in while the kernel before finishes */
   if (vec) {
     if (epi == GLU)
-      return launch_pdl(gemv_vec_kernel<W, MT, RG, U, GLU, false>, g, b, 0, s, out, x, wt, M, N, K, nog, 0.0f);
+      return launch_pdl(gemv_vec_kernel<W, MT, RG, U, GLU, NORM>, gr, b, 0, s, out, x, wt, M, N, K, g, eps);
     if (epi == ACC)
-      return launch_pdl(gemv_vec_kernel<W, MT, RPW, U, ACC, false>, g, b, 0, s, out, x, wt, M, N, K, nog, 0.0f);
-    return launch_pdl(gemv_vec_kernel<W, MT, RPW, U, STORE, false>, g, b, 0, s, out, x, wt, M, N, K, nog, 0.0f);
+      return launch_pdl(gemv_vec_kernel<W, MT, RPW, U, ACC, false>, gr, b, 0, s, out, x, wt, M, N, K, g, eps);
+    return launch_pdl(gemv_vec_kernel<W, MT, RPW, U, STORE, NORM>, gr, b, 0, s, out, x, wt, M, N, K, g, eps);
   }
-  if (epi == GLU) return launch_pdl(gemv_scalar_kernel<W, MT, RG, GLU>, g, b, 0, s, out, x, wt, M, N, K);
-  if (epi == ACC) return launch_pdl(gemv_scalar_kernel<W, MT, RPW, ACC>, g, b, 0, s, out, x, wt, M, N, K);
-  return launch_pdl(gemv_scalar_kernel<W, MT, RPW, STORE>, g, b, 0, s, out, x, wt, M, N, K);
+  if (epi == GLU) return launch_pdl(gemv_scalar_kernel<W, MT, RG, GLU>, gr, b, 0, s, out, x, wt, M, N, K);
+  if (epi == ACC) return launch_pdl(gemv_scalar_kernel<W, MT, RPW, ACC>, gr, b, 0, s, out, x, wt, M, N, K);
+  return launch_pdl(gemv_scalar_kernel<W, MT, RPW, STORE>, gr, b, 0, s, out, x, wt, M, N, K);
 }
 
 int m1_variant = 0; /* shape of the M = 1 kernel (tuning; see msh_k_gemv_variant) */
 
+/* The M = 1 shape by matrix size, measured on an H200 (bf16, Llama-3-8B shapes, graph replay):
+ * one row per warp with 8 chunks in flight wins on small matrices (4096 x 1024: 30% of the floor
+ * against 22-28%), four rows per warp with 2 chunks on the rest (4096 x 14336: 96% against
+ * 81-83%). GLU reads two rows per output. */
+int m1_default(int epi, int64_t N, int64_t K) {
+  return N * K * (epi == GLU ? 2 : 1) <= (8 << 20) ? (epi == GLU ? 2 : 1) : 4;
+}
+
 template <typename W>
 cudaError_t by_m(cudaStream_t s, int epi, float *out, const float *x, const void *w, int M, int64_t N, int64_t K) {
   if (M <= 1) {
-    int v = m1_variant;
-    /* measured on an H200 (bf16, Llama-3-8B shapes, graph replay): one row per warp with 8
-     * chunks in flight wins on small matrices (4096 x 1024: 30% of the floor against 22-28%), four
-     * rows per warp with 2 chunks on the rest (4096 x 14336: 96% against 81-83%). GLU reads two
-     * rows per output. */
-    if (v == 0) v = N * K * (epi == GLU ? 2 : 1) <= (8 << 20) ? (epi == GLU ? 2 : 1) : 4;
-    switch (v) {
+    switch (m1_variant ? m1_variant : m1_default(epi, N, K)) {
     case 1: return launch<W, 1, 1, 8>(s, epi, out, x, w, M, N, K);
     case 2: return launch<W, 1, 2, 8>(s, epi, out, x, w, M, N, K);
     case 3: return launch<W, 1, 4, 4>(s, epi, out, x, w, M, N, K);
@@ -215,21 +220,16 @@ cudaError_t by_m(cudaStream_t s, int epi, float *out, const float *x, const void
   return launch<W, 16, 4, 1>(s, epi, out, x, w, M, N, K);
 }
 
-/* The RMSNorm-folded form for one row of x (the decode step), STORE or GLU, shapes as by_m's
- * default choice. */
+/* The RMSNorm-folded form for one row of x (the decode step), in by_m's default shapes. */
 template <typename W>
-cudaError_t norm_m1(cudaStream_t s, int epi, float *out, const float *x, const W *w, const W *g, float eps, int64_t N,
-                    int64_t K) {
-  bool small = N * K * (epi == GLU ? 2 : 1) <= (8 << 20);
-  int rpw = epi == GLU ? (small ? 1 : 2) : (small ? 1 : 4);
-  int64_t blocks = (N + WARPS * rpw - 1) / (WARPS * rpw);
-  if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
-  dim3 gr((unsigned)blocks), b(WARPS * 32);
-  if (epi == GLU)
-    return small ? launch_pdl(gemv_vec_kernel<W, 1, 1, 8, GLU, true>, gr, b, 0, s, out, x, w, 1, N, K, g, eps)
-                 : launch_pdl(gemv_vec_kernel<W, 1, 2, 2, GLU, true>, gr, b, 0, s, out, x, w, 1, N, K, g, eps);
-  return small ? launch_pdl(gemv_vec_kernel<W, 1, 1, 8, STORE, true>, gr, b, 0, s, out, x, w, 1, N, K, g, eps)
-               : launch_pdl(gemv_vec_kernel<W, 1, 4, 2, STORE, true>, gr, b, 0, s, out, x, w, 1, N, K, g, eps);
+cudaError_t norm_m1(cudaStream_t s, int epi, float *out, const float *x, const void *w, const void *g, float eps,
+                    int64_t N, int64_t K) {
+  const W *gw = (const W *)g;
+  switch (m1_default(epi, N, K)) {
+  case 1: return launch<W, 1, 1, 8, true>(s, epi, out, x, w, 1, N, K, gw, eps);
+  case 2: return launch<W, 1, 2, 8, true>(s, epi, out, x, w, 1, N, K, gw, eps);
+  default: return launch<W, 1, 4, 2, true>(s, epi, out, x, w, 1, N, K, gw, eps);
+  }
 }
 
 } // namespace
@@ -237,12 +237,12 @@ cudaError_t norm_m1(cudaStream_t s, int epi, float *out, const float *x, const W
 extern "C" cudaError_t msh_k_gemv_norm(cudaStream_t s, int epi, float *out, const float *x, const void *w,
                                        const void *g, int w_dt, float eps, int64_t N, int64_t K) {
   if (epi != STORE && epi != GLU) return cudaErrorInvalidValue;
-  if (K % 8 != 0 || !aligned16(x) || !aligned16(w) || !aligned16(g)) return cudaErrorNotSupported;
+  if (!aligned16(g)) return cudaErrorNotSupported; /* and K % 8, x and w: launch's vector form */
   if (N == 0) return cudaGetLastError();
   switch (w_dt) {
-  case MSH_F32: return norm_m1<float>(s, epi, out, x, (const float *)w, (const float *)g, eps, N, K);
-  case MSH_F16: return norm_m1<f16>(s, epi, out, x, (const f16 *)w, (const f16 *)g, eps, N, K);
-  case MSH_BF16: return norm_m1<bf16>(s, epi, out, x, (const bf16 *)w, (const bf16 *)g, eps, N, K);
+  case MSH_F32: return norm_m1<float>(s, epi, out, x, w, g, eps, N, K);
+  case MSH_F16: return norm_m1<f16>(s, epi, out, x, w, g, eps, N, K);
+  case MSH_BF16: return norm_m1<bf16>(s, epi, out, x, w, g, eps, N, K);
   default: return cudaErrorInvalidValue;
   }
 }
