@@ -22,6 +22,8 @@
  * once, and the merge reads only the chunks that hold keys. */
 #include "msh_mma.cuh"
 
+#include <cooperative_groups.h>
+
 using namespace msh;
 
 namespace {
@@ -311,10 +313,15 @@ template <typename KV, int HD> struct TcCfg {
   static constexpr int TK = 64, STAGES = 3, LD = HD + 8;
   static constexpr int PIPE_BYTES = STAGES * 2 * TK * LD * 2;
   static constexpr int EPI_BYTES = (NW * 16 * HD + 2 * NW * 16) * 4;
-  static constexpr int SMEM = PIPE_BYTES > EPI_BYTES ? PIPE_BYTES : EPI_BYTES;
+  static constexpr int RES_BYTES = (16 * HD + 2 * 16) * 4; /* a block's merged result (clusters) */
+  static constexpr int SMEM = PIPE_BYTES > EPI_BYTES + RES_BYTES ? PIPE_BYTES : EPI_BYTES + RES_BYTES;
 };
 
-template <typename KV, int HD>
+/* CL: the splits of a (kv head, row tile, sequence) form one thread block cluster (sm_90, at most
+ * 8 blocks, short contexts): each block merges its warps into shared memory and the blocks then
+ * merge each other's results through distributed shared memory, with no partials in global
+ * memory and no merge kernel. Blocks whose chunk holds no key take part with an empty result. */
+template <typename KV, int HD, bool CL>
 __global__ void __launch_bounds__(NW * 32) decode_tc_kernel(msh_k_attn a, int splits, int chunk, int rtiles,
                                                             float2 *part_ml, float *part_acc) {
   typedef TcCfg<KV, HD> C;
@@ -332,7 +339,8 @@ __global__ void __launch_bounds__(NW * 32) decode_tc_kernel(msh_k_attn a, int sp
   const int64_t k_begin = (int64_t)split * chunk;
   const int64_t pos0 = pos0_of(a, b);
   const int64_t kmax = pos0 + t_last + 1;
-  if (k_begin >= kmax) return; /* no row of this tile sees this chunk: the merge skips it */
+  /* no row of this tile sees this chunk: the merge skips it (in a cluster it merges nothing) */
+  if (!CL && k_begin >= kmax) return;
   const int64_t k_end = kmax < k_begin + chunk ? kmax : k_begin + chunk;
   const float qs = a.scale * LOG2E;
 
@@ -353,7 +361,7 @@ __global__ void __launch_bounds__(NW * 32) decode_tc_kernel(msh_k_attn a, int sp
 
   const KV *kg = (const KV *)a.k + b * a.ksb + (int64_t)kvh * a.hd;
   const KV *vg = (const KV *)a.v + b * a.vsb + (int64_t)kvh * a.hd;
-  const int ntile = (int)((k_end - k_begin + TK - 1) / TK);
+  const int ntile = k_end > k_begin ? (int)((k_end - k_begin + TK - 1) / TK) : 0;
   auto load = [&](int j) {
     constexpr int CPR = HD / 8;
     KV *kt = tiles + (size_t)(j % STAGES) * 2 * TK * LD, *vt = kt + TK * LD;
@@ -460,6 +468,8 @@ __global__ void __launch_bounds__(NW * 32) decode_tc_kernel(msh_k_attn a, int sp
   float *sm_o = reinterpret_cast<float *>(smem); /* [NW][16][HD] */
   float *sm_m = sm_o + NW * 16 * HD;             /* [NW][16] */
   float *sm_l = sm_m + NW * 16;                  /* [NW][16] */
+  float *res_o = sm_l + NW * 16;                 /* [16][HD]: the block's result (CL) */
+  float *res_m = res_o + 16 * HD, *res_l = res_m + 16;
 #pragma unroll
   for (int dn = 0; dn < DT; dn++) {
     int col = dn * 8 + 2 * tq;
@@ -491,7 +501,13 @@ __global__ void __launch_bounds__(NW * 32) decode_tc_kernel(msh_k_attn a, int sp
       A += sm_o[(v * 16 + i) * HD + d] * f;
     }
     int64_t row = (bT + r / G) * a.H + kvh * G + r % G;
-    if (splits == 1) {
+    if (CL) {
+      res_o[i * HD + d] = A;
+      if (d == 0) {
+        res_m[i] = M;
+        res_l[i] = L;
+      }
+    } else if (splits == 1) {
       a.out[row * a.hd + d] = A / L;
     } else {
       int64_t slot = row * splits + split;
@@ -499,6 +515,31 @@ __global__ void __launch_bounds__(NW * 32) decode_tc_kernel(msh_k_attn a, int sp
       if (d == 0) part_ml[slot] = make_float2(M, L);
     }
   }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (CL) {
+    namespace cg = cooperative_groups;
+    cg::cluster_group cluster = cg::this_cluster();
+    cluster.sync(); /* every block's result is in its shared memory */
+    /* the cluster's blocks share out the (row, dim) elements; rank = split (grid x = cluster x) */
+    for (int e = split * NW * 32 + threadIdx.x; e < 16 * HD; e += splits * NW * 32) {
+      int i = e / HD, d = e % HD;
+      int64_t r = r0 + i;
+      if (r >= R || d >= a.hd) continue;
+      float M = -INFINITY;
+      for (int v = 0; v < splits; v++) M = fmaxf(M, *cluster.map_shared_rank(res_m + i, v));
+      float L = 0.0f, A = 0.0f;
+      for (int v = 0; v < splits; v++) {
+        float mv = *cluster.map_shared_rank(res_m + i, v);
+        float f = (mv == -INFINITY) ? 0.0f : exp2f(mv - M);
+        L += *cluster.map_shared_rank(res_l + i, v) * f;
+        A += *cluster.map_shared_rank(res_o + i * HD + d, v) * f;
+      }
+      int64_t row = (bT + r / G) * a.H + kvh * G + r % G;
+      a.out[row * a.hd + d] = A / L;
+    }
+    cluster.sync(); /* no block leaves while the others read its shared memory */
+  }
+#endif
 }
 
 __global__ void merge_kernel(msh_k_attn a, int splits, int chunk, const float2 *part_ml, const float *part_acc) {
@@ -524,6 +565,7 @@ __global__ void merge_kernel(msh_k_attn a, int splits, int chunk, const float2 *
 
 struct Plan {
   int tc;                             /* tensor-core kernel (else the fp32 one) */
+  int cl;                             /* tc: the splits form one cluster (merged in the kernel) */
   int HDP, GT, ntiles, rtiles, vec;   /* instance and grid shape */
   int splits, chunk, smem, occ;
 };
@@ -597,20 +639,50 @@ struct LaunchOp {
 template <typename KV, int HD> cudaError_t tc_occupancy(int *blocks) {
   typedef TcCfg<KV, HD> C;
   cudaError_t e =
-      cudaFuncSetAttribute(decode_tc_kernel<KV, HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
+      cudaFuncSetAttribute(decode_tc_kernel<KV, HD, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
   if (e != cudaSuccess) return e;
-  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, decode_tc_kernel<KV, HD>, NW * 32, C::SMEM);
+  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, decode_tc_kernel<KV, HD, false>, NW * 32, C::SMEM);
 }
 
 template <typename KV, int HD>
 cudaError_t tc_launch(cudaStream_t s, const msh_k_attn *a, const Plan &p, float2 *ml, float *acc) {
   typedef TcCfg<KV, HD> C;
-  cudaError_t e =
-      cudaFuncSetAttribute(decode_tc_kernel<KV, HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
-  if (e != cudaSuccess) return e;
   dim3 grid((unsigned)p.splits, (unsigned)((int64_t)a->KVH * p.rtiles), (unsigned)a->B);
-  decode_tc_kernel<KV, HD><<<grid, NW * 32, C::SMEM, s>>>(*a, p.splits, p.chunk, p.rtiles, ml, acc);
-  return cudaGetLastError();
+  if (!p.cl) {
+    cudaError_t e =
+        cudaFuncSetAttribute(decode_tc_kernel<KV, HD, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
+    if (e != cudaSuccess) return e;
+    decode_tc_kernel<KV, HD, false><<<grid, NW * 32, C::SMEM, s>>>(*a, p.splits, p.chunk, p.rtiles, ml, acc);
+    return cudaGetLastError();
+  }
+  cudaError_t e =
+      cudaFuncSetAttribute(decode_tc_kernel<KV, HD, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
+  if (e != cudaSuccess) return e;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(NW * 32);
+  cfg.dynamicSmemBytes = C::SMEM;
+  cfg.stream = s;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = (unsigned)p.splits;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, decode_tc_kernel<KV, HD, true>, *a, p.splits, p.chunk, p.rtiles, ml, acc);
+}
+
+/* Thread block clusters on this device (sm_90 and later), asked once per process. */
+bool clusters_ok() {
+  static int ok = -1;
+  if (ok < 0) {
+    int dev = 0, v = 0;
+    ok = cudaGetDevice(&dev) == cudaSuccess && cudaDeviceGetAttribute(&v, cudaDevAttrClusterLaunch, dev) == cudaSuccess &&
+         v != 0;
+    (void)cudaGetLastError();
+  }
+  return ok != 0;
 }
 
 /* occupancy per instance, asked once per process (devices assumed alike) */
@@ -665,10 +737,18 @@ cudaError_t plan_for(const msh_k_attn *a, int sm_count, Plan &p) {
   int64_t max_splits = maxn <= 512 ? 1 : (maxn + 63) / 64;
   if (splits > max_splits) splits = max_splits;
   if (splits < 1) splits = 1;
+  /* ... unless the tensor-core blocks are few: then the chunks of one tile (64 keys each, at
+   * most 8) form a cluster that merges in the kernel, and the keys are read in one step */
+  p.cl = 0;
+  if (p.tc && splits == 1 && maxn > 64 && maxn <= 512 && base * 4 <= (sm_count > 0 ? sm_count : 132) && clusters_ok()) {
+    p.cl = 1;
+    splits = (maxn + 63) / 64;
+  }
   int64_t chunk = (maxn + splits - 1) / splits;
   chunk = (chunk + 63) / 64 * 64; /* whole tiles */
   p.chunk = (int)chunk;
   p.splits = (int)((maxn + chunk - 1) / chunk);
+  if (p.splits <= 1) p.cl = 0;
   /* grid limits: y and z hold at most 65535 blocks */
   int64_t gy = p.tc ? (int64_t)a->KVH * p.rtiles : (int64_t)a->B * a->KVH * p.ntiles;
   int64_t gz = p.tc ? a->B : a->T;
@@ -687,7 +767,8 @@ extern "C" cudaError_t msh_k_attn_merge(cudaStream_t s, const msh_k_attn *a, int
 
 extern "C" size_t msh_k_attn_decode_workspace(const msh_k_attn *a, int sm_count) {
   Plan p;
-  if (a->B <= 0 || a->T <= 0 || a->H <= 0 || a->KVH <= 0 || plan_for(a, sm_count, p) != cudaSuccess || p.splits <= 1)
+  if (a->B <= 0 || a->T <= 0 || a->H <= 0 || a->KVH <= 0 || plan_for(a, sm_count, p) != cudaSuccess || p.splits <= 1 ||
+      p.cl)
     return 0;
   size_t slots = (size_t)a->B * a->T * a->H * p.splits;
   return slots * sizeof(float2) + slots * a->hd * sizeof(float);
@@ -702,7 +783,7 @@ extern "C" cudaError_t msh_k_attn_decode(cudaStream_t s, const msh_k_attn *a, vo
   if (e != cudaSuccess) return e;
   float2 *ml = NULL;
   float *acc = NULL;
-  if (p.splits > 1) {
+  if (p.splits > 1 && !p.cl) {
     if (!work) return cudaErrorInvalidValue;
     ml = (float2 *)work;
     acc = (float *)(ml + (size_t)a->B * a->T * a->H * p.splits);
@@ -714,6 +795,6 @@ extern "C" cudaError_t msh_k_attn_decode(cudaStream_t s, const msh_k_attn *a, vo
     LaunchOp op = {s, a, &p, ml, acc};
     e = with_instance(a->kv_dt, p, op);
   }
-  if (e != cudaSuccess || p.splits <= 1) return e;
+  if (e != cudaSuccess || p.splits <= 1 || p.cl) return e;
   return msh_k_attn_merge(s, a, p.splits, p.chunk, ml, acc);
 }

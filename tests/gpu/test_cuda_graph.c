@@ -109,6 +109,11 @@ static void test_attention_dyn(void) {
   attention_dyn_case(MSH_F32, 1, 8200, 8192, pos1, 7, 2e-5);
   attention_dyn_case(MSH_BF16, 4, 8192, 8192, pos4, 5, 1e-2);
   attention_dyn_case(MSH_F16, 2, 300, 257, pos4, 3, 1e-2); /* a plan of few splits */
+  /* short plans (a graph's first context bucket): the chunks form one cluster; blocks past the
+   * position take part with nothing */
+  static const int32_t pos_short[] = {0, 5, 63, 64, 257, 511, 600};
+  attention_dyn_case(MSH_BF16, 1, 520, 512, pos_short, 7, 1e-2);
+  attention_dyn_case(MSH_F16, 1, 300, 256, pos_short, 5, 1e-2);
 }
 
 /* ------------------------------------------------------------------------- set_rows_dyn */

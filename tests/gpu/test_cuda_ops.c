@@ -377,6 +377,10 @@ static void test_attention(void) {
       {90, 4, 2, 96, 20, MSH_F32, 0, 2e-5},      {1, 32, 8, 96, 9000, MSH_BF16, 0, 2e-5},
       {3, 8, 2, 80, 700, MSH_F16, 1, 2e-5},      {1, 64, 1, 128, 2000, MSH_BF16, 0, 1e-2},
       {1, 8, 8, 128, 8200, MSH_F32, 0, 2e-5},
+      /* short contexts over few tensor-core blocks: the chunks of 64 keys form one cluster */
+      {1, 32, 8, 128, 255, MSH_BF16, 0, 1e-2},   {1, 32, 8, 128, 511, MSH_BF16, 0, 1e-2},
+      {1, 32, 8, 128, 64, MSH_F16, 1, 1e-2},     {3, 32, 8, 128, 300, MSH_BF16, 0, 1e-2},
+      {2, 8, 2, 64, 130, MSH_F16, 0, 1e-2},      {1, 64, 1, 128, 400, MSH_BF16, 0, 1e-2},
   };
   for (size_t i = 0; i < sizeof decode / sizeof decode[0]; i++) run_attention(&decode[i]);
   /* 8 or more queries over f16/bf16 caches: the tensor-core flash kernel (q and p rounded to the
@@ -610,6 +614,9 @@ static void test_batch(void) {
       {5, 100, 32, 8, 128, 150, 40, MSH_BF16, 0, 0, 1e-2},
       {2, 20, 8, 2, 40, 60, 33, MSH_F32, 1, 0, 1e-5},
       {2, 16, 8, 8, 128, 8000, 7900, MSH_BF16, 1, 0, 1e-2}, /* few rows over a long cache: split */
+      /* a few sequences over short caches: clusters of chunks, positions read on the device */
+      {2, 1, 32, 8, 128, 512, 0, MSH_BF16, 0, 2, 1e-2},
+      {3, 1, 32, 8, 128, 300, 250, MSH_F16, 1, 0, 1e-2},
   };
   for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) run_batch_attention(&cases[i]);
   test_batch_set_rows();
