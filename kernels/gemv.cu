@@ -11,6 +11,12 @@
  * gate row n and up row F + n of a stacked (2F, K) weight in the same warp and writes
  * silu(gate) * up (the feed-forward input without a second pass).
  *
+ * QKV (one row of x, four rows per warp) is a layer's fused q/k/v projection with the rope and
+ * the cache store of msh_k_qkv_rope in its epilogue: each warp of the q and k heads owns two
+ * rotation pairs (dims (2j, 2j + hd/2) and (2j + 1, 2j + 1 + hd/2) of a head in the half style,
+ * 4j .. 4j + 3 interleaved), so both halves of a pair are in one warp; the warps of the v heads
+ * own four consecutive rows. q goes to q_out, k and v into the caches' row at the position.
+ *
  * NORM folds the RMSNorm before a projection into it: x is the raw residual, each x chunk is
  * multiplied by the norm weight g as it is loaded, and the sum of squares of x is formed on the
  * way (every warp meets every chunk of x once), so the dot products are scaled by
@@ -23,7 +29,32 @@ namespace {
 
 constexpr int WARPS = 4;
 
-enum Epi { STORE, ACC, GLU };
+enum Epi { STORE, ACC, GLU, QKV };
+
+/* QKV's rope and caches (one row of x at position *pos; inv_freq (hd / 2)). */
+struct Qkv {
+  void *kc, *vc; /* (S, KVH, hd) rows rstride elements apart, heads packed */
+  const int32_t *pos;
+  const float *inv_freq;
+  int H, KVH, hd, kv_dt, interleaved;
+  int64_t S, rstride;
+};
+
+/* QKV: row r (0..3) of warp wi: the two pairs of rotated dims of a q or k head, or four v rows. */
+__device__ __forceinline__ int64_t qkv_row(const Qkv &q, int64_t wi, int r) {
+  const int64_t qk_warps = (int64_t)(q.H + q.KVH) * q.hd / 4;
+  if (wi >= qk_warps) return (int64_t)(q.H + q.KVH) * q.hd + (wi - qk_warps) * 4 + r;
+  const int64_t h = wi / (q.hd / 4);
+  const int j = (int)(wi % (q.hd / 4));
+  const int dim = q.interleaved ? 4 * j + r : 2 * j + (r >> 1) + (r & 1) * (q.hd / 2);
+  return h * q.hd + dim;
+}
+
+__device__ __forceinline__ void store_kv(void *c, int dt, int64_t i, float v) {
+  if (dt == MSH_BF16) ((bf16 *)c)[i] = from_f<bf16>(v);
+  else if (dt == MSH_F16) ((f16 *)c)[i] = from_f<f16>(v);
+  else ((float *)c)[i] = v;
+}
 
 /* Row r of a warp's NR weight rows: its RPW output rows, then (GLU) their up rows F further. */
 template <int EPI, int RPW>
@@ -52,6 +83,36 @@ __device__ __forceinline__ void finish(float *out, float (&acc)[EPI == GLU ? 2 *
     }
 }
 
+/* QKV's epilogue: the warp's four sums rotated in pairs (q, k heads) and stored. */
+__device__ __forceinline__ void qkv_finish(float *q_out, const Qkv &qa, const float (&acc)[4][1], float scale, int lane,
+                                           int64_t wi, bool rot, int32_t pos, float freq) {
+  float y[4];
+#pragma unroll
+  for (int r = 0; r < 4; r++) y[r] = warp_sum(acc[r][0]) * scale;
+  if (rot) {
+    /* lanes 0 and 1 form the two pairs' angles in double, as msh_k_qkv_rope does */
+    double sd, cd;
+    sincos((double)pos * (double)freq, &sd, &cd);
+    float cf = (float)cd, sf = (float)sd;
+#pragma unroll
+    for (int k = 0; k < 2; k++) {
+      float c = __shfl_sync(0xffffffffu, cf, k), sn = __shfl_sync(0xffffffffu, sf, k);
+      float x0 = y[2 * k], x1 = y[2 * k + 1];
+      y[2 * k] = x0 * c - x1 * sn;
+      y[2 * k + 1] = x0 * sn + x1 * c;
+    }
+  }
+  if (lane < 4) {
+    float v = lane == 0 ? y[0] : lane == 1 ? y[1] : lane == 2 ? y[2] : y[3];
+    const int64_t row = qkv_row(qa, wi, lane), nq = (int64_t)qa.H * qa.hd, nk = (int64_t)qa.KVH * qa.hd;
+    const bool store = pos >= 0 && pos < qa.S;
+    const int64_t at = (int64_t)(store ? pos : 0) * qa.rstride;
+    if (row < nq) q_out[row] = v;
+    else if (store && row < nq + nk) store_kv(qa.kc, qa.kv_dt, at + row - nq, v);
+    else if (store) store_kv(qa.vc, qa.kv_dt, at + row - nq - nk, v);
+  }
+}
+
 template <int MT> __device__ __forceinline__ void load_x8(const float *x, int64_t K, int64_t c, int M, float (&xf)[MT][8]) {
 #pragma unroll
   for (int m = 0; m < MT; m++) {
@@ -67,14 +128,24 @@ template <int MT> __device__ __forceinline__ void load_x8(const float *x, int64_
 template <typename W, int MT, int RPW, int U, int EPI, bool NORM>
 __global__ void __launch_bounds__(WARPS * 32) gemv_vec_kernel(float *__restrict__ out, const float *__restrict__ x,
                                                                const W *__restrict__ w, int M, int64_t N, int64_t K,
-                                                               const W *__restrict__ g, float eps) {
+                                                               const W *__restrict__ g, float eps, Qkv qa) {
+  static_assert(EPI != QKV || (MT == 1 && RPW == 4), "QKV: one row of x, two pairs per warp");
   constexpr int NR = EPI == GLU ? 2 * RPW : RPW;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t row0 = ((int64_t)blockIdx.x * WARPS + warp) * RPW;
+  const int64_t wi = (int64_t)blockIdx.x * WARPS + warp, row0 = wi * RPW;
   if (row0 >= N) return;
   const W *wr[NR];
 #pragma unroll
-  for (int r = 0; r < NR; r++) wr[r] = w + weight_row<EPI, RPW>(row0, r, N) * K;
+  for (int r = 0; r < NR; r++) wr[r] = w + (EPI == QKV ? qkv_row(qa, wi, r) : weight_row<EPI, RPW>(row0, r, N)) * K;
+  /* QKV: the position and this lane's frequency load now and are used after the main loop (the
+   * position was uploaded before the step's first kernel) */
+  int32_t qpos = 0;
+  float qfreq = 0.0f;
+  const bool rot = EPI == QKV && wi < (int64_t)(qa.H + qa.KVH) * qa.hd / 4;
+  if (EPI == QKV) {
+    qpos = *qa.pos;
+    if (rot) qfreq = qa.inv_freq[2 * (int)(wi % (qa.hd / 4)) + (lane & 1)];
+  }
 
   float acc[NR][MT], ss[MT];
 #pragma unroll
@@ -135,7 +206,8 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_vec_kernel(float *__restrict_
   float scale[MT];
 #pragma unroll
   for (int m = 0; m < MT; m++) scale[m] = NORM ? 1.0f / sqrtf(warp_sum(ss[m]) / (float)K + eps) : 1.0f;
-  finish<EPI, RPW, MT>(out, acc, lane, row0, M, N, scale);
+  if constexpr (EPI == QKV) qkv_finish(out, qa, acc, scale[0], lane, wi, rot, qpos, qfreq);
+  else finish<EPI, RPW, MT>(out, acc, lane, row0, M, N, scale);
 }
 
 template <typename W, int MT, int RPW, int EPI>
@@ -180,13 +252,14 @@ cudaError_t launch(cudaStream_t s, int epi, float *out, const float *x, const vo
   if (NORM && (!vec || epi == ACC)) return cudaErrorNotSupported;
   const W *wt = (const W *)w;
   dim3 gr((unsigned)blocks), b(WARPS * 32);
+  const Qkv none = {};
   /* dependent launches: the weights stream in while the kernel before finishes */
   if (vec) {
     if (epi == GLU)
-      return launch_pdl(gemv_vec_kernel<W, MT, RG, U, GLU, NORM>, gr, b, 0, s, out, x, wt, M, N, K, g, eps);
+      return launch_pdl(gemv_vec_kernel<W, MT, RG, U, GLU, NORM>, gr, b, 0, s, out, x, wt, M, N, K, g, eps, none);
     if (epi == ACC)
-      return launch_pdl(gemv_vec_kernel<W, MT, RPW, U, ACC, false>, gr, b, 0, s, out, x, wt, M, N, K, g, eps);
-    return launch_pdl(gemv_vec_kernel<W, MT, RPW, U, STORE, NORM>, gr, b, 0, s, out, x, wt, M, N, K, g, eps);
+      return launch_pdl(gemv_vec_kernel<W, MT, RPW, U, ACC, false>, gr, b, 0, s, out, x, wt, M, N, K, g, eps, none);
+    return launch_pdl(gemv_vec_kernel<W, MT, RPW, U, STORE, NORM>, gr, b, 0, s, out, x, wt, M, N, K, g, eps, none);
   }
   if (epi == GLU) return launch_pdl(gemv_scalar_kernel<W, MT, RG, GLU>, gr, b, 0, s, out, x, wt, M, N, K);
   if (epi == ACC) return launch_pdl(gemv_scalar_kernel<W, MT, RPW, ACC>, gr, b, 0, s, out, x, wt, M, N, K);
@@ -232,7 +305,38 @@ cudaError_t norm_m1(cudaStream_t s, int epi, float *out, const float *x, const v
   }
 }
 
+/* The norm-folded QKV form: four rows per warp, two 16-byte chunks in flight per row (the
+ * stacked q/k/v matrices are large: by_m's shape for them). */
+template <typename W>
+cudaError_t norm_qkv(cudaStream_t s, float *q_out, const float *x, const void *w, const void *g, float eps, int64_t N,
+                     int64_t K, const Qkv &qa) {
+  int64_t blocks = (N + WARPS * 4 - 1) / (WARPS * 4);
+  if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
+  return launch_pdl(gemv_vec_kernel<W, 1, 4, 2, QKV, true>, dim3((unsigned)blocks), dim3(WARPS * 32), 0, s, q_out, x,
+                    (const W *)w, 1, N, K, (const W *)g, eps, qa);
+}
+
 } // namespace
+
+extern "C" cudaError_t msh_k_gemv_norm_qkv(cudaStream_t s, float *q_out, void *k_cache, void *v_cache, int kv_dt,
+                                           const float *x, const void *w, const void *g, int w_dt, float eps,
+                                           const int32_t *pos, const float *inv_freq, int64_t H, int64_t KVH,
+                                           int64_t hd, int64_t n_rot, int style, int64_t S, int64_t rstride,
+                                           int64_t K) {
+  if (H < 1 || KVH < 1 || hd < 4 || hd % 4 || 2 * n_rot != hd || K % 8 || !aligned16(x) || !aligned16(w) ||
+      !aligned16(g) || (H + 2 * KVH) * hd > 0x7fffffff)
+    return cudaErrorNotSupported;
+  if (kv_dt != MSH_F32 && kv_dt != MSH_F16 && kv_dt != MSH_BF16) return cudaErrorInvalidValue;
+  Qkv qa = {k_cache, v_cache, pos, inv_freq, (int)H, (int)KVH, (int)hd, kv_dt, style == MSH_ROPE_INTERLEAVED, S,
+            rstride};
+  int64_t N = (H + 2 * KVH) * hd;
+  switch (w_dt) {
+  case MSH_F32: return norm_qkv<float>(s, q_out, x, w, g, eps, N, K, qa);
+  case MSH_F16: return norm_qkv<f16>(s, q_out, x, w, g, eps, N, K, qa);
+  case MSH_BF16: return norm_qkv<bf16>(s, q_out, x, w, g, eps, N, K, qa);
+  default: return cudaErrorInvalidValue;
+  }
+}
 
 extern "C" cudaError_t msh_k_gemv_norm(cudaStream_t s, int epi, float *out, const float *x, const void *w,
                                        const void *g, int w_dt, float eps, int64_t N, int64_t K) {

@@ -247,13 +247,21 @@ msh_status msh_op_rope(msh_tensor *x, const msh_tensor *pos, const msh_tensor *i
  * h = rmsnorm(x, norm_w, eps) as msh_op_rmsnorm, out = h @ w^T as msh_op_matmul (gu NULL), or
  * out = silu(h @ w[0:F]^T) * (h @ w[F:2F]^T) as msh_op_matmul_glu with gu its scratch. h (M, K)
  * f32 contiguous on out's device, apart from the operands: scratch for backends that form the
- * normalized rows (its contents are left unspecified). x is only read. */
+ * normalized rows (its contents are left unspecified). x is only read.
+ *
+ * msh_op_rmsnorm_qkv_rope: a layer's attention inputs from its residual x: msh_op_rmsnorm_matmul
+ * (qkv, x, norm_w, eps, w, h, NULL) then msh_op_qkv_rope(q_out, k_cache, v_cache, qkv, pos,
+ * inv_freq, style), operands as theirs. qkv and h are scratch (left unspecified: a backend may
+ * form the decode step's single row without writing them). */
 msh_status msh_op_rmsnorm_matmul(msh_tensor *out, const msh_tensor *x, const msh_tensor *norm_w, float eps,
                                  const msh_tensor *w, msh_tensor *h, msh_tensor *gu);
 msh_status msh_op_matmul_acc(msh_tensor *out, const msh_tensor *x, const msh_tensor *w);
 msh_status msh_op_matmul_glu(msh_tensor *out, const msh_tensor *x, const msh_tensor *w, msh_tensor *scratch);
 msh_status msh_op_qkv_rope(msh_tensor *q_out, msh_tensor *k_cache, msh_tensor *v_cache, const msh_tensor *qkv,
                            const msh_tensor *pos, const msh_tensor *inv_freq, int style);
+msh_status msh_op_rmsnorm_qkv_rope(msh_tensor *q_out, msh_tensor *k_cache, msh_tensor *v_cache, msh_tensor *qkv,
+                                   const msh_tensor *x, const msh_tensor *norm_w, float eps, const msh_tensor *w,
+                                   msh_tensor *h, const msh_tensor *pos, const msh_tensor *inv_freq, int style);
 
 /* dst rows [row0, row0 + T) = src (T, ...): copies along dim 0 (with dtype conversion as in
  * msh_tensor_copy). Batched: dst (B, S, ...) and src (B, T, ...) (equal in dim 0 and past dim 1):

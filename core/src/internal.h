@@ -179,6 +179,11 @@ typedef struct msh_backend {
    * msh_op_rmsnorm_matmul's, gu NULL for the plain projection. */
   msh_status (*rmsnorm_matmul)(msh_tensor *out, const msh_tensor *x, const msh_tensor *norm_w, float eps,
                                const msh_tensor *w, msh_tensor *h, msh_tensor *gu);
+  /* Optional (NULL: rmsnorm_matmul into qkv, then qkv_rope): operands checked as
+   * msh_op_rmsnorm_qkv_rope's. */
+  msh_status (*rmsnorm_qkv_rope)(msh_tensor *q_out, msh_tensor *k_cache, msh_tensor *v_cache, msh_tensor *qkv,
+                                 const msh_tensor *x, const msh_tensor *norm_w, float eps, const msh_tensor *w,
+                                 msh_tensor *h, const msh_tensor *pos, const msh_tensor *inv_freq, int style);
   msh_status (*silu_mul)(msh_tensor *out, const msh_tensor *gate, const msh_tensor *up);
   msh_status (*add)(msh_tensor *out, const msh_tensor *a, const msh_tensor *b);
   msh_status (*scale)(msh_tensor *out, const msh_tensor *x, float s);

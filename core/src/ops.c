@@ -174,12 +174,11 @@ msh_status msh_op_matmul_glu(msh_tensor *out, const msh_tensor *x, const msh_ten
   return be->matmul_glu(out, x, w, scratch);
 }
 
-msh_status msh_op_rmsnorm_matmul(msh_tensor *out, const msh_tensor *x, const msh_tensor *norm_w, float eps,
-                                 const msh_tensor *w, msh_tensor *h, msh_tensor *gu) {
-  const char *op = "rmsnorm_matmul";
+static msh_status check_rmsnorm_matmul(const char *op, msh_tensor *out, const msh_tensor *x, const msh_tensor *norm_w,
+                                       const msh_tensor *w, msh_tensor *h, msh_tensor *gu, const msh_backend **be) {
   if (!out || !x || !norm_w || !w || !h) return MSH_FAIL(MSH_EINVAL, "NULL argument");
-  const msh_backend *be = same_device(op, out, x, w, h);
-  if (!be || !same_device(op, x, norm_w, gu, NULL)) return MSH_EINVAL;
+  *be = same_device(op, out, x, w, h);
+  if (!*be || !same_device(op, x, norm_w, gu, NULL)) return MSH_EINVAL;
   CHECK(check_matmul(op, out, x, w, gu ? 2 : 1));
   CHECK(want_weight(op, "norm_w", norm_w));
   CHECK(want_out(op, h));
@@ -198,11 +197,25 @@ msh_status msh_op_rmsnorm_matmul(msh_tensor *out, const msh_tensor *x, const msh
     if (overlaps(gu, out) || overlaps(gu, x) || overlaps(gu, w) || overlaps(gu, h))
       return MSH_FAIL(MSH_EINVAL, "%s: scratch overlaps an operand", op);
   }
+  return MSH_OK;
+}
+
+/* rmsnorm_matmul after its checks: the backend's, or rmsnorm into h then the projection. */
+static msh_status run_rmsnorm_matmul(const msh_backend *be, msh_tensor *out, const msh_tensor *x,
+                                     const msh_tensor *norm_w, float eps, const msh_tensor *w, msh_tensor *h,
+                                     msh_tensor *gu) {
   if (msh_tensor_numel(out) == 0) return MSH_OK;
   if (be->rmsnorm_matmul) return be->rmsnorm_matmul(out, x, norm_w, eps, w, h, gu);
   msh_tensor hv = msh_rows_view(h, x->shape[0], x->shape[1]);
   if (msh_tensor_numel(x) > 0) CHECK(be->rmsnorm(&hv, x, norm_w, eps));
   return gu ? be->matmul_glu(out, &hv, w, gu) : be->matmul(out, &hv, w);
+}
+
+msh_status msh_op_rmsnorm_matmul(msh_tensor *out, const msh_tensor *x, const msh_tensor *norm_w, float eps,
+                                 const msh_tensor *w, msh_tensor *h, msh_tensor *gu) {
+  const msh_backend *be = NULL;
+  CHECK(check_rmsnorm_matmul("rmsnorm_matmul", out, x, norm_w, w, h, gu, &be));
+  return run_rmsnorm_matmul(be, out, x, norm_w, eps, w, h, gu);
 }
 
 /* A KV cache of qkv_rope: (S, KVH, hd) or (B, S, KVH, hd) float with (KVH, hd) packed. */
@@ -213,12 +226,12 @@ static int kv_cache_fits(const msh_tensor *c, int64_t KVH, int64_t hd) {
          (KVH <= 1 || c->stride[n - 2] == hd);
 }
 
-msh_status msh_op_qkv_rope(msh_tensor *q_out, msh_tensor *k_cache, msh_tensor *v_cache, const msh_tensor *qkv,
-                           const msh_tensor *pos, const msh_tensor *inv_freq, int style) {
+static msh_status check_qkv_rope(const char *op, msh_tensor *q_out, msh_tensor *k_cache, msh_tensor *v_cache,
+                                 const msh_tensor *qkv, const msh_tensor *pos, const msh_tensor *inv_freq, int style,
+                                 const msh_backend **be) {
   if (!q_out || !k_cache || !v_cache || !qkv || !pos || !inv_freq) return MSH_FAIL(MSH_EINVAL, "NULL argument");
-  const char *op = "qkv_rope";
-  const msh_backend *be = same_device(op, q_out, k_cache, v_cache, qkv);
-  if (!be || !same_device(op, qkv, pos, inv_freq, NULL)) return MSH_EINVAL;
+  *be = same_device(op, q_out, k_cache, v_cache, qkv);
+  if (!*be || !same_device(op, qkv, pos, inv_freq, NULL)) return MSH_EINVAL;
   CHECK(want_out(op, q_out));
   CHECK(want_f32c(op, "qkv", qkv));
   CHECK(want_f32c(op, "inv_freq", inv_freq));
@@ -240,7 +253,32 @@ msh_status msh_op_qkv_rope(msh_tensor *q_out, msh_tensor *k_cache, msh_tensor *v
   if (overlaps(k_cache, v_cache) || overlaps(q_out, qkv) || overlaps(k_cache, qkv) || overlaps(v_cache, qkv) ||
       overlaps(q_out, k_cache) || overlaps(q_out, v_cache))
     return MSH_FAIL(MSH_EINVAL, "%s: outputs overlap each other or an input", op);
-  if (R == 0) return MSH_OK;
+  return MSH_OK;
+}
+
+msh_status msh_op_qkv_rope(msh_tensor *q_out, msh_tensor *k_cache, msh_tensor *v_cache, const msh_tensor *qkv,
+                           const msh_tensor *pos, const msh_tensor *inv_freq, int style) {
+  const msh_backend *be = NULL;
+  CHECK(check_qkv_rope("qkv_rope", q_out, k_cache, v_cache, qkv, pos, inv_freq, style, &be));
+  if (q_out->shape[0] == 0) return MSH_OK;
+  return be->qkv_rope(q_out, k_cache, v_cache, qkv, pos, inv_freq, style);
+}
+
+msh_status msh_op_rmsnorm_qkv_rope(msh_tensor *q_out, msh_tensor *k_cache, msh_tensor *v_cache, msh_tensor *qkv,
+                                   const msh_tensor *x, const msh_tensor *norm_w, float eps, const msh_tensor *w,
+                                   msh_tensor *h, const msh_tensor *pos, const msh_tensor *inv_freq, int style) {
+  const char *op = "rmsnorm_qkv_rope";
+  const msh_backend *be = NULL, *be2 = NULL;
+  CHECK(check_rmsnorm_matmul(op, qkv, x, norm_w, w, h, NULL, &be));
+  CHECK(check_qkv_rope(op, q_out, k_cache, v_cache, qkv, pos, inv_freq, style, &be2));
+  if (be != be2) return MSH_FAIL(MSH_EINVAL, "%s: the operands are on different devices", op);
+  if (overlaps(qkv, k_cache) || overlaps(qkv, v_cache) || overlaps(h, q_out) || overlaps(h, k_cache) ||
+      overlaps(h, v_cache) || overlaps(q_out, x) || overlaps(k_cache, x) || overlaps(v_cache, x))
+    return MSH_FAIL(MSH_EINVAL, "%s: outputs overlap each other or an input", op);
+  if (q_out->shape[0] == 0) return MSH_OK;
+  if (be->rmsnorm_qkv_rope) return be->rmsnorm_qkv_rope(q_out, k_cache, v_cache, qkv, x, norm_w, eps, w, h, pos,
+                                                        inv_freq, style);
+  CHECK(run_rmsnorm_matmul(be, qkv, x, norm_w, eps, w, h, NULL));
   return be->qkv_rope(q_out, k_cache, v_cache, qkv, pos, inv_freq, style);
 }
 

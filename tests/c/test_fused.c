@@ -49,8 +49,22 @@ static void test_errors(void) {
   msh_tensor *qb = cpu_new(MSH_F32, 3, q3b);
   CHECK_STATUS(msh_op_qkv_rope(qb, kc, vc, qkv, pos, inv, MSH_ROPE_HALF), MSH_EINVAL);
   CHECK(strstr(msh_last_error(), "qkv_rope") != NULL);
-  msh_tensor *ts[] = {x, w, o, ob, sc, sc_ok, qkv, q, kc, vc, pos, inv, qb};
-  free_all(ts, 13);
+
+  /* rmsnorm_qkv_rope: x (2, 8) through a (16, 8) q/k/v projection; a projection of the wrong
+   * width, h overlapping the q output, a cache overlapping qkv */
+  int64_t wqs[2] = {16, 8}, wbs[2] = {12, 8};
+  msh_tensor *wq = cpu_randn(MSH_F32, 2, wqs, 1), *wqb = cpu_randn(MSH_F32, 2, wbs, 1);
+  msh_tensor *nq = cpu_randn(MSH_F32, 1, ns, 1), *hq = cpu_new(MSH_F32, 2, xs);
+  CHECK_OK(msh_op_rmsnorm_qkv_rope(q, kc, vc, qkv, x, nq, 1e-5f, wq, hq, pos, inv, MSH_ROPE_HALF));
+  CHECK_STATUS(msh_op_rmsnorm_qkv_rope(q, kc, vc, qkv, x, nq, 1e-5f, wqb, hq, pos, inv, MSH_ROPE_HALF), MSH_EINVAL);
+  CHECK(strstr(msh_last_error(), "rmsnorm_qkv_rope") != NULL);
+  msh_tensor *qview = NULL;
+  CHECK_OK(msh_tensor_reshape(&qview, q, 2, xs));
+  CHECK_STATUS(msh_op_rmsnorm_qkv_rope(q, kc, vc, qkv, x, nq, 1e-5f, wq, qview, pos, inv, MSH_ROPE_HALF), MSH_EINVAL);
+  pp[1] = 3;
+  CHECK_STATUS(msh_op_rmsnorm_qkv_rope(q, kc, vc, qkv, x, nq, 1e-5f, wq, hq, pos, inv, MSH_ROPE_HALF), MSH_ERANGE);
+  msh_tensor *ts[] = {x, w, o, ob, sc, sc_ok, qkv, q, kc, vc, pos, inv, qb, wq, wqb, nq, hq, qview};
+  free_all(ts, 18);
 }
 
 int main(void) {

@@ -1,4 +1,5 @@
-/* fused_cases.h: the fused layer ops (matmul_acc, matmul_glu, rmsnorm_matmul, qkv_rope) on a device against the
+/* fused_cases.h: the fused layer ops (matmul_acc, matmul_glu, rmsnorm_matmul, qkv_rope,
+ * rmsnorm_qkv_rope) on a device against the
  * unfused ops composed on the CPU, on fresh random inputs: every weight dtype, the GEMV shapes of
  * decode (M = 1, with K not a multiple of 8 for the scalar path) and the cuBLAS shapes of prefill,
  * both rope styles with full and partial rotation, f32/f16/bf16 caches, 3-D and batched 4-D caches
@@ -197,6 +198,52 @@ static void fused_qkv_rope_case(int dev, int64_t B, int64_t T, int64_t H, int64_
   }
 }
 
+/* rmsnorm_qkv_rope on dev against rmsnorm, matmul and qkv_rope on the CPU: R rows (one sequence,
+ * or R sequences of one row over a batched cache), positions pos0 + r (sequence r at pos0 + 3r). */
+static void fused_rmsnorm_qkv_rope_case(int dev, int64_t R, int64_t H, int64_t KVH, int64_t hd, int64_t n_rot,
+                                        int style, int wdt, int kvdt, int batched, int64_t pos0) {
+  int64_t K = 256, S = pos0 + 3 * R + 4, W = (H + 2 * KVH) * hd;
+  int64_t xs[2] = {R, K}, ws[2] = {W, K}, ns[1] = {K}, qs[2] = {R, W}, rs[1] = {R}, fs[1] = {n_rot};
+  int64_t q3[3] = {R, H, hd};
+  msh_tensor *x = dev_randn(MSH_CPU, MSH_F32, 2, xs, 3.0f), *w = dev_randn(MSH_CPU, wdt, 2, ws, 0.05f);
+  msh_tensor *nw = dev_randn(MSH_CPU, wdt, 1, ns, 1.0f), *h = cpu_new(MSH_F32, 2, xs), *qkv = cpu_new(MSH_F32, 2, qs);
+  msh_tensor *pos = cpu_new(MSH_I32, 1, rs), *inv = cpu_new(MSH_F32, 1, fs), *q_ref = cpu_new(MSH_F32, 3, q3);
+  if (!x || !w || !nw || !h || !qkv || !pos || !inv || !q_ref) return;
+  int32_t *pp = msh_tensor_data(pos);
+  for (int64_t r = 0; r < R; r++) pp[r] = (int32_t)(pos0 + (batched ? 3 * r : r));
+  float *fp = msh_tensor_data(inv);
+  for (int64_t i = 0; i < n_rot; i++) fp[i] = (float)pow(500000.0, -2.0 * (double)i / (double)(2 * n_rot));
+  msh_tensor *kown, *vown;
+  msh_tensor *kc = fused_cache(dev, kvdt, R, S, KVH, hd, batched, 0, &kown);
+  msh_tensor *vc = fused_cache(dev, kvdt, R, S, KVH, hd, batched, 0, &vown);
+  msh_tensor *kref = to_cpu(kown), *vref = to_cpu(vown);
+  const float eps = 1e-5f;
+  CHECK_OK(msh_op_rmsnorm(h, x, nw, eps));
+  CHECK_OK(msh_op_matmul(qkv, h, w));
+  CHECK_OK(msh_op_qkv_rope(q_ref, kref, vref, qkv, pos, inv, style));
+  msh_tensor *dx = copy_to(dev, x), *dw = copy_to(dev, w), *dn = copy_to(dev, nw), *dpos = copy_to(dev, pos);
+  msh_tensor *dinv = copy_to(dev, inv), *dh = dev_new(dev, MSH_F32, 2, xs), *dqkv = dev_new(dev, MSH_F32, 2, qs);
+  msh_tensor *q_out = dev_new(dev, MSH_F32, 3, q3);
+  CHECK_OK(msh_op_rmsnorm_qkv_rope(q_out, kc, vc, dqkv, dx, dn, eps, dw, dh, dpos, dinv, style));
+  char what[160];
+  snprintf(what, sizeof what, "rmsnorm_qkv_rope R=%lld H=%lld/%lld hd=%lld rot=%lld %s w=%s kv=%s%s q",
+           (long long)R, (long long)H, (long long)KVH, (long long)hd, (long long)n_rot,
+           style == MSH_ROPE_HALF ? "half" : "interleaved", msh_dtype_name(wdt), msh_dtype_name(kvdt),
+           batched ? " 4-D" : " 3-D");
+  COMPARE(what, q_out, q_ref, tol_for(wdt));
+  msh_tensor *kg = as_f32(kown), *vg = as_f32(vown), *kw32 = as_f32(kref), *vw32 = as_f32(vref);
+  size_t L = strlen(what);
+  what[L - 1] = 'k';
+  COMPARE(what, kg, kw32, wdt == MSH_F32 ? tol_for(kvdt) : 1e-2);
+  what[L - 1] = 'v';
+  COMPARE(what, vg, vw32, wdt == MSH_F32 ? tol_for(kvdt) : 1e-2);
+  snprintf(what + L - 1, sizeof what - L + 1, "x kept");
+  COMPARE(what, dx, x, 0.0);
+  msh_tensor *ts[] = {x, w, nw, h, qkv, pos, inv, q_ref, kown, vown, kref, vref, dx, dw, dn, dpos, dinv, dh, dqkv,
+                      q_out, kg, vg, kw32, vw32};
+  free_all(ts, 24);
+}
+
 static void fused_all_cases(int dev) {
   static const int wdts[3] = {MSH_F32, MSH_F16, MSH_BF16};
   for (int i = 0; i < 3; i++) {
@@ -236,6 +283,17 @@ static void fused_all_cases(int dev) {
       fused_qkv_rope_case(dev, 3, 4, 8, 1, 32, 16, style, kvdts[i], 1, 0);
       fused_qkv_rope_case(dev, 2, 1, 8, 2, 64, 32, style, kvdts[i], 1, 1);
     }
+  /* one row (the decode step: one pass on a GPU), every weight and cache type, both styles; more
+   * rows, a partial rotation and a batched cache (composed) */
+  for (int i = 0; i < 3; i++)
+    for (int style = 0; style < 2; style++) {
+      fused_rmsnorm_qkv_rope_case(dev, 1, 32, 8, 128, 64, style, MSH_BF16, kvdts[i], 0, 37);
+      fused_rmsnorm_qkv_rope_case(dev, 1, 8, 2, 64, 32, style, wdts[i], MSH_BF16, 0, 0);
+      fused_rmsnorm_qkv_rope_case(dev, 1, 4, 4, 36, 18, style, wdts[i], kvdts[i], 1, 5);
+    }
+  fused_rmsnorm_qkv_rope_case(dev, 3, 8, 2, 64, 32, MSH_ROPE_HALF, MSH_BF16, MSH_BF16, 0, 10);
+  fused_rmsnorm_qkv_rope_case(dev, 1, 6, 2, 48, 8, MSH_ROPE_HALF, MSH_F16, MSH_F16, 0, 3); /* partial rotation */
+  fused_rmsnorm_qkv_rope_case(dev, 4, 8, 8, 32, 16, MSH_ROPE_INTERLEAVED, MSH_F32, MSH_F32, 1, 2);
 }
 
 #endif
