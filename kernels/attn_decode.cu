@@ -485,10 +485,11 @@ __global__ void __launch_bounds__(NW * 32) decode_tc_kernel(msh_k_attn a, int sp
     sm_l[warp * 16 + g + 8] = lB;
   }
   __syncthreads();
-  for (int e = threadIdx.x; e < 16 * HD; e += NW * 32) {
+  const int nvalid = (int)(R - r0 < 16 ? R - r0 : 16) * HD; /* the tile's rows that exist */
+  for (int e = threadIdx.x; e < nvalid; e += NW * 32) {
     int i = e / HD, d = e % HD;
     int64_t r = r0 + i;
-    if (r >= R || d >= a.hd) continue;
+    if (d >= a.hd) continue;
     float M = -INFINITY;
 #pragma unroll
     for (int v = 0; v < NW; v++) M = fmaxf(M, sm_m[v * 16 + i]);
@@ -521,18 +522,27 @@ __global__ void __launch_bounds__(NW * 32) decode_tc_kernel(msh_k_attn a, int sp
     cg::cluster_group cluster = cg::this_cluster();
     cluster.sync(); /* every block's result is in its shared memory */
     /* the cluster's blocks share out the (row, dim) elements; rank = split (grid x = cluster x) */
-    for (int e = split * NW * 32 + threadIdx.x; e < 16 * HD; e += splits * NW * 32) {
+    for (int e = split * NW * 32 + threadIdx.x; e < nvalid; e += splits * NW * 32) {
       int i = e / HD, d = e % HD;
       int64_t r = r0 + i;
-      if (r >= R || d >= a.hd) continue;
-      float M = -INFINITY;
-      for (int v = 0; v < splits; v++) M = fmaxf(M, *cluster.map_shared_rank(res_m + i, v));
+      if (d >= a.hd) continue;
+      /* every block's three values first (the remote loads in flight together), then the merge */
+      float mv[8], lv[8], av[8], M = -INFINITY;
+#pragma unroll
+      for (int v = 0; v < 8; v++) {
+        bool in = v < splits;
+        mv[v] = in ? *cluster.map_shared_rank(res_m + i, v) : -INFINITY;
+        lv[v] = in ? *cluster.map_shared_rank(res_l + i, v) : 0.0f;
+        av[v] = in ? *cluster.map_shared_rank(res_o + i * HD + d, v) : 0.0f;
+      }
+#pragma unroll
+      for (int v = 0; v < 8; v++) M = fmaxf(M, mv[v]);
       float L = 0.0f, A = 0.0f;
-      for (int v = 0; v < splits; v++) {
-        float mv = *cluster.map_shared_rank(res_m + i, v);
-        float f = (mv == -INFINITY) ? 0.0f : exp2f(mv - M);
-        L += *cluster.map_shared_rank(res_l + i, v) * f;
-        A += *cluster.map_shared_rank(res_o + i * HD + d, v) * f;
+#pragma unroll
+      for (int v = 0; v < 8; v++) {
+        float f = (mv[v] == -INFINITY) ? 0.0f : exp2f(mv[v] - M);
+        L += lv[v] * f;
+        A += av[v] * f;
       }
       int64_t row = (bT + r / G) * a.H + kvh * G + r % G;
       a.out[row * a.hd + d] = A / L;

@@ -125,14 +125,19 @@ template <int MT> __device__ __forceinline__ void load_x8(const float *x, int64_
   }
 }
 
-template <typename W, int MT, int RPW, int U, int EPI, bool NORM>
+/* KS = 1: each warp owns its rows over all of K. KS = WARPS: the block's warps share RPW rows, warp
+ * w taking every WARPS-th run of 32 chunks of K, and their sums meet in shared memory (four times
+ * the warps per row: more loads in flight for few rows over a long K). */
+template <typename W, int MT, int RPW, int U, int EPI, bool NORM, int KS = 1>
 __global__ void __launch_bounds__(WARPS * 32) gemv_vec_kernel(float *__restrict__ out, const float *__restrict__ x,
                                                                const W *__restrict__ w, int M, int64_t N, int64_t K,
                                                                const W *__restrict__ g, float eps, Qkv qa) {
   static_assert(EPI != QKV || (MT == 1 && RPW == 4), "QKV: one row of x, two pairs per warp");
+  static_assert(KS == 1 || KS == WARPS, "KS: one warp or the whole block per row");
   constexpr int NR = EPI == GLU ? 2 * RPW : RPW;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t wi = (int64_t)blockIdx.x * WARPS + warp, row0 = wi * RPW;
+  const int64_t wi = KS == 1 ? (int64_t)blockIdx.x * WARPS + warp : (int64_t)blockIdx.x, row0 = wi * RPW;
+  const int kpart = KS == 1 ? 0 : warp; /* this warp's runs of K */
   if (row0 >= N) return;
   const W *wr[NR];
 #pragma unroll
@@ -156,19 +161,20 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_vec_kernel(float *__restrict_
   }
 
   const int64_t K8 = K / 8;
-  for (int64_t c0 = lane; c0 < K8; c0 += 32 * U) {
+  const int64_t cfirst = kpart * 32 + lane;
+  for (int64_t c0 = cfirst; c0 < K8; c0 += 32 * KS * U) {
     Raw8<W> wv[U][NR];
 #pragma unroll
     for (int u = 0; u < U; u++)
 #pragma unroll
       for (int r = 0; r < NR; r++) {
-        if (c0 + u * 32 < K8) wv[u][r].load_stream(wr[r] + (c0 + u * 32) * 8);
+        if (c0 + u * 32 * KS < K8) wv[u][r].load_stream(wr[r] + (c0 + u * 32 * KS) * 8);
         else wv[u][r].zero();
       }
-    if (c0 == lane) pdl_wait(); /* the first weights are in flight: now x (the previous kernel's) */
+    if (c0 == cfirst) pdl_wait(); /* the first weights are in flight: now x (the previous kernel's) */
 #pragma unroll
     for (int u = 0; u < U; u++) {
-      const int64_t c = c0 + u * 32;
+      const int64_t c = c0 + u * 32 * KS;
       if (c < K8) {
         float xf[MT][8];
         load_x8<MT>(x, K, c, M, xf);
@@ -203,6 +209,36 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_vec_kernel(float *__restrict_
   /* every weight of this block is loaded: the next kernel may launch into the SM slots that free
    * up (triggering at the start instead let chains of waiting kernels crowd out this one) */
   pdl_trigger();
+  if constexpr (KS > 1) {
+    /* the warps' sums meet in warp 0, held by its lane 0 (the epilogues sum across the warp) */
+    __shared__ float part[KS][NR + 1][MT];
+#pragma unroll
+    for (int m = 0; m < MT; m++) {
+#pragma unroll
+      for (int r = 0; r < NR; r++) {
+        float v = warp_sum(acc[r][m]);
+        if (lane == 0) part[warp][r][m] = v;
+      }
+      float v = warp_sum(ss[m]);
+      if (lane == 0) part[warp][NR][m] = v;
+    }
+    __syncthreads();
+    if (warp != 0) return;
+#pragma unroll
+    for (int m = 0; m < MT; m++) {
+#pragma unroll
+      for (int r = 0; r < NR; r++) {
+        float t = 0.0f;
+#pragma unroll
+        for (int k = 0; k < KS; k++) t += part[k][r][m];
+        acc[r][m] = lane == 0 ? t : 0.0f;
+      }
+      float t = 0.0f;
+#pragma unroll
+      for (int k = 0; k < KS; k++) t += part[k][NR][m];
+      ss[m] = lane == 0 ? t : 0.0f;
+    }
+  }
   float scale[MT];
 #pragma unroll
   for (int m = 0; m < MT; m++) scale[m] = NORM ? 1.0f / sqrtf(warp_sum(ss[m]) / (float)K + eps) : 1.0f;
@@ -241,11 +277,11 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_scalar_kernel(float *__restri
 
 /* RPW: weight rows per warp for STORE and ACC; GLU gives each warp RPW / 2 outputs (RPW rows).
  * NORM (STORE and GLU, 16-byte rows: the caller checks) folds the RMSNorm of x with weight g. */
-template <typename W, int MT, int RPW, int U, bool NORM = false>
+template <typename W, int MT, int RPW, int U, bool NORM = false, int KS = 1>
 cudaError_t launch(cudaStream_t s, int epi, float *out, const float *x, const void *w, int M, int64_t N, int64_t K,
                    const W *g = nullptr, float eps = 0.0f) {
   constexpr int RG = RPW > 1 ? RPW / 2 : 1;
-  int64_t rows_per_block = WARPS * (epi == GLU ? RG : RPW);
+  int64_t rows_per_block = (WARPS / KS) * (epi == GLU ? RG : RPW);
   int64_t blocks = (N + rows_per_block - 1) / rows_per_block;
   if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
   bool vec = K % 8 == 0 && aligned16(x) && aligned16(w);
@@ -256,17 +292,28 @@ cudaError_t launch(cudaStream_t s, int epi, float *out, const float *x, const vo
   /* dependent launches: the weights stream in while the kernel before finishes */
   if (vec) {
     if (epi == GLU)
-      return launch_pdl(gemv_vec_kernel<W, MT, RG, U, GLU, NORM>, gr, b, 0, s, out, x, wt, M, N, K, g, eps, none);
+      return launch_pdl(gemv_vec_kernel<W, MT, RG, U, GLU, NORM, KS>, gr, b, 0, s, out, x, wt, M, N, K, g, eps, none);
     if (epi == ACC)
-      return launch_pdl(gemv_vec_kernel<W, MT, RPW, U, ACC, false>, gr, b, 0, s, out, x, wt, M, N, K, g, eps, none);
-    return launch_pdl(gemv_vec_kernel<W, MT, RPW, U, STORE, NORM>, gr, b, 0, s, out, x, wt, M, N, K, g, eps, none);
+      return launch_pdl(gemv_vec_kernel<W, MT, RPW, U, ACC, false, KS>, gr, b, 0, s, out, x, wt, M, N, K, g, eps,
+                        none);
+    return launch_pdl(gemv_vec_kernel<W, MT, RPW, U, STORE, NORM, KS>, gr, b, 0, s, out, x, wt, M, N, K, g, eps,
+                      none);
   }
   if (epi == GLU) return launch_pdl(gemv_scalar_kernel<W, MT, RG, GLU>, gr, b, 0, s, out, x, wt, M, N, K);
   if (epi == ACC) return launch_pdl(gemv_scalar_kernel<W, MT, RPW, ACC>, gr, b, 0, s, out, x, wt, M, N, K);
   return launch_pdl(gemv_scalar_kernel<W, MT, RPW, STORE>, gr, b, 0, s, out, x, wt, M, N, K);
 }
 
-int m1_variant = 0; /* shape of the M = 1 kernel (tuning; see msh_k_gemv_variant) */
+/* shape of the M = 1 kernel (tuning: msh_k_gemv_variant, or MSH_GEMV_VARIANT in the environment) */
+int m1_variant = -1;
+
+int variant() {
+  if (m1_variant < 0) {
+    const char *e = getenv("MSH_GEMV_VARIANT");
+    m1_variant = e ? atoi(e) : 0;
+  }
+  return m1_variant;
+}
 
 /* The M = 1 shape by matrix size, measured on an H200 (bf16, Llama-3-8B shapes, graph replay):
  * one row per warp with 8 chunks in flight wins on small matrices (4096 x 1024: 30% of the floor
@@ -279,11 +326,13 @@ int m1_default(int epi, int64_t N, int64_t K) {
 template <typename W>
 cudaError_t by_m(cudaStream_t s, int epi, float *out, const float *x, const void *w, int M, int64_t N, int64_t K) {
   if (M <= 1) {
-    switch (m1_variant ? m1_variant : m1_default(epi, N, K)) {
+    switch (variant() ? variant() : m1_default(epi, N, K)) {
     case 1: return launch<W, 1, 1, 8>(s, epi, out, x, w, M, N, K);
     case 2: return launch<W, 1, 2, 8>(s, epi, out, x, w, M, N, K);
     case 3: return launch<W, 1, 4, 4>(s, epi, out, x, w, M, N, K);
     case 4: return launch<W, 1, 4, 2>(s, epi, out, x, w, M, N, K);
+    case 6: return launch<W, 1, 4, 2, false, WARPS>(s, epi, out, x, w, M, N, K);
+    case 7: return launch<W, 1, 2, 4, false, WARPS>(s, epi, out, x, w, M, N, K);
     default: return launch<W, 1, 2, 4>(s, epi, out, x, w, M, N, K);
     }
   }
@@ -298,9 +347,11 @@ template <typename W>
 cudaError_t norm_m1(cudaStream_t s, int epi, float *out, const float *x, const void *w, const void *g, float eps,
                     int64_t N, int64_t K) {
   const W *gw = (const W *)g;
-  switch (m1_default(epi, N, K)) {
+  switch (variant() ? variant() : m1_default(epi, N, K)) {
   case 1: return launch<W, 1, 1, 8, true>(s, epi, out, x, w, 1, N, K, gw, eps);
   case 2: return launch<W, 1, 2, 8, true>(s, epi, out, x, w, 1, N, K, gw, eps);
+  case 6: return launch<W, 1, 4, 2, true, WARPS>(s, epi, out, x, w, 1, N, K, gw, eps);
+  case 7: return launch<W, 1, 2, 4, true, WARPS>(s, epi, out, x, w, 1, N, K, gw, eps);
   default: return launch<W, 1, 4, 2, true>(s, epi, out, x, w, 1, N, K, gw, eps);
   }
 }
@@ -310,8 +361,12 @@ cudaError_t norm_m1(cudaStream_t s, int epi, float *out, const float *x, const v
 template <typename W>
 cudaError_t norm_qkv(cudaStream_t s, float *q_out, const float *x, const void *w, const void *g, float eps, int64_t N,
                      int64_t K, const Qkv &qa) {
-  int64_t blocks = (N + WARPS * 4 - 1) / (WARPS * 4);
+  const bool ks = variant() == 6 || variant() == 7; /* tuning: the split-K shape */
+  int64_t blocks = ks ? N / 4 : (N + WARPS * 4 - 1) / (WARPS * 4);
   if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
+  if (ks)
+    return launch_pdl(gemv_vec_kernel<W, 1, 4, 2, QKV, true, WARPS>, dim3((unsigned)blocks), dim3(WARPS * 32), 0, s,
+                      q_out, x, (const W *)w, 1, N, K, (const W *)g, eps, qa);
   return launch_pdl(gemv_vec_kernel<W, 1, 4, 2, QKV, true>, dim3((unsigned)blocks), dim3(WARPS * 32), 0, s, q_out, x,
                     (const W *)w, 1, N, K, (const W *)g, eps, qa);
 }
@@ -352,7 +407,7 @@ extern "C" cudaError_t msh_k_gemv_norm(cudaStream_t s, int epi, float *out, cons
 }
 
 extern "C" int msh_k_gemv_variant(int v) {
-  int old = m1_variant;
+  int old = variant();
   m1_variant = v;
   return old;
 }

@@ -91,7 +91,8 @@ cudaError_t msh_k_gemv_norm_qkv(cudaStream_t s, float *q_out, void *k_cache, voi
                                 int64_t S, int64_t rstride, int64_t K);
 /* Tuning hook for benchmarks: selects the shape of the M = 1 kernel (rows per warp x 16-byte
  * chunks in flight per row): 0 by matrix size (the default), 1: 1 x 8, 2: 2 x 8, 3: 4 x 4,
- * 4: 4 x 2, 5: 2 x 4. Returns the previous choice. */
+ * 4: 4 x 2, 5: 2 x 4; 6: 4 x 2 and 7: 2 x 4 with K split over the block's 4 warps. Returns the
+ * previous choice. MSH_GEMV_VARIANT in the environment sets the first choice. */
 int msh_k_gemv_variant(int v);
 
 /* ------------------------------------------------------------------------------ rope.cu */
@@ -151,6 +152,8 @@ cudaError_t msh_k_silu_mul(cudaStream_t s, float *out, const float *g, const flo
 cudaError_t msh_k_glu(cudaStream_t s, float *out, const float *gu, int64_t M, int64_t F);
 /* msh_k_glu over bf16 products (a GEMM's 16-bit output). */
 cudaError_t msh_k_glu_bf16(cudaStream_t s, float *out, const void *gu, int64_t M, int64_t F);
+/* msh_k_glu_bf16 writing bf16 (the next GEMM's operand). */
+cudaError_t msh_k_glu_bf16_to_bf16(cudaStream_t s, void *out, const void *gu, int64_t M, int64_t F);
 
 /* ------------------------------------------------------------------------- qkv_rope.cu */
 

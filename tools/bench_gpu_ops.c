@@ -664,7 +664,7 @@ int main(int argc, char **argv) {
     }
     /* shapes of the M = 1 kernel (see msh_k_gemv_variant; "gemv" is the default choice) */
     static const int64_t fused[2][2] = {{6144, 4096}, {28672, 4096}}; /* stacked q/k/v, gate/up */
-    for (int v = 0; v <= 5; v++) {
+    for (int v = 0; v <= 7; v++) {
       char path[16];
       snprintf(path, sizeof path, "gemv-v%d", v);
       for (int s = 0; s < 5; s++) bench_matmul(1, shapes[s][0], shapes[s][1], path);

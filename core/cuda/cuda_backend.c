@@ -308,6 +308,43 @@ static msh_status cuda_qkv_rope(msh_tensor *q_out, msh_tensor *k_cache, msh_tens
   return MSH_OK;
 }
 
+/* The feed-forward block (moonshard.h). Many rows over bf16 weights keep its activations in bf16
+ * between the GEMMs: the normalized rows, the gate/up products and their GLU (the down GEMM's
+ * operand, with no f32 copy or conversion pass), the down GEMM adding into x. Otherwise
+ * rmsnorm_matmul's GLU form then matmul_acc. */
+static msh_status cuda_rmsnorm_mlp(msh_tensor *x, const msh_tensor *norm_w, float eps, const msh_tensor *w_gu,
+                                   const msh_tensor *w_down, msh_tensor *h, msh_tensor *g, msh_tensor *gu) {
+  msh_cuda_dev *d;
+  msh_status s = dev_for(x, &d);
+  if (s != MSH_OK) return s;
+  int64_t M = x->shape[0], K = x->shape[1], F = g->shape[1];
+  if (K > 0 && F > 0 && M > d->gemv_max_m && w_gu->dtype == MSH_BF16 && w_down->dtype == MSH_BF16) {
+    s = cublas_dims(M, 2 * F, K);
+    if (s == MSH_OK) s = cublas_dims(M, K, F);
+    if (s != MSH_OK) return s;
+    /* one bf16 scratch holds the normalized rows, then (once the gate/up GEMM has read them) the
+     * GLU of the products */
+    void *xs = NULL;
+    s = msh_cuda_scratch(d, (size_t)(M * (K > F ? K : F)) * 2, &xs);
+    if (s != MSH_OK) return s;
+    void *prod = msh_tensor_ptr(gu); /* (M, 2F) bf16 in gu's room */
+    const float one = 1.0f, zero = 0.0f;
+    CUDA_TRY(msh_k_rmsnorm_to(d->stream, xs, MSH_BF16, msh_tensor_ptr(x), msh_tensor_ptr(norm_w), norm_w->dtype, M, K,
+                              eps));
+    CUBLAS_TRY(cublasGemmEx(d->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)(2 * F), (int)M, (int)K, &one,
+                            msh_tensor_ptr(w_gu), CUDA_R_16BF, (int)K, xs, CUDA_R_16BF, (int)K, &zero, prod,
+                            CUDA_R_16BF, (int)(2 * F), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    CUDA_TRY(msh_k_glu_bf16_to_bf16(d->stream, xs, prod, M, F));
+    CUBLAS_TRY(cublasGemmEx(d->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)K, (int)M, (int)F, &one, msh_tensor_ptr(w_down),
+                            CUDA_R_16BF, (int)F, xs, CUDA_R_16BF, (int)F, &one, msh_tensor_ptr(x), CUDA_R_32F, (int)K,
+                            CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    return MSH_OK;
+  }
+  s = cuda_rmsnorm_matmul(g, x, norm_w, eps, w_gu, h, gu);
+  if (s != MSH_OK) return s;
+  return matmul_epi(x, g, w_down, EPI_ACC, NULL);
+}
+
 /* rmsnorm, the q/k/v projection, rope and the cache store (moonshard.h): one row of x folds them
  * into one GEMV (no qkv row written); anything else composes rmsnorm_matmul and qkv_rope. */
 static msh_status cuda_rmsnorm_qkv_rope(msh_tensor *q_out, msh_tensor *k_cache, msh_tensor *v_cache, msh_tensor *qkv,
@@ -518,6 +555,7 @@ const msh_backend msh_cuda_backend = {
     .matmul_glu = cuda_matmul_glu,
     .rmsnorm_matmul = cuda_rmsnorm_matmul,
     .rmsnorm_qkv_rope = cuda_rmsnorm_qkv_rope,
+    .rmsnorm_mlp = cuda_rmsnorm_mlp,
     .qkv_rope = cuda_qkv_rope,
     .rope = cuda_rope,
     .attention = cuda_attention,

@@ -252,13 +252,22 @@ msh_status msh_op_rope(msh_tensor *x, const msh_tensor *pos, const msh_tensor *i
  * msh_op_rmsnorm_qkv_rope: a layer's attention inputs from its residual x: msh_op_rmsnorm_matmul
  * (qkv, x, norm_w, eps, w, h, NULL) then msh_op_qkv_rope(q_out, k_cache, v_cache, qkv, pos,
  * inv_freq, style), operands as theirs. qkv and h are scratch (left unspecified: a backend may
- * form the decode step's single row without writing them). */
+ * form the decode step's single row without writing them).
+ *
+ * msh_op_rmsnorm_mlp: a layer's feed-forward block added into its residual x (M, K):
+ * x += (silu(h @ gate^T) * (h @ up^T)) @ w_down^T with h = rmsnorm(x, norm_w, eps), w_gu (2F, K)
+ * the gate rows stacked over the up rows and w_down (K, F); as msh_op_rmsnorm_matmul(g, x,
+ * norm_w, eps, w_gu, h, gu) then msh_op_matmul_acc(x, g, w_down). h (M, K), g (M, F) and
+ * gu (M, 2F) are f32 scratch (left unspecified: a backend may keep the feed-forward activations
+ * in 16 bits for its GEMMs instead). */
 msh_status msh_op_rmsnorm_matmul(msh_tensor *out, const msh_tensor *x, const msh_tensor *norm_w, float eps,
                                  const msh_tensor *w, msh_tensor *h, msh_tensor *gu);
 msh_status msh_op_matmul_acc(msh_tensor *out, const msh_tensor *x, const msh_tensor *w);
 msh_status msh_op_matmul_glu(msh_tensor *out, const msh_tensor *x, const msh_tensor *w, msh_tensor *scratch);
 msh_status msh_op_qkv_rope(msh_tensor *q_out, msh_tensor *k_cache, msh_tensor *v_cache, const msh_tensor *qkv,
                            const msh_tensor *pos, const msh_tensor *inv_freq, int style);
+msh_status msh_op_rmsnorm_mlp(msh_tensor *x, const msh_tensor *norm_w, float eps, const msh_tensor *w_gu,
+                              const msh_tensor *w_down, msh_tensor *h, msh_tensor *g, msh_tensor *gu);
 msh_status msh_op_rmsnorm_qkv_rope(msh_tensor *q_out, msh_tensor *k_cache, msh_tensor *v_cache, msh_tensor *qkv,
                                    const msh_tensor *x, const msh_tensor *norm_w, float eps, const msh_tensor *w,
                                    msh_tensor *h, const msh_tensor *pos, const msh_tensor *inv_freq, int style);

@@ -179,6 +179,10 @@ typedef struct msh_backend {
    * msh_op_rmsnorm_matmul's, gu NULL for the plain projection. */
   msh_status (*rmsnorm_matmul)(msh_tensor *out, const msh_tensor *x, const msh_tensor *norm_w, float eps,
                                const msh_tensor *w, msh_tensor *h, msh_tensor *gu);
+  /* Optional (NULL: rmsnorm_matmul's GLU form into g, then matmul_acc into x): operands checked
+   * as msh_op_rmsnorm_mlp's. */
+  msh_status (*rmsnorm_mlp)(msh_tensor *x, const msh_tensor *norm_w, float eps, const msh_tensor *w_gu,
+                            const msh_tensor *w_down, msh_tensor *h, msh_tensor *g, msh_tensor *gu);
   /* Optional (NULL: rmsnorm_matmul into qkv, then qkv_rope): operands checked as
    * msh_op_rmsnorm_qkv_rope's. */
   msh_status (*rmsnorm_qkv_rope)(msh_tensor *q_out, msh_tensor *k_cache, msh_tensor *v_cache, msh_tensor *qkv,

@@ -218,6 +218,22 @@ msh_status msh_op_rmsnorm_matmul(msh_tensor *out, const msh_tensor *x, const msh
   return run_rmsnorm_matmul(be, out, x, norm_w, eps, w, h, gu);
 }
 
+msh_status msh_op_rmsnorm_mlp(msh_tensor *x, const msh_tensor *norm_w, float eps, const msh_tensor *w_gu,
+                              const msh_tensor *w_down, msh_tensor *h, msh_tensor *g, msh_tensor *gu) {
+  const char *op = "rmsnorm_mlp";
+  if (!x || !w_down || !g || !gu) return MSH_FAIL(MSH_EINVAL, "NULL argument");
+  const msh_backend *be = NULL;
+  CHECK(check_rmsnorm_matmul(op, g, x, norm_w, w_gu, h, gu, &be));
+  if (!same_device(op, x, w_down, NULL, NULL)) return MSH_EINVAL;
+  CHECK(check_matmul(op, x, g, w_down, 1));
+  if (overlaps(h, w_down) || overlaps(gu, w_down))
+    return MSH_FAIL(MSH_EINVAL, "%s: scratch overlaps an operand", op);
+  if (msh_tensor_numel(x) == 0) return MSH_OK;
+  if (be->rmsnorm_mlp) return be->rmsnorm_mlp(x, norm_w, eps, w_gu, w_down, h, g, gu);
+  CHECK(run_rmsnorm_matmul(be, g, x, norm_w, eps, w_gu, h, gu));
+  return be->matmul_acc(x, g, w_down);
+}
+
 /* A KV cache of qkv_rope: (S, KVH, hd) or (B, S, KVH, hd) float with (KVH, hd) packed. */
 static int kv_cache_fits(const msh_tensor *c, int64_t KVH, int64_t hd) {
   if (!is_float(c->dtype) || (c->ndim != 3 && c->ndim != 4) || c->st->readonly) return 0;

@@ -11,6 +11,8 @@
 --          with gu its scratch; h (M, K) scratch)
 --          rmsnorm_qkv_rope(q_out, k_cache, v_cache, qkv, x, norm_w, eps, w, h, pos, inv_freq, style)
 --          (rmsnorm_matmul into qkv, then qkv_rope; qkv and h scratch)
+--          rmsnorm_mlp(x, norm_w, eps, w_gu, w_down, h, g, gu) (x += the feed-forward block of
+--          rmsnorm(x); h, g, gu scratch)
 --   argmax(x, out_buf) -> the first row's index (out_buf: int32_t[] with a slot per row)
 --   argmax_into(out, x): the same into an i32 tensor on x's device (nothing waits on a GPU)
 local core = require "moonshard.core"
@@ -37,7 +39,8 @@ end
 
 for _, name in ipairs { "embedding", "rmsnorm", "matmul", "rope", "set_rows", "set_rows_dyn", "attention",
                         "attention_dyn", "silu_mul", "add", "scale", "softmax", "log_softmax",
-                        "matmul_acc", "matmul_glu", "qkv_rope", "rmsnorm_matmul", "rmsnorm_qkv_rope" } do
+                        "matmul_acc", "matmul_glu", "qkv_rope", "rmsnorm_matmul", "rmsnorm_qkv_rope",
+                        "rmsnorm_mlp" } do
   M[name] = op(name)
 end
 

@@ -63,8 +63,20 @@ static void test_errors(void) {
   CHECK_STATUS(msh_op_rmsnorm_qkv_rope(q, kc, vc, qkv, x, nq, 1e-5f, wq, qview, pos, inv, MSH_ROPE_HALF), MSH_EINVAL);
   pp[1] = 3;
   CHECK_STATUS(msh_op_rmsnorm_qkv_rope(q, kc, vc, qkv, x, nq, 1e-5f, wq, hq, pos, inv, MSH_ROPE_HALF), MSH_ERANGE);
-  msh_tensor *ts[] = {x, w, o, ob, sc, sc_ok, qkv, q, kc, vc, pos, inv, qb, wq, wqb, nq, hq, qview};
-  free_all(ts, 18);
+
+  /* rmsnorm_mlp: x (2, 8), F = 3 (w (6, 8) gate over up); a down projection of the wrong shape,
+   * g overlapping x */
+  int64_t wds[2] = {8, 3}, wdb[2] = {8, 4}, gs3[2] = {2, 3};
+  msh_tensor *wd = cpu_randn(MSH_F32, 2, wds, 1), *wdbad = cpu_randn(MSH_F32, 2, wdb, 1);
+  msh_tensor *g3 = cpu_new(MSH_F32, 2, gs3), *gview = NULL;
+  CHECK_OK(msh_op_rmsnorm_mlp(x, nq, 1e-5f, w, wd, hq, g3, sc_ok));
+  CHECK_STATUS(msh_op_rmsnorm_mlp(x, nq, 1e-5f, w, wdbad, hq, g3, sc_ok), MSH_EINVAL);
+  CHECK(strstr(msh_last_error(), "rmsnorm_mlp") != NULL);
+  CHECK_OK(msh_tensor_narrow(&gview, x, 1, 0, 3));
+  CHECK_STATUS(msh_op_rmsnorm_mlp(x, nq, 1e-5f, w, wd, hq, gview, sc_ok), MSH_EINVAL);
+  CHECK_STATUS(msh_op_rmsnorm_mlp(x, nq, 1e-5f, w, wd, hq, g3, NULL), MSH_EINVAL);
+  msh_tensor *ts[] = {x, w, o, ob, sc, sc_ok, qkv, q, kc, vc, pos, inv, qb, wq, wqb, nq, hq, qview, wd, wdbad, g3, gview};
+  free_all(ts, 22);
 }
 
 int main(void) {

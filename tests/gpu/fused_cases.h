@@ -1,5 +1,5 @@
 /* fused_cases.h: the fused layer ops (matmul_acc, matmul_glu, rmsnorm_matmul, qkv_rope,
- * rmsnorm_qkv_rope) on a device against the
+ * rmsnorm_qkv_rope, rmsnorm_mlp) on a device against the
  * unfused ops composed on the CPU, on fresh random inputs: every weight dtype, the GEMV shapes of
  * decode (M = 1, with K not a multiple of 8 for the scalar path) and the cuBLAS shapes of prefill,
  * both rope styles with full and partial rotation, f32/f16/bf16 caches, 3-D and batched 4-D caches
@@ -198,6 +198,29 @@ static void fused_qkv_rope_case(int dev, int64_t B, int64_t T, int64_t H, int64_
   }
 }
 
+/* rmsnorm_mlp on dev against rmsnorm, matmul_glu, matmul and add on the CPU: x += the block. */
+static void fused_rmsnorm_mlp_case(int dev, int64_t M, int64_t K, int64_t F, int wdt) {
+  int64_t xs[2] = {M, K}, gs[2] = {2 * F, K}, ds[2] = {K, F}, ns[1] = {K}, fs[2] = {M, F}, us[2] = {M, 2 * F};
+  msh_tensor *x = dev_randn(MSH_CPU, MSH_F32, 2, xs, 2.0f), *wgu = dev_randn(MSH_CPU, wdt, 2, gs, 0.05f);
+  msh_tensor *wd = dev_randn(MSH_CPU, wdt, 2, ds, 0.05f), *nw = dev_randn(MSH_CPU, wdt, 1, ns, 1.0f);
+  msh_tensor *h = cpu_new(MSH_F32, 2, xs), *g = cpu_new(MSH_F32, 2, fs), *gu = cpu_new(MSH_F32, 2, us);
+  msh_tensor *y = cpu_new(MSH_F32, 2, xs), *want = copy_to(MSH_CPU, x);
+  const float eps = 1e-5f;
+  CHECK_OK(msh_op_rmsnorm(h, x, nw, eps));
+  CHECK_OK(msh_op_matmul_glu(g, h, wgu, gu));
+  CHECK_OK(msh_op_matmul(y, g, wd));
+  CHECK_OK(msh_op_add(want, want, y));
+  msh_tensor *dx = copy_to(dev, x), *dgu_w = copy_to(dev, wgu), *dwd = copy_to(dev, wd), *dn = copy_to(dev, nw);
+  msh_tensor *dh = dev_new(dev, MSH_F32, 2, xs), *dg = dev_new(dev, MSH_F32, 2, fs), *dgu = dev_new(dev, MSH_F32, 2, us);
+  CHECK_OK(msh_op_rmsnorm_mlp(dx, dn, eps, dgu_w, dwd, dh, dg, dgu));
+  char what[128];
+  snprintf(what, sizeof what, "rmsnorm_mlp M=%lld K=%lld F=%lld w=%s", (long long)M, (long long)K, (long long)F,
+           msh_dtype_name(wdt));
+  COMPARE(what, dx, want, tol_for(wdt));
+  msh_tensor *ts[] = {x, wgu, wd, nw, h, g, gu, y, want, dx, dgu_w, dwd, dn, dh, dg, dgu};
+  free_all(ts, 16);
+}
+
 /* rmsnorm_qkv_rope on dev against rmsnorm, matmul and qkv_rope on the CPU: R rows (one sequence,
  * or R sequences of one row over a batched cache), positions pos0 + r (sequence r at pos0 + 3r). */
 static void fused_rmsnorm_qkv_rope_case(int dev, int64_t R, int64_t H, int64_t KVH, int64_t hd, int64_t n_rot,
@@ -283,6 +306,14 @@ static void fused_all_cases(int dev) {
       fused_qkv_rope_case(dev, 3, 4, 8, 1, 32, 16, style, kvdts[i], 1, 0);
       fused_qkv_rope_case(dev, 2, 1, 8, 2, 64, 32, style, kvdts[i], 1, 1);
     }
+  /* the feed-forward block: one row (GEMVs), rows past the GEMV's (16-bit activations between
+   * cuBLAS GEMMs for bf16 weights), every weight type */
+  for (int i = 0; i < 3; i++) {
+    fused_rmsnorm_mlp_case(dev, 1, 256, 344, wdts[i]);
+    fused_rmsnorm_mlp_case(dev, 37, 128, 200, wdts[i]);
+    fused_rmsnorm_mlp_case(dev, 300, 512, 1376, wdts[i]);
+  }
+  fused_rmsnorm_mlp_case(dev, 64, 1000, 96, MSH_BF16); /* F < K */
   /* one row (the decode step: one pass on a GPU), every weight and cache type, both styles; more
    * rows, a partial rotation and a batched cache (composed) */
   for (int i = 0; i < 3; i++)

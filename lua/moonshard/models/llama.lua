@@ -233,7 +233,7 @@ end
 local embedding, rmsnorm, matmul, rope_op = ops.embedding, ops.rmsnorm, ops.matmul, ops.rope
 local set_rows, attention, silu_mul = ops.set_rows, ops.attention, ops.silu_mul
 local matmul_acc, matmul_glu, qkv_rope = ops.matmul_acc, ops.matmul_glu, ops.qkv_rope
-local rmsnorm_matmul, rmsnorm_qkv_rope = ops.rmsnorm_matmul, ops.rmsnorm_qkv_rope
+local rmsnorm_matmul, rmsnorm_qkv_rope, rmsnorm_mlp = ops.rmsnorm_matmul, ops.rmsnorm_qkv_rope, ops.rmsnorm_mlp
 
 -- Moves the T token ids and positions pos0 .. pos0+T-1 to the device's buffers.
 function Llama:upload(T, pos0)
@@ -362,19 +362,26 @@ function Llama:compute(T, pos0, all_logits_out, dyn_len, bt)
       attention(att, q, kv.k, kv.v, pos0, self.scale)
     end
     local ffn_normed = self:residual(v, v.att, w.wo, w.ffn_norm)
-    if w.w_gu then
-      if ffn_normed then
-        matmul_glu(v.g, v.h, w.w_gu, v.gu)
-      else
-        rmsnorm_matmul(v.g, v.x, w.ffn_norm, eps, w.w_gu, v.h, v.gu)
-      end
+    if w.w_gu and not ffn_normed and not self.tp_comm then
+      -- the whole feed-forward block into the residual: one op (16-bit activations between the
+      -- GEMMs of a prefill on a GPU)
+      rmsnorm_mlp(v.x, w.ffn_norm, eps, w.w_gu, w.w_down, v.h, v.g, v.gu)
+      normed = false
     else
-      if not ffn_normed then rmsnorm(v.h, v.x, w.ffn_norm, eps) end
-      matmul(v.g, v.h, w.w_gate)
-      matmul(v.u, v.h, w.w_up)
-      silu_mul(v.g, v.g, v.u)
+      if w.w_gu then
+        if ffn_normed then
+          matmul_glu(v.g, v.h, w.w_gu, v.gu)
+        else
+          rmsnorm_matmul(v.g, v.x, w.ffn_norm, eps, w.w_gu, v.h, v.gu)
+        end
+      else
+        if not ffn_normed then rmsnorm(v.h, v.x, w.ffn_norm, eps) end
+        matmul(v.g, v.h, w.w_gate)
+        matmul(v.u, v.h, w.w_up)
+        silu_mul(v.g, v.g, v.u)
+      end
+      normed = self:residual(v, v.g, w.w_down, l < self.last_layer and self.attn_norms[l + 1] or nil)
     end
-    normed = self:residual(v, v.g, w.w_down, l < self.last_layer and self.attn_norms[l + 1] or nil)
     stage:release(l)
   end
   if pp_rank < pp_size - 1 then
