@@ -122,12 +122,26 @@ function M.parse(argv)
 end
 
 -- A free TCP port on this host (bound then released; another process may take it meanwhile).
-function M.free_port()
+-- Drawn below Linux's ephemeral range (32768 and up), where the kernel's own picks for outgoing
+-- connections cannot take it before rank 0 binds it; the kernel's pick if none is free.
+local function bindable(port)
   local t = uv.new_tcp()
-  local ok = t:bind("127.0.0.1", 0)
-  local port = ok and t:getsockname().port
+  local ok = t:bind("127.0.0.1", port)
+  local got = ok and t:getsockname().port
   t:close()
-  return port or 29500
+  return got
+end
+
+function M.free_port()
+  -- a private generator (math.random's state is the caller's), seeded per process and call
+  local x = (os.time() + math.floor(os.clock() * 1e6) + uv.os_getpid() * 7919 +
+    (tonumber(tostring({}):match("0x(%x+)") or "0", 16) or 0)) % 2147483648
+  for _ = 1, 32 do
+    x = (x * 69069 + 12345) % 2147483648
+    local p = bindable(20000 + math.floor(x / 65536) % 12000)
+    if p then return p end
+  end
+  return bindable(0) or 29500
 end
 
 -- M.log_dir(opts) -> the run's log folder as an absolute path, made | nil, message
