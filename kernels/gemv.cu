@@ -5,13 +5,16 @@
  * flight per row before the first use. Each weight chunk meets all MT rows of x (fp32, read
  * through the read-only cache, shared by every warp of the SM); the partial dot products are
  * summed across the warp with shuffles at the end. Rows of K not a multiple of 8 (or unaligned
- * pointers) take a scalar loop with the same structure.
+ * pointers) take a scalar loop with the same structure. The one-row form (decode at batch 1, the
+ * default) splits K instead: the block's 4 warps share its RPW rows, each taking every fourth run
+ * of 32 chunks, and their sums meet in shared memory, so four times as many warps (and loads in
+ * flight) cover a matrix.
  *
  * Epilogues: STORE writes out, ACC adds into it (a layer's residual), GLU reads each output's
  * gate row n and up row F + n of a stacked (2F, K) weight in the same warp and writes
  * silu(gate) * up (the feed-forward input without a second pass).
  *
- * QKV (one row of x, four rows per warp) is a layer's fused q/k/v projection with the rope and
+ * QKV (one row of x, four rows per warp or block) is a layer's fused q/k/v projection with the rope and
  * the cache store of msh_k_qkv_rope in its epilogue: each warp of the q and k heads owns two
  * rotation pairs (dims (2j, 2j + hd/2) and (2j + 1, 2j + 1 + hd/2) of a head in the half style,
  * 4j .. 4j + 3 interleaved), so both halves of a pair are in one warp; the warps of the v heads
@@ -19,7 +22,7 @@
  *
  * NORM folds the RMSNorm before a projection into it: x is the raw residual, each x chunk is
  * multiplied by the norm weight g as it is loaded, and the sum of squares of x is formed on the
- * way (every warp meets every chunk of x once), so the dot products are scaled by
+ * way (every warp meets each of its chunks of x once), so the dot products are scaled by
  * 1 / sqrt(mean(x^2) + eps) at the end. No normalized copy of x is written or read. */
 #include "msh_kutil.cuh"
 
@@ -315,18 +318,18 @@ int variant() {
   return m1_variant;
 }
 
-/* The M = 1 shape by matrix size, measured on an H200 (bf16, Llama-3-8B shapes, graph replay):
- * one row per warp with 8 chunks in flight wins on small matrices (4096 x 1024: 30% of the floor
- * against 22-28%), four rows per warp with 2 chunks on the rest (4096 x 14336: 96% against
- * 81-83%). GLU reads two rows per output. */
-int m1_default(int epi, int64_t N, int64_t K) {
-  return N * K * (epi == GLU ? 2 : 1) <= (8 << 20) ? (epi == GLU ? 2 : 1) : 4;
-}
+/* The M = 1 shape, measured on an H200 (bf16, Llama-3-8B shapes, graph replay; share of the
+ * bandwidth floor): four rows a block with K split over its four warps, two chunks in flight per
+ * row, wins or ties everywhere: 14336 -> 4096 97% (against 82% for four rows a warp and 70-76%
+ * for the other one-warp shapes), 4096 -> 4096 79% (68%), 4096 -> 1024 43% (30%), stacked
+ * q/k/v 82% (81%), stacked gate/up with GLU 100% (98%), 4096 -> 14336 95% (96%), the
+ * 128256-row head at the ceiling; the Llama-3-8B decode step went from 4.29 to 4.00 ms. */
+int m1_default() { return 6; }
 
 template <typename W>
 cudaError_t by_m(cudaStream_t s, int epi, float *out, const float *x, const void *w, int M, int64_t N, int64_t K) {
   if (M <= 1) {
-    switch (variant() ? variant() : m1_default(epi, N, K)) {
+    switch (variant() ? variant() : m1_default()) {
     case 1: return launch<W, 1, 1, 8>(s, epi, out, x, w, M, N, K);
     case 2: return launch<W, 1, 2, 8>(s, epi, out, x, w, M, N, K);
     case 3: return launch<W, 1, 4, 4>(s, epi, out, x, w, M, N, K);
@@ -347,7 +350,7 @@ template <typename W>
 cudaError_t norm_m1(cudaStream_t s, int epi, float *out, const float *x, const void *w, const void *g, float eps,
                     int64_t N, int64_t K) {
   const W *gw = (const W *)g;
-  switch (variant() ? variant() : m1_default(epi, N, K)) {
+  switch (variant() ? variant() : m1_default()) {
   case 1: return launch<W, 1, 1, 8, true>(s, epi, out, x, w, 1, N, K, gw, eps);
   case 2: return launch<W, 1, 2, 8, true>(s, epi, out, x, w, 1, N, K, gw, eps);
   case 6: return launch<W, 1, 4, 2, true, WARPS>(s, epi, out, x, w, 1, N, K, gw, eps);
@@ -356,12 +359,12 @@ cudaError_t norm_m1(cudaStream_t s, int epi, float *out, const float *x, const v
   }
 }
 
-/* The norm-folded QKV form: four rows per warp, two 16-byte chunks in flight per row (the
- * stacked q/k/v matrices are large: by_m's shape for them). */
+/* The norm-folded QKV form in the default M = 1 shape (four rows a block, K split over its
+ * warps); a tuning choice of a one-warp shape (variants 1-5) takes four rows per warp. */
 template <typename W>
 cudaError_t norm_qkv(cudaStream_t s, float *q_out, const float *x, const void *w, const void *g, float eps, int64_t N,
                      int64_t K, const Qkv &qa) {
-  const bool ks = variant() == 6 || variant() == 7; /* tuning: the split-K shape */
+  const bool ks = variant() == 0 || variant() >= 6;
   int64_t blocks = ks ? N / 4 : (N + WARPS * 4 - 1) / (WARPS * 4);
   if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
   if (ks)

@@ -90,9 +90,9 @@ cudaError_t msh_k_gemv_norm_qkv(cudaStream_t s, float *q_out, void *k_cache, voi
                                 const float *inv_freq, int64_t H, int64_t KVH, int64_t hd, int64_t n_rot, int style,
                                 int64_t S, int64_t rstride, int64_t K);
 /* Tuning hook for benchmarks: selects the shape of the M = 1 kernel (rows per warp x 16-byte
- * chunks in flight per row): 0 by matrix size (the default), 1: 1 x 8, 2: 2 x 8, 3: 4 x 4,
- * 4: 4 x 2, 5: 2 x 4; 6: 4 x 2 and 7: 2 x 4 with K split over the block's 4 warps. Returns the
- * previous choice. MSH_GEMV_VARIANT in the environment sets the first choice. */
+ * chunks in flight per row): 0 the default (6), 1: 1 x 8, 2: 2 x 8, 3: 4 x 4, 4: 4 x 2, 5: 2 x 4;
+ * 6: 4 x 2 and 7: 2 x 4 with K split over the block's 4 warps (rows per block, not per warp).
+ * Returns the previous choice. MSH_GEMV_VARIANT in the environment sets the first choice. */
 int msh_k_gemv_variant(int v);
 
 /* ------------------------------------------------------------------------------ rope.cu */
