@@ -134,6 +134,20 @@ describe("moonshard launch", function()
     assert.truthy(err2:find("unknown option --frob", 1, true), err2)
   end)
 
+  it("picks default rendezvous ports below the ephemeral range, free, and not all the same", function()
+    local uv = require "luv"
+    local seen, distinct = {}, 0
+    for _ = 1, 8 do
+      local p = launch.free_port()
+      assert.truthy(p >= 20000 and p < 32000, p)
+      local t = uv.new_tcp()
+      assert.truthy(t:bind("127.0.0.1", p), p) -- still free right after
+      t:close()
+      if not seen[p] then distinct, seen[p] = distinct + 1, true end
+    end
+    assert.truthy(distinct >= 4, distinct)
+  end)
+
   it("gives every rank its variables; tags every stream but rank 0's stdout", function()
     h.write(dir .. "/env.lua", [[
       local t = {}
