@@ -162,6 +162,11 @@ print(f"{'PASS' if r['pass'] else 'FAIL'}: top-1 {100 * r['top1_agreement']:.1f}
       f"transformers bf16 vs f32 {100 * r['transformers_bf16_vs_f32_top1']:.1f}%), greedy identical "
       f"{r['prompts_identical']}/{r['prompts']}; load {r['load_bytes'] / 1e9:.1f} GB in {r['load_s']:.1f} s "
       f"= {r['load_GBps']:.1f} GB/s")
+def share(k, n):
+    v = r.get(k)
+    return f"{100 * v:.1f}% of {r.get(n)}" if isinstance(v, (int, float)) else "none"
+print(f"  top-1 where transformers' bf16 and f32 agree: {share('top1_agreement_stable', 'stable_positions')}; "
+      f"where its lead is >= {r.get('decisive_gap')}: {share('top1_agreement_decisive', 'decisive_positions')}")
 EOF
 )
   else

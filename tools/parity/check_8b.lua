@@ -11,6 +11,10 @@
 -- prompts whose 64 greedy tokens are all transformers' bf16 ones. The f32 fields compare with
 -- transformers on the same weights in f32 (how far bf16 itself moves the answers). The load
 -- fields time placing the weights from the files (page cache, staging buffers) on the device.
+-- top1_agreement_stable and top1_agreement_decisive restrict top1_agreement to the positions where
+-- transformers' own answer does not hinge on rounding: where its bf16 and f32 top-1 agree, and
+-- where its bf16 top-1 leads the runner-up by at least decisive_gap (random weights give near-flat
+-- logits, so most positions are neither; they are reported, not part of the pass).
 -- Exit status 0 when top1_agreement >= --min-top1 and prompts_identical >= --min-prompts,
 -- 1 when below, 2 when the check could not run.
 local args = require "moonshard.args"
@@ -71,6 +75,10 @@ logits:free()
 local forward_s = (uv.hrtime() - t0) / 1e9
 
 local strict, tied, vs_f32, hf_vs_f32 = 0, 0, 0, 0
+-- the same agreement restricted to positions where transformers' answer is stable: its bf16 and
+-- f32 runs agree (stable), or its bf16 top-1 leads the runner-up by at least DECISIVE (decisive)
+local DECISIVE = 0.125 -- four bf16 steps at logits of magnitude 4 to 8
+local stable_n, stable_hit, decisive_n, decisive_hit = 0, 0, 0, 0
 local misses = {}
 for i = 1, T do
   local ours = top[i - 1]
@@ -79,6 +87,15 @@ for i = 1, T do
   local hit = false
   for _, t in ipairs(ref.ties_bf16[i] or { want }) do
     if t == ours then hit = true break end
+  end
+  if want == ref.top1_f32[i] then
+    stable_n = stable_n + 1
+    if hit then stable_hit = stable_hit + 1 end
+  end
+  local l5 = ref.top5_logits_bf16[i]
+  if l5 and l5[2] and l5[1] - l5[2] >= DECISIVE then
+    decisive_n = decisive_n + 1
+    if hit then decisive_hit = decisive_hit + 1 end
   end
   if hit then tied = tied + 1
   elseif #misses < 10 then
@@ -122,6 +139,9 @@ local result = {
   check = "llama3_8b_parity_bf16", device = opts.device, kv_dtype = opts.kv_dtype,
   positions = T, top1_agreement = top1, top1_agreement_strict = strict / T,
   top1_agreement_vs_transformers_f32 = vs_f32 / T, transformers_bf16_vs_f32_top1 = hf_vs_f32 / T,
+  stable_positions = stable_n, top1_agreement_stable = stable_n > 0 and stable_hit / stable_n or cjson.null,
+  decisive_positions = decisive_n, decisive_gap = DECISIVE,
+  top1_agreement_decisive = decisive_n > 0 and decisive_hit / decisive_n or cjson.null,
   prompts = #ref.prompts, gen = gen, prompts_identical = identical, prompts_identical_vs_f32 = identical_f32,
   transformers_bf16_vs_f32_prompts_identical = ref.meta and ref.meta.hf_bf16_vs_f32_prompts_identical,
   first_difference = first_diff, misses = misses,
