@@ -9,7 +9,8 @@
 # skips the tests, MSH_GPU_SUITE=0 only the whole suite that follows the GPU tests,
 # MSH_GPU_BENCH=0 skips the benchmarks, MSH_GPU_SANITIZE=1 runs the GPU tests under
 # compute-sanitizer too, MSH_GPU_PROFILE=1 runs Nsight Compute over the attention and GEMV
-# kernels (ncu_*.txt), MSH_JOBS sets the build parallelism. MSH_GPU_PARITY8B=1 runs the 8B
+# kernels (ncu_*.txt) and times every kernel of the 8B decode step and prefill (ncu_*.csv, tables
+# by tools/bench/ncu_kernels.py), MSH_JOBS sets the build parallelism. MSH_GPU_PARITY8B=1 runs the 8B
 # parity check against transformers (tools/parity: a random Llama-3-8B shape saved under
 # MSH_PARITY8B_DIR, default $TMPDIR/msh-parity-8b, and reused there; 16 GB of disk, about two
 # minutes); it is on by default when the GPU has at least 40 GB.
@@ -188,6 +189,16 @@ if [ "${MSH_GPU_PROFILE:-0}" = 1 ] && command -v ncu > /dev/null && [ -x "$bench
     > "$out/ncu_gemv.txt" 2>&1 || true
   grep -h -E "^  [a-z_]+.*\(|Duration|Memory Throughput|DRAM Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per|Stall|Warp Cycles Per Issued|Issued Warp" \
     "$out/ncu_attn.txt" "$out/ncu_gemv.txt" | cut -c1-150 | head -80
+  # the model's kernels, Llama-3-8B shape: the last decode steps (6 of 163 kernels at 32 layers)
+  # and one 2048-token prefill, grouped by kernel (tools/bench/ncu_kernels.py)
+  ncu_time="--clock-control none --cache-control none --metrics gpu__time_duration.sum --csv --print-units base"
+  model_bench="build-gpu/moonshard bench --dummy tools/bench/shapes/llama-3-8b.json --device cuda --no-ceilings"
+  # shellcheck disable=SC2086
+  timeout 300 ncu $ncu_time $model_bench --prompt-len 128 --gen-len 8 --loops 1 > "$out/ncu_decode.csv" 2>&1 &&
+    { echo "-- decode step kernels (6 steps)"; python3 tools/bench/ncu_kernels.py "$out/ncu_decode.csv" --last 978; }
+  # shellcheck disable=SC2086
+  timeout 300 ncu $ncu_time $model_bench --prompt-len 2048 --gen-len 1 --loops 1 > "$out/ncu_prefill.csv" 2>&1 &&
+    { echo "-- prefill kernels (2048 tokens, every pass of the run)"; python3 tools/bench/ncu_kernels.py "$out/ncu_prefill.csv"; }
 fi
 
 echo
