@@ -314,6 +314,7 @@ int variant() {
   if (m1_variant < 0) {
     const char *e = getenv("MSH_GEMV_VARIANT");
     m1_variant = e ? atoi(e) : 0;
+    if (m1_variant < 0 || m1_variant > 7) m1_variant = 0; /* not a variant: the default */
   }
   return m1_variant;
 }
