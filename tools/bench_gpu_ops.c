@@ -272,6 +272,117 @@ static double bench_matmul(int64_t M, int64_t N, int64_t K, const char *path) {
   return tg > 0 ? tg : t;
 }
 
+/* ----------------------------------------------------------------------- fused layer ops */
+
+/* A layer's fused ops against their compositions, Llama-3-8B shapes (bf16 weights and cache):
+ * rmsnorm_qkv_rope at one row (decode: one GEMV with rope and the cache store in its epilogue,
+ * against rmsnorm_matmul + qkv_rope) and rmsnorm_mlp at many rows (prefill: bf16 activations
+ * between the GEMMs, against rmsnorm_matmul's GLU form + matmul_acc). */
+typedef struct {
+  msh_tensor *x, *norm, *w[16], *wd, *q, *kc, *vc, *qkv, *h, *pos, *inv, *g, *gu;
+  int nw, fused;
+} fz_ctx;
+
+static void fz_qkv_op(void *p, int i) {
+  fz_ctx *c = p;
+  msh_tensor *w = c->w[i % c->nw];
+  if (c->fused) {
+    OK(msh_op_rmsnorm_qkv_rope(c->q, c->kc, c->vc, c->qkv, c->x, c->norm, 1e-5f, w, c->h, c->pos, c->inv,
+                               MSH_ROPE_HALF));
+  } else {
+    OK(msh_op_rmsnorm_matmul(c->qkv, c->x, c->norm, 1e-5f, w, c->h, NULL));
+    OK(msh_op_qkv_rope(c->q, c->kc, c->vc, c->qkv, c->pos, c->inv, MSH_ROPE_HALF));
+  }
+}
+
+static void fz_mlp_op(void *p, int i) {
+  fz_ctx *c = p;
+  (void)i;
+  if (c->fused) {
+    OK(msh_op_rmsnorm_mlp(c->x, c->norm, 1e-5f, c->w[0], c->wd, c->h, c->g, c->gu));
+  } else {
+    OK(msh_op_rmsnorm_matmul(c->g, c->x, c->norm, 1e-5f, c->w[0], c->h, c->gu));
+    OK(msh_op_matmul_acc(c->x, c->g, c->wd));
+  }
+}
+
+/* t (one i32 on the device) = v, through a host tensor (waits for the stream). */
+static void set_i32(msh_tensor *t, int32_t v) {
+  int64_t one = 1;
+  msh_tensor *h = NULL;
+  OK(msh_tensor_new(&h, MSH_I32, 1, &one, MSH_CPU, 0));
+  *(int32_t *)msh_tensor_data(h) = v;
+  OK(msh_tensor_copy(t, h));
+  msh_tensor_free(h);
+}
+
+static void bench_fused(void) {
+  const int64_t D = 4096, H = 32, KVH = 8, hd = 128, F = 14336, S = 4096;
+  /* rmsnorm_qkv_rope, one row at position 1000 */
+  for (int fused = 1; fused >= 0; fused--) {
+    fz_ctx c = {0};
+    int64_t one[2] = {1, D}, ws[2] = {(H + 2 * KVH) * hd, D}, q3[3] = {1, H, hd}, cs[3] = {S, KVH, hd};
+    int64_t qs[2] = {1, (H + 2 * KVH) * hd}, n1 = 1, nf = hd / 2;
+    double wbytes = (double)ws[0] * D * 2;
+    c.nw = (int)ceil(512e6 / wbytes);
+    if (c.nw > 16) c.nw = 16;
+    c.fused = fused;
+    c.x = dev_tensor(MSH_F32, 2, one);
+    c.h = dev_tensor(MSH_F32, 2, one);
+    c.norm = dev_tensor(MSH_BF16, 1, &D);
+    c.q = dev_tensor(MSH_F32, 3, q3);
+    c.qkv = dev_tensor(MSH_F32, 2, qs);
+    c.kc = dev_tensor(MSH_BF16, 3, cs);
+    c.vc = dev_tensor(MSH_BF16, 3, cs);
+    c.pos = dev_tensor(MSH_I32, 1, &n1);
+    c.inv = dev_tensor(MSH_F32, 1, &nf);
+    fill_random(c.x, 20);
+    fill_random(c.norm, 21);
+    fill_random(c.inv, 22);
+    set_i32(c.pos, 1000);
+    for (int i = 0; i < c.nw; i++) {
+      c.w[i] = dev_tensor(MSH_BF16, 2, ws);
+      fill_random(c.w[i], 23 + (uint64_t)i);
+    }
+    double bytes = wbytes + 4.0 * D + 2.0 * D + 4.0 * H * hd + 2.0 * 2 * KVH * hd;
+    double t = time_op(fz_qkv_op, &c, 20, 15), tg = time_graph(fz_qkv_op, &c, 20, 15);
+    const char *kind;
+    double fl = floor_of(bytes, 2.0 * ws[0] * D, &kind);
+    report("fused_decode", fused ? "\"op\":\"rmsnorm_qkv_rope\",\"M\":1," : "\"op\":\"rmsnorm_matmul+qkv_rope\",\"M\":1,",
+           t, tg, fl, kind, bytes, 2.0 * ws[0] * D);
+    msh_tensor *ts[] = {c.x, c.h, c.norm, c.q, c.qkv, c.kc, c.vc, c.pos, c.inv};
+    for (int i = 0; i < 9; i++) msh_tensor_free(ts[i]);
+    for (int i = 0; i < c.nw; i++) msh_tensor_free(c.w[i]);
+  }
+  /* rmsnorm_mlp, 2048 rows */
+  for (int fused = 1; fused >= 0; fused--) {
+    fz_ctx c = {0};
+    const int64_t M = 2048;
+    int64_t xs[2] = {M, D}, gus[2] = {2 * F, D}, ds[2] = {D, F}, gs[2] = {M, F}, us[2] = {M, 2 * F};
+    c.fused = fused;
+    c.nw = 1;
+    c.x = dev_tensor(MSH_F32, 2, xs);
+    c.h = dev_tensor(MSH_F32, 2, xs);
+    c.norm = dev_tensor(MSH_BF16, 1, &D);
+    c.w[0] = dev_tensor(MSH_BF16, 2, gus);
+    c.wd = dev_tensor(MSH_BF16, 2, ds);
+    c.g = dev_tensor(MSH_F32, 2, gs);
+    c.gu = dev_tensor(MSH_F32, 2, us);
+    fill_random(c.x, 30);
+    fill_random(c.norm, 31);
+    fill_random(c.w[0], 32);
+    fill_random(c.wd, 33);
+    double flops = 2.0 * M * D * 3 * F, bytes = 3.0 * F * D * 2 + 2 * 4.0 * M * D;
+    double t = time_op(fz_mlp_op, &c, 4, 9), tg = time_graph(fz_mlp_op, &c, 4, 9);
+    const char *kind;
+    double fl = floor_of(bytes, flops, &kind);
+    report("fused_prefill", fused ? "\"op\":\"rmsnorm_mlp\",\"M\":2048," : "\"op\":\"rmsnorm_matmul+matmul_acc\",\"M\":2048,",
+           t, tg, fl, kind, bytes, flops);
+    msh_tensor *ts[] = {c.x, c.h, c.norm, c.w[0], c.wd, c.g, c.gu};
+    for (int i = 0; i < 7; i++) msh_tensor_free(ts[i]);
+  }
+}
+
 /* --------------------------------------------------------------------------- attention */
 
 typedef struct {
@@ -699,5 +810,6 @@ int main(int argc, char **argv) {
     bench_decode_step(1000, 1024);
   }
   if (wanted("upload_file")) bench_upload_file();
+  if (wanted("fused")) bench_fused();
   return 0;
 }

@@ -231,8 +231,10 @@ for r in rows:
         continue
     if r.get("op") == "matmul":
         shape = f"M{r['M']} {r['K']}->{r['N']}"
-    else:
+    elif "T" in r:
         shape = f"T{r['T']} ctx{r['ctx']} 32/8x128"
+    else:
+        shape = f"M{r.get('M', '?')} {r.get('op', '?')}"
     print(f"{r['bench']:<13} {shape:<24} {r.get('path', '-'):<8} {r['us']:>8.1f} {r['us_graph']:>8.1f} "
           f"{r['floor_us']:>8.1f} {100 * r['efficiency']:>4.0f}% {r['GBps']:>6.0f} {r['TFLOPs']:>7.1f}")
 EOF
