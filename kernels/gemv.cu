@@ -278,11 +278,13 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_scalar_kernel(float *__restri
   finish<EPI, RPW, MT>(out, acc, lane, row0, M, N, one);
 }
 
-/* RPW: weight rows per warp for STORE and ACC; GLU gives each warp RPW / 2 outputs (RPW rows).
- * NORM (STORE and GLU, 16-byte rows: the caller checks) folds the RMSNorm of x with weight g. */
+/* RPW: weight rows per warp (per block with KS = WARPS) for STORE, ACC and QKV; GLU gives each
+ * RPW / 2 outputs (RPW rows). NORM (STORE, GLU and QKV, 16-byte rows) folds the RMSNorm of x with
+ * weight g; QKV (qa) takes one row of x, four rows per warp or block, NORM.
+ * cudaErrorNotSupported for a combination without a kernel (the caller then composes). */
 template <typename W, int MT, int RPW, int U, bool NORM = false, int KS = 1>
 cudaError_t launch(cudaStream_t s, int epi, float *out, const float *x, const void *w, int M, int64_t N, int64_t K,
-                   const W *g = nullptr, float eps = 0.0f) {
+                   const W *g = nullptr, float eps = 0.0f, const Qkv *qa = nullptr) {
   constexpr int RG = RPW > 1 ? RPW / 2 : 1;
   int64_t rows_per_block = (WARPS / KS) * (epi == GLU ? RG : RPW);
   int64_t blocks = (N + rows_per_block - 1) / rows_per_block;
@@ -292,6 +294,11 @@ cudaError_t launch(cudaStream_t s, int epi, float *out, const float *x, const vo
   const W *wt = (const W *)w;
   dim3 gr((unsigned)blocks), b(WARPS * 32);
   const Qkv none = {};
+  if (epi == QKV) {
+    if constexpr (MT == 1 && RPW == 4 && NORM)
+      return launch_pdl(gemv_vec_kernel<W, 1, 4, U, QKV, true, KS>, gr, b, 0, s, out, x, wt, 1, N, K, g, eps, *qa);
+    return cudaErrorNotSupported;
+  }
   /* dependent launches: the weights stream in while the kernel before finishes */
   if (vec) {
     if (epi == GLU)
@@ -327,52 +334,43 @@ int variant() {
  * 128256-row head at the ceiling; the Llama-3-8B decode step went from 4.29 to 4.00 ms. */
 int m1_default() { return 6; }
 
+/* One row of x in the chosen shape; NORM folds the RMSNorm (g, eps), QKV takes qa. */
+template <typename W, bool NORM>
+cudaError_t m1(cudaStream_t s, int epi, float *out, const float *x, const void *w, int64_t N, int64_t K,
+               const void *g = nullptr, float eps = 0.0f, const Qkv *qa = nullptr) {
+  const W *gw = (const W *)g;
+  const int v = variant();
+  switch (v ? v : m1_default()) {
+  case 1: return launch<W, 1, 1, 8, NORM>(s, epi, out, x, w, 1, N, K, gw, eps, qa);
+  case 2: return launch<W, 1, 2, 8, NORM>(s, epi, out, x, w, 1, N, K, gw, eps, qa);
+  case 3: return launch<W, 1, 4, 4, NORM>(s, epi, out, x, w, 1, N, K, gw, eps, qa);
+  case 4: return launch<W, 1, 4, 2, NORM>(s, epi, out, x, w, 1, N, K, gw, eps, qa);
+  case 6: return launch<W, 1, 4, 2, NORM, WARPS>(s, epi, out, x, w, 1, N, K, gw, eps, qa);
+  case 7: return launch<W, 1, 2, 4, NORM, WARPS>(s, epi, out, x, w, 1, N, K, gw, eps, qa);
+  default: return launch<W, 1, 2, 4, NORM>(s, epi, out, x, w, 1, N, K, gw, eps, qa);
+  }
+}
+
 template <typename W>
 cudaError_t by_m(cudaStream_t s, int epi, float *out, const float *x, const void *w, int M, int64_t N, int64_t K) {
-  if (M <= 1) {
-    switch (variant() ? variant() : m1_default()) {
-    case 1: return launch<W, 1, 1, 8>(s, epi, out, x, w, M, N, K);
-    case 2: return launch<W, 1, 2, 8>(s, epi, out, x, w, M, N, K);
-    case 3: return launch<W, 1, 4, 4>(s, epi, out, x, w, M, N, K);
-    case 4: return launch<W, 1, 4, 2>(s, epi, out, x, w, M, N, K);
-    case 6: return launch<W, 1, 4, 2, false, WARPS>(s, epi, out, x, w, M, N, K);
-    case 7: return launch<W, 1, 2, 4, false, WARPS>(s, epi, out, x, w, M, N, K);
-    default: return launch<W, 1, 2, 4>(s, epi, out, x, w, M, N, K);
-    }
-  }
+  if (M <= 1) return m1<W, false>(s, epi, out, x, w, N, K);
   if (M <= 2) return launch<W, 2, 2, 4>(s, epi, out, x, w, M, N, K);
   if (M <= 4) return launch<W, 4, 2, 2>(s, epi, out, x, w, M, N, K);
   if (M <= 8) return launch<W, 8, 4, 1>(s, epi, out, x, w, M, N, K);
   return launch<W, 16, 4, 1>(s, epi, out, x, w, M, N, K);
 }
 
-/* The RMSNorm-folded form for one row of x (the decode step), in by_m's default shapes. */
-template <typename W>
-cudaError_t norm_m1(cudaStream_t s, int epi, float *out, const float *x, const void *w, const void *g, float eps,
-                    int64_t N, int64_t K) {
-  const W *gw = (const W *)g;
-  switch (variant() ? variant() : m1_default()) {
-  case 1: return launch<W, 1, 1, 8, true>(s, epi, out, x, w, 1, N, K, gw, eps);
-  case 2: return launch<W, 1, 2, 8, true>(s, epi, out, x, w, 1, N, K, gw, eps);
-  case 6: return launch<W, 1, 4, 2, true, WARPS>(s, epi, out, x, w, 1, N, K, gw, eps);
-  case 7: return launch<W, 1, 2, 4, true, WARPS>(s, epi, out, x, w, 1, N, K, gw, eps);
-  default: return launch<W, 1, 4, 2, true>(s, epi, out, x, w, 1, N, K, gw, eps);
+/* The RMSNorm-folded forms of one row (STORE, GLU, QKV) by weight type. */
+cudaError_t norm_m1(cudaStream_t s, int epi, int w_dt, float *out, const float *x, const void *w, const void *g,
+                    float eps, int64_t N, int64_t K, const Qkv *qa) {
+  if (!aligned16(g)) return cudaErrorNotSupported; /* and K % 8, x and w: launch's vector form */
+  if (N == 0) return cudaGetLastError();
+  switch (w_dt) {
+  case MSH_F32: return m1<float, true>(s, epi, out, x, w, N, K, g, eps, qa);
+  case MSH_F16: return m1<f16, true>(s, epi, out, x, w, N, K, g, eps, qa);
+  case MSH_BF16: return m1<bf16, true>(s, epi, out, x, w, N, K, g, eps, qa);
+  default: return cudaErrorInvalidValue;
   }
-}
-
-/* The norm-folded QKV form in the default M = 1 shape (four rows a block, K split over its
- * warps); a tuning choice of a one-warp shape (variants 1-5) takes four rows per warp. */
-template <typename W>
-cudaError_t norm_qkv(cudaStream_t s, float *q_out, const float *x, const void *w, const void *g, float eps, int64_t N,
-                     int64_t K, const Qkv &qa) {
-  const bool ks = variant() == 0 || variant() >= 6;
-  int64_t blocks = ks ? N / 4 : (N + WARPS * 4 - 1) / (WARPS * 4);
-  if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
-  if (ks)
-    return launch_pdl(gemv_vec_kernel<W, 1, 4, 2, QKV, true, WARPS>, dim3((unsigned)blocks), dim3(WARPS * 32), 0, s,
-                      q_out, x, (const W *)w, 1, N, K, (const W *)g, eps, qa);
-  return launch_pdl(gemv_vec_kernel<W, 1, 4, 2, QKV, true>, dim3((unsigned)blocks), dim3(WARPS * 32), 0, s, q_out, x,
-                    (const W *)w, 1, N, K, (const W *)g, eps, qa);
 }
 
 } // namespace
@@ -382,32 +380,18 @@ extern "C" cudaError_t msh_k_gemv_norm_qkv(cudaStream_t s, float *q_out, void *k
                                            const int32_t *pos, const float *inv_freq, int64_t H, int64_t KVH,
                                            int64_t hd, int64_t n_rot, int style, int64_t S, int64_t rstride,
                                            int64_t K) {
-  if (H < 1 || KVH < 1 || hd < 4 || hd % 4 || 2 * n_rot != hd || K % 8 || !aligned16(x) || !aligned16(w) ||
-      !aligned16(g) || (H + 2 * KVH) * hd > 0x7fffffff)
+  if (H < 1 || KVH < 1 || hd < 4 || hd % 4 || 2 * n_rot != hd || (H + 2 * KVH) * hd > 0x7fffffff)
     return cudaErrorNotSupported;
   if (kv_dt != MSH_F32 && kv_dt != MSH_F16 && kv_dt != MSH_BF16) return cudaErrorInvalidValue;
-  Qkv qa = {k_cache, v_cache, pos, inv_freq, (int)H, (int)KVH, (int)hd, kv_dt, style == MSH_ROPE_INTERLEAVED, S,
-            rstride};
-  int64_t N = (H + 2 * KVH) * hd;
-  switch (w_dt) {
-  case MSH_F32: return norm_qkv<float>(s, q_out, x, w, g, eps, N, K, qa);
-  case MSH_F16: return norm_qkv<f16>(s, q_out, x, w, g, eps, N, K, qa);
-  case MSH_BF16: return norm_qkv<bf16>(s, q_out, x, w, g, eps, N, K, qa);
-  default: return cudaErrorInvalidValue;
-  }
+  const Qkv qa = {k_cache, v_cache, pos, inv_freq, (int)H, (int)KVH, (int)hd, kv_dt, style == MSH_ROPE_INTERLEAVED, S,
+                  rstride};
+  return norm_m1(s, QKV, w_dt, q_out, x, w, g, eps, (H + 2 * KVH) * hd, K, &qa);
 }
 
 extern "C" cudaError_t msh_k_gemv_norm(cudaStream_t s, int epi, float *out, const float *x, const void *w,
                                        const void *g, int w_dt, float eps, int64_t N, int64_t K) {
   if (epi != STORE && epi != GLU) return cudaErrorInvalidValue;
-  if (!aligned16(g)) return cudaErrorNotSupported; /* and K % 8, x and w: launch's vector form */
-  if (N == 0) return cudaGetLastError();
-  switch (w_dt) {
-  case MSH_F32: return norm_m1<float>(s, epi, out, x, w, g, eps, N, K);
-  case MSH_F16: return norm_m1<f16>(s, epi, out, x, w, g, eps, N, K);
-  case MSH_BF16: return norm_m1<bf16>(s, epi, out, x, w, g, eps, N, K);
-  default: return cudaErrorInvalidValue;
-  }
+  return norm_m1(s, epi, w_dt, out, x, w, g, eps, N, K, nullptr);
 }
 
 extern "C" int msh_k_gemv_variant(int v) {

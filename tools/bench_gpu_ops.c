@@ -148,6 +148,16 @@ static void fill_random(msh_tensor *t, uint64_t seed) {
 }
 
 /* t: stream launches; tg: graph replay (-1 if none). efficiency uses the graph time when there is one. */
+/* t (one i32 on the device) = v, through a host tensor (waits for the stream). */
+static void set_i32(msh_tensor *t, int32_t v) {
+  int64_t one = 1;
+  msh_tensor *h = NULL;
+  OK(msh_tensor_new(&h, MSH_I32, 1, &one, MSH_CPU, 0));
+  *(int32_t *)msh_tensor_data(h) = v;
+  OK(msh_tensor_copy(t, h));
+  msh_tensor_free(h);
+}
+
 static void report(const char *bench, const char *extra, double t, double tg, double floor_t, const char *floor_kind,
                    double bytes, double flops) {
   double best = tg > 0 ? tg : t;
@@ -304,16 +314,6 @@ static void fz_mlp_op(void *p, int i) {
     OK(msh_op_rmsnorm_matmul(c->g, c->x, c->norm, 1e-5f, c->w[0], c->h, c->gu));
     OK(msh_op_matmul_acc(c->x, c->g, c->wd));
   }
-}
-
-/* t (one i32 on the device) = v, through a host tensor (waits for the stream). */
-static void set_i32(msh_tensor *t, int32_t v) {
-  int64_t one = 1;
-  msh_tensor *h = NULL;
-  OK(msh_tensor_new(&h, MSH_I32, 1, &one, MSH_CPU, 0));
-  *(int32_t *)msh_tensor_data(h) = v;
-  OK(msh_tensor_copy(t, h));
-  msh_tensor_free(h);
 }
 
 static void bench_fused(void) {
@@ -516,15 +516,6 @@ static void ds_step(void *p, int i) {
   OK(msh_op_matmul(c->logits, c->h, c->head));
 }
 
-static void ds_set_pos(ds_ctx *c, int32_t pos) {
-  int64_t one = 1;
-  msh_tensor *h = NULL;
-  OK(msh_tensor_new(&h, MSH_I32, 1, &one, MSH_CPU, 0));
-  *(int32_t *)msh_tensor_data(h) = pos;
-  OK(msh_tensor_copy(c->pos, h)); /* an upload: waits for the stream */
-  msh_tensor_free(h);
-}
-
 static void bench_decode_step(int64_t pos, int64_t max_len) {
   ds_ctx c = {0};
   c.max_len = max_len;
@@ -576,7 +567,7 @@ static void bench_decode_step(int64_t pos, int64_t max_len) {
   c.v3 = ds_view(c.vf, 3, k3);
   c.att2 = ds_view(c.att, 2, xs);
   OK(msh_tensor_randn(c.x, seed++, 0.0f, 1.0f));
-  ds_set_pos(&c, (int32_t)pos);
+  set_i32(c.pos, (int32_t)pos);
 
   double t = time_op(ds_step, &c, 5, 9); /* eager: the host issues 546 ops a step */
   /* the same step as one graph; warm-up above sized the scratch */
@@ -601,7 +592,7 @@ static void bench_decode_step(int64_t pos, int64_t max_len) {
     struct timespec a, b;
     clock_gettime(CLOCK_MONOTONIC, &a);
     for (int i = 0; i < 5; i++) {
-      ds_set_pos(&c, (int32_t)(pos + i));
+      set_i32(c.pos, (int32_t)(pos + i));
       OK(msh_graph_launch(g));
     }
     OK(msh_device_sync(MSH_CUDA, 0));

@@ -176,10 +176,12 @@ static msh_status cuda_rmsnorm(msh_tensor *out, const msh_tensor *x, const msh_t
 }
 
 enum { EPI_STORE, EPI_ACC, EPI_GLU }; /* msh_k_gemv_epi's epilogues */
+enum { EPI_GLU16 = EPI_GLU + 1 };      /* gemm16's alone: the GLU written in bf16 (bf16 weights) */
 
 /* The cuBLAS half of matmul_epi for 16-bit weights, x16 (M, K) already in w's type. The GLU
  * form has bf16 products written in scratch (half the bytes of f32 ones; the reference model
- * forms them in bf16 too) and f16 ones in f32 (whose range f16 lacks). */
+ * forms them in bf16 too) and f16 ones in f32 (whose range f16 lacks); EPI_GLU16 (bf16 weights)
+ * writes the GLU itself in bf16 to op, the operand of a next GEMM. */
 static msh_status cublas_dims(int64_t M, int64_t N, int64_t K) {
   if (M > INT_MAX || N > INT_MAX || K > INT_MAX)
     return MSH_FAIL(MSH_EUNSUPPORTED, "matmul: dims (%lld, %lld, %lld) exceed the cuBLAS int range", (long long)M,
@@ -187,7 +189,7 @@ static msh_status cublas_dims(int64_t M, int64_t N, int64_t K) {
   return MSH_OK;
 }
 
-static msh_status gemm16(msh_cuda_dev *d, float *op, const void *x16, const msh_tensor *w, int64_t M, int64_t K,
+static msh_status gemm16(msh_cuda_dev *d, void *op, const void *x16, const msh_tensor *w, int64_t M, int64_t K,
                          int64_t NO, int epi, msh_tensor *scratch) {
   int64_t N = w->shape[0];
   msh_status s = cublas_dims(M, N, K);
@@ -196,17 +198,16 @@ static msh_status gemm16(msh_cuda_dev *d, float *op, const void *x16, const msh_
   cudaDataType_t dt = w->dtype == MSH_BF16 ? CUDA_R_16BF : CUDA_R_16F;
   void *dst = op;
   cudaDataType_t ct = CUDA_R_32F;
-  if (epi == EPI_GLU) {
+  if (epi == EPI_GLU || epi == EPI_GLU16) {
     dst = msh_tensor_ptr(scratch);
     if (w->dtype == MSH_BF16) ct = CUDA_R_16BF;
   }
   CUBLAS_TRY(cublasGemmEx(d->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)N, (int)M, (int)K, &one, msh_tensor_ptr(w), dt,
                           (int)K, x16, dt, (int)K, epi == EPI_ACC ? &one : &zero, dst, ct, (int)N,
                           CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-  if (epi == EPI_GLU) {
-    if (ct == CUDA_R_16BF) CUDA_TRY(msh_k_glu_bf16(d->stream, op, dst, M, NO));
-    else CUDA_TRY(msh_k_glu(d->stream, op, dst, M, NO));
-  }
+  if (epi == EPI_GLU16) CUDA_TRY(msh_k_glu_bf16_to_bf16(d->stream, op, dst, M, NO));
+  else if (epi == EPI_GLU && ct == CUDA_R_16BF) CUDA_TRY(msh_k_glu_bf16(d->stream, op, dst, M, NO));
+  else if (epi == EPI_GLU) CUDA_TRY(msh_k_glu(d->stream, op, dst, M, NO));
   return MSH_OK;
 }
 
@@ -319,26 +320,16 @@ static msh_status cuda_rmsnorm_mlp(msh_tensor *x, const msh_tensor *norm_w, floa
   if (s != MSH_OK) return s;
   int64_t M = x->shape[0], K = x->shape[1], F = g->shape[1];
   if (K > 0 && F > 0 && M > d->gemv_max_m && w_gu->dtype == MSH_BF16 && w_down->dtype == MSH_BF16) {
-    s = cublas_dims(M, 2 * F, K);
-    if (s == MSH_OK) s = cublas_dims(M, K, F);
-    if (s != MSH_OK) return s;
     /* one bf16 scratch holds the normalized rows, then (once the gate/up GEMM has read them) the
-     * GLU of the products */
+     * GLU of the products, formed in gu's room */
     void *xs = NULL;
     s = msh_cuda_scratch(d, (size_t)(M * (K > F ? K : F)) * 2, &xs);
     if (s != MSH_OK) return s;
-    void *prod = msh_tensor_ptr(gu); /* (M, 2F) bf16 in gu's room */
-    const float one = 1.0f, zero = 0.0f;
     CUDA_TRY(msh_k_rmsnorm_to(d->stream, xs, MSH_BF16, msh_tensor_ptr(x), msh_tensor_ptr(norm_w), norm_w->dtype, M, K,
                               eps));
-    CUBLAS_TRY(cublasGemmEx(d->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)(2 * F), (int)M, (int)K, &one,
-                            msh_tensor_ptr(w_gu), CUDA_R_16BF, (int)K, xs, CUDA_R_16BF, (int)K, &zero, prod,
-                            CUDA_R_16BF, (int)(2 * F), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-    CUDA_TRY(msh_k_glu_bf16_to_bf16(d->stream, xs, prod, M, F));
-    CUBLAS_TRY(cublasGemmEx(d->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)K, (int)M, (int)F, &one, msh_tensor_ptr(w_down),
-                            CUDA_R_16BF, (int)F, xs, CUDA_R_16BF, (int)F, &one, msh_tensor_ptr(x), CUDA_R_32F, (int)K,
-                            CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-    return MSH_OK;
+    s = gemm16(d, xs, xs, w_gu, M, K, F, EPI_GLU16, gu);
+    if (s != MSH_OK) return s;
+    return gemm16(d, msh_tensor_ptr(x), xs, w_down, M, F, K, EPI_ACC, NULL);
   }
   s = cuda_rmsnorm_matmul(g, x, norm_w, eps, w_gu, h, gu);
   if (s != MSH_OK) return s;

@@ -108,6 +108,12 @@ static msh_tensor *fused_cache(int dev, int dt, int64_t B, int64_t S, int64_t KV
   return v;
 }
 
+/* inv_freq (n_rot) of rope base `base`: base^(-2i / (2 n_rot)). */
+static void fill_inv_freq(msh_tensor *inv, int64_t n_rot, double base) {
+  float *fp = msh_tensor_data(inv);
+  for (int64_t i = 0; i < n_rot; i++) fp[i] = (float)pow(base, -2.0 * (double)i / (double)(2 * n_rot));
+}
+
 /* rows r of sequence b = r / T sit at positions base_b + r % T (distinct within a sequence). */
 static void fused_qkv_rope_case(int dev, int64_t B, int64_t T, int64_t H, int64_t KVH, int64_t hd, int64_t n_rot,
                                 int style, int kvdt, int batched, int inner) {
@@ -118,8 +124,7 @@ static void fused_qkv_rope_case(int dev, int64_t B, int64_t T, int64_t H, int64_
   if (!qkv || !pos || !inv) return;
   int32_t *pp = msh_tensor_data(pos);
   for (int64_t r = 0; r < R; r++) pp[r] = (int32_t)((r / T) * 7 % (S - T + 1) + r % T);
-  float *fp = msh_tensor_data(inv);
-  for (int64_t i = 0; i < n_rot; i++) fp[i] = (float)pow(10000.0, -2.0 * (double)i / (double)(2 * n_rot));
+  fill_inv_freq(inv, n_rot, 10000.0);
   /* the reference: the unfused ops on the CPU */
   msh_tensor *kown, *vown, *kref_own, *vref_own;
   msh_tensor *kc = fused_cache(dev, kvdt, B, S, KVH, hd, batched, inner, &kown);
@@ -234,8 +239,7 @@ static void fused_rmsnorm_qkv_rope_case(int dev, int64_t R, int64_t H, int64_t K
   if (!x || !w || !nw || !h || !qkv || !pos || !inv || !q_ref) return;
   int32_t *pp = msh_tensor_data(pos);
   for (int64_t r = 0; r < R; r++) pp[r] = (int32_t)(pos0 + (batched ? 3 * r : r));
-  float *fp = msh_tensor_data(inv);
-  for (int64_t i = 0; i < n_rot; i++) fp[i] = (float)pow(500000.0, -2.0 * (double)i / (double)(2 * n_rot));
+  fill_inv_freq(inv, n_rot, 500000.0);
   msh_tensor *kown, *vown;
   msh_tensor *kc = fused_cache(dev, kvdt, R, S, KVH, hd, batched, 0, &kown);
   msh_tensor *vc = fused_cache(dev, kvdt, R, S, KVH, hd, batched, 0, &vown);
