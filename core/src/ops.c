@@ -284,10 +284,9 @@ msh_status msh_op_rmsnorm_qkv_rope(msh_tensor *q_out, msh_tensor *k_cache, msh_t
                                    const msh_tensor *x, const msh_tensor *norm_w, float eps, const msh_tensor *w,
                                    msh_tensor *h, const msh_tensor *pos, const msh_tensor *inv_freq, int style) {
   const char *op = "rmsnorm_qkv_rope";
-  const msh_backend *be = NULL, *be2 = NULL;
+  const msh_backend *be = NULL;
   CHECK(check_rmsnorm_matmul(op, qkv, x, norm_w, w, h, NULL, &be));
-  CHECK(check_qkv_rope(op, q_out, k_cache, v_cache, qkv, pos, inv_freq, style, &be2));
-  if (be != be2) return MSH_FAIL(MSH_EINVAL, "%s: the operands are on different devices", op);
+  CHECK(check_qkv_rope(op, q_out, k_cache, v_cache, qkv, pos, inv_freq, style, &be)); /* qkv: one device */
   if (overlaps(qkv, k_cache) || overlaps(qkv, v_cache) || overlaps(h, q_out) || overlaps(h, k_cache) ||
       overlaps(h, v_cache) || overlaps(q_out, x) || overlaps(k_cache, x) || overlaps(v_cache, x))
     return MSH_FAIL(MSH_EINVAL, "%s: outputs overlap each other or an input", op);

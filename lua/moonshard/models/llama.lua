@@ -362,9 +362,9 @@ function Llama:compute(T, pos0, all_logits_out, dyn_len, bt)
       attention(att, q, kv.k, kv.v, pos0, self.scale)
     end
     local ffn_normed = self:residual(v, v.att, w.wo, w.ffn_norm)
-    if w.w_gu and not ffn_normed and not self.tp_comm then
+    if w.w_gu and not self.tp_comm then
       -- the whole feed-forward block into the residual: one op (16-bit activations between the
-      -- GEMMs of a prefill on a GPU)
+      -- GEMMs of a prefill on a GPU); with TP the down projection's sum goes across the ranks
       rmsnorm_mlp(v.x, w.ffn_norm, eps, w.w_gu, w.w_down, v.h, v.g, v.gu)
       normed = false
     else
