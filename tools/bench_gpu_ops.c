@@ -795,6 +795,13 @@ int main(int argc, char **argv) {
   if (wanted("attn_prefill")) {
     bench_attention(1, 2048, 2048, 0, "attn_prefill");
     bench_attention(8, 512, 512, 0, "attn_prefill_batch8");
+    /* the row tiles a warp forced (kernels/attn_prefill.cu reads it at every launch) */
+    setenv("MSH_ATTN_MTILES", "1", 1);
+    bench_attention(1, 2048, 2048, 0, "attn_prefill_mt1");
+    setenv("MSH_ATTN_MTILES", "2", 1);
+    bench_attention(1, 2048, 2048, 0, "attn_prefill_mt2");
+    bench_attention(8, 512, 512, 0, "attn_prefill_batch8_mt2");
+    unsetenv("MSH_ATTN_MTILES");
   }
   if (wanted("decode_step")) {
     bench_decode_step(1000, 4096);
