@@ -280,7 +280,7 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_scalar_kernel(float *__restri
 
 /* RPW: weight rows per warp (per block with KS = WARPS) for STORE, ACC and QKV; GLU gives each
  * RPW / 2 outputs (RPW rows). NORM (STORE, GLU and QKV, 16-byte rows) folds the RMSNorm of x with
- * weight g; QKV (qa) takes one row of x, four rows per warp or block, NORM.
+ * weight g; QKV (qa) takes one row of x, four rows per warp or block, 16-byte rows.
  * cudaErrorNotSupported for a combination without a kernel (the caller then composes). */
 template <typename W, int MT, int RPW, int U, bool NORM = false, int KS = 1>
 cudaError_t launch(cudaStream_t s, int epi, float *out, const float *x, const void *w, int M, int64_t N, int64_t K,
@@ -295,8 +295,9 @@ cudaError_t launch(cudaStream_t s, int epi, float *out, const float *x, const vo
   dim3 gr((unsigned)blocks), b(WARPS * 32);
   const Qkv none = {};
   if (epi == QKV) {
-    if constexpr (MT == 1 && RPW == 4 && NORM)
-      return launch_pdl(gemv_vec_kernel<W, 1, 4, U, QKV, true, KS>, gr, b, 0, s, out, x, wt, 1, N, K, g, eps, *qa);
+    if constexpr (MT == 1 && RPW == 4)
+      if (vec)
+        return launch_pdl(gemv_vec_kernel<W, 1, 4, U, QKV, NORM, KS>, gr, b, 0, s, out, x, wt, 1, N, K, g, eps, *qa);
     return cudaErrorNotSupported;
   }
   /* dependent launches: the weights stream in while the kernel before finishes */
@@ -360,15 +361,22 @@ cudaError_t by_m(cudaStream_t s, int epi, float *out, const float *x, const void
   return launch<W, 16, 4, 1>(s, epi, out, x, w, M, N, K);
 }
 
-/* The RMSNorm-folded forms of one row (STORE, GLU, QKV) by weight type. */
+/* The RMSNorm-folded forms of one row (STORE, GLU, QKV) by weight type; QKV also without the norm
+ * (g NULL: x arrives normalized). */
+template <typename W>
+cudaError_t norm_m1_as(cudaStream_t s, int epi, float *out, const float *x, const void *w, const void *g, float eps,
+                       int64_t N, int64_t K, const Qkv *qa) {
+  return g ? m1<W, true>(s, epi, out, x, w, N, K, g, eps, qa) : m1<W, false>(s, epi, out, x, w, N, K, g, eps, qa);
+}
+
 cudaError_t norm_m1(cudaStream_t s, int epi, int w_dt, float *out, const float *x, const void *w, const void *g,
                     float eps, int64_t N, int64_t K, const Qkv *qa) {
-  if (!aligned16(g)) return cudaErrorNotSupported; /* and K % 8, x and w: launch's vector form */
+  if (!aligned16(g) || (!g && epi != QKV)) return cudaErrorNotSupported; /* and K % 8, x, w: the vector form */
   if (N == 0) return cudaGetLastError();
   switch (w_dt) {
-  case MSH_F32: return m1<float, true>(s, epi, out, x, w, N, K, g, eps, qa);
-  case MSH_F16: return m1<f16, true>(s, epi, out, x, w, N, K, g, eps, qa);
-  case MSH_BF16: return m1<bf16, true>(s, epi, out, x, w, N, K, g, eps, qa);
+  case MSH_F32: return norm_m1_as<float>(s, epi, out, x, w, g, eps, N, K, qa);
+  case MSH_F16: return norm_m1_as<f16>(s, epi, out, x, w, g, eps, N, K, qa);
+  case MSH_BF16: return norm_m1_as<bf16>(s, epi, out, x, w, g, eps, N, K, qa);
   default: return cudaErrorInvalidValue;
   }
 }

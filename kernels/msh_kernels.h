@@ -80,11 +80,12 @@ cudaError_t msh_k_gemv_epi(cudaStream_t s, int epi, float *out, const float *x, 
 cudaError_t msh_k_gemv_norm(cudaStream_t s, int epi, float *out, const float *x, const void *w, const void *g,
                             int w_dt, float eps, int64_t N, int64_t K);
 /* A decode step's attention inputs in one pass (x one row, the raw residual): qkv = rmsnorm(x) * g
- * @ w^T for w ((H + 2 KVH) hd, K) stacked q/k/v rows, then as msh_k_qkv_rope with one row at
+ * @ w^T (x @ w^T when g is NULL: x arrives normalized) for w ((H + 2 KVH) hd, K) stacked q/k/v
+ * rows, then as msh_k_qkv_rope with one row at
  * *pos: q rotated into q_out (H, hd) f32, k rotated and v into row *pos of the caches (S, KVH,
  * hd) of kv_dt, rows rstride elements apart (no row written when *pos is outside [0, S)). No qkv
  * row is written. cudaErrorNotSupported unless the rotation covers whole heads (2 n_rot = hd,
- * hd % 4 == 0), K % 8 == 0 and x, w, g are 16-byte aligned, or for a tuning shape (see
+ * hd % 4 == 0), K % 8 == 0 and x, w (and g) are 16-byte aligned, or for a tuning shape (see
  * msh_k_gemv_variant) without four rows a warp or block (the caller then composes). */
 cudaError_t msh_k_gemv_norm_qkv(cudaStream_t s, float *q_out, void *k_cache, void *v_cache, int kv_dt, const float *x,
                                 const void *w, const void *g, int w_dt, float eps, const int32_t *pos,

@@ -336,8 +336,9 @@ static msh_status cuda_rmsnorm_mlp(msh_tensor *x, const msh_tensor *norm_w, floa
   return matmul_epi(x, g, w_down, EPI_ACC, NULL);
 }
 
-/* rmsnorm, the q/k/v projection, rope and the cache store (moonshard.h): one row of x folds them
- * into one GEMV (no qkv row written); anything else composes rmsnorm_matmul and qkv_rope. */
+/* rmsnorm (unless norm_w is NULL), the q/k/v projection, rope and the cache store (moonshard.h): one
+ * row of x folds them into one GEMV (no qkv row written); anything else composes rmsnorm_matmul
+ * (or matmul) and qkv_rope. */
 static msh_status cuda_rmsnorm_qkv_rope(msh_tensor *q_out, msh_tensor *k_cache, msh_tensor *v_cache, msh_tensor *qkv,
                                         const msh_tensor *x, const msh_tensor *norm_w, float eps, const msh_tensor *w,
                                         msh_tensor *h, const msh_tensor *pos, const msh_tensor *inv_freq, int style) {
@@ -346,11 +347,11 @@ static msh_status cuda_rmsnorm_qkv_rope(msh_tensor *q_out, msh_tensor *k_cache, 
   if (s != MSH_OK) return s;
   int nd = k_cache->ndim;
   int64_t M = x->shape[0], K = x->shape[1];
-  if (M == 1 && K > 0 && d->gemv_max_m >= 1 && norm_w->dtype == w->dtype && v_cache->stride[nd - 3] ==
-      k_cache->stride[nd - 3]) {
+  if (M == 1 && K > 0 && d->gemv_max_m >= 1 && (!norm_w || norm_w->dtype == w->dtype) &&
+      v_cache->stride[nd - 3] == k_cache->stride[nd - 3]) {
     cudaError_t e = msh_k_gemv_norm_qkv(d->stream, msh_tensor_ptr(q_out), msh_tensor_ptr(k_cache),
                                         msh_tensor_ptr(v_cache), k_cache->dtype, msh_tensor_ptr(x), msh_tensor_ptr(w),
-                                        msh_tensor_ptr(norm_w), w->dtype, eps, msh_tensor_ptr(pos),
+                                        norm_w ? msh_tensor_ptr(norm_w) : NULL, w->dtype, eps, msh_tensor_ptr(pos),
                                         msh_tensor_ptr(inv_freq), q_out->shape[1], k_cache->shape[nd - 2],
                                         q_out->shape[2], inv_freq->shape[0], style, k_cache->shape[nd - 3],
                                         k_cache->stride[nd - 3], K);
@@ -359,7 +360,7 @@ static msh_status cuda_rmsnorm_qkv_rope(msh_tensor *q_out, msh_tensor *k_cache, 
       return MSH_OK;
     }
   }
-  s = cuda_rmsnorm_matmul(qkv, x, norm_w, eps, w, h, NULL);
+  s = norm_w ? cuda_rmsnorm_matmul(qkv, x, norm_w, eps, w, h, NULL) : cuda_matmul(qkv, x, w);
   if (s != MSH_OK) return s;
   return cuda_qkv_rope(q_out, k_cache, v_cache, qkv, pos, inv_freq, style);
 }

@@ -252,7 +252,8 @@ msh_status msh_op_rope(msh_tensor *x, const msh_tensor *pos, const msh_tensor *i
  * msh_op_rmsnorm_qkv_rope: a layer's attention inputs from its residual x: msh_op_rmsnorm_matmul
  * (qkv, x, norm_w, eps, w, h, NULL) then msh_op_qkv_rope(q_out, k_cache, v_cache, qkv, pos,
  * inv_freq, style), operands as theirs. qkv and h are scratch (left unspecified: a backend may
- * form the decode step's single row without writing them).
+ * form the decode step's single row without writing them). norm_w NULL: x arrives normalized (a
+ * tensor-parallel rank's sum brought the norm), qkv = x @ w^T, and h is unused (may be NULL).
  *
  * msh_op_rmsnorm_mlp: a layer's feed-forward block added into its residual x (M, K):
  * x += (silu(h @ gate^T) * (h @ up^T)) @ w_down^T with h = rmsnorm(x, norm_w, eps), w_gu (2F, K)

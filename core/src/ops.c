@@ -285,15 +285,23 @@ msh_status msh_op_rmsnorm_qkv_rope(msh_tensor *q_out, msh_tensor *k_cache, msh_t
                                    msh_tensor *h, const msh_tensor *pos, const msh_tensor *inv_freq, int style) {
   const char *op = "rmsnorm_qkv_rope";
   const msh_backend *be = NULL;
-  CHECK(check_rmsnorm_matmul(op, qkv, x, norm_w, w, h, NULL, &be));
+  if (norm_w) {
+    CHECK(check_rmsnorm_matmul(op, qkv, x, norm_w, w, h, NULL, &be));
+  } else { /* x arrives normalized: the projection alone, h unused */
+    if (!qkv || !x || !w) return MSH_FAIL(MSH_EINVAL, "NULL argument");
+    if (!(be = same_device(op, qkv, x, w, NULL))) return MSH_EINVAL;
+    CHECK(check_matmul(op, qkv, x, w, 1));
+    h = NULL;
+  }
   CHECK(check_qkv_rope(op, q_out, k_cache, v_cache, qkv, pos, inv_freq, style, &be)); /* qkv: one device */
-  if (overlaps(qkv, k_cache) || overlaps(qkv, v_cache) || overlaps(h, q_out) || overlaps(h, k_cache) ||
-      overlaps(h, v_cache) || overlaps(q_out, x) || overlaps(k_cache, x) || overlaps(v_cache, x))
+  if (overlaps(qkv, k_cache) || overlaps(qkv, v_cache) || overlaps(q_out, x) || overlaps(k_cache, x) ||
+      overlaps(v_cache, x) || (h && (overlaps(h, q_out) || overlaps(h, k_cache) || overlaps(h, v_cache))))
     return MSH_FAIL(MSH_EINVAL, "%s: outputs overlap each other or an input", op);
   if (q_out->shape[0] == 0) return MSH_OK;
   if (be->rmsnorm_qkv_rope) return be->rmsnorm_qkv_rope(q_out, k_cache, v_cache, qkv, x, norm_w, eps, w, h, pos,
                                                         inv_freq, style);
-  CHECK(run_rmsnorm_matmul(be, qkv, x, norm_w, eps, w, h, NULL));
+  if (norm_w) CHECK(run_rmsnorm_matmul(be, qkv, x, norm_w, eps, w, h, NULL));
+  else if (msh_tensor_numel(qkv) > 0) CHECK(be->matmul(qkv, x, w));
   return be->qkv_rope(q_out, k_cache, v_cache, qkv, pos, inv_freq, style);
 }
 

@@ -10,7 +10,8 @@
 --          rmsnorm_matmul(out, x, norm_w, eps, w, h, gu) (out = rmsnorm(x) @ w^T, or the GLU form
 --          with gu its scratch; h (M, K) scratch)
 --          rmsnorm_qkv_rope(q_out, k_cache, v_cache, qkv, x, norm_w, eps, w, h, pos, inv_freq, style)
---          (rmsnorm_matmul into qkv, then qkv_rope; qkv and h scratch)
+--          (rmsnorm_matmul into qkv, then qkv_rope; qkv and h scratch; norm_w nil: x arrives
+--          normalized, qkv = x @ w^T)
 --          rmsnorm_mlp(x, norm_w, eps, w_gu, w_down, h, g, gu) (x += the feed-forward block of
 --          rmsnorm(x); h, g, gu scratch)
 --   argmax(x, out_buf) -> the first row's index (out_buf: int32_t[] with a slot per row)

@@ -63,6 +63,12 @@ static void test_errors(void) {
   CHECK_STATUS(msh_op_rmsnorm_qkv_rope(q, kc, vc, qkv, x, nq, 1e-5f, wq, qview, pos, inv, MSH_ROPE_HALF), MSH_EINVAL);
   pp[1] = 3;
   CHECK_STATUS(msh_op_rmsnorm_qkv_rope(q, kc, vc, qkv, x, nq, 1e-5f, wq, hq, pos, inv, MSH_ROPE_HALF), MSH_ERANGE);
+  /* without the norm weight (x normalized already): the same checks, h not needed */
+  CHECK_STATUS(msh_op_rmsnorm_qkv_rope(q, kc, vc, qkv, x, NULL, 0, wqb, NULL, pos, inv, MSH_ROPE_HALF), MSH_EINVAL);
+  CHECK_STATUS(msh_op_rmsnorm_qkv_rope(q, kc, vc, qkv, x, NULL, 0, wq, NULL, pos, inv, MSH_ROPE_HALF), MSH_ERANGE);
+  CHECK_STATUS(msh_op_rmsnorm_qkv_rope(q, kc, vc, qkv, NULL, NULL, 0, wq, NULL, pos, inv, MSH_ROPE_HALF), MSH_EINVAL);
+  pp[1] = 1;
+  CHECK_OK(msh_op_rmsnorm_qkv_rope(q, kc, vc, qkv, x, NULL, 0, wq, NULL, pos, inv, MSH_ROPE_HALF));
 
   /* rmsnorm_mlp: x (2, 8), F = 3 (w (6, 8) gate over up); a down projection of the wrong shape,
    * g overlapping x */

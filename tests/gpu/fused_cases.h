@@ -227,9 +227,10 @@ static void fused_rmsnorm_mlp_case(int dev, int64_t M, int64_t K, int64_t F, int
 }
 
 /* rmsnorm_qkv_rope on dev against rmsnorm, matmul and qkv_rope on the CPU: R rows (one sequence,
- * or R sequences of one row over a batched cache), positions pos0 + r (sequence r at pos0 + 3r). */
+ * or R sequences of one row over a batched cache), positions pos0 + r (sequence r at pos0 + 3r).
+ * normed: the op gets the normalized rows and no norm weight (a tensor-parallel rank's form). */
 static void fused_rmsnorm_qkv_rope_case(int dev, int64_t R, int64_t H, int64_t KVH, int64_t hd, int64_t n_rot,
-                                        int style, int wdt, int kvdt, int batched, int64_t pos0) {
+                                        int style, int wdt, int kvdt, int batched, int64_t pos0, int normed) {
   int64_t K = 256, S = pos0 + 3 * R + 4, W = (H + 2 * KVH) * hd;
   int64_t xs[2] = {R, K}, ws[2] = {W, K}, ns[1] = {K}, qs[2] = {R, W}, rs[1] = {R}, fs[1] = {n_rot};
   int64_t q3[3] = {R, H, hd};
@@ -248,15 +249,16 @@ static void fused_rmsnorm_qkv_rope_case(int dev, int64_t R, int64_t H, int64_t K
   CHECK_OK(msh_op_rmsnorm(h, x, nw, eps));
   CHECK_OK(msh_op_matmul(qkv, h, w));
   CHECK_OK(msh_op_qkv_rope(q_ref, kref, vref, qkv, pos, inv, style));
-  msh_tensor *dx = copy_to(dev, x), *dw = copy_to(dev, w), *dn = copy_to(dev, nw), *dpos = copy_to(dev, pos);
-  msh_tensor *dinv = copy_to(dev, inv), *dh = dev_new(dev, MSH_F32, 2, xs), *dqkv = dev_new(dev, MSH_F32, 2, qs);
-  msh_tensor *q_out = dev_new(dev, MSH_F32, 3, q3);
-  CHECK_OK(msh_op_rmsnorm_qkv_rope(q_out, kc, vc, dqkv, dx, dn, eps, dw, dh, dpos, dinv, style));
+  msh_tensor *dx = copy_to(dev, normed ? h : x), *dw = copy_to(dev, w), *dn = copy_to(dev, nw);
+  msh_tensor *dpos = copy_to(dev, pos), *dinv = copy_to(dev, inv), *dh = dev_new(dev, MSH_F32, 2, xs);
+  msh_tensor *dqkv = dev_new(dev, MSH_F32, 2, qs), *q_out = dev_new(dev, MSH_F32, 3, q3);
+  CHECK_OK(msh_op_rmsnorm_qkv_rope(q_out, kc, vc, dqkv, dx, normed ? NULL : dn, eps, dw, normed ? NULL : dh, dpos,
+                                   dinv, style));
   char what[160];
-  snprintf(what, sizeof what, "rmsnorm_qkv_rope R=%lld H=%lld/%lld hd=%lld rot=%lld %s w=%s kv=%s%s q",
-           (long long)R, (long long)H, (long long)KVH, (long long)hd, (long long)n_rot,
-           style == MSH_ROPE_HALF ? "half" : "interleaved", msh_dtype_name(wdt), msh_dtype_name(kvdt),
-           batched ? " 4-D" : " 3-D");
+  snprintf(what, sizeof what, "rmsnorm_qkv_rope%s R=%lld H=%lld/%lld hd=%lld rot=%lld %s w=%s kv=%s%s q",
+           normed ? " (normed x)" : "", (long long)R, (long long)H, (long long)KVH, (long long)hd,
+           (long long)n_rot, style == MSH_ROPE_HALF ? "half" : "interleaved", msh_dtype_name(wdt),
+           msh_dtype_name(kvdt), batched ? " 4-D" : " 3-D");
   COMPARE(what, q_out, q_ref, tol_for(wdt));
   msh_tensor *kg = as_f32(kown), *vg = as_f32(vown), *kw32 = as_f32(kref), *vw32 = as_f32(vref);
   size_t L = strlen(what);
@@ -265,7 +267,7 @@ static void fused_rmsnorm_qkv_rope_case(int dev, int64_t R, int64_t H, int64_t K
   what[L - 1] = 'v';
   COMPARE(what, vg, vw32, wdt == MSH_F32 ? tol_for(kvdt) : 1e-2);
   snprintf(what + L - 1, sizeof what - L + 1, "x kept");
-  COMPARE(what, dx, x, 0.0);
+  COMPARE(what, dx, normed ? h : x, 0.0);
   msh_tensor *ts[] = {x, w, nw, h, qkv, pos, inv, q_ref, kown, vown, kref, vref, dx, dw, dn, dpos, dinv, dh, dqkv,
                       q_out, kg, vg, kw32, vw32};
   free_all(ts, 24);
@@ -322,13 +324,16 @@ static void fused_all_cases(int dev) {
    * rows, a partial rotation and a batched cache (composed) */
   for (int i = 0; i < 3; i++)
     for (int style = 0; style < 2; style++) {
-      fused_rmsnorm_qkv_rope_case(dev, 1, 32, 8, 128, 64, style, MSH_BF16, kvdts[i], 0, 37);
-      fused_rmsnorm_qkv_rope_case(dev, 1, 8, 2, 64, 32, style, wdts[i], MSH_BF16, 0, 0);
-      fused_rmsnorm_qkv_rope_case(dev, 1, 4, 4, 36, 18, style, wdts[i], kvdts[i], 1, 5);
+      fused_rmsnorm_qkv_rope_case(dev, 1, 32, 8, 128, 64, style, MSH_BF16, kvdts[i], 0, 37, 0);
+      fused_rmsnorm_qkv_rope_case(dev, 1, 8, 2, 64, 32, style, wdts[i], MSH_BF16, 0, 0, 0);
+      fused_rmsnorm_qkv_rope_case(dev, 1, 4, 4, 36, 18, style, wdts[i], kvdts[i], 1, 5, 0);
+      fused_rmsnorm_qkv_rope_case(dev, 1, 16, 4, 128, 64, style, wdts[i], kvdts[i], 0, 20, 1); /* a TP rank's */
     }
-  fused_rmsnorm_qkv_rope_case(dev, 3, 8, 2, 64, 32, MSH_ROPE_HALF, MSH_BF16, MSH_BF16, 0, 10);
-  fused_rmsnorm_qkv_rope_case(dev, 1, 6, 2, 48, 8, MSH_ROPE_HALF, MSH_F16, MSH_F16, 0, 3); /* partial rotation */
-  fused_rmsnorm_qkv_rope_case(dev, 4, 8, 8, 32, 16, MSH_ROPE_INTERLEAVED, MSH_F32, MSH_F32, 1, 2);
+  fused_rmsnorm_qkv_rope_case(dev, 3, 8, 2, 64, 32, MSH_ROPE_HALF, MSH_BF16, MSH_BF16, 0, 10, 0);
+  fused_rmsnorm_qkv_rope_case(dev, 1, 6, 2, 48, 8, MSH_ROPE_HALF, MSH_F16, MSH_F16, 0, 3, 0); /* partial rotation */
+  fused_rmsnorm_qkv_rope_case(dev, 4, 8, 8, 32, 16, MSH_ROPE_INTERLEAVED, MSH_F32, MSH_F32, 1, 2, 0);
+  fused_rmsnorm_qkv_rope_case(dev, 5, 8, 2, 64, 32, MSH_ROPE_HALF, MSH_BF16, MSH_BF16, 0, 0, 1);
+  fused_rmsnorm_qkv_rope_case(dev, 1, 6, 2, 48, 8, MSH_ROPE_HALF, MSH_F16, MSH_F16, 0, 3, 1);
 }
 
 #endif

@@ -232,7 +232,7 @@ end
 
 local embedding, rmsnorm, matmul, rope_op = ops.embedding, ops.rmsnorm, ops.matmul, ops.rope
 local set_rows, attention, silu_mul = ops.set_rows, ops.attention, ops.silu_mul
-local matmul_acc, matmul_glu, qkv_rope = ops.matmul_acc, ops.matmul_glu, ops.qkv_rope
+local matmul_acc, matmul_glu = ops.matmul_acc, ops.matmul_glu
 local rmsnorm_matmul, rmsnorm_qkv_rope, rmsnorm_mlp = ops.rmsnorm_matmul, ops.rmsnorm_qkv_rope, ops.rmsnorm_mlp
 
 -- Moves the T token ids and positions pos0 .. pos0+T-1 to the device's buffers.
@@ -330,11 +330,11 @@ function Llama:compute(T, pos0, all_logits_out, dyn_len, bt)
     local w = stage:acquire(l)
     local kv = bt and bt.kv[l] or self.kv[l]
     if w.wqkv then
-      -- one projection (the norm folded in unless the sum across ranks brought it), rope and the
-      -- cache store (positions from the device): one op, one kernel at decode on a GPU
+      -- one projection (the norm folded in unless the sum across ranks brought it: then h is the
+      -- normalized input), rope and the cache store (positions from the device): one op, one
+      -- kernel at decode on a GPU
       if normed then
-        matmul(v.qkv, v.h, w.wqkv)
-        qkv_rope(v.q3, kv.k, kv.v, v.qkv, v.pos, self.inv_freq, self.rope_style)
+        rmsnorm_qkv_rope(v.q3, kv.k, kv.v, v.qkv, v.h, nil, eps, w.wqkv, nil, v.pos, self.inv_freq, self.rope_style)
       else
         rmsnorm_qkv_rope(v.q3, kv.k, kv.v, v.qkv, v.x, w.attn_norm, eps, w.wqkv, v.h, v.pos, self.inv_freq,
           self.rope_style)
