@@ -31,7 +31,27 @@ namespace {
 constexpr int NW = 4;
 constexpr float LOG2E = 1.4426950408889634f;
 
-__device__ __forceinline__ float exp2_or_zero(float x) { return x == -INFINITY ? 0.0f : exp2f(x); }
+/* exp2(x - M) for a score or a partial's max x in log2 units against the running max M: 0 for a
+ * masked score or an empty partial (x = -inf, where M may be -inf too). */
+__device__ __forceinline__ float weight(float x, float M) { return x == -INFINITY ? 0.0f : exp2f(x - M); }
+
+/* N partial softmax results (max m in log2 units, sum of weights l, unnormalized accumulator a;
+ * empty ones have m = -inf) merged into one: M, L, A. */
+template <int N>
+__device__ __forceinline__ void merge_n(const float (&m)[N], const float (&l)[N], const float (&a)[N], float &M,
+                                        float &L, float &A) {
+  M = -INFINITY;
+#pragma unroll
+  for (int v = 0; v < N; v++) M = fmaxf(M, m[v]);
+  L = 0.0f;
+  A = 0.0f;
+#pragma unroll
+  for (int v = 0; v < N; v++) {
+    const float f = weight(m[v], M);
+    L += l[v] * f;
+    A += a[v] * f;
+  }
+}
 
 /* Position of sequence b's query 0 for this launch: the host's, or the device word clamped into
  * the planned range [0, a.pos0] (so a bad value reads no key outside the cache). */
@@ -92,13 +112,13 @@ __device__ __forceinline__ void consume(const float (&qr)[GT][8], const float (&
     for (int u = 1; u < U; u++) mx = fmaxf(mx, sc[u][i]);
     float mnew = fmaxf(st.m[i], mx);
     if (mnew == -INFINITY) continue;
-    float corr = exp2_or_zero(st.m[i] == -INFINITY ? -INFINITY : st.m[i] - mnew);
+    float corr = weight(st.m[i], mnew);
     st.l[i] *= corr;
 #pragma unroll
     for (int j = 0; j < 8; j++) st.o[i][j] *= corr;
 #pragma unroll
     for (int u = 0; u < U; u++) {
-      float p = exp2_or_zero(sc[u][i] == -INFINITY ? -INFINITY : sc[u][i] - mnew);
+      float p = weight(sc[u][i], mnew);
       st.l[i] += p;
 #pragma unroll
       for (int j = 0; j < 8; j++) st.o[i][j] = fmaf(p, vf[u][j], st.o[i][j]);
@@ -158,8 +178,7 @@ __device__ __forceinline__ void finish(const msh_k_attn &a, const Where &w, Acc<
       float mo = __shfl_xor_sync(0xffffffffu, st.m[i], o);
       float lo = __shfl_xor_sync(0xffffffffu, st.l[i], o);
       float mm = fmaxf(st.m[i], mo);
-      float ca = mm == -INFINITY ? 0.0f : exp2_or_zero(st.m[i] == -INFINITY ? -INFINITY : st.m[i] - mm);
-      float cb = mm == -INFINITY ? 0.0f : exp2_or_zero(mo == -INFINITY ? -INFINITY : mo - mm);
+      float ca = weight(st.m[i], mm), cb = weight(mo, mm);
       st.l[i] = st.l[i] * ca + lo * cb;
 #pragma unroll
       for (int j = 0; j < 8; j++) {
@@ -187,17 +206,14 @@ __device__ __forceinline__ void finish(const msh_k_attn &a, const Where &w, Acc<
   for (int e = threadIdx.x; e < GT * HDP; e += NW * 32) {
     int i = e / HDP, d = e % HDP, hg = w.tile * GT + i;
     if (hg >= w.G || d >= w.hd) continue;
-    float M = -INFINITY;
-#pragma unroll
-    for (int v = 0; v < NW; v++) M = fmaxf(M, sm_m[v * GT + i]);
-    float L = 0.0f, A = 0.0f;
+    float mv[NW], lv[NW], av[NW], M, L, A;
 #pragma unroll
     for (int v = 0; v < NW; v++) {
-      float mv = sm_m[v * GT + i];
-      float f = exp2_or_zero(mv == -INFINITY ? -INFINITY : mv - M);
-      L += sm_l[v * GT + i] * f;
-      A += sm_acc[(v * GT + i) * HDP + d] * f;
+      mv[v] = sm_m[v * GT + i];
+      lv[v] = sm_l[v * GT + i];
+      av[v] = sm_acc[(v * GT + i) * HDP + d];
     }
+    merge_n(mv, lv, av, M, L, A);
     int64_t row = w.bt * a.H + w.kvh * w.G + hg;
     if (splits == 1) {
       a.out[row * w.hd + d] = A / L;
@@ -424,7 +440,7 @@ __global__ void __launch_bounds__(NW * 32) decode_tc_kernel(msh_k_attn a, int sp
     }
     /* a warp's 16 keys may all be masked for a row: keep every step finite */
     const float nA = fmaxf(mA, mxA), nB = fmaxf(mB, mxB);
-    const float corrA = mA == -INFINITY ? 0.0f : exp2f(mA - nA), corrB = mB == -INFINITY ? 0.0f : exp2f(mB - nB);
+    const float corrA = weight(mA, nA), corrB = weight(mB, nB);
     mA = nA;
     mB = nB;
     lA *= corrA;
@@ -438,10 +454,10 @@ __global__ void __launch_bounds__(NW * 32) decode_tc_kernel(msh_k_attn a, int sp
     }
 #pragma unroll
     for (int nn = 0; nn < 2; nn++) {
-      sc[nn][0] = sc[nn][0] == -INFINITY ? 0.0f : exp2f(sc[nn][0] - nA);
-      sc[nn][1] = sc[nn][1] == -INFINITY ? 0.0f : exp2f(sc[nn][1] - nA);
-      sc[nn][2] = sc[nn][2] == -INFINITY ? 0.0f : exp2f(sc[nn][2] - nB);
-      sc[nn][3] = sc[nn][3] == -INFINITY ? 0.0f : exp2f(sc[nn][3] - nB);
+      sc[nn][0] = weight(sc[nn][0], nA);
+      sc[nn][1] = weight(sc[nn][1], nA);
+      sc[nn][2] = weight(sc[nn][2], nB);
+      sc[nn][3] = weight(sc[nn][3], nB);
       lA += sc[nn][0] + sc[nn][1];
       lB += sc[nn][2] + sc[nn][3];
     }
@@ -490,17 +506,14 @@ __global__ void __launch_bounds__(NW * 32) decode_tc_kernel(msh_k_attn a, int sp
     int i = e / HD, d = e % HD;
     int64_t r = r0 + i;
     if (d >= a.hd) continue;
-    float M = -INFINITY;
-#pragma unroll
-    for (int v = 0; v < NW; v++) M = fmaxf(M, sm_m[v * 16 + i]);
-    float L = 0.0f, A = 0.0f;
+    float mv[NW], lv[NW], av[NW], M, L, A;
 #pragma unroll
     for (int v = 0; v < NW; v++) {
-      float mv = sm_m[v * 16 + i];
-      float f = (mv == -INFINITY) ? 0.0f : exp2f(mv - M);
-      L += sm_l[v * 16 + i] * f;
-      A += sm_o[(v * 16 + i) * HD + d] * f;
+      mv[v] = sm_m[v * 16 + i];
+      lv[v] = sm_l[v * 16 + i];
+      av[v] = sm_o[(v * 16 + i) * HD + d];
     }
+    merge_n(mv, lv, av, M, L, A);
     int64_t row = (bT + r / G) * a.H + kvh * G + r % G;
     if (CL) {
       res_o[i * HD + d] = A;
@@ -527,7 +540,7 @@ __global__ void __launch_bounds__(NW * 32) decode_tc_kernel(msh_k_attn a, int sp
       int64_t r = r0 + i;
       if (d >= a.hd) continue;
       /* every block's three values first (the remote loads in flight together), then the merge */
-      float mv[8], lv[8], av[8], M = -INFINITY;
+      float mv[8], lv[8], av[8], M, L, A;
 #pragma unroll
       for (int v = 0; v < 8; v++) {
         bool in = v < splits;
@@ -535,15 +548,7 @@ __global__ void __launch_bounds__(NW * 32) decode_tc_kernel(msh_k_attn a, int sp
         lv[v] = in ? *cluster.map_shared_rank(res_l + i, v) : 0.0f;
         av[v] = in ? *cluster.map_shared_rank(res_o + i * HD + d, v) : 0.0f;
       }
-#pragma unroll
-      for (int v = 0; v < 8; v++) M = fmaxf(M, mv[v]);
-      float L = 0.0f, A = 0.0f;
-#pragma unroll
-      for (int v = 0; v < 8; v++) {
-        float f = (mv[v] == -INFINITY) ? 0.0f : exp2f(mv[v] - M);
-        L += lv[v] * f;
-        A += av[v] * f;
-      }
+      merge_n(mv, lv, av, M, L, A);
       int64_t row = (bT + r / G) * a.H + kvh * G + r % G;
       a.out[row * a.hd + d] = A / L;
     }
@@ -561,12 +566,12 @@ __global__ void merge_kernel(msh_k_attn a, int splits, int chunk, const float2 *
   float M = -INFINITY;
   for (int sp = 0; sp < ns; sp++) M = fmaxf(M, ml[sp].x);
   float L = 0.0f;
-  for (int sp = 0; sp < ns; sp++) L += ml[sp].y * exp2_or_zero(ml[sp].x == -INFINITY ? -INFINITY : ml[sp].x - M);
+  for (int sp = 0; sp < ns; sp++) L += ml[sp].y * weight(ml[sp].x, M);
   float inv = 1.0f / L;
   for (int d = threadIdx.x; d < a.hd; d += blockDim.x) {
     float A = 0.0f;
     for (int sp = 0; sp < ns; sp++)
-      A += part_acc[(row * splits + sp) * a.hd + d] * exp2_or_zero(ml[sp].x == -INFINITY ? -INFINITY : ml[sp].x - M);
+      A += part_acc[(row * splits + sp) * a.hd + d] * weight(ml[sp].x, M);
     a.out[row * a.hd + d] = A * inv;
   }
 }
