@@ -4,10 +4,10 @@
  * The T * G query rows of one sequence that share a kv head (G = H / KVH) are packed as row
  * r = t * G + g, so one block of rows reads each K/V tile once for all of its heads and tokens;
  * grid (row blocks, sequence x kv head, key chunks). Each of the 4 warps owns MT tiles of 16 rows
- * (BM = 64 MT rows a block): with MT = 2 every K and V fragment loaded from shared memory feeds
- * two MMAs instead of one (FlashAttention-2's shape at head dim 128), with MT = 1 there are twice
- * the blocks for short prompts. Key tiles of 64 rows stream through shared memory with cp.async,
- * double-buffered. Per tile and warp: S = Q K^T (16 MT x 64) in registers, causal mask, online
+ * (64 MT rows a block): with MT = 2 every K and V fragment loaded from shared memory feeds two
+ * MMAs instead of one (FlashAttention-2's shape at head dim 128); MT = 1 makes twice the blocks
+ * for short prompts. Key tiles of BN (64 or 32) rows stream through shared memory with cp.async,
+ * double-buffered. Per tile and warp: S = Q K^T (16 MT x BN) in registers, causal mask, online
  * softmax in log2 units, then P (rounded to the cache's type) @ V; K fragments come from
  * ldmatrix, V fragments from ldmatrix.trans. Q (rounded to the cache's type) lives in registers
  * when MT * hd <= 128 and in the warp's part of shared memory otherwise (registers hold the
@@ -19,17 +19,17 @@ using namespace msh;
 
 namespace {
 
-constexpr int BN = 64, WARPS = 4, THREADS = 32 * WARPS;
+constexpr int WARPS = 4, THREADS = 32 * WARPS;
 constexpr float LOG2E = 1.4426950408889634f;
 
 template <int HD, int MT> __host__ __device__ constexpr bool q_in_regs() { return MT * HD <= 128; }
 
 /* K and V double-buffered, then Q when it does not live in registers */
-template <int HD, int MT> constexpr int smem_bytes() {
+template <int HD, int MT, int BN> constexpr int smem_bytes() {
   return (4 * BN + (q_in_regs<HD, MT>() ? 0 : WARPS * 16 * MT)) * (HD + 8) * 2;
 }
 
-template <typename KV, int HD, int MT, bool SPLIT>
+template <typename KV, int HD, int MT, int BN, bool SPLIT>
 __global__ void __launch_bounds__(THREADS, 2)
     prefill_kernel(msh_k_attn a, int splits, int64_t chunk, float2 *part_ml, float *part_acc) {
   constexpr int LD = HD + 8; /* shared row stride (elements): conflict-free fragments */
@@ -270,34 +270,39 @@ __global__ void __launch_bounds__(THREADS, 2)
 }
 
 struct Plan {
-  int mt;        /* 16-row tiles a warp */
+  int mt, bn;    /* 16-row tiles a warp, keys a tile */
   int splits;    /* key chunks */
   int64_t chunk; /* keys a chunk (whole tiles) */
 };
 
-/* Two row tiles a warp once those row blocks still fill every SM twice, otherwise one; the keys
- * are split when even that leaves SMs idle (few queries over a long cache): chunks of whole tiles,
- * enough to fill two blocks per SM. MSH_ATTN_MTILES=1 or 2 in the environment forces the row
- * tiles (tuning and tests; read at every call). */
+/* Block tiles (rows x keys): 128 x 32 (two row tiles a warp: every K and V fragment feeds two
+ * MMAs; 32 keys keep the 32 x 128 accumulator and the scores in registers) once those row blocks
+ * still fill every SM twice, otherwise 64 x 64; the keys are split when even that leaves SMs idle
+ * (few queries over a long cache): chunks of whole tiles, enough to fill two blocks per SM.
+ * MSH_ATTN_TILE=64x64, 128x64 or 128x32 in the environment forces the tile (tuning and tests;
+ * read at every call). */
 Plan plan(const msh_k_attn *a, int sm_count) {
   const int64_t rows = (int64_t)a->T * (a->H / a->KVH), target = 2LL * (sm_count > 0 ? sm_count : 132);
   auto blocks = [&](int mt) { return (rows + 64 * mt - 1) / (64 * mt) * a->KVH * a->B; };
-  Plan p = {blocks(2) >= target ? 2 : 1, 1, 0};
-  const char *e = getenv("MSH_ATTN_MTILES");
-  if (e && (e[0] == '1' || e[0] == '2') && !e[1]) p.mt = e[0] - '0';
-  const int64_t have = blocks(p.mt), maxn = a->pos0 + a->T, max_n = (maxn + BN - 1) / BN;
+  Plan p = blocks(2) >= target ? Plan{2, 32, 1, 0} : Plan{1, 64, 1, 0};
+  if (const char *e = getenv("MSH_ATTN_TILE")) {
+    if (!strcmp(e, "64x64")) p.mt = 1, p.bn = 64;
+    else if (!strcmp(e, "128x64")) p.mt = 2, p.bn = 64;
+    else if (!strcmp(e, "128x32")) p.mt = 2, p.bn = 32;
+  }
+  const int64_t have = blocks(p.mt), maxn = a->pos0 + a->T, max_n = (maxn + p.bn - 1) / p.bn;
   int64_t n = have >= target ? 1 : (target + have - 1) / have;
   if (n > max_n) n = max_n;
   if (n < 1) n = 1;
-  p.chunk = ((maxn + n - 1) / n + BN - 1) / BN * BN;
+  p.chunk = ((maxn + n - 1) / n + p.bn - 1) / p.bn * p.bn;
   p.splits = (int)((maxn + p.chunk - 1) / p.chunk);
   return p;
 }
 
-template <typename KV, int HD, int MT, bool SPLIT>
+template <typename KV, int HD, int MT, int BN, bool SPLIT>
 cudaError_t launch_as(cudaStream_t s, const msh_k_attn *a, const Plan &p, float2 *ml, float *acc) {
-  constexpr int bytes = smem_bytes<HD, MT>();
-  auto kernel = prefill_kernel<KV, HD, MT, SPLIT>;
+  constexpr int bytes = smem_bytes<HD, MT, BN>();
+  auto kernel = prefill_kernel<KV, HD, MT, BN, SPLIT>;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (e != cudaSuccess) return e;
   const int64_t rows = (int64_t)a->T * (a->H / a->KVH), bm = 64 * MT;
@@ -307,11 +312,16 @@ cudaError_t launch_as(cudaStream_t s, const msh_k_attn *a, const Plan &p, float2
 }
 
 /* the unsplit kernel skips the -inf guards that only chunks after the first need */
+template <typename KV, int HD, int MT, int BN>
+cudaError_t launch_split(cudaStream_t s, const msh_k_attn *a, const Plan &p, float2 *ml, float *acc) {
+  return p.splits > 1 ? launch_as<KV, HD, MT, BN, true>(s, a, p, ml, acc)
+                      : launch_as<KV, HD, MT, BN, false>(s, a, p, ml, acc);
+}
+
 template <typename KV, int HD>
 cudaError_t launch(cudaStream_t s, const msh_k_attn *a, const Plan &p, float2 *ml, float *acc) {
-  if (p.mt == 2)
-    return p.splits > 1 ? launch_as<KV, HD, 2, true>(s, a, p, ml, acc) : launch_as<KV, HD, 2, false>(s, a, p, ml, acc);
-  return p.splits > 1 ? launch_as<KV, HD, 1, true>(s, a, p, ml, acc) : launch_as<KV, HD, 1, false>(s, a, p, ml, acc);
+  if (p.mt == 1) return launch_split<KV, HD, 1, 64>(s, a, p, ml, acc);
+  return p.bn == 64 ? launch_split<KV, HD, 2, 64>(s, a, p, ml, acc) : launch_split<KV, HD, 2, 32>(s, a, p, ml, acc);
 }
 
 } // namespace

@@ -795,13 +795,17 @@ int main(int argc, char **argv) {
   if (wanted("attn_prefill")) {
     bench_attention(1, 2048, 2048, 0, "attn_prefill");
     bench_attention(8, 512, 512, 0, "attn_prefill_batch8");
-    /* the row tiles a warp forced (kernels/attn_prefill.cu reads it at every launch) */
-    setenv("MSH_ATTN_MTILES", "1", 1);
-    bench_attention(1, 2048, 2048, 0, "attn_prefill_mt1");
-    setenv("MSH_ATTN_MTILES", "2", 1);
-    bench_attention(1, 2048, 2048, 0, "attn_prefill_mt2");
-    bench_attention(8, 512, 512, 0, "attn_prefill_batch8_mt2");
-    unsetenv("MSH_ATTN_MTILES");
+    /* each block tile forced (kernels/attn_prefill.cu reads it at every launch) */
+    static const char *tiles[] = {"64x64", "128x64", "128x32"};
+    for (int i = 0; i < 3; i++) {
+      char name[64];
+      setenv("MSH_ATTN_TILE", tiles[i], 1);
+      snprintf(name, sizeof name, "attn_prefill_%s", tiles[i]);
+      bench_attention(1, 2048, 2048, 0, name);
+      snprintf(name, sizeof name, "attn_prefill_batch8_%s", tiles[i]);
+      bench_attention(8, 512, 512, 0, name);
+    }
+    unsetenv("MSH_ATTN_TILE");
   }
   if (wanted("decode_step")) {
     bench_decode_step(1000, 4096);

@@ -392,16 +392,16 @@ static void test_attention(void) {
       {257, 12, 4, 64, 0, MSH_BF16, 0, 1e-2},   {16, 32, 8, 128, 8000, MSH_BF16, 0, 1e-2},
       {8, 8, 1, 64, 3000, MSH_F16, 1, 1e-2},    {600, 32, 8, 128, 0, MSH_BF16, 0, 1e-2},
   };
-  /* the kernel's own choice of row tiles a warp, then one and two forced (MSH_ATTN_MTILES) */
-  static const char *mtiles[] = {NULL, "1", "2"};
-  for (size_t m = 0; m < sizeof mtiles / sizeof mtiles[0]; m++) {
-    if (mtiles[m]) {
-      printf("  MSH_ATTN_MTILES=%s\n", mtiles[m]);
-      setenv("MSH_ATTN_MTILES", mtiles[m], 1);
+  /* the kernel's own choice of block tile, then each tile forced (MSH_ATTN_TILE) */
+  static const char *tiles[] = {NULL, "64x64", "128x64", "128x32"};
+  for (size_t m = 0; m < sizeof tiles / sizeof tiles[0]; m++) {
+    if (tiles[m]) {
+      printf("  MSH_ATTN_TILE=%s\n", tiles[m]);
+      setenv("MSH_ATTN_TILE", tiles[m], 1);
     }
     for (size_t i = 0; i < sizeof prefill / sizeof prefill[0]; i++) run_attention(&prefill[i]);
   }
-  unsetenv("MSH_ATTN_MTILES");
+  unsetenv("MSH_ATTN_TILE");
 }
 
 /* ------------------------------------------------------------------ batched cache ops */
@@ -629,12 +629,15 @@ static void test_batch(void) {
       {3, 1, 32, 8, 128, 300, 250, MSH_F16, 1, 0, 1e-2},
   };
   for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) run_batch_attention(&cases[i]);
-  /* the batched prefill cases again with two row tiles a warp (the default picks it for
-   * prompts that fill the GPU) */
-  setenv("MSH_ATTN_MTILES", "2", 1);
-  for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
-    if (cases[i].T >= 8 && !cases[i].npos) run_batch_attention(&cases[i]);
-  unsetenv("MSH_ATTN_MTILES");
+  /* the batched prefill cases again in the 128-row tiles (the default takes 128 x 32 for prompts
+   * that fill the GPU) */
+  static const char *tiles[] = {"128x64", "128x32"};
+  for (size_t m = 0; m < sizeof tiles / sizeof tiles[0]; m++) {
+    setenv("MSH_ATTN_TILE", tiles[m], 1);
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
+      if (cases[i].T >= 8 && !cases[i].npos) run_batch_attention(&cases[i]);
+  }
+  unsetenv("MSH_ATTN_TILE");
   test_batch_set_rows();
   test_batch_graph();
 }
