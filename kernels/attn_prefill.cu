@@ -169,23 +169,23 @@ __global__ void __launch_bounds__(THREADS, 2)
 
     const int kbase = j * BN; /* relative to k_begin */
     const bool need_mask = kbase + BN > lim_all;
+    /* every score of this thread: f(score, its row i, its key within the tile) */
+    auto each = [&](auto f) {
+#pragma unroll
+      for (int m = 0; m < MT; m++)
+#pragma unroll
+        for (int nn = 0; nn < NT; nn++)
+#pragma unroll
+          for (int e = 0; e < 4; e++) f(s[m][nn][e], 2 * m + (e >> 1), nn * 8 + 2 * tq + (e & 1));
+    };
     float mx[R];
 #pragma unroll
     for (int i = 0; i < R; i++) mx[i] = -INFINITY;
-#pragma unroll
-    for (int m = 0; m < MT; m++)
-#pragma unroll
-      for (int nn = 0; nn < NT; nn++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-          const int i = 2 * m + (e >> 1);
-          float v = s[m][nn][e] * qs;
-          if (need_mask) {
-            if (kbase + nn * 8 + 2 * tq + (e & 1) >= lim[i]) v = -INFINITY;
-          }
-          s[m][nn][e] = v;
-          mx[i] = fmaxf(mx[i], v);
-        }
+    each([&](float &v, int i, int key) {
+      v *= qs;
+      if (need_mask && kbase + key >= lim[i]) v = -INFINITY;
+      mx[i] = fmaxf(mx[i], v);
+    });
     /* without splits key 0 (in the first tile) is visible to every row, so the running max is
      * finite from then on and exp2 of -inf gives the zeros; a later chunk may hide all of a row's
      * keys, so with splits every step guards against a max still at -inf */
@@ -205,17 +205,10 @@ __global__ void __launch_bounds__(THREADS, 2)
         o[m][dn][2 * h + 1] *= corr;
       }
     }
-#pragma unroll
-    for (int m = 0; m < MT; m++)
-#pragma unroll
-      for (int nn = 0; nn < NT; nn++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-          const int i = 2 * m + (e >> 1);
-          const float v = s[m][nn][e];
-          s[m][nn][e] = SPLIT && v == -INFINITY ? 0.0f : exp2f(v - mn[i]);
-          lrow[i] += s[m][nn][e];
-        }
+    each([&](float &v, int i, int) {
+      v = SPLIT && v == -INFINITY ? 0.0f : exp2f(v - mn[i]);
+      lrow[i] += v;
+    });
 
 #pragma unroll
     for (int k2 = 0; k2 < BN / 16; k2++) {
