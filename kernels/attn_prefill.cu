@@ -3,7 +3,7 @@
  *
  * The T * G query rows of one sequence that share a kv head (G = H / KVH) are packed as row
  * r = t * G + g, so one block of rows reads each K/V tile once for all of its heads and tokens;
- * grid (row blocks, sequence x kv head, key chunks). Each of the 4 warps owns MT tiles of 16 rows
+ * grid (row blocks x sequences x kv heads, key chunks). Each of the 4 warps owns MT tiles of 16 rows
  * (64 MT rows a block): with MT = 2 every K and V fragment loaded from shared memory feeds two
  * MMAs instead of one (FlashAttention-2's shape at head dim 128); MT = 1 makes twice the blocks
  * for short prompts. Key tiles of BN (64 or 32) rows stream through shared memory with cp.async,
@@ -29,8 +29,8 @@ template <int HD, int MT, int BN> constexpr int smem_bytes() {
   return (4 * BN + (q_in_regs<HD, MT>() ? 0 : WARPS * 16 * MT)) * (HD + 8) * 2;
 }
 
-template <typename KV, int HD, int MT, int BN, bool SPLIT>
-__global__ void __launch_bounds__(THREADS, 2)
+template <typename KV, int HD, int MT, int BN, int OCC, bool SPLIT>
+__global__ void __launch_bounds__(THREADS, OCC)
     prefill_kernel(msh_k_attn a, int splits, int64_t chunk, float2 *part_ml, float *part_acc) {
   constexpr int LD = HD + 8; /* shared row stride (elements): conflict-free fragments */
   constexpr int KT = HD / 16, NT = BN / 8, DT = HD / 8, BM = 16 * WARPS * MT, R = 2 * MT;
@@ -40,10 +40,12 @@ __global__ void __launch_bounds__(THREADS, 2)
   KV *Vs = Ks + 2 * BN * LD;             /* [2][BN][LD] */
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tq = lane & 3;
-  const int G = a.H / a.KVH, kvh = blockIdx.y % a.KVH;
-  const int64_t b = blockIdx.y / a.KVH, bT = b * a.T; /* the sequence and its first query's row */
+  /* x = row block (the last first) x (sequence, kv head): blocks start in order of x, so the
+   * blocks with the most keys start first across all heads and sequences */
+  const int G = a.H / a.KVH, nbk = a.B * a.KVH, bk = (int)(blockIdx.x % nbk), kvh = bk % a.KVH;
+  const int64_t b = bk / a.KVH, bT = b * a.T; /* the sequence and its first query's row */
   const int64_t rows = (int64_t)a.T * G;
-  const int64_t rblk = (int64_t)(gridDim.x - 1 - blockIdx.x) * BM, rwarp = rblk + warp * 16 * MT;
+  const int64_t rblk = (int64_t)(gridDim.x / nbk - 1 - blockIdx.x / nbk) * BM, rwarp = rblk + warp * 16 * MT;
   const int64_t rlast = (rblk + BM < rows ? rblk + BM : rows) - 1;
   /* keys this block needs: [0, pos0 + t_last + 1), of which split z takes one chunk */
   const int split = blockIdx.z;
@@ -264,6 +266,7 @@ __global__ void __launch_bounds__(THREADS, 2)
 
 struct Plan {
   int mt, bn;    /* 16-row tiles a warp, keys a tile */
+  int occ;       /* blocks an SM the registers are budgeted for */
   int splits;    /* key chunks */
   int64_t chunk; /* keys a chunk (whole tiles) */
 };
@@ -272,16 +275,17 @@ struct Plan {
  * MMAs; 32 keys keep the 32 x 128 accumulator and the scores in registers) once those row blocks
  * still fill every SM twice, otherwise 64 x 64; the keys are split when even that leaves SMs idle
  * (few queries over a long cache): chunks of whole tiles, enough to fill two blocks per SM.
- * MSH_ATTN_TILE=64x64, 128x64 or 128x32 in the environment forces the tile (tuning and tests;
- * read at every call). */
+ * MSH_ATTN_TILE=64x64, 64x64/3 (registers for three blocks an SM), 128x64 or 128x32 in the
+ * environment forces the tile (tuning and tests; read at every call). */
 Plan plan(const msh_k_attn *a, int sm_count) {
   const int64_t rows = (int64_t)a->T * (a->H / a->KVH), target = 2LL * (sm_count > 0 ? sm_count : 132);
   auto blocks = [&](int mt) { return (rows + 64 * mt - 1) / (64 * mt) * a->KVH * a->B; };
-  Plan p = blocks(2) >= target ? Plan{2, 32, 1, 0} : Plan{1, 64, 1, 0};
+  Plan p = blocks(2) >= target ? Plan{2, 32, 2, 1, 0} : Plan{1, 64, 2, 1, 0};
   if (const char *e = getenv("MSH_ATTN_TILE")) {
-    if (!strcmp(e, "64x64")) p.mt = 1, p.bn = 64;
-    else if (!strcmp(e, "128x64")) p.mt = 2, p.bn = 64;
-    else if (!strcmp(e, "128x32")) p.mt = 2, p.bn = 32;
+    if (!strcmp(e, "64x64")) p.mt = 1, p.bn = 64, p.occ = 2;
+    else if (!strcmp(e, "64x64/3")) p.mt = 1, p.bn = 64, p.occ = 3;
+    else if (!strcmp(e, "128x64")) p.mt = 2, p.bn = 64, p.occ = 2;
+    else if (!strcmp(e, "128x32")) p.mt = 2, p.bn = 32, p.occ = 2;
   }
   const int64_t have = blocks(p.mt), maxn = a->pos0 + a->T, max_n = (maxn + p.bn - 1) / p.bn;
   int64_t n = have >= target ? 1 : (target + have - 1) / have;
@@ -292,29 +296,32 @@ Plan plan(const msh_k_attn *a, int sm_count) {
   return p;
 }
 
-template <typename KV, int HD, int MT, int BN, bool SPLIT>
+template <typename KV, int HD, int MT, int BN, int OCC, bool SPLIT>
 cudaError_t launch_as(cudaStream_t s, const msh_k_attn *a, const Plan &p, float2 *ml, float *acc) {
   constexpr int bytes = smem_bytes<HD, MT, BN>();
-  auto kernel = prefill_kernel<KV, HD, MT, BN, SPLIT>;
+  auto kernel = prefill_kernel<KV, HD, MT, BN, OCC, SPLIT>;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (e != cudaSuccess) return e;
   const int64_t rows = (int64_t)a->T * (a->H / a->KVH), bm = 64 * MT;
-  dim3 grid((unsigned)((rows + bm - 1) / bm), (unsigned)((int64_t)a->B * a->KVH), (unsigned)p.splits);
+  dim3 grid((unsigned)((rows + bm - 1) / bm * a->B * a->KVH), 1, (unsigned)p.splits);
   kernel<<<grid, THREADS, bytes, s>>>(*a, p.splits, p.chunk, ml, acc);
   return cudaGetLastError();
 }
 
 /* the unsplit kernel skips the -inf guards that only chunks after the first need */
-template <typename KV, int HD, int MT, int BN>
+template <typename KV, int HD, int MT, int BN, int OCC>
 cudaError_t launch_split(cudaStream_t s, const msh_k_attn *a, const Plan &p, float2 *ml, float *acc) {
-  return p.splits > 1 ? launch_as<KV, HD, MT, BN, true>(s, a, p, ml, acc)
-                      : launch_as<KV, HD, MT, BN, false>(s, a, p, ml, acc);
+  return p.splits > 1 ? launch_as<KV, HD, MT, BN, OCC, true>(s, a, p, ml, acc)
+                      : launch_as<KV, HD, MT, BN, OCC, false>(s, a, p, ml, acc);
 }
 
 template <typename KV, int HD>
 cudaError_t launch(cudaStream_t s, const msh_k_attn *a, const Plan &p, float2 *ml, float *acc) {
-  if (p.mt == 1) return launch_split<KV, HD, 1, 64>(s, a, p, ml, acc);
-  return p.bn == 64 ? launch_split<KV, HD, 2, 64>(s, a, p, ml, acc) : launch_split<KV, HD, 2, 32>(s, a, p, ml, acc);
+  if (p.mt == 1)
+    return p.occ == 3 ? launch_split<KV, HD, 1, 64, 3>(s, a, p, ml, acc)
+                      : launch_split<KV, HD, 1, 64, 2>(s, a, p, ml, acc);
+  return p.bn == 64 ? launch_split<KV, HD, 2, 64, 2>(s, a, p, ml, acc)
+                    : launch_split<KV, HD, 2, 32, 2>(s, a, p, ml, acc);
 }
 
 } // namespace
@@ -323,7 +330,7 @@ extern "C" int msh_k_attn_prefill_ok(const msh_k_attn *a) {
   return !a->pos0_dev && (a->kv_dt == MSH_F16 || a->kv_dt == MSH_BF16) && (a->hd == 64 || a->hd == 128) &&
          a->KVH > 0 && a->H % a->KVH == 0 && aligned16(a->q) && ((uintptr_t)a->out & 7) == 0 && a->ks0 % 8 == 0 &&
          a->vs0 % 8 == 0 && aligned16(a->k) && aligned16(a->v) && (a->B <= 1 || (a->ksb % 8 == 0 && a->vsb % 8 == 0)) &&
-         a->B >= 1 && (int64_t)a->B * a->KVH <= 65535 && (int64_t)a->T * (a->H / a->KVH) / 64 < 0x7fffffff &&
+         a->B >= 1 && ((int64_t)a->T * (a->H / a->KVH) + 63) / 64 * a->B * a->KVH < 0x7fffffff &&
          a->pos0 + a->T < 0x7fffffff;
 }
 

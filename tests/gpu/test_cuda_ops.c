@@ -385,15 +385,18 @@ static void test_attention(void) {
   };
   for (size_t i = 0; i < sizeof decode / sizeof decode[0]; i++) run_attention(&decode[i]);
   /* 8 or more queries over f16/bf16 caches: the tensor-core flash kernel (q and p rounded to the
-   * cache's 16-bit type), keys split into chunks when the queries alone do not fill the GPU */
+   * cache's 16-bit type), keys split into chunks when the queries alone do not fill the GPU. The
+   * 2.4M outputs of T 600 reach the tail of that rounding: the first tokens' rows average a few
+   * values with the rounded weights undamped (norm-wise 1.8e-3; the worst element 0.8-1.1 times
+   * the 1e-2 element limit over runs), so that case's limit is 1.5e-2 */
   static const attn_case prefill[] = {
       {200, 8, 2, 128, 0, MSH_BF16, 0, 1e-2},   {150, 8, 8, 64, 77, MSH_F16, 0, 1e-2},
       {100, 16, 2, 128, 40, MSH_BF16, 1, 1e-2}, {70, 4, 4, 128, 9000, MSH_BF16, 0, 1e-2},
       {257, 12, 4, 64, 0, MSH_BF16, 0, 1e-2},   {16, 32, 8, 128, 8000, MSH_BF16, 0, 1e-2},
-      {8, 8, 1, 64, 3000, MSH_F16, 1, 1e-2},    {600, 32, 8, 128, 0, MSH_BF16, 0, 1e-2},
+      {8, 8, 1, 64, 3000, MSH_F16, 1, 1e-2},    {600, 32, 8, 128, 0, MSH_BF16, 0, 1.5e-2},
   };
   /* the kernel's own choice of block tile, then each tile forced (MSH_ATTN_TILE) */
-  static const char *tiles[] = {NULL, "64x64", "128x64", "128x32"};
+  static const char *tiles[] = {NULL, "64x64", "64x64/3", "128x64", "128x32"};
   for (size_t m = 0; m < sizeof tiles / sizeof tiles[0]; m++) {
     if (tiles[m]) {
       printf("  MSH_ATTN_TILE=%s\n", tiles[m]);
@@ -629,9 +632,8 @@ static void test_batch(void) {
       {3, 1, 32, 8, 128, 300, 250, MSH_F16, 1, 0, 1e-2},
   };
   for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) run_batch_attention(&cases[i]);
-  /* the batched prefill cases again in the 128-row tiles (the default takes 128 x 32 for prompts
-   * that fill the GPU) */
-  static const char *tiles[] = {"128x64", "128x32"};
+  /* the batched prefill cases again in the other block tiles */
+  static const char *tiles[] = {"64x64/3", "128x64", "128x32"};
   for (size_t m = 0; m < sizeof tiles / sizeof tiles[0]; m++) {
     setenv("MSH_ATTN_TILE", tiles[m], 1);
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
