@@ -295,7 +295,7 @@ local peak = mem_used()
 
 -- bytes every decode step must read: all weights but the embedding table (one row of it), as
 -- placed on the device
-local weight_bytes, matmul_params = 0, 0
+local weight_bytes, matmul_params, head_params = 0, 0, 0
 local function count(t, is_matrix)
   weight_bytes = weight_bytes + t:nbytes()
   if is_matrix then matmul_params = matmul_params + t:numel() end
@@ -303,13 +303,15 @@ end
 if net.stage:output() then -- the last pipeline stage holds the head
   count(net.stage:output(), true)
   count(net.stage:norm())
+  head_params = net.stage:output():numel()
 end
 for l = net.first_layer, net.last_layer do
   for k, t in pairs(net.stage:acquire(l)) do count(t, k ~= "attn_norm" and k ~= "ffn_norm") end
 end
 local decode_step = d / math.max(opts.gen_len - 1, 1)
 local L, H, hd, T = net.last_layer - net.first_layer + 1, net.n_heads, net.head_dim, opts.prompt_len
-local prefill_flops = B * (2 * matmul_params * T + L * H * hd * 2 * T * T) -- projections + causal attention
+-- prefill: the layers' projections over every token, causal attention, the head over the last token
+local prefill_flops = B * (2 * (matmul_params - head_params) * T + 2 * head_params + L * H * hd * 2 * T * T)
 -- KV cache bytes a decode step reads: every sequence's keys and values of this rank's layers and
 -- kv heads, at the mean context of the decode steps (prompt + half the generated tokens)
 local kv0 = net.kv[net.first_layer].K
