@@ -324,6 +324,7 @@ local result = {
   prefill_tok_s = B * T / p, time_to_first_token_s = p,
   decode_tok_s = B * (opts.gen_len - 1) / d, decode_step_ms = decode_step * 1e3,
   total_tok_s = B * (T + opts.gen_len) / (p + d), kv_bytes_per_step = kv_bytes,
+  prefill_flops = prefill_flops,
 }
 -- what the stage placed: every distinct weight it holds (the embedding too), over the load time
 local load_bytes, seen = 0, {}

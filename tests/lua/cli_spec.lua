@@ -37,6 +37,18 @@ describe("moonshard executable", function()
     assert.are.equal("scheduled\nfired\tx\n", out)
   end)
 
+  it("bench prints one JSON object whose prefill FLOPs count the head for the last token only", function()
+    local out, err, code = h.run { "bench", "--model", h.stories, "--prompt-len", "16", "--gen-len", "3", "--loops",
+      "1", "--warmup", "0" }
+    assert.are.equal(0, code, err)
+    local r = require("cjson").decode(out)
+    assert.is_true(r.prefill_tok_s > 0 and r.decode_tok_s > 0)
+    -- stories260K: 5 layers, 8 heads of 8 dims, a 512 x 64 head (tied to the embedding);
+    -- params counts every matrix, the head included
+    local T, head = 16, 512 * 64
+    assert.are.equal(2 * (r.params - head) * T + 2 * head + 5 * 8 * 8 * 2 * T * T, r.prefill_flops)
+  end)
+
   it("names an unknown command", function()
     local _, err, code = h.run { "frobnicate" }
     assert.are.equal(2, code)
