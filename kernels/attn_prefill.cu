@@ -29,8 +29,8 @@ template <int HD, int MT, int BN> constexpr int smem_bytes() {
   return (4 * BN + (q_in_regs<HD, MT>() ? 0 : WARPS * 16 * MT)) * (HD + 8) * 2;
 }
 
-template <typename KV, int HD, int MT, int BN, int OCC, bool SPLIT>
-__global__ void __launch_bounds__(THREADS, OCC)
+template <typename KV, int HD, int MT, int BN, bool SPLIT>
+__global__ void __launch_bounds__(THREADS, 2)
     prefill_kernel(msh_k_attn a, int splits, int64_t chunk, float2 *part_ml, float *part_acc) {
   constexpr int LD = HD + 8; /* shared row stride (elements): conflict-free fragments */
   constexpr int KT = HD / 16, NT = BN / 8, DT = HD / 8, BM = 16 * WARPS * MT, R = 2 * MT;
@@ -266,7 +266,6 @@ __global__ void __launch_bounds__(THREADS, OCC)
 
 struct Plan {
   int mt, bn;    /* 16-row tiles a warp, keys a tile */
-  int occ;       /* blocks an SM the registers are budgeted for */
   int splits;    /* key chunks */
   int64_t chunk; /* keys a chunk (whole tiles) */
 };
@@ -275,17 +274,18 @@ struct Plan {
  * MMAs; 32 keys keep the 32 x 128 accumulator and the scores in registers) once those row blocks
  * still fill every SM twice, otherwise 64 x 64; the keys are split when even that leaves SMs idle
  * (few queries over a long cache): chunks of whole tiles, enough to fill two blocks per SM.
- * MSH_ATTN_TILE=64x64, 64x64/3 (registers for three blocks an SM), 128x64 or 128x32 in the
- * environment forces the tile (tuning and tests; read at every call). */
+ * MSH_ATTN_TILE=64x64, 128x64 or 128x32 in the environment forces the tile (tuning and tests;
+ * read at every call). Measured at 2048 tokens (Llama-3-8B heads, H200): 145 us for 128 x 32,
+ * 149 for 128 x 64 (spills), 158 for 64 x 64; 64 x 64 with registers for three blocks an SM
+ * spilled and took 176. */
 Plan plan(const msh_k_attn *a, int sm_count) {
   const int64_t rows = (int64_t)a->T * (a->H / a->KVH), target = 2LL * (sm_count > 0 ? sm_count : 132);
   auto blocks = [&](int mt) { return (rows + 64 * mt - 1) / (64 * mt) * a->KVH * a->B; };
-  Plan p = blocks(2) >= target ? Plan{2, 32, 2, 1, 0} : Plan{1, 64, 2, 1, 0};
+  Plan p = blocks(2) >= target ? Plan{2, 32, 1, 0} : Plan{1, 64, 1, 0};
   if (const char *e = getenv("MSH_ATTN_TILE")) {
-    if (!strcmp(e, "64x64")) p.mt = 1, p.bn = 64, p.occ = 2;
-    else if (!strcmp(e, "64x64/3")) p.mt = 1, p.bn = 64, p.occ = 3;
-    else if (!strcmp(e, "128x64")) p.mt = 2, p.bn = 64, p.occ = 2;
-    else if (!strcmp(e, "128x32")) p.mt = 2, p.bn = 32, p.occ = 2;
+    if (!strcmp(e, "64x64")) p.mt = 1, p.bn = 64;
+    else if (!strcmp(e, "128x64")) p.mt = 2, p.bn = 64;
+    else if (!strcmp(e, "128x32")) p.mt = 2, p.bn = 32;
   }
   const int64_t have = blocks(p.mt), maxn = a->pos0 + a->T, max_n = (maxn + p.bn - 1) / p.bn;
   int64_t n = have >= target ? 1 : (target + have - 1) / have;
@@ -296,10 +296,10 @@ Plan plan(const msh_k_attn *a, int sm_count) {
   return p;
 }
 
-template <typename KV, int HD, int MT, int BN, int OCC, bool SPLIT>
+template <typename KV, int HD, int MT, int BN, bool SPLIT>
 cudaError_t launch_as(cudaStream_t s, const msh_k_attn *a, const Plan &p, float2 *ml, float *acc) {
   constexpr int bytes = smem_bytes<HD, MT, BN>();
-  auto kernel = prefill_kernel<KV, HD, MT, BN, OCC, SPLIT>;
+  auto kernel = prefill_kernel<KV, HD, MT, BN, SPLIT>;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (e != cudaSuccess) return e;
   const int64_t rows = (int64_t)a->T * (a->H / a->KVH), bm = 64 * MT;
@@ -309,19 +309,16 @@ cudaError_t launch_as(cudaStream_t s, const msh_k_attn *a, const Plan &p, float2
 }
 
 /* the unsplit kernel skips the -inf guards that only chunks after the first need */
-template <typename KV, int HD, int MT, int BN, int OCC>
+template <typename KV, int HD, int MT, int BN>
 cudaError_t launch_split(cudaStream_t s, const msh_k_attn *a, const Plan &p, float2 *ml, float *acc) {
-  return p.splits > 1 ? launch_as<KV, HD, MT, BN, OCC, true>(s, a, p, ml, acc)
-                      : launch_as<KV, HD, MT, BN, OCC, false>(s, a, p, ml, acc);
+  return p.splits > 1 ? launch_as<KV, HD, MT, BN, true>(s, a, p, ml, acc)
+                      : launch_as<KV, HD, MT, BN, false>(s, a, p, ml, acc);
 }
 
 template <typename KV, int HD>
 cudaError_t launch(cudaStream_t s, const msh_k_attn *a, const Plan &p, float2 *ml, float *acc) {
-  if (p.mt == 1)
-    return p.occ == 3 ? launch_split<KV, HD, 1, 64, 3>(s, a, p, ml, acc)
-                      : launch_split<KV, HD, 1, 64, 2>(s, a, p, ml, acc);
-  return p.bn == 64 ? launch_split<KV, HD, 2, 64, 2>(s, a, p, ml, acc)
-                    : launch_split<KV, HD, 2, 32, 2>(s, a, p, ml, acc);
+  if (p.mt == 1) return launch_split<KV, HD, 1, 64>(s, a, p, ml, acc);
+  return p.bn == 64 ? launch_split<KV, HD, 2, 64>(s, a, p, ml, acc) : launch_split<KV, HD, 2, 32>(s, a, p, ml, acc);
 }
 
 } // namespace
