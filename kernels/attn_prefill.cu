@@ -6,7 +6,7 @@
  * grid (row blocks x sequences x kv heads, key chunks). Each of the 4 warps owns MT tiles of 16 rows
  * (64 MT rows a block): with MT = 2 every K and V fragment loaded from shared memory feeds two
  * MMAs instead of one (FlashAttention-2's shape at head dim 128); MT = 1 makes twice the blocks
- * for short prompts. Key tiles of BN (64 or 32) rows stream through shared memory with cp.async,
+ * for short prompts. Key tiles of BN rows (64, or 32 with MT = 2) stream through shared memory with cp.async,
  * double-buffered. Per tile and warp: S = Q K^T (16 MT x BN) in registers, causal mask, online
  * softmax in log2 units, then P (rounded to the cache's type) @ V; K fragments come from
  * ldmatrix, V fragments from ldmatrix.trans. Q (rounded to the cache's type) lives in registers
@@ -264,34 +264,35 @@ __global__ void __launch_bounds__(THREADS, 2)
   }
 }
 
+/* The two block tiles (rows x keys): 64 x 64, one 16-row tile a warp; 128 x 32, two row tiles a
+ * warp (every K and V fragment feeds two MMAs; 32 keys keep the 32 x 128 accumulator and the
+ * scores in registers). */
 struct Plan {
-  int mt, bn;    /* 16-row tiles a warp, keys a tile */
+  int mt;        /* 16-row tiles a warp: 1 (64 x 64) or 2 (128 x 32) */
   int splits;    /* key chunks */
   int64_t chunk; /* keys a chunk (whole tiles) */
+  int bn() const { return mt == 1 ? 64 : 32; }
 };
 
-/* Block tiles (rows x keys): 128 x 32 (two row tiles a warp: every K and V fragment feeds two
- * MMAs; 32 keys keep the 32 x 128 accumulator and the scores in registers) once those row blocks
- * still fill every SM twice, otherwise 64 x 64; the keys are split when even that leaves SMs idle
- * (few queries over a long cache): chunks of whole tiles, enough to fill two blocks per SM.
- * MSH_ATTN_TILE=64x64, 128x64 or 128x32 in the environment forces the tile (tuning and tests;
- * read at every call). Measured at 2048 tokens (Llama-3-8B heads, H200): 145 us for 128 x 32,
- * 149 for 128 x 64 (spills), 158 for 64 x 64; 64 x 64 with registers for three blocks an SM
- * spilled and took 176. */
+/* 128 x 32 once those row blocks still fill every SM twice, otherwise 64 x 64; the keys are split
+ * when even that leaves SMs idle (few queries over a long cache): chunks of whole tiles, enough
+ * to fill two blocks per SM. MSH_ATTN_TILE=64x64 or 128x32 in the environment forces the tile
+ * (tuning and tests; read at every call). Measured at 2048 tokens (Llama-3-8B heads, H200): 145
+ * us for 128 x 32, 158 for 64 x 64; 128 x 64 (spills) took 149 and 64 x 64 with registers for
+ * three blocks an SM (spills) 176. */
 Plan plan(const msh_k_attn *a, int sm_count) {
   const int64_t rows = (int64_t)a->T * (a->H / a->KVH), target = 2LL * (sm_count > 0 ? sm_count : 132);
   auto blocks = [&](int mt) { return (rows + 64 * mt - 1) / (64 * mt) * a->KVH * a->B; };
-  Plan p = blocks(2) >= target ? Plan{2, 32, 1, 0} : Plan{1, 64, 1, 0};
+  Plan p = {blocks(2) >= target ? 2 : 1, 1, 0};
   if (const char *e = getenv("MSH_ATTN_TILE")) {
-    if (!strcmp(e, "64x64")) p.mt = 1, p.bn = 64;
-    else if (!strcmp(e, "128x64")) p.mt = 2, p.bn = 64;
-    else if (!strcmp(e, "128x32")) p.mt = 2, p.bn = 32;
+    if (!strcmp(e, "64x64")) p.mt = 1;
+    else if (!strcmp(e, "128x32")) p.mt = 2;
   }
-  const int64_t have = blocks(p.mt), maxn = a->pos0 + a->T, max_n = (maxn + p.bn - 1) / p.bn;
+  const int64_t bn = p.bn(), have = blocks(p.mt), maxn = a->pos0 + a->T, max_n = (maxn + bn - 1) / bn;
   int64_t n = have >= target ? 1 : (target + have - 1) / have;
   if (n > max_n) n = max_n;
   if (n < 1) n = 1;
-  p.chunk = ((maxn + n - 1) / n + p.bn - 1) / p.bn * p.bn;
+  p.chunk = ((maxn + n - 1) / n + bn - 1) / bn * bn;
   p.splits = (int)((maxn + p.chunk - 1) / p.chunk);
   return p;
 }
@@ -317,8 +318,7 @@ cudaError_t launch_split(cudaStream_t s, const msh_k_attn *a, const Plan &p, flo
 
 template <typename KV, int HD>
 cudaError_t launch(cudaStream_t s, const msh_k_attn *a, const Plan &p, float2 *ml, float *acc) {
-  if (p.mt == 1) return launch_split<KV, HD, 1, 64>(s, a, p, ml, acc);
-  return p.bn == 64 ? launch_split<KV, HD, 2, 64>(s, a, p, ml, acc) : launch_split<KV, HD, 2, 32>(s, a, p, ml, acc);
+  return p.mt == 1 ? launch_split<KV, HD, 1, 64>(s, a, p, ml, acc) : launch_split<KV, HD, 2, 32>(s, a, p, ml, acc);
 }
 
 } // namespace

@@ -293,9 +293,10 @@ msh_status msh_op_rmsnorm_qkv_rope(msh_tensor *q_out, msh_tensor *k_cache, msh_t
     CHECK(check_matmul(op, qkv, x, w, 1));
     h = NULL;
   }
+  /* qkv_rope's checks tie qkv to the caches and q_out; here the outputs against x and h */
   CHECK(check_qkv_rope(op, q_out, k_cache, v_cache, qkv, pos, inv_freq, style, &be)); /* qkv: one device */
-  if (overlaps(qkv, k_cache) || overlaps(qkv, v_cache) || overlaps(q_out, x) || overlaps(k_cache, x) ||
-      overlaps(v_cache, x) || (h && (overlaps(h, q_out) || overlaps(h, k_cache) || overlaps(h, v_cache))))
+  if (overlaps(q_out, x) || overlaps(k_cache, x) || overlaps(v_cache, x) ||
+      (h && (overlaps(h, q_out) || overlaps(h, k_cache) || overlaps(h, v_cache))))
     return MSH_FAIL(MSH_EINVAL, "%s: outputs overlap each other or an input", op);
   if (q_out->shape[0] == 0) return MSH_OK;
   if (be->rmsnorm_qkv_rope) return be->rmsnorm_qkv_rope(q_out, k_cache, v_cache, qkv, x, norm_w, eps, w, h, pos,
