@@ -13,7 +13,7 @@
  * when MT * hd <= 128 and in the warp's part of shared memory otherwise (registers hold the
  * 32 x 128 accumulator). No score matrix reaches global memory. Blocks with the most keys start
  * first. */
-#include "msh_mma.cuh"
+#include "attn_prefill.cuh"
 
 using namespace msh;
 
@@ -264,31 +264,48 @@ __global__ void __launch_bounds__(THREADS, 2)
   }
 }
 
-/* The two block tiles (rows x keys): 64 x 64, one 16-row tile a warp; 128 x 32, two row tiles a
- * warp (every K and V fragment feeds two MMAs; 32 keys keep the 32 x 128 accumulator and the
- * scores in registers). */
+/* The block tiles (rows x keys). mma.sync (sm_80 on): 64 x 64, one 16-row tile a warp; 128 x 32,
+ * two row tiles a warp (every K and V fragment feeds two MMAs; 32 keys keep the 32 x 128
+ * accumulator and the scores in registers); two blocks an SM. wgmma (sm_90a,
+ * attn_prefill_sm90.cu): 128 x 128, two warpgroups, one block an SM. */
+struct Tile {
+  const char *name;
+  int bm, bn, per_sm;
+  int mt; /* mma.sync: 16-row tiles a warp (0: the wgmma tile) */
+};
+const Tile TILES[] = {
+    {"64x64", 64, 64, 2, 1},
+    {"128x32", 128, 32, 2, 2},
+    {"wg128x128", 128, 128, 1, 0},
+};
+enum { T64x64, T128x32, TWG128x128, NTILES };
+
 struct Plan {
-  int mt;        /* 16-row tiles a warp: 1 (64 x 64) or 2 (128 x 32) */
+  int tile;      /* index into TILES */
   int splits;    /* key chunks */
   int64_t chunk; /* keys a chunk (whole tiles) */
-  int bn() const { return mt == 1 ? 64 : 32; }
 };
 
-/* 128 x 32 once those row blocks still fill every SM twice, otherwise 64 x 64; the keys are split
+/* On Hopper the wgmma tile for sequences of 1024 keys or more once its row blocks fill every SM;
+ * otherwise 128 x 32 once those blocks fill every SM twice, else 64 x 64. The keys are split
  * when even that leaves SMs idle (few queries over a long cache): chunks of whole tiles, enough
- * to fill two blocks per SM. MSH_ATTN_TILE=64x64 or 128x32 in the environment forces the tile
- * (tuning and tests; read at every call). Measured at 2048 tokens (Llama-3-8B heads, H200): 145
- * us for 128 x 32, 158 for 64 x 64; 128 x 64 (spills) took 149 and 64 x 64 with registers for
- * three blocks an SM (spills) 176. */
+ * to fill the SMs. MSH_ATTN_TILE in the environment (a tile's name) forces the tile where the
+ * device runs it (tuning and tests; read at every call). Measured on an H200 (Llama-3-8B heads,
+ * kernels/NOTES.md): at 2048 tokens 127 us for wg128x128, 146 for 128 x 32, 156 for 64 x 64; at 8
+ * sequences of 512, 126, 124 and 116 (short rows of keys: the 128-key tiles waste more of the
+ * causal diagonal). */
 Plan plan(const msh_k_attn *a, int sm_count) {
-  const int64_t rows = (int64_t)a->T * (a->H / a->KVH), target = 2LL * (sm_count > 0 ? sm_count : 132);
-  auto blocks = [&](int mt) { return (rows + 64 * mt - 1) / (64 * mt) * a->KVH * a->B; };
-  Plan p = {blocks(2) >= target ? 2 : 1, 1, 0};
-  if (const char *e = getenv("MSH_ATTN_TILE")) {
-    if (!strcmp(e, "64x64")) p.mt = 1;
-    else if (!strcmp(e, "128x32")) p.mt = 2;
-  }
-  const int64_t bn = p.bn(), have = blocks(p.mt), maxn = a->pos0 + a->T, max_n = (maxn + bn - 1) / bn;
+  const int64_t rows = (int64_t)a->T * (a->H / a->KVH), sms = sm_count > 0 ? sm_count : 132;
+  auto blocks = [&](int bm) { return (rows + bm - 1) / bm * a->KVH * a->B; };
+  const bool sm90 = attn_prefill_sm90_available();
+  const bool wg = sm90 && a->pos0 + a->T >= 1024 && blocks(128) >= sms;
+  Plan p = {wg ? TWG128x128 : blocks(128) >= 2 * sms ? T128x32 : T64x64, 1, 0};
+  if (const char *e = getenv("MSH_ATTN_TILE"))
+    for (int t = 0; t < NTILES; t++)
+      if (!strcmp(e, TILES[t].name) && (sm90 || TILES[t].mt)) p.tile = t;
+  const Tile &t = TILES[p.tile];
+  const int64_t bn = t.bn, have = blocks(t.bm), target = t.per_sm * sms, maxn = a->pos0 + a->T,
+                max_n = (maxn + bn - 1) / bn;
   int64_t n = have >= target ? 1 : (target + have - 1) / have;
   if (n > max_n) n = max_n;
   if (n < 1) n = 1;
@@ -318,7 +335,8 @@ cudaError_t launch_split(cudaStream_t s, const msh_k_attn *a, const Plan &p, flo
 
 template <typename KV, int HD>
 cudaError_t launch(cudaStream_t s, const msh_k_attn *a, const Plan &p, float2 *ml, float *acc) {
-  return p.mt == 1 ? launch_split<KV, HD, 1, 64>(s, a, p, ml, acc) : launch_split<KV, HD, 2, 32>(s, a, p, ml, acc);
+  return TILES[p.tile].mt == 1 ? launch_split<KV, HD, 1, 64>(s, a, p, ml, acc)
+                                : launch_split<KV, HD, 2, 32>(s, a, p, ml, acc);
 }
 
 } // namespace
@@ -351,7 +369,9 @@ extern "C" cudaError_t msh_k_attn_prefill(cudaStream_t s, const msh_k_attn *a, v
     acc = (float *)(ml + (size_t)a->B * a->T * a->H * p.splits);
   }
   cudaError_t e;
-  if (a->kv_dt == MSH_BF16)
+  if (!TILES[p.tile].mt)
+    e = attn_prefill_sm90(s, a, p.splits, p.chunk, ml, acc);
+  else if (a->kv_dt == MSH_BF16)
     e = a->hd == 64 ? launch<bf16, 64>(s, a, p, ml, acc) : launch<bf16, 128>(s, a, p, ml, acc);
   else
     e = a->hd == 64 ? launch<f16, 64>(s, a, p, ml, acc) : launch<f16, 128>(s, a, p, ml, acc);

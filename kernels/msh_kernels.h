@@ -138,7 +138,7 @@ cudaError_t msh_k_attn_merge(cudaStream_t s, const msh_k_attn *a, int splits, in
                              const float *acc);
 
 /* Flash-attention prefill on tensor cores (attn_prefill.cu): f16/bf16 caches, hd 64 or 128,
- * 16-byte aligned rows and sequences, host pos0 only (pos0_dev NULL), B * KVH <= 65535. Splits
+ * 16-byte aligned rows and sequences, host pos0 only (pos0_dev NULL). Splits
  * the keys when there are too few query rows to fill the GPU; the partials need
  * msh_k_attn_prefill_workspace() bytes at work. Returns cudaErrorNotSupported when the operands
  * do not qualify. */

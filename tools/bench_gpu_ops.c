@@ -591,7 +591,7 @@ static void bench_decode_step(int64_t pos, int64_t max_len) {
   for (int r = 0; r < 9; r++) { /* a token loop: upload the position, replay, wait (host clock) */
     struct timespec a, b;
     clock_gettime(CLOCK_MONOTONIC, &a);
-    for (int i = 0; i < 5; i++) {
+    for (int i = 0; i < 3; i++) {
       set_i32(c.pos, (int32_t)(pos + i));
       OK(msh_graph_launch(g));
     }
@@ -796,8 +796,8 @@ int main(int argc, char **argv) {
     bench_attention(1, 2048, 2048, 0, "attn_prefill");
     bench_attention(8, 512, 512, 0, "attn_prefill_batch8");
     /* each block tile forced (kernels/attn_prefill.cu reads it at every launch) */
-    static const char *tiles[] = {"64x64", "128x32"};
-    for (int i = 0; i < 2; i++) {
+    static const char *tiles[] = {"64x64", "128x32", "wg128x128"};
+    for (int i = 0; i < 3; i++) {
       char name[64];
       setenv("MSH_ATTN_TILE", tiles[i], 1);
       snprintf(name, sizeof name, "attn_prefill_%s", tiles[i]);

@@ -411,7 +411,7 @@ static msh_status attention_at(msh_tensor *out, const msh_tensor *q, const msh_t
   /* 8 or more queries: tensor-core flash attention (splitting the keys when the queries alone
    * cannot fill the GPU); fewer: the split-KV decode kernels */
   void *work = NULL;
-  if (T >= 8 && !pos0_dev && B * KVH <= 65535 && msh_k_attn_prefill_ok(&a)) {
+  if (T >= 8 && !pos0_dev && msh_k_attn_prefill_ok(&a)) {
     size_t pbytes = msh_k_attn_prefill_workspace(&a, d->sm_count);
     if (pbytes) {
       s = msh_cuda_scratch(d, pbytes, &work);

@@ -395,8 +395,9 @@ static void test_attention(void) {
       {257, 12, 4, 64, 0, MSH_BF16, 0, 1e-2},   {16, 32, 8, 128, 8000, MSH_BF16, 0, 1e-2},
       {8, 8, 1, 64, 3000, MSH_F16, 1, 1e-2},    {600, 32, 8, 128, 0, MSH_BF16, 0, 1.5e-2},
   };
-  /* the kernel's own choice of block tile, then each tile forced (MSH_ATTN_TILE) */
-  static const char *tiles[] = {NULL, "64x64", "128x32"};
+  /* the kernel's own choice of block tile, then each tile forced (MSH_ATTN_TILE; the wgmma tile
+   * wg128x128 where the device is a Hopper) */
+  static const char *tiles[] = {NULL, "64x64", "128x32", "wg128x128"};
   for (size_t m = 0; m < sizeof tiles / sizeof tiles[0]; m++) {
     if (tiles[m]) {
       printf("  MSH_ATTN_TILE=%s\n", tiles[m]);
@@ -633,7 +634,7 @@ static void test_batch(void) {
   };
   for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) run_batch_attention(&cases[i]);
   /* the batched prefill cases again under each block tile forced */
-  static const char *tiles[] = {"64x64", "128x32"};
+  static const char *tiles[] = {"64x64", "128x32", "wg128x128"};
   for (size_t m = 0; m < sizeof tiles / sizeof tiles[0]; m++) {
     setenv("MSH_ATTN_TILE", tiles[m], 1);
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
