@@ -137,7 +137,8 @@ cudaError_t msh_k_attn_decode(cudaStream_t s, const msh_k_attn *a, void *work, i
 cudaError_t msh_k_attn_merge(cudaStream_t s, const msh_k_attn *a, int splits, int chunk, const float2 *ml,
                              const float *acc);
 
-/* Flash-attention prefill on tensor cores (attn_prefill.cu): f16/bf16 caches, hd 64 or 128,
+/* Flash-attention prefill on tensor cores (attn_prefill.cu; on Hopper the wgmma kernel of
+ * attn_prefill_sm90.cu for sequences of 1024 keys or more): f16/bf16 caches, hd 64 or 128,
  * 16-byte aligned rows and sequences, host pos0 only (pos0_dev NULL). Splits
  * the keys when there are too few query rows to fill the GPU; the partials need
  * msh_k_attn_prefill_workspace() bytes at work. Returns cudaErrorNotSupported when the operands
