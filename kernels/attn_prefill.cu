@@ -40,34 +40,17 @@ __global__ void __launch_bounds__(THREADS, 2)
   KV *Vs = Ks + 2 * BN * LD;             /* [2][BN][LD] */
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tq = lane & 3;
-  /* x = row block (the last first) x (sequence, kv head): blocks start in order of x, so the
-   * blocks with the most keys start first across all heads and sequences */
-  const int G = a.H / a.KVH, nbk = a.B * a.KVH, bk = (int)(blockIdx.x % nbk), kvh = bk % a.KVH;
-  const int64_t b = bk / a.KVH, bT = b * a.T; /* the sequence and its first query's row */
-  const int64_t rows = (int64_t)a.T * G;
-  const int64_t rblk = (int64_t)(gridDim.x / nbk - 1 - blockIdx.x / nbk) * BM, rwarp = rblk + warp * 16 * MT;
-  const int64_t rlast = (rblk + BM < rows ? rblk + BM : rows) - 1;
-  /* keys this block needs: [0, pos0 + t_last + 1), of which split z takes one chunk */
-  const int split = blockIdx.z;
-  const int64_t kneed = a.pos0 + rlast / G + 1, k_begin = (int64_t)split * chunk;
-  if (k_begin >= kneed) return; /* no row of this block sees this chunk: the merge skips it */
-  const int64_t kmax = kneed < k_begin + chunk ? kneed : k_begin + chunk;
-  const int ntile = (int)((kmax - k_begin + BN - 1) / BN);
-  /* keys relative to k_begin: row i = 2 m + h of this thread (packed row rwarp + 16 m + 8 h + g)
-   * sees keys below lim[i]; every row of the block sees the keys below lim_all */
-  auto limit = [&](int64_t r) {
-    int64_t k = a.pos0 + (r < rows ? r : rows - 1) / G + 1;
-    return (int)((k < kmax ? k : kmax) - k_begin);
-  };
+  const PrefillBlock blk(a, chunk, BM);
+  if (blk.kmax <= blk.k_begin) return; /* no row of this block sees this chunk */
+  const int64_t rwarp = blk.rblk + warp * 16 * MT;
+  const int ntile = (blk.keys() + BN - 1) / BN;
+  /* row i = 2 m + h of this thread (packed row rwarp + 16 m + 8 h + g) sees keys below lim[i];
+   * every row of the block sees the keys below lim_all */
   int lim[R];
 #pragma unroll
-  for (int i = 0; i < R; i++) lim[i] = limit(rwarp + 16 * (i >> 1) + 8 * (i & 1) + g);
-  const int lim_all = limit(rblk);
+  for (int i = 0; i < R; i++) lim[i] = blk.limit(a, rwarp + 16 * (i >> 1) + 8 * (i & 1) + g);
+  const int lim_all = blk.limit(a, blk.rblk);
   const float qs = a.scale * LOG2E;
-  auto qrow = [&](int64_t r) { /* f32 query of packed row r (clamped) */
-    int64_t c = r < rows ? r : rows - 1;
-    return a.q + ((bT + c / G) * a.H + kvh * G + c % G) * a.hd;
-  };
 
   /* Q fragments: in registers, or staged once in the warp's shared rows for ldmatrix */
   uint32_t qf[QREG ? MT : 1][QREG ? KT : 1][4];
@@ -75,7 +58,7 @@ __global__ void __launch_bounds__(THREADS, 2)
   if constexpr (QREG) {
 #pragma unroll
     for (int m = 0; m < MT; m++) {
-      const float *qA = qrow(rwarp + 16 * m + g), *qB = qrow(rwarp + 16 * m + g + 8);
+      const float *qA = blk.q(a, rwarp + 16 * m + g), *qB = blk.q(a, rwarp + 16 * m + g + 8);
 #pragma unroll
       for (int kk = 0; kk < KT; kk++) {
         int col = kk * 16 + 2 * tq;
@@ -89,7 +72,7 @@ __global__ void __launch_bounds__(THREADS, 2)
     constexpr int CPR = HD / 8; /* 8-element chunks per row */
     for (int e = lane; e < 16 * MT * CPR; e += 32) {
       int r = e / CPR, cc = e % CPR;
-      const float4 *src = reinterpret_cast<const float4 *>(qrow(rwarp + r) + cc * 8);
+      const float4 *src = reinterpret_cast<const float4 *>(blk.q(a, rwarp + r) + cc * 8);
       float4 x = src[0], y = src[1];
       uint4 u = make_uint4(Mma<KV>::pack(x.x, x.y), Mma<KV>::pack(x.z, x.w), Mma<KV>::pack(y.x, y.y),
                            Mma<KV>::pack(y.z, y.w));
@@ -100,9 +83,9 @@ __global__ void __launch_bounds__(THREADS, 2)
 
   /* this thread's 16-byte column of K and V, at key k_begin: rows r0, r0 + RSTEP, .. of a tile */
   constexpr int CPR = HD / 8, RSTEP = THREADS / CPR;
-  const int r0 = threadIdx.x / CPR, c0 = threadIdx.x % CPR * 8, nkeys = (int)(kmax - k_begin);
-  const KV *kg = (const KV *)a.k + b * a.ksb + k_begin * a.ks0 + (int64_t)kvh * a.hd + c0;
-  const KV *vg = (const KV *)a.v + b * a.vsb + k_begin * a.vs0 + (int64_t)kvh * a.hd + c0;
+  const int r0 = threadIdx.x / CPR, c0 = threadIdx.x % CPR * 8, nkeys = blk.keys();
+  const KV *kg = (const KV *)a.k + blk.b * a.ksb + blk.k_begin * a.ks0 + (int64_t)blk.kvh * a.hd + c0;
+  const KV *vg = (const KV *)a.v + blk.b * a.vsb + blk.k_begin * a.vs0 + (int64_t)blk.kvh * a.hd + c0;
   auto load_tile = [&](int j, int buf) {
 #pragma unroll 1
     for (int r = r0; r < BN; r += RSTEP) {
@@ -244,23 +227,10 @@ __global__ void __launch_bounds__(THREADS, 2)
 #pragma unroll
   for (int i = 0; i < R; i++) {
     const int64_t r = rwarp + 16 * (i >> 1) + 8 * (i & 1) + g;
-    if (r >= rows) continue;
+    if (r >= blk.rows) continue;
     const int m = i >> 1, h = i & 1;
-    const int64_t row = (bT + r / G) * a.H + kvh * G + r % G;
-    if (SPLIT) { /* this chunk's partial: unnormalized sum, max and sum of weights per row */
-      float *acc = part_acc + (row * splits + split) * a.hd;
-#pragma unroll
-      for (int dn = 0; dn < DT; dn++)
-        *reinterpret_cast<float2 *>(acc + dn * 8 + 2 * tq) = make_float2(o[m][dn][2 * h], o[m][dn][2 * h + 1]);
-      if (tq == 0) part_ml[row * splits + split] = make_float2(mrow[i], lrow[i]);
-    } else {
-      const float inv = 1.0f / lrow[i];
-      float *out = a.out + row * a.hd;
-#pragma unroll
-      for (int dn = 0; dn < DT; dn++)
-        *reinterpret_cast<float2 *>(out + dn * 8 + 2 * tq) =
-            make_float2(o[m][dn][2 * h] * inv, o[m][dn][2 * h + 1] * inv);
-    }
+    blk.store<HD, SPLIT>(a, r, tq, mrow[i], lrow[i], splits, part_ml, part_acc,
+                         [&](int dn) { return make_float2(o[m][dn][2 * h], o[m][dn][2 * h + 1]); });
   }
 }
 
@@ -320,9 +290,7 @@ cudaError_t launch_as(cudaStream_t s, const msh_k_attn *a, const Plan &p, float2
   auto kernel = prefill_kernel<KV, HD, MT, BN, SPLIT>;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (e != cudaSuccess) return e;
-  const int64_t rows = (int64_t)a->T * (a->H / a->KVH), bm = 64 * MT;
-  dim3 grid((unsigned)((rows + bm - 1) / bm * a->B * a->KVH), 1, (unsigned)p.splits);
-  kernel<<<grid, THREADS, bytes, s>>>(*a, p.splits, p.chunk, ml, acc);
+  kernel<<<prefill_grid(a, 64 * MT, p.splits), THREADS, bytes, s>>>(*a, p.splits, p.chunk, ml, acc);
   return cudaGetLastError();
 }
 

@@ -40,29 +40,19 @@ __global__ void __launch_bounds__(128 * WGS, 1)
   const uint32_t q_s = raw + pad, k_s = q_s + BM * HD * 2, v_s = k_s + STAGES * BN * HD * 2;
 
   const int tid = threadIdx.x, lane = tid & 31, wg = tid >> 7, wq = (tid >> 5) & 3, g = lane >> 2, tq = lane & 3;
-  const int G = a.H / a.KVH, nbk = a.B * a.KVH, bk = (int)(blockIdx.x % nbk), kvh = bk % a.KVH;
-  const int64_t b = bk / a.KVH, bT = b * a.T;
-  const int64_t rows = (int64_t)a.T * G;
-  const int64_t rblk = (int64_t)(gridDim.x / nbk - 1 - blockIdx.x / nbk) * BM, rwarp = rblk + wg * 64 + wq * 16;
-  const int64_t rlast = (rblk + BM < rows ? rblk + BM : rows) - 1;
-  const int split = blockIdx.z;
-  const int64_t kneed = a.pos0 + rlast / G + 1, k_begin = (int64_t)split * chunk;
-  if (k_begin >= kneed) return;
-  const int64_t kmax = kneed < k_begin + chunk ? kneed : k_begin + chunk;
-  const int ntile = (int)((kmax - k_begin + BN - 1) / BN), nkeys = (int)(kmax - k_begin);
-  auto limit = [&](int64_t r) { /* keys (relative to k_begin) that packed row r sees */
-    int64_t k = a.pos0 + (r < rows ? r : rows - 1) / G + 1;
-    return (int)((k < kmax ? k : kmax) - k_begin);
-  };
-  const int lim[2] = {limit(rwarp + g), limit(rwarp + g + 8)}, lim_warp = limit(rwarp);
+  const PrefillBlock blk(a, chunk, BM);
+  if (blk.kmax <= blk.k_begin) return; /* no row of this block sees this chunk */
+  const int64_t rwarp = blk.rblk + wg * 64 + wq * 16;
+  const int ntile = (blk.keys() + BN - 1) / BN, nkeys = blk.keys();
+  const int lim[2] = {blk.limit(a, rwarp + g), blk.limit(a, rwarp + g + 8)}, lim_warp = blk.limit(a, rwarp);
   const float qs = a.scale * 1.4426950408889634f; /* scores in log2 units */
 
   /* this thread's 16-byte chunk c0 of rows r0, r0 + RSTEP, .. of each K and V tile */
   constexpr int RSTEP = THREADS / CPR;
   const int r0 = tid / CPR, c0 = tid % CPR;
   const uint32_t cofs = (c0 >> 3) * KB;
-  const KV *kg = (const KV *)a.k + b * a.ksb + k_begin * a.ks0 + (int64_t)kvh * a.hd + c0 * 8;
-  const KV *vg = (const KV *)a.v + b * a.vsb + k_begin * a.vs0 + (int64_t)kvh * a.hd + c0 * 8;
+  const KV *kg = (const KV *)a.k + blk.b * a.ksb + blk.k_begin * a.ks0 + (int64_t)blk.kvh * a.hd + c0 * 8;
+  const KV *vg = (const KV *)a.v + blk.b * a.vsb + blk.k_begin * a.vs0 + (int64_t)blk.kvh * a.hd + c0 * 8;
   auto load_tile = [&](int j, int buf) {
     unsigned char *kt = smem + (k_s - q_s) + buf * BN * HD * 2 + cofs, *vt = smem + (v_s - q_s) + buf * BN * HD * 2 + cofs;
     const int key0 = j * BN + r0;
@@ -83,9 +73,7 @@ __global__ void __launch_bounds__(128 * WGS, 1)
   /* Q of the block, rounded, into the swizzled column blocks */
   for (int e = tid; e < BM * CPR; e += THREADS) {
     const int r = e / CPR, c = e % CPR;
-    const int64_t rc = rblk + r < rows ? rblk + r : rows - 1;
-    const float4 *src =
-        reinterpret_cast<const float4 *>(a.q + ((bT + rc / G) * a.H + kvh * G + rc % G) * a.hd + c * 8);
+    const float4 *src = reinterpret_cast<const float4 *>(blk.q(a, blk.rblk + r) + c * 8);
     const float4 x = src[0], y = src[1];
     *reinterpret_cast<uint4 *>(smem + (c >> 3) * QB + sw128(r, c & 7)) =
         make_uint4(Mma<KV>::pack(x.x, x.y), Mma<KV>::pack(x.z, x.w), Mma<KV>::pack(y.x, y.y), Mma<KV>::pack(y.z, y.w));
@@ -222,22 +210,9 @@ __global__ void __launch_bounds__(128 * WGS, 1)
 #pragma unroll
   for (int h = 0; h < 2; h++) {
     const int64_t r = rwarp + 8 * h + g;
-    if (r >= rows) continue;
-    const int64_t row = (bT + r / G) * a.H + kvh * G + r % G;
-    if (SPLIT) { /* this chunk's partial: unnormalized sum, max and sum of weights per row */
-      float *acc = part_acc + (row * splits + split) * a.hd;
-#pragma unroll
-      for (int dn = 0; dn < HD / 8; dn++)
-        *reinterpret_cast<float2 *>(acc + dn * 8 + 2 * tq) = make_float2(o[4 * dn + 2 * h], o[4 * dn + 2 * h + 1]);
-      if (tq == 0) part_ml[row * splits + split] = make_float2(mrow[h], lrow[h]);
-    } else {
-      const float inv = 1.0f / lrow[h];
-      float *out = a.out + row * a.hd;
-#pragma unroll
-      for (int dn = 0; dn < HD / 8; dn++)
-        *reinterpret_cast<float2 *>(out + dn * 8 + 2 * tq) =
-            make_float2(o[4 * dn + 2 * h] * inv, o[4 * dn + 2 * h + 1] * inv);
-    }
+    if (r >= blk.rows) continue;
+    blk.store<HD, SPLIT>(a, r, tq, mrow[h], lrow[h], splits, part_ml, part_acc,
+                         [&](int dn) { return make_float2(o[4 * dn + 2 * h], o[4 * dn + 2 * h + 1]); });
   }
 #endif
 }
@@ -248,9 +223,7 @@ cudaError_t launch_as(cudaStream_t s, const msh_k_attn *a, int splits, int64_t c
   auto kernel = prefill_sm90_kernel<KV, HD, SPLIT>;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (e != cudaSuccess) return e;
-  const int64_t rows = (int64_t)a->T * (a->H / a->KVH);
-  dim3 grid((unsigned)((rows + BM - 1) / BM * a->B * a->KVH), 1, (unsigned)splits);
-  kernel<<<grid, 128 * WGS, bytes, s>>>(*a, splits, chunk, ml, acc);
+  kernel<<<prefill_grid(a, BM, splits), 128 * WGS, bytes, s>>>(*a, splits, chunk, ml, acc);
   return cudaGetLastError();
 }
 

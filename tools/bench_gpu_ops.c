@@ -578,26 +578,27 @@ static void bench_decode_step(int64_t pos, int64_t max_len) {
   cudaEvent_t e0, e1;
   CU(cudaEventCreate(&e0));
   CU(cudaEventCreate(&e1));
+  enum { STEPS = 5 }; /* replays a sample */
   double tg[9], tp[9];
   for (int r = 0; r < 9; r++) { /* replays back to back: device time */
     CU(cudaEventRecord(e0, stream));
-    for (int i = 0; i < 5; i++) OK(msh_graph_launch(g));
+    for (int i = 0; i < STEPS; i++) OK(msh_graph_launch(g));
     CU(cudaEventRecord(e1, stream));
     CU(cudaEventSynchronize(e1));
     float ms = 0;
     CU(cudaEventElapsedTime(&ms, e0, e1));
-    tg[r] = ms * 1e-3 / 5;
+    tg[r] = ms * 1e-3 / STEPS;
   }
   for (int r = 0; r < 9; r++) { /* a token loop: upload the position, replay, wait (host clock) */
     struct timespec a, b;
     clock_gettime(CLOCK_MONOTONIC, &a);
-    for (int i = 0; i < 3; i++) {
+    for (int i = 0; i < STEPS; i++) {
       set_i32(c.pos, (int32_t)(pos + i));
       OK(msh_graph_launch(g));
     }
     OK(msh_device_sync(MSH_CUDA, 0));
     clock_gettime(CLOCK_MONOTONIC, &b);
-    tp[r] = ((double)(b.tv_sec - a.tv_sec) + (double)(b.tv_nsec - a.tv_nsec) * 1e-9) / 5;
+    tp[r] = ((double)(b.tv_sec - a.tv_sec) + (double)(b.tv_nsec - a.tv_nsec) * 1e-9) / STEPS;
   }
   qsort(tg, 9, sizeof tg[0], cmp_double);
   qsort(tp, 9, sizeof tp[0], cmp_double);
@@ -797,7 +798,7 @@ int main(int argc, char **argv) {
     bench_attention(8, 512, 512, 0, "attn_prefill_batch8");
     /* each block tile forced (kernels/attn_prefill.cu reads it at every launch) */
     static const char *tiles[] = {"64x64", "128x32", "wg128x128"};
-    for (int i = 0; i < 3; i++) {
+    for (size_t i = 0; i < sizeof tiles / sizeof tiles[0]; i++) {
       char name[64];
       setenv("MSH_ATTN_TILE", tiles[i], 1);
       snprintf(name, sizeof name, "attn_prefill_%s", tiles[i]);

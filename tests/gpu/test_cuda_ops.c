@@ -364,6 +364,11 @@ static void run_attention(const attn_case *ac) {
   free_all(ts, 10);
 }
 
+/* the flash prefill kernel's block tiles, each forced in turn through MSH_ATTN_TILE (the kernel
+ * reads it at every launch; wg128x128 runs where the device is a Hopper, else the plan's own) */
+static const char *const prefill_tiles[] = {"64x64", "128x32", "wg128x128"};
+#define N_PREFILL_TILES (sizeof prefill_tiles / sizeof prefill_tiles[0])
+
 static void test_attention(void) {
   printf("attention\n");
   /* decode and short chunks (split-KV kernels). f16/bf16 caches with head dim 64 or 128 take the
@@ -395,13 +400,11 @@ static void test_attention(void) {
       {257, 12, 4, 64, 0, MSH_BF16, 0, 1e-2},   {16, 32, 8, 128, 8000, MSH_BF16, 0, 1e-2},
       {8, 8, 1, 64, 3000, MSH_F16, 1, 1e-2},    {600, 32, 8, 128, 0, MSH_BF16, 0, 1.5e-2},
   };
-  /* the kernel's own choice of block tile, then each tile forced (MSH_ATTN_TILE; the wgmma tile
-   * wg128x128 where the device is a Hopper) */
-  static const char *tiles[] = {NULL, "64x64", "128x32", "wg128x128"};
-  for (size_t m = 0; m < sizeof tiles / sizeof tiles[0]; m++) {
-    if (tiles[m]) {
-      printf("  MSH_ATTN_TILE=%s\n", tiles[m]);
-      setenv("MSH_ATTN_TILE", tiles[m], 1);
+  /* the kernel's own choice of block tile, then each tile forced */
+  for (size_t m = 0; m <= N_PREFILL_TILES; m++) {
+    if (m) {
+      printf("  MSH_ATTN_TILE=%s\n", prefill_tiles[m - 1]);
+      setenv("MSH_ATTN_TILE", prefill_tiles[m - 1], 1);
     }
     for (size_t i = 0; i < sizeof prefill / sizeof prefill[0]; i++) run_attention(&prefill[i]);
   }
@@ -634,9 +637,8 @@ static void test_batch(void) {
   };
   for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) run_batch_attention(&cases[i]);
   /* the batched prefill cases again under each block tile forced */
-  static const char *tiles[] = {"64x64", "128x32", "wg128x128"};
-  for (size_t m = 0; m < sizeof tiles / sizeof tiles[0]; m++) {
-    setenv("MSH_ATTN_TILE", tiles[m], 1);
+  for (size_t m = 0; m < N_PREFILL_TILES; m++) {
+    setenv("MSH_ATTN_TILE", prefill_tiles[m], 1);
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
       if (cases[i].T >= 8 && !cases[i].npos) run_batch_attention(&cases[i]);
   }
