@@ -35,22 +35,38 @@ constexpr float LOG2E = 1.4426950408889634f;
  * masked score or an empty partial (x = -inf, where M may be -inf too). */
 __device__ __forceinline__ float weight(float x, float M) { return x == -INFINITY ? 0.0f : exp2f(x - M); }
 
-/* N partial softmax results (max m in log2 units, sum of weights l, unnormalized accumulator a;
- * empty ones have m = -inf) merged into one: M, L, A. */
-template <int N>
-__device__ __forceinline__ void merge_n(const float (&m)[N], const float (&l)[N], const float (&a)[N], float &M,
-                                        float &L, float &A) {
+__device__ __forceinline__ void add_scaled(float &A, float a, float f) { A += a * f; }
+__device__ __forceinline__ void add_scaled(float4 &A, const float4 &a, float f) {
+  A.x += a.x * f;
+  A.y += a.y * f;
+  A.z += a.z * f;
+  A.w += a.w * f;
+}
+
+/* N partial softmax results (max m in log2 units, sum of weights l, unnormalized accumulator a of
+ * one dim, or four as a float4; empty ones have m = -inf) merged into one: M, L, A. */
+template <int N, typename V>
+__device__ __forceinline__ void merge_n(const float (&m)[N], const float (&l)[N], const V (&a)[N], float &M, float &L,
+                                        V &A) {
   M = -INFINITY;
 #pragma unroll
   for (int v = 0; v < N; v++) M = fmaxf(M, m[v]);
   L = 0.0f;
-  A = 0.0f;
+  A = V();
 #pragma unroll
   for (int v = 0; v < N; v++) {
     const float f = weight(m[v], M);
     L += l[v] * f;
-    A += a[v] * f;
+    add_scaled(A, a[v], f);
   }
+}
+
+/* p[0..3] = A / L (p need only be 4-byte aligned) */
+__device__ __forceinline__ void store4_div(float *p, float4 A, float L) {
+  p[0] = A.x / L;
+  p[1] = A.y / L;
+  p[2] = A.z / L;
+  p[3] = A.w / L;
 }
 
 /* Position of sequence b's query 0 for this launch: the host's, or the device word clamped into
@@ -353,6 +369,22 @@ __global__ void __launch_bounds__(NW * 32) decode_tc_kernel(msh_k_attn a, int sp
   const int64_t tA = cA / G, tB = cB / G;
   const int64_t t_last = ((r0 + 16 < R ? r0 + 16 : R) - 1) / G;
   const int64_t k_begin = (int64_t)split * chunk;
+  /* the block's rows of q (f32 pairs; rows past R are zeros) are in flight while the position is
+   * read and the first keys are asked for, and become fragments after */
+  float2 qv[KT][4];
+  {
+    const bool inA = rA < R, inB = rB < R;
+    const float *qA = a.q + ((bT + tA) * a.H + kvh * G + cA % G) * a.hd + 2 * tq;
+    const float *qB = a.q + ((bT + tB) * a.H + kvh * G + cB % G) * a.hd + 2 * tq;
+    const float2 zero = make_float2(0.0f, 0.0f);
+#pragma unroll
+    for (int kk = 0; kk < KT; kk++) {
+      qv[kk][0] = inA ? *reinterpret_cast<const float2 *>(qA + kk * 16) : zero;
+      qv[kk][1] = inB ? *reinterpret_cast<const float2 *>(qB + kk * 16) : zero;
+      qv[kk][2] = inA ? *reinterpret_cast<const float2 *>(qA + kk * 16 + 8) : zero;
+      qv[kk][3] = inB ? *reinterpret_cast<const float2 *>(qB + kk * 16 + 8) : zero;
+    }
+  }
   const int64_t pos0 = pos0_of(a, b);
   const int64_t kmax = pos0 + t_last + 1;
   /* no row of this tile sees this chunk: the merge skips it (in a cluster it merges nothing) */
@@ -360,32 +392,20 @@ __global__ void __launch_bounds__(NW * 32) decode_tc_kernel(msh_k_attn a, int sp
   const int64_t k_end = kmax < k_begin + chunk ? kmax : k_begin + chunk;
   const float qs = a.scale * LOG2E;
 
-  uint32_t qf[KT][4];
-  {
-    const float *qA = a.q + ((bT + tA) * a.H + kvh * G + cA % G) * a.hd;
-    const float *qB = a.q + ((bT + tB) * a.H + kvh * G + cB % G) * a.hd;
-    const float zA = rA < R ? 1.0f : 0.0f, zB = rB < R ? 1.0f : 0.0f;
-#pragma unroll
-    for (int kk = 0; kk < KT; kk++) {
-      int col = kk * 16 + 2 * tq;
-      qf[kk][0] = Mma<KV>::pack(zA * qA[col], zA * qA[col + 1]);
-      qf[kk][1] = Mma<KV>::pack(zB * qB[col], zB * qB[col + 1]);
-      qf[kk][2] = Mma<KV>::pack(zA * qA[col + 8], zA * qA[col + 9]);
-      qf[kk][3] = Mma<KV>::pack(zB * qB[col + 8], zB * qB[col + 9]);
-    }
-  }
-
   const KV *kg = (const KV *)a.k + b * a.ksb + (int64_t)kvh * a.hd;
   const KV *vg = (const KV *)a.v + b * a.vsb + (int64_t)kvh * a.hd;
   const int ntile = k_end > k_begin ? (int)((k_end - k_begin + TK - 1) / TK) : 0;
+  /* tile j: a thread copies the same 16-byte column of every RPI-th key row */
   auto load = [&](int j) {
-    constexpr int CPR = HD / 8;
+    constexpr int CPR = HD / 8, RPI = NW * 32 / CPR;
     KV *kt = tiles + (size_t)(j % STAGES) * 2 * TK * LD, *vt = kt + TK * LD;
-    for (int e = threadIdx.x; e < TK * CPR; e += NW * 32) {
-      int r = e / CPR, cc = e % CPR;
-      int64_t key = k_begin + (int64_t)j * TK + r;
-      bool ok = key < k_end;
-      int64_t kr = ok ? key : k_begin;
+    const int cc = threadIdx.x % CPR;
+    const int64_t key0 = k_begin + (int64_t)j * TK;
+#pragma unroll
+    for (int r = threadIdx.x / CPR; r < TK; r += RPI) {
+      const int64_t key = key0 + r;
+      const bool ok = key < k_end;
+      const int64_t kr = ok ? key : k_begin;
       cp_async16(kt + r * LD + cc * 8, kg + kr * a.ks0 + cc * 8, ok);
       cp_async16(vt + r * LD + cc * 8, vg + kr * a.vs0 + cc * 8, ok);
     }
@@ -401,6 +421,11 @@ __global__ void __launch_bounds__(NW * 32) decode_tc_kernel(msh_k_attn a, int sp
     if (s < ntile) load(s);
     cp_async_commit();
   }
+  uint32_t qf[KT][4];
+#pragma unroll
+  for (int kk = 0; kk < KT; kk++)
+#pragma unroll
+    for (int h = 0; h < 4; h++) qf[kk][h] = Mma<KV>::pack(qv[kk][h].x, qv[kk][h].y);
   for (int j = 0; j < ntile; j++) {
     cp_async_wait<STAGES - 2>();
     __syncthreads();
@@ -486,13 +511,13 @@ __global__ void __launch_bounds__(NW * 32) decode_tc_kernel(msh_k_attn a, int sp
   float *sm_l = sm_m + NW * 16;                  /* [NW][16] */
   float *res_o = sm_l + NW * 16;                 /* [16][HD]: the block's result (CL) */
   float *res_m = res_o + 16 * HD, *res_l = res_m + 16;
+  const int rows = (int)(R - r0 < 16 ? R - r0 : 16); /* the tile's rows that exist */
 #pragma unroll
   for (int dn = 0; dn < DT; dn++) {
     int col = dn * 8 + 2 * tq;
-    sm_o[(warp * 16 + g) * HD + col] = o[dn][0];
-    sm_o[(warp * 16 + g) * HD + col + 1] = o[dn][1];
-    sm_o[(warp * 16 + g + 8) * HD + col] = o[dn][2];
-    sm_o[(warp * 16 + g + 8) * HD + col + 1] = o[dn][3];
+    if (g < rows) *reinterpret_cast<float2 *>(sm_o + (warp * 16 + g) * HD + col) = make_float2(o[dn][0], o[dn][1]);
+    if (g + 8 < rows)
+      *reinterpret_cast<float2 *>(sm_o + (warp * 16 + g + 8) * HD + col) = make_float2(o[dn][2], o[dn][3]);
   }
   if (tq == 0) {
     sm_m[warp * 16 + g] = mA;
@@ -501,31 +526,32 @@ __global__ void __launch_bounds__(NW * 32) decode_tc_kernel(msh_k_attn a, int sp
     sm_l[warp * 16 + g + 8] = lB;
   }
   __syncthreads();
-  const int nvalid = (int)(R - r0 < 16 ? R - r0 : 16) * HD; /* the tile's rows that exist */
-  for (int e = threadIdx.x; e < nvalid; e += NW * 32) {
-    int i = e / HD, d = e % HD;
+  /* four dims a thread (hd is HD here) */
+  const int nvec = rows * (HD / 4);
+  for (int e = threadIdx.x; e < nvec; e += NW * 32) {
+    int i = e / (HD / 4), d = e % (HD / 4) * 4;
     int64_t r = r0 + i;
-    if (d >= a.hd) continue;
-    float mv[NW], lv[NW], av[NW], M, L, A;
+    float mv[NW], lv[NW], M, L;
+    float4 av[NW], A;
 #pragma unroll
     for (int v = 0; v < NW; v++) {
       mv[v] = sm_m[v * 16 + i];
       lv[v] = sm_l[v * 16 + i];
-      av[v] = sm_o[(v * 16 + i) * HD + d];
+      av[v] = *reinterpret_cast<const float4 *>(sm_o + (v * 16 + i) * HD + d);
     }
     merge_n(mv, lv, av, M, L, A);
     int64_t row = (bT + r / G) * a.H + kvh * G + r % G;
     if (CL) {
-      res_o[i * HD + d] = A;
+      *reinterpret_cast<float4 *>(res_o + i * HD + d) = A;
       if (d == 0) {
         res_m[i] = M;
         res_l[i] = L;
       }
     } else if (splits == 1) {
-      a.out[row * a.hd + d] = A / L;
+      store4_div(a.out + row * a.hd + d, A, L);
     } else {
       int64_t slot = row * splits + split;
-      part_acc[slot * a.hd + d] = A;
+      store4_div(part_acc + slot * a.hd + d, A, 1.0f);
       if (d == 0) part_ml[slot] = make_float2(M, L);
     }
   }
@@ -534,25 +560,29 @@ __global__ void __launch_bounds__(NW * 32) decode_tc_kernel(msh_k_attn a, int sp
     namespace cg = cooperative_groups;
     cg::cluster_group cluster = cg::this_cluster();
     cluster.sync(); /* every block's result is in its shared memory */
-    /* the cluster's blocks share out the (row, dim) elements; rank = split (grid x = cluster x) */
-    for (int e = split * NW * 32 + threadIdx.x; e < nvalid; e += splits * NW * 32) {
-      int i = e / HD, d = e % HD;
+    /* the cluster's blocks share out the (row, four dims) pieces; rank = split (grid x = cluster x) */
+    for (int e = split * NW * 32 + threadIdx.x; e < nvec; e += splits * NW * 32) {
+      int i = e / (HD / 4), d = e % (HD / 4) * 4;
       int64_t r = r0 + i;
-      if (d >= a.hd) continue;
-      /* every block's three values first (the remote loads in flight together), then the merge */
-      float mv[8], lv[8], av[8], M, L, A;
+      /* every block's values first (the remote loads in flight together), then the merge */
+      float mv[8], lv[8], M, L;
+      float4 av[8], A;
 #pragma unroll
       for (int v = 0; v < 8; v++) {
         bool in = v < splits;
         mv[v] = in ? *cluster.map_shared_rank(res_m + i, v) : -INFINITY;
         lv[v] = in ? *cluster.map_shared_rank(res_l + i, v) : 0.0f;
-        av[v] = in ? *cluster.map_shared_rank(res_o + i * HD + d, v) : 0.0f;
+        av[v] = in ? *reinterpret_cast<const float4 *>(cluster.map_shared_rank(res_o + i * HD + d, v))
+                   : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
       }
       merge_n(mv, lv, av, M, L, A);
       int64_t row = (bT + r / G) * a.H + kvh * G + r % G;
-      a.out[row * a.hd + d] = A / L;
+      store4_div(a.out + row * a.hd + d, A, L);
     }
-    cluster.sync(); /* no block leaves while the others read its shared memory */
+    /* no block leaves while the others read its shared memory: an arrival that orders nothing
+     * (the reads above are complete, in registers; a release would wait for the stores too) */
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
+    asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
   }
 #endif
 }
@@ -714,7 +744,8 @@ cudaError_t plan_for(const msh_k_attn *a, int sm_count, Plan &p) {
   size_t es = msh_dtype_size(a->kv_dt);
   p.vec = a->hd % 8 == 0 && aligned16(a->k) && aligned16(a->v) && (a->ks0 * es) % 16 == 0 && (a->vs0 * es) % 16 == 0 &&
           (a->B <= 1 || ((a->ksb * es) % 16 == 0 && (a->vsb * es) % 16 == 0));
-  p.tc = (a->kv_dt == MSH_F16 || a->kv_dt == MSH_BF16) && (a->hd == 64 || a->hd == 128) && p.vec;
+  p.tc = (a->kv_dt == MSH_F16 || a->kv_dt == MSH_BF16) && (a->hd == 64 || a->hd == 128) && p.vec &&
+         ((uintptr_t)a->q & 7u) == 0; /* q read in pairs */
   int64_t base;
   if (p.tc) {
     int di = a->kv_dt == MSH_F16 ? 0 : 1, hi = a->hd == 64 ? 0 : 1;
