@@ -350,7 +350,7 @@ template <typename KV, int HD> struct TcCfg {
 };
 
 /* CL: the splits of a (kv head, row tile, sequence) form one thread block cluster (sm_90, at most
- * 8 blocks, short contexts): each block merges its warps into shared memory and the blocks then
+ * 8 blocks, plans up to cluster_keys() keys): each block merges its warps into shared memory and the blocks then
  * merge each other's results through distributed shared memory, with no partials in global
  * memory and no merge kernel. Blocks whose chunk holds no key take part with an empty result. */
 template <typename KV, int HD, bool CL>
@@ -730,6 +730,18 @@ bool clusters_ok() {
   return ok != 0;
 }
 
+/* The longest plan whose chunks form a cluster (MSH_ATTN_CLUSTER_KEYS in the environment
+ * overrides it; 512 keeps clusters to one tile a block). */
+int64_t cluster_keys() {
+  static int64_t keys = -1;
+  if (keys < 0) {
+    const char *e = getenv("MSH_ATTN_CLUSTER_KEYS");
+    keys = e ? atoll(e) : 4096;
+    if (keys < 0) keys = 0;
+  }
+  return keys;
+}
+
 /* occupancy per instance, asked once per process (devices assumed alike) */
 int occ_cache[3][3][4][2];
 int smem_cache[3][3][4][2];
@@ -783,12 +795,14 @@ cudaError_t plan_for(const msh_k_attn *a, int sm_count, Plan &p) {
   int64_t max_splits = maxn <= 512 ? 1 : (maxn + 63) / 64;
   if (splits > max_splits) splits = max_splits;
   if (splits < 1) splits = 1;
-  /* ... unless the tensor-core blocks are few: then the chunks of one tile (64 keys each, at
-   * most 8) form a cluster that merges in the kernel, and the keys are read in one step */
+  /* ... unless the tensor-core blocks are few: then up to 8 chunks of whole 64-key tiles form a
+   * cluster that merges in the kernel (no merge kernel, no partials in global memory), up to
+   * cluster_keys() keys */
   p.cl = 0;
-  if (p.tc && splits == 1 && maxn > 64 && maxn <= 512 && base * 4 <= (sm_count > 0 ? sm_count : 132) && clusters_ok()) {
+  if (p.tc && maxn > 64 && maxn <= cluster_keys() && base * 4 <= (sm_count > 0 ? sm_count : 132) && clusters_ok()) {
     p.cl = 1;
-    splits = (maxn + 63) / 64;
+    int64_t tiles = (maxn + 63) / 64;
+    splits = tiles < 8 ? tiles : 8;
   }
   int64_t chunk = (maxn + splits - 1) / splits;
   chunk = (chunk + 63) / 64 * 64; /* whole tiles */

@@ -782,7 +782,10 @@ int main(int argc, char **argv) {
   if (wanted("gemm_prefill"))
     for (int s = 0; s < 5; s++) bench_matmul(2048, shapes[s][0], shapes[s][1], "cublas");
   if (wanted("attn_decode")) {
+    bench_attention(1, 1, 256, 0, "attn_decode");
     bench_attention(1, 1, 1024, 0, "attn_decode");
+    bench_attention(1, 1, 2048, 0, "attn_decode");
+    bench_attention(1, 1, 4096, 0, "attn_decode");
     bench_attention(1, 1, 8192, 0, "attn_decode");
     bench_attention(1, 1, 32768, 0, "attn_decode");
     bench_attention(1, 16, 8192, 0, "attn_decode");

@@ -114,6 +114,10 @@ static void test_attention_dyn(void) {
   static const int32_t pos_short[] = {0, 5, 63, 64, 257, 511, 600};
   attention_dyn_case(MSH_BF16, 1, 520, 512, pos_short, 7, 1e-2);
   attention_dyn_case(MSH_F16, 1, 300, 256, pos_short, 5, 1e-2);
+  /* longer buckets still in a cluster (8 chunks of several tiles; the later ones empty early on) */
+  static const int32_t pos_mid[] = {0, 63, 64, 300, 1024, 2047, 4095, 5000};
+  attention_dyn_case(MSH_BF16, 1, 2100, 2048, pos_mid, 6, 1e-2);
+  attention_dyn_case(MSH_BF16, 1, 4100, 4096, pos_mid, 8, 1e-2);
 }
 
 /* ------------------------------------------------------------------------- set_rows_dyn */

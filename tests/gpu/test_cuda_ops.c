@@ -387,6 +387,9 @@ static void test_attention(void) {
       {1, 32, 8, 128, 255, MSH_BF16, 0, 1e-2},   {1, 32, 8, 128, 511, MSH_BF16, 0, 1e-2},
       {1, 32, 8, 128, 64, MSH_F16, 1, 1e-2},     {3, 32, 8, 128, 300, MSH_BF16, 0, 1e-2},
       {2, 8, 2, 64, 130, MSH_F16, 0, 1e-2},      {1, 64, 1, 128, 400, MSH_BF16, 0, 1e-2},
+      /* longer plans in a cluster: 8 chunks of several tiles each; just past the limit, a merge */
+      {1, 32, 8, 128, 2047, MSH_BF16, 0, 1e-2},  {1, 32, 8, 128, 4095, MSH_F16, 1, 1e-2},
+      {2, 32, 8, 64, 1500, MSH_BF16, 0, 1e-2},   {1, 32, 8, 128, 4096, MSH_BF16, 0, 1e-2},
   };
   for (size_t i = 0; i < sizeof decode / sizeof decode[0]; i++) run_attention(&decode[i]);
   /* 8 or more queries over f16/bf16 caches: the tensor-core flash kernel (q and p rounded to the
