@@ -350,9 +350,10 @@ template <typename KV, int HD> struct TcCfg {
 };
 
 /* CL: the splits of a (kv head, row tile, sequence) form one thread block cluster (sm_90, at most
- * 8 blocks, plans up to cluster_keys() keys): each block merges its warps into shared memory and the blocks then
- * merge each other's results through distributed shared memory, with no partials in global
- * memory and no merge kernel. Blocks whose chunk holds no key take part with an empty result. */
+ * 8 blocks, plans of up to cluster_keys() keys): each block merges its warps into shared memory
+ * and the blocks then merge each other's results through distributed shared memory, with no
+ * partials in global memory and no merge kernel. Blocks whose chunk holds no key take part with
+ * an empty result. */
 template <typename KV, int HD, bool CL>
 __global__ void __launch_bounds__(NW * 32) decode_tc_kernel(msh_k_attn a, int splits, int chunk, int rtiles,
                                                             float2 *part_ml, float *part_acc) {
