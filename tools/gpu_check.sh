@@ -102,6 +102,11 @@ if [ "${MSH_GPU_MODEL_BENCH:-1}" != 0 ]; then
     timeout 300 build-gpu/moonshard bench --dummy $shape --device cuda $cfg >> "$out/model_bench.jsonl" \
       2>> "$out/model_bench.err" || { status=1; tail -5 "$out/model_bench.err"; }
   done
+  # one TP=2 rank's share of the same model on this one GPU: a TP=2 step is this plus its
+  # all-reduces (kernels/NOTES.md, "One tensor-parallel rank's decode step on one GPU")
+  timeout 300 build-gpu/moonshard bench --dummy tools/bench/shapes/llama-3-8b-tp2-rank.json --device cuda \
+    --prompt-len 128 --gen-len 129 --loops 3 --no-ceilings >> "$out/model_bench.jsonl" 2>> "$out/model_bench.err" ||
+    { status=1; tail -5 "$out/model_bench.err"; }
   ngpu=$(nvidia-smi -L 2>/dev/null | wc -l)
   if [ "$ngpu" -ge 2 ]; then
     for cfg in "--dummy $shape --tp 2 --prompt-len 128 --gen-len 65 --loops 3" \

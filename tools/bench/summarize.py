@@ -36,6 +36,6 @@ for r in rows:
            and o.get("batch_size", 1) == 1 and o["prompt_len"] == r["prompt_len"]]
     if r.get("tp", 1) > 1 and r.get("pp", 1) == 1 and r.get("batch_size", 1) == 1 and one:
         line += f"; {r['decode_step_ms'] / one[0]['decode_step_ms']:.2f}x one GPU's latency"
-    if hf and r["prompt_len"] == hf[0]["prompt_len"] and not par:
+    if hf and r["prompt_len"] == hf[0]["prompt_len"] and not par and r["model"] == hf[0]["config"]:
         line += f"; {r['decode_tok_s'] / hf[0]['decode_tok_s']:.1f}x transformers"
     print(line)
