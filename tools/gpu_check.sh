@@ -13,7 +13,8 @@
 # by tools/bench/ncu_kernels.py), MSH_JOBS sets the build parallelism. MSH_GPU_PARITY8B=1 runs the 8B
 # parity check against transformers (tools/parity: a random Llama-3-8B shape saved under
 # MSH_PARITY8B_DIR, default $TMPDIR/msh-parity-8b, and reused there; 16 GB of disk, about two
-# minutes); it is on by default when the GPU has at least 40 GB.
+# minutes), then tools/parity/noise_8b.py for the bar's noise floor; it is on by default when the GPU has
+# at least 40 GB.
 # Exit status: 0 when the build and every test passed, 1 otherwise.
 set -u -o pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
@@ -175,6 +176,21 @@ print(f"  top-1 where transformers' bf16 and f32 agree: {share('top1_agreement_s
       f"where its lead is >= {r.get('decisive_gap')}: {share('top1_agreement_decisive', 'decisive_positions')}")
 EOF
 )
+    # the bar's noise floor: transformers' own model with one kernel or rounding point changed
+    # (tools/parity/noise_8b.py; informative, not part of the exit status)
+    if timeout 300 python3 tools/parity/noise_8b.py --greedy > "$out/parity_noise.jsonl" 2> "$out/parity_noise.err"; then
+      parity_summary="$parity_summary
+$(python3 - "$out/parity_noise.jsonl" << 'EOF'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith('{"variant"')]
+print("  transformers' bf16 with one change (its noise floor): " + ", ".join(
+    f"{r['variant']} {100 * r['top1']:.1f}%" + (f" {r['greedy_identical']}/10" if "greedy_identical" in r else "")
+    for r in rows))
+EOF
+)"
+    else
+      tail -5 "$out/parity_noise.err"
+    fi
   else
     status=1
     tail -20 "$out/parity_8b_hf.log"
