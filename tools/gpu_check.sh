@@ -182,7 +182,7 @@ EOF
       parity_summary="$parity_summary
 $(python3 - "$out/parity_noise.jsonl" << 'EOF'
 import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith('{"variant"')]
+rows = [r for r in (json.loads(l) for l in open(sys.argv[1]) if l.startswith('{"variant"')) if "top1" in r]
 print("  transformers' bf16 with one change (its noise floor): " + ", ".join(
     f"{r['variant']} {100 * r['top1']:.1f}%" + (f" {r['greedy_identical']}/10" if "greedy_identical" in r else "")
     for r in rows))

@@ -225,6 +225,10 @@ def main():
                       "attn_implementation": getattr(cfg, "_attn_implementation", None),
                       "setup_s": round(time.time() - t0, 1)}), flush=True)
     for name, var in VARIANTS:
+        if var.get("attn") in ("flash", "efficient", "math") and sdpa_kernel is None:
+            print(json.dumps({"variant": name, "skipped": "this PyTorch has no torch.nn.attention.sdpa_kernel"}),
+                  flush=True)
+            continue
         torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = not var.get("no_rrp")
         with torch.no_grad():
             lg = forward(W, cfg, ids[None], var)[0]
