@@ -61,13 +61,15 @@ __device__ __forceinline__ void merge_n(const float (&m)[N], const float (&l)[N]
   }
 }
 
-/* p[0..3] = A / L (p need only be 4-byte aligned) */
-__device__ __forceinline__ void store4_div(float *p, float4 A, float L) {
-  p[0] = A.x / L;
-  p[1] = A.y / L;
-  p[2] = A.z / L;
-  p[3] = A.w / L;
+/* p[0..3] = v (p need only be 4-byte aligned: the partials follow an odd count of float2 pairs) */
+__device__ __forceinline__ void store4(float *p, float4 v) {
+  p[0] = v.x;
+  p[1] = v.y;
+  p[2] = v.z;
+  p[3] = v.w;
 }
+
+__device__ __forceinline__ float4 div4(float4 v, float L) { return make_float4(v.x / L, v.y / L, v.z / L, v.w / L); }
 
 /* Position of sequence b's query 0 for this launch: the host's, or the device word clamped into
  * the planned range [0, a.pos0] (so a bad value reads no key outside the cache). */
@@ -549,10 +551,10 @@ __global__ void __launch_bounds__(NW * 32) decode_tc_kernel(msh_k_attn a, int sp
         res_l[i] = L;
       }
     } else if (splits == 1) {
-      store4_div(a.out + row * a.hd + d, A, L);
+      store4(a.out + row * a.hd + d, div4(A, L));
     } else {
       int64_t slot = row * splits + split;
-      store4_div(part_acc + slot * a.hd + d, A, 1.0f);
+      store4(part_acc + slot * a.hd + d, A);
       if (d == 0) part_ml[slot] = make_float2(M, L);
     }
   }
@@ -578,7 +580,7 @@ __global__ void __launch_bounds__(NW * 32) decode_tc_kernel(msh_k_attn a, int sp
       }
       merge_n(mv, lv, av, M, L, A);
       int64_t row = (bT + r / G) * a.H + kvh * G + r % G;
-      store4_div(a.out + row * a.hd + d, A, L);
+      store4(a.out + row * a.hd + d, div4(A, L));
     }
     /* no block leaves while the others read its shared memory: an arrival that orders nothing
      * (the reads above are complete, in registers; a release would wait for the stores too) */

@@ -714,7 +714,8 @@ static void test_softmax(void) {
 
 static void test_argmax(void) {
   printf("argmax\n");
-  int64_t shapes[8][2] = {{4, 128256}, {100, 33}, {1, 1}, {1, 128256}, {64, 9000}, {1, 32000}, {3, 64128}, {65, 9000}};
+  int64_t shapes[8][2] = {{4, 128256}, {100, 33}, {1, 1},     {1, 128256},
+                          {64, 9000},  {1, 32000}, {3, 64128}, {65, 9000}};
   for (int s = 0; s < 8; s++) {
     msh_tensor *cx = cpu_randn(MSH_F32, 2, shapes[s], 1.0f), *gx = cx ? to_gpu(cx) : NULL;
     int32_t want[100], got[100];
