@@ -137,26 +137,24 @@ if pg then
   if not par then fail(err) end
 end
 local load_s -- seconds to place the weights on the device (files through staging, or drawn)
-local ok, net = pcall(function()
+local net
+do
   local d = par and par.desc or desc
   sync()
   local t_load = uv.hrtime()
   -- a batch's buffers hold batch x chunk rows: shorter chunks for larger batches
   local chunk = math.min(need, math.max(math.floor(2048 / opts.batch_size), 64))
-  local kv_dtype = opts.kv_dtype or (gpu and "bf16" or "f32")
-  local stage = require("moonshard.stage").resident(d.weights, opts.device, {
-    dtype = dtype, layers = par and par.layers, embed = not par or par.first_stage, head = not par or par.last_stage,
-    plan = { desc = d, max_seq = need, kv_dtype = kv_dtype, chunk = chunk, batch = opts.batch_size },
+  net, err = require("moonshard.runner").build(d, {
+    device = opts.device, dtype = dtype, max_seq = need, batch = opts.batch_size, chunk = chunk,
+    kv_dtype = opts.kv_dtype or (gpu and "bf16" or "f32"), graphs = opts.graphs ~= "off",
+    layers = par and par.layers, embed = not par or par.first_stage, head = not par or par.last_stage,
+    tp_comm = par and par.tp_comm, pp_comm = par and par.pp_comm,
   })
+  if not net then fail(err) end
   sync()
-  load_s = (uv.hrtime() - t_load) / 1e9
-  return require("moonshard.models.llama").new(d, {
-    device = opts.device, stage = stage, max_seq = need, batch = opts.batch_size, chunk = chunk,
-    kv_dtype = kv_dtype, graphs = opts.graphs ~= "off",
-    tp_comm = par and par.tp_comm, pp_comm = par and par.pp_comm, layers = par and par.layers,
-  })
-end)
-if not ok then fail(tostring(net)) end
+  load_s = (uv.hrtime() - t_load) / 1e9 -- the weights placed (through staging, or drawn) and the buffers made
+end
+
 
 -- telemetry (only with a log folder): collectives of this rank, busy and idle time of its stage
 local tel

@@ -37,37 +37,29 @@ function M.load(path, opts)
     device = par.device or device
   end
   local desc = par and par.desc or loaded.desc
-  -- placing weights and buffers can fail at run time (no such device, out of memory)
-  local stage
-  local ok, net = pcall(function()
-    stage = require("moonshard.stage").resident(desc.weights, device, {
-      dtype = opts.dtype or (device ~= "cpu" and "bf16" or nil), float_dtype = "f32",
-      layers = par and par.layers, embed = not par or par.first_stage, head = not par or par.last_stage,
-      fuse = opts.fuse,
-      -- the memory check before placing anything counts the model's cache and buffers too
-      plan = { desc = desc, max_seq = opts.max_seq, kv_dtype = opts.kv_dtype, chunk = opts.chunk, batch = opts.batch },
-    })
-    return require("moonshard.models.llama").new(desc, {
-      device = device, max_seq = opts.max_seq, chunk = opts.chunk, kv_dtype = opts.kv_dtype, stage = stage,
-      batch = opts.batch,
-      tp_comm = par and par.tp_comm, pp_comm = par and par.pp_comm, layers = par and par.layers,
-    })
-  end)
-  if not ok then
-    if stage then stage:free() end -- the weights placed before the model's buffers failed
-    collectgarbage() -- release whatever else was made before the failure
-    return nil, string.format("'%s' on %s: %s", path, device, tostring(net):gsub("^[^:]*:%d+: ", ""))
-  end
+  local net
+  net, err = require("moonshard.runner").build(desc, {
+    device = device, max_seq = opts.max_seq, chunk = opts.chunk, kv_dtype = opts.kv_dtype, batch = opts.batch,
+    dtype = opts.dtype or (device ~= "cpu" and "bf16" or nil), float_dtype = "f32", fuse = opts.fuse,
+    layers = par and par.layers, embed = not par or par.first_stage, head = not par or par.last_stage,
+    tp_comm = par and par.tp_comm, pp_comm = par and par.pp_comm, graphs = opts.graphs,
+  })
+  if not net then return nil, string.format("'%s' on %s: %s", path, device, err) end
   return setmetatable({
     desc = loaded.desc, tokenizer = loaded.tokenizer, net = net, path = path,
     dist = par and par.pg, rank = par and par.rank or 0,
   }, Model)
 end
 
--- model:forward(ids, pos0?, opts?) -> logits tensor (see moonshard.models.llama)
+-- model:close(): frees the model's device and host buffers, its KV cache and its weights now
+-- (the model is unusable afterwards).
+function Model:close() self.net:close() end
+
+-- model:forward(ids, pos0?, opts?) -> logits tensor (see moonshard.runner)
 function Model:forward(ids, pos0, opts) return self.net:forward(ids, pos0, opts) end
 -- model:forward_batch(tokens, pos0?, slot0?) -> logits (B, V) of several sequences at once
--- (opts.batch slots; see moonshard.models.llama)
+-- (opts.batch slots; see moonshard.runner)
+function Model:step(batch) return self.net:step(batch) end
 function Model:forward_batch(tokens, pos0, slot0) return self.net:forward_batch(tokens, pos0, slot0) end
 function Model:reset() self.net:reset() end
 
@@ -76,7 +68,11 @@ local argmax_out = ffi.new("int32_t[1]")
 function Model:argmax(logits)
   local rows = logits:numel() / logits:size(logits:ndim())
   local row = rows > 1 and logits:narrow(1, rows - 1, 1) or logits
-  return M.ops.argmax(row:device() == "cpu" and row or row:to("f32", "cpu"), argmax_out)
+  local host = row:device() == "cpu" and row or row:to("f32", "cpu")
+  local id = M.ops.argmax(host, argmax_out)
+  if host ~= row then host:free() end
+  if row ~= logits then row:free() end
+  return id
 end
 
 -- model:generate(opts, on_text) -> stats | nil, message (see moonshard.generate)

@@ -103,7 +103,7 @@ function M.load(path, opts)
     tokpath = found.tokenizer
   end
   if not desc then return nil, err end
-  local m = require("moonshard.models.llama")
+  local m = require("moonshard.runner")
   local ok, verr = m.validate(desc)
   if not ok then return nil, string.format("'%s': %s", path, verr) end
   tokpath = opts.tokenizer or tokpath

@@ -49,17 +49,16 @@ local function parse_device(device)
   return kind, tonumber(idx) or 0
 end
 
--- Which part of a tensor-parallel layer a rank keeps, per weight name: a function of the
--- shard plan (nil: replicated).
-local SHARE = {
-  wq = function(p, d) return p.heads / d.n_heads end,
-  wo = function(p, d) return p.heads / d.n_heads end,
-  wk = function(p, d) return p.kv_heads / d.n_kv_heads end,
-  wv = function(p, d) return p.kv_heads / d.n_kv_heads end,
-  w_gate = function(p, d) return p.hidden / d.hidden_dim end,
-  w_up = function(p, d) return p.hidden / d.hidden_dim end,
-  w_down = function(p, d) return p.hidden / d.hidden_dim end,
-}
+-- Which part of a tensor-parallel layer's weight a rank keeps, from the architecture's
+-- declaration (moonshard.models): a column- or row-parallel weight the rank's share of its unit
+-- (query heads, KV heads or feed-forward rows), anything else all of it.
+local function share(arch, name, p, d)
+  local e = arch.by_name[name]
+  if not e or not e.shard or e.shard == "vocab" then return 1 end
+  if e.unit == "q" then return p.heads / d.n_heads end
+  if e.unit == "kv" then return p.kv_heads / d.n_kv_heads end
+  return p.hidden / d.hidden_dim
+end
 
 -- Bytes of one weight placed on a device of `kind` (0: CPU) with the stage's dtype rule.
 local function placed_bytes(t, kind, dtype, float_dtype)
@@ -109,11 +108,9 @@ function M.estimate(desc, opts)
       add(w.norm)
       if not (w.output == w.embed and want_embed) then add(w.output) end
     end
+    local arch = require("moonshard.models").get(desc.arch).arch
     for l = first, last do
-      for name, t in pairs(w.layers[l]) do
-        local f = SHARE[name]
-        add(t, f and f(plan, desc) or 1)
-      end
+      for name, t in pairs(w.layers[l]) do add(t, share(arch, name, plan, desc)) end
     end
   end
   -- the dtype holding most of the bytes names the weights in messages

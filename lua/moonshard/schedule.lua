@@ -110,7 +110,7 @@ end
 -- M.run(net, opts) -> tokens on the last stage ({ [b] = { id, ... } } for b = 1 .. N, gen_len
 -- each), true on the others. Every pipeline rank calls it with the same opts but prompts (read
 -- on stage 0 only).
---   net: a model (moonshard.models.llama) with opts.batch >= N, a pipeline communicator and its
+--   net: a runner (moonshard.runner) with opts.batch >= N, a pipeline communicator and its
 --     stage's layers (net.pp_comm, net.pp_rank, net.pp_size); its KV slots 0 .. N - 1 are used
 --     from position 0.
 --   opts.prompts: N arrays of prompt token ids, all of one length (stage 0; the others only need
@@ -198,7 +198,7 @@ function M.run(net, opts)
   local ok, err = pcall(function()
     for _, pass in ipairs(plan) do
       local j, B = pass.mb, pass.size
-      local x = net:batch_ctx(B, pass.T, pass.slot0).v.x
+      local x = net:batch_ctx(B, pass.T, pass.slot0).x
       local tokens
       if first then
         if pass.phase == "prefill" then
@@ -222,7 +222,11 @@ function M.run(net, opts)
       elseif pass.sample and hist then
         ops.argmax_into(ids_dev[j], logits)
         local round = pass.phase == "prefill" and 0 or pass.round
-        hist:narrow(1, round, 1):reshape({ N }):narrow(1, pass.slot0, B):copy_from(ids_dev[j])
+        local row = hist:narrow(1, round, 1)
+        local flat = row:reshape { N }
+        local dst = flat:narrow(1, pass.slot0, B)
+        dst:copy_from(ids_dev[j])
+        dst:free(); flat:free(); row:free()
         if pass.feed then
           pending = j
           if not lookahead then flush() end
@@ -245,7 +249,9 @@ function M.run(net, opts)
     end
     flush()
     if hist then
-      local v = hist:to("i32", "cpu"):values()
+      local host = hist:to("i32", "cpu")
+      local v = host:values()
+      host:free()
       for r = 0, G - 1 do
         for b = 1, N do out[b][r + 1] = v[r * N + b] end
       end
@@ -253,6 +259,11 @@ function M.run(net, opts)
   end)
   net.pp_external = prev
   net.mb = nil
+  for j in ipairs(parts) do
+    if ids_dev[j] ~= ids_host[j] then ids_dev[j]:free() end
+    ids_host[j]:free()
+  end
+  if hist then hist:free() end
   if not ok then error(err, 0) end
   return out or true
 end

@@ -37,22 +37,26 @@ local function place(t, device, dtype, float_dtype)
 end
 M.target_dtype = target_dtype
 
--- Several weights (N_i, K) of one dtype on `device` stacked into one (sum N_i, K) weight, drawn
--- or copied part by part straight into its rows; nil when their shapes or target dtypes differ.
+-- Several weights (N_i, K) of one dtype on `device` stacked into one (sum N_i, K) weight (or
+-- vectors (N_i) into one (sum N_i): biases), drawn or copied part by part straight into its rows;
+-- nil when their shapes or target dtypes differ.
 local function fuse(parts, device, dtype, float_dtype)
   local kind = tensor.device_id(device)
   local want = target_dtype(parts[1], kind, dtype, float_dtype)
+  local nd = parts[1]:ndim()
   local K, rows = parts[1]:size(2), 0
   for _, p in ipairs(parts) do
-    if p:ndim() ~= 2 or p:size(2) ~= K or target_dtype(p, kind, dtype, float_dtype) ~= want then return nil end
+    if p:ndim() ~= nd or nd > 2 or (nd == 2 and p:size(2) ~= K)
+      or target_dtype(p, kind, dtype, float_dtype) ~= want then return nil end
     rows = rows + p:size(1)
   end
-  local out = assert(tensor.new({ rows, K }, want, device))
+  local out = assert(tensor.new(nd == 2 and { rows, K } or { rows }, want, device))
   local ok, err = pcall(function()
     local off = 0
     for _, p in ipairs(parts) do
       local dst = out:narrow(1, off, p:size(1))
       if type(p) == "table" and p.draw_into then p:draw_into(dst) else dst:copy_from(p) end
+      dst:free()
       off = off + p:size(1)
     end
   end)
@@ -64,13 +68,13 @@ local function fuse(parts, device, dtype, float_dtype)
 end
 M.fuse = fuse
 
--- The weights of layer w placed on device: q/k/v stacked into wqkv and gate/up into w_gu where
--- they fuse (the model then runs one projection for each group), the rest one by one.
-local FUSED = { wqkv = { "wq", "wk", "wv" }, w_gu = { "w_gate", "w_up" } }
-local function place_layer(w, device, dtype, float_dtype, fuse_groups)
+-- The weights of layer w placed on device: each stack the architecture declares (Llama's q/k/v
+-- into wqkv, gate/up into w_gu; moonshard.models) as one weight where its parts fuse (the model
+-- then runs one projection for each), the rest one by one.
+local function place_layer(w, device, dtype, float_dtype, stacks)
   local t, done = {}, {}
-  if fuse_groups then
-    for name, group in pairs(FUSED) do
+  if stacks then
+    for name, group in pairs(stacks) do
       local parts = {}
       for i, k in ipairs(group) do parts[i] = w[k] end
       if #parts == #group then
@@ -94,6 +98,7 @@ end
 --   opts.embed   false: leave out the token embedding (a stage that receives activations)
 --   opts.head    false: leave out the final norm and output head (a stage that sends them on)
 --   opts.fuse    false: keep q/k/v and gate/up as separate weights (default: stacked, see place_layer)
+--   opts.arch    the architecture's name (moonshard.models; default llama): which weights stack
 --   opts.plan    on a GPU, what the model will add there, for the memory check made before
 --                anything is placed (moonshard.memplan): { desc, max_seq, kv_dtype, chunk, batch };
 --                nil checks the weights alone, false skips the check
@@ -114,6 +119,8 @@ function M.resident(weights, device, opts)
     if not need then error(err, 0) end
   end
   local self = setmetatable({ device = device, layers = {}, owned = {} }, Resident)
+  local stacks = opts.fuse ~= false and require("moonshard.models").get(opts.arch or (opts.plan and opts.plan.desc
+    and opts.plan.desc.arch)).arch.stacks or nil
   local ok, err = pcall(function()
     local function own(t, src)
       if t ~= src then self.owned[#self.owned + 1] = t end
@@ -130,7 +137,7 @@ function M.resident(weights, device, opts)
     if opts.layers then first, last = opts.layers[1], opts.layers[2] end
     for l = first, last do
       local lw = weights.layers[l]
-      local placed = place_layer(lw, device, dtype, float_dtype, opts.fuse ~= false)
+      local placed = place_layer(lw, device, dtype, float_dtype, stacks)
       for k, t in pairs(placed) do own(t, lw[k]) end
       self.layers[l] = placed
     end
@@ -142,15 +149,14 @@ function M.resident(weights, device, opts)
   return self
 end
 
--- Frees every weight the stage placed (not the loader's own tensors it kept as they were) and
--- the views made while placing them; the stage is empty afterwards.
-function Resident:free()
+-- Frees every weight the stage placed (not the loader's own tensors it kept as they were); the
+-- stage is empty afterwards. Placing made no views that outlive it, so the memory is back now.
+function Resident:close()
   for i = #self.owned, 1, -1 do self.owned[i]:free() end
   self.owned = {}
   self.layers, self.embed_w, self.norm_w, self.output_w = {}, nil, nil, nil
-  collectgarbage() -- views of freed weights (rows of stacked ones) hold their memory until collected
-  collectgarbage()
 end
+Resident.free = Resident.close
 
 function Resident:embed() return self.embed_w end
 function Resident:norm() return self.norm_w end

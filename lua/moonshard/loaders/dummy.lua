@@ -1,4 +1,4 @@
--- moonshard.loaders.dummy: a Llama with random weights (normal, std 0.02; norms near 1) from a
+-- moonshard.loaders.dummy: a model of any registered architecture with random weights (normal, std 0.02; norms near 1) from a
 -- Hugging Face style config.json, for benchmarks of shapes whose weights are not at hand.
 --
 -- Weights are lazy: nothing is allocated until a stage places a weight on its device, where it
@@ -74,18 +74,20 @@ function M.load(path)
     seed = seed + 1
     return lazy(shape, seed, mean)
   end
-  local D, F, V, hd = d.dim, d.hidden_dim, d.vocab_size, d.head_dim
-  local qd, kvd = d.n_heads * hd, d.n_kv_heads * hd
+  -- every weight the architecture declares; norms drawn around 1, the rest around 0
+  local models = require "moonshard.models"
+  local arch = models.get(d.arch).arch
+  local sizes = models.sizes(d)
+  local function draw(e)
+    if e.tied and d.tie then return false end
+    return rnd(models.shape(e, sizes), e[1]:match("norm$") and 1 or 0)
+  end
   local w = { layers = {} }
-  w.embed = rnd { V, D }
-  w.norm = rnd({ D }, 1)
-  w.output = d.tie and w.embed or rnd { V, D }
+  for _, e in ipairs(arch.globals) do w[e[1]] = draw(e) or w[e.tied] end
   for l = 1, d.n_layers do
-    w.layers[l] = {
-      attn_norm = rnd({ D }, 1), wq = rnd { qd, D }, wk = rnd { kvd, D }, wv = rnd { kvd, D },
-      wo = rnd { D, qd }, ffn_norm = rnd({ D }, 1),
-      w_gate = rnd { F, D }, w_up = rnd { F, D }, w_down = rnd { D, F },
-    }
+    local lw = {}
+    for _, e in ipairs(arch.layer) do lw[e[1]] = draw(e) end
+    w.layers[l] = lw
   end
   d.weights = w
   d.format = "dummy"

@@ -1,12 +1,14 @@
--- moonshard.loaders.gguf: GGUF files (v2, v3) of the llama architecture (Llama 1/2/3, Mistral,
--- SmolLM2, TinyLlama ...). The C reader (msh_gguf_*) parses and checks the file; this module maps
--- the llama.* metadata keys and the blk.N.* tensor names to the description every loader
--- produces (see moonshard.models.llama), checking each tensor's shape.
+-- moonshard.loaders.gguf: GGUF files (v2, v3) of the architectures in the registry
+-- (moonshard.models: llama (Llama 1/2/3, Mistral, SmolLM2, TinyLlama ...), qwen2, qwen3). The C
+-- reader (msh_gguf_*) parses and checks the file; this module maps the ARCH.* metadata keys to
+-- the description every loader produces and finds each declared weight under its GGUF name
+-- (blk.N.*), checking its shape.
 --
 -- Every tensor is a zero-copy view of the mapped file, Q8_0/Q4_0/Q4_1 included (dtypes q8_0,
 -- q4_0, q4_1: matmul and embedding take them on the CPU; the stage converts them where a dtype is
 -- asked for, and to bf16 on a GPU). llama.cpp's converter permutes the Hugging Face Q and K projections so that RoPE
--- rotates adjacent pairs: GGUF weights use the interleaved convention.
+-- rotates adjacent pairs: GGUF llama weights use the interleaved convention (Qwen's keep
+-- Hugging Face's rows: the declaration's gguf_rope says which).
 --
 --   local gguf = require "moonshard.loaders.gguf"
 --   local g = assert(gguf.open("model.gguf"))
@@ -165,8 +167,6 @@ M.GGUF = G
 
 -- ------------------------------------------------------------------------------- description
 
-local ARCHS = { llama = true }
-
 -- The description's numbers from the metadata; raises a message naming the file and key.
 function M.parse_metadata(g)
   local path = g.path
@@ -174,9 +174,8 @@ function M.parse_metadata(g)
   if type(arch) ~= "string" then
     error(string.format("'%s': no general.architecture key", path), 0)
   end
-  if not ARCHS[arch] then
-    error(string.format("'%s': architecture '%s' is not supported (supported: llama)", path, arch), 0)
-  end
+  local model, merr = require("moonshard.models").for_gguf(arch)
+  if not model then error(string.format("'%s': %s", path, merr), 0) end
   local function key(k) return arch .. "." .. k end
   local function need(k)
     local v = g:get(key(k))
@@ -197,7 +196,7 @@ function M.parse_metadata(g)
   end
   local dim, H = need("embedding_length"), need("attention.head_count")
   local d = {
-    arch = "llama", format = "gguf",
+    arch = model.arch.name, format = "gguf",
     dim = dim, n_layers = need("block_count"), n_heads = H,
     n_kv_heads = opt("attention.head_count_kv", H), hidden_dim = need("feed_forward_length"),
     max_seq = opt("context_length", 2048), norm_eps = opt("attention.layer_norm_rms_epsilon", 1e-5),
@@ -206,7 +205,7 @@ function M.parse_metadata(g)
   if opt("attention.value_length", d.head_dim) ~= d.head_dim then
     error(string.format("'%s': attention.key_length and attention.value_length differ (not supported)", path), 0)
   end
-  local rope = { theta = opt("rope.freq_base", 10000), style = "interleaved" }
+  local rope = { theta = opt("rope.freq_base", 10000), style = model.arch.gguf_rope }
   local rot = opt("rope.dimension_count", nil)
   if rot and rot ~= d.head_dim then rope.rotary_dim = rot end
   local st = opt("rope.scaling.type", nil, "string")
@@ -221,13 +220,6 @@ function M.parse_metadata(g)
   return d
 end
 
--- Layer fields of the description and the GGUF tensors holding them (blk.N.NAME.weight).
-local LAYER = {
-  { "attn_norm", "attn_norm" }, { "wq", "attn_q" }, { "wk", "attn_k" }, { "wv", "attn_v" },
-  { "wo", "attn_output" }, { "ffn_norm", "ffn_norm" }, { "w_gate", "ffn_gate" }, { "w_up", "ffn_up" },
-  { "w_down", "ffn_down" },
-}
-
 -- M.load(path) -> desc | nil, message
 --   desc also carries: gguf (the open handle, for the tokenizer), chat_template (string or nil)
 function M.load(path)
@@ -235,8 +227,7 @@ function M.load(path)
   if not g then return nil, err end
   local ok, d = pcall(M.parse_metadata, g)
   if not ok then return nil, d end
-  local D, F, hd = d.dim, d.hidden_dim, d.head_dim
-  local qd, kvd = d.n_heads * hd, d.n_kv_heads * hd
+  local hd = d.head_dim
   local tokens = g:get("tokenizer.ggml.tokens")
   local embd_info = g:tensor_info("token_embd.weight")
   if not embd_info then return nil, string.format("'%s': tensor 'token_embd.weight' is missing", path) end
@@ -245,9 +236,10 @@ function M.load(path)
     return nil, string.format("'%s': the vocabulary has %d tokens but token_embd.weight has %d rows",
       path, tokens.n, V)
   end
-  local mv = g:get("llama.vocab_size")
+  local vkey = g:get("general.architecture") .. ".vocab_size"
+  local mv = g:get(vkey)
   if type(mv) == "number" and mv ~= V then
-    return nil, string.format("'%s': llama.vocab_size is %d but token_embd.weight has %d rows", path, mv, V)
+    return nil, string.format("'%s': %s is %d but token_embd.weight has %d rows", path, vkey, mv, V)
   end
   d.vocab_size = V
 
@@ -265,19 +257,8 @@ function M.load(path)
     return t
   end
   local ok2, w = pcall(function()
-    local w = { layers = {} }
-    w.embed = get("token_embd.weight", { V, D })
-    w.norm = get("output_norm.weight", { D })
-    w.output = g:tensor_info("output.weight") and get("output.weight", { V, D }) or w.embed
-    local shapes = {
-      attn_norm = { D }, wq = { qd, D }, wk = { kvd, D }, wv = { kvd, D }, wo = { D, qd },
-      ffn_norm = { D }, w_gate = { F, D }, w_up = { F, D }, w_down = { D, F },
-    }
-    for l = 1, d.n_layers do
-      local lw = {}
-      for _, e in ipairs(LAYER) do lw[e[1]] = get("blk." .. (l - 1) .. "." .. e[2] .. ".weight", shapes[e[1]]) end
-      w.layers[l] = lw
-    end
+    local w = require("moonshard.models").collect(require("moonshard.models").get(d.arch).arch, d, "gguf", get,
+      function(name) return g:tensor_info(name) ~= nil end)
     -- Llama-3.1 style rope scaling: per-frequency divisors in a tensor
     if g:tensor_info("rope_freqs.weight") then
       local rot = d.rope.rotary_dim or hd

@@ -33,10 +33,9 @@ local function exists(path)
   return f ~= nil
 end
 
-local SUPPORTED = { llama = true, mistral = true }
-
 -- The internal description's numbers from config.json (v4 `rope_theta`/`rope_scaling` and v5
--- `rope_parameters` spellings both accepted).
+-- `rope_parameters` spellings both accepted). The architecture comes from the registry
+-- (moonshard.models) by model_type or architectures.
 function M.parse_config(cfg, path)
   local function need(k)
     local v = cfg[k]
@@ -53,18 +52,20 @@ function M.parse_config(cfg, path)
     if v == nil or v == cjson.null then return default end
     return v
   end
-  local mt = opt("model_type", "llama")
-  if not SUPPORTED[mt] then
-    error(string.format("'%s': model_type '%s' is not supported (supported: llama, mistral)", path, tostring(mt)), 0)
-  end
-  if opt("attention_bias", false) == true or opt("mlp_bias", false) == true then
-    error(string.format("'%s': attention or MLP biases are not supported", path), 0)
+  local model, merr = require("moonshard.models").for_hf(cfg)
+  if not model then error(string.format("'%s': %s", path, merr), 0) end
+  local arch = model.arch
+  -- biases other than those the architecture declares would be silently dropped: refuse them
+  local bias_q = arch.by_name.bq ~= nil
+  if (opt("attention_bias", false) == true and not bias_q) or opt("mlp_bias", false) == true then
+    error(string.format("'%s': %s biases are not supported by the %s architecture", path,
+      opt("mlp_bias", false) == true and "MLP" or "attention", arch.name), 0)
   end
   local act = opt("hidden_act", "silu")
   if act ~= "silu" then error(string.format("'%s': hidden_act '%s' is not supported (silu only)", path, tostring(act)), 0) end
   local dim, H = need("hidden_size"), need("num_attention_heads")
   local d = {
-    arch = "llama", format = "hf",
+    arch = arch.name, format = "hf",
     dim = dim, n_layers = need("num_hidden_layers"), n_heads = H,
     n_kv_heads = opt("num_key_value_heads", H), hidden_dim = need("intermediate_size"),
     vocab_size = need("vocab_size"), max_seq = opt("max_position_embeddings", 2048),
@@ -72,6 +73,9 @@ function M.parse_config(cfg, path)
     head_dim = opt("head_dim", dim / H),
     bos = opt("bos_token_id", 1), eos = opt("eos_token_id", 2),
   }
+  -- sliding-window attention: Mistral's sliding_window; Qwen2's only with use_sliding_window
+  local win = opt("sliding_window", nil)
+  if type(win) == "number" and opt("use_sliding_window", true) ~= false then d.sliding_window = win end
   if type(d.eos) == "table" then d.stop = d.eos; d.eos = d.eos[1] else d.stop = { d.eos } end
   local rp = opt("rope_parameters", nil)
   local rs = opt("rope_scaling", nil)
@@ -163,34 +167,10 @@ function M.load(dir)
   if not ok then return nil, d end
   local where, werr = open_weights(dir)
   if not where then return nil, werr end
-  local D, F, V, hd = d.dim, d.hidden_dim, d.vocab_size, d.head_dim
-  local qd, kvd = d.n_heads * hd, d.n_kv_heads * hd
-  local ok2, res = pcall(function()
-    local w = { layers = {} }
-    w.embed = get(where, "model.embed_tokens.weight", { V, D }, dir)
-    w.norm = get(where, "model.norm.weight", { D }, dir)
-    if d.tie or not where["lm_head.weight"] then
-      if not d.tie then error(string.format("'%s': tensor 'lm_head.weight' is missing", dir), 0) end
-      w.output = w.embed
-    else
-      w.output = get(where, "lm_head.weight", { V, D }, dir)
-    end
-    for l = 1, d.n_layers do
-      local p = "model.layers." .. (l - 1) .. "."
-      w.layers[l] = {
-        attn_norm = get(where, p .. "input_layernorm.weight", { D }, dir),
-        wq = get(where, p .. "self_attn.q_proj.weight", { qd, D }, dir),
-        wk = get(where, p .. "self_attn.k_proj.weight", { kvd, D }, dir),
-        wv = get(where, p .. "self_attn.v_proj.weight", { kvd, D }, dir),
-        wo = get(where, p .. "self_attn.o_proj.weight", { D, qd }, dir),
-        ffn_norm = get(where, p .. "post_attention_layernorm.weight", { D }, dir),
-        w_gate = get(where, p .. "mlp.gate_proj.weight", { F, D }, dir),
-        w_up = get(where, p .. "mlp.up_proj.weight", { F, D }, dir),
-        w_down = get(where, p .. "mlp.down_proj.weight", { D, F }, dir),
-      }
-    end
-    return w
-  end)
+  local model = require("moonshard.models").get(d.arch)
+  local ok2, res = pcall(require("moonshard.models").collect, model.arch, d, "hf",
+    function(name, shape) return get(where, name, shape, dir) end,
+    function(name) return where[name] ~= nil end)
   if not ok2 then return nil, res end
   d.weights = res
   d.path = dir

@@ -1,6 +1,7 @@
--- moonshard.policy.shard: tensor-parallel slicing of a Llama description (Megatron style).
--- Column-parallel: wq, wk, wv (by heads) and w_gate, w_up (by rows of the hidden dim);
--- row-parallel: wo and w_down (by columns), whose partial outputs are summed by an all-reduce.
+-- moonshard.policy.shard: tensor-parallel slicing of a model description (Megatron style), as
+-- the architecture's declaration (moonshard.models) says: column-parallel weights (Llama's wq,
+-- wk, wv by heads, w_gate, w_up by rows of the hidden dim, and their biases) by rows;
+-- row-parallel ones (wo, w_down) by columns, their partial outputs summed by an all-reduce.
 -- The output head is vocabulary-parallel when the vocabulary splits evenly (each rank computes
 -- its rows' logits, an all-gather puts the rows together; opts.vocab_parallel = false keeps it
 -- replicated); embedding and norms stay replicated. KV heads are split when there are at
@@ -56,16 +57,25 @@ function M.slice(desc, tp, rank, opts)
   for k, v in pairs(desc) do out[k] = v end
   out.n_heads, out.n_kv_heads, out.hidden_dim, out.head_dim = p.heads, p.kv_heads, p.hidden, hd
   out.tp = { size = tp, rank = rank }
+  -- each weight as its declaration says (moonshard.models): column-parallel ones by rows (the
+  -- first dim: biases too), row-parallel ones by columns, the rest replicated
+  local arch = require("moonshard.models").get(desc.arch).arch
+  local range = { q = { q0, qn }, kv = { k0, kn }, f = { f0, fn } }
   local w = desc.weights
   local layers = {}
   for l, lw in ipairs(w.layers) do
-    layers[l] = {
-      attn_norm = lw.attn_norm, ffn_norm = lw.ffn_norm,
-      wq = lw.wq:narrow(1, q0, qn), wk = lw.wk:narrow(1, k0, kn), wv = lw.wv:narrow(1, k0, kn),
-      wo = lw.wo:narrow(2, q0, qn),
-      w_gate = lw.w_gate:narrow(1, f0, fn), w_up = lw.w_up:narrow(1, f0, fn),
-      w_down = lw.w_down:narrow(2, f0, fn),
-    }
+    local sl = {}
+    for name, t in pairs(lw) do
+      local e = arch.by_name[name]
+      if not e then
+        return nil, string.format("layer %d: weight '%s' is not declared by the %s architecture", l, name, arch.name)
+      end
+      local r = range[e.unit]
+      if e.shard == "column" then sl[name] = t:narrow(1, r[1], r[2])
+      elseif e.shard == "row" then sl[name] = t:narrow(2, r[1], r[2])
+      else sl[name] = t end
+    end
+    layers[l] = sl
   end
   local output = w.output
   if not (opts and opts.vocab_parallel == false) and desc.vocab_size % tp == 0 then
