@@ -5,6 +5,7 @@
 -- message; /system alone clears it), /exit. Ctrl-C stops the answer being written, not the
 -- program; Ctrl-D (or /exit) ends the session.
 local args = require "moonshard.args"
+local V = require "moonshard.validate"
 local host = require "moonshard.host"
 local uv = require "luv"
 
@@ -16,7 +17,7 @@ local opts = args.parse(arg, {
   usage = "moonshard chat [--model PATH] [--prompt TEXT] [options]",
   summary = "Default model: SmolLM2-135M-Instruct (Q4_1 GGUF) in .cache/smollm2, fetched by ./run.sh demo.\n"
     .. "In the REPL: /reset, /system TEXT, /exit; Ctrl-C stops the current answer.",
-  { "model", "string", "model: a GGUF file or a model directory (default: the cached SmolLM2)" },
+  { "model", "string", "model: a GGUF file or a model directory (default: the cached SmolLM2)", input = "model" },
   { "prompt", "string", "answer this one message, print the answer and exit" },
   { "system", "string", "system message (default: the template's own, if any)" },
   { "template", "string", "chat template: a Lua file, or chatml, llama2, llama3, mistral, zephyr (default: recognized from the model)" },
@@ -27,14 +28,22 @@ local opts = args.parse(arg, {
   { "seed", "int", "random seed (default: from the clock)", min = 0 },
   { "max-seq", "int", "context length (default: the model's, at most 4096)", min = 16 },
   { "threads", "int", "CPU threads (default: all cores)", min = 1 },
-  { "device", "string", "cpu or cuda[:N]", default = "cpu" },
-  { "dtype", "string", "weights' dtype on the device: native (default on the CPU: as the file has them, GGUF Q8_0/Q4_0/Q4_1 included), f16, bf16 or f32" },
+  { "device", "string", "cpu or cuda[:N]", default = "cpu", check = V.device },
+  { "dtype", "string", "weights' dtype on the device: native (default on the CPU: as the file has them, GGUF Q8_0/Q4_0/Q4_1 included), f16, bf16 or f32",
+    enum = V.DTYPES },
   { "verbose", "flag", "print token counts and speeds after each answer (stderr)" },
 })
 
 local function fail(msg, code)
   io.stderr:write("moonshard chat: ", msg, "\n")
   os.exit(code or 1)
+end
+
+for _, k in ipairs { "prompt", "system" } do
+  local ok, at = opts[k] and V.utf8(opts[k])
+  if opts[k] and not ok then
+    fail(string.format("--%s is not valid UTF-8: byte %d (0x%02X) starts no character", k, at, opts[k]:byte(at)))
+  end
 end
 
 local path = opts.model
@@ -95,7 +104,8 @@ local function answer(text)
   interrupted = false
   local st, aerr = session:ask(text, function(s)
     io.stdout:write(s)
-    io.stdout:flush()
+    local ok, werr = io.stdout:flush()
+    if not ok then fail("cannot write to stdout: " .. tostring(werr)) end
   end, { interrupted = check_interrupt })
   if not st then
     io.stderr:write("moonshard chat: ", aerr, "\n")
@@ -140,6 +150,7 @@ if interactive then
     .. " Ctrl-C stops an answer.\n", path, template.name, model.desc.n_layers, model.net.max_seq))
 end
 
+local failed = false -- a piped session whose messages failed exits non-zero
 while true do
   interrupted = false
   local line = read_line("> ")
@@ -163,7 +174,13 @@ while true do
   elseif cmd then
     io.stderr:write("unknown command /", cmd, " (/reset, /system TEXT, /exit)\n")
   elseif line:match("%S") then
-    answer(line)
+    local ok, at = V.utf8(line)
+    if not ok then
+      io.stderr:write(string.format("moonshard chat: the message is not valid UTF-8 (byte %d); not sent\n", at))
+      failed = true
+    elseif not answer(line) then
+      failed = true
+    end
   end
 end
 if interactive then
@@ -171,3 +188,4 @@ if interactive then
   if hist then C.write_history(hist) end
 end
 sigint:close()
+if failed and not interactive then os.exit(1) end

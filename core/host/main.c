@@ -1,6 +1,8 @@
 /* main.c: the moonshard host. Embeds LuaJIT, opens luv on this process's libuv loop, and hands
  * the command line to lua/moonshard/cli.lua, which runs a script, a command from scripts/, an
- * expression or the REPL. When the script returns, the loop runs until no handle is left. */
+ * expression or the REPL. When the script returns 0, the loop runs until no handle is left; after
+ * an error (a non-zero code) the loop is not run again: every handle still open is closed and the
+ * process exits with that code, so a live timer, signal or socket cannot keep a failed run alive. */
 #include <lauxlib.h>
 #include <lua.h>
 #include <lualib.h>
@@ -54,6 +56,17 @@ static void set_host_info(lua_State *L) {
   }
   lua_setfield(L, -2, "moonshard.host");
   lua_pop(L, 2);
+}
+
+static void close_handle(uv_handle_t *h, void *arg) {
+  (void)arg;
+  if (!uv_is_closing(h)) uv_close(h, NULL);
+}
+
+/* Closes every handle left on the loop and runs it once so the close callbacks finish. */
+static void close_all(uv_loop_t *loop) {
+  uv_walk(loop, close_handle, NULL);
+  uv_run(loop, UV_RUN_NOWAIT);
 }
 
 static void open_luv(lua_State *L, uv_loop_t *loop) {
@@ -118,9 +131,17 @@ int main(int argc, char **argv) {
     code = 1;
   } else {
     code = (int)lua_tointeger(L, -1);
-    /* run what the script left on the loop (servers, timers) until nothing is active */
-    uv_run(loop, UV_RUN_DEFAULT);
+    /* run what the script left on the loop (servers, timers) until nothing is active; a script
+     * that failed gets no more loop time (its handles would keep the process alive) */
+    if (code == 0) uv_run(loop, UV_RUN_DEFAULT);
   }
+  fflush(stdout);
+  if (code == 0 && ferror(stdout)) {
+    fprintf(stderr, "moonshard: error writing to stdout\n");
+    code = 1;
+  }
+  /* luv's handles are closed while the Lua state that anchors their callbacks is alive */
+  if (code != 0) close_all(loop);
   lua_close(L);
   uv_loop_close(loop);
   return code;

@@ -77,6 +77,7 @@ end
 function Session:prompt_ids()
   local text = self.template.format(self:conversation(), true, self.tokens)
   if type(text) ~= "string" then error("the chat template returned " .. type(text) .. ", not a string", 0) end
+  if text == "" then error("the chat template '" .. tostring(self.template.name) .. "' returned an empty prompt", 0) end
   return self.tok:encode(text, false, true), text
 end
 
@@ -171,10 +172,19 @@ function Session:ask(text, on_text, opts)
   end
 
   local interrupted = opts.interrupted
+  local n_pieces = tok.vocab_size
+  local failure
   while true do
     if interrupted and interrupted() then reason = "interrupted" break end
     if self.host then logits = self.host:copy_from(logits) end
+    local ok, lerr = sampler_mod.check_logits(logits, net.pos - 1)
+    if not ok then failure = lerr break end
     local id = self.sampler:sample(logits)
+    if n_pieces and id >= n_pieces then
+      failure = string.format("position %d: the model picked token id %d, which the tokenizer (%d pieces) does not "
+        .. "have: the tokenizer is smaller than the model's vocabulary of %d", net.pos, id, n_pieces, net.vocab_size)
+      break
+    end
     if stop_ids[id] then reason = "stop" break end
     generated = generated + 1
     local s = dec:push(id)
@@ -189,6 +199,11 @@ function Session:ask(text, on_text, opts)
     local rest = dec:flush()
     if rest ~= "" then text_stopped = push_text(rest) end
     if not text_stopped and held ~= "" then emit(held) end
+  end
+  if failure then
+    table.remove(self.messages)
+    self.cached = {}
+    return nil, failure
   end
   local t2 = uv.hrtime()
   local answer = table.concat(parts)

@@ -224,7 +224,9 @@ end
 
 -- M.init(opts) -> process group | nil, message
 --   opts.timeout        seconds for the rendezvous (default 300; MOONSHARD_RDZV_TIMEOUT)
---   opts.comm_timeout   seconds a TCP collective may wait without progress (default 600)
+--   opts.comm_timeout   seconds a collective may wait without progress before it fails naming the
+--                       rank it waits for (default: $MSH_COLLECTIVE_TIMEOUT, which
+--                       `moonshard launch --collective-timeout S` sets, else 600)
 --   opts.backend        "tcp" (default on the CPU) or "nccl" (default when opts.device is CUDA)
 --   opts.device         "cpu" or "cuda[:i]" (default cuda:LOCAL_RANK for NCCL)
 --   opts.tp, opts.pp    build the data x pipeline x tensor grid (moonshard.policy.groups) and
@@ -235,6 +237,10 @@ function M.init(opts)
   local id, err = M.identity(opts.env)
   if not id then return nil, err end
   local timeout = opts.timeout or tonumber(os.getenv("MOONSHARD_RDZV_TIMEOUT") or "") or 300
+  local comm_timeout = opts.comm_timeout or tonumber(os.getenv("MSH_COLLECTIVE_TIMEOUT") or "") or 600
+  if comm_timeout ~= comm_timeout or comm_timeout <= 0 then
+    return nil, "the collective timeout must be a positive number of seconds (got " .. tostring(comm_timeout) .. ")"
+  end
   local backend = opts.backend or ((opts.device or "cpu"):match("^cuda") and "nccl" or "tcp")
   local pg = setmetatable({
     rank = id.rank, world = id.world, local_rank = id.local_rank, local_world = id.local_world,
@@ -292,7 +298,7 @@ function M.init(opts)
     world_comm, err = comm.new_tcp(listener, id.rank, id.world, addrs, timeout)
     listener:close()
     if not world_comm then return fail(err) end
-    world_comm:set_timeout(opts.comm_timeout or 600)
+    world_comm:set_timeout(comm_timeout)
   else
     local dev = opts.device and tonumber(opts.device:match("^cuda:(%d+)$")) or id.local_rank
     local nccl_id = ""
@@ -309,11 +315,13 @@ function M.init(opts)
     end
     world_comm, err = comm.new_nccl(id.rank, id.world, nccl_id, dev)
     if not world_comm then return fail(err) end
+    world_comm:set_timeout(comm_timeout)
     pg.device = "cuda:" .. dev
   end
   pg.comm = world_comm
   pg.device = pg.device or "cpu"
   pg.timeout = timeout
+  pg.comm_timeout = comm_timeout
   if opts.tp or opts.pp or opts.groups then
     local ok, gerr = pg:make_groups(opts)
     if not ok then return fail(gerr) end
@@ -354,6 +362,7 @@ function ProcessGroup:make_groups(opts)
       c, cerr = self.comm:split(gi and gi - 1 or nil, pos)
     end
     if not c then return nil, string.format("%s group: %s", kind, tostring(cerr)) end
+    if self.comm_timeout then c:set_timeout(self.comm_timeout) end
     self[kind] = c
   end
   self.coords = grid.coords[self.rank]

@@ -36,9 +36,16 @@ function M.run(model, opts, on_text)
   local generated, reason = 0, "length"
   -- the sampler reads host memory: logits computed on a device come back through one buffer
   local host = net.device ~= "cpu" and assert(tensor.new({ 1, net.vocab_size }, "f32", "cpu"))
+  local n_pieces = tok.vocab_size
   while generated < max_tokens do
     if host then logits = host:copy_from(logits) end
+    local ok, lerr = sampler_mod.check_logits(logits, net.pos - 1)
+    if not ok then return nil, lerr end
     local id = sampler:sample(logits)
+    if n_pieces and id >= n_pieces then
+      return nil, string.format("position %d: the model picked token id %d, which the tokenizer (%d pieces) does not "
+        .. "have: the tokenizer is smaller than the model's vocabulary of %d", net.pos, id, n_pieces, net.vocab_size)
+    end
     if stop[id] then reason = "stop" break end
     generated = generated + 1
     local text = dec:push(id)

@@ -11,7 +11,12 @@
 --
 -- Logs: the run's log folder (--log-dir DIR, else MSH_LOG_DIR, else logs/<date>-<time>-<pid>/
 -- under the current directory) is made before the ranks start, named on stderr and passed to them as MSH_LOG_DIR;
--- each rank writes its JSON Lines events there (moonshard.telemetry).
+-- each rank writes its JSON Lines events there (moonshard.telemetry). A folder the launcher made
+-- that is still empty when the ranks are gone is removed again (and logs/ with it when empty).
+--
+-- Time limits: --timeout S stops the ranks after S seconds (naming those still running, exit
+-- 124); --collective-timeout S (MSH_COLLECTIVE_TIMEOUT) is how long a rank's collective waits for
+-- a stalled or dead peer before failing with that peer's rank (default 600 s).
 --
 -- Exit: 0 when every rank exits 0. When a rank fails (non-zero status or a signal), the launcher
 -- says which ("rank 1 exited on signal 9 (SIGKILL)"), sends SIGTERM to the others, SIGKILL after
@@ -38,11 +43,18 @@ options:
   --log-dir DIR           the run's log folder, passed to the ranks as MSH_LOG_DIR
                           (default: $MSH_LOG_DIR, else logs/<date>-<time>-<pid>)
   --grace S               seconds between SIGTERM and SIGKILL when stopping ranks (default 5)
+  --timeout S             stop every rank after S seconds and exit 124 (default: no limit)
+  --collective-timeout S  a collective waiting this long for a peer fails naming it
+                          (MSH_COLLECTIVE_TIMEOUT; default 600)
   --help                  show this help
 
 Rank 0's stdout passes through as is; the other ranks' output and every stderr line are prefixed
-with "[rank R] ". The launcher exits with the first failing rank's status.
-]]
+with "[rank R] ". The launcher exits with the first failing rank's status. At most
+]] .. "%d ranks a node (MSH_MAX_LOCAL_RANKS raises it).\n"
+
+-- The most ranks one launcher starts (each rank is a process with its own threads and model).
+M.MAX_LOCAL_RANKS = tonumber(os.getenv("MSH_MAX_LOCAL_RANKS") or "") or 256
+M.usage = string.format(M.usage, M.MAX_LOCAL_RANKS)
 
 local SIGNALS = {
   [1] = "SIGHUP", [2] = "SIGINT", [3] = "SIGQUIT", [4] = "SIGILL", [6] = "SIGABRT", [7] = "SIGBUS",
@@ -86,11 +98,16 @@ function M.parse(argv)
       local v, err = get()
       if not v then return nil, err end
       o.master_addr = v
-    elseif a == "--grace" then
+    elseif a == "--grace" or a == "--timeout" or a == "--collective-timeout" or a == "--collective_timeout" then
       local v, err = get()
       if not v then return nil, err end
-      o.grace = tonumber(v)
-      if not o.grace or o.grace < 0 then return nil, "--grace expects seconds, got '" .. v .. "'" end
+      local n = tonumber(v)
+      -- finite seconds; a time limit of 0 means none, a collective timeout must be positive
+      if not n or n ~= n or n == math.huge or n < 0 or (a:match("collective") and n == 0) then
+        return nil, string.format("%s expects a finite number of seconds%s, got '%s'", a,
+          a:match("collective") and " above 0" or "", v)
+      end
+      if a == "--grace" then o.grace = n elseif a == "--timeout" then o.timeout = n else o.collective_timeout = n end
     elseif a == "--tag-output" then
       o.tag_output = true
     elseif a == "--log-dir" or a == "--log_dir" then
@@ -107,6 +124,10 @@ function M.parse(argv)
   end
   if not o.nproc then return nil, "-n N (ranks on this node) is required" end
   if o.nproc < 1 then return nil, "-n must be at least 1" end
+  if o.nproc > M.MAX_LOCAL_RANKS then
+    return nil, string.format("-n %d is more ranks than one node runs here (at most %d; MSH_MAX_LOCAL_RANKS raises it)",
+      o.nproc, M.MAX_LOCAL_RANKS)
+  end
   if o.nnodes < 1 then return nil, "--nnodes must be at least 1" end
   if o.node_rank >= o.nnodes then
     return nil, string.format("--node-rank %d outside %d nodes", o.node_rank, o.nnodes)
@@ -144,14 +165,29 @@ function M.free_port()
   return bindable(0) or 29500
 end
 
--- M.log_dir(opts) -> the run's log folder as an absolute path, made | nil, message
+-- M.log_dir(opts) -> the run's log folder as an absolute path, made | nil, message; and, for the
+-- default folder, the folders this call made (deepest first), which M.remove_if_empty takes away
+-- after the run (a folder named by --log-dir or MSH_LOG_DIR stays)
 function M.log_dir(o)
   local env = os.getenv("MSH_LOG_DIR")
-  local dir = o.log_dir or (env ~= "" and env) or string.format("logs/%s-%d", os.date("%Y%m%d-%H%M%S"), uv.os_getpid())
+  local named = o.log_dir or (env ~= "" and env)
+  local dir = named or string.format("logs/%s-%d", os.date("%Y%m%d-%H%M%S"), uv.os_getpid())
   if dir:sub(1, 1) ~= "/" then dir = uv.cwd() .. "/" .. dir end
+  local made, d = {}, dir
+  while d ~= "" and d ~= "/" and not uv.fs_stat(d) do
+    made[#made + 1] = d
+    d = d:match("^(.*)/[^/]*$") or ""
+  end
   local ok, err = require("moonshard.telemetry").mkdir_p(dir)
   if not ok then return nil, string.format("cannot make the log folder %s: %s", dir, tostring(err)) end
-  return dir
+  return dir, not named and made or {}
+end
+
+-- Removes the folders of `made` (deepest first) that are empty; stops at the first that is not.
+function M.remove_if_empty(made)
+  for _, d in ipairs(made or {}) do
+    if not uv.fs_rmdir(d) then return end
+  end
 end
 
 -- Line tagging: returns feed(data) and flush() writing "[rank R] line\n" to out.
@@ -196,20 +232,25 @@ function M.run(o, script, args)
   local threads = os.getenv("OMP_NUM_THREADS") or tostring(math.max(1, math.floor(cpu_count() / o.nproc)))
   local base_env = {}
   local drop = { RANK = true, WORLD_SIZE = true, LOCAL_RANK = true, LOCAL_WORLD_SIZE = true, MASTER_ADDR = true,
-    MASTER_PORT = true, OMP_NUM_THREADS = true, MOONSHARD_LAUNCHER_PID = true, GROUP_RANK = true, MSH_LOG_DIR = true }
+    MASTER_PORT = true, OMP_NUM_THREADS = true, MOONSHARD_LAUNCHER_PID = true, GROUP_RANK = true, MSH_LOG_DIR = true,
+    MSH_COLLECTIVE_TIMEOUT = o.collective_timeout ~= nil }
   for k, v in pairs(uv.os_environ()) do
     if not drop[k] then base_env[#base_env + 1] = k .. "=" .. v end
   end
   -- the ranks run `moonshard -e BOOT SCRIPT args...`: die with us, then run the script as usual
   local boot = "require('moonshard.dist').child_setup() return require('moonshard.cli').main({...})"
 
-  local log_dir, lerr = M.log_dir(o)
+  local log_dir, made = M.log_dir(o)
   if not log_dir then
-    io.stderr:write("moonshard launch: ", lerr, "\n")
+    io.stderr:write("moonshard launch: ", made, "\n")
     return 1
   end
   io.stderr:write("moonshard launch: logs in ", log_dir, "\n")
   M.last_log_dir = log_dir
+  if o.nproc > cpu_count() then
+    io.stderr:write(string.format("moonshard launch: warning: %d ranks on %d cores; each rank gets one thread\n",
+      o.nproc, cpu_count()))
+  end
 
   local ranks, alive = {}, 0
   local open_pipes, pipes = 0, {}
@@ -349,6 +390,7 @@ function M.run(o, script, args)
       RANK = rank, WORLD_SIZE = world, LOCAL_RANK = lr, LOCAL_WORLD_SIZE = o.nproc, GROUP_RANK = o.node_rank,
       MASTER_ADDR = o.master_addr, MASTER_PORT = port, OMP_NUM_THREADS = threads,
       MOONSHARD_LAUNCHER_PID = uv.os_getpid(), MSH_LOG_DIR = log_dir,
+      MSH_COLLECTIVE_TIMEOUT = o.collective_timeout,
     } do env[#env + 1] = k .. "=" .. tostring(v) end
     local out, err = uv.new_pipe(false), uv.new_pipe(false)
     local argv = { "-e", boot, script }
@@ -376,6 +418,24 @@ function M.run(o, script, args)
   end
   M.last_pids = {}
   for _, r in ipairs(ranks) do M.last_pids[#M.last_pids + 1] = r.pid end
+
+  -- --timeout: the whole run's limit; the ranks still running are named and stopped
+  local run_timer
+  if o.timeout and o.timeout > 0 and alive > 0 then
+    run_timer = uv.new_timer()
+    run_timer:start(math.floor(o.timeout * 1000), 0, function()
+      if failure or stopping then return end
+      local left = {}
+      for _, r in ipairs(ranks) do
+        if r.alive then left[#left + 1] = r.rank end
+      end
+      say(string.format("the run timed out after %g s (--timeout); %s still running: stopping %s", o.timeout,
+        (#left == 1 and "rank " or "ranks ") .. table.concat(left, ", "), #left == 1 and "it" or "them"))
+      failure = { rank = left[1] or -1, code = 124, signal = 0 }
+      exit_code = 124
+      stop_all("sigterm")
+    end)
+  end
 
   -- forward signals sent to the launcher, then stop the ranks
   for _, name in ipairs { "sigint", "sigterm", "sighup" } do
@@ -409,6 +469,7 @@ function M.run(o, script, args)
     end
   end
   tick:close()
+  if run_timer then run_timer:close() end
   if settle_timer then decide() end
   release()
   for _, p in ipairs(pipes) do
@@ -418,6 +479,7 @@ function M.run(o, script, args)
   if kill_timer and not kill_timer:is_closing() then kill_timer:close() end
   for _, h in ipairs(signal_handles) do h:close() end
   uv.run("nowait")
+  M.remove_if_empty(made)
   return exit_code or 0
 end
 
@@ -429,7 +491,7 @@ function M.main(argv)
       io.stdout:write(M.usage)
       return 0
     end
-    io.stderr:write("moonshard launch: ", script, "\n", M.usage)
+    io.stderr:write("moonshard launch: ", script, " (see `moonshard launch --help`)\n")
     return 2
   end
   return M.run(o, script, args)

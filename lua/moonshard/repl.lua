@@ -1,7 +1,8 @@
 -- moonshard.repl: an interactive LuaJIT prompt. Line editing and history come from libedit when
 -- stdin is a terminal; piped input is read line by line. Expressions print their values,
--- incomplete input continues on the next line, and errors print a traceback without ending the
--- session. `moonshard` is preloaded as a global.
+-- incomplete input continues on the next line, and errors print a traceback to stderr without
+-- ending the session (M.run counts them: a piped session with errors exits non-zero).
+-- `moonshard` is preloaded as a global.
 local ffi = require "ffi"
 
 local M = {}
@@ -59,16 +60,20 @@ function M.compile(src)
   return nil, err
 end
 
--- Runs one complete chunk; writes its values or its error to `out`. Returns true if it ran.
-function M.eval(src, out)
+-- Runs one complete chunk; writes its values to `out` and its error to `err_out` (default
+-- io.stderr). Returns true if it ran.
+function M.eval(src, out, err_out)
+  err_out = err_out or io.stderr
   local fn, err = M.compile(src)
   if not fn then
-    out:write(err, "\n")
+    out:flush()
+    err_out:write(err, "\n")
     return false
   end
   local res = { xpcall(fn, debug.traceback) }
   if not res[1] then
-    out:write(tostring(res[2]), "\n")
+    out:flush()
+    err_out:write(tostring(res[2]), "\n")
     return false
   end
   local n = table.maxn(res)
@@ -85,10 +90,13 @@ local function history_path()
   return os.getenv("MOONSHARD_HISTORY") or (home and home .. "/.moonshard_history")
 end
 
--- M.run{ input = io.stdin, out = io.stdout, banner = true }
+-- M.run{ input = io.stdin, out = io.stdout, err = io.stderr } -> number of chunks that failed,
+-- whether the session was interactive
 function M.run(opts)
   opts = opts or {}
   local out = opts.out or io.stdout
+  local err_out = opts.err or io.stderr
+  local failures = 0
   local interactive = opts.input == nil and C.isatty(0) ~= 0
   local hist = interactive and history_path()
   if interactive then
@@ -121,16 +129,17 @@ function M.run(opts)
         buf = src
       else
         buf = nil
-        M.eval(src, out)
+        if not M.eval(src, out, err_out) then failures = failures + 1 end
         out:flush()
       end
     end
   end
-  if buf then M.eval(buf, out) end
+  if buf and not M.eval(buf, out, err_out) then failures = failures + 1 end
   if interactive then
     out:write("\n")
     if hist then C.write_history(hist) end
   end
+  return failures, interactive
 end
 
 return M

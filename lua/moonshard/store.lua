@@ -31,23 +31,50 @@ local function frame(obj)
     bit.band(bit.rshift(n, 8), 255), bit.band(n, 255)) .. s
 end
 
--- A reader that calls on_msg(obj) for each complete frame of the stream, or on_bad(msg).
+-- Frames larger than this are refused: the store's messages are small JSON objects.
+M.MAX_FRAME = 64 * 1024 * 1024
+
+-- What a peer sent when its bytes are not a frame of ours, for the message: the start of its text
+-- when it is printable ("HTTP/1.1 400 ..."), else its first bytes in hex.
+local function peek(buf)
+  local head = buf:sub(1, 24)
+  if head:match("^[%w%p ]+$") or head:match("^[%w%p ]+[\r\n]") then
+    return string.format("it sent %q", (head:gsub("[\r\n].*$", "")))
+  end
+  return "it sent bytes " .. (head:sub(1, 8):gsub(".", function(c) return string.format("%02x", c:byte()) end))
+end
+M.peek = peek
+
+-- M.reader(on_msg, on_bad) -> feed(data): calls on_msg(obj) for each complete frame of the stream
+-- (obj a table with a numeric id), or on_bad(why) once and ignores the rest when the stream is not
+-- made of our frames (another service on the port, a corrupt stream).
 local function reader(on_msg, on_bad)
-  local buf = ""
+  local buf, bad = "", false
   return function(data)
+    if bad then return end
     buf = buf .. data
     while #buf >= 4 do
       local a, b, c, d = buf:byte(1, 4)
       local n = ((a * 256 + b) * 256 + c) * 256 + d
-      if n > 64 * 1024 * 1024 then return on_bad("frame of " .. n .. " bytes") end
+      if n > M.MAX_FRAME then
+        bad = true
+        local what = peek(buf)
+        if what:match("^it sent bytes") then what = string.format("a frame of %d bytes; %s", n, what) end
+        return on_bad(what)
+      end
       if #buf < 4 + n then break end
       local ok, obj = pcall(cjson.decode, buf:sub(5, 4 + n))
+      local raw = buf
       buf = buf:sub(5 + n)
-      if not ok or type(obj) ~= "table" then return on_bad("malformed frame") end
+      if not ok or type(obj) ~= "table" or type(obj.id) ~= "number" then
+        bad = true
+        return on_bad("malformed frame (" .. peek(raw) .. ")")
+      end
       on_msg(obj)
     end
   end
 end
+M.reader = reader
 
 local function now_s() return uv.hrtime() / 1e9 end
 
@@ -169,6 +196,16 @@ end
 function Server:handle(client, m)
   local id, op = m.id, m.op
   if self.failed then return self:reply_err(client, id, self.failed) end
+  -- a request from outside is checked before it touches the tables
+  if type(op) ~= "string" then return self:reply_err(client, id, "a request without an op") end
+  if (op == "set" or op == "get" or op == "add") and type(m.key) ~= "string" then
+    return self:reply_err(client, id, "op '" .. op .. "' needs a string key")
+  end
+  if m.wait ~= nil and type(m.wait) ~= "number" then return self:reply_err(client, id, "wait must be a number") end
+  if m.n ~= nil and type(m.n) ~= "number" then return self:reply_err(client, id, "n must be a number") end
+  if m.timeout ~= nil and (type(m.timeout) ~= "number" or m.timeout ~= m.timeout) then
+    return self:reply_err(client, id, "timeout must be a number")
+  end
   if op == "set" then
     self.kv[m.key] = m.value
     local list = self.key_waiters[m.key]
@@ -180,7 +217,7 @@ function Server:handle(client, m)
     return self:reply(client, id, true)
   elseif op == "get" then
     local v = self.kv[m.key]
-    if v ~= nil or not (tonumber(m.wait) and m.wait > 0) then return self:reply(client, id, v) end
+    if v ~= nil or not (m.wait and m.wait > 0 and m.wait < 1e6) then return self:reply(client, id, v) end
     local w = { client = client, id = id, timer = uv.new_timer() }
     if self.unrefed then w.timer:unref() end
     local list = self.key_waiters[m.key] or {}
@@ -218,7 +255,7 @@ function Server:gather(client, m)
   if not g then
     g = { values = {}, waiters = {}, count = 0 }
     self.gathers[name] = g
-    local timeout = tonumber(m.timeout) or 300
+    local timeout = math.min(math.max(tonumber(m.timeout) or 300, 0), 1e6)
     g.timer = uv.new_timer()
     if self.unrefed then g.timer:unref() end
     g.timer:start(math.floor(timeout * 1000), 0, function()
@@ -301,7 +338,10 @@ function M.connect(host, port, timeout)
     run_until(function() return result ~= nil end, deadline)
     if result == false then
       local self = setmetatable({ tcp = tcp, host = host, port = port, next_id = 0, replies = {} }, Client)
-      self.feed = reader(function(msg) self.replies[msg.id] = msg end, function(why) self.broken = why end)
+      self.feed = reader(function(msg) self.replies[msg.id] = msg end, function(why)
+        self.broken = string.format("the rendezvous port %s:%d is answered by something other than a moonshard "
+          .. "store: %s (is another service listening there? pick another --master-port)", host, port, why)
+      end)
       tcp:read_start(function(rerr2, data)
         if rerr2 or not data then
           self.broken = "lost the connection to the master " .. host .. ":" .. port .. (rerr2 and (": " .. rerr2) or "")

@@ -14,13 +14,16 @@ describe("moonshard executable", function()
     assert.truthy(out:find("\n  repl%s+Interactive Lua prompt"), out)
   end)
 
-  it("runs -e chunks with arguments and reports errors with a traceback", function()
+  it("runs -e chunks with arguments and reports errors in one line (a traceback with --debug)", function()
     local out, _, code = h.run { "-e", "print(select('#', ...), ...)", "a", "b" }
     assert.are.equal(0, code)
     assert.are.equal("2\ta\tb\n", out)
     local _, err, code2 = h.run { "-e", "error('boom')" }
     assert.are.equal(1, code2)
-    assert.truthy(err:find("boom", 1, true) and err:find("stack traceback", 1, true), err)
+    assert.truthy(err:find("boom", 1, true) and not err:find("stack traceback", 1, true), err)
+    local _, err3, code3 = h.run { "--debug", "-e", "error('boom')" }
+    assert.are.equal(1, code3)
+    assert.truthy(err3:find("boom", 1, true) and err3:find("stack traceback", 1, true), err3)
   end)
 
   it("runs a script file with arg and drives the luv loop to completion", function()
@@ -57,7 +60,7 @@ describe("moonshard executable", function()
 end)
 
 describe("moonshard repl (piped)", function()
-  it("prints values, continues multi-line input and survives errors", function()
+  it("prints values, continues multi-line input and survives errors (on stderr; exit 1 after them)", function()
     local input = table.concat({
       "x = 1 +", "  2", "x * 10",
       "error('oops')",
@@ -66,12 +69,12 @@ describe("moonshard repl (piped)", function()
       "moonshard.version == require('moonshard').version",
     }, "\n") .. "\n"
     local out, err, code = h.run({ "repl" }, input)
-    assert.are.equal(0, code, err)
+    assert.are.equal(1, code, err)
     local lines = {}
     for l in out:gmatch("[^\n]+") do lines[#lines + 1] = l end
     assert.are.equal("30", lines[1])
-    assert.truthy(lines[2]:find("oops", 1, true))
-    assert.truthy(out:find("stack traceback", 1, true))
+    assert.truthy(err:find("oops", 1, true))
+    assert.truthy(err:find("stack traceback", 1, true))
     assert.truthy(out:find('\n42\t"s"\n', 1, true), out)
     assert.truthy(out:find("\ntrue\n", 1, true), out)
   end)

@@ -1,0 +1,286 @@
+-- The front door (issue 17): no hangs, no tracebacks, every bad input a one-line error and a
+-- non-zero exit. Each case here failed (hung, printed a traceback or exited 0) before the fix.
+local h = require "helpers"
+local cjson = require "cjson"
+
+-- Runs moonshard with a short limit: a hang shows as exit 124.
+local function run(args, stdin, limit)
+  local saved = h.run_timeout
+  h.run_timeout = limit or 60
+  local out, err, code = h.run(args, stdin)
+  h.run_timeout = saved
+  return out, err, code
+end
+
+-- One line on stderr (a warning line may come before it), no traceback.
+local function one_line_error(err)
+  assert.falsy(err:find("stack traceback", 1, true), err)
+  assert.falsy(err:find("%.lua:%d+: in "), err)
+  local lines = 0
+  for _ in err:gmatch("[^\n]+") do lines = lines + 1 end
+  assert.is_true(lines >= 1 and lines <= 2, "expected one line, got: " .. err)
+end
+
+local function gen(extra, stdin)
+  local a = { "generate", "--model", h.stories, "--max-tokens", "8", "--temperature", "0" }
+  for _, x in ipairs(extra or {}) do a[#a + 1] = x end
+  return run(a, stdin)
+end
+
+describe("the host after a script error", function()
+  it("stops the loop and exits 1 although a handle is still open", function()
+    local _, err, code = run({ "-e", "local t = require('luv').new_timer(); t:start(600000, 0, function() end); "
+      .. "local s = require('luv').new_signal(); s:start('sigint', function() end); error('boom')" }, nil, 20)
+    assert.are.equal(1, code, err)
+    assert.truthy(err:find("boom", 1, true), err)
+  end)
+
+  it("chat --prompt hi --temperature nan ends at once with one line", function()
+    local _, err, code = run({ "chat", "--model", h.stories, "--template", "chatml", "--prompt", "hi",
+      "--temperature", "nan" }, nil, 20)
+    assert.are.equal(2, code, err)
+    one_line_error(err)
+    assert.truthy(err:find("--temperature", 1, true), err)
+  end)
+
+  it("shows a traceback only with --debug", function()
+    local _, err, code = run { "-e", "error('boom')" }
+    assert.are.equal(1, code)
+    one_line_error(err)
+    local _, err2, code2 = run { "--debug", "-e", "error('boom')" }
+    assert.are.equal(1, code2)
+    assert.truthy(err2:find("stack traceback", 1, true), err2)
+    local _, err3 = run { "generate", "--debug", "--model", h.stories, "--temperature", "0", "--max-tokens", "2",
+      "--prompt", "x", "--dtype", "q4_0", "--device", "cpu" }
+    assert.falsy(err3:find("unknown option", 1, true), err3)
+  end)
+end)
+
+describe("argument errors", function()
+  local cases = {
+    { { "--temperature", "nan" }, "--temperature" },
+    { { "--temperature", "inf" }, "--temperature" },
+    { { "--top-p", "nan" }, "--top-p" },
+    { { "--max-tokens", "0x10" }, "--max-tokens" },
+    { { "--seed", "9007199254740993" }, "2^53" },
+    { { "--pp-layers", "garbage" }, "--pp-layers" },
+    { { "--pp-layers", "0-2,4-5" }, "--pp-layers" },
+    { { "--pp-balance", "foo" }, "decode, prefill" },
+    { { "--dtype", "f99" }, "native, f32, f16, bf16" },
+    { { "--device", "gpu" }, "cuda:N" },
+    { { "--bogus" }, "unknown option --bogus" },
+  }
+  for _, c in ipairs(cases) do
+    it(table.concat(c[1], " ") .. " is one line naming it, with a hint to --help, exit 2", function()
+      local out, err, code = gen(c[1])
+      assert.are.equal(2, code, err)
+      assert.are.equal("", out)
+      one_line_error(err)
+      assert.truthy(err:find(c[2], 1, true), err)
+      assert.truthy(err:find("moonshard generate --help", 1, true), err)
+      assert.falsy(err:find("usage:", 1, true), err)
+    end)
+  end
+
+  it("the largest seed accepted is printed back and accepted again", function()
+    local _, err, code = gen { "--seed", "9007199254740991", "--temperature", "0.8", "--max-tokens", "2" }
+    assert.are.equal(0, code, err)
+    assert.truthy(err:find("seed 9007199254740991", 1, true), err)
+  end)
+
+  it("launch: one line and a hint", function()
+    local _, err, code = run { "launch", "-n", "2", "--bogus", "x.lua" }
+    assert.are.equal(2, code)
+    one_line_error(err)
+    assert.truthy(err:find("moonshard launch --help", 1, true), err)
+  end)
+
+  it("moonshard help generate prints generate's help", function()
+    local out, _, code = run { "help", "generate" }
+    assert.are.equal(0, code)
+    assert.truthy(out:find("^usage: moonshard generate"), out)
+    assert.truthy(out:find("--prompt-file", 1, true), out)
+  end)
+end)
+
+describe("paths from the command line", function()
+  local tmp
+  before_each(function() tmp = h.tmpdir() end)
+  after_each(function() h.rmdir(tmp) end)
+
+  it("a FIFO as --model or --tokenizer is refused before anything opens it", function()
+    assert.are.equal(0, os.execute("mkfifo " .. h.q(tmp .. "/fifo")))
+    local _, err, code = run({ "generate", "--model", tmp .. "/fifo" }, nil, 20)
+    assert.are.equal(2, code, err)
+    assert.truthy(err:find("FIFO", 1, true), err)
+    local _, err2, code2 = run({ "generate", "--model", h.stories, "--tokenizer", tmp .. "/fifo" }, nil, 20)
+    assert.are.equal(2, code2, err2)
+    assert.truthy(err2:find("FIFO", 1, true), err2)
+  end)
+
+  it("a symlink loop is named as one", function()
+    assert.are.equal(0, os.execute(string.format("ln -s %s %s && ln -s %s %s", h.q(tmp .. "/a"), h.q(tmp .. "/b"),
+      h.q(tmp .. "/b"), h.q(tmp .. "/a"))))
+    local _, err, code = run { "generate", "--model", tmp .. "/a" }
+    assert.are_not.equal(0, code)
+    assert.truthy(err:find("symbolic links", 1, true), err)
+    assert.falsy(err:find("does not exist", 1, true), err)
+  end)
+end)
+
+describe("generate's prompt", function()
+  local tmp
+  before_each(function() tmp = h.tmpdir() end)
+  after_each(function() h.rmdir(tmp) end)
+
+  it("--prompt-file FILE and --prompt - (stdin) give what --prompt gives", function()
+    local want, err, code = gen { "--prompt", "Lily saw a cat" }
+    assert.are.equal(0, code, err)
+    h.write(tmp .. "/p.txt", "Lily saw a cat")
+    local got = gen { "--prompt-file", tmp .. "/p.txt" }
+    assert.are.equal(want, got)
+    local got2 = gen({ "--prompt", "-" }, "Lily saw a cat")
+    assert.are.equal(want, got2)
+    local got3 = gen({ "--prompt-file", "-" }, "Lily saw a cat")
+    assert.are.equal(want, got3)
+  end)
+
+  it("a prompt longer than the shell's argument limit comes through a file", function()
+    h.write(tmp .. "/long.txt", string.rep("Lily saw a cat. ", 20000)) -- 320 KB
+    local _, err, code = gen { "--prompt-file", tmp .. "/long.txt" }
+    assert.are.equal(1, code)
+    assert.truthy(err:find("more than the context", 1, true), err)
+  end)
+
+  it("invalid UTF-8 is refused, naming the byte", function()
+    h.write(tmp .. "/bad.txt", "Lily \255 saw")
+    local out, err, code = gen { "--prompt-file", tmp .. "/bad.txt" }
+    assert.are.equal(1, code, err)
+    assert.are.equal("", out)
+    assert.truthy(err:find("not valid UTF-8: byte 6", 1, true), err)
+  end)
+
+  it("a write error on stdout is a failure", function()
+    local out, code = h.sh(h.q(h.exe) .. " generate --model " .. h.q(h.stories)
+      .. " --max-tokens 8 --temperature 0 >/dev/full 2>" .. h.q(tmp .. "/err"))
+    assert.are_not.equal(0, code, out)
+    assert.truthy(h.read(tmp .. "/err"):find("stdout", 1, true))
+    local _, code2 = h.sh(h.q(h.exe) .. " -e 'print(1)' >/dev/full 2>/dev/null")
+    assert.are_not.equal(0, code2)
+  end)
+
+  it("--max-seq above the model's context is said, not clamped silently", function()
+    local _, err, code = gen { "--max-seq", "100000", "--max-tokens", "2" }
+    assert.are.equal(0, code, err)
+    assert.truthy(err:find("--max-seq 100000 is more than the model's context; using 512", 1, true), err)
+  end)
+end)
+
+describe("non-finite logits and tokenizers that do not fit", function()
+  local tmp
+  before_each(function() tmp = h.tmpdir() end)
+  after_each(function() h.rmdir(tmp) end)
+
+  -- stories260K with every weight of the output norm set to NaN (llama2.c layout: header of 7
+  -- int32, then the tensors in order; rms_final_weight follows the layers' tensors)
+  local function nan_model()
+    local bin = h.read(h.stories .. "/stories260K.bin")
+    local hdr = require("ffi").cast("const int32_t*", bin)
+    local dim, hidden, L, H, KVH, V = hdr[0], hdr[1], hdr[2], hdr[3], hdr[4], math.abs(hdr[5])
+    local hd = dim / H
+    local floats = V * dim + L * dim + L * dim * dim + 2 * L * dim * KVH * hd + L * dim * dim + L * dim
+      + 3 * L * dim * hidden
+    local off = 28 + floats * 4 -- rms_final_weight
+    local nan = string.char(0x00, 0x00, 0xc0, 0x7f)
+    bin = bin:sub(1, off) .. string.rep(nan, dim) .. bin:sub(off + dim * 4 + 1)
+    h.write(tmp .. "/model.bin", bin)
+    h.write(tmp .. "/tok512.bin", h.read(h.stories .. "/tok512.bin"))
+    return tmp
+  end
+
+  it("NaN weights give an error naming the position, greedy or sampled", function()
+    local dir = nan_model()
+    for _, temp in ipairs { "0", "0.8" } do
+      local out, err, code = run { "generate", "--model", dir, "--prompt", "Lily", "--max-tokens", "8",
+        "--temperature", temp, "--seed", "1" }
+      assert.are.equal(1, code, err)
+      assert.are.equal("", out)
+      one_line_error(err)
+      assert.truthy(err:find("logits at position %d+ are not finite"), err)
+    end
+  end)
+
+  it("a tokenizer smaller than the model's vocabulary fails with a message, not a traceback", function()
+    -- a byte-level BPE vocabulary of 100 printable characters for hf-tiny's 256-token model
+    local b2u, n = {}, 0
+    local keep = {}
+    for b = 33, 126 do keep[b] = true end
+    for b = 161, 172 do keep[b] = true end
+    for b = 174, 255 do keep[b] = true end
+    for b = 0, 255 do
+      if keep[b] then b2u[b] = b else b2u[b] = 256 + n; n = n + 1 end
+    end
+    local function utf8(cp)
+      if cp < 0x80 then return string.char(cp) end
+      return string.char(0xC0 + math.floor(cp / 64), 0x80 + cp % 64)
+    end
+    local vocab = {}
+    for i = 0, 99 do vocab[utf8(b2u[32 + i])] = i end
+    h.write(tmp .. "/tokenizer.json", cjson.encode {
+      version = "1.0", added_tokens = {},
+      pre_tokenizer = { type = "ByteLevel", add_prefix_space = false, trim_offsets = true, use_regex = true },
+      decoder = { type = "ByteLevel" },
+      model = { type = "BPE", vocab = vocab, merges = {}, byte_fallback = false },
+    })
+    local _, err, code = run { "generate", "--model", h.hf .. "/f32", "--tokenizer", tmp .. "/tokenizer.json",
+      "--prompt", "hello", "--max-tokens", "40", "--temperature", "0" }
+    assert.are.equal(1, code, err)
+    one_line_error(err)
+    assert.truthy(err:find("the tokenizer is smaller than the model's vocabulary of 256", 1, true), err)
+  end)
+
+  it("a chat template that returns an empty string is named", function()
+    h.write(tmp .. "/empty.lua", "return function() return '' end")
+    local _, err, code = run { "chat", "--model", h.stories, "--template", tmp .. "/empty.lua", "--prompt", "hi",
+      "--temperature", "0" }
+    assert.are.equal(1, code, err)
+    one_line_error(err)
+    assert.truthy(err:find("returned an empty prompt", 1, true), err)
+  end)
+end)
+
+describe("the REPL", function()
+  it("writes errors to stderr, values to stdout, and a piped session with errors exits 1", function()
+    local out, err, code = run({ "repl" }, "x = 2\nerror('oops')\nx * 21\n")
+    assert.are.equal(1, code, err)
+    assert.are.equal("42\n", out)
+    assert.truthy(err:find("oops", 1, true), err)
+    local out2, err2, code2 = run({ "repl" }, "1 + 1\n")
+    assert.are.equal(0, code2, err2)
+    assert.are.equal("2\n", out2)
+  end)
+
+  it("chat: a piped session whose message fails exits 1", function()
+    local _, err, code = run({ "chat", "--model", h.stories, "--template", "chatml", "--temperature", "0",
+      "--max-tokens", "2" }, "hi \255\n")
+    assert.are.equal(1, code, err)
+    assert.truthy(err:find("not valid UTF-8", 1, true), err)
+  end)
+end)
+
+describe("config.json fields of the wrong type (checked by the loader through moonshard.validate)", function()
+  -- These need loaders/hf.lua to read its fields with validate.field (the loader is being
+  -- restructured; the calls are wired in there). Each: field, bad value, text of the message.
+  local cases = {
+    { "rms_norm_eps", "x", "field 'rms_norm_eps' must be a positive finite number" },
+    { "num_key_value_heads", "abc", "field 'num_key_value_heads' must be" },
+    { "rope_theta", "x", "field 'rope_theta' must be a positive finite number" },
+    { "tie_word_embeddings", "yes", "field 'tie_word_embeddings' must be true or false" },
+    { "eos_token_id", "two", "field 'eos_token_id' must be an integer or a list of integers" },
+  }
+  for _, c in ipairs(cases) do
+    pending(string.format("loader: config.json %s = %q is refused naming the field", c[1], c[2]))
+  end
+  pending("loader: llama3 rope_scaling without its factors is refused naming the missing field")
+  pending("loader: a folder holding both Hugging Face and GGUF files is refused (or names which it loads)")
+end)
