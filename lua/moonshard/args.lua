@@ -64,8 +64,10 @@ local function convert(o, raw)
   else
     local n = to_number(kind, raw)
     if not n then
-      if kind == "int" then return nil, string.format("%s expects a number (an integer), got '%s'", name, raw) end
-      return nil, string.format("%s expects a finite number, got '%s'", name, raw)
+      if kind == "int" and to_number("number", raw) then
+        return nil, string.format("%s expects an integer, got '%s'", name, raw)
+      end
+      return nil, string.format("%s expects a %snumber, got '%s'", name, kind == "int" and "" or "finite ", raw)
     end
     local ok, err = pcall(V.check, n, { type = kind, min = o.min, max = o.max, enum = o.enum }, nil, name)
     if not ok then return nil, err end

@@ -65,7 +65,7 @@ local function num_bounds_text(spec)
   if spec.min ~= nil and spec.max ~= nil then
     parts[#parts + 1] = "in " .. M.show(spec.min) .. ".." .. M.show(spec.max)
   elseif spec.min ~= nil then
-    parts[#parts + 1] = spec.min == 0 and "non-negative" or ("at least " .. M.show(spec.min))
+    parts[#parts + 1] = "at least " .. M.show(spec.min)
   elseif spec.max ~= nil then
     parts[#parts + 1] = "at most " .. M.show(spec.max)
   end
