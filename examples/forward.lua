@@ -1,7 +1,9 @@
 -- Load a model, run a forward pass, and read the logits: the ten lines from the README.
 -- usage: moonshard examples/forward.lua [MODEL]
 local moonshard = require "moonshard"
-local m = assert(moonshard.load(arg[1] or "../shared/data/models/stories260K"))
+-- the default model beside the repository, wherever the example is run from
+local root = require("moonshard.host").root
+local m = assert(moonshard.load(arg[1] or (root .. "/../shared/data/models/stories260K")))
 local ids = m.tokenizer:encode("Once upon a time", true)   -- with BOS
 local logits = assert(m:forward(ids))                       -- (1, vocab) of the last token
 local best = m:argmax(logits)

@@ -9,23 +9,31 @@ local opts = args.parse(arg, {
     "(the median is reported). On a GPU it also measures the copy bandwidth and the matrix rate in the\n" ..
     "same run and reports efficiency = floor / measured time (floors: weight bytes / bandwidth for\n" ..
     "decode, FLOPs / matrix rate for prefill).",
-  { "model", "string", "model directory or checkpoint" },
-  { "dummy", "string", "config.json of a model to build with random weights (std 0.02)" },
-  { "batch-size", "int", "sequences prefilled (--prompt-len tokens each) and decoded (--gen-len steps) together in lockstep", default = 1, min = 1 },
+  { "model", "string", "model directory or checkpoint", input = "model" },
+  { "dummy", "string", "config.json of a model to build with random weights (std 0.02)", input = "config",
+    check = function(v)
+      for _, a in ipairs(arg) do
+        if a == "--model" or a:match("^%-%-model=") then return nil, "and --model exclude each other: give one" end
+      end
+      return v
+    end },
+  { "batch-size", "int", "sequences prefilled (--prompt-len tokens each) and decoded (--gen-len steps) together in lockstep", default = 1, min = 1, max = 4096 },
   { "prompt-len", "int", "prompt tokens", default = 32, min = 1 },
   { "gen-len", "int", "generated tokens", default = 200, min = 1 },
   { "loops", "int", "timed repetitions", default = 5, min = 1 },
   { "warmup", "int", "untimed repetitions first", default = 1, min = 0 },
   { "threads", "int", "CPU threads (default: all cores)", min = 1 },
-  { "device", "string", "cpu or cuda[:N]", default = "cpu" },
-  { "dtype", "string", "weights' dtype on the device: native (each weight's own: the default on the CPU with --model), f32 (with --dummy), f16, bf16, q8_0 ... (default bf16 on a GPU)" },
-  { "kv-dtype", "string", "KV cache dtype (default: f32 on the CPU, bf16 on a GPU)" },
+  { "device", "string", "cpu or cuda[:N]", default = "cpu", check = require("moonshard.validate").device },
+  { "dtype", "string", "weights' dtype on the device: native (each weight's own: the default on the CPU with --model), f32 (with --dummy), f16, bf16, q8_0 ... (default bf16 on a GPU)",
+    enum = require("moonshard.validate").DTYPES },
+  { "kv-dtype", "string", "KV cache dtype (default: f32 on the CPU, bf16 on a GPU)", enum = { "f32", "f16", "bf16" } },
   { "no-ceilings", "flag", "skip measuring bandwidth and matrix rate" },
   { "tp", "int", "tensor-parallel degree (ranks from `moonshard launch`)", default = 1, min = 1 },
   { "pp", "int", "pipeline-parallel stages", default = 1, min = 1 },
-  { "pp-layers", "string", "layers of each stage, e.g. 0-15,16-31 (default: balanced)" },
-  { "pp-balance", "string", "what the stage balance evens out: decode (default) or prefill" },
-  { "graphs", "string", "on or off: replay decode steps from CUDA graphs", default = "on" },
+  { "pp-layers", "string", "layers of each stage, e.g. 0-15,16-31 (default: balanced)",
+    check = function(v) local ok, err = require("moonshard.validate").pp_layers(v) return ok and v, err end },
+  { "pp-balance", "string", "what the stage balance evens out", enum = { "decode", "prefill" } },
+  { "graphs", "string", "replay decode steps from CUDA graphs", default = "on", enum = { "on", "off" } },
   { "micro-batches", "int", "with --pp: run the batch as this many micro-batches through the pipeline schedule (moonshard.schedule) and report the measured bubble against (p-1)/(m+p-1)", min = 1 },
   { "log-dir", "string", "write JSON Lines events (collectives, stage busy/idle) to this folder and report all-reduce time and pipeline bubble (default: $MSH_LOG_DIR, set by `moonshard launch`)" },
 })
@@ -304,7 +312,7 @@ if net.stage:output() then -- the last pipeline stage holds the head
   head_params = net.stage:output():numel()
 end
 for l = net.first_layer, net.last_layer do
-  for k, t in pairs(net.stage:acquire(l)) do count(t, k ~= "attn_norm" and k ~= "ffn_norm") end
+  for _, t in pairs(net.stage:acquire(l)) do count(t, t:ndim() == 2) end -- norms and biases are vectors
 end
 local decode_step = d / math.max(opts.gen_len - 1, 1)
 local L, H, hd, T = net.last_layer - net.first_layer + 1, net.n_heads, net.head_dim, opts.prompt_len
