@@ -15,6 +15,12 @@
 # MSH_PARITY8B_DIR, default $TMPDIR/msh-parity-8b, and reused there; 16 GB of disk, about two
 # minutes), then tools/parity/noise_8b.py for the bar's noise floor; it is on by default when the GPU has
 # at least 40 GB.
+# MSH_GPU_BEFORE=TARBALL builds a second tree (`git archive` of an earlier commit) in build-before
+# beside this one, and the model benchmarks then alternate the two builds in the same run
+# (model_ab.jsonl, each line tagged "build": "before" or "after"; a before/after table last).
+# MSH_ARCH_REFERENCE=1 (default where transformers imports) writes transformers' logits of the
+# architecture fixtures (tools/arch_reference.py -> tests/fixtures/arch/reference.safetensors,
+# copied to $OUT) before the tests run.
 # Exit status: 0 when the build and every test passed, 1 otherwise.
 set -u -o pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
@@ -46,6 +52,23 @@ if ! cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTUR
   exit 1
 fi
 grep -E "moonshard: CUDA" "$out/configure.log"
+
+before_pid=""
+if [ -n "${MSH_GPU_BEFORE:-}" ]; then
+  echo "== build-before from $MSH_GPU_BEFORE (in the background)"
+  rm -rf /tmp/msh-before && mkdir -p /tmp/msh-before && tar -xzf "$MSH_GPU_BEFORE" -C /tmp/msh-before
+  ( cmake -S /tmp/msh-before -B build-before -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a &&
+    cmake --build build-before -j"$(( jobs / 2 ))" ) > "$out/build_before.log" 2>&1 &
+  before_pid=$!
+  jobs=$(( jobs / 2 ))
+fi
+
+if [ "${MSH_ARCH_REFERENCE:-1}" != 0 ] && python3 -c "import transformers, torch" 2> /dev/null; then
+  echo "== transformers' logits of the architecture fixtures"
+  timeout 300 python3 tools/arch_reference.py tests/fixtures/arch > "$out/arch_reference.log" 2>&1 || status=1
+  tail -8 "$out/arch_reference.log"
+  cp tests/fixtures/arch/reference.safetensors "$out/" 2> /dev/null || true
+fi
 
 echo "== build (-j$jobs)"
 t0=$(date +%s)
@@ -92,6 +115,43 @@ if [ "${MSH_GPU_BENCH:-1}" != 0 ] && [ -x "$bench_bin" ]; then
   echo "== benchmarks"
   "$bench_bin" > "$out/bench.jsonl" 2> "$out/bench.err" || { status=1; cat "$out/bench.err"; }
   cat "$out/bench.jsonl"
+fi
+
+if [ -n "$before_pid" ]; then
+  echo "== before/after: the model benchmarks of build-before and build-gpu, alternating"
+  if wait "$before_pid"; then
+    shape=tools/bench/shapes/llama-3-8b.json
+    for rep in 1 2; do
+      for cfg in "--prompt-len 128 --gen-len 129 --loops 3" "--prompt-len 2048 --gen-len 2 --loops 3 --no-ceilings" \
+                 "--batch-size 64 --prompt-len 128 --gen-len 33 --loops 2 --no-ceilings"; do
+        for b in before gpu; do
+          tagb=$b; [ "$b" = gpu ] && tagb=after
+          # shellcheck disable=SC2086
+          timeout 200 build-$b/moonshard bench --dummy $shape --device cuda $cfg 2>> "$out/model_ab.err" |
+            sed "s/^{/{\"build\":\"$tagb\",\"rep\":$rep,\"cfg\":\"$cfg\",/" >> "$out/model_ab.jsonl" || status=1
+        done
+      done
+    done
+    python3 - "$out/model_ab.jsonl" << 'EOF'
+import json, sys, collections
+rows = collections.defaultdict(list)
+for line in open(sys.argv[1]):
+    if line.startswith("{"):
+        r = json.loads(line)
+        rows[(r["cfg"], r["build"])].append(r)
+for cfg in dict.fromkeys(c for c, _ in rows):
+    b, a = rows[(cfg, "before")], rows[(cfg, "after")]
+    if not b or not a:
+        continue
+    key = "prefill_tok_s" if "2048" in cfg else "decode_tok_s"
+    vb, va = [r[key] for r in b], [r[key] for r in a]
+    print(f"{cfg:55s} {key}: before {', '.join(f'{v:.1f}' for v in vb)} | after "
+          f"{', '.join(f'{v:.1f}' for v in va)} | best after/before {max(va) / max(vb):.3f}")
+EOF
+  else
+    status=1
+    tail -30 "$out/build_before.log"
+  fi
 fi
 
 if [ "${MSH_GPU_MODEL_BENCH:-1}" != 0 ]; then

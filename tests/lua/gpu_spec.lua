@@ -38,6 +38,30 @@ describe("CUDA device", function()
     end)
   end
 
+  -- the architectures of the registry (tests/fixtures/arch): their biases (add_bias), head
+  -- norms and tied heads on the GPU; prefill and then decode steps through CUDA graphs
+  for _, name in ipairs { "qwen2", "qwen2-untied", "qwen3", "mistral" } do
+    it(name .. " on the GPU (f32 weights): logits within 1e-4 of transformers, prefill and decode", function()
+      local ref = h.arch .. "/reference.safetensors"
+      local ids = reference("ids", ref)
+      local want = reference("logits_" .. name, ref)
+      local m = assert(moonshard.load(h.arch .. "/" .. name, { device = "cuda", dtype = "f32" }))
+      local logits = assert(m:forward(ids, 0, { all_logits = true }))
+      local diff = h.max_abs_diff(logits:values(), want)
+      assert.is_true(diff < 1e-4, string.format("max |diff| %.3g", diff))
+      logits:free()
+      -- the same positions one token at a time: decode steps (graphs), each against its row
+      local V, worst = m.desc.vocab_size, 0
+      for i, id in ipairs(ids) do
+        local row = assert(m:forward(id, i - 1)):values()
+        worst = math.max(worst, h.max_abs_diff(row, { unpack(want, (i - 1) * V + 1, i * V) }))
+      end
+      assert.is_true(worst < 1e-4, string.format("decode: max |diff| %.3g", worst))
+      assert.is_true(m.net.use_graphs, "decode steps ran from CUDA graphs")
+      m:close()
+    end)
+  end
+
   -- batched steps: cuBLAS over B * T rows against GEMV over one; decode steps replay CUDA graphs
   -- per (slots, batch size, context bucket), at per-sequence positions read on the device
   for _, case in ipairs { { h.stories, "f32", "f32", 1e-4 }, { h.hf .. "/llama3", "f32", "f32", 1e-4 },

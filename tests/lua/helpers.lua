@@ -8,6 +8,7 @@ M.exe = host.exe
 M.data = host.root .. "/../shared/data"
 M.stories = M.data .. "/models/stories260K"
 M.hf = host.root .. "/tests/fixtures/hf-tiny"
+M.arch = host.root .. "/tests/fixtures/arch" -- Qwen2, Qwen3, Mistral (tools/make_arch_fixtures.py)
 
 local function shell_quote(s)
   return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
@@ -135,11 +136,11 @@ end
 -- max |a[i] - b[i]| over two equal-length arrays
 -- The Hugging Face fixtures' reference tensor `name` (token ids, transformers' logits) from
 -- reference.safetensors: its values (a Lua array) and shape.
-function M.reference(name)
+function M.reference(name, file)
   local moonshard, ffi = require "moonshard", require "ffi"
   local C, check = moonshard.C, moonshard.core.check
   local st, idx, t = ffi.new("msh_safetensors*[1]"), ffi.new("int[1]"), ffi.new("msh_tensor*[1]")
-  check(C.msh_safetensors_open(st, M.hf .. "/reference.safetensors"))
+  check(C.msh_safetensors_open(st, file or (M.hf .. "/reference.safetensors")))
   local ok, err = pcall(function()
     check(C.msh_safetensors_find(st[0], name, idx))
     check(C.msh_safetensors_tensor(st[0], idx[0], t))
