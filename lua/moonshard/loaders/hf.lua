@@ -37,59 +37,58 @@ end
 -- `rope_parameters` spellings both accepted). The architecture comes from the registry
 -- (moonshard.models) by model_type or architectures.
 function M.parse_config(cfg, path)
-  local function need(k)
-    local v = cfg[k]
-    if v == nil or v == cjson.null then
-      error(string.format("'%s': missing field '%s'", path, k), 0)
-    end
-    if type(v) ~= "number" or v <= 0 or v % 1 ~= 0 then
-      error(string.format("'%s': field '%s' must be a positive integer (got %s)", path, k, tostring(v)), 0)
-    end
-    return v
-  end
-  local function opt(k, default)
-    local v = cfg[k]
-    if v == nil or v == cjson.null then return default end
-    return v
-  end
+  local V = require "moonshard.validate"
+  local function need(k) return V.field(cfg, k, { type = "int", min = 1, required = true }, path) end
+  local function opt(k, default) return V.absent(cfg[k]) and default or cfg[k] end
   local model, merr = require("moonshard.models").for_hf(cfg)
   if not model then error(string.format("'%s': %s", path, merr), 0) end
   local arch = model.arch
   -- biases other than those the architecture declares would be silently dropped: refuse them
   local bias_q = arch.by_name.bq ~= nil
-  if (opt("attention_bias", false) == true and not bias_q) or opt("mlp_bias", false) == true then
+  local attn_bias = V.field(cfg, "attention_bias", { type = "boolean", default = false }, path)
+  local mlp_bias = V.field(cfg, "mlp_bias", { type = "boolean", default = false }, path)
+  if (attn_bias and not bias_q) or mlp_bias then
     error(string.format("'%s': %s biases are not supported by the %s architecture", path,
-      opt("mlp_bias", false) == true and "MLP" or "attention", arch.name), 0)
+      mlp_bias and "MLP" or "attention", arch.name), 0)
   end
-  local act = opt("hidden_act", "silu")
-  if act ~= "silu" then error(string.format("'%s': hidden_act '%s' is not supported (silu only)", path, tostring(act)), 0) end
+  V.field(cfg, "hidden_act", { type = "string", enum = { "silu" }, default = "silu" }, path)
   local dim, H = need("hidden_size"), need("num_attention_heads")
   local d = {
     arch = arch.name, format = "hf",
     dim = dim, n_layers = need("num_hidden_layers"), n_heads = H,
-    n_kv_heads = opt("num_key_value_heads", H), hidden_dim = need("intermediate_size"),
-    vocab_size = need("vocab_size"), max_seq = opt("max_position_embeddings", 2048),
-    norm_eps = opt("rms_norm_eps", 1e-6), tie = opt("tie_word_embeddings", false),
-    head_dim = opt("head_dim", dim / H),
-    bos = opt("bos_token_id", 1), eos = opt("eos_token_id", 2),
+    n_kv_heads = V.field(cfg, "num_key_value_heads", { type = "int", min = 1, default = H }, path),
+    hidden_dim = need("intermediate_size"), vocab_size = need("vocab_size"),
+    max_seq = V.field(cfg, "max_position_embeddings", { type = "int", min = 1, default = 2048 }, path),
+    norm_eps = V.field(cfg, "rms_norm_eps", { type = "number", gt = 0, default = 1e-6 }, path),
+    tie = V.field(cfg, "tie_word_embeddings", { type = "boolean", default = false }, path),
+    head_dim = V.field(cfg, "head_dim", { type = "int", min = 2, default = dim / H }, path),
+    bos = V.field(cfg, "bos_token_id", { type = "int", min = 0, default = 1 }, path),
+    eos = V.field(cfg, "eos_token_id", { int_or_list = true, default = 2 }, path),
   }
   -- sliding-window attention: Mistral's sliding_window; Qwen2's only with use_sliding_window
-  local win = opt("sliding_window", nil)
-  if type(win) == "number" and opt("use_sliding_window", true) ~= false then d.sliding_window = win end
+  local win = V.field(cfg, "sliding_window", { type = "int", min = 1, default = false }, path)
+  local use = V.field(cfg, "use_sliding_window", { type = "boolean", default = true }, path)
+  if win and use then d.sliding_window = win end
   if type(d.eos) == "table" then d.stop = d.eos; d.eos = d.eos[1] else d.stop = { d.eos } end
   local rp = opt("rope_parameters", nil)
   local rs = opt("rope_scaling", nil)
-  local theta = opt("rope_theta", nil) or (type(rp) == "table" and rp.rope_theta) or 10000
+  local theta = V.field(cfg, "rope_theta", { type = "number", gt = 0, default = false }, path)
+    or (type(rp) == "table" and V.field(rp, "rope_theta", { type = "number", gt = 0, default = 10000 }, path .. " rope_parameters"))
+    or 10000
   local scaling = type(rs) == "table" and rs or type(rp) == "table" and rp or nil
   local rope = { theta = theta, style = "half" }
   if scaling then
-    local t = scaling.rope_type or scaling.type or "default"
+    local where = path .. " " .. (type(rs) == "table" and "rope_scaling" or "rope_parameters")
+    local t = V.field(scaling, "rope_type", { type = "string", default = false }, where)
+      or V.field(scaling, "type", { type = "string", default = "default" }, where)
+    V.check(t, { type = "string", enum = { "default", "linear", "llama3" } }, where, "rope_type")
     if t ~= "default" then
-      rope.scaling = {
-        type = t, factor = scaling.factor, low_freq_factor = scaling.low_freq_factor,
-        high_freq_factor = scaling.high_freq_factor,
-        original_max_position_embeddings = scaling.original_max_position_embeddings,
-      }
+      local function num(k) return V.field(scaling, k, { type = "number", gt = 0, required = true }, where) end
+      rope.scaling = { type = t, factor = num("factor") }
+      if t == "llama3" then
+        rope.scaling.low_freq_factor, rope.scaling.high_freq_factor = num("low_freq_factor"), num("high_freq_factor")
+        rope.scaling.original_max_position_embeddings = num("original_max_position_embeddings")
+      end
     end
   end
   d.rope = rope
