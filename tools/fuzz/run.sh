@@ -1,6 +1,7 @@
 #!/bin/sh
 # Builds the libFuzzer targets with clang (ASan + UBSan) and runs each for SECONDS (default 60).
-#   tools/fuzz/run.sh [SECONDS] [TARGET...]      targets: safetensors (default), tokenizer, gguf, bpe
+#   tools/fuzz/run.sh [SECONDS] [TARGET...]      targets: safetensors (default), tokenizer, gguf, bpe,
+#                                                llama2c, lua (the Lua-side parsers, tools/fuzz/lua_fuzz.lua)
 set -eu
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 SECS=${1:-60}
@@ -15,6 +16,13 @@ CORE="$ROOT/core/src/status.c $ROOT/core/src/dtype.c $ROOT/core/src/file.c $ROOT
   $ROOT/tools/fuzz/backend_stub.c"
 for t in $TARGETS; do
   OBJS=$CORE
+  if [ "$t" = lua ]; then
+    # the Lua-side parsers (config.json through moonshard.validate, argument parsing, chat-template
+    # detection, the rendezvous frame reader), mutated from tools/fuzz/seeds_lua by a Lua fuzzer
+    # run inside the moonshard host (MSH_FUZZ_EXE, default build/moonshard)
+    "${MSH_FUZZ_EXE:-$ROOT/build/moonshard}" "$ROOT/tools/fuzz/lua_fuzz.lua" "$SECS" "$ROOT/tools/fuzz/seeds_lua"
+    continue
+  fi
   case $t in
     safetensors) SRC="$ROOT/core/src/safetensors.c"; LIBS=$(pkg-config --libs libcjson) ;;
     tokenizer) SRC="-DMSH_DATA_DIR=\"$ROOT/../shared/data\""; LIBS="" ;;
@@ -24,6 +32,9 @@ for t in $TARGETS; do
     # the BPE target includes the tokenizer's source
     bpe) SRC="-I$ROOT/tests/c -DMSH_ROOT=\"$ROOT\""; LIBS=$(pkg-config --libs libpcre2-8)
          OBJS="$ROOT/core/src/status.c" ;;
+    # the header check needs only files and statuses
+    llama2c) SRC="$ROOT/core/src/llama2c.c"; LIBS=""
+             OBJS="$ROOT/core/src/status.c $ROOT/core/src/file.c" ;;
     *) echo "unknown target $t" >&2; exit 2 ;;
   esac
   # shellcheck disable=SC2086

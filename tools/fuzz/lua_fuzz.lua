@@ -1,0 +1,205 @@
+-- lua_fuzz.lua: a mutation fuzzer for the Lua-side parsers of outside input, run inside the
+-- moonshard host: `moonshard tools/fuzz/lua_fuzz.lua SECONDS SEED_DIR`.
+--
+-- Targets (each seed file's name picks its target):
+--   config_*    config.json text -> cjson -> the fields a Hugging Face config holds, through
+--               moonshard.validate (every error a one-line string naming the file)
+--   argv_*      a command line, one argument a line -> moonshard.args (generate's options) and
+--               moonshard.launch's parser (an options table or nil and a message; never a raise)
+--   template_*  a Jinja chat template -> moonshard.chat_template.detect and rendering
+--   frame_*     bytes from a rendezvous peer -> moonshard.store's frame reader, fed in random pieces
+-- A Lua error escaping a parser, or a message that is not one line of text, is a finding: the
+-- input is written to fuzz-finding-<target>.bin and the run exits 1.
+local V = require "moonshard.validate"
+local args = require "moonshard.args"
+local launch = require "moonshard.launch"
+local chat_template = require "moonshard.chat_template"
+local store = require "moonshard.store"
+local cjson = require "cjson"
+local uv = require "luv"
+
+local seconds = tonumber(arg[1]) or 15
+local seed_dir = arg[2] or (require("moonshard.host").root .. "/tools/fuzz/seeds_lua")
+
+-- a private generator (xorshift32), seeded from the clock; the seed is printed to replay a run
+local state = tonumber(os.getenv("MSH_FUZZ_SEED") or "") or (os.time() % 2147483647 + 1)
+print("lua_fuzz: seed " .. state)
+local bit = require "bit"
+local function rnd(n)
+  state = bit.bxor(state, bit.lshift(state, 13))
+  state = bit.bxor(state, bit.rshift(state, 17))
+  state = bit.bxor(state, bit.lshift(state, 5))
+  return (state % n + n) % n
+end
+
+local DICT = { "null", "true", "false", "-1", "0", "1e309", "-0", "NaN", "\"\"", "[]", "{}", "[1,\"x\"]",
+  "\"x\"", "9007199254740993", "{%", "%}", "{{", "}}", "<|im_start|>", "[INST]", "<|eot_id|>", "\0",
+  "\255", "--", "=", "nan", "inf", "0x10", "-", "," }
+
+local function mutate(s)
+  local n = 1 + rnd(4)
+  for _ = 1, n do
+    local op = rnd(6)
+    local at = #s > 0 and rnd(#s) + 1 or 1
+    if op == 0 and #s > 0 then -- flip a byte
+      s = s:sub(1, at - 1) .. string.char(rnd(256)) .. s:sub(at + 1)
+    elseif op == 1 then -- insert a token
+      s = s:sub(1, at - 1) .. DICT[rnd(#DICT) + 1] .. s:sub(at)
+    elseif op == 2 and #s > 0 then -- delete a run
+      s = s:sub(1, at - 1) .. s:sub(at + 1 + rnd(8))
+    elseif op == 3 and #s > 0 then -- duplicate a run
+      local len = 1 + rnd(16)
+      s = s:sub(1, at + len) .. s:sub(at, at + len) .. s:sub(at + len + 1)
+    elseif op == 4 then -- truncate
+      s = s:sub(1, at)
+    else -- replace a number
+      s = s:gsub("%d+", function(d) return rnd(4) == 0 and DICT[rnd(#DICT) + 1] or d end, 1)
+    end
+  end
+  return s
+end
+
+-- a message is one line of text
+local function one_line(e)
+  return type(e) == "string" and not e:find("\n", 1, true) and not e:find("attempt to", 1, true)
+    and not e:find("bad argument", 1, true)
+end
+
+local HF_FIELDS = {
+  { "hidden_size", { type = "int", gt = 0, required = true } },
+  { "num_hidden_layers", { type = "int", gt = 0, required = true } },
+  { "num_attention_heads", { type = "int", gt = 0, required = true } },
+  { "num_key_value_heads", { type = "int", gt = 0 } },
+  { "intermediate_size", { type = "int", gt = 0, required = true } },
+  { "vocab_size", { type = "int", gt = 0, required = true } },
+  { "max_position_embeddings", { type = "int", gt = 0, default = 2048 } },
+  { "rms_norm_eps", { type = "number", gt = 0, default = 1e-6 } },
+  { "rope_theta", { type = "number", gt = 0 } },
+  { "tie_word_embeddings", { type = "boolean", default = false } },
+  { "head_dim", { type = "int", gt = 0 } },
+  { "bos_token_id", { type = "int", min = 0 } },
+  { "eos_token_id", { int_or_list = true, min = 0 } },
+  { "model_type", { type = "string", enum = { "llama", "mistral", "qwen2", "qwen3" } } },
+  { "hidden_act", { type = "string", enum = { "silu" } } },
+  { "rope_scaling", { type = "table" } },
+}
+
+local GEN_SPEC = {
+  usage = "moonshard generate",
+  { "model", "string", "m", required = true },
+  { "prompt", "string", "p", default = "" },
+  { "max-tokens", "int", "n", default = 256, min = 0 },
+  { "temperature", "number", "t", default = 1.0, min = 0 },
+  { "top-p", "number", "p", default = 1.0, min = 0, max = 1 },
+  { "seed", "int", "s", min = 0 },
+  { "pp-layers", "string", "l", check = function(s) local ok, err = V.pp_layers(s) return ok and s, err end },
+  { "pp-balance", "string", "b", enum = { "decode", "prefill" } },
+  { "dtype", "string", "d", enum = V.DTYPES },
+  { "device", "string", "d", default = "cpu", check = V.device },
+  { "verbose", "flag", "v" },
+}
+
+local targets = {}
+
+function targets.config(text)
+  local ok, cfg = pcall(cjson.decode, text)
+  if not ok then return end
+  for _, f in ipairs(HF_FIELDS) do
+    local ok2, e = pcall(V.field, cfg, f[1], f[2], "fuzz/config.json")
+    if not ok2 and not (one_line(e) and e:find("^'fuzz/config.json': ")) then return false, e end
+  end
+end
+
+local function lines(text)
+  local argv = {}
+  for l in (text .. "\n"):gmatch("([^\n]*)\n") do argv[#argv + 1] = l end
+  if argv[#argv] == "" then argv[#argv] = nil end
+  return argv
+end
+
+function targets.argv(text)
+  local argv = lines(text)
+  local ok, o, e = pcall(args.try_parse, argv, GEN_SPEC)
+  if not ok then return false, o end
+  if o == nil and not one_line(e) then return false, e end
+  if o then
+    for _, k in ipairs { "temperature", "top_p", "max_tokens", "seed" } do
+      local v = o[k]
+      if v ~= nil and (v ~= v or v == math.huge or v == -math.huge) then return false, k .. " not finite" end
+    end
+  end
+  local ok2, lo, le = pcall(launch.parse, argv)
+  if not ok2 then return false, lo end
+  if lo == nil and not one_line(le) then return false, le end
+end
+
+function targets.template(text)
+  local ok, t, e = pcall(chat_template.detect, text)
+  if not ok then return false, t end
+  if t == nil then
+    if not one_line(e) then return false, e end
+    return
+  end
+  local msgs = { { role = "system", content = "s" }, { role = "user", content = "u" } }
+  local ok2, s = pcall(t.format, msgs, true, { bos = "<s>", eos = "</s>" })
+  if not ok2 then return false, s end
+  if type(s) ~= "string" then return false, "format returned " .. type(s) end
+end
+
+function targets.frame(bytes)
+  local msgs, bad = 0, nil
+  local feed = store.reader(function(m)
+    if type(m) ~= "table" or type(m.id) ~= "number" then error("reader passed a bad message") end
+    msgs = msgs + 1
+  end, function(why) bad = why end)
+  local i = 1
+  while i <= #bytes do
+    local n = 1 + rnd(64)
+    local ok, e = pcall(feed, bytes:sub(i, i + n - 1))
+    if not ok then return false, e end
+    i = i + n
+  end
+  if bad and not one_line(bad) then return false, bad end
+end
+
+-- the seeds
+local seeds = {}
+local req = uv.fs_scandir(seed_dir)
+while req do
+  local name = uv.fs_scandir_next(req)
+  if not name then break end
+  local kind = name:match("^(%a+)_")
+  if kind and targets[kind] then
+    local f = assert(io.open(seed_dir .. "/" .. name, "rb"))
+    seeds[#seeds + 1] = { kind = kind, data = f:read("*a") }
+    f:close()
+  end
+end
+table.sort(seeds, function(a, b) return a.kind .. a.data < b.kind .. b.data end)
+if #seeds == 0 then
+  io.stderr:write("lua_fuzz: no seeds in ", seed_dir, "\n")
+  os.exit(2)
+end
+
+local deadline = uv.hrtime() + seconds * 1e9
+local runs, per = 0, {}
+while uv.hrtime() < deadline do
+  for _ = 1, 100 do
+    local seed = seeds[rnd(#seeds) + 1]
+    local input = runs % 10 == 0 and seed.data or mutate(seed.data)
+    local verdict, why = targets[seed.kind](input)
+    runs = runs + 1
+    per[seed.kind] = (per[seed.kind] or 0) + 1
+    if verdict == false then
+      local out = "fuzz-finding-" .. seed.kind .. ".bin"
+      local f = io.open(out, "wb")
+      if f then f:write(input) f:close() end
+      io.stderr:write(string.format("lua_fuzz: %s: %s (input in %s)\n", seed.kind, tostring(why), out))
+      os.exit(1)
+    end
+  end
+end
+local parts = {}
+for k, n in pairs(per) do parts[#parts + 1] = k .. " " .. n end
+table.sort(parts)
+print(string.format("lua_fuzz: %d inputs in %g s (%s), no findings", runs, seconds, table.concat(parts, ", ")))
