@@ -199,6 +199,8 @@ cudaError_t msh_k_allreduce_oneshot_norm(cudaStream_t s, char *const *bufs, uint
 
 /* add.cu: out = a + b; out may alias either. */
 cudaError_t msh_k_add(cudaStream_t s, float *out, const float *a, const float *b, int64_t n);
+/* add_bias.cu: out (R, N) += b (N), b of b_dt (f32, f16, bf16) broadcast over the rows. */
+cudaError_t msh_k_add_bias(cudaStream_t s, float *out, const void *b, int b_dt, int64_t R, int64_t N);
 /* scale.cu: out = x * v; out may alias x. */
 cudaError_t msh_k_scale(cudaStream_t s, float *out, const float *x, float v, int64_t n);
 

@@ -373,6 +373,7 @@ const msh_backend msh_cpu_backend = {
     .attention_dyn = msh_cpu_attention_dyn,
     .silu_mul = msh_cpu_silu_mul,
     .add = msh_cpu_add,
+    .add_bias = msh_cpu_add_bias,
     .scale = msh_cpu_scale,
     .softmax = msh_cpu_softmax,
     .argmax = msh_cpu_argmax,

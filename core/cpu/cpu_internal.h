@@ -210,6 +210,7 @@ msh_status msh_cpu_attention_dyn(msh_tensor *out, const msh_tensor *q, const msh
                                  const msh_tensor *pos0, int64_t max_len, float scale);
 msh_status msh_cpu_silu_mul(msh_tensor *out, const msh_tensor *gate, const msh_tensor *up);
 msh_status msh_cpu_add(msh_tensor *out, const msh_tensor *a, const msh_tensor *b);
+msh_status msh_cpu_add_bias(msh_tensor *out, const msh_tensor *b);
 msh_status msh_cpu_scale(msh_tensor *out, const msh_tensor *x, float s);
 msh_status msh_cpu_softmax(msh_tensor *out, const msh_tensor *x, int log);
 msh_status msh_cpu_argmax(const msh_tensor *x, int32_t *out);

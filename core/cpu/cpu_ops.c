@@ -1,5 +1,5 @@
-/* cpu_ops.c: the small ops of the CPU backend: embedding, rmsnorm, rope, elementwise, softmax,
- * argmax. Each works row by row; rows go to several threads only when there are enough of them. */
+/* cpu_ops.c: the small ops of the CPU backend: embedding, rmsnorm, rope, elementwise, add_bias,
+ * softmax, argmax. Each works row by row; rows go to several threads only when there are enough of them. */
 #include "cpu_internal.h"
 
 #include <omp.h>
@@ -237,6 +237,39 @@ msh_status msh_cpu_silu_mul(msh_tensor *out, const msh_tensor *gate, const msh_t
 
 msh_status msh_cpu_add(msh_tensor *out, const msh_tensor *a, const msh_tensor *b) {
   return elementwise(EW_ADD, out, a, b, 0);
+}
+
+/* out (R, N) += b (N) for rows r0 .. r1. */
+static void add_bias_rows(float *o, const float *b, int64_t N, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; r++) {
+    float *orow = o + r * N;
+    for (int64_t n = 0; n < N; n++) orow[n] += b[n];
+  }
+}
+
+msh_status msh_cpu_add_bias(msh_tensor *out, const msh_tensor *b) {
+  int64_t N = out->shape[out->ndim - 1], R = msh_rows(out);
+  float *o = msh_tensor_ptr(out);
+  const float *bp = msh_tensor_ptr(b);
+  if (b->dtype != MSH_F32) { /* widen the bias once */
+    float *bf = msh_cpu_scratch(0, (size_t)N);
+    if (!bf) return MSH_FAIL(MSH_ENOMEM, "add_bias: out of memory for %lld floats", (long long)N);
+    msh_cpu_convert(bf, MSH_F32, bp, b->dtype, N);
+    bp = bf;
+  }
+  int nt = msh_cpu_threads(R * N, GRAIN_STREAM);
+  if (nt > R) nt = (int)R;
+  if (nt <= 1) {
+    add_bias_rows(o, bp, N, 0, R);
+    return MSH_OK;
+  }
+#pragma omp parallel num_threads(nt)
+  {
+    int64_t r0, r1;
+    msh_cpu_split(R, omp_get_thread_num(), omp_get_num_threads(), 1, &r0, &r1);
+    add_bias_rows(o, bp, N, r0, r1);
+  }
+  return MSH_OK;
 }
 
 msh_status msh_cpu_scale(msh_tensor *out, const msh_tensor *x, float s) {

@@ -466,6 +466,15 @@ static msh_status cuda_add(msh_tensor *out, const msh_tensor *a, const msh_tenso
   return MSH_OK;
 }
 
+static msh_status cuda_add_bias(msh_tensor *out, const msh_tensor *b) {
+  msh_cuda_dev *d;
+  msh_status s = dev_for(out, &d);
+  if (s != MSH_OK) return s;
+  int64_t N = out->shape[out->ndim - 1];
+  CUDA_TRY(msh_k_add_bias(d->stream, msh_tensor_ptr(out), msh_tensor_ptr(b), b->dtype, msh_rows(out), N));
+  return MSH_OK;
+}
+
 static msh_status cuda_scale(msh_tensor *out, const msh_tensor *x, float v) {
   msh_cuda_dev *d;
   msh_status s = dev_for(out, &d);
@@ -555,6 +564,7 @@ const msh_backend msh_cuda_backend = {
     .attention_dyn = cuda_attention_dyn,
     .silu_mul = cuda_silu_mul,
     .add = cuda_add,
+    .add_bias = cuda_add_bias,
     .scale = cuda_scale,
     .softmax = cuda_softmax,
     .argmax = cuda_argmax,

@@ -316,6 +316,11 @@ msh_status msh_op_silu_mul(msh_tensor *out, const msh_tensor *gate, const msh_te
 /* out = a + b, elementwise, equal shapes. out may alias a or b. */
 msh_status msh_op_add(msh_tensor *out, const msh_tensor *a, const msh_tensor *b);
 
+/* In place: out (M, N) f32 += b (N) broadcast over the rows; b f32, f16 or bf16 (a weight: the
+ * bias of a projection). out may be any (.., N): its rows are the product of the leading dims.
+ * MSH_EINVAL with both shapes when b is not one row of out's last dim. */
+msh_status msh_op_add_bias(msh_tensor *out, const msh_tensor *b);
+
 /* out = x * s, elementwise. out may alias x. */
 msh_status msh_op_scale(msh_tensor *out, const msh_tensor *x, float s);
 

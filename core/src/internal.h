@@ -190,6 +190,8 @@ typedef struct msh_backend {
                                  msh_tensor *h, const msh_tensor *pos, const msh_tensor *inv_freq, int style);
   msh_status (*silu_mul)(msh_tensor *out, const msh_tensor *gate, const msh_tensor *up);
   msh_status (*add)(msh_tensor *out, const msh_tensor *a, const msh_tensor *b);
+  /* out (R, N) contiguous f32 += b (N) contiguous f32/f16/bf16, row by row (R = rows of out). */
+  msh_status (*add_bias)(msh_tensor *out, const msh_tensor *b);
   msh_status (*scale)(msh_tensor *out, const msh_tensor *x, float s);
   msh_status (*softmax)(msh_tensor *out, const msh_tensor *x, int log);
   msh_status (*argmax)(const msh_tensor *x, int32_t *out);

@@ -504,6 +504,20 @@ msh_status msh_op_add(msh_tensor *out, const msh_tensor *a, const msh_tensor *b)
   return be->add(out, a, b);
 }
 
+msh_status msh_op_add_bias(msh_tensor *out, const msh_tensor *b) {
+  if (!out || !b) return MSH_FAIL(MSH_EINVAL, "NULL argument");
+  const msh_backend *be = same_device("add_bias", out, b, NULL, NULL);
+  if (!be) return MSH_EINVAL;
+  CHECK(want_out("add_bias", out));
+  CHECK(want_weight("add_bias", "b", b));
+  char x[96], y[96];
+  if (out->ndim < 1 || b->ndim != 1 || b->shape[0] != out->shape[out->ndim - 1])
+    return MSH_FAIL(MSH_EINVAL, "add_bias: out %s and b %s do not fit (M, N) += (N)", SHAPE(out, x), SHAPE(b, y));
+  if (overlaps(out, b)) return MSH_FAIL(MSH_EINVAL, "add_bias: out overlaps b");
+  if (msh_tensor_numel(out) == 0) return MSH_OK;
+  return be->add_bias(out, b);
+}
+
 msh_status msh_op_scale(msh_tensor *out, const msh_tensor *x, float s) {
   const msh_backend *be = NULL;
   CHECK(elementwise("scale", out, x, x, &be));

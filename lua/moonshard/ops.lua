@@ -5,6 +5,7 @@
 --   attention(out, q, k, v, pos0, scale)
 --   attention_dyn(out, q, k, v, pos0_t, max_len, scale)   (positions read on the device)
 --   silu_mul(out, gate, up)  add(out, a, b)  scale(out, x, f)  softmax(out, x)  log_softmax(out, x)
+--   add_bias(out, b) (out (M, N) f32 += b (N) f32/f16/bf16, in place)
 --   fused: matmul_acc(out, x, w) (out +=)   matmul_glu(out, x, w_gate_up, scratch)
 --          qkv_rope(q_out, k_cache, v_cache, qkv, pos, inv_freq, style)
 --          rmsnorm_matmul(out, x, norm_w, eps, w, h, gu) (out = rmsnorm(x) @ w^T, or the GLU form
@@ -39,7 +40,7 @@ local function op(name)
 end
 
 for _, name in ipairs { "embedding", "rmsnorm", "matmul", "rope", "set_rows", "set_rows_dyn", "attention",
-                        "attention_dyn", "silu_mul", "add", "scale", "softmax", "log_softmax",
+                        "attention_dyn", "silu_mul", "add", "add_bias", "scale", "softmax", "log_softmax",
                         "matmul_acc", "matmul_glu", "qkv_rope", "rmsnorm_matmul", "rmsnorm_qkv_rope",
                         "rmsnorm_mlp" } do
   M[name] = op(name)

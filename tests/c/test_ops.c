@@ -287,6 +287,37 @@ static void test_rmsnorm(void) {
     }
 }
 
+/* ------------------------------------------------------------------------------ add_bias */
+
+static void test_add_bias(void) {
+  /* rows x columns: one row, odd widths, enough rows to go to several threads */
+  const int64_t shapes[][2] = {{1, 1}, {1, 7}, {5, 131}, {3, 896}, {70, 4096}};
+  for (int d = 0; d < 3; d++)
+    for (size_t j = 0; j < sizeof shapes / sizeof shapes[0]; j++) {
+      int64_t M = shapes[j][0], N = shapes[j][1], os[2] = {M, N}, bs[1] = {N};
+      msh_tensor *o = trand(MSH_F32, 2, os), *b = trand(float_types[d], 1, bs);
+      fill(b, 0.5, 2.0);
+      double *want = malloc(sizeof(double) * (size_t)(M * N));
+      for (int64_t r = 0; r < M; r++)
+        for (int64_t i = 0; i < N; i++) want[r * N + i] = at(o, r * N + i) + at(b, i);
+      CHECK_OK(msh_op_add_bias(o, b));
+      CHECK(near_all("add_bias", o, want, NULL, 1e-6, 1e-6));
+      free(want);
+      msh_tensor_free(o);
+      msh_tensor_free(b);
+    }
+  /* a 3-D out: rows are the leading dims */
+  int64_t o3[3] = {2, 3, 8}, b1[1] = {8};
+  msh_tensor *o = trand(MSH_F32, 3, o3), *b = trand(MSH_BF16, 1, b1);
+  double *want = snapshot(o);
+  for (int64_t i = 0; i < 48; i++) want[i] += at(b, i % 8);
+  CHECK_OK(msh_op_add_bias(o, b));
+  CHECK(near_all("add_bias 3-D", o, want, NULL, 1e-6, 1e-6));
+  free(want);
+  msh_tensor_free(o);
+  msh_tensor_free(b);
+}
+
 /* ------------------------------------------------------------------------------- softmax */
 
 static void test_softmax(void) {
@@ -580,6 +611,22 @@ static void test_errors(void) {
   msh_clear_error();
   CHECK_STATUS(msh_op_add(o, x, x), MSH_EINVAL); /* (3, 5) vs (3, 8) */
   check_message("add");
+  int64_t b7s[1] = {7}, b5x1[2] = {5, 1};
+  msh_tensor *b7 = trand(MSH_F32, 1, b7s), *b51 = trand(MSH_F32, 2, b5x1), *ib = tnew(MSH_I32, 1, b7s);
+  double *o_before = snapshot(o);
+  msh_clear_error();
+  CHECK_STATUS(msh_op_add_bias(o, b7), MSH_EINVAL); /* (3, 5) += (7) */
+  check_message("add_bias");
+  CHECK(strstr(msh_last_error(), "(3, 5)") != NULL && strstr(msh_last_error(), "(7)") != NULL);
+  CHECK_STATUS(msh_op_add_bias(o, b51), MSH_EINVAL); /* b must be 1-D */
+  CHECK_STATUS(msh_op_add_bias(x, ib), MSH_EINVAL);  /* i32 bias */
+  CHECK_STATUS(msh_op_add_bias(b7, b7), MSH_EINVAL); /* out overlaps b */
+  CHECK_STATUS(msh_op_add_bias(NULL, b7), MSH_EINVAL);
+  CHECK(near_all("add_bias failures leave out", o, o_before, NULL, 0, 0));
+  free(o_before);
+  msh_tensor_free(b7);
+  msh_tensor_free(b51);
+  msh_tensor_free(ib);
 
   int64_t ts[2] = {10, 4}, is[1] = {3}, es[2] = {3, 4};
   msh_tensor *table = trand(MSH_F16, 2, ts), *ids = tnew(MSH_I32, 1, is), *e = tnew(MSH_F32, 2, es);
@@ -645,6 +692,7 @@ int main(void) {
   test_rope();
   test_attention();
   test_rmsnorm();
+  test_add_bias();
   test_softmax();
   test_argmax();
   test_embedding();

@@ -685,6 +685,42 @@ static void test_elementwise(void) {
   }
 }
 
+/* ---------------------------------------------------------------------------- add_bias */
+
+/* In place, so out starts from random values (a row left unadded differs from the CPU's by its
+ * bias, never zero); out is the first M rows of an (M + 1, N) buffer whose last row is NaN, which
+ * must stay NaN (nothing written past out). */
+static void test_add_bias(void) {
+  printf("add_bias\n");
+  const int64_t shapes[][2] = {{1, 896}, {7, 128}, {5, 131}, {64, 4096}, {3, 70000}};
+  for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
+    for (int j = 0; j < 3; j++) {
+      int dt = float_dtypes[j];
+      int64_t M = shapes[s][0], N = shapes[s][1], os[2] = {M, N}, bs[1] = {N}, ps[2] = {M + 1, N};
+      msh_tensor *co = cpu_randn(MSH_F32, 2, os, 2.0f), *cb = cpu_randn(dt, 1, bs, 1.0f);
+      msh_tensor *gb = cb ? to_gpu(cb) : NULL, *gpad = gpu_poisoned(2, ps), *go = NULL;
+      if (co && cb && gb && gpad) {
+        CHECK_OK(msh_tensor_narrow(&go, gpad, 0, 0, M));
+        if (go) CHECK_OK(msh_tensor_copy(go, co));
+        if (go) CHECK_OK(msh_op_add_bias(go, gb));
+        CHECK_OK(msh_op_add_bias(co, cb));
+        char what[96];
+        snprintf(what, sizeof what, "add_bias (%lld, %lld) b %s", (long long)M, (long long)N, msh_dtype_name(dt));
+        if (go) COMPARE(what, go, co, 1e-7);
+        msh_tensor *tail = NULL, *htail = NULL;
+        CHECK_OK(msh_tensor_narrow(&tail, gpad, 0, M, 1));
+        if (tail) htail = to_cpu(tail);
+        int nan_kept = htail != NULL;
+        for (int64_t i = 0; htail && i < N; i++) nan_kept &= isnan(((const float *)msh_tensor_data(htail))[i]);
+        CHECK(nan_kept);
+        msh_tensor_free(tail);
+        msh_tensor_free(htail);
+      }
+      msh_tensor *ts[] = {co, cb, gb, gpad, go};
+      free_all(ts, 5);
+    }
+}
+
 /* ------------------------------------------------------------------- softmax, argmax */
 
 static void test_softmax(void) {
@@ -786,6 +822,7 @@ int main(void) {
   test_attention();
   test_batch();
   test_elementwise();
+  test_add_bias();
   test_softmax();
   test_argmax();
   return check_done("test_cuda_ops");
