@@ -141,8 +141,11 @@ function M.check(v, spec, where, name)
   name = name or "value"
   if M.absent(v) then
     if spec.required then
-      error(string.format("%s%s is required%s", where_prefix(where), name,
-        spec.type and (" (" .. M.describe(spec) .. ")") or ""), 0)
+      local what = (spec.type or spec.enum or spec.int_or_list) and (" (" .. M.describe(spec) .. ")") or ""
+      if name:match("^field ") then -- 'dir/config.json': missing field 'hidden_size' (a positive integer)
+        error(string.format("%smissing %s%s", where_prefix(where), name, what), 0)
+      end
+      error(string.format("%s%s is required%s", where_prefix(where), name, what), 0)
     end
     return spec.default
   end

@@ -24,8 +24,9 @@ describe("moonshard.validate", function()
       err_of(V.field, { num_key_value_heads = "abc" }, "num_key_value_heads", { type = "int", gt = 0 }, where))
     assert.are.equal([['dir/config.json': field 'tie_word_embeddings' must be true or false (got "yes")]],
       err_of(V.field, { tie_word_embeddings = "yes" }, "tie_word_embeddings", { type = "boolean" }, where))
-    assert.are.equal([['dir/config.json': field 'hidden_size' is required (a positive integer)]],
+    assert.are.equal([['dir/config.json': missing field 'hidden_size' (a positive integer)]],
       err_of(V.field, {}, "hidden_size", { type = "int", gt = 0, required = true }, where))
+    assert.are.equal("--model is required", err_of(V.check, nil, { required = true }, nil, "--model"))
   end)
 
   it("numbers: finite by default, bounds, integers exact", function()
