@@ -278,8 +278,27 @@ describe("config.json fields of the wrong type (checked by the loader through mo
     { "tie_word_embeddings", "yes", "field 'tie_word_embeddings' must be true or false" },
     { "eos_token_id", "two", "field 'eos_token_id' must be an integer or a list of integers" },
   }
+  -- run once loaders/hf.lua reads its fields through moonshard.validate; pending until then
+  local wired = h.read(h.root .. "/lua/moonshard/loaders/hf.lua"):find("moonshard.validate", 1, true)
   for _, c in ipairs(cases) do
-    pending(string.format("loader: config.json %s = %q is refused naming the field", c[1], c[2]))
+    local name = string.format("loader: config.json %s = %q is refused naming the field", c[1], c[2])
+    if not wired then
+      pending(name)
+    else
+      it(name, function()
+        local tmp = h.tmpdir()
+        h.copy_dir(h.hf .. "/f32", tmp .. "/m")
+        local cfg = cjson.decode(h.read(tmp .. "/m/config.json"))
+        cfg[c[1]] = c[2]
+        h.write(tmp .. "/m/config.json", cjson.encode(cfg))
+        local _, err, code = run { "generate", "--model", tmp .. "/m", "--tokenizer", h.stories .. "/tok512.bin",
+          "--max-tokens", "2" }
+        h.rmdir(tmp)
+        assert.are.equal(1, code, err)
+        one_line_error(err)
+        assert.truthy(err:find("config.json': " .. c[3], 1, true), err)
+      end)
+    end
   end
   pending("loader: llama3 rope_scaling without its factors is refused naming the missing field")
   pending("loader: a folder holding both Hugging Face and GGUF files is refused (or names which it loads)")
