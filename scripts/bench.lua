@@ -172,9 +172,7 @@ if log_dir and log_dir ~= "" then
   tel, terr = require("moonshard.telemetry").open(log_dir, { rank = pg and pg.rank or 0, world = pg and pg.world or 1,
     meta = { script = "bench", model = name, tp = opts.tp, pp = opts.pp, device = opts.device } })
   if not tel then fail(terr) end
-  tel:watch(net.tp_comm, "tp")
-  tel:watch(net.pp_comm, "pp")
-  net.hooks = tel:stage_hooks(opts.device, net.pp_rank)
+  net:observe(tel)
 end
 -- all-reduce seconds recorded so far (waits for the device's pending records)
 local function allreduce_s()

@@ -80,9 +80,7 @@ if log_dir and log_dir ~= "" then
     os.exit(1)
   end
   local net = model.net
-  tel:watch(net.tp_comm, "tp")
-  tel:watch(net.pp_comm, "pp")
-  net.hooks = tel:stage_hooks(net.device, net.pp_rank)
+  net:observe(tel)
 end
 
 local stats, gerr = model:generate({

@@ -15,6 +15,8 @@
 # MSH_PARITY8B_DIR, default $TMPDIR/msh-parity-8b, and reused there; 16 GB of disk, about two
 # minutes), then tools/parity/noise_8b.py for the bar's noise floor; it is on by default when the GPU has
 # at least 40 GB.
+# MSH_GPU_SPECS="gpu_spec arch_spec" runs those Lua specs after the GPU tests (with
+# MSH_GPU_SUITE=0: instead of the whole suite).
 # MSH_GPU_BEFORE=TARBALL builds a second tree (`git archive` of an earlier commit) in build-before
 # beside this one, and the model benchmarks then alternate the two builds in the same run
 # (model_ab.jsonl, each line tagged "build": "before" or "after"; a before/after table last).
@@ -102,6 +104,17 @@ if [ "${MSH_GPU_TESTS:-1}" != 0 ]; then
   # the shared data folder sits beside the checkout; carried copies stand in for it on a device
   if [ ! -d ../shared/data ] && [ -d .carry/data ]; then
     mkdir -p ../shared && ln -sfn "$root/.carry/data" ../shared/data
+  fi
+  if [ -n "${MSH_GPU_SPECS:-}" ]; then
+    # only the named Lua specs (e.g. MSH_GPU_SPECS="gpu_spec arch_spec"), not the whole suite
+    for spec in $MSH_GPU_SPECS; do
+      echo "== Lua spec $spec"
+      timeout 300 build-gpu/moonshard -e "local h = require 'moonshard.host'
+        package.path = h.root .. '/tests/lua/?.lua;' .. package.path
+        _G.arg = { [0] = 'busted', '--output=plainTerminal', h.root .. '/tests/lua/$spec.lua' }
+        require('busted.runner')({ standalone = false })" > "$out/spec_$spec.log" 2>&1 || status=1
+      grep -E "successes|^(Failure|Error) ->" -A3 "$out/spec_$spec.log" | head -40
+    done
   fi
   if [ "${MSH_GPU_SUITE:-1}" != 0 ]; then
     echo "== whole suite (ctest: C tests, Lua specs with the GPU model specs)"

@@ -617,6 +617,14 @@ function Runner:step(batch)
   return view
 end
 
+-- Records this runner's work in a telemetry recorder (moonshard.telemetry): every collective of
+-- its tensor- and pipeline-parallel communicators, and its stage's busy and idle time per pass.
+function Runner:observe(tel)
+  tel:watch(self.tp_comm, "tp")
+  tel:watch(self.pp_comm, "pp")
+  self.hooks = tel:stage_hooks(self.device, self.pp_rank)
+end
+
 -- Forgets the cache (the next forward starts at position 0), of every slot.
 function Runner:reset()
   self.pos = 0

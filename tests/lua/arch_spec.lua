@@ -96,11 +96,7 @@ describe("architectures on CPU ranks", function()
   for _, case in ipairs(cases) do
     local name, tp, pp = case[1], case[2], case[3]
     it(string.format("%s, tp %d x pp %d: logits within 1e-4 of transformers", name, tp, pp), function()
-      local out, err, code = h.run { "launch", "-n", tostring(tp * pp), h.root .. "/tests/lua/parallel_logits.lua",
-        "arch/" .. name, tostring(tp), tostring(pp) }
-      assert.are.equal(0, code, err)
-      local diff = tonumber(out:match("max_abs_diff (%S+)"))
-      assert.is_not_nil(diff, out .. err)
+      local diff = h.parallel_diff("arch/" .. name, tp, pp)
       assert.is_true(diff < 1e-4, "max |diff| " .. tostring(diff))
     end)
   end

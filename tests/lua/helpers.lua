@@ -153,6 +153,18 @@ function M.reference(name, file)
   return v, shape
 end
 
+-- The largest difference from transformers' logits of a test checkpoint run on tp x pp CPU ranks
+-- (tests/lua/parallel_logits.lua under `moonshard launch`; NAME as that script takes it, head
+-- "replicated" or nil); fails the spec when the run fails.
+function M.parallel_diff(name, tp, pp, head)
+  local out, err, code = M.run { "launch", "-n", tostring(tp * pp), M.root .. "/tests/lua/parallel_logits.lua",
+    name, tostring(tp), tostring(pp), "-", "-", head }
+  assert(code == 0, err)
+  local diff = tonumber(out:match("max_abs_diff (%S+)"))
+  assert(diff, out .. err)
+  return diff
+end
+
 function M.max_abs_diff(a, b)
   assert(#a == #b, string.format("lengths differ: %d vs %d", #a, #b))
   local m = 0

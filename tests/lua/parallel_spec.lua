@@ -24,11 +24,7 @@ describe("tensor and pipeline parallel (CPU ranks)", function()
     local name, tp, pp, head = case[1], case[2], case[3], case[4]
     it(string.format("%s checkpoint, tp %d x pp %d%s: logits within 1e-4 of transformers", name, tp, pp,
       head and " (" .. head .. " head)" or ""), function()
-      local out, err, code = h.run { "launch", "-n", tostring(tp * pp), h.root .. "/tests/lua/parallel_logits.lua",
-        name, tostring(tp), tostring(pp), "-", "-", head }
-      assert.are.equal(0, code, err)
-      local diff = tonumber(out:match("max_abs_diff (%S+)"))
-      assert.is_not_nil(diff, out .. err)
+      local diff = h.parallel_diff(name, tp, pp, head)
       assert.is_true(diff < 1e-4, "max |diff| " .. tostring(diff))
     end)
   end
