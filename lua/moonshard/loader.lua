@@ -41,11 +41,19 @@ function M.detect(path)
   local st = stat(path)
   if not st then return nil, string.format("model path '%s' does not exist", path) end
   if st.type == "directory" then
-    if stat(path .. "/config.json") then return { format = "hf", dir = path } end
-    local model, tok
+    local gguf
     for _, name in ipairs(list(path)) do
-      if name:match("%.gguf$") then return { format = "gguf", model = path .. "/" .. name } end
+      if name:match("%.gguf$") then gguf = gguf or name end
     end
+    if stat(path .. "/config.json") then
+      if gguf then
+        return nil, string.format("'%s' holds both a Hugging Face checkpoint (config.json) and '%s': name the "
+          .. "file to load, or keep them in separate folders", path, gguf)
+      end
+      return { format = "hf", dir = path }
+    end
+    if gguf then return { format = "gguf", model = path .. "/" .. gguf } end
+    local model, tok
     for _, name in ipairs(list(path)) do
       if name:match("%.bin$") then
         if is_tokenizer_name(name) then tok = tok or (path .. "/" .. name)

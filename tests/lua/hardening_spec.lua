@@ -278,13 +278,9 @@ describe("config.json fields of the wrong type (checked by the loader through mo
     { "tie_word_embeddings", "yes", "field 'tie_word_embeddings' must be true or false" },
     { "eos_token_id", "two", "field 'eos_token_id' must be an integer or a list of integers" },
   }
-  -- run once loaders/hf.lua reads its fields through moonshard.validate; pending until then
-  local wired = h.read(h.root .. "/lua/moonshard/loaders/hf.lua"):find("moonshard.validate", 1, true)
   for _, c in ipairs(cases) do
     local name = string.format("loader: config.json %s = %q is refused naming the field", c[1], c[2])
-    if not wired then
-      pending(name)
-    else
+    do
       it(name, function()
         local tmp = h.tmpdir()
         h.copy_dir(h.hf .. "/f32", tmp .. "/m")
@@ -300,6 +296,28 @@ describe("config.json fields of the wrong type (checked by the loader through mo
       end)
     end
   end
-  pending("loader: llama3 rope_scaling without its factors is refused naming the missing field")
-  pending("loader: a folder holding both Hugging Face and GGUF files is refused (or names which it loads)")
+  it("loader: llama3 rope_scaling without its factors is refused naming the missing field", function()
+    local tmp = h.tmpdir()
+    h.copy_dir(h.hf .. "/llama3", tmp .. "/m")
+    local cfg = cjson.decode(h.read(tmp .. "/m/config.json"))
+    cfg.rope_scaling, cfg.rope_parameters = { rope_type = "llama3", factor = 8 }, nil
+    h.write(tmp .. "/m/config.json", cjson.encode(cfg))
+    local _, err, code = run { "generate", "--model", tmp .. "/m", "--tokenizer", h.stories .. "/tok512.bin",
+      "--max-tokens", "2" }
+    h.rmdir(tmp)
+    assert.are.equal(1, code, err)
+    one_line_error(err)
+    assert.truthy(err:find("rope_scaling': missing field 'low_freq_factor'", 1, true), err)
+  end)
+
+  it("loader: a folder holding both Hugging Face and GGUF files is refused, naming both", function()
+    local tmp = h.tmpdir()
+    h.copy_dir(h.arch .. "/qwen3", tmp .. "/m")
+    h.sh(string.format("cp %s %s", h.q(h.arch .. "/qwen3.gguf"), h.q(tmp .. "/m/")))
+    local _, err, code = run { "generate", "--model", tmp .. "/m", "--max-tokens", "2" }
+    h.rmdir(tmp)
+    assert.are.equal(1, code, err)
+    one_line_error(err)
+    assert.truthy(err:find("holds both a Hugging Face checkpoint (config.json) and 'qwen3.gguf'", 1, true), err)
+  end)
 end)
