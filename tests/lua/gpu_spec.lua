@@ -38,6 +38,22 @@ describe("CUDA device", function()
     end)
   end
 
+  it("gives the device's memory back when a model is closed, 50 times over", function()
+    local memplan = require "moonshard.memplan"
+    local function once()
+      local m = assert(moonshard.load(h.hf .. "/llama3", { device = "cuda", max_seq = 2048, batch = 4 }))
+      assert(m:forward({ 1, 2, 3, 4 }, 0))
+      assert(m:forward(5)) -- a decode step: a CUDA graph recorded, freed with the model
+      m:close()
+    end
+    once()
+    local free0 = assert(memplan.device_memory("cuda"))
+    for _ = 1, 50 do once() end
+    local free1 = assert(memplan.device_memory("cuda"))
+    -- each model holds a few MB of cache and buffers on the device: 50 leaked would be far more
+    assert.is_true(free0 - free1 < 4 * 2 ^ 20, string.format("free device memory fell by %.1f MB", (free0 - free1) / 2 ^ 20))
+  end)
+
   -- the architectures of the registry (tests/fixtures/arch): their biases (add_bias), head
   -- norms and tied heads on the GPU; prefill and then decode steps through CUDA graphs
   for _, name in ipairs { "qwen2", "qwen2-untied", "qwen3", "mistral" } do
