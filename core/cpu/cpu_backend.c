@@ -354,6 +354,15 @@ static msh_status cpu_set_rows_dyn(msh_tensor *dst, const msh_tensor *row0, cons
 
 /* ------------------------------------------------------------------------------- vtable */
 
+static msh_status cpu_device_count(int *out) {
+  *out = 1; /* the host: its cores are threads of one device */
+  return MSH_OK;
+}
+
+/* No streams, events, staging or pinning: ops run as they are issued, so core/src/stream.c gives
+ * streams and events their synchronous meaning (work done before the call returns, events
+ * complete once recorded). */
+
 const msh_backend msh_cpu_backend = {
     .name = "cpu",
     .alloc = cpu_alloc,
@@ -377,4 +386,5 @@ const msh_backend msh_cpu_backend = {
     .scale = msh_cpu_scale,
     .softmax = msh_cpu_softmax,
     .argmax = msh_cpu_argmax,
+    .device_count = cpu_device_count,
 };

@@ -84,12 +84,12 @@ static ncclRedOp_t nccl_op(int op) { return op == MSH_REDUCE_MAX ? ncclMax : ncc
 
 static size_t nbytes(const msh_tensor *t) { return (size_t)msh_tensor_numel(t) * msh_dtype_size(t->dtype); }
 
-/* The device's current stream (and the device made current on this thread). */
+/* The calling thread's current stream of the device (and the device made current on this thread). */
 static msh_status stream_of(nccl_comm *c, cudaStream_t *out) {
   msh_cuda_dev *d;
   msh_status s = msh_cuda_dev_get(c->head.device_index, &d);
   if (s != MSH_OK) return s;
-  *out = d->stream;
+  *out = msh_cuda_cur(d);
   return MSH_OK;
 }
 

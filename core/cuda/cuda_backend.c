@@ -6,6 +6,7 @@
 #include "cuda_internal.h"
 
 #include <limits.h>
+#include <string.h>
 
 #include "msh_kernels.h"
 
@@ -30,7 +31,7 @@ static msh_status cuda_alloc(int device_index, uint64_t bytes, void **out) {
                     (unsigned long long)bytes, (double)bytes / (1 << 30), device_index, fr, (double)fr / (1 << 30), tot);
   }
   CUDA_TRY(e);
-  s = msh_cuda_check_at(MSH_CUDA_RT, cudaMemsetAsync(p, 0, (size_t)bytes, d->stream), "cudaMemsetAsync", __FILE__,
+  s = msh_cuda_check_at(MSH_CUDA_RT, cudaMemsetAsync(p, 0, (size_t)bytes, msh_cuda_cur(d)), "cudaMemsetAsync", __FILE__,
                         __LINE__, __func__);
   if (s != MSH_OK) {
     cudaFree(p);
@@ -64,8 +65,8 @@ static msh_status cuda_download(int device_index, void *dst, const void *src, ui
   if (s == MSH_OK) s = msh_cuda_check_not_capturing(d, "copying from the device to the host", __func__);
   if (s != MSH_OK) return s;
   if (!bytes) return MSH_OK;
-  CUDA_TRY(cudaMemcpyAsync(dst, src, (size_t)bytes, cudaMemcpyDeviceToHost, d->stream));
-  CUDA_TRY(cudaStreamSynchronize(d->stream));
+  CUDA_TRY(cudaMemcpyAsync(dst, src, (size_t)bytes, cudaMemcpyDeviceToHost, msh_cuda_cur(d)));
+  CUDA_TRY(cudaStreamSynchronize(msh_cuda_cur(d)));
   return MSH_OK;
 }
 
@@ -83,22 +84,51 @@ static msh_status cuda_copy(msh_tensor *dst, const msh_tensor *src) {
   int dc = msh_tensor_is_contiguous(dst), sc = msh_tensor_is_contiguous(src);
   if (dc && sc) {
     if (dst->dtype == src->dtype)
-      CUDA_TRY(cudaMemcpyAsync(dp, sp, (size_t)n * es, cudaMemcpyDeviceToDevice, d->stream));
+      CUDA_TRY(cudaMemcpyAsync(dp, sp, (size_t)n * es, cudaMemcpyDeviceToDevice, msh_cuda_cur(d)));
     else
-      CUDA_TRY(msh_k_convert(d->stream, dp, dst->dtype, sp, src->dtype, n));
+      CUDA_TRY(msh_k_convert(msh_cuda_cur(d), dp, dst->dtype, sp, src->dtype, n));
     return MSH_OK;
   }
   int64_t dr, dcols, dld, sr, scols, sld;
   if (msh_packed_rows(dst, &dr, &dcols, &dld) && msh_packed_rows(src, &sr, &scols, &sld)) {
     if (dst->dtype == src->dtype)
       CUDA_TRY(cudaMemcpy2DAsync(dp, (size_t)dld * es, sp, (size_t)sld * es, (size_t)dcols * es, (size_t)dr,
-                                 cudaMemcpyDeviceToDevice, d->stream));
+                                 cudaMemcpyDeviceToDevice, msh_cuda_cur(d)));
     else
-      CUDA_TRY(msh_k_copy_rows(d->stream, dp, dst->dtype, dld, sp, src->dtype, sld, dr, dcols));
+      CUDA_TRY(msh_k_copy_rows(msh_cuda_cur(d), dp, dst->dtype, dld, sp, src->dtype, sld, dr, dcols));
     return MSH_OK;
   }
-  CUDA_TRY(msh_k_copy_strided(d->stream, dp, dst->dtype, dst->stride, sp, src->dtype, src->stride, src->ndim,
+  CUDA_TRY(msh_k_copy_strided(msh_cuda_cur(d), dp, dst->dtype, dst->stride, sp, src->dtype, src->stride, src->ndim,
                               src->shape));
+  return MSH_OK;
+}
+
+/* dst = src on stream st: both on the device (cuda_copy there), or one in host memory (a byte
+ * copy of contiguous tensors; ops.c checked). Pageable host memory makes CUDA stage the bytes and
+ * return once the host side is done with; pinned memory (msh_tensor_new_pinned) returns at once.
+ * During a capture only pinned host memory can be recorded into the graph. */
+static msh_status cuda_copy_async(msh_tensor *dst, const msh_tensor *src, void *stream) {
+  const msh_tensor *dev_side = dst->st->device == MSH_CUDA ? dst : src;
+  msh_cuda_dev *d;
+  msh_status s = dev_for(dev_side, &d);
+  if (s != MSH_OK) return s;
+  cudaStream_t st = stream ? (cudaStream_t)stream : msh_cuda_cur(d);
+  if (dst->st->device == src->st->device) { /* the device copy, queued on st instead */
+    cudaStream_t *cur = &msh_cuda_tls_stream[d->index], saved = *cur;
+    *cur = st;
+    s = cuda_copy(dst, src);
+    *cur = saved;
+    return s;
+  }
+  const msh_storage *host = dst->st->device == MSH_CPU ? dst->st : src->st;
+  if (!host->pinned_by && msh_cuda_stream_capturing(d, st))
+    return MSH_FAIL(MSH_EINVAL, "an asynchronous copy %s pageable host memory while a graph is being captured on "
+                    "CUDA device %d: only pinned memory (msh_tensor_new_pinned) can be recorded",
+                    host == dst->st ? "to" : "from", d->index);
+  size_t bytes = (size_t)msh_dtype_bytes(src->dtype, msh_tensor_numel(src));
+  if (!bytes) return MSH_OK;
+  CUDA_TRY(cudaMemcpyAsync(msh_tensor_ptr(dst), msh_tensor_ptr(src), bytes,
+                           host == dst->st ? cudaMemcpyDeviceToHost : cudaMemcpyHostToDevice, st));
   return MSH_OK;
 }
 
@@ -127,11 +157,11 @@ static msh_status cuda_set_rows_dyn(msh_tensor *dst, const msh_tensor *row0, con
   const void *sp = msh_tensor_ptr(src);
   int64_t dcols, scols;
   if (as_batch_rows(dst, &dcols) && as_batch_rows(src, &scols)) {
-    CUDA_TRY(msh_k_copy_rows_at(d->stream, dp, dst->dtype, dst->stride[0], dst->stride[1], sp, src->dtype,
+    CUDA_TRY(msh_k_copy_rows_at(msh_cuda_cur(d), dp, dst->dtype, dst->stride[0], dst->stride[1], sp, src->dtype,
                                 src->stride[0], src->stride[1], B, T, scols, r0, n, max_row0));
     return MSH_OK;
   }
-  CUDA_TRY(msh_k_copy_strided_at(d->stream, dp, dst->dtype, dst->stride, sp, src->dtype, src->stride, src->ndim,
+  CUDA_TRY(msh_k_copy_strided_at(msh_cuda_cur(d), dp, dst->dtype, dst->stride, sp, src->dtype, src->stride, src->ndim,
                                  src->shape, r0, n, max_row0));
   return MSH_OK;
 }
@@ -145,21 +175,21 @@ static msh_status cuda_embedding(msh_tensor *out, const msh_tensor *table, const
   int64_t T = out->shape[0], D = out->shape[1], V = table->shape[0];
   if (T == 0) return MSH_OK;
   const int32_t *idp = msh_tensor_ptr(ids);
-  CUDA_TRY(cudaMemsetAsync(d->dev_words, 0, sizeof(int32_t), d->stream));
-  CUDA_TRY(msh_k_embedding(d->stream, msh_tensor_ptr(out), msh_tensor_ptr(table), table->dtype, idp, T, D, V,
+  CUDA_TRY(cudaMemsetAsync(d->dev_words, 0, sizeof(int32_t), msh_cuda_cur(d)));
+  CUDA_TRY(msh_k_embedding(msh_cuda_cur(d), msh_tensor_ptr(out), msh_tensor_ptr(table), table->dtype, idp, T, D, V,
                            d->dev_words));
   /* an id outside the table is MSH_ERANGE, as on the CPU: read the flag back, except while a
    * graph is being captured (no host round trip is possible then) */
   enum cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
-  CUDA_TRY(cudaStreamIsCapturing(d->stream, &cap));
+  CUDA_TRY(cudaStreamIsCapturing(msh_cuda_cur(d), &cap));
   if (cap != cudaStreamCaptureStatusNone) return MSH_OK;
-  CUDA_TRY(cudaMemcpyAsync(d->host_words, d->dev_words, sizeof(int32_t), cudaMemcpyDeviceToHost, d->stream));
-  CUDA_TRY(cudaStreamSynchronize(d->stream));
+  CUDA_TRY(cudaMemcpyAsync(d->host_words, d->dev_words, sizeof(int32_t), cudaMemcpyDeviceToHost, msh_cuda_cur(d)));
+  CUDA_TRY(cudaStreamSynchronize(msh_cuda_cur(d)));
   int32_t bad = d->host_words[0];
   if (bad) {
     int32_t id = 0;
-    CUDA_TRY(cudaMemcpyAsync(d->host_words, idp + (bad - 1), sizeof(int32_t), cudaMemcpyDeviceToHost, d->stream));
-    CUDA_TRY(cudaStreamSynchronize(d->stream));
+    CUDA_TRY(cudaMemcpyAsync(d->host_words, idp + (bad - 1), sizeof(int32_t), cudaMemcpyDeviceToHost, msh_cuda_cur(d)));
+    CUDA_TRY(cudaStreamSynchronize(msh_cuda_cur(d)));
     id = d->host_words[0];
     return MSH_FAIL(MSH_ERANGE, "embedding: id %d at %d outside [0, %lld)", id, bad - 1, (long long)V);
   }
@@ -170,7 +200,7 @@ static msh_status cuda_rmsnorm(msh_tensor *out, const msh_tensor *x, const msh_t
   msh_cuda_dev *d;
   msh_status s = dev_for(out, &d);
   if (s != MSH_OK) return s;
-  CUDA_TRY(msh_k_rmsnorm(d->stream, msh_tensor_ptr(out), msh_tensor_ptr(x), msh_tensor_ptr(w), w->dtype, msh_rows(x),
+  CUDA_TRY(msh_k_rmsnorm(msh_cuda_cur(d), msh_tensor_ptr(out), msh_tensor_ptr(x), msh_tensor_ptr(w), w->dtype, msh_rows(x),
                          x->shape[x->ndim - 1], eps));
   return MSH_OK;
 }
@@ -202,12 +232,12 @@ static msh_status gemm16(msh_cuda_dev *d, void *op, const void *x16, const msh_t
     dst = msh_tensor_ptr(scratch);
     if (w->dtype == MSH_BF16) ct = CUDA_R_16BF;
   }
-  CUBLAS_TRY(cublasGemmEx(d->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)N, (int)M, (int)K, &one, msh_tensor_ptr(w), dt,
+  CUBLAS_TRY(cublasGemmEx(msh_cuda_blas(d, msh_cuda_cur(d)), CUBLAS_OP_T, CUBLAS_OP_N, (int)N, (int)M, (int)K, &one, msh_tensor_ptr(w), dt,
                           (int)K, x16, dt, (int)K, epi == EPI_ACC ? &one : &zero, dst, ct, (int)N,
                           CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-  if (epi == EPI_GLU16) CUDA_TRY(msh_k_glu_bf16_to_bf16(d->stream, op, dst, M, NO));
-  else if (epi == EPI_GLU && ct == CUDA_R_16BF) CUDA_TRY(msh_k_glu_bf16(d->stream, op, dst, M, NO));
-  else if (epi == EPI_GLU) CUDA_TRY(msh_k_glu(d->stream, op, dst, M, NO));
+  if (epi == EPI_GLU16) CUDA_TRY(msh_k_glu_bf16_to_bf16(msh_cuda_cur(d), op, dst, M, NO));
+  else if (epi == EPI_GLU && ct == CUDA_R_16BF) CUDA_TRY(msh_k_glu_bf16(msh_cuda_cur(d), op, dst, M, NO));
+  else if (epi == EPI_GLU) CUDA_TRY(msh_k_glu(msh_cuda_cur(d), op, dst, M, NO));
   return MSH_OK;
 }
 
@@ -224,11 +254,11 @@ static msh_status matmul_epi(msh_tensor *out, const msh_tensor *x, const msh_ten
   const void *wp = msh_tensor_ptr(w);
   if (M == 0 || N == 0) return MSH_OK;
   if (K == 0) {
-    if (epi != EPI_ACC) CUDA_TRY(cudaMemsetAsync(op, 0, (size_t)(M * NO) * sizeof(float), d->stream));
+    if (epi != EPI_ACC) CUDA_TRY(cudaMemsetAsync(op, 0, (size_t)(M * NO) * sizeof(float), msh_cuda_cur(d)));
     return MSH_OK;
   }
   if (M <= d->gemv_max_m) {
-    CUDA_TRY(msh_k_gemv_epi(d->stream, epi, op, xp, wp, w->dtype, M, NO, K));
+    CUDA_TRY(msh_k_gemv_epi(msh_cuda_cur(d), epi, op, xp, wp, w->dtype, M, NO, K));
     return MSH_OK;
   }
   if (w->dtype != MSH_F32) {
@@ -236,7 +266,7 @@ static msh_status matmul_epi(msh_tensor *out, const msh_tensor *x, const msh_ten
     void *xs = NULL;
     s = msh_cuda_scratch(d, (size_t)(M * K) * 2, &xs);
     if (s != MSH_OK) return s;
-    CUDA_TRY(msh_k_convert(d->stream, xs, w->dtype, xp, MSH_F32, M * K));
+    CUDA_TRY(msh_k_convert(msh_cuda_cur(d), xs, w->dtype, xp, MSH_F32, M * K));
     return gemm16(d, op, xs, w, M, K, NO, epi, scratch);
   }
   s = cublas_dims(M, N, K);
@@ -244,9 +274,9 @@ static msh_status matmul_epi(msh_tensor *out, const msh_tensor *x, const msh_ten
   const float one = 1.0f, zero = 0.0f;
   float *dst = epi == EPI_GLU ? (float *)msh_tensor_ptr(scratch) : op;
   /* column-major view: out^T (N, M) = w^T^T (N, K) @ x^T (K, M) */
-  CUBLAS_TRY(cublasSgemm(d->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)N, (int)M, (int)K, &one, wp, (int)K, xp, (int)K,
+  CUBLAS_TRY(cublasSgemm(msh_cuda_blas(d, msh_cuda_cur(d)), CUBLAS_OP_T, CUBLAS_OP_N, (int)N, (int)M, (int)K, &one, wp, (int)K, xp, (int)K,
                          epi == EPI_ACC ? &one : &zero, dst, (int)N));
-  if (epi == EPI_GLU) CUDA_TRY(msh_k_glu(d->stream, op, dst, M, NO));
+  if (epi == EPI_GLU) CUDA_TRY(msh_k_glu(msh_cuda_cur(d), op, dst, M, NO));
   return MSH_OK;
 }
 
@@ -261,7 +291,7 @@ static msh_status cuda_rmsnorm_matmul(msh_tensor *out, const msh_tensor *x, cons
   int epi = gu ? EPI_GLU : EPI_STORE;
   const void *gp = msh_tensor_ptr(norm_w);
   if (K > 0 && M == 1 && d->gemv_max_m >= 1 && norm_w->dtype == w->dtype) {
-    cudaError_t e = msh_k_gemv_norm(d->stream, epi, msh_tensor_ptr(out), msh_tensor_ptr(x), msh_tensor_ptr(w), gp,
+    cudaError_t e = msh_k_gemv_norm(msh_cuda_cur(d), epi, msh_tensor_ptr(out), msh_tensor_ptr(x), msh_tensor_ptr(w), gp,
                                     w->dtype, eps, NO, K);
     if (e != cudaErrorNotSupported) {
       CUDA_TRY(e);
@@ -272,11 +302,11 @@ static msh_status cuda_rmsnorm_matmul(msh_tensor *out, const msh_tensor *x, cons
     void *xs = NULL;
     s = msh_cuda_scratch(d, (size_t)(M * K) * 2, &xs);
     if (s != MSH_OK) return s;
-    CUDA_TRY(msh_k_rmsnorm_to(d->stream, xs, w->dtype, msh_tensor_ptr(x), gp, norm_w->dtype, M, K, eps));
+    CUDA_TRY(msh_k_rmsnorm_to(msh_cuda_cur(d), xs, w->dtype, msh_tensor_ptr(x), gp, norm_w->dtype, M, K, eps));
     return gemm16(d, msh_tensor_ptr(out), xs, w, M, K, NO, epi, gu);
   }
   msh_tensor hv = msh_rows_view(h, M, K);
-  if (M * K > 0) CUDA_TRY(msh_k_rmsnorm(d->stream, msh_tensor_ptr(&hv), msh_tensor_ptr(x), gp, norm_w->dtype, M, K, eps));
+  if (M * K > 0) CUDA_TRY(msh_k_rmsnorm(msh_cuda_cur(d), msh_tensor_ptr(&hv), msh_tensor_ptr(x), gp, norm_w->dtype, M, K, eps));
   return matmul_epi(out, &hv, w, epi, gu);
 }
 
@@ -303,7 +333,7 @@ static msh_status cuda_qkv_rope(msh_tensor *q_out, msh_tensor *k_cache, msh_tens
   int64_t bstride = nd == 4 ? k_cache->stride[0] : 0, rstride = k_cache->stride[nd - 3];
   if (nd == 4 ? (v_cache->stride[0] != bstride || v_cache->stride[1] != rstride) : v_cache->stride[0] != rstride)
     return MSH_FAIL(MSH_EUNSUPPORTED, "qkv_rope: the k and v caches must share their strides on CUDA");
-  CUDA_TRY(msh_k_qkv_rope(d->stream, msh_tensor_ptr(q_out), msh_tensor_ptr(k_cache), msh_tensor_ptr(v_cache),
+  CUDA_TRY(msh_k_qkv_rope(msh_cuda_cur(d), msh_tensor_ptr(q_out), msh_tensor_ptr(k_cache), msh_tensor_ptr(v_cache),
                           k_cache->dtype, msh_tensor_ptr(qkv), msh_tensor_ptr(pos), msh_tensor_ptr(inv_freq), R, R / B,
                           H, KVH, hd, inv_freq->shape[0], style, S, bstride, rstride));
   return MSH_OK;
@@ -325,7 +355,7 @@ static msh_status cuda_rmsnorm_mlp(msh_tensor *x, const msh_tensor *norm_w, floa
     void *xs = NULL;
     s = msh_cuda_scratch(d, (size_t)(M * (K > F ? K : F)) * 2, &xs);
     if (s != MSH_OK) return s;
-    CUDA_TRY(msh_k_rmsnorm_to(d->stream, xs, MSH_BF16, msh_tensor_ptr(x), msh_tensor_ptr(norm_w), norm_w->dtype, M, K,
+    CUDA_TRY(msh_k_rmsnorm_to(msh_cuda_cur(d), xs, MSH_BF16, msh_tensor_ptr(x), msh_tensor_ptr(norm_w), norm_w->dtype, M, K,
                               eps));
     s = gemm16(d, xs, xs, w_gu, M, K, F, EPI_GLU16, gu);
     if (s != MSH_OK) return s;
@@ -349,7 +379,7 @@ static msh_status cuda_rmsnorm_qkv_rope(msh_tensor *q_out, msh_tensor *k_cache, 
   int64_t M = x->shape[0], K = x->shape[1];
   if (M == 1 && K > 0 && d->gemv_max_m >= 1 && (!norm_w || norm_w->dtype == w->dtype) &&
       v_cache->stride[nd - 3] == k_cache->stride[nd - 3]) {
-    cudaError_t e = msh_k_gemv_norm_qkv(d->stream, msh_tensor_ptr(q_out), msh_tensor_ptr(k_cache),
+    cudaError_t e = msh_k_gemv_norm_qkv(msh_cuda_cur(d), msh_tensor_ptr(q_out), msh_tensor_ptr(k_cache),
                                         msh_tensor_ptr(v_cache), k_cache->dtype, msh_tensor_ptr(x), msh_tensor_ptr(w),
                                         norm_w ? msh_tensor_ptr(norm_w) : NULL, w->dtype, eps, msh_tensor_ptr(pos),
                                         msh_tensor_ptr(inv_freq), q_out->shape[1], k_cache->shape[nd - 2],
@@ -369,7 +399,7 @@ static msh_status cuda_rope(msh_tensor *x, const msh_tensor *pos, const msh_tens
   msh_cuda_dev *d;
   msh_status s = dev_for(x, &d);
   if (s != MSH_OK) return s;
-  CUDA_TRY(msh_k_rope(d->stream, msh_tensor_ptr(x), msh_tensor_ptr(pos), msh_tensor_ptr(inv_freq), x->shape[0],
+  CUDA_TRY(msh_k_rope(msh_cuda_cur(d), msh_tensor_ptr(x), msh_tensor_ptr(pos), msh_tensor_ptr(inv_freq), x->shape[0],
                       x->shape[1], x->shape[2], inv_freq->shape[0], style));
   return MSH_OK;
 }
@@ -417,7 +447,7 @@ static msh_status attention_at(msh_tensor *out, const msh_tensor *q, const msh_t
       s = msh_cuda_scratch(d, pbytes, &work);
       if (s != MSH_OK) return s;
     }
-    CUDA_TRY(msh_k_attn_prefill(d->stream, &a, work, d->sm_count));
+    CUDA_TRY(msh_k_attn_prefill(msh_cuda_cur(d), &a, work, d->sm_count));
     return MSH_OK;
   }
   if (hd > 256) return MSH_FAIL(MSH_EUNSUPPORTED, "attention: head dim %lld > 256 on CUDA", (long long)hd);
@@ -435,7 +465,7 @@ static msh_status attention_at(msh_tensor *out, const msh_tensor *q, const msh_t
     s = msh_cuda_scratch(d, wbytes, &work);
     if (s != MSH_OK) return s;
   }
-  CUDA_TRY(msh_k_attn_decode(d->stream, &a, work, d->sm_count));
+  CUDA_TRY(msh_k_attn_decode(msh_cuda_cur(d), &a, work, d->sm_count));
   return MSH_OK;
 }
 
@@ -453,7 +483,7 @@ static msh_status cuda_silu_mul(msh_tensor *out, const msh_tensor *gate, const m
   msh_cuda_dev *d;
   msh_status s = dev_for(out, &d);
   if (s != MSH_OK) return s;
-  CUDA_TRY(msh_k_silu_mul(d->stream, msh_tensor_ptr(out), msh_tensor_ptr(gate), msh_tensor_ptr(up),
+  CUDA_TRY(msh_k_silu_mul(msh_cuda_cur(d), msh_tensor_ptr(out), msh_tensor_ptr(gate), msh_tensor_ptr(up),
                           msh_tensor_numel(out)));
   return MSH_OK;
 }
@@ -462,7 +492,7 @@ static msh_status cuda_add(msh_tensor *out, const msh_tensor *a, const msh_tenso
   msh_cuda_dev *d;
   msh_status s = dev_for(out, &d);
   if (s != MSH_OK) return s;
-  CUDA_TRY(msh_k_add(d->stream, msh_tensor_ptr(out), msh_tensor_ptr(a), msh_tensor_ptr(b), msh_tensor_numel(out)));
+  CUDA_TRY(msh_k_add(msh_cuda_cur(d), msh_tensor_ptr(out), msh_tensor_ptr(a), msh_tensor_ptr(b), msh_tensor_numel(out)));
   return MSH_OK;
 }
 
@@ -471,7 +501,7 @@ static msh_status cuda_add_bias(msh_tensor *out, const msh_tensor *b) {
   msh_status s = dev_for(out, &d);
   if (s != MSH_OK) return s;
   int64_t N = out->shape[out->ndim - 1];
-  CUDA_TRY(msh_k_add_bias(d->stream, msh_tensor_ptr(out), msh_tensor_ptr(b), b->dtype, msh_rows(out), N));
+  CUDA_TRY(msh_k_add_bias(msh_cuda_cur(d), msh_tensor_ptr(out), msh_tensor_ptr(b), b->dtype, msh_rows(out), N));
   return MSH_OK;
 }
 
@@ -479,7 +509,7 @@ static msh_status cuda_scale(msh_tensor *out, const msh_tensor *x, float v) {
   msh_cuda_dev *d;
   msh_status s = dev_for(out, &d);
   if (s != MSH_OK) return s;
-  CUDA_TRY(msh_k_scale(d->stream, msh_tensor_ptr(out), msh_tensor_ptr(x), v, msh_tensor_numel(out)));
+  CUDA_TRY(msh_k_scale(msh_cuda_cur(d), msh_tensor_ptr(out), msh_tensor_ptr(x), v, msh_tensor_numel(out)));
   return MSH_OK;
 }
 
@@ -487,7 +517,7 @@ static msh_status cuda_softmax(msh_tensor *out, const msh_tensor *x, int log) {
   msh_cuda_dev *d;
   msh_status s = dev_for(out, &d);
   if (s != MSH_OK) return s;
-  CUDA_TRY(msh_k_softmax(d->stream, msh_tensor_ptr(out), msh_tensor_ptr(x), msh_rows(x), x->shape[x->ndim - 1], log));
+  CUDA_TRY(msh_k_softmax(msh_cuda_cur(d), msh_tensor_ptr(out), msh_tensor_ptr(x), msh_rows(x), x->shape[x->ndim - 1], log));
   return MSH_OK;
 }
 
@@ -505,10 +535,10 @@ static msh_status cuda_argmax(const msh_tensor *x, int32_t *out) {
     if (s != MSH_OK) return s;
     res = p;
   }
-  CUDA_TRY(msh_k_argmax(d->stream, res, msh_tensor_ptr(x), R, N));
+  CUDA_TRY(msh_k_argmax(msh_cuda_cur(d), res, msh_tensor_ptr(x), R, N));
   /* out is host memory: copy back and wait */
-  CUDA_TRY(cudaMemcpyAsync(out, res, (size_t)R * sizeof(int32_t), cudaMemcpyDeviceToHost, d->stream));
-  CUDA_TRY(cudaStreamSynchronize(d->stream));
+  CUDA_TRY(cudaMemcpyAsync(out, res, (size_t)R * sizeof(int32_t), cudaMemcpyDeviceToHost, msh_cuda_cur(d)));
+  CUDA_TRY(cudaStreamSynchronize(msh_cuda_cur(d)));
   return MSH_OK;
 }
 
@@ -518,7 +548,7 @@ static msh_status cuda_argmax_into(msh_tensor *out, const msh_tensor *x) {
   if (s != MSH_OK) return s;
   int64_t R = msh_rows(x), N = x->shape[x->ndim - 1];
   if (R == 0) return MSH_OK;
-  CUDA_TRY(msh_k_argmax(d->stream, msh_tensor_ptr(out), msh_tensor_ptr(x), R, N));
+  CUDA_TRY(msh_k_argmax(msh_cuda_cur(d), msh_tensor_ptr(out), msh_tensor_ptr(x), R, N));
   return MSH_OK;
 }
 
@@ -526,7 +556,7 @@ static msh_status cuda_randn(msh_tensor *t, uint64_t seed, float mean, float std
   msh_cuda_dev *d;
   msh_status s = msh_cuda_dev_get(t->st->device_index, &d);
   if (s != MSH_OK) return s;
-  CUDA_TRY(msh_k_randn(d->stream, msh_tensor_ptr(t), t->dtype, msh_tensor_numel(t), seed, mean, std));
+  CUDA_TRY(msh_k_randn(msh_cuda_cur(d), msh_tensor_ptr(t), t->dtype, msh_tensor_numel(t), seed, mean, std));
   return MSH_OK;
 }
 
@@ -541,7 +571,21 @@ static msh_status cuda_mem_info(int device_index, uint64_t *free_bytes, uint64_t
   return MSH_OK;
 }
 
-const msh_backend msh_cuda_backend = {
+/* Page-locked host memory, pinned for every device (portable), zero-filled. */
+static msh_status cuda_host_alloc(uint64_t bytes, void **out) {
+  void *p = NULL;
+  CUDA_TRY(cudaHostAlloc(&p, (size_t)bytes, cudaHostAllocPortable));
+  memset(p, 0, (size_t)bytes);
+  *out = p;
+  return MSH_OK;
+}
+
+static void cuda_host_release(void *p) {
+  if (p) cudaFreeHost(p);
+  (void)cudaGetLastError();
+}
+
+static const msh_backend cuda_backend = {
     .name = "cuda",
     .alloc = cuda_alloc,
     .release = cuda_release,
@@ -576,4 +620,27 @@ const msh_backend msh_cuda_backend = {
     .graph_end = msh_cuda_graph_end,
     .graph_launch = msh_cuda_graph_launch,
     .graph_free = msh_cuda_graph_free,
+    .device_count = msh_cuda_device_count,
+    .set_staging = msh_cuda_staging_set,
+    .staging_stats = msh_cuda_staging_stats,
+    .host_alloc = cuda_host_alloc,
+    .host_release = cuda_host_release,
+    .stream_new = msh_cuda_stream_new,
+    .stream_free = msh_cuda_stream_free,
+    .stream_sync = msh_cuda_stream_sync,
+    .stream_set_current = msh_cuda_stream_set_current,
+    .event_new = msh_cuda_event_new,
+    .event_free = msh_cuda_event_free,
+    .event_record = msh_cuda_event_record,
+    .stream_wait_event = msh_cuda_stream_wait_event,
+    .event_query = msh_cuda_event_query,
+    .event_sync = msh_cuda_event_sync,
+    .event_elapsed_ms = msh_cuda_event_elapsed_ms,
+    .capturing = msh_cuda_capturing_index,
+    .copy_async = cuda_copy_async,
 };
+
+/* Registers this backend for MSH_CUDA when the library loads (core/src/backend.c): it is
+ * compiled in only when the build has CUDA, so the neutral core never names it. Asking the
+ * driver anything waits for the first use. */
+__attribute__((constructor)) static void cuda_backend_register(void) { msh_backend_register(MSH_CUDA, &cuda_backend); }

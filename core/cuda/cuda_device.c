@@ -5,7 +5,7 @@
 #include <pthread.h>
 #include <stdlib.h>
 
-enum { MAX_DEVICES = 64, WORDS = 64 };
+enum { MAX_DEVICES = MSH_CUDA_MAX_DEVICES, WORDS = 64 };
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_mutex_t defer_lock = PTHREAD_MUTEX_INITIALIZER; /* capturing and deferred frees */
@@ -71,6 +71,7 @@ static msh_status dev_create(int index, msh_cuda_dev **out) {
   STEP(MSH_CUDA_RT, cudaStreamCreateWithFlags(&d->stream, cudaStreamNonBlocking));
   STEP(MSH_CUDA_BLAS, cublasCreate(&d->blas));
   STEP(MSH_CUDA_BLAS, cublasSetStream(d->blas, d->stream));
+  d->blas_stream = d->stream;
   STEP(MSH_CUDA_RT, cudaMalloc((void **)&d->dev_words, WORDS * sizeof(int32_t)));
   STEP(MSH_CUDA_RT, cudaMallocHost((void **)&d->host_words, WORDS * sizeof(int32_t)));
 #undef STEP
@@ -119,8 +120,9 @@ msh_status msh_cuda_scratch(msh_cuda_dev *d, size_t bytes, void **out) {
                     old ? old->bytes : 0, bytes, d->index);
   size_t want = bytes + bytes / 4;
   want = (want + ((size_t)1 << 20) - 1) & ~(((size_t)1 << 20) - 1);
-  if (old) { /* ops queued before still use it; a graph may hold it for longer */
-    CUDA_TRY(cudaStreamSynchronize(d->stream));
+  if (old) { /* ops queued before still use it; a graph may hold it for longer (cudaFree, when the
+              * block goes, also waits for the other streams of the device) */
+    CUDA_TRY(cudaStreamSynchronize(msh_cuda_cur(d)));
     d->scratch = NULL;
     msh_cuda_block_release(d, old);
   }
@@ -144,14 +146,22 @@ msh_status msh_cuda_scratch(msh_cuda_dev *d, size_t bytes, void **out) {
 
 /* ------------------------------------------------------------------------ graph capture */
 
-int msh_cuda_capturing(msh_cuda_dev *d) {
+int msh_cuda_stream_capturing(msh_cuda_dev *d, cudaStream_t s) {
   if (__atomic_load_n(&d->capturing, __ATOMIC_ACQUIRE)) return 1;
   enum cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
-  if (cudaStreamIsCapturing(d->stream, &st) != cudaSuccess) {
+  if (cudaStreamIsCapturing(s, &st) != cudaSuccess) {
     (void)cudaGetLastError();
     return 0;
   }
   return st != cudaStreamCaptureStatusNone; /* an invalidated capture still holds the stream */
+}
+
+int msh_cuda_capturing(msh_cuda_dev *d) { return msh_cuda_stream_capturing(d, msh_cuda_cur(d)); }
+
+int msh_cuda_capturing_index(int device_index) {
+  msh_cuda_dev *d;
+  if (msh_cuda_dev_get(device_index, &d) != MSH_OK) return 0;
+  return msh_cuda_capturing(d);
 }
 
 msh_status msh_cuda_check_not_capturing(msh_cuda_dev *d, const char *what, const char *func) {
@@ -209,7 +219,7 @@ void msh_cuda_set_capturing(msh_cuda_dev *d, int on) {
 msh_status msh_cuda_stream(int device_index, cudaStream_t *out) {
   msh_cuda_dev *d;
   msh_status s = msh_cuda_dev_get(device_index, &d);
-  if (s == MSH_OK) *out = d->stream;
+  if (s == MSH_OK) *out = msh_cuda_cur(d);
   return s;
 }
 
@@ -218,6 +228,8 @@ msh_status msh_cuda_sync(int device_index) {
   msh_status s = msh_cuda_dev_get(device_index, &d);
   if (s == MSH_OK) s = msh_cuda_check_not_capturing(d, "device sync", __func__);
   if (s != MSH_OK) return s;
+  cudaStream_t cur = msh_cuda_cur(d);
+  if (cur != d->stream) CUDA_TRY(cudaStreamSynchronize(cur));
   CUDA_TRY(cudaStreamSynchronize(d->stream));
   return MSH_OK;
 }

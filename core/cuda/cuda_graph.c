@@ -1,6 +1,8 @@
 /* cuda_graph.c: CUDA graphs over a device's stream: capture (begin/end), replay and release.
  *
- * A capture records every op queued on the device's stream, from any thread, until the end; the
+ * A capture records every op queued on the stream that was the calling thread's current one at
+ * begin (the device's default stream unless msh_stream_set_current chose another), from any
+ * thread queuing there, until the end; the
  * graph then replays those kernels with the same arguments. Ops that would wait for the device
  * meanwhile (host copies, results read back, allocation, scratch growth) refuse with MSH_EINVAL
  * rather than break the capture, and device memory released during it is freed at the end. The
@@ -13,6 +15,7 @@
 typedef struct {
   int device_index;
   cudaGraphExec_t exec;
+  cudaStream_t launched_on;  /* the stream of the last replay (waited for before the graph goes) */
   msh_cuda_block *scratch; /* the scratch block current at the end of the capture, or NULL */
 } cuda_graph;
 
@@ -24,7 +27,9 @@ msh_status msh_cuda_graph_begin(int device_index) {
     return MSH_FAIL(MSH_EINVAL, "a graph is already being captured on CUDA device %d (msh_graph_end first)",
                     device_index);
   /* relaxed: other threads may still allocate and synchronize their own streams */
-  CUDA_TRY(cudaStreamBeginCapture(d->stream, cudaStreamCaptureModeRelaxed));
+  cudaStream_t st = msh_cuda_cur(d);
+  CUDA_TRY(cudaStreamBeginCapture(st, cudaStreamCaptureModeRelaxed));
+  d->capture_stream = st;
   msh_cuda_set_capturing(d, 1);
   return MSH_OK;
 }
@@ -36,7 +41,8 @@ msh_status msh_cuda_graph_end(int device_index, void **out) {
   if (!__atomic_load_n(&d->capturing, __ATOMIC_ACQUIRE))
     return MSH_FAIL(MSH_EINVAL, "no graph is being captured on CUDA device %d (msh_graph_begin first)", device_index);
   cudaGraph_t graph = NULL;
-  cudaError_t e = cudaStreamEndCapture(d->stream, &graph);
+  cudaStream_t st = d->capture_stream; /* the stream begin captured, whichever thread ends it */
+  cudaError_t e = cudaStreamEndCapture(st, &graph);
   msh_cuda_set_capturing(d, 0); /* the stream runs ops again, whatever the outcome */
   if (e == cudaErrorStreamCaptureInvalidated) {
     (void)cudaGetLastError();
@@ -52,7 +58,7 @@ msh_status msh_cuda_graph_end(int device_index, void **out) {
   }
   e = cudaGraphInstantiate(&g->exec, graph, 0);
   cudaGraphDestroy(graph); /* the executable graph is independent of it */
-  if (e == cudaSuccess) e = cudaGraphUpload(g->exec, d->stream); /* the first replay starts at once */
+  if (e == cudaSuccess) e = cudaGraphUpload(g->exec, st); /* the first replay starts at once */
   s = msh_cuda_check_at(MSH_CUDA_RT, e, "cudaGraphInstantiate", __FILE__, __LINE__, __func__);
   if (s != MSH_OK) {
     if (g->exec) cudaGraphExecDestroy(g->exec);
@@ -61,6 +67,7 @@ msh_status msh_cuda_graph_end(int device_index, void **out) {
     return s;
   }
   g->device_index = device_index;
+  g->launched_on = st;
   g->scratch = d->scratch;
   if (g->scratch) msh_cuda_block_retain(g->scratch);
   *out = g;
@@ -72,7 +79,9 @@ msh_status msh_cuda_graph_launch(void *p) {
   msh_cuda_dev *d;
   msh_status s = msh_cuda_dev_get(g->device_index, &d);
   if (s != MSH_OK) return s;
-  CUDA_TRY(cudaGraphLaunch(g->exec, d->stream));
+  cudaStream_t st = msh_cuda_cur(d);
+  CUDA_TRY(cudaGraphLaunch(g->exec, st));
+  g->launched_on = st;
   return MSH_OK;
 }
 
@@ -83,7 +92,7 @@ void msh_cuda_graph_free(void *p) {
   if (msh_cuda_dev_get(g->device_index, &d) == MSH_OK) {
     /* replays still queued use the graph's scratch: let them finish (not possible, and not
      * needed, in the middle of a capture: the block is then freed at its end) */
-    if (!msh_cuda_capturing(d)) (void)cudaStreamSynchronize(d->stream);
+    if (!msh_cuda_capturing(d)) (void)cudaStreamSynchronize(g->launched_on);
     cudaGraphExecDestroy(g->exec);
     (void)cudaGetLastError();
     msh_cuda_block_release(d, g->scratch);

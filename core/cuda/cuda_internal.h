@@ -40,12 +40,16 @@ typedef struct msh_cuda_block {
   int refs;
 } msh_cuda_block;
 
+enum { MSH_CUDA_MAX_DEVICES = 64 };
+
 /* Per-device state, created on first use of the device and kept for the process's life. */
 typedef struct msh_cuda_dev {
   int index;
   int sm_count;
-  cudaStream_t stream;     /* the device's current stream: non-blocking, every op runs on it */
-  cublasHandle_t blas;     /* bound to stream */
+  cudaStream_t stream;     /* the device's default stream: non-blocking; current unless a thread chose another */
+  cublasHandle_t blas;     /* bound to blas_stream (msh_cuda_blas) */
+  cudaStream_t blas_stream;
+  cudaStream_t capture_stream; /* the stream msh_graph_begin captures, while capturing */
   msh_cuda_block *scratch; /* grows on demand: converted activations, attention partials */
   int32_t *dev_words;      /* 64 device int32: error flags, small results */
   int32_t *host_words;     /* 64 pinned host int32 */
@@ -58,6 +62,24 @@ typedef struct msh_cuda_dev {
 /* Makes device_index current on this thread and returns its state (created on first use).
  * MSH_EINVAL "CUDA device 3 does not exist (2 present)" for an index out of range. */
 msh_status msh_cuda_dev_get(int device_index, msh_cuda_dev **out);
+msh_status msh_cuda_device_count(int *out);
+
+/* ----------------------------------------------------------------------------- streams */
+
+/* The calling thread's current stream of each device, NULL for the default (cuda_stream.c). */
+extern __thread cudaStream_t msh_cuda_tls_stream[MSH_CUDA_MAX_DEVICES];
+
+/* The stream every op of this thread on device d goes to: one thread-local load. */
+static inline cudaStream_t msh_cuda_cur(const msh_cuda_dev *d) {
+  cudaStream_t s = msh_cuda_tls_stream[d->index];
+  return s ? s : d->stream;
+}
+
+/* d's cuBLAS handle, bound to stream st (rebinding only when it changes). */
+static inline cublasHandle_t msh_cuda_blas(msh_cuda_dev *d, cudaStream_t st) {
+  if (d->blas_stream != st && cublasSetStream(d->blas, st) == CUBLAS_STATUS_SUCCESS) d->blas_stream = st;
+  return d->blas;
+}
 
 /* Device scratch of at least bytes (contents undefined). Growing it waits for the device (the
  * old block goes once no graph holds it), so size it once before a hot loop; during a graph
@@ -71,9 +93,11 @@ void msh_cuda_block_release(msh_cuda_dev *d, msh_cuda_block *b);
 
 /* ------------------------------------------------------------------------ graph capture */
 
-/* 1 while the device's stream is being captured into a graph (by msh_graph_begin or directly by
- * cudaStreamBeginCapture), 0 otherwise. */
+/* 1 while a graph is being captured on the device (msh_graph_begin) or the thread's current
+ * stream is being captured (directly by cudaStreamBeginCapture, say), 0 otherwise. */
 int msh_cuda_capturing(msh_cuda_dev *d);
+/* The same for a given stream st of the device. */
+int msh_cuda_stream_capturing(msh_cuda_dev *d, cudaStream_t st);
 
 /* MSH_OK, or MSH_EINVAL saying that `what` cannot run while a graph is being captured on the
  * device because it would wait for the device (host copies, results read back, allocation). */
@@ -93,12 +117,26 @@ msh_status msh_cuda_graph_end(int device_index, void **out);
 msh_status msh_cuda_graph_launch(void *g);
 void msh_cuda_graph_free(void *g);
 
-/* The current stream of a device (for events and timing in benchmarks and tests). */
+/* The calling thread's current stream of a device (for events and timing in benchmarks). */
 msh_status msh_cuda_stream(int device_index, cudaStream_t *out);
 
-/* Waits until all work queued on the device's stream has finished (MSH_EINVAL during a graph
- * capture). */
+/* Waits until all work queued on the device's default stream and the thread's current stream has
+ * finished (MSH_EINVAL during a graph capture). */
 msh_status msh_cuda_sync(int device_index);
+
+/* Stream and event hooks of the backend vtable (cuda_stream.c; see msh_backend). */
+msh_status msh_cuda_stream_new(int device_index, void **out);
+void msh_cuda_stream_free(int device_index, void *s);
+msh_status msh_cuda_stream_sync(int device_index, void *s);
+msh_status msh_cuda_stream_set_current(int device_index, void *s);
+msh_status msh_cuda_event_new(int device_index, void **out);
+void msh_cuda_event_free(void *e);
+msh_status msh_cuda_event_record(int device_index, void *e, void *s);
+msh_status msh_cuda_stream_wait_event(int device_index, void *s, void *e);
+int msh_cuda_event_query(void *e);
+msh_status msh_cuda_event_sync(void *e);
+msh_status msh_cuda_event_elapsed_ms(void *start, void *end, float *ms);
+int msh_cuda_capturing_index(int device_index);
 
 /* ------------------------------------------------------------------------------ staging */
 
@@ -110,7 +148,10 @@ msh_status msh_cuda_sync(int device_index);
 msh_status msh_cuda_upload_rows(int device_index, void *dst, int dst_dtype, const void *src, int src_dtype,
                                 int64_t rows, int64_t cols, int64_t ld);
 msh_status msh_cuda_upload_bytes(msh_cuda_dev *d, void *dst, const void *src, uint64_t bytes);
-/* msh_cuda_staging_set / _stats are declared in internal.h (the public wrappers call them). */
+/* msh_device_set_staging and msh_device_staging_stats of this backend. */
+msh_status msh_cuda_staging_set(int device_index, uint64_t chunk_bytes, int n_buffers);
+msh_status msh_cuda_staging_stats(int device_index, uint64_t *chunk_bytes, int *n_buffers, uint64_t *bytes,
+                                  uint64_t *chunks);
 
 /* Tuning knob: M up to which matmul uses the GEMV kernel (clamped to [0, 16]); returns the
  * previous value. */

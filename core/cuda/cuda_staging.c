@@ -152,6 +152,7 @@ static void pack(char *dst, const src_rows *src, uint64_t b0, uint64_t n) {
 static msh_status staged_copy(msh_cuda_dev *d, void *dst, int dst_dt, const void *src, int src_dt, int64_t rows,
                               int64_t cols, int64_t ld) {
   size_t ses = msh_dtype_size(src_dt), des = msh_dtype_size(dst_dt);
+  cudaStream_t st = msh_cuda_cur(d); /* the copy goes to this thread's current stream */
   int convert = src_dt != dst_dt;
   src_rows sr = {src, (uint64_t)rows, (uint64_t)cols * ses, (uint64_t)ld * ses};
   uint64_t total = sr.rows * sr.cols;
@@ -186,8 +187,8 @@ static msh_status staged_copy(msh_cuda_dev *d, void *dst, int dst_dt, const void
       } else {
         from = (const char *)src + b0;
       }
-      cudaError_t e = cudaMemcpyAsync(to, from, (size_t)n, cudaMemcpyHostToDevice, d->stream);
-      if (e == cudaSuccess) e = cudaStreamSynchronize(d->stream);
+      cudaError_t e = cudaMemcpyAsync(to, from, (size_t)n, cudaMemcpyHostToDevice, st);
+      if (e == cudaSuccess) e = cudaStreamSynchronize(st);
       free(tmp);
       s = msh_cuda_check_at(MSH_CUDA_RT, e, "cudaMemcpyAsync", __FILE__, __LINE__, __func__);
     } else {
@@ -199,10 +200,10 @@ static msh_status staged_copy(msh_cuda_dev *d, void *dst, int dst_dt, const void
         if (s != MSH_OK) goto done;
       }
       pack(g->buf[i], &sr, b0, n);
-      s = msh_cuda_check_at(MSH_CUDA_RT, cudaMemcpyAsync(to, g->buf[i], (size_t)n, cudaMemcpyHostToDevice, d->stream),
+      s = msh_cuda_check_at(MSH_CUDA_RT, cudaMemcpyAsync(to, g->buf[i], (size_t)n, cudaMemcpyHostToDevice, st),
                             "cudaMemcpyAsync", __FILE__, __LINE__, __func__);
       if (s == MSH_OK)
-        s = msh_cuda_check_at(MSH_CUDA_RT, cudaEventRecord(g->ev[i], d->stream), "cudaEventRecord", __FILE__, __LINE__,
+        s = msh_cuda_check_at(MSH_CUDA_RT, cudaEventRecord(g->ev[i], st), "cudaEventRecord", __FILE__, __LINE__,
                               __func__);
       if (s != MSH_OK) goto done;
       g->pending[i] = 1;
@@ -211,7 +212,7 @@ static msh_status staged_copy(msh_cuda_dev *d, void *dst, int dst_dt, const void
     if (s != MSH_OK) goto done;
     if (convert) {
       /* the next chunk's copy into the same scratch is queued after this kernel on the stream */
-      s = msh_cuda_check_at(MSH_CUDA_RT, msh_k_convert(d->stream, dev_at, dst_dt, scratch, src_dt, (int64_t)(n / ses)),
+      s = msh_cuda_check_at(MSH_CUDA_RT, msh_k_convert(st, dev_at, dst_dt, scratch, src_dt, (int64_t)(n / ses)),
                             "msh_k_convert", __FILE__, __LINE__, __func__);
       if (s != MSH_OK) goto done;
     }

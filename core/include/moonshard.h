@@ -96,7 +96,8 @@ typedef enum { MSH_CPU = 0, MSH_CUDA = 1 } msh_device_kind;
 msh_status msh_device_count(int kind, int *out);
 /* 1 if this build contains the CUDA backend. */
 int msh_has_cuda(void);
-/* Waits until the device has finished the work queued so far (a no-op on the CPU). */
+/* Waits until the device has finished the work queued so far on its default stream and on the
+ * calling thread's current stream (a no-op on the CPU); msh_stream_sync waits for other streams. */
 msh_status msh_device_sync(int kind, int device_index);
 /* Free and total memory of a device in bytes (MSH_EUNSUPPORTED on the CPU). */
 msh_status msh_device_mem_info(int kind, int device_index, uint64_t *free_bytes, uint64_t *total_bytes);
@@ -156,6 +157,12 @@ msh_status msh_tensor_new_arena(msh_tensor **out, msh_arena *a, int dtype, int n
  * MSH_ERANGE when that range does not lie inside the file. */
 msh_status msh_tensor_from_file(msh_tensor **out, msh_file *f, uint64_t offset, int dtype, int ndim,
                                 const int64_t *shape);
+/* A new contiguous CPU tensor owning zero-filled page-locked (pinned) host memory, which a
+ * device can read and write while the host runs on: the host side of msh_tensor_copy_async.
+ * Where no backend of the build can pin memory, or pinning is refused (no driver or device, a
+ * limit on locked memory), the tensor gets ordinary memory instead (msh_tensor_is_pinned says
+ * which); it works the same, its asynchronous copies just finish before they return. */
+msh_status msh_tensor_new_pinned(msh_tensor **out, int dtype, int ndim, const int64_t *shape);
 /* A CPU tensor over caller-owned memory, which must outlive it. */
 msh_status msh_tensor_wrap(msh_tensor **out, void *data, int dtype, int ndim, const int64_t *shape);
 /* Releases the handle; the memory goes when its last view goes. */
@@ -170,6 +177,8 @@ int msh_tensor_device(const msh_tensor *t);
 int msh_tensor_device_index(const msh_tensor *t);
 int msh_tensor_is_contiguous(const msh_tensor *t);
 int msh_tensor_is_readonly(const msh_tensor *t);
+/* 1 for a view of memory from msh_tensor_new_pinned that was page-locked. */
+int msh_tensor_is_pinned(const msh_tensor *t);
 /* Address of element 0 (a device address for device tensors). */
 void *msh_tensor_data(const msh_tensor *t);
 
@@ -352,9 +361,10 @@ msh_status msh_sampler_sample(msh_sampler *s, const msh_tensor *logits, float te
 /* ============================================================================= graphs */
 
 /* CUDA graphs over a device's current stream: a decode step captured once and replayed with one
- * launch instead of hundreds. msh_graph_begin: the ops queued on that device from then on (from
- * any thread: the device has one stream) are recorded, not run, until msh_graph_end, which
- * returns the graph. A replay runs the same kernels on the same memory with the same host
+ * launch instead of hundreds. msh_graph_begin: the ops queued on the calling thread's current
+ * stream of that device from then on (the default stream, unless msh_stream_set_current chose
+ * another; from any thread whose current stream it is) are recorded, not run, until
+ * msh_graph_end, which returns the graph. A replay runs the same kernels on the same memory with the same host
  * arguments: positions that change between replays must live in device tensors
  * (msh_op_set_rows_dyn, msh_op_attention_dyn, msh_op_rope's pos), updated before each launch
  * (msh_tensor_copy from the host is fine there).
@@ -374,7 +384,7 @@ typedef struct msh_graph msh_graph;
 
 msh_status msh_graph_begin(int kind, int device_index);
 msh_status msh_graph_end(int kind, int device_index, msh_graph **out);
-/* Queues one replay on the device's current stream; returns without waiting. */
+/* Queues one replay on the calling thread's current stream of the device; returns without waiting. */
 msh_status msh_graph_launch(msh_graph *g);
 /* Waits for queued replays and frees the graph (NULL-safe). */
 void msh_graph_free(msh_graph *g);
@@ -382,8 +392,8 @@ void msh_graph_free(msh_graph *g);
 /* ============================================================================= timers */
 
 /* Device timers: a point in a device's queue of work, for timing spans of it without waiting.
- * On CUDA a timer is an event recorded on the device's current stream (the one every op runs
- * on): it is reached once the work queued before it has run. On the CPU, where ops run
+ * On CUDA a timer is an event recorded on the calling thread's current stream of the device (the
+ * one its ops run on): it is reached once the work queued before it has run. On the CPU, where ops run
  * synchronously, it is the monotonic wall clock at the call. Reading a span waits only when
  * asked to: a CUDA timer not yet reached reads as pending. A timer may be recorded again, which
  * replaces its point. Recording while a graph is being captured on the device is MSH_EINVAL (a
@@ -402,6 +412,86 @@ msh_status msh_timer_done(const msh_timer *t, int *done);
  * while either point is not reached yet; wait 1: waits for both. MSH_EINVAL when either was never
  * recorded or they lie on different devices; MSH_EDEVICE when an event failed. */
 msh_status msh_timer_elapsed(const msh_timer *start, const msh_timer *end, int wait, double *seconds);
+
+/* ==================================================================== streams, events */
+
+/* A stream is a queue of work on a device: work queued on one stream runs in order; work on two
+ * streams may overlap (a copy on one, compute on another). Each device has a default stream
+ * (the one every op used before streams existed), and each thread a current stream per device,
+ * the default unless msh_stream_set_current chose another: every op, copy, collective, timer and
+ * graph capture or replay that the thread issues for that device goes to its current stream.
+ * An event marks a point in a stream's work; another stream can wait for it (msh_stream_wait_event)
+ * without the host waiting, and the host can poll or wait for it.
+ *
+ * On the CPU, where work runs as it is issued, streams exist so that the same code runs there:
+ * their work is done before the call returns, msh_stream_sync returns at once, an event is
+ * complete as soon as it is recorded and holds the host clock of the record.
+ *
+ * Errors: MSH_EINVAL for NULL handles, a device that does not exist (the message names it), and
+ * a stream and an event of different devices; MSH_EUNSUPPORTED for a device kind the build
+ * lacks; MSH_EDEVICE with the driver's message. A failed call leaves its handles as they were. */
+typedef struct msh_stream msh_stream;
+typedef struct msh_event msh_event;
+
+/* A new stream on a device (on CUDA a non-blocking stream: it does not wait for the default). */
+msh_status msh_stream_new(msh_stream **out, int device, int device_index);
+/* Frees s once its queued work is done, without waiting for it (NULL-safe). If s is the calling
+ * thread's current stream of its device, the device's default stream becomes current again; s
+ * must not be current on any other thread. */
+void msh_stream_free(msh_stream *s);
+int msh_stream_device(const msh_stream *s);
+int msh_stream_device_index(const msh_stream *s);
+/* Waits until the work queued on s so far has finished. MSH_EINVAL while s is being captured
+ * into a graph (waiting would break the capture). */
+msh_status msh_stream_sync(msh_stream *s);
+/* Makes s the device's current stream on the calling thread; s NULL: the device's default stream
+ * again. MSH_EINVAL when s lies on another device. The choice is per thread: other threads keep
+ * theirs. Nothing already queued moves; order work across streams with events. The device's
+ * scratch memory (converted activations, attention partials) is shared by all its streams: ops
+ * that use it must not run on two streams at once unless events order them (copies never use
+ * it). Device memory from msh_tensor_new is zero-filled on the allocating thread's current
+ * stream: another stream that uses it first waits for that (an event, or msh_device_sync). Graph
+ * capture: msh_graph_begin captures the thread's current stream. */
+msh_status msh_stream_set_current(int device, int device_index, msh_stream *s);
+
+/* A new event on a device, not yet recorded (a never-recorded event counts as complete). */
+msh_status msh_event_new(msh_event **out, int device, int device_index);
+/* NULL-safe. An event may be freed while streams wait for it: they still wait for its point. */
+void msh_event_free(msh_event *e);
+/* Marks the point after the work queued so far on s (NULL: the calling thread's current stream
+ * of e's device); recording again moves the point. Allowed during a graph capture (it then
+ * orders streams inside the graph: record on the captured stream, wait on another, and join back
+ * the same way before msh_graph_end); such an event must not be polled or waited for from the
+ * host. MSH_EINVAL when s lies on another device than e. */
+msh_status msh_event_record(msh_event *e, msh_stream *s);
+/* Work queued on s (NULL: the calling thread's current stream of e's device) after this call
+ * waits until e's point has been reached; the host does not wait. e may lie on another device of
+ * the same kind. */
+msh_status msh_stream_wait_event(msh_stream *s, const msh_event *e);
+/* *ready = 1 when e's point has been reached (or e was never recorded), else 0. Never waits.
+ * MSH_EDEVICE when the work before the point failed. */
+msh_status msh_event_query(const msh_event *e, int *ready);
+/* Waits on the host until e's point has been reached. */
+msh_status msh_event_sync(msh_event *e);
+/* Milliseconds of device time from start's point to end's, both recorded and reached, on the
+ * same device (on the CPU: host time between the two records). MSH_EINVAL when either was never
+ * recorded or they lie on different devices; MSH_EDEVICE when a point is not reached yet (sync
+ * end first) or the device reports another error. */
+msh_status msh_event_elapsed_ms(const msh_event *start, const msh_event *end, float *out);
+
+/* dst = src queued on stream s (NULL: the calling thread's current stream of the device side),
+ * returning without waiting where the device allows: shapes equal; either both on s's device
+ * (any strides, dtype conversion as msh_tensor_copy), or one in host memory and the other on s's
+ * device, both contiguous and of one dtype (a byte copy; else MSH_EINVAL: msh_tensor_copy does
+ * the rest). Both on the CPU: a plain copy. The host side must stay alive and untouched (not
+ * written for an upload, not read for a download) until the stream has passed the copy: sync
+ * the stream or an event recorded after it. Truly asynchronous only when the host side is pinned
+ * (msh_tensor_new_pinned); from or to ordinary (pageable) memory CUDA stages the bytes and the
+ * call returns only once the host side has been read (an upload) or written (a download), still
+ * in stream order (correct, just not overlapped with the host). During a graph capture only
+ * pinned host memory may take part (else MSH_EINVAL; the capture goes on). MSH_EINVAL for a
+ * read-only dst, tensors on two different devices, or s on another device. */
+msh_status msh_tensor_copy_async(msh_tensor *dst, const msh_tensor *src, msh_stream *s);
 
 /* ========================================================================== tokenizer */
 

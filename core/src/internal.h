@@ -56,6 +56,8 @@ typedef struct msh_storage {
   uint64_t bytes;
   int owned;        /* base is freed through the device's backend when refs drop to 0 */
   msh_file *file;   /* a mapped file this storage keeps alive, or NULL */
+  /* host memory page-locked by this backend (msh_tensor_new_pinned), which also frees it */
+  const struct msh_backend *pinned_by;
 } msh_storage;
 
 struct msh_tensor {
@@ -204,26 +206,72 @@ typedef struct msh_backend {
   /* Optional: waits for the device's queued work; free and total memory in bytes. */
   msh_status (*sync)(int device_index);
   msh_status (*mem_info)(int device_index, uint64_t *free_bytes, uint64_t *total_bytes);
-  /* Optional (NULL: no graphs on this backend): capture of the ops queued on a device between
-   * begin and end into a graph (an opaque handle of the backend), replay, release. */
+  /* Optional (NULL: no graphs on this backend): capture of the ops queued on a device's current
+   * stream between begin and end into a graph (an opaque handle of the backend), replay on the
+   * current stream, release. */
   msh_status (*graph_begin)(int device_index);
   msh_status (*graph_end)(int device_index, void **out);
   msh_status (*graph_launch)(void *g);
   void (*graph_free)(void *g);
+
+  /* Devices of this kind present (0, when the driver or the device is missing, is not an error). */
+  msh_status (*device_count)(int *out);
+  /* Optional (NULL: MSH_EUNSUPPORTED): the pinned staging of uploads, msh_device_set_staging and
+   * msh_device_staging_stats (out-params may be NULL). */
+  msh_status (*set_staging)(int device_index, uint64_t chunk_bytes, int n_buffers);
+  msh_status (*staging_stats)(int device_index, uint64_t *chunk_bytes, int *n_buffers, uint64_t *bytes,
+                              uint64_t *chunks);
+  /* Optional (NULL: this backend does not page-lock host memory): zero-filled page-locked host
+   * memory for msh_tensor_new_pinned, and its release. */
+  msh_status (*host_alloc)(uint64_t bytes, void **out);
+  void (*host_release)(void *p);
+
+  /* Streams and events: optional, all or none. NULL: the backend runs work as it is issued (the
+   * CPU), so core/src/stream.c makes a stream a token and an event a host timestamp, complete once
+   * recorded. Otherwise handles are the backend's own, and stream NULL below means the device's
+   * current stream on the calling thread (its default stream unless stream_set_current chose
+   * another). The generic layer checked that streams and events lie on device_index. */
+  msh_status (*stream_new)(int device_index, void **out);
+  /* Also resets the calling thread's current stream of the device when it was s. */
+  void (*stream_free)(int device_index, void *s);
+  msh_status (*stream_sync)(int device_index, void *s);
+  /* Makes s (NULL: the default stream) the device's current stream on the calling thread: every
+   * op, copy, collective, timer and graph launched afterwards from this thread goes there. */
+  msh_status (*stream_set_current)(int device_index, void *s);
+  msh_status (*event_new)(int device_index, void **out);
+  void (*event_free)(void *e);
+  msh_status (*event_record)(int device_index, void *e, void *s);
+  msh_status (*stream_wait_event)(int device_index, void *s, void *e);
+  /* 1 reached (or never recorded), 0 not yet, -1 failed (event_sync then reports why). */
+  int (*event_query)(void *e);
+  msh_status (*event_sync)(void *e);
+  /* Milliseconds between two reached events. */
+  msh_status (*event_elapsed_ms)(void *start, void *end, float *ms);
+  /* 1 while a graph is being captured on the device (host timestamps would be replayed, not taken). */
+  int (*capturing)(int device_index);
+  /* Optional (NULL: msh_tensor_copy, which finishes before it returns): dst = src queued on stream
+   * s. Either both on device_index (any layout, as copy), or one of them in host memory, both
+   * contiguous and of one dtype (a byte copy). */
+  msh_status (*copy_async)(msh_tensor *dst, const msh_tensor *src, void *s);
 } msh_backend;
 
+/* The CPU backend (core/cpu), always built in. */
 extern const msh_backend msh_cpu_backend;
-#ifdef MSH_WITH_CUDA
-extern const msh_backend msh_cuda_backend;
-msh_status msh_cuda_device_count(int *out);
-/* Pinned staging of host-to-device copies (cuda_staging.c; msh_device_set_staging). */
-msh_status msh_cuda_staging_set(int device_index, uint64_t chunk_bytes, int n_buffers);
-msh_status msh_cuda_staging_stats(int device_index, uint64_t *chunk_bytes, int *n_buffers, uint64_t *bytes,
-                                  uint64_t *chunks);
-#endif
 
-/* The backend of a device kind, or NULL (with the error set) when it is not built in. */
+/* The backend of a device kind, or NULL (with the error set) when it is not built in
+ * (backend.c holds the table of backends). */
 const msh_backend *msh_backend_for(int device);
+/* The same without touching the last error (NULL when not built in). */
+const msh_backend *msh_backend_find(int device);
+/* The first built-in backend that page-locks host memory, or NULL. */
+const msh_backend *msh_backend_pinner(void);
+
+/* Puts a backend in the table (backend.c): called by a backend compiled in beside the CPU's from
+ * its load-time constructor. */
+void msh_backend_register(int device, const msh_backend *be);
+
+/* Fails with MSH_EINVAL unless device_index names a present device of be's kind. */
+msh_status msh_backend_check_index(const msh_backend *be, int device_index);
 
 /* ------------------------------------------------------------------------------ misc */
 

@@ -6,48 +6,14 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* ---------------------------------------------------------------------------- backends */
-
-const msh_backend *msh_backend_for(int device) {
-  if (device == MSH_CPU) return &msh_cpu_backend;
-#ifdef MSH_WITH_CUDA
-  if (device == MSH_CUDA) return &msh_cuda_backend;
-#endif
-  MSH_FAIL(MSH_EUNSUPPORTED, "device kind %d is not available in this build", device);
-  return NULL;
-}
-
-int msh_has_cuda(void) {
-#ifdef MSH_WITH_CUDA
-  return 1;
-#else
-  return 0;
-#endif
-}
-
-msh_status msh_device_count(int kind, int *out) {
-  if (!out) return MSH_FAIL(MSH_EINVAL, "NULL argument");
-  if (kind == MSH_CPU) {
-    *out = 1;
-    return MSH_OK;
-  }
-  if (kind == MSH_CUDA) {
-#ifdef MSH_WITH_CUDA
-    return msh_cuda_device_count(out);
-#else
-    *out = 0;
-    return MSH_OK;
-#endif
-  }
-  return MSH_FAIL(MSH_EINVAL, "unknown device kind %d", kind);
-}
-
 /* ----------------------------------------------------------------------------- storage */
 
 void msh_storage_release(msh_storage *st) {
   if (!st || --st->refs > 0) return;
-  if (st->owned) {
-    const msh_backend *be = msh_backend_for(st->device);
+  if (st->pinned_by) {
+    st->pinned_by->host_release(st->base);
+  } else if (st->owned) {
+    const msh_backend *be = msh_backend_find(st->device);
     if (be) be->release(st->device_index, st->base);
   }
   msh_file_free(st->file);
@@ -183,6 +149,29 @@ msh_status msh_tensor_new(msh_tensor **out, int dtype, int ndim, const int64_t *
   return s;
 }
 
+msh_status msh_tensor_new_pinned(msh_tensor **out, int dtype, int ndim, const int64_t *shape) {
+  if (!out) return MSH_FAIL(MSH_EINVAL, "NULL argument");
+  uint64_t n;
+  msh_status s = check_shape(dtype, ndim, shape, &n);
+  if (s != MSH_OK) return s;
+  const msh_backend *pin = msh_backend_pinner();
+  if (!pin) return msh_tensor_new(out, dtype, ndim, shape, MSH_CPU, 0);
+  uint64_t bytes = (uint64_t)msh_dtype_bytes(dtype, (int64_t)n);
+  msh_storage *st = storage_new(MSH_CPU, 0, NULL, bytes);
+  if (!st) return MSH_FAIL(MSH_ENOMEM, "out of memory");
+  if (pin->host_alloc(bytes ? bytes : 1, &st->base) != MSH_OK) {
+    /* refused (no driver, no device, a limit on locked memory): ordinary memory instead */
+    free(st);
+    msh_clear_error();
+    return msh_tensor_new(out, dtype, ndim, shape, MSH_CPU, 0);
+  }
+  st->owned = 1;
+  st->pinned_by = pin;
+  s = msh_tensor_make(out, st, dtype, ndim, shape, NULL, 0);
+  msh_storage_release(st);
+  return s;
+}
+
 msh_status msh_tensor_from_file(msh_tensor **out, msh_file *f, uint64_t offset, int dtype, int ndim,
                                 const int64_t *shape) {
   if (!out || !f) return MSH_FAIL(MSH_EINVAL, "NULL argument");
@@ -248,6 +237,7 @@ int64_t msh_tensor_numel(const msh_tensor *t) {
 int msh_tensor_device(const msh_tensor *t) { return t->st->device; }
 int msh_tensor_device_index(const msh_tensor *t) { return t->st->device_index; }
 int msh_tensor_is_readonly(const msh_tensor *t) { return t->st->readonly; }
+int msh_tensor_is_pinned(const msh_tensor *t) { return t->st->pinned_by != NULL; }
 void *msh_tensor_data(const msh_tensor *t) { return msh_tensor_ptr(t); }
 
 int msh_tensor_is_contiguous(const msh_tensor *t) {
@@ -456,39 +446,4 @@ msh_status msh_tensor_randn(msh_tensor *t, uint64_t seed, float mean, float std)
   msh_tensor_free(shaped);
   msh_tensor_free(host);
   return s;
-}
-
-/* ------------------------------------------------------------------------------ devices */
-
-msh_status msh_device_sync(int kind, int device_index) {
-  const msh_backend *be = msh_backend_for(kind);
-  if (!be) return MSH_EUNSUPPORTED;
-  return be->sync ? be->sync(device_index) : MSH_OK;
-}
-
-msh_status msh_device_mem_info(int kind, int device_index, uint64_t *free_bytes, uint64_t *total_bytes) {
-  if (!free_bytes || !total_bytes) return MSH_FAIL(MSH_EINVAL, "NULL argument");
-  const msh_backend *be = msh_backend_for(kind);
-  if (!be) return MSH_EUNSUPPORTED;
-  if (!be->mem_info) return MSH_FAIL(MSH_EUNSUPPORTED, "the %s backend does not report memory", be->name);
-  return be->mem_info(device_index, free_bytes, total_bytes);
-}
-
-msh_status msh_device_set_staging(int kind, int device_index, uint64_t chunk_bytes, int n_buffers) {
-#ifdef MSH_WITH_CUDA
-  if (kind == MSH_CUDA) return msh_cuda_staging_set(device_index, chunk_bytes, n_buffers);
-#endif
-  (void)device_index, (void)chunk_bytes, (void)n_buffers;
-  if (kind == MSH_CPU) return MSH_FAIL(MSH_EUNSUPPORTED, "the CPU has no staging buffers");
-  return MSH_FAIL(MSH_EUNSUPPORTED, "device kind %d is not available in this build", kind);
-}
-
-msh_status msh_device_staging_stats(int kind, int device_index, uint64_t *chunk_bytes, int *n_buffers,
-                                    uint64_t *bytes, uint64_t *chunks) {
-#ifdef MSH_WITH_CUDA
-  if (kind == MSH_CUDA) return msh_cuda_staging_stats(device_index, chunk_bytes, n_buffers, bytes, chunks);
-#endif
-  (void)device_index, (void)chunk_bytes, (void)n_buffers, (void)bytes, (void)chunks;
-  if (kind == MSH_CPU) return MSH_FAIL(MSH_EUNSUPPORTED, "the CPU has no staging buffers");
-  return MSH_FAIL(MSH_EUNSUPPORTED, "device kind %d is not available in this build", kind);
 }

@@ -1,6 +1,6 @@
-/* timer.c: device timers. On the CPU a timer is the monotonic wall clock at the call (CPU ops run
- * synchronously, so the call is the point in the work); on CUDA it is an event recorded on the
- * device's current stream (core/cuda/cuda_timer.c), read without waiting. */
+/* timer.c: device timers. Where work runs as it is issued (the CPU) a timer is the monotonic wall
+ * clock at the call; on a backend with events it is an event recorded on the device's current
+ * stream, read without waiting. */
 #include "timer_internal.h"
 
 #include <stdlib.h>
@@ -15,64 +15,57 @@ double msh_clock_s(void) {
 msh_status msh_timer_new(msh_timer **out, int kind, int device_index) {
   if (!out) return MSH_FAIL(MSH_EINVAL, "NULL argument");
   if (kind != MSH_CPU && kind != MSH_CUDA) return MSH_FAIL(MSH_EINVAL, "unknown device kind %d", kind);
-#ifndef MSH_WITH_CUDA
-  if (kind == MSH_CUDA) return MSH_FAIL(MSH_EUNSUPPORTED, "this build has no CUDA backend");
-#endif
+  const msh_backend *be = msh_backend_for(kind);
+  if (!be) return MSH_EUNSUPPORTED;
+  if (!be->event_new) device_index = 0; /* one clock */
   msh_timer *t = calloc(1, sizeof *t);
   if (!t) return MSH_FAIL(MSH_ENOMEM, "out of memory");
+  t->be = be;
   t->kind = kind;
-  t->device_index = kind == MSH_CPU ? 0 : device_index;
-#ifdef MSH_WITH_CUDA
-  if (kind == MSH_CUDA) {
-    msh_status s = msh_cuda_event_new(device_index, &t->event);
+  t->device_index = device_index;
+  if (be->event_new) {
+    msh_status s = be->event_new(device_index, &t->event);
     if (s != MSH_OK) {
       free(t);
       return s;
     }
   }
-#endif
   *out = t;
   return MSH_OK;
 }
 
 void msh_timer_free(msh_timer *t) {
   if (!t) return;
-#ifdef MSH_WITH_CUDA
-  if (t->event) msh_cuda_event_free(t->event);
-#endif
+  if (t->event) t->be->event_free(t->event);
   free(t);
 }
 
 int msh_timer_try_record(msh_timer *t) {
   t->host_s = msh_clock_s();
-  if (t->kind == MSH_CPU) {
+  if (!t->event) {
     t->state = MSH_TIMER_HOST;
     return 0;
   }
-#ifdef MSH_WITH_CUDA
-  int r = msh_cuda_event_record(t->device_index, t->event);
-  t->state = r == 0 ? MSH_TIMER_DEVICE : MSH_TIMER_UNSET;
-  return r;
-#else
-  return MSH_FAIL(MSH_EUNSUPPORTED, "this build has no CUDA backend");
-#endif
+  if (t->be->capturing(t->device_index)) return 1;
+  msh_status s = t->be->event_record(t->device_index, t->event, NULL);
+  t->state = s == MSH_OK ? MSH_TIMER_DEVICE : MSH_TIMER_UNSET;
+  return s;
 }
 
 msh_status msh_timer_record(msh_timer *t) {
   if (!t) return MSH_FAIL(MSH_EINVAL, "NULL timer");
   int r = msh_timer_try_record(t);
   if (r == 1)
-    return MSH_FAIL(MSH_EINVAL, "a graph is being captured on CUDA device %d: a timestamp inside it would be "
-                    "replayed, not taken (record before msh_graph_begin or after msh_graph_end)", t->device_index);
+    return MSH_FAIL(MSH_EINVAL, "a graph is being captured on %s device %d: a timestamp inside it would be "
+                    "replayed, not taken (record before msh_graph_begin or after msh_graph_end)", t->be->name,
+                    t->device_index);
   return r;
 }
 
 /* 1 reached (or failed: elapsed then says why), 0 not yet (never waits). */
 static int reached(const msh_timer *t) {
   if (t->state == MSH_TIMER_HOST) return 1;
-#ifdef MSH_WITH_CUDA
-  if (t->state == MSH_TIMER_DEVICE) return msh_cuda_event_done(t->event) != 0;
-#endif
+  if (t->state == MSH_TIMER_DEVICE) return t->be->event_query(t->event) != 0;
   return 0;
 }
 
@@ -87,29 +80,24 @@ msh_status msh_timer_elapsed(const msh_timer *start, const msh_timer *end, int w
   if (start->state == MSH_TIMER_UNSET || end->state == MSH_TIMER_UNSET)
     return MSH_FAIL(MSH_EINVAL, "the %s timer was never recorded", start->state == MSH_TIMER_UNSET ? "start" : "end");
   if (start->kind != end->kind || start->device_index != end->device_index)
-    return MSH_FAIL(MSH_EINVAL, "the timers lie on different devices (%s:%d and %s:%d)",
-                    start->kind == MSH_CPU ? "cpu" : "cuda", start->device_index, end->kind == MSH_CPU ? "cpu" : "cuda",
-                    end->device_index);
+    return MSH_FAIL(MSH_EINVAL, "the timers lie on different devices (%s:%d and %s:%d)", start->be->name,
+                    start->device_index, end->be->name, end->device_index);
   if (start->state == MSH_TIMER_HOST) {
     *seconds = end->host_s - start->host_s;
     return MSH_OK;
   }
-#ifdef MSH_WITH_CUDA
+  const msh_backend *be = start->be;
   if (wait) {
-    msh_status s = msh_cuda_event_wait(end->event);
-    if (s == MSH_OK) s = msh_cuda_event_wait(start->event);
+    msh_status s = be->event_sync(end->event);
+    if (s == MSH_OK) s = be->event_sync(start->event);
     if (s != MSH_OK) return s;
   } else if (!reached(end) || !reached(start)) {
     *seconds = -1;
     return MSH_OK;
   }
   float ms = 0;
-  msh_status s = msh_cuda_event_elapsed_ms(start->event, end->event, &ms);
+  msh_status s = be->event_elapsed_ms(start->event, end->event, &ms);
   if (s != MSH_OK) return s;
   *seconds = ms * 1e-3;
   return MSH_OK;
-#else
-  (void)wait;
-  return MSH_FAIL(MSH_EUNSUPPORTED, "this build has no CUDA backend");
-#endif
 }
