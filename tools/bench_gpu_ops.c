@@ -724,6 +724,101 @@ static void bench_upload_file(void) {
   unlink(path);
 }
 
+/* --------------------------------------------------------------------------- stream overlap */
+
+/* A prefetch's shape: 64 MiB uploaded from pinned memory on a copy stream while the compute
+ * stream runs matmuls of about the same length (4096 x 4096 bf16, 64 rows), each alone and
+ * then together, ordered by events (the compute waits for nothing, the copy for nothing; the
+ * span ends when both are done). Device time from events on the compute stream. */
+static void bench_stream_overlap(void) {
+  const int64_t bytes = 64 << 20, n = bytes / 4;
+  int64_t hs[1] = {n}, xs[2] = {64, 4096}, ws[2] = {4096, 4096};
+  msh_tensor *host = NULL, *dev = NULL, *x = NULL, *w = NULL, *o = NULL;
+  OK(msh_tensor_new_pinned(&host, MSH_F32, 1, hs));
+  OK(msh_tensor_new(&dev, MSH_F32, 1, hs, MSH_CUDA, 0));
+  OK(msh_tensor_new(&x, MSH_F32, 2, xs, MSH_CUDA, 0));
+  OK(msh_tensor_new(&w, MSH_BF16, 2, ws, MSH_CUDA, 0));
+  OK(msh_tensor_new(&o, MSH_F32, 2, xs, MSH_CUDA, 0));
+  OK(msh_tensor_randn(x, 1, 0, 1));
+  OK(msh_tensor_randn(w, 2, 0, 0.02f));
+  msh_stream *comp = NULL, *copy = NULL;
+  msh_event *t0 = NULL, *t1 = NULL, *copied = NULL;
+  OK(msh_stream_new(&comp, MSH_CUDA, 0));
+  OK(msh_stream_new(&copy, MSH_CUDA, 0));
+  OK(msh_event_new(&t0, MSH_CUDA, 0));
+  OK(msh_event_new(&t1, MSH_CUDA, 0));
+  OK(msh_event_new(&copied, MSH_CUDA, 0));
+  OK(msh_device_sync(MSH_CUDA, 0));
+  OK(msh_stream_set_current(MSH_CUDA, 0, comp));
+  /* matmuls per round: about as long as the copy (measured once) */
+  int k = 1;
+  float ms_copy1 = 0, ms_mm1 = 0;
+  for (int pass = 0; pass < 2; pass++) {
+    OK(msh_event_record(t0, copy));
+    OK(msh_tensor_copy_async(dev, host, copy));
+    OK(msh_event_record(t1, copy));
+    OK(msh_event_sync(t1));
+    OK(msh_event_elapsed_ms(t0, t1, &ms_copy1));
+    OK(msh_event_record(t0, NULL));
+    OK(msh_op_matmul(o, x, w));
+    OK(msh_event_record(t1, NULL));
+    OK(msh_event_sync(t1));
+    OK(msh_event_elapsed_ms(t0, t1, &ms_mm1));
+  }
+  k = ms_mm1 > 0 ? (int)(ms_copy1 / ms_mm1 + 0.5f) : 1;
+  if (k < 1) k = 1;
+  if (k > 4096) k = 4096;
+  double t_copy[16], t_comp[16], t_both[16];
+  const int reps = 9;
+  for (int r = 0; r < reps; r++) {
+    float ms = 0;
+    /* the copy alone */
+    OK(msh_event_record(t0, copy));
+    OK(msh_tensor_copy_async(dev, host, copy));
+    OK(msh_event_record(t1, copy));
+    OK(msh_event_sync(t1));
+    OK(msh_event_elapsed_ms(t0, t1, &ms));
+    t_copy[r] = ms;
+    /* the compute alone */
+    OK(msh_event_record(t0, NULL));
+    for (int i = 0; i < k; i++) OK(msh_op_matmul(o, x, w));
+    OK(msh_event_record(t1, NULL));
+    OK(msh_event_sync(t1));
+    OK(msh_event_elapsed_ms(t0, t1, &ms));
+    t_comp[r] = ms;
+    /* both: the copy stream starts after t0, the compute stream ends by waiting for the copy */
+    OK(msh_event_record(t0, NULL));
+    OK(msh_stream_wait_event(copy, t0));
+    OK(msh_tensor_copy_async(dev, host, copy));
+    OK(msh_event_record(copied, copy));
+    for (int i = 0; i < k; i++) OK(msh_op_matmul(o, x, w));
+    OK(msh_stream_wait_event(NULL, copied));
+    OK(msh_event_record(t1, NULL));
+    OK(msh_event_sync(t1));
+    OK(msh_event_elapsed_ms(t0, t1, &ms));
+    t_both[r] = ms;
+  }
+  qsort(t_copy, reps, sizeof(double), cmp_double);
+  qsort(t_comp, reps, sizeof(double), cmp_double);
+  qsort(t_both, reps, sizeof(double), cmp_double);
+  double c = t_copy[reps / 2], m = t_comp[reps / 2], b = t_both[reps / 2];
+  printf("{\"bench\":\"stream_overlap\",\"copy_MiB\":%lld,\"pinned\":%d,\"matmuls\":%d,\"copy_ms\":%.3f,"
+         "\"copy_GB_s\":%.1f,\"compute_ms\":%.3f,\"overlapped_ms\":%.3f,\"serial_ms\":%.3f,\"hidden\":%.2f}\n",
+         (long long)(bytes >> 20), msh_tensor_is_pinned(host), k, c, bytes / (c * 1e-3) / 1e9, m, b, c + m,
+         (c + m - b) / (c < m ? c : m));
+  OK(msh_stream_set_current(MSH_CUDA, 0, NULL));
+  msh_event_free(t0);
+  msh_event_free(t1);
+  msh_event_free(copied);
+  msh_stream_free(comp);
+  msh_stream_free(copy);
+  msh_tensor_free(host);
+  msh_tensor_free(dev);
+  msh_tensor_free(x);
+  msh_tensor_free(w);
+  msh_tensor_free(o);
+}
+
 /* ----------------------------------------------------------------------------------- main */
 
 /* argv[1], when given, runs only the benchmarks whose name contains it (for profilers), against
@@ -817,5 +912,6 @@ int main(int argc, char **argv) {
   }
   if (wanted("upload_file")) bench_upload_file();
   if (wanted("fused")) bench_fused();
+  if (wanted("stream_overlap")) bench_stream_overlap();
   return 0;
 }
