@@ -2,6 +2,8 @@
 -- the dtypes the stage will give them, the KV cache, activation buffers and scratch), checked
 -- against the device's free memory. When it does not fit, the message says by how much and what
 -- would fit: the smallest tensor/pipeline-parallel degrees, the longest context, a smaller dtype.
+-- On the CPU the check is against the memory available (MemAvailable), and only the weights that
+-- placing allocates count: one used in place is a view of the mapped file.
 --
 -- Pure arithmetic over the description's shapes and plain numbers: M.estimate and M.check take
 -- the free memory as an argument (opts.free_bytes) so that the policy runs and is tested on a
@@ -66,6 +68,36 @@ local function placed_bytes(t, kind, dtype, float_dtype)
   return numel(t) * elem_bytes(target), target
 end
 
+-- Whether the stage keeps weight t as it is on the CPU (a view of the mapped file, no new
+-- memory): already a contiguous CPU tensor in its target dtype (moonshard.stage's place). Drawn
+-- (lazy), converted and stacked weights are new tensors.
+local function kept_in_place(t, dtype, float_dtype)
+  return t:device() == "cpu" and t:is_contiguous()
+    and t:dtype() == require("moonshard.stage").target_dtype(t, 0, dtype, float_dtype)
+end
+
+-- The names of layer weights lw that moonshard.stage stacks into one new tensor (its fuse: every
+-- part present, matrices of one width or vectors, one target dtype), as a set.
+local function stacked(lw, stacks, kind, dtype, float_dtype)
+  local out = {}
+  if not stacks then return out end
+  local target_dtype = require("moonshard.stage").target_dtype
+  for _, group in pairs(stacks) do
+    local first = lw[group[1]]
+    local ok = first ~= nil and first:ndim() <= 2
+    if ok then
+      local nd, want = first:ndim(), target_dtype(first, kind, dtype, float_dtype)
+      for _, k in ipairs(group) do
+        local p = lw[k]
+        if not p or p:ndim() ~= nd or (nd == 2 and p:size(2) ~= first:size(2))
+          or target_dtype(p, kind, dtype, float_dtype) ~= want then ok = false break end
+      end
+    end
+    if ok then for _, k in ipairs(group) do out[k] = true end end
+  end
+  return out
+end
+
 -- M.estimate(desc, opts) -> need: bytes a model needs on one device.
 --   opts.device       "cpu" or "cuda[:i]" (decides the weights' dtypes as moonshard.stage does)
 --   opts.dtype, opts.float_dtype   as moonshard.stage.resident
@@ -77,8 +109,10 @@ end
 --                     leave out the embedding / the final norm and output head
 --   opts.tp           tensor-parallel degree to apply to desc (default 1: desc as it is)
 --   opts.fuse         false: the layers keep q/k/v and gate/up apart (as moonshard.stage's opts.fuse)
--- need = { weights, kv, act, scratch, total, params, kv_per_position, weights_dtype, kv_dtype,
---          max_seq, batch, tp, layers = { first, last } }
+-- need = { weights, in_place, kv, act, scratch, total, params, kv_per_position, weights_dtype,
+--          kv_dtype, max_seq, batch, tp, layers = { first, last } }
+-- On the CPU `weights` counts only the weights placing allocates (drawn, converted to another
+-- dtype, or stacked); those used in place from the mapped file are `in_place` bytes, not in total.
 function M.estimate(desc, opts)
   opts = opts or {}
   local kind_name = parse_device(opts.device) or "cpu"
@@ -94,12 +128,16 @@ function M.estimate(desc, opts)
   local first, last = 1, desc.n_layers or (w and #w.layers) or 0
   if opts.layers then first, last = opts.layers[1], opts.layers[2] end
   local want_embed, want_head = opts.embed ~= false, opts.head ~= false
-  local weights, params, dtypes = 0, 0, {}
-  local function add(t, share)
+  local weights, in_place, params, dtypes = 0, 0, 0, {}
+  local function add(t, share, new_tensor)
     local b, target = placed_bytes(t, kind, opts.dtype, opts.float_dtype)
     share = share or 1
-    weights = weights + b * share
     params = params + numel(t) * share
+    if kind == 0 and not new_tensor and kept_in_place(t, opts.dtype, opts.float_dtype) then
+      in_place = in_place + b * share
+      return
+    end
+    weights = weights + b * share
     dtypes[target] = (dtypes[target] or 0) + b * share
   end
   if w then
@@ -109,8 +147,11 @@ function M.estimate(desc, opts)
       if not (w.output == w.embed and want_embed) then add(w.output) end
     end
     local arch = require("moonshard.models").get(desc.arch).arch
+    local stacks = kind == 0 and opts.fuse ~= false and arch.stacks or nil
     for l = first, last do
-      for name, t in pairs(w.layers[l]) do add(t, share(arch, name, plan, desc)) end
+      local lw = w.layers[l]
+      local new = stacked(lw, stacks, kind, opts.dtype, opts.float_dtype)
+      for name, t in pairs(lw) do add(t, share(arch, name, plan, desc), new[name]) end
     end
   end
   -- the dtype holding most of the bytes names the weights in messages
@@ -144,7 +185,8 @@ function M.estimate(desc, opts)
   local scratch = 0
   if kind == 1 then scratch = T * 2 * 1.25 + M.GPU_RESERVE end
   return {
-    weights = weights, kv = kv, act = act, scratch = scratch, total = weights + kv + act + scratch,
+    weights = weights, in_place = in_place, kv = kv, act = act, scratch = scratch,
+    total = weights + kv + act + scratch,
     params = params, kv_per_position = kv_per_position, weights_dtype = main or opts.dtype or "f32",
     kv_dtype = kv_dtype, max_seq = max_seq, batch = batch, tp = tp, layers = { first, last },
   }
@@ -152,7 +194,12 @@ end
 
 -- ------------------------------------------------------------------------------ messages
 
-local function gib(b) return string.format("%.1f GiB", b / GiB) end
+-- bytes in GiB, or MiB / KiB below one of the larger unit (a small model's parts are not "0.0 GiB")
+local function gib(b)
+  if b >= GiB then return string.format("%.1f GiB", b / GiB) end
+  if b >= MiB then return string.format("%.1f MiB", b / MiB) end
+  return string.format("%.1f KiB", b / 1024)
+end
 
 local function count_str(n)
   if n >= 1e12 then return string.format("%.2fT", n / 1e12) end
@@ -219,14 +266,31 @@ local function pipeline_need(desc, opts, tp, pp)
   return worst
 end
 
+-- Whether every matrix of desc has rows that split into whole blocks of dtype (a block-quantized
+-- dtype needs that; any other always fits).
+local function blocks_fit(desc, dtype)
+  local id = core.dtypes[dtype]
+  local blk = tonumber(C.msh_dtype_block_elems(id))
+  if blk <= 1 or not desc.weights then return true end
+  local function ok(t) return t:ndim() ~= 2 or t:size(2) % blk == 0 end
+  local w = desc.weights
+  if not (ok(w.embed) and ok(w.output)) then return false end
+  for _, lw in ipairs(w.layers) do
+    for _, t in pairs(lw) do if not ok(t) then return false end end
+  end
+  return true
+end
+
 -- What would fit on devices with `free` bytes each: a list of { flag = "--tp 2", ... } entries.
+-- On the CPU no parallel degrees (ranks on one machine share its memory).
 function M.suggest(desc, opts, free)
   local out = {}
   local base = M.estimate(desc, opts)
   if not desc.dim then return out end -- weights alone: no shapes to plan with
+  local cpu = parse_device(opts.device) ~= "cuda"
   local tp0 = desc.tp and desc.tp.size or 1 -- desc may already be one rank's slice
   -- tensor parallel alone, inside one node
-  local tps = tp_degrees(desc, math.max(1, math.floor(M.MAX_TP / tp0)))
+  local tps = cpu and {} or tp_degrees(desc, math.max(1, math.floor(M.MAX_TP / tp0)))
   local best_tp
   for _, tp in ipairs(tps) do
     local o = setmetatable({ tp = tp }, { __index = opts })
@@ -236,7 +300,7 @@ function M.suggest(desc, opts, free)
   if best_tp then
     out[#out + 1] = { flag = string.format("--tp %d", best_tp * tp0),
       note = string.format("%d GPUs like this one", best_tp * tp0) }
-  elseif desc.n_layers > 1 then
+  elseif desc.n_layers > 1 and not cpu then
     -- tensor parallel as wide as a node allows, then the fewest pipeline stages
     local tp = tps[#tps] or 1
     local lo = 2
@@ -274,8 +338,17 @@ function M.suggest(desc, opts, free)
   -- fewer sequences at once
   local b = largest_fitting("batch")
   if b then out[#out + 1] = { flag = string.format("--batch-size %d", b), batch = b } end
-  -- 16-bit weights or cache instead of f32
-  if base.weights_dtype == "f32" then
+  -- 16-bit weights or cache instead of f32; on the CPU the first of 16-bit, 8-bit and 4-bit
+  -- weights that fits (weights used in place from the file may cost less than converted ones)
+  if cpu then
+    for _, dt in ipairs { "bf16", "q8_0", "q4_0" } do
+      local need = blocks_fit(desc, dt) and M.estimate(desc, setmetatable({ dtype = dt }, { __index = opts }))
+      if need and dt ~= opts.dtype and need.total < base.total and fits(need, free) then
+        out[#out + 1] = { flag = "--dtype " .. dt, dtype = dt }
+        break
+      end
+    end
+  elseif base.weights_dtype == "f32" then
     local o = setmetatable({ dtype = "bf16" }, { __index = opts })
     if fits(M.estimate(desc, o), free) then out[#out + 1] = { flag = "--dtype bf16" } end
   end
@@ -288,12 +361,30 @@ end
 
 -- ----------------------------------------------------------------------------------- check
 
+-- Available and total bytes of the CPU's memory from the text of /proc/meminfo (MemAvailable:
+-- what can be allocated without swapping, reclaimable page cache included), or nil, message.
+function M.parse_meminfo(text)
+  local avail = text:match("MemAvailable:%s*(%d+) kB")
+  local total = text:match("MemTotal:%s*(%d+) kB")
+  if not avail then return nil, "no MemAvailable in /proc/meminfo" end
+  return tonumber(avail) * 1024, total and tonumber(total) * 1024
+end
+
+-- The CPU's available and total bytes now, or nil, message where /proc/meminfo cannot be read.
+function M.cpu_memory()
+  local f, err = io.open("/proc/meminfo", "r")
+  if not f then return nil, err end
+  local text = f:read("*a")
+  f:close()
+  return M.parse_meminfo(text or "")
+end
+
 -- Free and total bytes of a device, or nil, message (naming how many GPUs there are when the
--- device does not exist).
+-- device does not exist). On the CPU: the memory available and the total (M.cpu_memory).
 function M.device_memory(device)
   local kind, idx = parse_device(device)
   if not kind then return nil, string.format("unknown device '%s' (want cpu or cuda[:N])", tostring(device)) end
-  if kind == "cpu" then return nil, "the CPU's memory is not planned" end
+  if kind == "cpu" then return M.cpu_memory() end
   if C.msh_has_cuda() == 0 then
     return nil, string.format("%s does not exist: this build of moonshard has no CUDA backend (use --device cpu)", device)
   end
@@ -312,9 +403,9 @@ function M.device_memory(device)
 end
 
 -- M.check(desc, opts) -> need | nil, message. opts as M.estimate, plus opts.free_bytes and
--- opts.total_bytes (default: asked from the device now). On the CPU nothing is checked (need is
--- still returned). The message names the model, what it needs by part, what the device has and
--- what would fit.
+-- opts.total_bytes (default: asked from the device now; on the CPU the memory available, and
+-- nothing is checked where /proc/meminfo cannot be read). The message names the model, what it
+-- needs by part, what the device has and what would fit.
 function M.check(desc, opts)
   opts = opts or {}
   local device = opts.device or "cpu"
@@ -322,23 +413,35 @@ function M.check(desc, opts)
   if not kind then return nil, string.format("unknown device '%s' (want cpu or cuda[:N])", tostring(device)) end
   local need, err = M.estimate(desc, opts)
   if not need then return nil, err end
-  if kind == "cpu" and not opts.free_bytes then return need end
   local free, total = opts.free_bytes, opts.total_bytes
   if not free then
     free, total = M.device_memory(device)
-    if not free then return nil, total end
+    if not free then
+      if kind == "cpu" then return need end
+      return nil, total
+    end
   end
   if fits(need, free) then return need end
-  local parts = { string.format("%s of weights (%s)", gib(need.weights), need.weights_dtype) }
+  local wdesc = need.weights_dtype
+  if need.in_place > 0 then wdesc = string.format("%s; %s more used in place from the file", wdesc, gib(need.in_place)) end
+  local parts = { string.format("%s of weights (%s)", gib(need.weights), wdesc) }
   if need.max_seq > 0 then
     parts[#parts + 1] = string.format("%s of KV cache (%s, %d positions x %d)", gib(need.kv), need.kv_dtype,
       need.max_seq, need.batch)
   end
   parts[#parts + 1] = string.format("%s of activations and scratch", gib(need.act + need.scratch))
-  local msg = string.format("%s needs %s = %s on %s, which has %s free%s", M.describe(desc), table.concat(parts, " + "),
-    gib(need.total), device, gib(free), total and (" of " .. gib(total)) or "")
+  local msg
+  if kind == "cpu" then
+    msg = string.format("%s needs %s = %s of memory on the CPU, which has %s available%s", M.describe(desc),
+      table.concat(parts, " + "), gib(need.total), gib(free), total and (" of " .. gib(total)) or "")
+  else
+    msg = string.format("%s needs %s = %s on %s, which has %s free%s", M.describe(desc), table.concat(parts, " + "),
+      gib(need.total), device, gib(free), total and (" of " .. gib(total)) or "")
+  end
   local sugg = M.suggest(desc, opts, free)
-  if #sugg == 0 then
+  if #sugg == 0 and kind == "cpu" then
+    msg = msg .. "; it does not fit in this machine's memory with any setting moonshard can change"
+  elseif #sugg == 0 then
     msg = msg .. "; it does not fit on GPUs of this size with any setting moonshard can change (try --device cpu)"
   else
     local alts = {}

@@ -99,8 +99,9 @@ end
 --   opts.head    false: leave out the final norm and output head (a stage that sends them on)
 --   opts.fuse    false: keep q/k/v and gate/up as separate weights (default: stacked, see place_layer)
 --   opts.arch    the architecture's name (moonshard.models; default llama): which weights stack
---   opts.plan    on a GPU, what the model will add there, for the memory check made before
---                anything is placed (moonshard.memplan): { desc, max_seq, kv_dtype, chunk, batch };
+--   opts.plan    what the model will add on the device, for the memory check made before
+--                anything is placed (moonshard.memplan; on the CPU against the memory available,
+--                counting the weights placing copies): { desc, max_seq, kv_dtype, chunk, batch };
 --                nil checks the weights alone, false skips the check
 -- Raises when the check fails (the message says what would fit) or a placement fails; nothing
 -- placed stays on the device then.
@@ -108,7 +109,7 @@ function M.resident(weights, device, opts)
   opts = opts or {}
   device = device or "cpu"
   local dtype, float_dtype = opts.dtype, opts.float_dtype
-  if opts.plan ~= false and device ~= "cpu" then
+  if opts.plan ~= false then
     local p = opts.plan or {}
     local desc = setmetatable({ weights = weights }, { __index = p.desc })
     local need, err = require("moonshard.memplan").check(desc, {

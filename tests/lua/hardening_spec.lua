@@ -321,3 +321,15 @@ describe("config.json fields of the wrong type (checked by the loader through mo
     assert.truthy(err:find("holds both a Hugging Face checkpoint (config.json) and 'qwen3.gguf'", 1, true), err)
   end)
 end)
+
+describe("memory on the CPU", function()
+  it("bench --dummy of a shape larger than the machine is refused at once, before anything is drawn", function()
+    -- a 1T-parameter shape: terabytes in f32, more than any CPU this runs on, at any dtype
+    local _, err, code = run({ "bench", "--dummy", h.root .. "/tools/bench/shapes/llama-1t.json", "--device", "cpu",
+      "--prompt-len", "8", "--gen-len", "8" }, nil, 30)
+    assert.are.equal(1, code, err)
+    one_line_error(err)
+    assert.truthy(err:find("of memory on the CPU, which has .* available", 1), err)
+    assert.truthy(err:find("GiB of weights (f32)", 1, true), err)
+  end)
+end)

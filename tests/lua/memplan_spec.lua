@@ -162,3 +162,101 @@ describe("memplan", function()
     assert.is_nil((memplan.check(d8, { device = "tpu:0" })))
   end)
 end)
+
+describe("memplan on the CPU", function()
+  local d8 = shape("llama-3-8b")
+  local stories = assert(require("moonshard.loader").load(h.stories)).desc
+  local cpu = { device = "cpu", float_dtype = "f32" }
+
+  it("counts only the weights placing allocates: stacked, converted or drawn, not those used in place", function()
+    local native = memplan.estimate(stories, { device = "cpu" })
+    -- the f32 file's weights stay views of the mapped file; q/k/v and gate/up are stacked into
+    -- new tensors (5 layers x (64 + 32 + 32 + 172 + 172) rows of 64 floats)
+    local stacked = 5 * (64 + 32 + 32 + 172 + 172) * 64 * 4
+    assert.are.equal(stacked, native.weights)
+    assert.are.equal(4 * native.params - stacked, native.in_place)
+    assert.are.equal(native.weights + native.kv + native.act, native.total)
+    -- kept apart, nothing is allocated for the weights; converted to bf16, all of them are
+    local apart = memplan.estimate(stories, { device = "cpu", fuse = false })
+    assert.are.equal(0, apart.weights)
+    assert.are.equal(4 * apart.params, apart.in_place)
+    local bf = memplan.estimate(stories, { device = "cpu", dtype = "bf16" })
+    assert.are.equal(2 * bf.params, bf.weights)
+    assert.are.equal(0, bf.in_place)
+    -- the same on a GPU: everything is copied there
+    local g = memplan.estimate(stories, { device = "cuda:0", dtype = "native" })
+    assert.are.equal(4 * g.params, g.weights)
+  end)
+
+  it("agrees with the bytes moonshard.stage allocates on the CPU", function()
+    local stage = require "moonshard.stage"
+    for _, o in ipairs { {}, { fuse = false }, { dtype = "bf16" }, { float_dtype = "f16" } } do
+      local s = stage.resident(stories.weights, "cpu", { dtype = o.dtype, float_dtype = o.float_dtype, fuse = o.fuse,
+        plan = false })
+      local owned = 0
+      for _, t in ipairs(s.owned) do owned = owned + t:nbytes() end
+      s:close()
+      local need = memplan.estimate(stories, with(o, { device = "cpu" }))
+      assert.are.equal(owned, need.weights)
+    end
+  end)
+
+  it("refuses, naming the parts, the memory available and what would fit", function()
+    local ok, msg, need, sugg = memplan.check(d8, with(cpu, { free_bytes = 20 * GiB, total_bytes = 24 * GiB }))
+    assert.is_nil(ok)
+    for _, needle in ipairs { "8.0B-parameter model (32 layers, hidden size 4096)", "29.9 GiB of weights (f32)",
+                              "2.0 GiB of KV cache (f32, 8192 positions x 1)",
+                              "of memory on the CPU, which has 20.0 GiB available of 24.0 GiB",
+                              "it would fit with --dtype bf16" } do
+      assert.truthy(msg:find(needle, 1, true), "message lacks '" .. needle .. "': " .. msg)
+    end
+    assert.falsy(msg:find("\n", 1, true))
+    assert.is_true(need.total > 20 * GiB)
+    assert.is_nil(find(sugg, "^%-%-tp")) -- ranks on one machine share its memory
+    assert.is_nil(find(sugg, "^%-%-pp"))
+    -- 16-bit weights do not fit, 8-bit ones do
+    local _, msg2, _, sugg2 = memplan.check(d8, with(cpu, { free_bytes = 12 * GiB }))
+    assert.truthy(find(sugg2, "^%-%-dtype q8_0$"), msg2)
+    assert.is_nil(find(sugg2, "^%-%-dtype bf16$"))
+    assert.is_true(memplan.estimate(d8, with(cpu, { dtype = "q8_0" })).total <= 12 * GiB)
+    assert.is_true(memplan.estimate(d8, with(cpu, { dtype = "bf16" })).total > 12 * GiB)
+  end)
+
+  it("suggests the largest batch, a shorter context and a bf16 cache when they fit", function()
+    local o = with(cpu, { dtype = "bf16", batch = 64 }) -- a 128 GiB f32 cache
+    local free = 40 * GiB
+    local ok, msg, _, sugg = memplan.check(d8, with(o, { free_bytes = free }))
+    assert.is_nil(ok)
+    local b = assert(find(sugg, "^%-%-batch%-size"), msg)
+    assert.is_true(memplan.estimate(d8, with(o, { batch = b.batch })).total <= free)
+    assert.is_true(memplan.estimate(d8, with(o, { batch = b.batch + 1 })).total > free)
+    local s = assert(find(sugg, "^%-%-max%-seq"), msg)
+    assert.is_true(memplan.estimate(d8, with(o, { max_seq = s.max_seq })).total <= free)
+    assert.is_true(memplan.estimate(d8, with(o, { max_seq = s.max_seq + 256 })).total > free)
+    assert.is_nil(find(sugg, "^%-%-kv%-dtype")) -- a 64 GiB bf16 cache does not fit either
+    local _, _, _, sugg2 = memplan.check(d8, with(o, { batch = 16, free_bytes = free }))
+    assert.truthy(find(sugg2, "^%-%-kv%-dtype bf16$"))
+  end)
+
+  it("says when nothing it can change would fit", function()
+    local ok, msg = memplan.check(d8, with(cpu, { free_bytes = 2 * GiB }))
+    assert.is_nil(ok)
+    assert.truthy(msg:find("does not fit in this machine's memory with any setting moonshard can change", 1, true), msg)
+  end)
+
+  it("reads the memory available from /proc/meminfo, and checks against it when not given", function()
+    local avail, total = memplan.parse_meminfo("MemTotal:       24576000 kB\nMemFree:  100 kB\n"
+      .. "MemAvailable:   20480000 kB\n")
+    assert.are.equal(20480000 * 1024, avail)
+    assert.are.equal(24576000 * 1024, total)
+    assert.is_nil((memplan.parse_meminfo("MemTotal: 1 kB\n")))
+    if memplan.cpu_memory() then
+      assert.truthy(memplan.check(stories, { device = "cpu" }))
+      -- ten million sequences of 512 positions: many TiB of cache, refused before any is allocated
+      local r, err = require("moonshard.runner").build(stories, { device = "cpu", batch = 10000000 })
+      assert.is_nil(r)
+      assert.truthy(err:find("of memory on the CPU, which has", 1, true), err)
+      assert.truthy(err:find("it would fit with --batch-size", 1, true), err)
+    end
+  end)
+end)
