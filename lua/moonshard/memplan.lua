@@ -56,7 +56,7 @@ end
 -- (query heads, KV heads or feed-forward rows), anything else all of it.
 local function share(arch, name, p, d)
   local e = arch.by_name[name]
-  if not e or not e.shard or e.shard == "vocab" then return 1 end
+  if p.tp == 1 or not e or not e.shard or e.shard == "vocab" then return 1 end
   if e.unit == "q" then return p.heads / d.n_heads end
   if e.unit == "kv" then return p.kv_heads / d.n_kv_heads end
   return p.hidden / d.hidden_dim
@@ -118,7 +118,7 @@ function M.estimate(desc, opts)
   local kind_name = parse_device(opts.device) or "cpu"
   local kind = kind_name == "cpu" and 0 or 1
   local tp = opts.tp or 1
-  local plan = { heads = desc.n_heads, kv_heads = desc.n_kv_heads, hidden = desc.hidden_dim }
+  local plan = { tp = 1, heads = desc.n_heads, kv_heads = desc.n_kv_heads, hidden = desc.hidden_dim }
   if tp > 1 then
     local p, err = require("moonshard.policy.shard").plan(desc, tp)
     if not p then return nil, err end
