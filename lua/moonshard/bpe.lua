@@ -31,6 +31,14 @@ M.PRE = {
   qwen2 = { patterns = { QWEN2 } },
 }
 
+-- A value from a file, shown in a message: its control bytes escaped so the message stays one
+-- line, and cut after 80 bytes.
+local function shown(v)
+  local s = tostring(v):gsub("%c", function(c) return string.format("\\x%02x", c:byte()) end)
+  if #s > 80 then s = s:sub(1, 80) .. "..." end
+  return s
+end
+
 local function known_pre()
   local names = {}
   for k in pairs(M.PRE) do names[#names + 1] = k end
@@ -74,6 +82,13 @@ function M.new(spec)
   local tokens, merges, patterns = spec.tokens, spec.merges or {}, spec.patterns or {}
   local n = #tokens
   if n == 0 then return nil, string.format("%s: empty vocabulary", spec.name or "tokenizer") end
+  for _, k in ipairs { "bos", "eos" } do
+    local id = spec[k]
+    if id ~= nil and (type(id) ~= "number" or id < 0 or id >= n or id % 1 ~= 0) then
+      return nil, string.format("%s: the %s token id %s is not in the vocabulary of %d tokens", spec.name or "tokenizer",
+        k:upper(), shown(id), n)
+    end
+  end
   local text, off = pack(tokens)
   local kinds = ffi.new("uint8_t[?]", n)
   if spec.kinds then for i = 1, n do kinds[i - 1] = spec.kinds[i] or 0 end end
@@ -83,7 +98,12 @@ function M.new(spec)
   local out = ffi.new("msh_bpe*[1]")
   local ok, msg = core.try(C.msh_bpe_new(out, n, text, off, kinds, #merges, mtext, moff, #patterns, pats,
     spec.ignore_merges and C.MSH_BPE_IGNORE_MERGES or 0))
-  if not ok then return nil, (spec.name and spec.name .. ": " or "") .. msg end
+  if not ok then
+    -- the message quotes the pattern or token at fault: control bytes in it are escaped, so that it
+    -- stays one line
+    msg = msg:gsub("%c", function(c) return string.format("\\x%02x", c:byte()) end)
+    return nil, (spec.name and spec.name .. ": " or "") .. msg
+  end
   local self = setmetatable({
     h = ffi.gc(out[0], C.msh_bpe_free), name = spec.name,
     vocab_size = n, bos = spec.bos, eos = spec.eos, add_bos = spec.add_bos and true or false,
@@ -158,7 +178,7 @@ function M.from_gguf(g)
   local cfg = M.PRE[pre]
   if not cfg then
     return nil, string.format("'%s': pre-tokenizer '%s' (tokenizer.ggml.pre) is not supported (known: %s)",
-      path, tostring(pre), known_pre())
+      path, shown(pre), known_pre())
   end
   local tokens, err = g:strings("tokenizer.ggml.tokens")
   if not tokens then return nil, err end
@@ -210,7 +230,7 @@ function M.patterns_from_json(pt, where)
       patterns[#patterns + 1] = p.individual_digits and [[\p{N}]] or [[\p{N}+]]
     elseif p.type == "Split" then
       local pat = type(p.pattern) == "table" and p.pattern or {}
-      local behavior = tostring(p.behavior)
+      local behavior = shown(p.behavior)
       if behavior ~= "Isolated" or p.invert == true then
         return nil, string.format("%s: Split pre-tokenizer with behavior %s%s is not supported (Isolated only)",
           where, behavior, p.invert and ", inverted" or "")
@@ -224,7 +244,7 @@ function M.patterns_from_json(pt, where)
       end
     else
       return nil, string.format("%s: pre-tokenizer '%s' is not supported (a byte-level BPE needs ByteLevel,"
-        .. " optionally after Split and Digits)", where, tostring(p.type))
+        .. " optionally after Split and Digits)", where, shown(p.type))
     end
   end
   if not byte_level then
@@ -243,26 +263,28 @@ function M.from_json(tj, opts)
   if type(model) ~= "table" then return nil, where .. ": no 'model' object" end
   local mtype = model.type or "BPE"
   if mtype ~= "BPE" then
-    return nil, string.format("%s: tokenizer model type '%s' is not supported (supported: BPE)", where, tostring(mtype))
+    return nil, string.format("%s: tokenizer model type '%s' is not supported (supported: BPE)", where, shown(mtype))
   end
   if type(model.vocab) ~= "table" then return nil, where .. ": model.vocab is missing" end
   local patterns, perr = M.patterns_from_json(tj.pre_tokenizer, where)
   if not patterns then return nil, perr end
   local norm = tj.normalizer
   if type(norm) == "table" and norm.type ~= "NFC" then
-    return nil, string.format("%s: normalizer '%s' is not supported", where, tostring(norm.type))
+    return nil, string.format("%s: normalizer '%s' is not supported", where, shown(norm.type))
   end
   local tokens, kinds, n = {}, {}, 0
   for text, id in pairs(model.vocab) do
-    if type(id) ~= "number" or id < 0 or id % 1 ~= 0 or id > 16777216 then
-      return nil, string.format("%s: vocabulary entry %q has a bad id", where, tostring(text))
+    if type(text) ~= "string" then return nil, where .. ": model.vocab must map token texts to ids" end
+    if type(id) ~= "number" or not (id >= 0 and id <= 16777216) or id % 1 ~= 0 then
+      return nil, string.format("%s: vocabulary entry '%s' has a bad id", where, shown(text))
     end
     tokens[id + 1] = text
     kinds[id + 1] = M.NORMAL
     if id + 1 > n then n = id + 1 end
   end
   for _, a in ipairs(type(tj.added_tokens) == "table" and tj.added_tokens or {}) do
-    if type(a) ~= "table" or type(a.id) ~= "number" or type(a.content) ~= "string" or a.id < 0 or a.id > 16777216 then
+    if type(a) ~= "table" or type(a.id) ~= "number" or type(a.content) ~= "string" or not (a.id >= 0 and a.id <= 16777216)
+      or a.id % 1 ~= 0 then
       return nil, where .. ": malformed added_tokens entry"
     end
     tokens[a.id + 1] = a.content

@@ -333,3 +333,58 @@ describe("memory on the CPU", function()
     assert.truthy(err:find("GiB of weights (f32)", 1, true), err)
   end)
 end)
+
+describe("GGUF metadata and tokenizer.json (cases tools/fuzz/lua_fuzz.lua found)", function()
+  local gguf = require "moonshard.loaders.gguf"
+  local bpe = require "moonshard.bpe"
+  local function handle(meta)
+    return { path = "m.gguf", get = function(_, k) return meta[k] end }
+  end
+  local base = { ["general.architecture"] = "llama", ["llama.embedding_length"] = 64, ["llama.block_count"] = 2,
+    ["llama.attention.head_count"] = 4, ["llama.feed_forward_length"] = 128 }
+  local function with(extra)
+    local m = {}
+    for k, v in pairs(base) do m[k] = v end
+    for k, v in pairs(extra) do m[k] = v end
+    return handle(m)
+  end
+
+  it("parse_metadata refuses sizes and numbers out of range, naming the key, in one line", function()
+    assert.truthy(gguf.parse_metadata(handle(base)))
+    for _, c in ipairs {
+      { { ["llama.attention.head_count"] = 2 ^ 53 + 2 }, "'llama.attention.head_count' must be a positive integer" },
+      { { ["llama.attention.head_count_kv"] = 3 }, "(4) must be a multiple of llama.attention.head_count_kv (3)" },
+      { { ["llama.attention.head_count_kv"] = 0 }, "'llama.attention.head_count_kv' must be a positive integer" },
+      { { ["llama.attention.layer_norm_rms_epsilon"] = 0 / 0 }, "must be a positive finite number (got nan" },
+      { { ["llama.rope.freq_base"] = -1 }, "'llama.rope.freq_base' must be a positive finite number" },
+      { { ["llama.embedding_length"] = 66 }, "is not a multiple of llama.attention.head_count (4)" },
+      { { ["llama.rope.dimension_count"] = 17 }, "must be even and at most the head size (16)" },
+      { { ["llama.rope.scaling.type"] = "line\nr" }, "rope scaling 'line\\x0ar' is not supported" },
+    } do
+      local ok, err = pcall(gguf.parse_metadata, with(c[1]))
+      assert.is_false(ok)
+      assert.truthy(err:find("^'m.gguf': "), err)
+      assert.truthy(err:find(c[2], 1, true), err)
+      assert.falsy(err:find("\n", 1, true), err)
+    end
+  end)
+
+  it("bpe.from_json refuses non-integer added-token ids and BOS/EOS outside the vocabulary", function()
+    local function tj(extra)
+      local t = { model = { type = "BPE", vocab = { a = 0, b = 1 }, merges = {} },
+        pre_tokenizer = { type = "ByteLevel", use_regex = true } }
+      for k, v in pairs(extra) do t[k] = v end
+      return t
+    end
+    assert.truthy(bpe.from_json(tj {}))
+    local tok, err = bpe.from_json(tj { added_tokens = { { id = 0 / 0, content = "<s>" } } })
+    assert.is_nil(tok)
+    assert.truthy(err:find("malformed added_tokens entry", 1, true), err)
+    tok, err = bpe.from_json(tj {}, { bos = 7 })
+    assert.is_nil(tok)
+    assert.truthy(err:find("the BOS token id 7 is not in the vocabulary of 2 tokens", 1, true), err)
+    tok, err = bpe.from_json(tj { pre_tokenizer = { type = "Byte\nLevel" } })
+    assert.is_nil(tok)
+    assert.falsy(err:find("\n", 1, true), err)
+  end)
+end)

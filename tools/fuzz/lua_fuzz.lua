@@ -8,6 +8,14 @@
 --               moonshard.launch's parser (an options table or nil and a message; never a raise)
 --   template_*  a Jinja chat template -> moonshard.chat_template.detect and rendering
 --   frame_*     bytes from a rendezvous peer -> moonshard.store's frame reader, fed in random pieces
+--   tokenizer_* a tokenizer.json, optionally followed by a line "@@tokenizer_config.json@@" and a
+--               tokenizer_config.json -> both written to a folder -> moonshard.loaders.hf's
+--               tokenizer_from_file (moonshard.bpe.from_json); a tokenizer made encodes and decodes
+--   gguf_*      GGUF metadata as a JSON object (key -> number, string, boolean or array) behind a
+--               table-backed handle like moonshard.loaders.gguf's -> parse_metadata (a description
+--               whose sizes are positive integers and whose numbers are finite, or a one-line
+--               message naming the file) and the tokenizer in the metadata
+-- `moonshard tools/fuzz/lua_fuzz.lua SECONDS SEED_DIR [KIND,KIND...]` runs only those targets.
 -- A Lua error escaping a parser, or a message that is not one line of text, is a finding: the
 -- input is written to fuzz-finding-<target>.bin and the run exits 1.
 local V = require "moonshard.validate"
@@ -18,8 +26,16 @@ local store = require "moonshard.store"
 local cjson = require "cjson"
 local uv = require "luv"
 
+local hf = require "moonshard.loaders.hf"
+local gguf = require "moonshard.loaders.gguf"
+
 local seconds = tonumber(arg[1]) or 15
 local seed_dir = arg[2] or (require("moonshard.host").root .. "/tools/fuzz/seeds_lua")
+local only -- the targets to run (default all)
+if arg[3] and arg[3] ~= "" then
+  only = {}
+  for k in arg[3]:gmatch("[^,]+") do only[k] = true end
+end
 
 -- a private generator (xorshift32), seeded from the clock; the seed is printed to replay a run
 local state = tonumber(os.getenv("MSH_FUZZ_SEED") or "") or (os.time() % 2147483647 + 1)
@@ -162,6 +178,128 @@ function targets.frame(bytes)
   if bad and not one_line(bad) then return false, bad end
 end
 
+-- a folder for the tokenizer files, made once
+local tok_dir = os.tmpname()
+os.remove(tok_dir)
+assert(uv.fs_mkdir(tok_dir, 448))
+local function write(path, text)
+  local f = assert(io.open(path, "wb"))
+  f:write(text)
+  f:close()
+end
+
+-- the tokenizer made is used: encoded text decodes back without an error escaping
+local function use_tokenizer(tok)
+  local ok, ids = pcall(tok.encode, tok, "Hello, world! 123 <|im_start|>user\n\226\150\129caf\195\169", true, true)
+  if not ok then return false, ids end
+  for _, id in ipairs(ids) do
+    if type(id) ~= "number" or id < 0 or id >= tok.vocab_size or id % 1 ~= 0 then
+      return false, "encode gave id " .. tostring(id) .. " of " .. tostring(tok.vocab_size)
+    end
+  end
+  local ok2, text = pcall(tok.decode, tok, ids)
+  if not ok2 then return false, text end
+  for _, k in ipairs { "bos", "eos" } do
+    local id = tok[k]
+    if id ~= nil and (type(id) ~= "number" or id < 0 or id >= tok.vocab_size or id % 1 ~= 0) then
+      return false, k .. " id " .. tostring(id) .. " outside the vocabulary of " .. tostring(tok.vocab_size)
+    end
+  end
+end
+
+function targets.tokenizer(text)
+  local tj, tc = text:match("^(.-)\n@@tokenizer_config.json@@\n(.*)$")
+  write(tok_dir .. "/tokenizer.json", tj or text)
+  if tc then write(tok_dir .. "/tokenizer_config.json", tc) else os.remove(tok_dir .. "/tokenizer_config.json") end
+  local path = tok_dir .. "/tokenizer.json"
+  local ok, tok, e = pcall(hf.tokenizer_from_file, path, { bos = 1, eos = 2 })
+  if not ok then return false, tok end
+  if not tok then
+    if not (one_line(e) and e:find(path, 1, true)) then return false, e end
+    return
+  end
+  return use_tokenizer(tok)
+end
+
+-- A handle like moonshard.loaders.gguf's over a table: arrays are Lua lists (their element type
+-- that of their first element; strings()/numbers() refuse a list of another or of mixed types, as
+-- the file's typed arrays cannot hold one), JSON objects arrays of arrays.
+local GT = gguf.types
+local function elem_type(v)
+  if type(v) == "string" then return GT.STRING end
+  if type(v) == "boolean" then return GT.BOOL end
+  if type(v) == "number" then return v % 1 == 0 and GT.I64 or GT.F64 end
+  return GT.ARRAY
+end
+local function fake_gguf(meta, path)
+  local g = { path = path }
+  local function raw(name)
+    local v = meta[name]
+    if v == cjson.null then return nil end
+    return v
+  end
+  function g.get(_, name)
+    local v = raw(name)
+    if type(v) ~= "table" then return v end
+    return { type = #v > 0 and elem_type(v[1]) or (next(v) and GT.ARRAY or GT.U8), n = #v }
+  end
+  function g.strings(_, name)
+    local v = raw(name)
+    if v == nil then return nil, string.format("'%s': no key '%s'", path, name) end
+    if type(v) ~= "table" then return nil, string.format("'%s': key '%s' is not an array of strings", path, name) end
+    for _, x in ipairs(v) do
+      if type(x) ~= "string" then return nil, string.format("'%s': key '%s' is not an array of strings", path, name) end
+    end
+    local out = {}
+    for i, x in ipairs(v) do out[i] = x end
+    return out
+  end
+  function g.numbers(_, name)
+    local v = raw(name)
+    if v == nil then return nil, string.format("'%s': no key '%s'", path, name) end
+    if type(v) ~= "table" then return nil, string.format("'%s': key '%s' is not a numeric array", path, name) end
+    for _, x in ipairs(v) do
+      if type(x) ~= "number" then return nil, string.format("'%s': key '%s' is not a numeric array", path, name) end
+    end
+    local out = {}
+    for i, x in ipairs(v) do out[i] = x end
+    return out
+  end
+  return g
+end
+
+local function posint(x) return type(x) == "number" and x >= 1 and x % 1 == 0 and x < 2 ^ 53 end
+local function posnum(x) return type(x) == "number" and x > 0 and x < math.huge end
+
+function targets.gguf(text)
+  local ok, meta = pcall(cjson.decode, text)
+  if not ok or type(meta) ~= "table" then return end
+  local g = fake_gguf(meta, "fuzz.gguf")
+  local ok2, d = pcall(gguf.parse_metadata, g)
+  if not ok2 then
+    if not (one_line(d) and d:find("^'fuzz.gguf': ")) then return false, d end
+  else
+    for _, k in ipairs { "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "max_seq", "head_dim" } do
+      if not posint(d[k]) then return false, "description " .. k .. " = " .. tostring(d[k]) end
+    end
+    if d.n_heads % d.n_kv_heads ~= 0 then return false, "n_heads not a multiple of n_kv_heads" end
+    if not posnum(d.norm_eps) then return false, "norm_eps = " .. tostring(d.norm_eps) end
+    local r = d.rope
+    if not posnum(r.theta) then return false, "rope theta = " .. tostring(r.theta) end
+    if r.rotary_dim and not (posint(r.rotary_dim) and r.rotary_dim % 2 == 0 and r.rotary_dim <= d.head_dim) then
+      return false, "rotary_dim = " .. tostring(r.rotary_dim)
+    end
+    if r.scaling and not posnum(r.scaling.factor) then return false, "rope scaling factor = " .. tostring(r.scaling.factor) end
+  end
+  local ok3, tok, e = pcall(gguf.tokenizer, g)
+  if not ok3 then return false, tok end
+  if not tok then
+    if not one_line(e) then return false, e end
+    return
+  end
+  return use_tokenizer(tok)
+end
+
 -- the seeds
 local seeds = {}
 local req = uv.fs_scandir(seed_dir)
@@ -169,7 +307,7 @@ while req do
   local name = uv.fs_scandir_next(req)
   if not name then break end
   local kind = name:match("^(%a+)_")
-  if kind and targets[kind] then
+  if kind and targets[kind] and (not only or only[kind]) then
     local f = assert(io.open(seed_dir .. "/" .. name, "rb"))
     seeds[#seeds + 1] = { kind = kind, data = f:read("*a") }
     f:close()
@@ -195,10 +333,16 @@ while uv.hrtime() < deadline do
       local f = io.open(out, "wb")
       if f then f:write(input) f:close() end
       io.stderr:write(string.format("lua_fuzz: %s: %s (input in %s)\n", seed.kind, tostring(why), out))
+      os.remove(tok_dir .. "/tokenizer.json")
+      os.remove(tok_dir .. "/tokenizer_config.json")
+      uv.fs_rmdir(tok_dir)
       os.exit(1)
     end
   end
 end
+os.remove(tok_dir .. "/tokenizer.json")
+os.remove(tok_dir .. "/tokenizer_config.json")
+uv.fs_rmdir(tok_dir)
 local parts = {}
 for k, n in pairs(per) do parts[#parts + 1] = k .. " " .. n end
 table.sort(parts)

@@ -1,7 +1,9 @@
 #!/bin/sh
 # Builds the libFuzzer targets with clang (ASan + UBSan) and runs each for SECONDS (default 60).
 #   tools/fuzz/run.sh [SECONDS] [TARGET...]      targets: safetensors (default), tokenizer, gguf, bpe,
-#                                                llama2c, lua (the Lua-side parsers, tools/fuzz/lua_fuzz.lua)
+#                                                llama2c, lua (the Lua-side parsers, tools/fuzz/lua_fuzz.lua),
+#                                                lua-tokenizer (tokenizer.json / tokenizer_config.json),
+#                                                lua-gguf (GGUF metadata to a description and tokenizer)
 set -eu
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 SECS=${1:-60}
@@ -16,13 +18,20 @@ CORE="$ROOT/core/src/status.c $ROOT/core/src/dtype.c $ROOT/core/src/file.c $ROOT
   $ROOT/tools/fuzz/backend_stub.c"
 for t in $TARGETS; do
   OBJS=$CORE
-  if [ "$t" = lua ]; then
+  case $t in
     # the Lua-side parsers (config.json through moonshard.validate, argument parsing, chat-template
-    # detection, the rendezvous frame reader), mutated from tools/fuzz/seeds_lua by a Lua fuzzer
-    # run inside the moonshard host (MSH_FUZZ_EXE, default build/moonshard)
-    "${MSH_FUZZ_EXE:-$ROOT/build/moonshard}" "$ROOT/tools/fuzz/lua_fuzz.lua" "$SECS" "$ROOT/tools/fuzz/seeds_lua"
-    continue
-  fi
+    # detection, the rendezvous frame reader; tokenizer.json and tokenizer_config.json; GGUF
+    # metadata), mutated from tools/fuzz/seeds_lua by a Lua fuzzer run inside the moonshard host
+    # (MSH_FUZZ_EXE, default build/moonshard), SECONDS for each of the three targets
+    lua|lua-tokenizer|lua-gguf)
+      case $t in
+        lua) KINDS=config,argv,template,frame ;;
+        lua-tokenizer) KINDS=tokenizer ;;
+        lua-gguf) KINDS=gguf ;;
+      esac
+      "${MSH_FUZZ_EXE:-$ROOT/build/moonshard}" "$ROOT/tools/fuzz/lua_fuzz.lua" "$SECS" "$ROOT/tools/fuzz/seeds_lua" "$KINDS"
+      continue ;;
+  esac
   case $t in
     safetensors) SRC="$ROOT/core/src/safetensors.c"; LIBS=$(pkg-config --libs libcjson) ;;
     tokenizer) SRC="-DMSH_DATA_DIR=\"$ROOT/../shared/data\""; LIBS="" ;;

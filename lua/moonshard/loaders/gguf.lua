@@ -167,7 +167,16 @@ M.GGUF = G
 
 -- ------------------------------------------------------------------------------- description
 
--- The description's numbers from the metadata; raises a message naming the file and key.
+-- The description's numbers from the metadata; raises a message naming the file and key. Sizes
+-- are positive integers below 2^31, the other numbers positive and finite, and the shapes agree
+-- (heads a multiple of KV heads, an integer head size, a rotary size even and at most it).
+local MAX_SIZE = 2 ^ 31 - 1
+-- A value from the file in a message: control bytes escaped (one line), cut after 80 bytes.
+local function printable(v)
+  local s = tostring(v):gsub("%c", function(c) return string.format("\\x%02x", c:byte()) end)
+  if #s > 80 then s = s:sub(1, 80) .. "..." end
+  return s
+end
 function M.parse_metadata(g)
   local path = g.path
   local arch = g:get("general.architecture")
@@ -175,22 +184,38 @@ function M.parse_metadata(g)
     error(string.format("'%s': no general.architecture key", path), 0)
   end
   local model, merr = require("moonshard.models").for_gguf(arch)
-  if not model then error(string.format("'%s': %s", path, merr), 0) end
+  if not model then error(string.format("'%s': %s", path, printable(merr)), 0) end
   local function key(k) return arch .. "." .. k end
-  local function need(k)
-    local v = g:get(key(k))
-    if v == nil then error(string.format("'%s': missing metadata key '%s'", path, key(k)), 0) end
-    if type(v) ~= "number" or v <= 0 or v % 1 ~= 0 then
-      error(string.format("'%s': metadata key '%s' must be a positive integer (got %s)", path, key(k),
-        type(v) == "table" and "an array" or tostring(v)), 0)
+  local function shown(v)
+    if type(v) == "table" then return "an array" end
+    if type(v) == "string" then return '"' .. printable(v) .. '"' end
+    return tostring(v)
+  end
+  local function size(k, v)
+    if type(v) ~= "number" or v < 1 or v > MAX_SIZE or v % 1 ~= 0 then
+      error(string.format("'%s': metadata key '%s' must be a positive integer below 2^31 (got %s)", path, key(k),
+        shown(v)), 0)
     end
     return v
   end
+  local function need(k)
+    local v = g:get(key(k))
+    if v == nil then error(string.format("'%s': missing metadata key '%s'", path, key(k)), 0) end
+    return size(k, v)
+  end
+  -- an optional size (kind "size"), positive finite number (kind "number") or string
   local function opt(k, default, kind)
     local v = g:get(key(k))
     if v == nil then return default end
-    if type(v) ~= (kind or "number") then
-      error(string.format("'%s': metadata key '%s' must be a %s", path, key(k), kind or "number"), 0)
+    if kind == "size" then return size(k, v) end
+    if kind == "string" then
+      if type(v) ~= "string" then error(string.format("'%s': metadata key '%s' must be a string (got %s)", path,
+        key(k), shown(v)), 0) end
+      return v
+    end
+    if type(v) ~= "number" or not (v > 0 and v < math.huge) then
+      error(string.format("'%s': metadata key '%s' must be a positive finite number (got %s)", path, key(k),
+        shown(v)), 0)
     end
     return v
   end
@@ -198,20 +223,35 @@ function M.parse_metadata(g)
   local d = {
     arch = model.arch.name, format = "gguf",
     dim = dim, n_layers = need("block_count"), n_heads = H,
-    n_kv_heads = opt("attention.head_count_kv", H), hidden_dim = need("feed_forward_length"),
-    max_seq = opt("context_length", 2048), norm_eps = opt("attention.layer_norm_rms_epsilon", 1e-5),
+    n_kv_heads = opt("attention.head_count_kv", H, "size"), hidden_dim = need("feed_forward_length"),
+    max_seq = opt("context_length", 2048, "size"), norm_eps = opt("attention.layer_norm_rms_epsilon", 1e-5),
   }
-  d.head_dim = opt("attention.key_length", dim / H)
-  if opt("attention.value_length", d.head_dim) ~= d.head_dim then
+  if H % d.n_kv_heads ~= 0 then
+    error(string.format("'%s': %s (%d) must be a multiple of %s (%d)", path, key("attention.head_count"), H,
+      key("attention.head_count_kv"), d.n_kv_heads), 0)
+  end
+  d.head_dim = opt("attention.key_length", nil, "size")
+  if not d.head_dim then
+    if dim % H ~= 0 then
+      error(string.format("'%s': %s (%d) is not a multiple of %s (%d), and no %s gives the head size", path,
+        key("embedding_length"), dim, key("attention.head_count"), H, key("attention.key_length")), 0)
+    end
+    d.head_dim = dim / H
+  end
+  if opt("attention.value_length", d.head_dim, "size") ~= d.head_dim then
     error(string.format("'%s': attention.key_length and attention.value_length differ (not supported)", path), 0)
   end
   local rope = { theta = opt("rope.freq_base", 10000), style = model.arch.gguf_rope }
-  local rot = opt("rope.dimension_count", nil)
+  local rot = opt("rope.dimension_count", nil, "size")
+  if rot and (rot % 2 ~= 0 or rot > d.head_dim) then
+    error(string.format("'%s': %s (%d) must be even and at most the head size (%d)", path, key("rope.dimension_count"),
+      rot, d.head_dim), 0)
+  end
   if rot and rot ~= d.head_dim then rope.rotary_dim = rot end
   local st = opt("rope.scaling.type", nil, "string")
   if st and st ~= "none" then
     if st ~= "linear" then
-      error(string.format("'%s': rope scaling '%s' is not supported (supported: linear)", path, st), 0)
+      error(string.format("'%s': rope scaling '%s' is not supported (supported: linear)", path, printable(st)), 0)
     end
     local factor = opt("rope.scaling.factor", 1)
     if factor ~= 1 then rope.scaling = { type = "linear", factor = factor } end
@@ -298,7 +338,7 @@ function M.tokenizer(g)
   if model == "gpt2" then return require("moonshard.bpe").from_gguf(g) end
   if model ~= "llama" then
     return nil, string.format("'%s': tokenizer model '%s' (tokenizer.ggml.model) is not supported (supported: %s)",
-      g.path, tostring(model), TOKENIZERS)
+      g.path, printable(model), TOKENIZERS)
   end
   local pieces, err = g:strings("tokenizer.ggml.tokens")
   if not pieces then return nil, err end
@@ -309,15 +349,24 @@ function M.tokenizer(g)
   end
   local special = {}
   if g:get("tokenizer.ggml.token_type") then
-    local types = g:numbers("tokenizer.ggml.token_type")
+    local types, terr = g:numbers("tokenizer.ggml.token_type")
+    if not types then return nil, terr end
     for i = 1, #types do
       if types[i] >= 2 and types[i] <= 4 then special[#special + 1] = i - 1 end -- unknown, control, user-defined
     end
   end
   local add_bos = g:get("tokenizer.ggml.add_bos_token")
+  local ids = {}
+  for _, k in ipairs { "bos", "eos" } do
+    local id = g:get("tokenizer.ggml." .. k .. "_token_id")
+    if id ~= nil and (type(id) ~= "number" or id < 0 or id >= #pieces or id % 1 ~= 0) then
+      return nil, string.format("'%s': tokenizer.ggml.%s_token_id (%s) is not in the vocabulary of %d tokens", g.path,
+        k, printable(id), #pieces)
+    end
+    ids[k] = id
+  end
   local tok, terr = require("moonshard.tokenizer").from_pieces(pieces, scores, {
-    path = g.path, special = special, add_bos = add_bos ~= false,
-    bos = g:get("tokenizer.ggml.bos_token_id"), eos = g:get("tokenizer.ggml.eos_token_id"),
+    path = g.path, special = special, add_bos = add_bos ~= false, bos = ids.bos, eos = ids.eos,
   })
   if not tok then return nil, string.format("'%s': %s", g.path, terr) end
   return tok
