@@ -151,7 +151,7 @@ function M.estimate(desc, opts)
     for l = first, last do
       local lw = w.layers[l]
       local new = stacked(lw, stacks, kind, opts.dtype, opts.float_dtype)
-      for name, t in pairs(lw) do add(t, tp > 1 and share(arch, name, plan, desc) or 1, new[name]) end
+      for name, t in pairs(lw) do add(t, share(arch, name, plan, desc), new[name]) end
     end
   end
   -- the dtype holding most of the bytes names the weights in messages
