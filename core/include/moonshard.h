@@ -903,6 +903,96 @@ const char *msh_http_body(const msh_http *h, size_t *n);
  * max_body limit counts the bytes held). MSH_ERANGE for more than is held. */
 msh_status msh_http_body_consume(msh_http *h, size_t n);
 
+/* ============================================================================ offload */
+
+/* Buffers for weights that live off the device: a pinned host pool with a guard on how much may
+ * be locked, a file reader (io_uring with O_DIRECT where the build has liburing and the file
+ * system allows it; pread otherwise), and a ring of layer buffers on a device. */
+
+/* The most host memory a pinned pool may take: share (0 < share <= 1; <= 0 means the default,
+ * $MSH_PIN_SHARE or 0.5) of MemTotal, and, when memlock is 1, at most RLIMIT_MEMLOCK if that is
+ * finite. Any out-param may be NULL (*memlock_limit is UINT64_MAX when unlimited). MSH_EIO when
+ * /proc/meminfo cannot be read. */
+msh_status msh_pin_limit(double share, int memlock, uint64_t *allowed, uint64_t *mem_total,
+                         uint64_t *memlock_limit);
+
+/* A pool of host memory taken once, in page-locked memory where the build's backend can pin
+ * (msh_tensor_new_pinned; ordinary memory otherwise: msh_pin_pool_is_pinned), from which
+ * 4096-byte aligned i8 buffers are handed out (O_DIRECT reads and copies to devices need no
+ * staging). Before anything is allocated, bytes are checked against msh_pin_limit(share,
+ * memlock): memlock < 0 applies RLIMIT_MEMLOCK only where memory is really pinned, 1 always, 0
+ * never. MSH_ENOMEM "pinning 12.0 GiB refused: allowed 8.0 GiB (50% of MemTotal 16.0 GiB, ...);
+ * would fit: ..." when over the limit (nothing is allocated), or when allocation fails. */
+typedef struct msh_pin_pool msh_pin_pool;
+msh_status msh_pin_pool_new(msh_pin_pool **out, uint64_t bytes, double share, int memlock);
+void msh_pin_pool_free(msh_pin_pool *p);
+/* A new 1-D i8 tensor of `bytes` (4096-aligned start) viewing the pool; it keeps the pool's
+ * memory alive. MSH_ERANGE (what was asked, what is left) when the pool is full. */
+msh_status msh_pin_pool_take(msh_pin_pool *p, msh_tensor **out, uint64_t bytes);
+uint64_t msh_pin_pool_used(const msh_pin_pool *p);
+uint64_t msh_pin_pool_capacity(const msh_pin_pool *p);
+int msh_pin_pool_is_pinned(const msh_pin_pool *p);
+
+/* A view of the bytes of a contiguous tensor (any device, any dtype) as a contiguous tensor of
+ * another dtype and shape, starting byte_offset bytes in: how a flat layer buffer holds each of
+ * its weights. MSH_EINVAL unless byte_offset lands on a whole element (block) of dtype;
+ * MSH_ERANGE when the view runs past the buffer. */
+msh_status msh_tensor_view_bytes(msh_tensor **out, msh_tensor *buf, uint64_t byte_offset, int dtype,
+                                 int ndim, const int64_t *shape);
+
+/* 64-bit checksum of n bytes of host memory, continuing from seed (0 to start). */
+uint64_t msh_hash64(const void *p, uint64_t n, uint64_t seed);
+
+/* Writes bytes [0, n) of the contiguous CPU tensor t (all of it when n is 0) into the file at
+ * offset, creating it when create is 1 (truncating it to `truncate_to` bytes first when that is
+ * not UINT64_MAX). MSH_EIO naming the file and the reason (a full disk says so). */
+msh_status msh_file_write_at(const char *path, uint64_t offset, const msh_tensor *t, uint64_t n, int create,
+                             uint64_t truncate_to);
+/* Free bytes of the file system holding dir and whether this process may create files there.
+ * MSH_ENOENT for a missing dir, MSH_EIO when it is not a directory. */
+msh_status msh_dir_space(const char *dir, uint64_t *free_bytes, int *writable);
+
+/* Reads file ranges into host buffers, up to queue_depth requests of chunk_bytes in flight.
+ * direct: 1 opens the file with O_DIRECT (falls back to buffered reads where the file system
+ * refuses it, e.g. tmpfs; msh_reader_stats says which), 0 buffered. Builds without liburing (or
+ * with MSH_READER_PREAD=1 in the environment) read with pread, synchronously. Ranges whose buffer address,
+ * offset and length are all multiples of 4096 go through O_DIRECT; other ranges go buffered. */
+typedef struct msh_reader msh_reader;
+msh_status msh_reader_open(msh_reader **out, const char *path, int queue_depth, uint64_t chunk_bytes,
+                           int direct);
+void msh_reader_free(msh_reader *r);
+/* Queues bytes [offset, offset + bytes) of the file into dst (a contiguous CPU tensor of at
+ * least `bytes` bytes), returning a ticket for msh_reader_wait. With io_uring the reads run
+ * while the caller goes on; without it they are done before this returns. At most 256 tickets
+ * may be outstanding (MSH_ERANGE). dst must stay alive until the ticket is waited for. */
+msh_status msh_reader_submit(msh_reader *r, msh_tensor *dst, uint64_t offset, uint64_t bytes, uint64_t *ticket);
+/* Waits until every read of the ticket is done. MSH_EIO naming the file, the offset and the reason
+ * (a read past the end of the file: "short file"); the ticket is done either way. */
+msh_status msh_reader_wait(msh_reader *r, uint64_t ticket);
+/* 1 when the ticket's reads are done (reaping finished reads without waiting), else 0. */
+int msh_reader_done(msh_reader *r, uint64_t ticket);
+/* Counters since open: bytes read, seconds inside msh_reader_wait, the most requests in flight
+ * at once, the queue depth, and the engine: *uring 1 for io_uring, *direct 1 when O_DIRECT is on.
+ * Any out-param may be NULL. */
+void msh_reader_stats(const msh_reader *r, uint64_t *bytes, double *wait_s, int *max_in_flight, int *queue_depth,
+                      int *uring, int *direct);
+
+/* A ring of n layer buffers (1-D i8 tensors of slot_bytes each) on a device, allocated once and
+ * reused: a slot is claimed for a key (a layer), found by its key while held, and released. */
+typedef struct msh_ring msh_ring;
+msh_status msh_ring_new(msh_ring **out, int n, uint64_t slot_bytes, int device, int device_index);
+void msh_ring_free(msh_ring *r);
+int msh_ring_size(const msh_ring *r);
+/* Slot i's buffer, owned by the ring (valid until msh_ring_free). NULL when i is out of range. */
+msh_tensor *msh_ring_buffer(msh_ring *r, int i);
+/* The slot holding key, or -1. */
+int msh_ring_find(const msh_ring *r, int64_t key);
+/* Claims the next free slot (in ring order) for key: *slot. MSH_ERANGE when every slot is held
+ * (the message names their keys); MSH_EINVAL when key is held already or negative. */
+msh_status msh_ring_claim(msh_ring *r, int64_t key, int *slot);
+/* Frees a held slot for the next claim. MSH_EINVAL for a slot not held. */
+msh_status msh_ring_release(msh_ring *r, int slot);
+
 /* ffi:end */
 
 #ifdef __cplusplus
