@@ -8,7 +8,8 @@
  *     f16/bf16 weights are widened (block-quantized ones, from QUANT_M rows on, dequantized)
  *     block by block into a per-thread f32 scratch first. (Below about 32 rows sgemm's packing
  *     costs more than it saves: measured 2-3x slower at M = 6..8.)
- *   Block-quantized weights with M < QUANT_M: integer dot products in cpu_quant.c.
+ *   GGUF block-quantized weights with M < QUANT_M: integer dot products in cpu_quant.c; the
+ *   group-wise ones (I8G, I4G) go the f32 way, dequantized block by block into scratch.
  * Accumulation is f32 everywhere; widening f16/bf16 to f32 is exact. */
 #include "cpu_internal.h"
 
@@ -160,7 +161,7 @@ typedef struct {
  * they are f16/bf16, so that each weight is widened once. */
 static int skinny_part(const mm_args *a, int64_t n0, int64_t n1) {
   int64_t M = a->M, N = a->N, K = a->K;
-  if (M == 1) {
+  if (M == 1 && !msh_dtype_is_block(a->dt)) {
     if (a->dt == MSH_F32) gemv_f32(a->out, a->x, a->w, K, n0, n1);
     else if (a->dt == MSH_F16) gemv_f16(a->out, a->x, a->w, K, n0, n1);
     else gemv_bf16(a->out, a->x, a->w, K, n0, n1);
@@ -229,7 +230,7 @@ msh_status msh_cpu_matmul(msh_tensor *out, const msh_tensor *x, const msh_tensor
     return MSH_OK;
   }
   int skinny = a.M < SKINNY_M;
-  if (msh_dtype_is_block(a.dt) && a.M < QUANT_M) return msh_cpu_matmul_quant(out, x, w);
+  if (msh_dtype_is_block(a.dt) && !msh_dtype_is_group(a.dt) && a.M < QUANT_M) return msh_cpu_matmul_quant(out, x, w);
   if (!skinny) {
     if (a.M > INT32_MAX || a.N > INT32_MAX || a.K > INT32_MAX)
       return MSH_FAIL(MSH_EUNSUPPORTED, "matmul: dims beyond 2^31 (M %lld, N %lld, K %lld)", (long long)a.M,

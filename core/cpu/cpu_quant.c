@@ -91,10 +91,55 @@ static void dequant_q4(float *dst, const uint8_t *b, int64_t nb, int has_min) {
   }
 }
 
+/* I8G: f32 d, G x i8. */
+static void dequant_i8g(float *dst, const uint8_t *b, int64_t nb, int G) {
+  for (int64_t i = 0; i < nb; i++, b += 4 + G, dst += G) {
+    float d;
+    memcpy(&d, b, 4);
+#if MSH_CPU_AVX2
+    __m256 vd = _mm256_set1_ps(d);
+    for (int k = 0; k < G; k += 8) {
+      __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(b + 4 + k)));
+      _mm256_storeu_ps(dst + k, _mm256_mul_ps(_mm256_cvtepi32_ps(q), vd));
+    }
+#else
+    for (int j = 0; j < G; j++) dst[j] = d * (float)(int8_t)b[4 + j];
+#endif
+  }
+}
+
+/* I4G: f16 d, f16 m, G / 2 bytes; byte j: element j (low nibble), j + G / 2 (high). */
+static void dequant_i4g(float *dst, const uint8_t *b, int64_t nb, int G) {
+  int H = G / 2;
+  for (int64_t i = 0; i < nb; i++, b += 4 + H, dst += G) {
+    float d = half_at(b), m = half_at(b + 2);
+    const uint8_t *q = b + 4;
+#if MSH_CPU_AVX2
+    const __m128i low = _mm_set1_epi8(0x0f);
+    __m256 vd = _mm256_set1_ps(d), vm = _mm256_set1_ps(m);
+    for (int k = 0; k < H; k += 16) {
+      __m128i raw = _mm_loadu_si128((const __m128i *)(q + k));
+      __m128i lo = _mm_and_si128(raw, low), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low);
+      __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+      float *at[4] = {dst + k, dst + k + 8, dst + H + k, dst + H + k + 8};
+      for (int p = 0; p < 4; p++)
+        _mm256_storeu_ps(at[p], _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[p])), vd, vm));
+    }
+#else
+    for (int j = 0; j < H; j++) {
+      dst[j] = d * (float)(q[j] & 0x0f) + m;
+      dst[j + H] = d * (float)(q[j] >> 4) + m;
+    }
+#endif
+  }
+}
+
 void msh_cpu_dequant_row(float *dst, const void *src, int dt, int64_t n) {
-  int64_t nb = n / MSH_QK;
+  int64_t G = msh_dt_block_elems(dt), nb = n / G;
   if (dt == MSH_Q8_0) dequant_q8_0(dst, src, nb);
-  else dequant_q4(dst, src, nb, dt == MSH_Q4_1);
+  else if (dt == MSH_Q4_0 || dt == MSH_Q4_1) dequant_q4(dst, src, nb, dt == MSH_Q4_1);
+  else if (msh_dtype_is_i4g(dt)) dequant_i4g(dst, src, nb, (int)G);
+  else dequant_i8g(dst, src, nb, (int)G);
 }
 
 /* ---------------------------------------------------------------------------- quantize */
@@ -102,8 +147,46 @@ void msh_cpu_dequant_row(float *dst, const void *src, int dt, int64_t n) {
 /* Weights from f32, rounding to nearest (even) as the activations below, with ggml's scales:
  * Q8_0 d = amax / 127; Q4_0 d = -(the value of largest magnitude) / 8, so that it maps to q = 0;
  * Q4_1 d = (max - min) / 15, m = min. Values are clamped into the nibble range. */
+/* I8G: d = amax / 127, q = x / d rounded to nearest even (symmetric). */
+static void quant_i8g(uint8_t *b, const float *src, int64_t nb, int G) {
+  for (int64_t i = 0; i < nb; i++, b += 4 + G, src += G) {
+    float amax = 0;
+    for (int j = 0; j < G; j++) amax = fabsf(src[j]) > amax ? fabsf(src[j]) : amax;
+    float d = amax / 127.0f, id = d != 0 ? 1.0f / d : 0.0f;
+    memcpy(b, &d, 4);
+    for (int j = 0; j < G; j++) {
+      float q = nearbyintf(src[j] * id);
+      b[4 + j] = (uint8_t)(int8_t)(q < -127 ? -127 : q > 127 ? 127 : q);
+    }
+  }
+}
+
+/* I4G: asymmetric, m = min and d = (max - min) / 15 (as Q4_1), both rounded to f16 first so that
+ * the nibbles are chosen against the d and m the reader will see. */
+static void quant_i4g(uint8_t *b, const float *src, int64_t nb, int G) {
+  int H = G / 2;
+  for (int64_t i = 0; i < nb; i++, b += 4 + H, src += G) {
+    float lo = src[0], hi = src[0];
+    for (int j = 1; j < G; j++) lo = src[j] < lo ? src[j] : lo, hi = src[j] > hi ? src[j] : hi;
+    put_half(b, (hi - lo) / 15.0f);
+    put_half(b + 2, lo);
+    float d = half_at(b), m = half_at(b + 2), id = d != 0 ? 1.0f / d : 0.0f;
+    for (int j = 0; j < H; j++) {
+      float f0 = nearbyintf((src[j] - m) * id), f1 = nearbyintf((src[j + H] - m) * id);
+      int q0 = f0 < 0 ? 0 : f0 > 15 ? 15 : (int)f0, q1 = f1 < 0 ? 0 : f1 > 15 ? 15 : (int)f1;
+      b[4 + j] = (uint8_t)(q0 | q1 << 4);
+    }
+  }
+}
+
 void msh_cpu_quant_row(void *dst, int dt, const float *src, int64_t n) {
   uint8_t *b = dst;
+  if (msh_dtype_is_group(dt)) {
+    int64_t G = msh_dt_block_elems(dt);
+    if (msh_dtype_is_i4g(dt)) quant_i4g(b, src, n / G, (int)G);
+    else quant_i8g(b, src, n / G, (int)G);
+    return;
+  }
   int64_t bb = block_bytes(dt);
   for (int64_t i = 0; i < n / MSH_QK; i++, b += bb, src += MSH_QK) {
     float amax = 0, vmax = 0, lo = src[0], hi = src[0];

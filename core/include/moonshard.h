@@ -69,16 +69,30 @@ typedef enum {
   MSH_Q8_0 = 5, /* 34 bytes a block: d, 32 x i8 q; value d * q */
   MSH_Q4_0 = 6, /* 18 bytes: d, 16 bytes of nibbles q; value d * (q - 8) */
   MSH_Q4_1 = 7, /* 20 bytes: d, m, 16 bytes of nibbles q; value d * q + m */
-  MSH_DTYPE_COUNT = 8
+  /* Group-wise, moonshard's own (quantized at load from f32/f16/bf16): a block is a group of G
+   * consecutive elements along the last dim, G = 32, 64 or 128 (the name's number).
+   * I8G: f32 d, then G x i8 q; value d * q (symmetric, d = amax / 127; 4 + G bytes).
+   * I4G: f16 d, f16 m, then G / 2 bytes of nibbles: byte j holds element j (low nibble) and
+   * element j + G / 2 (high); value d * q + m (d = (max - min) / 15, m = min; 4 + G / 2 bytes).
+   * I4G32 has Q4_1's layout. */
+  MSH_I8G32 = 8,
+  MSH_I8G64 = 9,
+  MSH_I8G128 = 10,
+  MSH_I4G32 = 11,
+  MSH_I4G64 = 12,
+  MSH_I4G128 = 13,
+  MSH_DTYPE_COUNT = 14
 } msh_dtype;
 
 /* Bytes per element (0 for an unknown dtype and for block-quantized ones: see below). */
 size_t msh_dtype_size(int dtype);
-/* Elements per block: 32 for the block-quantized dtypes, 1 for the others, 0 if unknown. */
+/* Elements per block: 32 for Q8_0/Q4_0/Q4_1, G for I8G/I4G, 1 for the others, 0 if unknown. */
 int msh_dtype_block_elems(int dtype);
-/* Bytes per block: 34, 18, 20 for Q8_0, Q4_0, Q4_1; the element size for the others; 0 if unknown. */
+/* Bytes per block: 34, 18, 20 for Q8_0, Q4_0, Q4_1; 4 + G (I8G), 4 + G / 2 (I4G); the element size
+ * for the others; 0 if unknown. */
 size_t msh_dtype_block_bytes(int dtype);
-/* "f32", "f16", "bf16", "i32", "i8", "q8_0", "q4_0", "q4_1" ("?" for an unknown dtype). */
+/* "f32", "f16", "bf16", "i32", "i8", "q8_0", "q4_0", "q4_1", "i8g32", "i8g64", "i8g128", "i4g32",
+ * "i4g64", "i4g128" ("?" for an unknown dtype). */
 const char *msh_dtype_name(int dtype);
 
 /* Scalar conversions (round-to-nearest-even for the narrowing ones). */

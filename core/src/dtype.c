@@ -17,6 +17,12 @@ const char *msh_dtype_name(int dtype) {
   case MSH_Q8_0: return "q8_0";
   case MSH_Q4_0: return "q4_0";
   case MSH_Q4_1: return "q4_1";
+  case MSH_I8G32: return "i8g32";
+  case MSH_I8G64: return "i8g64";
+  case MSH_I8G128: return "i8g128";
+  case MSH_I4G32: return "i4g32";
+  case MSH_I4G64: return "i4g64";
+  case MSH_I4G128: return "i4g128";
   default: return "?";
   }
 }

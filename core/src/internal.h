@@ -16,13 +16,21 @@ msh_status msh_fail_at(msh_status s, const char *file, int line, const char *fun
 
 /* ------------------------------------------------------------------------------ dtypes */
 
-enum { MSH_QK = 32 }; /* elements per block of the block-quantized dtypes */
+enum { MSH_QK = 32 }; /* elements per block of ggml's block-quantized dtypes (Q8_0, Q4_0, Q4_1) */
 
-static inline int msh_dtype_is_block(int dt) { return dt == MSH_Q8_0 || dt == MSH_Q4_0 || dt == MSH_Q4_1; }
+static inline int msh_dtype_is_block(int dt) { return dt >= MSH_Q8_0 && dt < MSH_DTYPE_COUNT; }
+/* moonshard's group-wise dtypes (I8G*, I4G*), blocks of 32, 64 or 128 elements */
+static inline int msh_dtype_is_group(int dt) { return dt >= MSH_I8G32 && dt < MSH_DTYPE_COUNT; }
+static inline int msh_dtype_is_i4g(int dt) { return dt >= MSH_I4G32 && dt < MSH_DTYPE_COUNT; }
 
 /* Elements per block (1 for plain dtypes, 0 if unknown) and bytes per block (element size). */
 static inline int64_t msh_dt_block_elems(int dt) {
-  return msh_dtype_is_block(dt) ? MSH_QK : (dt >= 0 && dt < MSH_Q8_0) ? 1 : 0;
+  switch (dt) {
+  case MSH_Q8_0: case MSH_Q4_0: case MSH_Q4_1: case MSH_I8G32: case MSH_I4G32: return MSH_QK;
+  case MSH_I8G64: case MSH_I4G64: return 64;
+  case MSH_I8G128: case MSH_I4G128: return 128;
+  default: return dt >= 0 && dt < MSH_Q8_0 ? 1 : 0;
+  }
 }
 
 static inline int64_t msh_dt_block_bytes(int dt) {
@@ -33,6 +41,8 @@ static inline int64_t msh_dt_block_bytes(int dt) {
   case MSH_Q8_0: return 34;
   case MSH_Q4_0: return 18;
   case MSH_Q4_1: return 20;
+  case MSH_I8G32: case MSH_I8G64: case MSH_I8G128: return 4 + msh_dt_block_elems(dt); /* f32 d, G x i8 */
+  case MSH_I4G32: case MSH_I4G64: case MSH_I4G128: return 4 + msh_dt_block_elems(dt) / 2; /* f16 d, m, nibbles */
   default: return 0;
   }
 }
@@ -41,7 +51,8 @@ static inline int64_t msh_dt_block_bytes(int dt) {
  * and byte-offset computation goes through here (offsets of block dtypes are whole blocks). */
 static inline int64_t msh_dtype_bytes(int dt, int64_t n) {
   if (!msh_dtype_is_block(dt)) return n * msh_dt_block_bytes(dt);
-  return (n + MSH_QK - 1) / MSH_QK * msh_dt_block_bytes(dt);
+  int64_t be = msh_dt_block_elems(dt);
+  return (n + be - 1) / be * msh_dt_block_bytes(dt);
 }
 
 /* ---------------------------------------------------------------------------- storage */
@@ -85,9 +96,10 @@ static inline msh_tensor msh_tensor_block_bytes(const msh_tensor *t) {
   msh_tensor v = *t;
   int64_t bb = msh_dt_block_bytes(t->dtype), last = t->ndim - 1;
   v.dtype = MSH_I8;
-  v.offset = t->offset / MSH_QK * bb;
-  for (int i = 0; i < last; i++) v.stride[i] = t->stride[i] / MSH_QK * bb;
-  v.shape[last] = t->shape[last] / MSH_QK * bb;
+  int64_t be = msh_dt_block_elems(t->dtype);
+  v.offset = t->offset / be * bb;
+  for (int i = 0; i < last; i++) v.stride[i] = t->stride[i] / be * bb;
+  v.shape[last] = t->shape[last] / be * bb;
   v.stride[last] = 1;
   return v;
 }

@@ -38,9 +38,9 @@ static msh_status check_shape(int dtype, int ndim, const int64_t *shape, uint64_
   if (ndim < 0 || ndim > MSH_MAX_DIMS)
     return MSH_FAIL(MSH_EINVAL, "ndim %d outside [0, %d]", ndim, MSH_MAX_DIMS);
   if (ndim > 0 && !shape) return MSH_FAIL(MSH_EINVAL, "NULL shape");
-  if (msh_dtype_is_block(dtype) && (ndim == 0 || shape[ndim - 1] % MSH_QK))
+  if (msh_dtype_is_block(dtype) && (ndim == 0 || shape[ndim - 1] % msh_dt_block_elems(dtype)))
     return MSH_FAIL(MSH_EINVAL, "%s tensors need a last dim that is a multiple of %d (got %lld)",
-                    msh_dtype_name(dtype), MSH_QK, ndim ? (long long)shape[ndim - 1] : 0LL);
+                    msh_dtype_name(dtype), (int)msh_dt_block_elems(dtype), ndim ? (long long)shape[ndim - 1] : 0LL);
   uint64_t n = 1;
   for (int i = 0; i < ndim; i++) {
     if (shape[i] < 0) return MSH_FAIL(MSH_EINVAL, "dim %d is negative (%lld)", i, (long long)shape[i]);
@@ -82,10 +82,11 @@ static void view_span(int ndim, const int64_t *shape, const int64_t *stride, int
  * strides (of dims longer than 1) at block boundaries. */
 static int whole_blocks(const msh_tensor *t) {
   int last = t->ndim - 1;
-  if (last < 0 || t->shape[last] % MSH_QK || t->offset % MSH_QK) return 0;
+  int64_t be = msh_dt_block_elems(t->dtype);
+  if (last < 0 || t->shape[last] % be || t->offset % be) return 0;
   if (t->shape[last] > 0 && t->stride[last] != 1) return 0;
   for (int i = 0; i < last; i++)
-    if (t->shape[i] > 1 && t->stride[i] % MSH_QK) return 0;
+    if (t->shape[i] > 1 && t->stride[i] % be) return 0;
   return 1;
 }
 
@@ -110,7 +111,7 @@ msh_status msh_tensor_make(msh_tensor **out, msh_storage *st, int dtype, int ndi
     int64_t last = ndim ? shape[ndim - 1] : 0, last_stride = ndim ? t->stride[ndim - 1] : 0;
     free(t);
     return MSH_FAIL(MSH_EINVAL, "a view of a %s tensor would split its %d-element blocks (%d dims, last dim %lld, "
-                    "its stride %lld, offset %lld)", msh_dtype_name(dtype), MSH_QK, ndim, (long long)last,
+                    "its stride %lld, offset %lld)", msh_dtype_name(dtype), (int)msh_dt_block_elems(dtype), ndim, (long long)last,
                     (long long)last_stride, (long long)offset);
   }
   int64_t lo, hi;

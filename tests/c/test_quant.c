@@ -1,6 +1,6 @@
-/* test_quant.c: block-quantized tensors (Q8_0, Q4_0, Q4_1): sizes and views, (de)quantizing
- * copies, and matmul / embedding on the CPU against float64 references that decode the blocks
- * here, independently of the library. */
+/* test_quant.c: block-quantized tensors (Q8_0, Q4_0, Q4_1, and the group-wise I8G / I4G): sizes
+ * and views, (de)quantizing copies, and matmul / embedding on the CPU against float64 references
+ * that decode the blocks here, independently of the library. */
 #include "check.h"
 
 #include <stdint.h>
@@ -376,10 +376,169 @@ static void test_embedding(void) {
   }
 }
 
+/* ------------------------------------------------------------------- group-wise (I8G, I4G) */
+
+static const int GTYPES[6] = {MSH_I8G32, MSH_I8G64, MSH_I8G128, MSH_I4G32, MSH_I4G64, MSH_I4G128};
+static int is_i4g(int dt) { return dt == MSH_I4G32 || dt == MSH_I4G64 || dt == MSH_I4G128; }
+
+/* Element k of a row of group blocks, decoded here from the layout moonshard.h documents. */
+static double gdecode(const uint8_t *row, int dt, int64_t k) {
+  int64_t G = msh_dtype_block_elems(dt), bb = msh_dtype_block_bytes(dt);
+  const uint8_t *b = row + (k / G) * bb;
+  int64_t j = k % G;
+  if (!is_i4g(dt)) {
+    float d;
+    memcpy(&d, b, 4);
+    return (double)d * (int8_t)b[4 + j];
+  }
+  int64_t H = G / 2;
+  int q = j < H ? (b[4 + j] & 0x0f) : (b[4 + j - H] >> 4);
+  return half_d(b) * q + half_d(b + 2);
+}
+
+static void test_group_sizes(void) {
+  const int G[6] = {32, 64, 128, 32, 64, 128};
+  const size_t B[6] = {36, 68, 132, 20, 36, 68};
+  const char *names[6] = {"i8g32", "i8g64", "i8g128", "i4g32", "i4g64", "i4g128"};
+  for (int i = 0; i < 6; i++) {
+    CHECK(msh_dtype_block_elems(GTYPES[i]) == G[i]);
+    CHECK(msh_dtype_block_bytes(GTYPES[i]) == B[i]);
+    CHECK(msh_dtype_size(GTYPES[i]) == 0);
+    CHECK(strcmp(msh_dtype_name(GTYPES[i]), names[i]) == 0);
+  }
+  /* a last dim that is not a whole number of groups: refused, the group size named */
+  msh_tensor *t = NULL;
+  int64_t shape[2] = {4, 96};
+  CHECK_STATUS(msh_tensor_new(&t, MSH_I4G64, 2, shape, MSH_CPU, 0), MSH_EINVAL);
+  CHECK(strstr(msh_last_error(), "i4g64") != NULL && strstr(msh_last_error(), "multiple of 64") != NULL);
+  shape[1] = 192;
+  CHECK_STATUS(msh_tensor_new(&t, MSH_I8G128, 2, shape, MSH_CPU, 0), MSH_EINVAL);
+  shape[1] = 256;
+  CHECK_OK(msh_tensor_new(&t, MSH_I8G128, 2, shape, MSH_CPU, 0));
+  msh_tensor *v = NULL;
+  CHECK_STATUS(msh_tensor_narrow(&v, t, 1, 64, 128), MSH_EINVAL); /* would split a group */
+  CHECK_OK(msh_tensor_narrow(&v, t, 1, 128, 128));
+  msh_tensor_free(v), msh_tensor_free(t);
+}
+
+/* f32 -> group dtype -> f32: the bytes decode (here) to what the library dequantizes, and each
+ * element is within half a step of its value: I8G d / 2 (d = amax / 127), I4G d / 2 with d =
+ * (max - min) / 15, plus the f16 rounding of d and m (relative 2^-11 each, d's times 15 steps). */
+static void test_group_round_trip(void) {
+  const int64_t R = 5, K = 384;
+  for (int gi = 0; gi < 6; gi++) {
+    int dt = GTYPES[gi];
+    int64_t G = msh_dtype_block_elems(dt);
+    msh_tensor *x = new_cpu(MSH_F32, R, K), *q = new_cpu(dt, R, K), *y = new_cpu(MSH_F32, R, K);
+    float *xp = msh_tensor_data(x);
+    for (int64_t i = 0; i < R * K; i++) xp[i] = uniform(-2, 2) * (i % 200 < 64 ? 0.001f : 1.0f) + (i % 7 == 0 ? 0.5f : 0);
+    for (int64_t k = 0; k < G; k++) xp[2 * K + k] = 0; /* a zero group */
+    xp[3 * K + 5] = 40;                                 /* an outlier */
+    CHECK_OK(msh_tensor_copy(q, x));
+    CHECK_OK(msh_tensor_copy(y, q));
+    const float *yp = msh_tensor_data(y);
+    int64_t rb = K / msh_dtype_block_elems(dt) * (int64_t)msh_dtype_block_bytes(dt);
+    int bad = 0;
+    for (int64_t r = 0; r < R; r++)
+      for (int64_t g = 0; g < K / G; g++) {
+        double lo = 1e30, hi = -1e30, amax = 0;
+        for (int64_t j = 0; j < G; j++) {
+          double v = xp[r * K + g * G + j];
+          lo = v < lo ? v : lo, hi = v > hi ? v : hi, amax = fabs(v) > amax ? fabs(v) : amax;
+        }
+        double bound = is_i4g(dt) ? (hi - lo) / 30 * (1 + 40 * 0x1p-11) + fabs(lo) * 0x1p-11 : amax / 254 * (1 + 1e-6);
+        for (int64_t j = 0; j < G; j++) {
+          int64_t k = g * G + j;
+          double ref = gdecode((const uint8_t *)msh_tensor_data(q) + r * rb, dt, k), got = yp[r * K + k];
+          if (fabs(got - ref) > 1e-6 * fabs(ref) + 1e-30 || fabs(got - xp[r * K + k]) > bound + 1e-12) {
+            if (bad++ < 3)
+              fprintf(stderr, "%s [%lld, %lld]: x %.9g, dequantized %.9g, decoded here %.9g, bound %.3g\n",
+                      msh_dtype_name(dt), (long long)r, (long long)k, xp[r * K + k], got, ref, bound);
+          }
+        }
+      }
+    CHECK(bad == 0);
+    for (int64_t k = 0; k < G; k++) CHECK(yp[2 * K + k] == 0);
+    /* f16 and bf16 sources quantize like their f32 values */
+    msh_tensor *h = new_cpu(MSH_BF16, R, K), *q2 = new_cpu(dt, R, K), *hf = new_cpu(MSH_F32, R, K);
+    CHECK_OK(msh_tensor_copy(h, x));
+    CHECK_OK(msh_tensor_copy(hf, h));
+    CHECK_OK(msh_tensor_copy(q2, h));
+    CHECK_OK(msh_tensor_copy(q, hf));
+    CHECK(memcmp(msh_tensor_data(q), msh_tensor_data(q2), (size_t)(R * rb)) == 0);
+    /* quantized to another group dtype is refused (no block-to-block conversion) */
+    msh_tensor *other = new_cpu(gi == 0 ? MSH_I4G64 : MSH_I8G32, R, K);
+    CHECK_STATUS(msh_tensor_copy(other, q), MSH_EINVAL);
+    msh_tensor_free(other), msh_tensor_free(h), msh_tensor_free(q2), msh_tensor_free(hf);
+    msh_tensor_free(x), msh_tensor_free(q), msh_tensor_free(y);
+  }
+}
+
+/* matmul with group-wise weights against float64 over the weights decoded here (x in f32 as
+ * given: the group-wise path does not quantize x): |err| <= (K + 12) 2^-24 sum |w x|. */
+static int check_group_matmul(int dt, int64_t M, int64_t N, int64_t K) {
+  msh_tensor *w32 = new_cpu(MSH_F32, N, K), *w = new_cpu(dt, N, K), *x = new_cpu(MSH_F32, M, K);
+  msh_tensor *out = new_cpu(MSH_F32, M, N);
+  CHECK_OK(msh_tensor_randn(w32, (uint64_t)(N * 13 + K + dt), 0.05f, 0.5f));
+  CHECK_OK(msh_tensor_copy(w, w32));
+  float *xp = msh_tensor_data(x), *o = msh_tensor_data(out);
+  for (int64_t i = 0; i < M * K; i++) xp[i] = uniform(-3, 3);
+  for (int64_t i = 0; i < M * N; i++) o[i] = NAN;
+  CHECK_OK(msh_op_matmul(out, x, w));
+  int64_t rb = K / msh_dtype_block_elems(dt) * (int64_t)msh_dtype_block_bytes(dt);
+  int bad = 0;
+  for (int64_t m = 0; m < M; m++)
+    for (int64_t n = 0; n < N; n++) {
+      const uint8_t *row = (const uint8_t *)msh_tensor_data(w) + n * rb;
+      double ref = 0, S = 0;
+      for (int64_t k = 0; k < K; k++) {
+        double p = gdecode(row, dt, k) * xp[m * K + k];
+        ref += p, S += fabs(p);
+      }
+      if (!(fabs(o[m * N + n] - ref) <= (double)(K + 12) * 0x1p-24 * S)) {
+        if (bad++ < 3)
+          fprintf(stderr, "%s M %lld N %lld K %lld [%lld, %lld]: %.9g, ref %.9g\n", msh_dtype_name(dt), (long long)M,
+                  (long long)N, (long long)K, (long long)m, (long long)n, o[m * N + n], ref);
+      }
+    }
+  msh_tensor_free(w32), msh_tensor_free(w), msh_tensor_free(x), msh_tensor_free(out);
+  return bad;
+}
+
+static void test_group_matmul(void) {
+  const int64_t Ms[] = {1, 2, 5, 31, 33, 64, 70};
+  const int64_t shapes[][2] = {{1, 128}, {7, 256}, {33, 384}, {100, 1024}};
+  for (int threads = 1; threads <= 2; threads++) {
+    msh_set_num_threads(threads);
+    for (int gi = 0; gi < 6; gi++)
+      for (size_t mi = 0; mi < sizeof Ms / sizeof Ms[0]; mi++)
+        for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++)
+          CHECK(check_group_matmul(GTYPES[gi], Ms[mi], shapes[si][0], shapes[si][1]) == 0);
+  }
+  msh_set_num_threads(0);
+  /* embedding rows dequantize exactly as a copy does */
+  msh_tensor *t32 = new_cpu(MSH_F32, 20, 128), *t = new_cpu(MSH_I4G64, 20, 128), *tf = NULL, *ids = NULL;
+  msh_tensor *out = new_cpu(MSH_F32, 2, 128);
+  CHECK_OK(msh_tensor_randn(t32, 3, 0, 1));
+  CHECK_OK(msh_tensor_copy(t, t32));
+  CHECK_OK(msh_tensor_contiguous(&tf, t, MSH_F32));
+  int64_t n2[1] = {2};
+  CHECK_OK(msh_tensor_new(&ids, MSH_I32, 1, n2, MSH_CPU, 0));
+  ((int32_t *)msh_tensor_data(ids))[0] = 19, ((int32_t *)msh_tensor_data(ids))[1] = 3;
+  CHECK_OK(msh_op_embedding(out, t, ids));
+  CHECK(memcmp(msh_tensor_data(out), (const float *)msh_tensor_data(tf) + 19 * 128, 128 * sizeof(float)) == 0);
+  CHECK(memcmp((const float *)msh_tensor_data(out) + 128, (const float *)msh_tensor_data(tf) + 3 * 128,
+               128 * sizeof(float)) == 0);
+  msh_tensor_free(t32), msh_tensor_free(t), msh_tensor_free(tf), msh_tensor_free(ids), msh_tensor_free(out);
+}
+
 int main(void) {
   test_dtypes_and_views();
   test_copies();
   test_matmul();
   test_embedding();
+  test_group_sizes();
+  test_group_round_trip();
+  test_group_matmul();
   return check_done("test_quant");
 }
