@@ -2,7 +2,7 @@
 local args = require "moonshard.args"
 local V = require "moonshard.validate"
 
-local opts = args.parse(arg, {
+local opts = args.parse(arg, require("moonshard.offload").add_flags {
   usage = "moonshard generate --model PATH [--prompt TEXT | --prompt-file FILE] [options]",
   summary = "Prints only the generated text to stdout as it is produced; statistics go to stderr.",
   { "model", "string", "model: a directory or a checkpoint file", required = true, input = "model" },
@@ -56,9 +56,11 @@ local moonshard = require "moonshard"
 if opts.threads then moonshard.C.msh_set_num_threads(opts.threads) end
 local seed = opts.seed or (os.time() % 2147483647)
 
-local model, err = moonshard.load(opts.model, { device = opts.device, max_seq = opts.max_seq, tokenizer = opts.tokenizer,
-  dtype = opts.dtype, tp = opts.tp, pp = opts.pp, pp_layers = opts.pp_layers,
+local load_opts, oerr = require("moonshard.offload").load_opts(opts, { device = opts.device, max_seq = opts.max_seq,
+  tokenizer = opts.tokenizer, dtype = opts.dtype, tp = opts.tp, pp = opts.pp, pp_layers = opts.pp_layers,
   pp_balance = opts.pp_balance })
+if not load_opts then fail(oerr) end
+local model, err = moonshard.load(opts.model, load_opts)
 if not model then fail(err) end
 if opts.max_seq and model.net.max_seq < opts.max_seq then
   io.stderr:write(string.format("moonshard generate: --max-seq %d is more than the model's context; using %d\n",

@@ -24,6 +24,10 @@ Model.__index = Model
 --   block-quantized ones (GGUF Q8_0/Q4_0/Q4_1) kept as they are; GPU default "bf16"),
 --   opts.tokenizer (path), opts.fuse (false: keep q/k/v and gate/up as separate weights),
 --   opts.batch (sequences model:forward_batch runs at once, default 1)
+-- Offloading and ZeRO-3 (moonshard.offload): opts.offload "host" (--cpu-offload) or "disk"
+--   (--disk-offload) with opts.offload_dir, opts.pin (true / false / nil: pinned where allowed),
+--   opts.prefetch (layers ahead), opts.zero = 3 (each data-parallel rank keeps 1/R of every layer,
+--   all-gathered just in time; without an offload tier the parts stay on the device)
 function M.load(path, opts)
   opts = opts or {}
   local loaded, err = require("moonshard.loader").load(path, opts)
@@ -31,7 +35,11 @@ function M.load(path, opts)
   local device = opts.device or "cpu"
   -- tensor / pipeline parallel: this rank's slice of the weights and its run of layers
   local par
-  if (opts.tp or 1) > 1 or (opts.pp or 1) > 1 or opts.dist then
+  if opts.zero and opts.zero ~= 0 and opts.zero ~= 3 then
+    return nil, string.format("--zero %s: only ZeRO stage 3 (partitioned weights) exists for inference", tostring(opts.zero))
+  end
+  local zero = opts.zero == 3
+  if (opts.tp or 1) > 1 or (opts.pp or 1) > 1 or opts.dist or zero then
     par, err = require("moonshard.parallel").setup(loaded.desc, opts)
     if not par then return nil, err end
     device = par.device or device
@@ -43,12 +51,49 @@ function M.load(path, opts)
     dtype = opts.dtype or (device ~= "cpu" and "bf16" or nil), float_dtype = "f32", fuse = opts.fuse,
     layers = par and par.layers, embed = not par or par.first_stage, head = not par or par.last_stage,
     tp_comm = par and par.tp_comm, pp_comm = par and par.pp_comm, graphs = opts.graphs,
+    offload = opts.offload, offload_dir = opts.offload_dir, offload_readonly = opts.offload_readonly,
+    pin = opts.pin, prefetch = opts.prefetch, queue_depth = opts.queue_depth,
+    zero_comm = zero and par and par.dp_comm or nil, rank = par and par.rank or 0,
+    identity = opts.offload == "disk" and M.identity(path, opts, par) or nil,
   })
   if not net then return nil, string.format("'%s' on %s: %s", path, device, err) end
   return setmetatable({
     desc = loaded.desc, tokenizer = loaded.tokenizer, net = net, path = path,
     dist = par and par.pg, rank = par and par.rank or 0,
   }, Model)
+end
+
+-- The checkpoint's identity for the disk tier's file: every file of the model (path, size,
+-- mtime), the dtype asked for, and the rank's slice (tp, pp and dp coordinates and sizes).
+function M.identity(path, opts, par)
+  local uv = require "luv"
+  local parts = { path, tostring(opts.dtype) }
+  local function add(p)
+    local st = uv.fs_stat(p)
+    if st and st.type == "file" then
+      parts[#parts + 1] = string.format("%s:%d:%d.%d", p, st.size, st.mtime.sec, st.mtime.nsec)
+    end
+  end
+  local st = uv.fs_stat(path)
+  if st and st.type == "directory" then
+    local names = {}
+    local h = uv.fs_scandir(path)
+    while h do
+      local name = uv.fs_scandir_next(h)
+      if not name then break end
+      names[#names + 1] = name
+    end
+    table.sort(names)
+    for _, n in ipairs(names) do add(path .. "/" .. n) end
+  else
+    add(path)
+  end
+  if par then
+    local c = par.pg and par.pg.coords or {}
+    parts[#parts + 1] = string.format("tp%s/%s pp%s/%s dp%s zero%s", tostring(c.tp), tostring(opts.tp),
+      tostring(c.pp), tostring(opts.pp), tostring(c.dp), tostring(opts.zero))
+  end
+  return table.concat(parts, "|")
 end
 
 -- model:close(): frees the model's device and host buffers, its KV cache and its weights now

@@ -37,6 +37,8 @@ function M.setup(desc, opts)
   return {
     desc = sliced, pg = pg, rank = pg.rank, world = pg.world,
     tp_comm = tp > 1 and pg.tp or nil, pp_comm = pp > 1 and pg.pp or nil,
+    -- the data-parallel ranks (world / (tp * pp)) holding the same slice: ZeRO-3's partition group
+    dp_comm = pg.dp, dp_size = pg.dp and pg.dp:size() or 1, dp_rank = c.dp,
     layers = ranges[c.pp + 1], stages = ranges,
     first_stage = c.pp == 0, last_stage = c.pp == pp - 1,
     device = pg.device ~= "cpu" and pg.device or nil,

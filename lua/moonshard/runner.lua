@@ -640,12 +640,24 @@ function M.build(desc, opts)
   local device = opts.device or "cpu"
   local ok, res = pcall(function()
     local max_seq = assert(M.context(desc, opts.max_seq))
-    local stage = require("moonshard.stage").resident(desc.weights, device, {
-      dtype = opts.dtype, float_dtype = opts.float_dtype, arch = desc.arch,
-      layers = opts.layers, embed = opts.embed, head = opts.head, fuse = opts.fuse,
-      -- the memory check before placing anything counts the model's cache and buffers too
-      plan = { desc = desc, max_seq = max_seq, kv_dtype = opts.kv_dtype, chunk = opts.chunk, batch = opts.batch },
-    })
+    local stage
+    if opts.offload or opts.zero_comm then
+      -- a streaming stage (moonshard.offload): layers in host memory, on disk or ZeRO-3 partitions
+      stage = require("moonshard.stage").streaming(desc.weights, device, {
+        tier = opts.offload or "device", dir = opts.offload_dir, readonly = opts.offload_readonly,
+        rank = opts.rank, identity = opts.identity, pin = opts.pin, prefetch = opts.prefetch,
+        queue_depth = opts.queue_depth, zero_comm = opts.zero_comm,
+        dtype = opts.dtype, float_dtype = opts.float_dtype, arch = desc.arch,
+        layers = opts.layers, embed = opts.embed, head = opts.head, fuse = opts.fuse,
+      })
+    else
+      stage = require("moonshard.stage").resident(desc.weights, device, {
+        dtype = opts.dtype, float_dtype = opts.float_dtype, arch = desc.arch,
+        layers = opts.layers, embed = opts.embed, head = opts.head, fuse = opts.fuse,
+        -- the memory check before placing anything counts the model's cache and buffers too
+        plan = { desc = desc, max_seq = max_seq, kv_dtype = opts.kv_dtype, chunk = opts.chunk, batch = opts.batch },
+      })
+    end
     local o = {}
     for k, v in pairs(opts) do o[k] = v end
     o.stage, o.device = stage, device
@@ -655,6 +667,9 @@ function M.build(desc, opts)
       error(r, 0)
     end
     r.own_stage = true
+    -- no CUDA graphs over a streaming stage for now: its uploads, all-gathers and ring slots
+    -- change per replay (the ring's fixed addresses make capturing them possible later)
+    if stage.streaming then r.use_graphs = false end
     return r
   end)
   if not ok then return nil, (tostring(res):gsub("^[^:]*:%d+: ", "")) end

@@ -88,6 +88,7 @@ local function place_layer(w, device, dtype, float_dtype, stacks)
   end
   return t
 end
+M.place_layer = place_layer
 
 -- M.resident(weights, device, opts?) -> stage.
 --   opts.dtype   every weight's dtype on the device ("f32", "f16", "bf16", "q8_0" ...); "native"
@@ -164,5 +165,12 @@ function Resident:norm() return self.norm_w end
 function Resident:output() return self.output_w end
 function Resident:acquire(l) return self.layers[l] end
 function Resident:release(_) end
+
+-- M.streaming(weights, device, opts) -> a stage that keeps each layer's weights off the device
+-- (pinned host memory, a file on NVMe, or a ZeRO-3 partition over data-parallel ranks) and
+-- streams them into a ring of device buffers ahead of acquire: see moonshard.offload.
+function M.streaming(weights, device, opts)
+  return require("moonshard.offload").stage(weights, device, opts)
+end
 
 return M
