@@ -676,4 +676,80 @@ function M.build(desc, opts)
   return res
 end
 
+
+-- runner:copy_kv(src, dst, first_pos, n_pos) -> true | nil, message: copies the K/V rows of
+-- positions first_pos .. first_pos + n_pos - 1 of slot src into the same positions of slot dst,
+-- in every layer this runner holds (the serving engine's prefix cache: a cached run of blocks
+-- computed in one slot reused by a sequence in another). The slots' positions are unchanged.
+function Runner:copy_kv(src, dst, first_pos, n_pos)
+  local function is_slot(s) return type(s) == "number" and s >= 0 and s < self.batch and s % 1 == 0 end
+  if not is_slot(src) or not is_slot(dst) then
+    return nil, string.format("copy_kv: slots %s, %s outside [0, %d)", tostring(src), tostring(dst), self.batch)
+  end
+  if type(first_pos) ~= "number" or type(n_pos) ~= "number" or first_pos < 0 or n_pos < 0
+    or first_pos % 1 ~= 0 or n_pos % 1 ~= 0 or first_pos + n_pos > self.max_seq then
+    return nil, string.format("copy_kv: positions [%s, %s + %s) outside the context of %d", tostring(first_pos),
+      tostring(first_pos), tostring(n_pos), self.max_seq)
+  end
+  if n_pos == 0 or src == dst then return true end
+  for l = self.first_layer, self.last_layer do
+    local kv = self.kv[l]
+    for _, t in ipairs { kv.K, kv.V } do
+      local a, b = t:narrow(1, src, 1), t:narrow(1, dst, 1)
+      local ra, rb = a:narrow(2, first_pos, n_pos), b:narrow(2, first_pos, n_pos)
+      rb:copy_from(ra)
+      ra:free(); rb:free(); a:free(); b:free()
+    end
+  end
+  return true
+end
+
+-- runner:forward_slot(slot, ids, pos0, opts?) -> logits of the last token (1, V) (a view, valid
+-- until the next pass), or of every token (T, V) with opts.all_logits (a new tensor, the
+-- caller's to free); nil, message on bad input. One sequence's tokens at positions pos0 .. in
+-- KV slot `slot` (runner:forward's form for any slot: what the serving engine scores prompts
+-- with, every position's logits, while other slots hold running sequences).
+function Runner:forward_slot(slot, ids, pos0, opts)
+  if type(slot) ~= "number" or slot < 0 or slot >= self.batch or slot % 1 ~= 0 then
+    return nil, string.format("forward_slot: slot %s outside [0, %d)", tostring(slot), self.batch)
+  end
+  local n = type(ids) == "table" and #ids or 0
+  if n == 0 then return nil, "forward_slot: no tokens" end
+  if type(pos0) ~= "number" or pos0 < 0 or pos0 % 1 ~= 0 then
+    return nil, string.format("forward_slot: position %s is not a position", tostring(pos0))
+  end
+  if pos0 + n > self.max_seq then
+    return nil, string.format("context full: %d tokens at position %d exceed the context of %d", n, pos0, self.max_seq)
+  end
+  local V = self.vocab_size
+  for i = 1, n do
+    local id = ids[i]
+    if type(id) ~= "number" or id < 0 or id >= V or id % 1 ~= 0 then
+      return nil, string.format("token id %s outside the vocabulary [0, %d)", tostring(id), V)
+    end
+  end
+  local all = opts and opts.all_logits and assert(tensor.new({ n, V }, "f32", self.device))
+  local ids_ptr, pos_ptr, starts_ptr = self.ids_ptr, self.pos_ptr, self.starts_ptr
+  local done, c = 0, nil
+  while done < n do
+    local T = math.min(self.chunk, n - done)
+    c = self:batch_ctx(1, T, slot)
+    for i = 0, T - 1 do
+      ids_ptr[i] = ids[done + i + 1]
+      pos_ptr[i] = pos0 + done + i
+    end
+    starts_ptr[0] = pos0 + done
+    if c.host_ids then
+      c.ids:copy_from(c.host_ids)
+      c.pos:copy_from(c.host_pos)
+    end
+    local part = all and all:narrow(1, done, T)
+    self:run(c, pos0 + done, nil, part)
+    if part then part:free() end
+    done = done + T
+  end
+  set_slot_position(self, slot, pos0 + n)
+  return all or c.logits
+end
+
 return M
