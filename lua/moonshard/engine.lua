@@ -68,7 +68,8 @@ function M.new(model, opts)
     -- a sequence ends at the context or when the whole block pool could not hold it
     max_len = math.min(net.max_seq, sched.num_blocks * sched.block_size),
     next_id = 0, seed = opts.seed or os.time(),
-    default_stop = {}, counts = { prompt_tokens = 0, generated_tokens = 0, finished = {} },
+    default_stop = {}, counts = { prompt_tokens = 0, generated_tokens = 0, kv_copies = 0, kv_copied_positions = 0,
+      finished = {} },
   }, Engine)
   local stop = model.desc and model.desc.stop or (self.tok and { self.tok.eos }) or {}
   for _, id in ipairs(stop) do self.default_stop[id] = true end
@@ -350,11 +351,20 @@ function Engine:step()
   local t0 = uv.hrtime()
   local plan = sched:schedule()
   local entries = plan.entries
-  if #entries == 0 then return sched:has_work() end
+  if #entries == 0 then
+    -- nothing running and the first waiting request cannot be admitted: it never will be
+    -- (submit refuses what the pool cannot hold, so this is a guard, not a path)
+    if #sched.running == 0 and #sched.waiting > 0 then
+      self:finish(sched.waiting[1], "error", "the request cannot be scheduled: the KV blocks cannot hold it")
+    end
+    return sched:has_work()
+  end
 
   for _, c in ipairs(plan.copies) do
     local ok, err = net:copy_kv(c.src, c.dst, c.first_pos, c.n_pos)
     if not ok then fail_all(self, entries, err) return sched:has_work() end
+    self.counts.kv_copies = self.counts.kv_copies + 1
+    self.counts.kv_copied_positions = self.counts.kv_copied_positions + c.n_pos
   end
   -- echo prompts whose logprobs are still wanted run alone with every position's logits; the
   -- rest in one step
@@ -393,7 +403,10 @@ function Engine:step()
       if all:device() ~= "cpu" then host = all:to("f32", "cpu"); all:free() end
       local T = #e.tokens
       score_prompt(req, host, e.pos, T, V)
-      if e.pos + T >= req.prompt_len then req.prompt_scored = true end
+      if e.pos + T >= req.prompt_len then
+        req.prompt_scored = true
+        req.skip_prefix_cache = nil -- recomputed after a preemption, it may reuse cached blocks
+      end
       extra = extra or {}
       extra[#extra + 1] = host
       if e.sample then
@@ -483,12 +496,16 @@ function Engine:detach()
   if not idle:is_closing() then idle:close() end
 end
 
--- engine:stats() -> { waiting, running, kv_blocks_used, kv_blocks_free, kv_blocks_cached,
--- kv_blocks_total, prefix_queries, prefix_hits (prompt tokens looked up / found cached),
--- prompt_tokens, generated_tokens, steps, preemptions, finished = { [reason] = n } }
+-- engine:stats() -> { waiting, running, kv_blocks_used, kv_blocks_free, kv_blocks_cached (free
+-- but still holding a cached prefix), kv_blocks_total, prefix_queries, prefix_hits (prompt
+-- tokens looked up / found cached), prompt_tokens (submitted), generated_tokens (sampled, stop
+-- tokens included), steps, preemptions, kv_copies, kv_copied_positions (prefix hits copied
+-- between slots), finished = { [reason] = n }, max_batch, block_size }
 function Engine:stats()
   local s = self.sched:stats()
-  s.prompt_tokens, s.generated_tokens = self.counts.prompt_tokens, self.counts.generated_tokens
+  local c = self.counts
+  s.prompt_tokens, s.generated_tokens = c.prompt_tokens, c.generated_tokens
+  s.kv_copies, s.kv_copied_positions = c.kv_copies, c.kv_copied_positions
   local f = {}
   for k, v in pairs(self.counts.finished) do f[k] = v end
   s.finished = f
