@@ -15,9 +15,10 @@
 --   --   chunk ends at the sequence's last known token, so its logits give the next one
 --   s:update(plan); s:append(seq, next_id) ... s:finish(seq)
 --
--- Each step, under a budget of max_tokens_per_step tokens: running sequences first, in policy
--- order (a decode costs one token, a prompt still being prefilled the rest of the budget or its
--- remaining tokens), then waiting ones in policy order while a slot, blocks and budget remain. A
+-- Each step, under a budget of max_tokens_per_step tokens: running decodes first (one token
+-- each), then running prompts still being prefilled (the rest of the budget or their remaining
+-- tokens), each in policy order, then waiting ones in policy order while a slot, blocks and
+-- budget remain (so a decode never waits behind a long prompt's chunk). A
 -- long prompt is split into chunks across steps (SplitFuse); its chunks share steps with the
 -- running decodes. When a running sequence needs a block and none is free, the running sequence
 -- the policy ranks last (FCFS: the newest) is preempted: its blocks are freed and it goes back
@@ -467,30 +468,52 @@ function Scheduler:schedule()
   local plan = { entries = {}, copies = {}, preempted = {}, num_tokens = 0 }
   local entries = plan.entries
 
-  -- running sequences first, in policy order; the last ones are preempted when blocks run out
+  -- running sequences first: decodes, then prompts still in prefill, each in policy order; when
+  -- blocks run out the running sequence ranked last is preempted (its entry, if it had one this
+  -- step, withdrawn), and when that is the one asking, the step's running part ends
   local running = sorted(self.running, self.policy)
-  local i = 1
-  while i <= #running and budget > 0 do
-    local seq = running[i]
+  local entry_of = {}
+  local function schedule_running(seq)
     local n = math.min(#seq.tokens - seq.num_computed, budget)
-    if n > 0 then
-      local target = seq.num_computed + n
-      local ok = true
-      while blocks_needed(self, seq, target) > self:available_blocks() do
-        local victim = running[#running]
-        preempt(self, victim)
-        plan.preempted[#plan.preempted + 1] = victim
-        if victim == seq then ok = false break end
+    if n <= 0 then return true end
+    local target = seq.num_computed + n
+    while blocks_needed(self, seq, target) > self:available_blocks() do
+      local victim = running[#running]
+      preempt(self, victim)
+      plan.preempted[#plan.preempted + 1] = victim
+      local e = entry_of[victim]
+      if e then
+        budget = budget + #entries[e].tokens
+        entries[e], entry_of[victim] = false, nil
       end
-      if not ok then break end
-      grow(self, seq, target)
-      entries[#entries + 1] = {
-        seq = seq, slot = seq.slot, pos = seq.num_computed, tokens = slice(seq, seq.num_computed, n),
-        sample = target == #seq.tokens,
-      }
-      budget = budget - n
+      if victim == seq then return false end
     end
-    i = i + 1
+    grow(self, seq, target)
+    entries[#entries + 1] = {
+      seq = seq, slot = seq.slot, pos = seq.num_computed, tokens = slice(seq, seq.num_computed, n),
+      sample = target == #seq.tokens,
+    }
+    entry_of[seq] = #entries
+    budget = budget - n
+    return true
+  end
+  local decodes, prefills = {}, {}
+  for _, seq in ipairs(running) do
+    local list = #seq.tokens - seq.num_computed == 1 and decodes or prefills
+    list[#list + 1] = seq
+  end
+  local go = true
+  for _, list in ipairs { decodes, prefills } do
+    for _, seq in ipairs(list) do
+      if budget <= 0 or not go then break end
+      if seq.state == "running" then go = schedule_running(seq) end
+    end
+  end
+  if #plan.preempted > 0 then
+    local kept = {}
+    for _, e in ipairs(entries) do if e then kept[#kept + 1] = e end end
+    entries = kept
+    plan.entries = kept
   end
 
   -- then waiting ones (none in a step that preempted: the blocks are short)

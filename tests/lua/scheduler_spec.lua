@@ -68,6 +68,44 @@ describe("scheduler", function()
     assert(s:check())
   end)
 
+  it("serves decodes before prompt chunks, whatever the policy ranks first", function()
+    local first = { compare = function(a, b) return (a.priority or 0) > (b.priority or 0) end }
+    local s = scheduler.new { slots = 2, max_seq = 64, max_tokens_per_step = 4, block_size = 4, policy = first }
+    local b = s:add { tokens = { 1, 2 } }
+    local p = s:schedule(); s:update(p); s:append(b, 3)
+    local a = s:add { tokens = range(10, 29), priority = 1 } -- ranked first, 20 tokens
+    p = s:schedule(); s:update(p); s:append(b, 4)
+    assert.are.same({ b, a }, { p.entries[1].seq, p.entries[2].seq })
+    assert.are.same({ 1, 3 }, { #p.entries[1].tokens, #p.entries[2].tokens })
+    p = s:schedule() -- a still prefilling: b's decode first again
+    assert.are.same({ b, a }, { p.entries[1].seq, p.entries[2].seq })
+    assert.are.same({ 1, 3 }, { #p.entries[1].tokens, #p.entries[2].tokens })
+  end)
+
+  it("withdraws a scheduled decode when it is preempted for a sequence ranked before it", function()
+    local first = { compare = function(a, b) return (a.priority or 0) > (b.priority or 0) end }
+    local s = scheduler.new { slots = 2, max_seq = 64, max_tokens_per_step = 4, block_size = 2, num_blocks = 6,
+      policy = first, prefix_caching = false }
+    local b = s:add { tokens = { 1, 2 } }
+    local p = s:schedule(); s:update(p); s:append(b, 3)
+    local a = s:add { tokens = range(10, 19), priority = 1 }
+    local preempted
+    for _ = 1, 4 do
+      p = s:schedule()
+      assert(s:check())
+      if #p.preempted > 0 then preempted = p break end
+      s:update(p)
+      for _, e in ipairs(p.entries) do if e.sample then s:append(e.seq, 5) end end
+    end
+    assert.truthy(preempted, "no preemption")
+    assert.are.same({ b }, preempted.preempted)
+    assert.are.equal(1, #preempted.entries)
+    assert.are.equal(a, preempted.entries[1].seq)
+    assert.are.equal("waiting", b.state)
+    assert.are.same({}, b.block_table)
+    assert.is_true(preempted.num_tokens == #preempted.entries[1].tokens)
+  end)
+
   it("splits a long prompt into chunks across steps, sampling after the last", function()
     local s = scheduler.new { slots = 1, max_seq = 128, max_tokens_per_step = 16, block_size = 4 }
     s:add { tokens = range(1, 50), max_tokens = 2 }
