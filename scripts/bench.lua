@@ -26,6 +26,8 @@ local opts = args.parse(arg, {
   { "device", "string", "cpu or cuda[:N]", default = "cpu", check = require("moonshard.validate").device },
   { "dtype", "string", "weights' dtype on the device: native (each weight's own: the default on the CPU with --model), f32 (with --dummy), f16, bf16, q8_0 ... (default bf16 on a GPU)",
     enum = require("moonshard.validate").DTYPES },
+  { "quant-bits", "int", "quantize the matrices at load, group-wise: 8 (int8, symmetric) or 4 (int4 with a min); sets --dtype i8g64 / i4g64 ...", enum = { 4, 8 } },
+  { "quant-group-size", "int", "elements per group of --quant-bits", default = 64, enum = { 32, 64, 128 } },
   { "kv-dtype", "string", "KV cache dtype (default: f32 on the CPU, bf16 on a GPU)", enum = { "f32", "f16", "bf16" } },
   { "no-ceilings", "flag", "skip measuring bandwidth and matrix rate" },
   { "tp", "int", "tensor-parallel degree (ranks from `moonshard launch`)", default = 1, min = 1 },
@@ -37,6 +39,10 @@ local opts = args.parse(arg, {
   { "micro-batches", "int", "with --pp: run the batch as this many micro-batches through the pipeline schedule (moonshard.schedule) and report the measured bubble against (p-1)/(m+p-1)", min = 1 },
   { "log-dir", "string", "write JSON Lines events (collectives, stage busy/idle) to this folder and report all-reduce time and pipeline bubble (default: $MSH_LOG_DIR, set by `moonshard launch`)" },
 })
+if opts.quant_bits then -- --quant-bits and --quant-group-size name a group-wise dtype (i4g64 ...)
+  if opts.dtype then io.stderr:write("moonshard bench: give --dtype or --quant-bits, not both\n") os.exit(1) end
+  opts.dtype = ("i%dg%d"):format(opts.quant_bits, opts.quant_group_size)
+end
 if not opts.model and not opts.dummy then
   io.stderr:write("moonshard bench: give --model PATH or --dummy CONFIG\n")
   os.exit(2)

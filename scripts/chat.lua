@@ -31,8 +31,14 @@ local opts = args.parse(arg, {
   { "device", "string", "cpu or cuda[:N]", default = "cpu", check = V.device },
   { "dtype", "string", "weights' dtype on the device: native (default on the CPU: as the file has them, GGUF Q8_0/Q4_0/Q4_1 included), f16, bf16 or f32",
     enum = V.DTYPES },
+  { "quant-bits", "int", "quantize the matrices at load, group-wise: 8 (int8, symmetric) or 4 (int4 with a min); sets --dtype i8g64 / i4g64 ...", enum = { 4, 8 } },
+  { "quant-group-size", "int", "elements per group of --quant-bits", default = 64, enum = { 32, 64, 128 } },
   { "verbose", "flag", "print token counts and speeds after each answer (stderr)" },
 })
+if opts.quant_bits then -- --quant-bits and --quant-group-size name a group-wise dtype (i4g64 ...)
+  if opts.dtype then io.stderr:write("moonshard chat: give --dtype or --quant-bits, not both\n") os.exit(1) end
+  opts.dtype = ("i%dg%d"):format(opts.quant_bits, opts.quant_group_size)
+end
 
 local function fail(msg, code)
   io.stderr:write("moonshard chat: ", msg, "\n")

@@ -25,7 +25,13 @@ local opts = args.parse(arg, require("moonshard.offload").add_flags {
   { "log-dir", "string", "write JSON Lines events (collectives, stage busy/idle) to this folder (default: $MSH_LOG_DIR, set by `moonshard launch`)" },
   { "dtype", "string", "weights' dtype on the device: native (each weight's own), f32, f16, bf16, q8_0 ... (default on the CPU: float weights in f32, GGUF Q8_0/Q4_0/Q4_1 kept)",
     enum = V.DTYPES },
+  { "quant-bits", "int", "quantize the matrices at load, group-wise: 8 (int8, symmetric) or 4 (int4 with a min); sets --dtype i8g64 / i4g64 ...", enum = { 4, 8 } },
+  { "quant-group-size", "int", "elements per group of --quant-bits", default = 64, enum = { 32, 64, 128 } },
 })
+if opts.quant_bits then -- --quant-bits and --quant-group-size name a group-wise dtype (i4g64 ...)
+  if opts.dtype then io.stderr:write("moonshard generate: give --dtype or --quant-bits, not both\n") os.exit(1) end
+  opts.dtype = ("i%dg%d"):format(opts.quant_bits, opts.quant_group_size)
+end
 
 local function fail(msg)
   io.stderr:write("moonshard generate: ", msg, "\n")

@@ -229,9 +229,9 @@ static void copy_rows(char *d, int ddt, const char *s, int sdt, int nd, const in
   }
 }
 
-/* Rows [r0, r1) (over all dims but the last) between a block-quantized tensor and a float one,
- * through an f32 buffer a few blocks at a time: dequantizing when src has blocks, quantizing
- * when dst has them. Both have whole blocks along a unit-stride last dim (tensor.c checks). */
+/* Rows [r0, r1) (over all dims but the last) between a block-quantized tensor and a float one (or
+ * another block dtype), through an f32 buffer a few blocks at a time: dequantizing when src has
+ * blocks, quantizing when dst has them. Both have whole blocks along a unit-stride last dim (tensor.c checks). */
 static void block_copy_rows(msh_tensor *dst, const msh_tensor *src, int64_t r0, int64_t r1) {
   enum { B = 8 * MSH_QK };
   float buf[B];
@@ -251,7 +251,10 @@ static void block_copy_rows(msh_tensor *dst, const msh_tensor *src, int64_t r0, 
       int64_t m = K - k0 < B ? K - k0 : B;
       if (msh_dtype_is_block(sdt)) {
         msh_cpu_dequant_row(buf, sbase + msh_dtype_bytes(sdt, soff + k0), sdt, m);
-        copy_run(dbase + msh_dtype_bytes(ddt, doff + k0 * ds), ddt, ds, (const char *)buf, MSH_F32, 1, m);
+        if (msh_dtype_is_block(ddt)) /* one block dtype to another: through f32 */
+          msh_cpu_quant_row(dbase + msh_dtype_bytes(ddt, doff + k0), ddt, buf, m);
+        else
+          copy_run(dbase + msh_dtype_bytes(ddt, doff + k0 * ds), ddt, ds, (const char *)buf, MSH_F32, 1, m);
       } else {
         copy_run((char *)buf, MSH_F32, 1, sbase + msh_dtype_bytes(sdt, soff + k0 * ss), sdt, ss, m);
         msh_cpu_quant_row(dbase + msh_dtype_bytes(ddt, doff + k0), ddt, buf, m);

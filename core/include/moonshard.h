@@ -210,7 +210,8 @@ msh_status msh_tensor_transpose(msh_tensor **out, msh_tensor *t, int d0, int d1)
 /* dst = src elementwise: equal shapes, any strides, any of f32/f16/bf16 to any of them, i32 and
  * i8 to themselves; across devices. dst must be writable. Block-quantized tensors: to the same
  * dtype by bytes (any devices); to f32/f16/bf16 dequantizing, and from them quantizing (ggml's
- * rounding rules), both computed on the CPU (a device operand goes through host memory). */
+ * rounding rules; I8G/I4G as moonshard.h's dtypes say), to another block dtype through f32, all
+ * computed on the CPU (a device operand goes through host memory). */
 msh_status msh_tensor_copy(msh_tensor *dst, const msh_tensor *src);
 /* A new contiguous tensor of dtype on the same device holding src's values. */
 msh_status msh_tensor_contiguous(msh_tensor **out, const msh_tensor *src, int dtype);

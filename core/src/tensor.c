@@ -337,7 +337,7 @@ msh_status msh_tensor_copy(msh_tensor *dst, const msh_tensor *src) {
     return MSH_FAIL(MSH_EINVAL, "shapes differ: dst %s, src %s", msh_shape_str(dst, a, sizeof a),
                     msh_shape_str(src, b, sizeof b));
   int dq = msh_dtype_is_block(dst->dtype), sq = msh_dtype_is_block(src->dtype);
-  if (dst->dtype != src->dtype && !((is_float(dst->dtype) || dq) && (is_float(src->dtype) || sq) && !(dq && sq)))
+  if (dst->dtype != src->dtype && !((is_float(dst->dtype) || dq) && (is_float(src->dtype) || sq)))
     return MSH_FAIL(MSH_EINVAL, "cannot convert %s to %s", msh_dtype_name(src->dtype),
                     msh_dtype_name(dst->dtype));
   if (dst->st->readonly) return MSH_FAIL(MSH_EINVAL, "destination is read-only");

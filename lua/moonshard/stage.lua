@@ -9,16 +9,26 @@ Resident.__index = Resident
 
 local tensor = require "moonshard.tensor"
 local quantized = require("moonshard.core").quantized
+local function block_elems(dtype)
+  local core = require "moonshard.core"
+  return core.C.msh_dtype_block_elems(core.dtypes[dtype])
+end
 
 -- The dtype a weight gets on a device (kind 0: the CPU): `dtype` when given ("native": keep the
 -- weight's own), else float_dtype for float weights. Block-quantized weights stay quantized on
--- the CPU unless a dtype is named; ops on other devices do not take them, so there they become
--- bf16 (or the float dtype named). Blocks are for matrices only: a block-quantized dtype named
--- leaves other weights (norms) alone, and block-quantized weights of other shapes become float.
+-- the CPU unless a dtype is named; on a GPU they become bf16 unless "native" (or a block dtype)
+-- is named. Blocks are for matrices only: a block-quantized dtype named (GGUF's, or a group-wise
+-- i8g64, i4g64 ... quantized here) leaves other weights (norms) alone, and matrices whose rows
+-- are not whole blocks, and block-quantized weights of other shapes, become float.
 local function target_dtype(t, kind, dtype, float_dtype)
   local own = t:dtype()
-  if dtype == "native" then dtype, float_dtype = nil, nil end
-  if dtype and quantized[dtype] and (t:ndim() ~= 2 or kind ~= 0) then dtype = nil end
+  if dtype == "native" then
+    -- a GPU's matmul and embedding take blocks too (dequantized in the kernel)
+    if kind ~= 0 and t:is_quantized() and t:ndim() == 2 then return own end
+    dtype, float_dtype = nil, nil
+  end
+  -- blocks are for matrices whose rows are whole blocks (a row of 172 stays float under i8g64)
+  if dtype and quantized[dtype] and (t:ndim() ~= 2 or t:size(2) % block_elems(dtype) ~= 0) then dtype = nil end
   if t:is_quantized() then
     if t:ndim() ~= 2 then return dtype or float_dtype or "f32" end -- only matrices use blocks
     if kind == 0 then return dtype or own end

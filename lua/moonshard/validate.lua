@@ -222,7 +222,8 @@ end
 -- ------------------------------------------------------------------ values from the command line
 
 -- The weights' dtypes a --dtype may name.
-M.DTYPES = { "native", "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1" }
+M.DTYPES = { "native", "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "i8g32", "i8g64", "i8g128", "i4g32",
+  "i4g64", "i4g128" }
 
 -- M.pp_layers(s) -> list of { first, last } (0-based, inclusive) | nil, message
 -- "0-12,13-25": ranges in order, each non-empty, each starting where the previous ended.
