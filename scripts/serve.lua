@@ -1,0 +1,110 @@
+-- Serve a model over HTTP with an OpenAI-compatible API (completions, chat completions, SSE
+-- streaming), /health and Prometheus /metrics, with continuous batching in the engine.
+local args = require "moonshard.args"
+local V = require "moonshard.validate"
+
+local opts = args.parse(arg, {
+  usage = "moonshard serve --model PATH [--host 127.0.0.1] [--port 8000] [--api-key KEY] [options]",
+  summary = "Serves POST /v1/completions, POST /v1/chat/completions, GET /v1/models, /health and /metrics.\n"
+    .. "Prints the URL on stderr once listening; Ctrl-C (SIGINT) or SIGTERM stops it.",
+  { "model", "string", "model: a directory or a checkpoint file", required = true, input = "model" },
+  { "host", "string", "address to listen on (loopback by default; 0.0.0.0 for every interface)", default = "127.0.0.1" },
+  { "port", "int", "TCP port (0: any free port)", default = 8000, min = 0, max = 65535 },
+  { "api-key", "string", "require 'Authorization: Bearer KEY' on /v1/ paths (default: $MOONSHARD_API_KEY, else none)" },
+  { "served-model-name", "string", "the model's name in the API (default: the path's last part)" },
+  { "template", "string", "chat template: a Lua file, or chatml, llama2, llama3, mistral, zephyr (default: the model's own)" },
+  { "max-batch", "int", "sequences generated at once", default = 16, min = 1, max = 4096 },
+  { "max-queue", "int", "sequences waiting beyond the batch before requests get 429", default = 1024, min = 0 },
+  { "max-tokens-per-step", "int", "tokens a step computes at most (chunked prefill)", default = 512, min = 1 },
+  { "block-size", "int", "tokens a KV-cache block holds", default = 16, min = 1 },
+  { "policy", "string", "scheduling policy: fcfs, spf or a Lua file returning a policy table", default = "fcfs" },
+  { "no-prefix-caching", "flag", "compute every prompt in full (no reuse of cached prefix blocks)" },
+  { "max-body", "int", "request body bytes at most (413 beyond)", default = 4 * 1024 * 1024, min = 1 },
+  { "max-seq", "int", "context length (default: the model's)", min = 1 },
+  { "threads", "int", "CPU threads (default: all cores)", min = 1 },
+  { "device", "string", "cpu or cuda[:N]", default = "cpu", check = V.device },
+  { "dtype", "string", "weights' dtype on the device (see moonshard generate --help)", enum = V.DTYPES },
+  { "tp", "int", "tensor-parallel degree (ranks from `moonshard launch`)", default = 1, min = 1 },
+  { "pp", "int", "pipeline-parallel stages", default = 1, min = 1 },
+  { "quiet", "flag", "no line per request on stderr" },
+})
+
+local function fail(msg)
+  io.stderr:write("moonshard serve: ", msg, "\n")
+  os.exit(1)
+end
+
+if opts.tp * opts.pp > 1 then
+  -- the engine drives one rank; TP/PP ranks following rank 0's step plan are not wired yet
+  fail("--tp/--pp serving is not supported yet: serve runs one rank (start it without moonshard launch)")
+end
+
+local uv = require "luv"
+local moonshard = require "moonshard"
+local http = require "moonshard.http"
+local openai = require "moonshard.openai"
+if opts.threads then moonshard.C.msh_set_num_threads(opts.threads) end
+
+local model, err = moonshard.load(opts.model, { device = opts.device, max_seq = opts.max_seq, dtype = opts.dtype,
+  batch = opts.max_batch })
+if not model then fail(err) end
+if not model.tokenizer then fail(string.format("'%s': no tokenizer found beside the model", opts.model)) end
+
+local template
+if opts.template then
+  template, err = require("moonshard.chat_template").resolve(opts.template, model.desc.chat_template)
+  if not template then fail(err) end
+end
+
+local policy = opts.policy
+if policy ~= "fcfs" and policy ~= "spf" then
+  local r, perr = V.input_path(policy, "--policy")
+  if not r then fail(perr) end
+end
+
+local engine_mod = require "moonshard.engine"
+local engine
+engine, err = engine_mod.new(model, { max_batch = opts.max_batch, max_tokens_per_step = opts.max_tokens_per_step,
+  block_size = opts.block_size, prefix_caching = not opts.no_prefix_caching, policy = policy })
+if not engine then fail(err) end
+
+local api = openai.new(engine, model, { name = opts.served_model_name, api_key = opts.api_key or os.getenv("MOONSHARD_API_KEY"),
+  max_batch = opts.max_batch, max_queue = opts.max_queue, template = template })
+engine.on_step = function(info) api:on_step(info) end
+engine:attach(uv)
+
+local quiet = opts.quiet
+local server
+server, err = http.server {
+  host = opts.host, port = opts.port, handler = api.handler,
+  limits = { max_head = 16 * 1024, max_body = opts.max_body, max_headers = 64 },
+  log = function(msg) io.stderr:write("moonshard serve: ", msg, "\n") end,
+  on_response = function(res)
+    api.on_response(res)
+    if not quiet then
+      io.stderr:write(string.format("%s %s %d\n", res.req.method, res.req.target, res.status))
+    end
+  end,
+}
+if not server then fail(err) end
+
+local shown = opts.host:find(":", 1, true) and ("[" .. opts.host .. "]") or opts.host
+io.stderr:write(string.format("moonshard serve: %s listening on http://%s:%d (max batch %d, queue %d)\n",
+  api.name, shown, server.port, opts.max_batch, opts.max_queue))
+io.stderr:flush()
+
+-- SIGINT / SIGTERM: stop listening, drop the connections, let the loop end
+local signals = {}
+local function stop(name)
+  io.stderr:write("moonshard serve: ", name, ", stopping\n")
+  server:close()
+  engine:detach()
+  for _, s in ipairs(signals) do if not s:is_closing() then s:close() end end
+  model:close()
+  os.exit(0)
+end
+for _, name in ipairs { "sigint", "sigterm" } do
+  local s = uv.new_signal()
+  s:start(name, function() stop(name:upper()) end)
+  signals[#signals + 1] = s
+end
