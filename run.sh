@@ -113,6 +113,9 @@ case "$cmd" in
     # the SmolLM2 specs (chat answers, parity with the reference) run when the model can be had;
     # without it they are reported as pending, not failed
     ( fetch_model ) || echo "run.sh: default model not fetched; its specs will be pending" >&2
+    # the openai Python SDK for serve_spec (pending when PyPI cannot be reached)
+    python3 -c "import openai" 2>/dev/null || python3 -m pip install --break-system-packages -q openai \
+      || echo "run.sh: the openai package not installed; its serve spec will be pending" >&2
     ctest --test-dir build --output-on-failure -j"$JOBS"
     ;;
   asan)
