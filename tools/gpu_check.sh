@@ -83,7 +83,7 @@ echo "built in $(( $(date +%s) - t0 )) s"
 bench_bin=build-gpu/bench_gpu_ops
 cuda_home=${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc)")")}
 cc -std=c11 -O2 -Wall -Wextra tools/bench_gpu_ops.c -Icore/include -Icore/src -Icore/cuda -Ikernels \
-  -I"$cuda_home/include" -Lbuild-gpu -lmoonshard -L"$cuda_home/lib64" \
+  -I"$cuda_home/include" -Lbuild-gpu -lmoonshard_cuda -lmoonshard -L"$cuda_home/lib64" \
   -lcudart -lcublas -lm -Wl,-rpath,"$root/build-gpu" -o "$bench_bin" || status=1
 
 gpu_summary="not run"

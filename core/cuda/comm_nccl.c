@@ -95,7 +95,7 @@ static msh_status stream_of(nccl_comm *c, cudaStream_t *out) {
 
 /* ------------------------------------------------------------------------------- setup */
 
-msh_status msh_nccl_get_unique_id(uint8_t *id) {
+msh_status msh_cuda_nccl_unique_id(uint8_t *id) {
   ncclUniqueId u;
   ncclResult_t r = ncclGetUniqueId(&u);
   if (r != ncclSuccess) return nccl_fail_at(r, NULL, "ncclGetUniqueId", __FILE__, __LINE__, __func__);
@@ -184,7 +184,7 @@ static msh_status wrap(ncclComm_t nc, int device_index, const int *world_ranks, 
   return MSH_OK;
 }
 
-msh_status msh_nccl_comm_new(msh_comm **out, int rank, int world, const uint8_t *id, int device_index) {
+msh_status msh_cuda_nccl_comm_new(msh_comm **out, int rank, int world, const uint8_t *id, int device_index) {
   msh_cuda_dev *d;
   msh_status s = msh_cuda_dev_get(device_index, &d);
   if (s != MSH_OK) return s;

@@ -640,7 +640,18 @@ static const msh_backend cuda_backend = {
     .copy_async = cuda_copy_async,
 };
 
-/* Registers this backend for MSH_CUDA when the library loads (core/src/backend.c): it is
- * compiled in only when the build has CUDA, so the neutral core never names it. Asking the
- * driver anything waits for the first use. */
-__attribute__((constructor)) static void cuda_backend_register(void) { msh_backend_register(MSH_CUDA, &cuda_backend); }
+/* This module's registration (core/src/backend.c): the core dlopen()s the module on the first
+ * use of a CUDA device, or a program links it directly; either way the constructor hands the
+ * core this backend and the NCCL engine. Asking the driver anything waits for the first use. */
+static const msh_backend_module cuda_module = {
+    .abi = MSH_BACKEND_ABI,
+    .vt_bytes = sizeof(msh_backend),
+    .device = MSH_CUDA,
+    .backend = &cuda_backend,
+#ifdef MSH_WITH_NCCL
+    .nccl_unique_id = msh_cuda_nccl_unique_id,
+    .nccl_comm_new = msh_cuda_nccl_comm_new,
+#endif
+};
+
+__attribute__((constructor)) static void cuda_module_register(void) { msh_backend_register(&cuda_module); }

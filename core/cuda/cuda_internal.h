@@ -153,6 +153,15 @@ msh_status msh_cuda_staging_set(int device_index, uint64_t chunk_bytes, int n_bu
 msh_status msh_cuda_staging_stats(int device_index, uint64_t *chunk_bytes, int *n_buffers, uint64_t *bytes,
                                   uint64_t *chunks);
 
+/* ---------------------------------------------------------------------------------- NCCL */
+
+#ifdef MSH_WITH_NCCL
+/* The NCCL engine (comm_nccl.c), reached from comm.c through the module's registration:
+ * msh_nccl_unique_id and msh_comm_new_nccl after their argument checks. */
+msh_status msh_cuda_nccl_unique_id(uint8_t *id);
+msh_status msh_cuda_nccl_comm_new(msh_comm **out, int rank, int world, const uint8_t *id, int device_index);
+#endif
+
 /* Tuning knob: M up to which matmul uses the GEMV kernel (clamped to [0, 16]); returns the
  * previous value. */
 int msh_cuda_set_gemv_max_m(int device_index, int m);

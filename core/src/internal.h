@@ -270,17 +270,35 @@ typedef struct msh_backend {
 /* The CPU backend (core/cpu), always built in. */
 extern const msh_backend msh_cpu_backend;
 
-/* The backend of a device kind, or NULL (with the error set) when it is not built in
- * (backend.c holds the table of backends). */
+/* The backend of a device kind, or NULL (with the error set, saying why) when it is not
+ * available (backend.c holds the table of backends). Asking for MSH_CUDA loads the CUDA module
+ * on first use (see msh_backend_module); the CPU backend is always there. */
 const msh_backend *msh_backend_for(int device);
-/* The same without touching the last error (NULL when not built in). */
+/* The same without touching the last error (NULL when not available). */
 const msh_backend *msh_backend_find(int device);
-/* The first built-in backend that page-locks host memory, or NULL. */
+/* The first available backend that page-locks host memory, or NULL (loads the CUDA module). */
 const msh_backend *msh_backend_pinner(void);
 
-/* Puts a backend in the table (backend.c): called by a backend compiled in beside the CPU's from
- * its load-time constructor. */
-void msh_backend_register(int device, const msh_backend *be);
+/* What a backend module (libmoonshard_cuda.so, built from core/cuda and kernels/) hands the core
+ * when it loads. The core dlopen()s the module on the first use of a CUDA device, so a CPU-only
+ * process never maps the CUDA libraries; the module's load-time constructor calls
+ * msh_backend_register (also when a GPU test or a benchmark links the module directly). */
+enum { MSH_BACKEND_ABI = 1 }; /* bump when msh_backend or this struct changes meaning */
+typedef struct msh_backend_module {
+  int abi;            /* MSH_BACKEND_ABI of the headers the module was built with */
+  size_t vt_bytes;    /* sizeof(msh_backend) there */
+  int device;         /* the device kind it serves (MSH_CUDA) */
+  const msh_backend *backend;
+  /* Entry points beyond the device vtable (NULL when the module has no NCCL): the NCCL
+   * communicator of comm.c (msh_nccl_unique_id, msh_comm_new_nccl, after their checks). */
+  msh_status (*nccl_unique_id)(uint8_t *id);
+  msh_status (*nccl_comm_new)(msh_comm **out, int rank, int world, const uint8_t *id, int device_index);
+} msh_backend_module;
+
+/* Puts a module's backend in the table (backend.c). Called from the module's load-time
+ * constructor (one thread, before dlopen returns), never afterwards; a module built against
+ * other headers (abi or vt_bytes differ) is refused, and the load reports why. */
+void msh_backend_register(const msh_backend_module *m);
 
 /* Fails with MSH_EINVAL unless device_index names a present device of be's kind. */
 msh_status msh_backend_check_index(const msh_backend *be, int device_index);
