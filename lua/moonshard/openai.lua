@@ -197,7 +197,8 @@ function API:route(req, res)
   end
   if path == "/v1/models" then
     return res:json(200, { object = "list", data = { { id = self.name, object = "model", created = self.created,
-      owned_by = "moonshard", max_model_len = self.max_seq ~= math.huge and self.max_seq or null } } })
+      owned_by = "moonshard", max_model_len = self.max_seq ~= math.huge and self.max_seq or null,
+      vocab_size = self.vocab } } })
   end
   local ok, body = pcall(cjson.decode, req.body)
   if not ok or type(body) ~= "table" or (next(body) ~= nil and rawget(body, 1) ~= nil) then

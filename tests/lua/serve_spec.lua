@@ -357,6 +357,23 @@ describe("moonshard serve", function()
     assert.is_true(metric(s, "moonshard_generation_tokens_total") > 0)
   end)
 
+  it("is measured by bench-serve, against the server and in process", function()
+    local out, err, code = h.run { "bench-serve", "--url", s.url, "--num-requests", "8", "--input-len", "16",
+      "--output-len", "8", "--request-rate", "100" }
+    assert.are.equal(0, code, err)
+    local r = cjson.decode(out)
+    assert.are.equal(8, r.completed)
+    assert.is_true(r.output_tokens > 0 and r.output_tok_s > 0)
+    assert.is_number(r.ttft_ms.p99)
+    out, err, code = h.run { "bench-serve", "--model", h.stories, "--num-requests", "6", "--input-len", "12",
+      "--output-len", "10", "--range-ratio", "0", "--max-batch", "4" }
+    assert.are.equal(0, code, err)
+    r = cjson.decode(out)
+    assert.are.equal(60, r.output_tokens) -- ignore_eos: every request its full length
+    assert.are.equal(72, r.prompt_tokens)
+    assert.is_true(r.itl_ms.p50 <= r.itl_ms.p99)
+  end)
+
   it("is scraped by Prometheus", function()
     if select(2, h.sh("command -v prometheus >/dev/null 2>&1")) ~= 0 then
       pending("prometheus not installed (./run.sh test installs Debian's)")

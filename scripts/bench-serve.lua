@@ -1,0 +1,184 @@
+-- Benchmark serving: replay N requests of given prompt/output lengths (random token ids, every
+-- request generating its full length) all at once or at a Poisson request rate, against the engine
+-- in this process (--model) or a running `moonshard serve` (--url); prints one JSON object.
+local args = require "moonshard.args"
+local V = require "moonshard.validate"
+
+local opts = args.parse(arg, {
+  usage = "moonshard bench-serve (--model PATH | --url http://127.0.0.1:8000) [options]",
+  summary = "Reports output and total tokens/s, TTFT and inter-token latency p50/p90/p99 (ms) as JSON on stdout.",
+  { "model", "string", "run the engine in this process on this model", input = "model" },
+  { "url", "string", "a running moonshard serve (streams /v1/completions)" },
+  { "api-key", "string", "sent as 'Authorization: Bearer KEY' with --url" },
+  { "num-requests", "int", "requests to replay", default = 64, min = 1, max = 1000000 },
+  { "input-len", "int", "prompt tokens of a request", default = 32, min = 1 },
+  { "output-len", "int", "tokens each request generates", default = 32, min = 1 },
+  { "range-ratio", "number", "lengths drawn uniformly within +-ratio of the given ones (0: fixed)", default = 0, min = 0, max = 1 },
+  { "request-rate", "number", "requests per second, Poisson arrivals (0: all at once)", default = 0, min = 0 },
+  { "seed", "int", "seed of the lengths, ids and arrivals", default = 0, min = 0 },
+  { "max-batch", "int", "sequences at once (--model)", default = 16, min = 1 },
+  { "max-tokens-per-step", "int", "a step's token budget (--model)", default = 512, min = 1 },
+  { "no-prefix-caching", "flag", "(--model) no reuse of cached prefix blocks" },
+  { "policy", "string", "scheduling policy (--model): fcfs, spf or a Lua file", default = "fcfs" },
+  { "device", "string", "cpu or cuda[:N] (--model)", default = "cpu", check = V.device },
+  { "dtype", "string", "weights' dtype (--model)", enum = V.DTYPES },
+  { "max-seq", "int", "context length (--model; default: the model's)", min = 1 },
+  { "vocab", "int", "token ids are drawn below this (--url; default: the server's vocab_size)", min = 1 },
+})
+
+local function fail(msg)
+  io.stderr:write("moonshard bench-serve: ", msg, "\n")
+  os.exit(1)
+end
+if (opts.model == nil) == (opts.url == nil) then fail("give --model or --url (one of them)") end
+
+local uv = require "luv"
+local cjson = require "cjson"
+local http = require "moonshard.http"
+
+-- a private generator (xorshift32) so runs repeat with --seed
+local bit = require "bit"
+local state = opts.seed % 2147483646 + 1
+local function rnd() -- uniform in [0, 1)
+  state = bit.bxor(state, bit.lshift(state, 13))
+  state = bit.bxor(state, bit.rshift(state, 17))
+  state = bit.bxor(state, bit.lshift(state, 5))
+  return (state % 2147483647 + 2147483647) % 2147483647 / 2147483647
+end
+local function length(n)
+  if opts.range_ratio == 0 then return n end
+  local lo, hi = math.max(1, math.floor(n * (1 - opts.range_ratio))), math.floor(n * (1 + opts.range_ratio))
+  return lo + math.floor(rnd() * (hi - lo + 1))
+end
+
+local function percentiles(xs)
+  table.sort(xs)
+  local function p(q)
+    if #xs == 0 then return cjson.null end
+    local i = math.max(1, math.min(#xs, math.ceil(q * #xs)))
+    return xs[i] * 1e3
+  end
+  local s = 0
+  for _, x in ipairs(xs) do s = s + x end
+  return { p50 = p(0.5), p90 = p(0.9), p99 = p(0.99), mean = #xs > 0 and s / #xs * 1e3 or cjson.null }
+end
+
+-- the target: submit(r, on_token(t), on_done(err)) for one request
+local submit, vocab, finish_target
+if opts.model then
+  local moonshard = require "moonshard"
+  local model, err = moonshard.load(opts.model, { device = opts.device, dtype = opts.dtype, max_seq = opts.max_seq,
+    batch = opts.max_batch })
+  if not model then fail(err) end
+  local engine
+  engine, err = require("moonshard.engine").new(model, { max_batch = opts.max_batch,
+    max_tokens_per_step = opts.max_tokens_per_step, prefix_caching = not opts.no_prefix_caching, policy = opts.policy })
+  if not engine then fail(err) end
+  engine:attach(uv)
+  vocab = model.net.vocab_size
+  submit = function(r, on_token, on_done)
+    local req, serr = engine:submit { prompt_ids = r.ids, max_tokens = r.out, temperature = 0, ignore_eos = true,
+      on_token = function(_, id) if id then on_token(uv.hrtime()) end end,
+      on_finish = function(q, reason) on_done(reason == "error" and tostring(q.error) or nil) end }
+    if not req then on_done(serr) end
+  end
+  finish_target = function() engine:detach() model:close() end
+else
+  local headers = { ["Content-Type"] = "application/json" }
+  if opts.api_key then headers.Authorization = "Bearer " .. opts.api_key end
+  local ok, perr = http.parse_url(opts.url)
+  if not ok then fail(perr) end
+  local base = opts.url:gsub("/+$", "")
+  vocab = opts.vocab
+  local model_name
+  do -- the model's name (and vocabulary) from /v1/models
+    local body, derr = {}, false
+    http.request(base .. "/v1/models", { method = "GET", headers = headers }, {
+      on_head = function(status) if status ~= 200 then derr = "GET /v1/models answered " .. status end end,
+      on_data = function(b) body[#body + 1] = b end, on_done = function(e) derr = derr or e or true end })
+    while derr == false do uv.run("once") end
+    if derr ~= true then fail(tostring(derr)) end
+    local dok, m = pcall(cjson.decode, table.concat(body))
+    if not dok or type(m) ~= "table" or not m.data or not m.data[1] then fail("GET /v1/models: not a model list") end
+    model_name = m.data[1].id
+    vocab = vocab or tonumber(m.data[1].vocab_size)
+    if not vocab then fail("the server does not say its vocab_size; give --vocab") end
+  end
+  submit = function(r, on_token, on_done)
+    local buf, failed = "", nil
+    http.request(base .. "/v1/completions", { method = "POST", headers = headers, body = cjson.encode {
+      model = model_name, prompt = r.ids, max_tokens = r.out, temperature = 0, ignore_eos = true, stream = true } }, {
+      on_head = function(status) if status ~= 200 then failed = "HTTP " .. status end end,
+      on_data = function(b)
+        local now = uv.hrtime()
+        buf = buf .. b
+        while true do
+          local ev, rest = buf:match("^(.-)\n\n(.*)$")
+          if not ev then break end
+          buf = rest
+          local d = ev:match("^data: (.*)$")
+          if d and d ~= "[DONE]" then
+            local dok, c = pcall(cjson.decode, d)
+            if dok and c.choices and c.choices[1] and c.choices[1].text ~= "" then on_token(now) end
+            if dok and c.error then failed = tostring(c.error.message) end
+          end
+        end
+      end,
+      on_done = function(e) on_done(failed or e) end,
+    })
+  end
+  finish_target = function() end
+end
+
+-- the requests: lengths, ids, arrival times
+local reqs = {}
+local t_arrive = 0
+for i = 1, opts.num_requests do
+  local n_in, n_out = length(opts.input_len), length(opts.output_len)
+  local ids = {}
+  for k = 1, n_in do ids[k] = math.floor(rnd() * vocab) end
+  if opts.request_rate > 0 and i > 1 then t_arrive = t_arrive - math.log(1 - rnd()) / opts.request_rate end
+  reqs[i] = { ids = ids, out = n_out, at = t_arrive, times = {} }
+end
+
+local t0 = uv.hrtime()
+local pending, failures = #reqs, {}
+local function start(r)
+  r.t_start = uv.hrtime()
+  submit(r, function(t) r.times[#r.times + 1] = t end, function(err)
+    r.t_end = uv.hrtime()
+    if err then failures[#failures + 1] = err end
+    r.err = err
+    pending = pending - 1
+  end)
+end
+for _, r in ipairs(reqs) do
+  if r.at <= 0 then start(r) else
+    local t = uv.new_timer()
+    t:start(math.floor(r.at * 1000), 0, function() t:close() start(r) end)
+  end
+end
+while pending > 0 do uv.run("once") end
+local t1 = uv.hrtime()
+finish_target()
+
+local ttft, itl, out_tokens, in_tokens = {}, {}, 0, 0
+for _, r in ipairs(reqs) do
+  if not r.err then
+    in_tokens = in_tokens + #r.ids
+    out_tokens = out_tokens + #r.times
+    if r.times[1] then ttft[#ttft + 1] = (r.times[1] - r.t_start) / 1e9 end
+    for i = 2, #r.times do itl[#itl + 1] = (r.times[i] - r.times[i - 1]) / 1e9 end
+  end
+end
+local dur = (t1 - t0) / 1e9
+local result = {
+  target = opts.url or opts.model, requests = #reqs, completed = #reqs - #failures, failed = #failures,
+  first_error = failures[1] or cjson.null, input_len = opts.input_len, output_len = opts.output_len,
+  range_ratio = opts.range_ratio, request_rate = opts.request_rate > 0 and opts.request_rate or "inf",
+  duration_s = dur, prompt_tokens = in_tokens, output_tokens = out_tokens,
+  output_tok_s = out_tokens / dur, total_tok_s = (in_tokens + out_tokens) / dur,
+  ttft_ms = percentiles(ttft), itl_ms = percentiles(itl),
+}
+io.stdout:write(cjson.encode(result), "\n")
+if #failures > 0 then os.exit(1) end
