@@ -243,6 +243,7 @@ msh_status msh_http_feed(msh_http *h, const char *data, size_t n, size_t *used, 
     return MSH_OK;
   }
   size_t got = http_parser_execute(&h->parser, &h->settings, data, n);
+  if (got > n) got = n; /* http_parser answers 1 for a refused end of input (n == 0) */
   enum http_errno e = HTTP_PARSER_ERRNO(&h->parser);
   if (e != HPE_OK && !(e == HPE_PAUSED && h->complete)) {
     *used = got;

@@ -175,6 +175,11 @@ static void test_malformed(void) {
   CHECK_STATUS(msh_http_feed(h, badchunk, strlen(badchunk), &used, &state), MSH_EFORMAT);
   CHECK(msh_http_error_status(h) == 400);
   msh_http_reset(h);
+  /* the peer closing inside a request: refused, nothing more used than given */
+  CHECK_OK(msh_http_feed(h, "GE", 2, &used, &state));
+  CHECK_STATUS(msh_http_feed(h, NULL, 0, &used, &state), MSH_EFORMAT);
+  CHECK(used == 0);
+  msh_http_reset(h);
   /* after a reset the parser reads a good request again */
   const char *ok = "GET /health HTTP/1.0\r\n\r\n";
   CHECK_OK(msh_http_feed(h, ok, strlen(ok), &used, &state));

@@ -15,6 +15,8 @@
 --               table-backed handle like moonshard.loaders.gguf's -> parse_metadata (a description
 --               whose sizes are positive integers and whose numbers are finite, or a one-line
 --               message naming the file) and the tokenizer in the metadata
+--   openai_*    an HTTP request body (first byte c: chat completions, else completions) -> the
+--               checks of moonshard.openai (a status it answers; a 400 with a one-line message)
 -- `moonshard tools/fuzz/lua_fuzz.lua SECONDS SEED_DIR [KIND,KIND...]` runs only those targets.
 -- A Lua error escaping a parser, or a message that is not one line of text, is a finding: the
 -- input is written to fuzz-finding-<target>.bin and the run exits 1.
@@ -298,6 +300,45 @@ function targets.gguf(text)
     return
   end
   return use_tokenizer(tok)
+end
+
+-- openai_*: a request body (JSON) -> moonshard.openai's checks over a stub engine and tokenizer:
+-- every answer is a status the API gives, with OpenAI's error object naming the field for a 400
+local openai = require "moonshard.openai"
+local stub_tok = {
+  vocab_size = 256, bos = 1, eos = 2,
+  encode = function(_, s) local t = {} for i = 1, #s do t[i] = s:byte(i) end return t end,
+  decode = function(_, ids) local t = {} for i, id in ipairs(ids) do t[i] = string.char(id % 256) end return table.concat(t) end,
+  piece = function(_, id) return string.char(id % 256) end,
+  decoder = function() return { push = function(_, id) return string.char(id % 256) end, flush = function() return "" end } end,
+}
+local stub_engine = {
+  submit = function(_, r) return { id = 1, output_ids = {}, prompt_ids = r.prompt_ids } end,
+  cancel = function() end,
+  stats = function() return { waiting = 0, running = 0 } end,
+}
+local api = openai.new(stub_engine, { tokenizer = stub_tok, desc = {}, net = { vocab_size = 256, max_seq = 256 },
+  path = "fuzz" }, { template = chat_template.builtin.chatml(), max_batch = 4, max_queue = 4 })
+local STATUSES = { [200] = true, [400] = true, [404] = true, [429] = true }
+function targets.openai(text)
+  local path = text:sub(1, 1) == "c" and "/v1/chat/completions" or "/v1/completions"
+  local res = { close_fns = {} }
+  function res:send(status, _, body) self.status, self.body, self.started = status, body, true end
+  function res:json(status, v) self:send(status, nil, cjson.encode(v)) end
+  function res:stream(status) self.status, self.started, self.chunked = status, true, true end
+  function res:write() return true end
+  function res:finish() self.finished = true end
+  function res:on_close() end
+  function res:closed() return false end
+  local ok, err = pcall(api.handler, { method = "POST", path = path, target = path, headers = {}, body = text:sub(2) }, res)
+  if not ok then return false, err end
+  if res.status and not STATUSES[res.status] then return false, "status " .. tostring(res.status) end
+  if res.status == 400 then
+    local dok, e = pcall(cjson.decode, res.body)
+    if not dok or type(e) ~= "table" or type(e.error) ~= "table" or not one_line(e.error.message) then
+      return false, "400 without a one-line error message: " .. tostring(res.body)
+    end
+  end
 end
 
 -- the seeds

@@ -1,7 +1,7 @@
 #!/bin/sh
 # Builds the libFuzzer targets with clang (ASan + UBSan) and runs each for SECONDS (default 60).
 #   tools/fuzz/run.sh [SECONDS] [TARGET...]      targets: safetensors (default), tokenizer, gguf, bpe,
-#                                                llama2c, lua (the Lua-side parsers, tools/fuzz/lua_fuzz.lua),
+#                                                llama2c, http, lua (the Lua-side parsers, tools/fuzz/lua_fuzz.lua),
 #                                                lua-tokenizer (tokenizer.json / tokenizer_config.json),
 #                                                lua-gguf (GGUF metadata to a description and tokenizer)
 set -eu
@@ -25,7 +25,7 @@ for t in $TARGETS; do
     # (MSH_FUZZ_EXE, default build/moonshard), SECONDS for each of the three targets
     lua|lua-tokenizer|lua-gguf)
       case $t in
-        lua) KINDS=config,argv,template,frame ;;
+        lua) KINDS=config,argv,template,frame,openai ;;
         lua-tokenizer) KINDS=tokenizer ;;
         lua-gguf) KINDS=gguf ;;
       esac
@@ -41,6 +41,9 @@ for t in $TARGETS; do
     # the BPE target includes the tokenizer's source
     bpe) SRC="-I$ROOT/tests/c -DMSH_ROOT=\"$ROOT\""; LIBS=$(pkg-config --libs libpcre2-8)
          OBJS="$ROOT/core/src/status.c" ;;
+    # HTTP messages (moonshard serve's requests, bench-serve's responses) through http_parser
+    http) SRC="$ROOT/core/src/http.c"; LIBS="-lhttp_parser"
+          OBJS="$ROOT/core/src/status.c" ;;
     # the header check needs only files and statuses
     llama2c) SRC="$ROOT/core/src/llama2c.c"; LIBS=""
              OBJS="$ROOT/core/src/status.c $ROOT/core/src/file.c" ;;
