@@ -111,6 +111,8 @@ end
 --                  log-probability when r.logprobs is set; at the end, text held back comes
 --                  with id nil
 --   r.on_finish(req, reason)  once: "stop", "length", "cancelled" or "error" (req.error)
+--   Callbacks run inside engine:step; they may submit and cancel (any request) but not step. An
+--   error raised in on_token ends that request with "error" (req.error says why).
 -- The request table: .id, .state ("waiting", "running", "finished"), .prompt_ids, .output_ids,
 -- .text (the generated text so far), .prompt_logprobs, .token_logprobs, .top_logprobs,
 -- .finish_reason, .error, .preemptions, and any field of r.
@@ -187,13 +189,11 @@ function Engine:submit(r)
   return req
 end
 
-local function call(self, req, f, ...)
+-- Calls a request's callback; an error in it is returned, not raised (the engine goes on).
+local function call(req, f, ...)
   if not f then return true end
   local ok, err = pcall(f, req, ...)
-  if not ok then
-    io.stderr:write(string.format("engine: request %d's callback failed: %s\n", req.id, tostring(err)))
-  end
-  return ok
+  return ok, err
 end
 
 -- Ends a request (once): its slot and blocks are freed, text held back is delivered, then
@@ -207,12 +207,15 @@ function Engine:finish(req, reason, err)
     req.pending = ""
     if rest ~= "" then
       req.text = req.text .. rest
-      call(self, req, req.on_token, nil, rest, nil)
+      call(req, req.on_token, nil, rest, nil)
     end
   end
   local f = self.counts.finished
   f[reason] = (f[reason] or 0) + 1
-  call(self, req, req.on_finish, reason)
+  local ok, cerr = call(req, req.on_finish, reason)
+  if not ok then
+    io.stderr:write(string.format("engine: request %d: on_finish failed: %s\n", req.id, tostring(cerr)))
+  end
 end
 
 -- engine:cancel(req): ends a waiting or running request now (a client that went away): its
@@ -326,7 +329,8 @@ function Engine:accept(req, id, row)
   local text, stopped = "", false
   if req.decoder then text, stopped = stop_text(req, req.decoder:push(id)) end
   req.text = req.text .. text
-  call(self, req, req.on_token, id, text, lp)
+  local ok, cerr = call(req, req.on_token, id, text, lp)
+  if not ok then return self:finish(req, "error", "on_token: " .. tostring(cerr)) end
   if req.finish_reason then return end -- cancelled from its callback
   if stopped then
     req.stopped_by_string = true
@@ -346,6 +350,15 @@ end
 
 -- engine:step() -> n: one schedule / execute / update; n = requests still waiting or running.
 function Engine:step()
+  if self.stepping then error("engine:step called from inside a step (a request's callback)", 2) end
+  self.stepping = true
+  local ok, n = pcall(self.step_once, self)
+  self.stepping = false
+  if not ok then error(n, 0) end
+  return n
+end
+
+function Engine:step_once()
   local sched, net, V = self.sched, self.net, self.V
   if sched:has_work() == 0 then return 0 end
   local t0 = uv.hrtime()

@@ -315,6 +315,20 @@ describe("engine", function()
     e:close()
   end)
 
+  it("ends a request whose callback fails, and goes on with the others", function()
+    local e = assert(engine_mod.new(model))
+    local bad = assert(e:submit { prompt = PROMPTS[1], max_tokens = 8, temperature = 0,
+      on_token = function() error("client gone") end })
+    local good = assert(e:submit { prompt = PROMPTS[2], max_tokens = 8, temperature = 0,
+      on_token = function() assert.has_error(function() e:step() end) end })
+    e:run()
+    assert.are.equal("error", bad.finish_reason)
+    assert.truthy(bad.error:find("client gone", 1, true), bad.error)
+    assert.are.equal(alone(PROMPTS[2], 8).text, good.text)
+    assert.are.equal(0, e:stats().kv_blocks_used)
+    e:close()
+  end)
+
   it("steps on the libuv loop while work exists and idles otherwise", function()
     local e = assert(engine_mod.new(model))
     local steps = 0
