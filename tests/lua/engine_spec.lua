@@ -145,6 +145,35 @@ describe("engine", function()
     off:close()
   end)
 
+  it("keeps every answer under chunking, preemption, prefix copies and cancellations at once", function()
+    local e = assert(engine_mod.new(model, { max_tokens_per_step = 7, block_size = 4, num_blocks = 24 }))
+    local prompts, reqs = {}, {}
+    for i = 1, 12 do prompts[i] = i % 2 == 0 and SHARED[i / 2 % #SHARED + 1] or PROMPTS[i % #PROMPTS + 1] end
+    local cancelled = {}
+    for i, p in ipairs(prompts) do
+      reqs[i] = assert(e:submit { prompt = p, max_tokens = N_GEN, temperature = 0,
+        on_token = function(req)
+          if i % 5 == 0 and #req.output_ids == 2 then e:cancel(req); cancelled[i] = true end
+        end })
+      e:step()
+      assert(e.sched:check())
+    end
+    while e:step() > 0 do assert(e.sched:check()) end
+    for i, p in ipairs(prompts) do
+      if cancelled[i] then
+        assert.are.equal("cancelled", reqs[i].finish_reason)
+      else
+        assert.are.equal(alone(p).text, reqs[i].text, "prompt " .. i)
+      end
+    end
+    local st = e:stats()
+    assert.is_true(st.preemptions > 0 and st.prefix_hits > 0, "preemptions and prefix hits both happened")
+    assert.is_true(st.kv_copies > 0, "a prefix hit copied rows between slots")
+    assert.is_true(next(cancelled) ~= nil)
+    assert.are.equal(0, st.kv_blocks_used)
+    e:close()
+  end)
+
   it("cancels a request mid-stream, freeing its slot and blocks at once", function()
     local e = assert(engine_mod.new(model, { max_tokens_per_step = 64 }))
     local victim, seen, finished = nil, 0, nil
