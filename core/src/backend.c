@@ -133,7 +133,9 @@ msh_status msh_backend_check_index(const msh_backend *be, int device_index) {
   return MSH_OK;
 }
 
-int msh_has_cuda(void) { return msh_backend_find(MSH_CUDA) != NULL; }
+/* Loads the CUDA module when it is not loaded yet. 0 leaves why (the loader's message, dlerror's
+ * text) as the thread's last error, for a caller that reports it. */
+int msh_has_cuda(void) { return msh_backend_for(MSH_CUDA) != NULL; }
 
 msh_status msh_device_count(int kind, int *out) {
   if (!out) return MSH_FAIL(MSH_EINVAL, "NULL argument");
