@@ -3,7 +3,8 @@ local args = require "moonshard.args"
 local cjson = require "cjson"
 local uv = require "luv"
 
-local opts = args.parse(arg, {
+local offload = require "moonshard.offload"
+local opts = args.parse(arg, offload.add_flags {
   usage = "moonshard bench (--model PATH | --dummy CONFIG) [options]",
   summary = "Times prefill of --prompt-len tokens and greedy decode of --gen-len tokens, --loops times\n" ..
     "(the median is reported). On a GPU it also measures the copy bandwidth and the matrix rate in the\n" ..
@@ -55,7 +56,13 @@ if opts.threads then C.msh_set_num_threads(opts.threads) end
 local gpu = opts.device ~= "cpu"
 -- several ranks: each takes its local GPU (NCCL) or stays on the CPU (TCP); rank 0 reports
 local pg
-if opts.tp * opts.pp > 1 then
+local off_opts, oerr = offload.load_opts(opts)
+if not off_opts then
+  io.stderr:write("moonshard bench: ", oerr, "\n")
+  os.exit(2)
+end
+local streaming = off_opts.offload or off_opts.zero
+if opts.tp * opts.pp > 1 or off_opts.zero then
   local perr
   pg, perr = require("moonshard.dist").init { tp = opts.tp, pp = opts.pp, device = gpu and "cuda" or "cpu" }
   if not pg then
@@ -125,8 +132,28 @@ local function ceilings()
   return bw, rate
 end
 
-local bw, rate
+-- the pinned host-to-device ceiling a streaming stage runs against, measured now (1 GiB)
+local function h2d_ceiling()
+  local n = 1024 * 1024 * 1024
+  local host = assert(require("moonshard.stream").pinned({ n }, "i8"))
+  local dev = assert(tensor.new({ n }, "i8", opts.device))
+  local times = {}
+  for i = 1, 6 do
+    sync()
+    local t0 = uv.hrtime()
+    dev:copy_from(host)
+    sync()
+    if i > 1 then times[#times + 1] = (uv.hrtime() - t0) / 1e9 end
+  end
+  local pinned = require("moonshard.stream").is_pinned(host)
+  host:free()
+  dev:free()
+  return n / median(times), pinned
+end
+
+local bw, rate, h2d, h2d_pinned
 if gpu and not opts.no_ceilings then bw, rate = ceilings() end
+if gpu and streaming and not opts.no_ceilings then h2d, h2d_pinned = h2d_ceiling() end
 
 local mem0 = mem_used()
 local desc, err, name
@@ -146,7 +173,7 @@ if need > desc.max_seq then
 end
 local par
 if pg then
-  par, err = require("moonshard.parallel").setup(desc, { tp = opts.tp, pp = opts.pp, dist = pg,
+  par, err = require("moonshard.parallel").setup(desc, { tp = opts.tp, pp = opts.pp, dist = pg, zero = off_opts.zero,
     pp_layers = opts.pp_layers, pp_balance = opts.pp_balance })
   if not par then fail(err) end
 end
@@ -163,6 +190,11 @@ do
     kv_dtype = opts.kv_dtype or (gpu and "bf16" or "f32"), graphs = opts.graphs ~= "off",
     layers = par and par.layers, embed = not par or par.first_stage, head = not par or par.last_stage,
     tp_comm = par and par.tp_comm, pp_comm = par and par.pp_comm,
+    offload = off_opts.offload, offload_dir = off_opts.offload_dir, offload_readonly = off_opts.offload_readonly,
+    pin = off_opts.pin, prefetch = off_opts.prefetch, queue_depth = off_opts.queue_depth,
+    zero_comm = off_opts.zero and par and par.dp_comm or nil, rank = pg and pg.rank or 0,
+    identity = off_opts.offload == "disk" and (opts.dummy and ("dummy|" .. name .. "|" .. tostring(dtype))
+      or moonshard.identity(name, { dtype = dtype, tp = opts.tp, pp = opts.pp, zero = off_opts.zero }, par)) or nil,
   })
   if not net then fail(err) end
   sync()
@@ -294,7 +326,9 @@ if probe then
   probe:window_begin()
 end
 local pre, dec = {}, {}
+if net.stage.streaming then net.stage:reset_stats() end
 for i = 1, opts.loops do pre[i], dec[i] = once() end
+local stream_stats = net.stage.streaming and net.stage:stats()
 if probe then
   sync()
   if pg then assert(pg.comm:barrier()) end
@@ -317,6 +351,7 @@ if net.stage:output() then -- the last pipeline stage holds the head
 end
 for l = net.first_layer, net.last_layer do
   for _, t in pairs(net.stage:acquire(l)) do count(t, t:ndim() == 2) end -- norms and biases are vectors
+  net.stage:release(l)
 end
 local decode_step = d / math.max(opts.gen_len - 1, 1)
 local L, H, hd, T = net.last_layer - net.first_layer + 1, net.n_heads, net.head_dim, opts.prompt_len
@@ -344,6 +379,7 @@ end
 placed(net.stage:embed()); placed(net.stage:norm()); placed(net.stage:output())
 for l = net.first_layer, net.last_layer do
   for _, t in pairs(net.stage:acquire(l)) do placed(t) end
+  net.stage:release(l)
 end
 result.load_s = load_s
 result.load_bytes = load_bytes
@@ -461,5 +497,34 @@ if tel then
   end
   result.log_dir = log_dir
   tel:close { bench = result }
+end
+-- streaming stages: what went over the host link (and the disk) during the timed loops
+if stream_stats then
+  local st, secs = stream_stats, 0
+  for i = 1, opts.loops do secs = secs + pre[i] + dec[i] end
+  result.offload = st.tier
+  result.zero = off_opts.zero
+  result.prefetch = st.prefetch
+  result.pinned = st.pinned
+  result.per_token_latency_ms = result.decode_step_ms
+  result.stream_bytes = st.bytes
+  result.stream_gbs = st.bytes / secs / 1e9
+  if st.zero > 1 then result.allgather_gbs = st.gathered / secs / 1e9 end
+  if h2d then
+    result.h2d_pinned_gbs = h2d / 1e9
+    result.h2d_ceiling_pinned = h2d_pinned
+    result.stream_share_of_h2d = st.bytes / secs / h2d
+  end
+  result.prefetch_stall_s = st.wait_s
+  result.prefetch_stall_ms_per_token = st.wait_s / (opts.loops * (opts.gen_len + 1)) * 1e3
+  result.layer_stall_ms = {}
+  for l = net.first_layer, net.last_layer do
+    result.layer_stall_ms[#result.layer_stall_ms + 1] = (st.layer_wait[l] or 0) / opts.loops * 1e3
+  end
+  if st.read_bytes then
+    result.nvme_gbs = st.read_bytes / secs / 1e9
+    result.nvme_queue_depth, result.nvme_max_in_flight = st.queue_depth, st.max_in_flight
+    result.nvme_uring, result.nvme_direct = st.uring, st.direct
+  end
 end
 if not pg or pg.rank == 0 then print(cjson.encode(result)) end

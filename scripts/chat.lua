@@ -13,7 +13,7 @@ local uv = require "luv"
 local CACHE = os.getenv("MOONSHARD_CACHE") or (host.root .. "/.cache")
 local DEFAULT_MODEL = CACHE .. "/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
-local opts = args.parse(arg, {
+local opts = args.parse(arg, require("moonshard.offload").add_flags {
   usage = "moonshard chat [--model PATH] [--prompt TEXT] [options]",
   summary = "Default model: SmolLM2-135M-Instruct (Q4_1 GGUF) in .cache/smollm2, fetched by ./run.sh demo.\n"
     .. "In the REPL: /reset, /system TEXT, /exit; Ctrl-C stops the current answer.",
@@ -74,8 +74,11 @@ local max_seq = opts.max_seq
 local model
 -- the file's own weights on the CPU: block-quantized GGUF weights stay quantized (a quarter to
 -- half the bytes of f16 per decoded token, multiplied in integers); --dtype f16 converts
-model, err = moonshard.load(path, { device = opts.device, max_seq = max_seq or 4096,
+local load_opts
+load_opts, err = require("moonshard.offload").load_opts(opts, { device = opts.device, max_seq = max_seq or 4096,
   dtype = opts.dtype or (opts.device == "cpu" and "native" or nil) })
+if not load_opts then fail(err) end
+model, err = moonshard.load(path, load_opts)
 if not model then fail(err) end
 if not model.tokenizer then fail(string.format("'%s': no tokenizer found with the model", path)) end
 

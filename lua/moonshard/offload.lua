@@ -494,21 +494,24 @@ function Streaming:issue(l)
   return true
 end
 
--- Disk tier: uploads read layers in issue order, up to layer `upto` (waiting for it), and any
--- later ones whose reads are done.
+-- Disk tier: uploads read layers in issue order: up to layer `upto` (waiting for its read), or
+-- with upto nil the leading ones whose reads are done.
 function Streaming:finish(upto)
   local pend = self.pending
-  local waiting = false
-  for i = 1, #pend do if pend[i] == upto then waiting = true end end
+  if upto then
+    local found = false
+    for i = 1, #pend do if pend[i] == upto then found = true end end
+    if not found then return end
+  end
   while #pend > 0 do
     local l = pend[1]
     local s = C.msh_ring_find(self.ring, l)
     local slot = self.slots[s]
-    if not waiting and C.msh_reader_done(self.reader, slot.ticket) == 0 then return end
+    if not upto and C.msh_reader_done(self.reader, slot.ticket) == 0 then return end
     fail(C.msh_reader_wait(self.reader, slot.ticket))
     table.remove(pend, 1)
     self:upload(s, l, self.views[s][l].staged)
-    if l == upto then waiting = false end
+    if l == upto then return end
   end
 end
 
@@ -533,7 +536,9 @@ function Streaming:acquire(l)
     nl = self:next_layer(nl)
     if C.msh_ring_find(self.ring, nl) < 0 and not self:issue(nl) then break end
   end
-  if self.tier == "disk" then self:finish(nil) end
+  -- uploads of reads already done go ahead now, except under ZeRO-3: there every rank must run
+  -- its all-gathers at the same points of the program (another collective may come in between)
+  if self.tier == "disk" and not self.comm then self:finish(nil) end
   fail(C.msh_stream_wait_event(nil, self.slots[s].ready.ptr))
   local dt = now() - t0
   local st = self.counters

@@ -1,0 +1,166 @@
+-- Streaming stages (moonshard.offload) and ZeRO-3 on CPU ranks: the same tokens and logits as the
+-- resident stage, and clear refusals of bad input.
+local h = require "helpers"
+local ffi = require "ffi"
+
+local golden = h.read(h.stories .. "/expected_greedy_200.txt") .. "\n"
+local GEN = { "generate", "--model", h.stories, "--max-tokens", "200", "--temperature", "0" }
+
+local function args(pre, extra)
+  local a = {}
+  for _, x in ipairs(pre or {}) do a[#a + 1] = x end
+  for _, x in ipairs(GEN) do a[#a + 1] = x end
+  for _, x in ipairs(extra or {}) do a[#a + 1] = x end
+  return a
+end
+
+local function values(t)
+  local c = t:to("f32", "cpu")
+  local p, out = ffi.cast("float*", c:data()), {}
+  for i = 0, c:numel() - 1 do out[i + 1] = p[i] end
+  return out
+end
+
+describe("streaming stages", function()
+  local dir
+  before_each(function() dir = h.tmpdir() end)
+  after_each(function() h.rmdir(dir) end)
+
+  for _, case in ipairs {
+    { nil, { "--cpu-offload" } },
+    { nil, { "--cpu-offload", "--prefetch", "0" } },
+    { nil, { "--disk-offload", "--offload-dir", "DIR" } },
+    { { "launch", "-n", "2" }, { "--zero", "3" } },
+    { { "launch", "-n", "4" }, { "--zero", "3" } },
+    { { "launch", "-n", "4" }, { "--tp", "2", "--pp", "2", "--cpu-offload" } },
+    { { "launch", "-n", "4" }, { "--tp", "2", "--zero", "3", "--disk-offload", "--offload-dir", "DIR" } },
+  } do
+    local pre, extra = case[1], case[2]
+    it(string.format("%s generate %s prints the stories260K golden text", table.concat(pre or {}, " "),
+      table.concat(extra, " ")), function()
+      local e = {}
+      for i, x in ipairs(extra) do e[i] = x == "DIR" and dir or x end
+      local out, err, code = h.run(args(pre, e))
+      assert.are.equal(0, code, err)
+      assert.are.equal(golden, out)
+    end)
+  end
+
+  it("streams the HF tiny fixtures' logits equal to the resident stage's, exactly", function()
+    local moonshard = require "moonshard"
+    for _, name in ipairs { "f32", "bf16", "llama3" } do
+      local ids = h.reference("ids")
+      local list = {}
+      for i, v in ipairs(ids) do list[i] = math.floor(v) end
+      local base = assert(moonshard.load(h.hf .. "/" .. name))
+      local want = values(assert(base:forward(list, 0, { all_logits = true })))
+      base:close()
+      for _, o in ipairs { { offload = "host" }, { offload = "host", prefetch = 0, pin = false },
+                           { offload = "disk", offload_dir = dir } } do
+        local m = assert(moonshard.load(h.hf .. "/" .. name, o))
+        local got = values(assert(m:forward(list, 0, { all_logits = true })))
+        assert.are.equal(0, h.max_abs_diff(want, got), name .. " " .. o.offload)
+        m:close()
+      end
+    end
+  end)
+
+  it("reuses a matching offload file and rebuilds a truncated or changed one, naming it", function()
+    local a = args(nil, { "--disk-offload", "--offload-dir", dir, "--max-tokens", "20" })
+    local out1, err1, code1 = h.run(a)
+    assert.are.equal(0, code1, err1)
+    local file = dir .. "/moonshard-offload-rank0.bin"
+    local st = assert(require("luv").fs_stat(file))
+    local out2, err2 = h.run(a)
+    assert.are.equal(out1, out2)
+    assert.falsy(err2:find("rebuilding", 1, true), err2)
+    -- truncated
+    h.sh(string.format("truncate -s %d %s", st.size - 5000, h.q(file)))
+    local out3, err3, code3 = h.run(a)
+    assert.are.equal(0, code3, err3)
+    assert.are.equal(out1, out3)
+    assert.truthy(err3:find(file .. "' is truncated", 1, true), err3)
+    assert.truthy(err3:find("rebuilding", 1, true), err3)
+    -- a changed byte in the data: caught by its checksum
+    h.sh(string.format("printf 'XYZ' | dd of=%s bs=1 seek=%d conv=notrunc 2>/dev/null", h.q(file), st.size - 9000))
+    local out4, err4, code4 = h.run(a)
+    assert.are.equal(0, code4, err4)
+    assert.are.equal(out1, out4)
+    assert.truthy(err4:find("is corrupt", 1, true) and err4:find("rebuilding", 1, true), err4)
+    -- changed and read-only: refused, never used
+    h.sh(string.format("printf 'XYZ' | dd of=%s bs=1 seek=%d conv=notrunc 2>/dev/null", h.q(file), st.size - 9000))
+    local ro = args(nil, { "--disk-offload", "--offload-dir", dir, "--max-tokens", "20", "--offload-readonly" })
+    local out5, err5, code5 = h.run(ro)
+    assert.are_not.equal(0, code5)
+    assert.are.equal("", out5)
+    assert.truthy(err5:find("is corrupt", 1, true) and err5:find("refused", 1, true), err5)
+  end)
+
+  it("checks the offload dir before loading: missing, read-only, too small", function()
+    local _, err, code = h.run(args(nil, { "--disk-offload", "--offload-dir", dir .. "/nope" }))
+    assert.are_not.equal(0, code)
+    assert.truthy(err:find("offload dir '" .. dir .. "/nope' does not exist", 1, true), err)
+    _, err, code = h.run(args(nil, { "--disk-offload" }))
+    assert.are_not.equal(0, code)
+    assert.truthy(err:find("--disk-offload needs --offload-dir", 1, true), err)
+    -- read-only: a file system mounted so, or a dir without write permission (root ignores modes:
+    -- /proc is read-only for everyone)
+    _, err, code = h.run(args(nil, { "--disk-offload", "--offload-dir", "/proc/self" }))
+    assert.are_not.equal(0, code)
+    assert.truthy(err:find("is not writable", 1, true), err)
+    -- too small: a 1 MiB tmpfs is not available unprivileged everywhere; /dev/full-like space is
+    -- simulated with a dir on a file system reporting no room when one exists
+    local small = "/dev/shm"
+    if require("luv").fs_stat(small) then
+      local ok = h.sh("mkdir -p " .. h.q(dir .. "/small") .. " && mount -t tmpfs -o size=64k tmpfs " ..
+        h.q(dir .. "/small") .. " 2>/dev/null && echo mounted")
+      if ok:find("mounted") then
+        _, err, code = h.run(args(nil, { "--disk-offload", "--offload-dir", dir .. "/small" }))
+        h.sh("umount " .. h.q(dir .. "/small"))
+        assert.are_not.equal(0, code)
+        assert.truthy(err:find("free; the offload file needs", 1, true), err)
+      end
+    end
+  end)
+
+  it("refuses a pinned request over the limit with --pin-memory, and falls back with a warning without", function()
+    local env = "MSH_PIN_SHARE=0.0000001 "
+    local base = table.concat({ h.q(h.exe), "generate", "--model", h.q(h.stories), "--max-tokens", "200",
+      "--temperature", "0", "--cpu-offload" }, " ")
+    local out = h.sh(env .. base .. " --pin-memory 2>&1; echo code=$?")
+    assert.truthy(out:find("pinning", 1, true) and out:find("refused: allowed", 1, true)
+      and out:find("would fit", 1, true), out)
+    assert.falsy(out:find("code=0", 1, true), out)
+    out = h.sh(env .. base .. " 2>" .. h.q(dir .. "/err") .. "; echo code=$?")
+    assert.truthy(out:find("code=0", 1, true), out)
+    assert.are.equal(golden, out:gsub("code=0\n$", ""))
+    assert.truthy(h.read(dir .. "/err"):find("using pageable memory", 1, true))
+  end)
+
+  it("stops the group within 30 s when a rank dies during a ZeRO-3 all-gather", function()
+    h.write(dir .. "/die.lua", [[
+      local moonshard = require "moonshard"
+      local m = assert(moonshard.load(arg[1], { zero = 3, offload = "host" }))
+      if m.rank == 1 then os.exit(3) end
+      for i = 1, 1000 do assert(m:forward({ 1, 2, 3 }, 0)) end
+    ]])
+    local t0 = require("luv").hrtime()
+    local _, err, code = h.run { "launch", "-n", "2", "--collective-timeout", "10", dir .. "/die.lua", h.stories }
+    assert.are_not.equal(0, code)
+    assert.truthy(err:find("rank 1", 1, true), err)
+    assert.is_true((require("luv").hrtime() - t0) / 1e9 < 30)
+  end)
+
+  it("refuses bad flag combinations", function()
+    for _, case in ipairs {
+      { { "--cpu-offload", "--disk-offload", "--offload-dir", "/tmp" }, "not both" },
+      { { "--offload-dir", "/tmp" }, "goes with --disk-offload" },
+      { { "--zero", "2" }, "only ZeRO stage 3" },
+      { { "--cpu-offload", "--pin-memory", "--no-pin-memory" }, "not both" },
+    } do
+      local _, err, code = h.run(args(nil, case[1]))
+      assert.are_not.equal(0, code)
+      assert.truthy(err:find(case[2], 1, true), err)
+    end
+  end)
+end)
