@@ -213,6 +213,22 @@ cudaError_t msh_k_argmax(cudaStream_t s, int32_t *out, const float *x, int64_t R
 /* randn.cu: out[i] = mean + std * msh_randn_value(seed, i) for n contiguous f32/f16/bf16. */
 cudaError_t msh_k_randn(cudaStream_t s, void *out, int dt, int64_t n, uint64_t seed, float mean, float std);
 
+/* ------------------------------------------------------------------------ gemv_quant.cu */
+/* Block-quantized weights (w_dt MSH_Q8_0, MSH_Q4_0, MSH_Q4_1 or a group-wise MSH_I8G* / MSH_I4G*;
+ * rows of K / G blocks, contiguous), dequantized in the kernel, f32 accumulation. */
+
+/* out (M, NO) = x (M, K) @ w^T for 1 <= M <= 16 with msh_k_gemv_epi's epilogues (0 store, 1 add,
+ * 2 GLU over w (2 NO, K)). cudaErrorNotSupported for M outside [1, 16], K not a multiple of 32, x
+ * not 16-byte aligned, or another dtype. */
+cudaError_t msh_k_gemv_quant(cudaStream_t s, int epi, float *out, const float *x, const void *w, int w_dt,
+                             int64_t M, int64_t NO, int64_t K);
+/* dst (rows, K) of dst_dt (f32, f16, bf16) = the values of rows of blocks src (a GEMM operand). */
+cudaError_t msh_k_dequant(cudaStream_t s, void *dst, int dst_dt, const void *src, int src_dt, int64_t rows,
+                          int64_t K);
+/* msh_k_embedding for a table of blocks (V, D). */
+cudaError_t msh_k_embedding_quant(cudaStream_t s, float *out, const void *table, int table_dt,
+                                  const int32_t *ids, int64_t T, int64_t D, int64_t V, int32_t *bad);
+
 #ifdef __cplusplus
 }
 #endif

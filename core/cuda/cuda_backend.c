@@ -4,6 +4,7 @@
  * of embedding) or host memory is read or written (upload, download). Those refuse while a graph
  * is being captured on the device (cuda_graph.c); the rest are recorded into it. */
 #include "cuda_internal.h"
+#include "cuda_quant.h"
 
 #include <limits.h>
 #include <string.h>
@@ -176,8 +177,12 @@ static msh_status cuda_embedding(msh_tensor *out, const msh_tensor *table, const
   if (T == 0) return MSH_OK;
   const int32_t *idp = msh_tensor_ptr(ids);
   CUDA_TRY(cudaMemsetAsync(d->dev_words, 0, sizeof(int32_t), msh_cuda_cur(d)));
-  CUDA_TRY(msh_k_embedding(msh_cuda_cur(d), msh_tensor_ptr(out), msh_tensor_ptr(table), table->dtype, idp, T, D, V,
-                           d->dev_words));
+  if (msh_dtype_is_block(table->dtype)) /* a block-quantized table: rows dequantized on the way */
+    CUDA_TRY(msh_k_embedding_quant(msh_cuda_cur(d), msh_tensor_ptr(out), msh_tensor_ptr(table), table->dtype, idp, T,
+                                   D, V, d->dev_words));
+  else
+    CUDA_TRY(msh_k_embedding(msh_cuda_cur(d), msh_tensor_ptr(out), msh_tensor_ptr(table), table->dtype, idp, T, D, V,
+                             d->dev_words));
   /* an id outside the table is MSH_ERANGE, as on the CPU: read the flag back, except while a
    * graph is being captured (no host round trip is possible then) */
   enum cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
@@ -257,6 +262,7 @@ static msh_status matmul_epi(msh_tensor *out, const msh_tensor *x, const msh_ten
     if (epi != EPI_ACC) CUDA_TRY(cudaMemsetAsync(op, 0, (size_t)(M * NO) * sizeof(float), msh_cuda_cur(d)));
     return MSH_OK;
   }
+  if (msh_dtype_is_block(w->dtype)) return msh_cuda_matmul_quant(d, op, xp, w, M, K, NO, epi, scratch);
   if (M <= d->gemv_max_m) {
     CUDA_TRY(msh_k_gemv_epi(msh_cuda_cur(d), epi, op, xp, wp, w->dtype, M, NO, K));
     return MSH_OK;

@@ -46,15 +46,18 @@ static msh_status want_weight(const char *op, const char *name, const msh_tensor
   return MSH_OK;
 }
 
-/* The weights of matmul and embedding: as want_weight, or block-quantized on the CPU. */
+/* The weights of matmul and embedding: as want_weight, or block-quantized (on the CPU, or on a
+ * device whose backend takes them: CUDA's quantized GEMV/GEMM). */
 static msh_status want_matrix(const char *op, const char *name, const msh_tensor *t) {
   if (!msh_dtype_is_block(t->dtype)) return want_weight(op, name, t);
-  if (t->st->device != MSH_CPU)
-    return MSH_FAIL(MSH_EUNSUPPORTED, "%s: %s weights run on the CPU only (convert %s to bf16 or f16 for a GPU)",
-                    op, msh_dtype_name(t->dtype), name);
   if (!msh_tensor_is_contiguous(t)) return MSH_FAIL(MSH_EINVAL, "%s: %s must be contiguous", op, name);
   return MSH_OK;
 }
+
+/* Whether a backend's fused kernel (rmsnorm_matmul, rmsnorm_mlp, rmsnorm_qkv_rope) may take weight
+ * w: the CPU's fused ops take every matmul dtype; a device's take float weights only, and
+ * block-quantized ones go the generic way (rmsnorm, then the backend's matmul, which takes them). */
+static int fused_takes(const msh_tensor *w) { return !w || !msh_dtype_is_block(w->dtype) || w->st->device == MSH_CPU; }
 
 static int same_shape(const msh_tensor *a, const msh_tensor *b) {
   return a->ndim == b->ndim && !memcmp(a->shape, b->shape, sizeof(int64_t) * (size_t)a->ndim);
@@ -205,7 +208,7 @@ static msh_status run_rmsnorm_matmul(const msh_backend *be, msh_tensor *out, con
                                      const msh_tensor *norm_w, float eps, const msh_tensor *w, msh_tensor *h,
                                      msh_tensor *gu) {
   if (msh_tensor_numel(out) == 0) return MSH_OK;
-  if (be->rmsnorm_matmul) return be->rmsnorm_matmul(out, x, norm_w, eps, w, h, gu);
+  if (be->rmsnorm_matmul && fused_takes(w)) return be->rmsnorm_matmul(out, x, norm_w, eps, w, h, gu);
   msh_tensor hv = msh_rows_view(h, x->shape[0], x->shape[1]);
   if (msh_tensor_numel(x) > 0) CHECK(be->rmsnorm(&hv, x, norm_w, eps));
   return gu ? be->matmul_glu(out, &hv, w, gu) : be->matmul(out, &hv, w);
@@ -229,7 +232,7 @@ msh_status msh_op_rmsnorm_mlp(msh_tensor *x, const msh_tensor *norm_w, float eps
   if (overlaps(h, w_down) || overlaps(gu, w_down))
     return MSH_FAIL(MSH_EINVAL, "%s: scratch overlaps an operand", op);
   if (msh_tensor_numel(x) == 0) return MSH_OK;
-  if (be->rmsnorm_mlp) return be->rmsnorm_mlp(x, norm_w, eps, w_gu, w_down, h, g, gu);
+  if (be->rmsnorm_mlp && fused_takes(w_gu) && fused_takes(w_down)) return be->rmsnorm_mlp(x, norm_w, eps, w_gu, w_down, h, g, gu);
   CHECK(run_rmsnorm_matmul(be, g, x, norm_w, eps, w_gu, h, gu));
   return be->matmul_acc(x, g, w_down);
 }
@@ -299,7 +302,7 @@ msh_status msh_op_rmsnorm_qkv_rope(msh_tensor *q_out, msh_tensor *k_cache, msh_t
       (h && (overlaps(h, q_out) || overlaps(h, k_cache) || overlaps(h, v_cache))))
     return MSH_FAIL(MSH_EINVAL, "%s: outputs overlap each other or an input", op);
   if (q_out->shape[0] == 0) return MSH_OK;
-  if (be->rmsnorm_qkv_rope) return be->rmsnorm_qkv_rope(q_out, k_cache, v_cache, qkv, x, norm_w, eps, w, h, pos,
+  if (be->rmsnorm_qkv_rope && fused_takes(w)) return be->rmsnorm_qkv_rope(q_out, k_cache, v_cache, qkv, x, norm_w, eps, w, h, pos,
                                                         inv_freq, style);
   if (norm_w) CHECK(run_rmsnorm_matmul(be, qkv, x, norm_w, eps, w, h, NULL));
   else if (msh_tensor_numel(qkv) > 0) CHECK(be->matmul(qkv, x, w));
