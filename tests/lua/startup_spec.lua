@@ -86,6 +86,19 @@ describe("startup", function()
     assert.truthy(#gen > 0, "generate printed nothing")
   end)
 
+  it("a library that is not the CUDA module is refused, not used", function()
+    local core_lib = h.exe:gsub("[^/]+$", "") .. "libmoonshard.so" -- loads, registers nothing
+    local out, code = h.sh("MOONSHARD_CUDA_MODULE=" .. h.q(core_lib) .. " " .. h.q(h.exe) .. " -e " .. h.q([[
+      local moonshard = require "moonshard"
+      local ffi, C = require "ffi", moonshard.C
+      local n = ffi.new("int[1]", -1)
+      print("count", C.msh_device_count(C.MSH_CUDA, n), n[0], "has", C.msh_has_cuda())
+      print("why", ffi.string(C.msh_last_error()))]]) .. " 2>&1 </dev/null")
+    assert.are.equal(0, code, out)
+    assert.truthy(out:find("count\t0\t0\thas\t0\n", 1, true), out)
+    assert.truthy(out:find("registered no CUDA backend", 1, true), out)
+  end)
+
   it("asking for a CUDA device loads the module of this build (no GPU: zero devices)", function()
     local path = module_path()
     if not path then
