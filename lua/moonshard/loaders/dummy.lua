@@ -42,15 +42,31 @@ function Lazy:narrow(dim, start, len)
   return lazy(s, self.seed * 1000003 + dim * 7919 + start, self.mean)
 end
 
--- Draws the weight on a device: a new tensor of dtype holding mean + 0.02 * normal values.
+local quantized = require("moonshard.core").quantized
+
+-- Draws the weight on a device: a new tensor of dtype holding mean + 0.02 * normal values (a
+-- block-quantized dtype gets them drawn in f32, then quantized).
 function Lazy:to(dtype, device)
-  local t, err = tensor.new(self.dims, dtype or "f32", device or "cpu")
+  dtype, device = dtype or "f32", device or "cpu"
+  if quantized[dtype] then
+    local f = self:to("f32", device)
+    local q = f:to(dtype, device)
+    f:free()
+    return q
+  end
+  local t, err = tensor.new(self.dims, dtype, device)
   if not t then error(err, 2) end
   return t:randn(self.seed, self.mean, 0.02)
 end
 
 -- Draws the weight into t, a tensor of its shape (a block of rows of a fused weight, say).
 function Lazy:draw_into(t)
+  if t:is_quantized() then
+    local f = self:to("f32", t:device())
+    t:copy_from(f)
+    f:free()
+    return
+  end
   t:randn(self.seed, self.mean, 0.02)
 end
 
