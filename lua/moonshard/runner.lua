@@ -414,6 +414,22 @@ function Runner:graph_step(c, graphs, len, pos0)
   graphs[len] = ffi.gc(out[0], C.msh_graph_free)
 end
 
+-- Whether n tokens (an id, or a list of ids) fit the context at pos0 and the vocabulary; or
+-- nil, message naming the first that does not.
+local function check_tokens(self, ids, n, pos0)
+  if pos0 + n > self.max_seq then
+    return nil, string.format("context full: %d tokens at position %d exceed the context of %d", n, pos0, self.max_seq)
+  end
+  local V = self.vocab_size
+  for i = 1, n do
+    local id = type(ids) == "number" and ids or ids[i]
+    if type(id) ~= "number" or id < 0 or id >= V or id % 1 ~= 0 then
+      return nil, string.format("token id %s outside the vocabulary [0, %d)", tostring(id), V)
+    end
+  end
+  return true
+end
+
 -- runner:forward(ids, pos0?, opts?) -> logits of the last token (1, V), or of every token (T, V)
 -- with opts.all_logits (a new tensor, the caller's to free). ids: a Lua array of token ids or a
 -- single id. pos0 defaults to the number of tokens already in the cache. Returns nil, message
@@ -422,21 +438,9 @@ function Runner:forward(ids, pos0, opts)
   local n = type(ids) == "number" and 1 or #ids
   pos0 = pos0 or self.pos
   if n == 0 then return nil, "forward: no tokens" end
-  if pos0 + n > self.max_seq then
-    return nil, string.format("context full: %d tokens at position %d exceed the context of %d",
-      n, pos0, self.max_seq)
-  end
+  local ok, err = check_tokens(self, ids, n, pos0)
+  if not ok then return nil, err end
   local V = self.vocab_size
-  if type(ids) == "number" then
-    if ids < 0 or ids >= V then return nil, string.format("token id %d outside the vocabulary [0, %d)", ids, V) end
-  else
-    for i = 1, n do
-      local id = ids[i]
-      if type(id) ~= "number" or id < 0 or id >= V or id % 1 ~= 0 then
-        return nil, string.format("token id %s outside the vocabulary [0, %d)", tostring(id), V)
-      end
-    end
-  end
   local all = opts and opts.all_logits and assert(tensor.new({ n, V }, "f32", self.device))
   local done = 0
   while done < n do
@@ -718,16 +722,9 @@ function Runner:forward_slot(slot, ids, pos0, opts)
   if type(pos0) ~= "number" or pos0 < 0 or pos0 % 1 ~= 0 then
     return nil, string.format("forward_slot: position %s is not a position", tostring(pos0))
   end
-  if pos0 + n > self.max_seq then
-    return nil, string.format("context full: %d tokens at position %d exceed the context of %d", n, pos0, self.max_seq)
-  end
+  local ok, err = check_tokens(self, ids, n, pos0)
+  if not ok then return nil, err end
   local V = self.vocab_size
-  for i = 1, n do
-    local id = ids[i]
-    if type(id) ~= "number" or id < 0 or id >= V or id % 1 ~= 0 then
-      return nil, string.format("token id %s outside the vocabulary [0, %d)", tostring(id), V)
-    end
-  end
   local all = opts and opts.all_logits and assert(tensor.new({ n, V }, "f32", self.device))
   local ids_ptr, pos_ptr, starts_ptr = self.ids_ptr, self.pos_ptr, self.starts_ptr
   local done, c = 0, nil
