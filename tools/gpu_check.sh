@@ -17,6 +17,8 @@
 # at least 40 GB.
 # MSH_GPU_SPECS="gpu_spec arch_spec" runs those Lua specs after the GPU tests (with
 # MSH_GPU_SUITE=0: instead of the whole suite).
+# MSH_GPU_OFFLOAD_BENCH=1 times resident bf16, i4g64 and i8g64 decode and --cpu-offload streaming
+# (batch 1 and 32) on the 8B shape (offload_bench.jsonl).
 # MSH_GPU_BEFORE=TARBALL builds a second tree (`git archive` of an earlier commit) in build-before
 # beside this one, and the model benchmarks then alternate the two builds in the same run
 # (model_ab.jsonl, each line tagged "build": "before" or "after"; a before/after table last).
@@ -167,6 +169,32 @@ EOF
     status=1
     tail -30 "$out/build_before.log"
   fi
+fi
+
+if [ "${MSH_GPU_OFFLOAD_BENCH:-0}" = 1 ]; then
+  echo "== quantized and offloaded weights (Llama-3-8B shape, random weights; ceilings measured in each run)"
+  shape=tools/bench/shapes/llama-3-8b.json
+  ulimit -l unlimited 2> /dev/null || true
+  for cfg in "--prompt-len 128 --gen-len 65 --loops 2" "--dtype i4g64 --prompt-len 128 --gen-len 65 --loops 2" \
+             "--dtype i8g64 --prompt-len 128 --gen-len 65 --loops 2" \
+             "--cpu-offload --prompt-len 32 --gen-len 9 --loops 2" \
+             "--cpu-offload --batch-size 32 --prompt-len 32 --gen-len 9 --loops 2" \
+             "--cpu-offload --dtype i4g64 --prompt-len 32 --gen-len 9 --loops 2"; do
+    # shellcheck disable=SC2086
+    timeout 150 build-gpu/moonshard bench --dummy $shape --device cuda $cfg 2>> "$out/offload_bench.err" |
+      sed "s/^{/{\"cfg\":\"$cfg\",/" >> "$out/offload_bench.jsonl" || { status=1; tail -3 "$out/offload_bench.err"; }
+  done
+  python3 - "$out/offload_bench.jsonl" << 'EOF'
+import json, sys
+for line in open(sys.argv[1]):
+    if not line.startswith("{"):
+        continue
+    r = json.loads(line)
+    f = lambda k, fmt="{:.3g}": fmt.format(r[k]) if isinstance(r.get(k), (int, float)) else "-"
+    print(f"{r['cfg']:60s} decode {f('decode_tok_s')} tok/s, step {f('decode_step_ms')} ms, floor share "
+          f"{f('decode_efficiency')}, stream {f('stream_gbs')} GB/s of pinned H2D {f('h2d_pinned_gbs')} "
+          f"({f('stream_share_of_h2d')}), stalls {f('prefetch_stall_ms_per_token')} ms/token")
+EOF
 fi
 
 if [ "${MSH_GPU_MODEL_BENCH:-1}" != 0 ]; then
