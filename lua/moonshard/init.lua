@@ -125,5 +125,13 @@ function Model:generate(opts, on_text)
   return require("moonshard.generate").run(self, opts, on_text or function(s) io.write(s) end)
 end
 
+-- model:score(ids, first) -> { logprobs, greedy, sum, is_greedy } | nil, message: the
+-- log-probabilities of tokens ids[first + 1 ..] (positions first .. #ids - 1, 0-based) given the
+-- tokens before each, and whether each was the greedy pick; the head runs over those positions
+-- only. model:score_batch(reqs) does the same for a list of { ids, first } side by side (up to
+-- opts.batch at once); see moonshard.score.
+function Model:score(ids, first) return require("moonshard.score").score(self.net, ids, first) end
+function Model:score_batch(reqs) return require("moonshard.score").score_batch(self.net, reqs) end
+
 M.Model = Model
 return M

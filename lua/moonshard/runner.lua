@@ -749,4 +749,84 @@ function Runner:forward_slot(slot, ids, pos0, opts)
   return all or c.logits
 end
 
+
+-- runner:forward_hidden(tokens, pos, slot0, on_rows) -> true | nil, message: a pass over B
+-- sequences of T token ids each (tokens[b], equal lengths) in KV slots slot0 .. slot0 + B - 1,
+-- sequence b from position pos[b], that computes no logits: on the last pipeline stage,
+-- on_rows(x, B, Tc, done) is called after each chunk with x (B * Tc, D), the final hidden states
+-- (before the final norm) of tokens done .. done + Tc - 1 of every sequence (row b * Tc + i;
+-- a view valid during the call). The scoring pass (moonshard.score) takes the rows it needs
+-- from it and runs runner:head_rows over those alone. Every rank of a tensor / pipeline group
+-- makes the same call.
+function Runner:forward_hidden(tokens, pos, slot0, on_rows)
+  local B = type(tokens) == "table" and #tokens or 0
+  if B == 0 then return nil, "forward_hidden: no sequences" end
+  if slot0 < 0 or slot0 + B > self.batch then
+    return nil, string.format("forward_hidden: slots [%d, %d) outside the model's %d (opts.batch)", slot0, slot0 + B, self.batch)
+  end
+  local T, V = #tokens[1], self.vocab_size
+  if T == 0 then return nil, "forward_hidden: no tokens" end
+  local uniform, max_pos = true, 0
+  for b = 1, B do
+    local seq, p = tokens[b], pos[b]
+    if #seq ~= T then return nil, "forward_hidden: sequences of unequal lengths" end
+    if p + T > self.max_seq then
+      return nil, string.format("context full: %d tokens at position %d exceed the context of %d", T, p, self.max_seq)
+    end
+    for i = 1, T do
+      local id = seq[i]
+      if type(id) ~= "number" or id < 0 or id >= V or id % 1 ~= 0 then
+        return nil, string.format("token id %s outside the vocabulary [0, %d)", tostring(id), V)
+      end
+    end
+    if p ~= pos[1] then uniform = false end
+    if p > max_pos then max_pos = p end
+  end
+  local pp, pp_rank, pp_size = self.pp_comm, self.pp_rank, self.pp_size
+  local ids_ptr, pos_ptr, starts_ptr = self.ids_ptr, self.pos_ptr, self.starts_ptr
+  local done = 0
+  while done < T do
+    local Tc = math.min(self.chunk, T - done)
+    local c = self:batch_ctx(B, Tc, slot0)
+    for b = 0, B - 1 do
+      local seq, p, r = tokens[b + 1], pos[b + 1] + done, b * Tc
+      for i = 0, Tc - 1 do
+        ids_ptr[r + i] = seq[done + i + 1]
+        pos_ptr[r + i] = p + i
+      end
+      starts_ptr[b] = p
+    end
+    if c.host_ids then
+      c.ids:copy_from(c.host_ids)
+      c.pos:copy_from(c.host_pos)
+      if not uniform and c.host_starts then c.starts:copy_from(c.host_starts) end
+    end
+    c.pos0 = uniform and pos[1] + done or nil
+    c.dyn_len = not uniform and bucket_for(max_pos + done + Tc, self.max_seq) or nil
+    c.normed = false
+    if pp_rank > 0 and pp then comm_check(C.msh_comm_recv(pp, c.x, pp_rank - 1)) end
+    local hooks = self.hooks
+    if hooks then hooks.begin(self, c.R) end
+    self.model.forward(c)
+    if hooks then hooks.finish(self) end
+    if pp_rank < pp_size - 1 then
+      if pp then comm_check(C.msh_comm_send(pp, c.x, pp_rank + 1)) end
+    else
+      on_rows(c.x, B, Tc, done)
+    end
+    done = done + Tc
+  end
+  for b = 1, B do set_slot_position(self, slot0 + b - 1, pos[b] + T) end
+  return true
+end
+
+-- runner:head_rows(logits, x, h) : logits (R, V) = the final norm and output head over the R
+-- rows of x (R, D), h (R, D) scratch (the last pipeline stage; every tensor-parallel rank of it).
+function Runner:head_rows(logits, x, h)
+  self.model.logits(self.const, logits, x, h, x:size(1))
+end
+
+-- runner:last_stage() -> whether this rank computes the logits (the last pipeline stage).
+function Runner:last_stage() return self.pp_rank == self.pp_size - 1 end
+
 return M
