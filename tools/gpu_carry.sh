@@ -20,6 +20,7 @@ pkgs=(luajit libluajit-5.1-2 libluajit-5.1-common libluajit-5.1-dev
       libpcre2-8-0 libpcre2-16-0 libpcre2-32-0 libpcre2-posix3 libpcre2-dev
       libhttp-parser2.9 libhttp-parser-dev
       liburing2 liburing-dev
+      libhwloc15 libhwloc-dev libnuma1 libnuma-dev libltdl7 libltdl-dev libudev1
       pkgconf pkgconf-bin libpkgconf3
       lua-busted lua-cliargs lua-dkjson lua-filesystem lua-luassert lua-mediator lua-penlight
       lua-say lua-system lua-term)

@@ -1008,6 +1008,23 @@ msh_status msh_ring_claim(msh_ring *r, int64_t key, int *slot);
 /* Frees a held slot for the next claim. MSH_EINVAL for a slot not held. */
 msh_status msh_ring_release(msh_ring *r, int slot);
 
+/* ========================================================================== Topology */
+
+/* The machine as JSON text (core/src/topology.c), decoded by moonshard.topology: hwloc's
+ * packages, NUMA nodes (memory, page sizes), cores and the PCI tree's NVIDIA GPUs (bus id, NUMA
+ * node, the bridges above them); NVML's GPUs (memory, power cap, clocks, PCIe, NVLink peers) and
+ * pairwise matrices when libnvidia-ml.so.1 loads ($MSH_NVML_LIBRARY names another), else
+ * "nvml": {"status": "absent"}; RLIMIT_MEMLOCK. xml_path (NULL or "": this machine) is an hwloc
+ * XML file standing in for the machine. flags: MSH_TOPOLOGY_NO_NVML skips NVML. MSH_EIO for an
+ * unreadable file or a failed discovery, MSH_EFORMAT for a file hwloc rejects, MSH_EUNSUPPORTED
+ * for an XML file in a build without hwloc; nothing is allocated then. */
+typedef struct msh_topology msh_topology;
+enum { MSH_TOPOLOGY_NO_NVML = 1 };
+msh_status msh_topology_load(msh_topology **out, const char *xml_path, int flags);
+void msh_topology_free(msh_topology *t);
+/* The JSON text, valid until msh_topology_free; *len its length (len may be NULL). */
+const char *msh_topology_json(const msh_topology *t, size_t *len);
+
 /* ffi:end */
 
 #ifdef __cplusplus
