@@ -37,6 +37,15 @@ local function target_dtype(t, kind, dtype, float_dtype)
   return dtype or float_dtype or own
 end
 
+-- The dtype of the token embedding and the output head under `dtype`: int4 group-wise ones keep
+-- them in int8 (as GGUF's Q4 files keep them in Q8_0 or Q6_K: the head's error reaches every
+-- logit directly; measured on SmolLM2-135M, README "Quantized weights").
+local function edge_dtype(dtype)
+  local g = type(dtype) == "string" and dtype:match("^i4g(%d+)$")
+  return g and "i8g" .. g or dtype
+end
+M.edge_dtype = edge_dtype
+
 -- Moves (or keeps) a weight on `device` in the dtype target_dtype picks.
 local function place(t, device, dtype, float_dtype)
   local kind, index = tensor.device_id(device)
@@ -139,11 +148,12 @@ function M.resident(weights, device, opts)
       return t
     end
     local want_embed, want_head = opts.embed ~= false, opts.head ~= false
-    if want_embed then self.embed_w = own(place(weights.embed, device, dtype, float_dtype), weights.embed) end
+    local edge = edge_dtype(dtype)
+    if want_embed then self.embed_w = own(place(weights.embed, device, edge, float_dtype), weights.embed) end
     if want_head then
       self.norm_w = own(place(weights.norm, device, dtype, float_dtype), weights.norm)
       if weights.output == weights.embed and self.embed_w then self.output_w = self.embed_w
-      else self.output_w = own(place(weights.output, device, dtype, float_dtype), weights.output) end
+      else self.output_w = own(place(weights.output, device, edge, float_dtype), weights.output) end
     end
     local first, last = 1, #weights.layers
     if opts.layers then first, last = opts.layers[1], opts.layers[2] end
