@@ -35,9 +35,10 @@ local function tp_inside_islands(t, p)
   return true
 end
 
+local dgx, pcie, pcie2, laptop = topo("dgx8.xml"), topo("pcie4.xml"), topo("pcie4x2.json"), topo("laptop.xml")
+local m8, m70, m1t = model("llama-3-8b"), model("llama-2-70b"), model("llama-1t")
+
 describe("plan", function()
-  local dgx, pcie, pcie2, laptop = topo("dgx8.xml"), topo("pcie4.xml"), topo("pcie4x2.json"), topo("laptop.xml")
-  local m8, m70, m1t = model("llama-3-8b"), model("llama-2-70b"), model("llama-1t")
 
   it("loads the presets as data and refuses an unknown one", function()
     for _, n in ipairs { "balanced", "latency", "throughput" } do
@@ -157,5 +158,60 @@ describe("plan", function()
     out, err, code = h.run { "plan", "--dummy", S .. "llama-3-8b.json" }
     assert.are.equal(0, code, err)
     assert.matches("predicted", out)
+  end)
+end)
+
+describe("dsconfig", function()
+  local ds = require "moonshard.dsconfig"
+  local D = h.root .. "/tests/fixtures/dsconfig/"
+
+  it("maps ZeRO-3 CPU offload, pinning, buffers and the batch; names training keys in one warning", function()
+    local r, warn = assert(ds.read(D .. "zero3_cpu.json"))
+    assert.are.same({ zero = 3, tier = "host", pin = true, prefetch = 4, dtype = "bf16", batch = 4,
+      prefetch_bytes = 50000000 }, r.plan)
+    assert.matches("training%-only settings ignored: optimizer, gradient_accumulation_steps, wall_clock_breakdown", warn)
+  end)
+
+  it("maps NVMe offload with ZeRO-Inference int4 weights, and autotp", function()
+    local r, warn = assert(ds.read(D .. "zero3_nvme_int4.json"))
+    assert.are.equal("disk", r.plan.tier)
+    assert.are.equal("/local_nvme", r.offload_dir)
+    assert.are.equal("i4g64", r.plan.dtype)
+    assert.matches("zero_optimization.offload_optimizer", warn)
+    assert.matches("max_in_cpu", warn)
+    local a = assert(ds.read(D .. "autotp.json"))
+    assert.are.same({ tp = 2, dtype = "bf16", batch = 8 }, a.plan)
+  end)
+
+  it("refuses what it cannot honour, naming the key", function()
+    local r, err = ds.read(D .. "bad_device.json")
+    assert.is_nil(r)
+    assert.matches("offload_param.device 'gpu'", err)
+    r, err = ds.parse({ bf16 = { enabled = true }, fp16 = { enabled = true } })
+    assert.is_nil(r)
+    assert.matches("both enabled", err)
+    r, err = ds.parse({ weight_quantization = { quantized_initialization = { num_bits = 3 } } })
+    assert.is_nil(r)
+    assert.matches("num_bits", err)
+  end)
+
+  it("writes a plan back and reads it to the same choices", function()
+    local p = make(dgx, m1t, "balanced")
+    local cfg = ds.from_plan(p)
+    assert.are.equal(3, cfg.zero_optimization.stage)
+    local back = assert(ds.parse(cjson.decode(cjson.encode(cfg))))
+    assert.are.equal(p.tier, back.plan.tier)
+    assert.are.equal(p.dtype, back.plan.dtype)
+    assert.are.equal(p.batch, back.plan.batch)
+    assert.are.equal(p.prefetch, back.plan.prefetch)
+    assert.are.equal(p.tp > 1 and p.tp or nil, back.plan.tp)
+    local out, err, code = h.run { "plan", "--dummy", S .. "llama-3-8b.json", "--topology", F .. "pcie4.xml",
+      "--ds-config", D .. "zero3_cpu.json", "--json" }
+    assert.are.equal(0, code, err)
+    assert.matches("training%-only", err)
+    local j = cjson.decode(out)
+    assert.are.equal("host", j.tier)
+    assert.are.equal(4, j.batch)
+    assert.are.equal(4, j.prefetch)
   end)
 end)
