@@ -108,7 +108,8 @@ typedef enum { MSH_CPU = 0, MSH_CUDA = 1 } msh_device_kind;
 /* Number of devices of a kind: 1 for MSH_CPU; CUDA devices (0 when the build has no CUDA or no
  * GPU is present, which is not an error). */
 msh_status msh_device_count(int kind, int *out);
-/* 1 if this build contains the CUDA backend. */
+/* 1 if the CUDA backend is available: its module (libmoonshard_cuda.so, loaded on this first
+ * use) was built and loads; 0 otherwise, with the loader's reason in msh_last_error(). */
 int msh_has_cuda(void);
 /* Waits until the device has finished the work queued so far on its default stream and on the
  * calling thread's current stream (a no-op on the CPU); msh_stream_sync waits for other streams. */
@@ -865,59 +866,6 @@ msh_status msh_comm_set_events(msh_comm *c, int capacity);
 msh_status msh_comm_drain_events(msh_comm *c, int max, int wait, int *op, uint64_t *bytes, int *peer, double *t,
                                  double *seconds, int *device, int *n, uint64_t *dropped);
 
-/* ============================================================================== HTTP */
-
-/* HTTP/1.x messages parsed by http_parser (Node's, 2.9) into buffers the caller reads; the
- * server and client around it (sockets, responses) are Lua (moonshard.http). One parser per
- * connection. Pointers returned by the accessors stay valid until the next feed, next or reset. */
-typedef struct msh_http msh_http;
-enum { MSH_HTTP_REQUEST = 0, MSH_HTTP_RESPONSE = 1 };
-
-/* kind: MSH_HTTP_REQUEST (a server's parser) or MSH_HTTP_RESPONSE (a client's). Limits:
- * max_head bytes of url, header names and values together (more: 431); max_body bytes of body
- * held at once (a larger Content-Length fails as soon as the headers end; more: 413);
- * max_headers header lines (more: 431). MSH_EINVAL for a bad kind or non-positive limits
- * (max_body may be 0); MSH_ENOMEM. */
-msh_status msh_http_new(msh_http **out, int kind, int64_t max_head, int64_t max_body, int max_headers);
-void msh_http_free(msh_http *h);
-/* Parses up to n bytes of data (n == 0: the peer closed, which ends a body read to EOF). *used
- * gets the bytes consumed; parsing stops right after a complete message, so the bytes of a
- * pipelined next one stay unused until msh_http_next. *state: 0 the head is incomplete, 1 the
- * head is complete and the body is not (responses: the body so far is readable), 2 the message
- * is complete. Failures leave the parser failed until msh_http_reset: MSH_EFORMAT for malformed
- * input (the message and msh_http_error_name give http_parser's errno name, e.g.
- * "HPE_INVALID_METHOD"), MSH_ERANGE for a limit (msh_http_error_status gives 413 or 431),
- * MSH_ENOMEM; MSH_EINVAL for NULLs or a failed parser. */
-msh_status msh_http_feed(msh_http *h, const char *data, size_t n, size_t *used, int *state);
-/* Forgets the complete message and parses the next one of the connection (keep-alive).
- * MSH_EINVAL when no message is complete or the parser failed. */
-msh_status msh_http_next(msh_http *h);
-/* Back to the start of a connection; clears a failure. NULL-safe. */
-void msh_http_reset(msh_http *h);
-/* The message once its head is complete: method ("GET"; "" for responses and before),
- * response status code, keep-alive (1 when the connection may carry another message), HTTP
- * version (11 for 1.1). */
-const char *msh_http_method(const msh_http *h);
-int msh_http_status_code(const msh_http *h);
-int msh_http_keep_alive(const msh_http *h);
-int msh_http_version(const msh_http *h);
-/* After a failed feed: the status a server answers (400, 413, 431; 500 out of memory) and the
- * error's name (http_parser's errno name, or MSH_BODY_TOO_LARGE, MSH_TOO_MANY_HEADERS,
- * HPE_HEADER_OVERFLOW for the limits); 0 and "" otherwise. */
-int msh_http_error_status(const msh_http *h);
-const char *msh_http_error_name(const msh_http *h);
-/* The request target as sent ("/v1/models?x=1"), *n its length. */
-const char *msh_http_url(const msh_http *h, size_t *n);
-/* Header lines in order, names as sent (case kept); i from 0. MSH_ERANGE out of range. */
-int msh_http_header_count(const msh_http *h);
-msh_status msh_http_header(const msh_http *h, int i, const char **name, size_t *name_len, const char **value,
-                           size_t *value_len);
-/* The body bytes received and not consumed (chunked bodies de-chunked), *n their count. */
-const char *msh_http_body(const msh_http *h, size_t *n);
-/* Drops the first n bytes of the body held (a streamed response read as it arrives; the
- * max_body limit counts the bytes held). MSH_ERANGE for more than is held. */
-msh_status msh_http_body_consume(msh_http *h, size_t n);
-
 /* ============================================================================ offload */
 
 /* Buffers for weights that live off the device: a pinned host pool with a guard on how much may
@@ -1007,6 +955,59 @@ int msh_ring_find(const msh_ring *r, int64_t key);
 msh_status msh_ring_claim(msh_ring *r, int64_t key, int *slot);
 /* Frees a held slot for the next claim. MSH_EINVAL for a slot not held. */
 msh_status msh_ring_release(msh_ring *r, int slot);
+
+/* ============================================================================== HTTP */
+
+/* HTTP/1.x messages parsed by http_parser (Node's, 2.9) into buffers the caller reads; the
+ * server and client around it (sockets, responses) are Lua (moonshard.http). One parser per
+ * connection. Pointers returned by the accessors stay valid until the next feed, next or reset. */
+typedef struct msh_http msh_http;
+enum { MSH_HTTP_REQUEST = 0, MSH_HTTP_RESPONSE = 1 };
+
+/* kind: MSH_HTTP_REQUEST (a server's parser) or MSH_HTTP_RESPONSE (a client's). Limits:
+ * max_head bytes of url, header names and values together (more: 431); max_body bytes of body
+ * held at once (a larger Content-Length fails as soon as the headers end; more: 413);
+ * max_headers header lines (more: 431). MSH_EINVAL for a bad kind or non-positive limits
+ * (max_body may be 0); MSH_ENOMEM. */
+msh_status msh_http_new(msh_http **out, int kind, int64_t max_head, int64_t max_body, int max_headers);
+void msh_http_free(msh_http *h);
+/* Parses up to n bytes of data (n == 0: the peer closed, which ends a body read to EOF). *used
+ * gets the bytes consumed; parsing stops right after a complete message, so the bytes of a
+ * pipelined next one stay unused until msh_http_next. *state: 0 the head is incomplete, 1 the
+ * head is complete and the body is not (responses: the body so far is readable), 2 the message
+ * is complete. Failures leave the parser failed until msh_http_reset: MSH_EFORMAT for malformed
+ * input (the message and msh_http_error_name give http_parser's errno name, e.g.
+ * "HPE_INVALID_METHOD"), MSH_ERANGE for a limit (msh_http_error_status gives 413 or 431),
+ * MSH_ENOMEM; MSH_EINVAL for NULLs or a failed parser. */
+msh_status msh_http_feed(msh_http *h, const char *data, size_t n, size_t *used, int *state);
+/* Forgets the complete message and parses the next one of the connection (keep-alive).
+ * MSH_EINVAL when no message is complete or the parser failed. */
+msh_status msh_http_next(msh_http *h);
+/* Back to the start of a connection; clears a failure. NULL-safe. */
+void msh_http_reset(msh_http *h);
+/* The message once its head is complete: method ("GET"; "" for responses and before),
+ * response status code, keep-alive (1 when the connection may carry another message), HTTP
+ * version (11 for 1.1). */
+const char *msh_http_method(const msh_http *h);
+int msh_http_status_code(const msh_http *h);
+int msh_http_keep_alive(const msh_http *h);
+int msh_http_version(const msh_http *h);
+/* After a failed feed: the status a server answers (400, 413, 431; 500 out of memory) and the
+ * error's name (http_parser's errno name, or MSH_BODY_TOO_LARGE, MSH_TOO_MANY_HEADERS,
+ * HPE_HEADER_OVERFLOW for the limits); 0 and "" otherwise. */
+int msh_http_error_status(const msh_http *h);
+const char *msh_http_error_name(const msh_http *h);
+/* The request target as sent ("/v1/models?x=1"), *n its length. */
+const char *msh_http_url(const msh_http *h, size_t *n);
+/* Header lines in order, names as sent (case kept); i from 0. MSH_ERANGE out of range. */
+int msh_http_header_count(const msh_http *h);
+msh_status msh_http_header(const msh_http *h, int i, const char **name, size_t *name_len, const char **value,
+                           size_t *value_len);
+/* The body bytes received and not consumed (chunked bodies de-chunked), *n their count. */
+const char *msh_http_body(const msh_http *h, size_t *n);
+/* Drops the first n bytes of the body held (a streamed response read as it arrives; the
+ * max_body limit counts the bytes held). MSH_ERANGE for more than is held. */
+msh_status msh_http_body_consume(msh_http *h, size_t n);
 
 /* ========================================================================== Topology */
 

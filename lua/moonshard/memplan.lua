@@ -386,7 +386,9 @@ function M.device_memory(device)
   if not kind then return nil, string.format("unknown device '%s' (want cpu or cuda[:N])", tostring(device)) end
   if kind == "cpu" then return M.cpu_memory() end
   if C.msh_has_cuda() == 0 then
-    return nil, string.format("%s does not exist: this build of moonshard has no CUDA backend (use --device cpu)", device)
+    -- the CUDA module did not load (absent from the build, or no driver): the loader says why
+    return nil, string.format("%s does not exist: %s (use --device cpu)", device,
+      ffi.string(C.msh_last_error()):gsub("^.-CUDA is not available: ", "CUDA is not available: "))
   end
   local n = ffi.new("int[1]")
   core.check(C.msh_device_count(C.MSH_CUDA, n))
