@@ -29,6 +29,7 @@ local opts = args.parse(arg, offload.add_flags {
     enum = require("moonshard.validate").DTYPES },
   { "quant-bits", "int", "quantize the matrices at load, group-wise: 8 (int8, symmetric) or 4 (int4 with a min); sets --dtype i8g64 / i4g64 ...", enum = { 4, 8 } },
   { "quant-group-size", "int", "elements per group of --quant-bits", default = 64, enum = { 32, 64, 128 } },
+  { "preset", "string", "balanced, latency, throughput or FILE.lua: a plan for this machine fills the options not given (moonshard plan)" },
   { "kv-dtype", "string", "KV cache dtype (default: f32 on the CPU, bf16 on a GPU)", enum = { "f32", "f16", "bf16" } },
   { "no-ceilings", "flag", "skip measuring bandwidth and matrix rate" },
   { "tp", "int", "tensor-parallel degree (ranks from `moonshard launch`)", default = 1, min = 1 },
@@ -40,6 +41,7 @@ local opts = args.parse(arg, offload.add_flags {
   { "micro-batches", "int", "with --pp: run the batch as this many micro-batches through the pipeline schedule (moonshard.schedule) and report the measured bubble against (p-1)/(m+p-1)", min = 1 },
   { "log-dir", "string", "write JSON Lines events (collectives, stage busy/idle) to this folder and report all-reduce time and pipeline bubble (default: $MSH_LOG_DIR, set by `moonshard launch`)" },
 })
+if opts.preset then local _, perr = require("moonshard.plan").for_command(opts, arg, "bench") if perr then io.stderr:write("moonshard bench: ", perr, "\n") os.exit(2) end end
 if opts.quant_bits then -- --quant-bits and --quant-group-size name a group-wise dtype (i4g64 ...)
   if opts.dtype then io.stderr:write("moonshard bench: give --dtype or --quant-bits, not both\n") os.exit(1) end
   opts.dtype = ("i%dg%d"):format(opts.quant_bits, opts.quant_group_size)

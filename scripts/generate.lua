@@ -27,7 +27,9 @@ local opts = args.parse(arg, require("moonshard.offload").add_flags {
     enum = V.DTYPES },
   { "quant-bits", "int", "quantize the matrices at load, group-wise: 8 (int8, symmetric) or 4 (int4 with a min); sets --dtype i8g64 / i4g64 ...", enum = { 4, 8 } },
   { "quant-group-size", "int", "elements per group of --quant-bits", default = 64, enum = { 32, 64, 128 } },
+  { "preset", "string", "balanced, latency, throughput or FILE.lua: a plan for this machine fills the options not given (moonshard plan)" },
 })
+if opts.preset then local _, perr = require("moonshard.plan").for_command(opts, arg, "generate") if perr then io.stderr:write("moonshard generate: ", perr, "\n") os.exit(2) end end
 if opts.quant_bits then -- --quant-bits and --quant-group-size name a group-wise dtype (i4g64 ...)
   if opts.dtype then io.stderr:write("moonshard generate: give --dtype or --quant-bits, not both\n") os.exit(1) end
   opts.dtype = ("i%dg%d"):format(opts.quant_bits, opts.quant_group_size)
