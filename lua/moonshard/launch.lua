@@ -46,6 +46,8 @@ options:
   --timeout S             stop every rank after S seconds and exit 124 (default: no limit)
   --collective-timeout S  a collective waiting this long for a peer fails naming it
                           (MSH_COLLECTIVE_TIMEOUT; default 600)
+  --plan FILE.json        run a plan (moonshard plan --json): its ranks, nodes, command and flags;
+                          other launch options follow it
   --help                  show this help
 
 Rank 0's stdout passes through as is; the other ranks' output and every stderr line are prefixed
@@ -484,7 +486,37 @@ function M.run(o, script, args)
 end
 
 -- M.main(argv) -> exit code
+-- `--plan FILE.json` (moonshard plan --json): the ranks, nodes, command and flags of the plan,
+-- ahead of any other launch options and the command's extra arguments.
+function M.plan_argv(argv)
+  if argv[1] ~= "--plan" and not (argv[1] or ""):match("^%-%-plan=") then return argv end
+  local path = argv[1]:match("^%-%-plan=(.*)$") or argv[2]
+  local first = argv[1]:match("=") and 2 or 3
+  if not path then return nil, "--plan needs a file (moonshard plan --json > plan.json)" end
+  local f, err = io.open(path, "rb")
+  if not f then return nil, string.format("cannot read '%s': %s", path, err) end
+  local p = require("cjson.safe").decode(f:read("*a"))
+  f:close()
+  local l = type(p) == "table" and p.launch
+  if type(l) ~= "table" or type(l.command) ~= "string" or type(l.args) ~= "table" then
+    return nil, string.format("'%s' is not a plan (no launch descriptor: write it with moonshard plan --json)", path)
+  end
+  local out = { "-n", tostring(l.nproc_per_node or 1), "--nnodes", tostring(l.nnodes or 1) }
+  local rest = {}
+  for i = first, #argv do rest[#rest + 1] = argv[i] end
+  for _, a in ipairs(rest) do out[#out + 1] = a end
+  out[#out + 1] = l.command
+  for _, a in ipairs(l.args) do out[#out + 1] = tostring(a) end
+  return out
+end
+
 function M.main(argv)
+  local perr
+  argv, perr = M.plan_argv(argv)
+  if not argv then
+    io.stderr:write("moonshard launch: ", perr, " (see `moonshard launch --help`)\n")
+    return 2
+  end
   local o, script, args = M.parse(argv)
   if not o then
     if script == "help" then

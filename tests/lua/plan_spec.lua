@@ -161,6 +161,25 @@ describe("plan", function()
   end)
 end)
 
+describe("moonshard launch --plan", function()
+  it("runs the descriptor of `moonshard plan --json`", function()
+    local dir = h.tmpdir()
+    local out, err, code = h.run { "plan", "--model", h.stories, "--preset", "latency", "--json" }
+    assert.are.equal(0, code, err)
+    h.write(dir .. "/p.json", out)
+    local argv = assert(require("moonshard.launch").plan_argv { "--plan", dir .. "/p.json", "--timeout", "60" })
+    assert.are.same({ "-n", "1", "--nnodes", "1", "--timeout", "60", "generate", "--model", h.stories }, { unpack(argv, 1, 9) })
+    out, err, code = h.run { "launch", "--plan", dir .. "/p.json", "--log-dir", dir .. "/logs" }
+    h.rmdir(dir)
+    assert.are.equal(0, code, err)
+    assert.is_true(#out > 20)
+    local bad
+    bad, err = require("moonshard.launch").plan_argv { "--plan", h.root .. "/README.md" }
+    assert.is_nil(bad)
+    assert.matches("not a plan", err)
+  end)
+end)
+
 describe("dsconfig", function()
   local ds = require "moonshard.dsconfig"
   local D = h.root .. "/tests/fixtures/dsconfig/"
