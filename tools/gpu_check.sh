@@ -19,6 +19,8 @@
 # MSH_GPU_SUITE=0: instead of the whole suite).
 # MSH_GPU_OFFLOAD_BENCH=1 times resident bf16, i4g64 and i8g64 decode and --cpu-offload streaming
 # (batch 1 and 32) on the 8B shape (offload_bench.jsonl).
+# MSH_GPU_PLAN_CHECK=1 runs `moonshard doctor` and prints the planner's device memory for the 8B
+# shape (resident and host tier) beside what MSH_GPU_OFFLOAD_BENCH measured.
 # MSH_GPU_BEFORE=TARBALL builds a second tree (`git archive` of an earlier commit) in build-before
 # beside this one, and the model benchmarks then alternate the two builds in the same run
 # (model_ab.jsonl, each line tagged "build": "before" or "after"; a before/after table last).
@@ -194,6 +196,42 @@ for line in open(sys.argv[1]):
     print(f"{r['cfg']:60s} decode {f('decode_tok_s')} tok/s, step {f('decode_step_ms')} ms, floor share "
           f"{f('decode_efficiency')}, stream {f('stream_gbs')} GB/s of pinned H2D {f('h2d_pinned_gbs')} "
           f"({f('stream_share_of_h2d')}), stalls {f('prefetch_stall_ms_per_token')} ms/token")
+EOF
+fi
+
+if [ "${MSH_GPU_PLAN_CHECK:-0}" = 1 ]; then
+  echo "== moonshard doctor"
+  timeout 60 build-gpu/moonshard doctor > "$out/doctor.txt" 2>&1; echo "doctor exit $?"
+  head -40 "$out/doctor.txt"
+  echo "== planned against measured device memory (8B shape, batch 1, 193 positions)"
+  for tier in resident host; do
+    timeout 60 build-gpu/moonshard plan --dummy tools/bench/shapes/llama-3-8b.json --gpus 1 --tier $tier \
+      --batch-size 1 --max-seq 193 --prefetch 4 --command bench --json > "$out/plan_$tier.json" 2>> "$out/plan.err" ||
+      tail -3 "$out/plan.err"
+  done
+  python3 - "$out" << 'EOF'
+import json, sys, os
+out = sys.argv[1]
+def walk(x, path=""):
+    if isinstance(x, dict):
+        for k, v in x.items():
+            yield from walk(v, path + "." + k)
+    elif isinstance(x, list):
+        for i, v in enumerate(x):
+            yield from walk(v, f"{path}[{i}]")
+    else:
+        yield path, x
+bench = [json.loads(l) for l in open(os.path.join(out, "offload_bench.jsonl")) if l.startswith("{")] \
+    if os.path.exists(os.path.join(out, "offload_bench.jsonl")) else []
+for tier, cfg in (("resident", "--prompt-len 128 --gen-len 65 --loops 2"), ("host", "--cpu-offload --prompt-len 32 --gen-len 9 --loops 2")):
+    try:
+        plan = json.load(open(os.path.join(out, f"plan_{tier}.json")))
+    except Exception as e:
+        print(tier, "no plan:", e); continue
+    mem = [(p, v) for p, v in walk(plan) if isinstance(v, (int, float)) and "total" in p.lower() and "mem" in p.lower() or p.endswith("device_bytes")]
+    meas = [r for r in bench if r.get("cfg") == cfg]
+    m = meas[0].get("model_device_memory_bytes") if meas else None
+    print(tier, "planned:", mem[:4], "measured model_device_memory_bytes:", m)
 EOF
 fi
 
