@@ -88,8 +88,8 @@ end)
 describe("models with group-wise weights on the CPU", function()
   -- hf-tiny f32 (hidden 64, 3 layers, vocab 256, random weights of std 0.02): q/k/v/o, gate/up
   -- and the embedding/head are quantized; down (K 172) stays f32. Norm-wise relative error of
-  -- the 40 x 256 logits, measured: i8g64 1.7% (GGUF q8_0 2.0%), i4g64 34.5%, i4g32 24.8% (q4_1
-  -- 24.7%). int8 rounds each weight by at most amax / 254 of its group; int4 by (max - min) / 30,
+  -- the 40 x 256 logits, measured: i8g64 1.7% (GGUF q8_0 2.0%), i4g64 27.9% (34.5% with the
+  -- embedding/head in int4 too), i4g32 20.3% (q4_1 24.7%). int8 rounds each weight by at most amax / 254 of its group; int4 by (max - min) / 30,
   -- about 9% rms of a Gaussian weight over 64 values, compounded through 3 layers and a model
   -- with tiny logits. Bounds: i8g64 3% with the argmax kept on >= 95% of positions; i4g64 45%
   -- (a wrong layout or kernel gives ~100%).
@@ -103,11 +103,12 @@ describe("models with group-wise weights on the CPU", function()
     assert.is_true(agree >= 0.95, "argmax agreement " .. agree)
   end)
 
-  it("i4g64 logits stay within 45% of f32's; i4g32 as close as GGUF q4_1 (the same layout)", function()
+  it("i4g64 logits stay within 45% of f32's; i4g32 at least as close as GGUF q4_1", function()
     local rel = compare(ref, all_logits(h.hf .. "/f32", "i4g64", ids), 256)
     assert.is_true(rel < 0.45, "relative error " .. rel)
+    -- i4g32 has q4_1's layout and rounding, and keeps the embedding/head in int8 (q4_1 does not)
     local r32, rq = compare(ref, all_logits(h.hf .. "/f32", "i4g32", ids), 256), compare(ref, all_logits(h.hf .. "/f32", "q4_1", ids), 256)
-    assert.is_true(math.abs(r32 - rq) < 0.02 * rq, ("i4g32 %.4f, q4_1 %.4f"):format(r32, rq))
+    assert.is_true(r32 <= rq * 1.02, ("i4g32 %.4f, q4_1 %.4f"):format(r32, rq))
   end)
 
   it("stories260K with --quant-bits 8 prints the golden text's first 56 tokens", function()
