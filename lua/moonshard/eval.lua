@@ -409,6 +409,11 @@ function M.run_task(lm, task, docs, opts)
       add("acc", pick - 1 == d.gold and 1 or 0)
       if not task.multiple_input then add("acc_norm", pick_n - 1 == d.gold and 1 or 0) end
       sample.target, sample.pick, sample.pick_norm, sample.loglikelihoods = d.gold, pick - 1, pick_n - 1, lls
+      sample.requests = {}
+      for c = 1, d.n do
+        local r = reqs[d.first + c - 1]
+        sample.requests[c] = { ids = r.ids, first = r.first }
+      end
     elseif ot == "loglikelihood" then
       local r = res[d.first]
       add("perplexity", r.sum)
