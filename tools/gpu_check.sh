@@ -17,8 +17,8 @@
 # at least 40 GB.
 # MSH_GPU_SPECS="gpu_spec arch_spec" runs those Lua specs after the GPU tests (with
 # MSH_GPU_SUITE=0: instead of the whole suite).
-# MSH_GPU_OFFLOAD_BENCH=1 times resident bf16, i4g64 and i8g64 decode and --cpu-offload streaming
-# (batch 1 and 32) on the 8B shape (offload_bench.jsonl).
+# MSH_GPU_OFFLOAD_BENCH=1 times resident bf16 and i4g64 decode and --cpu-offload streaming (bf16
+# at batch 1 and 32, i4g64 at batch 1) on the 8B shape (offload_bench.jsonl).
 # MSH_GPU_PLAN_CHECK=1 runs `moonshard doctor` and prints the planner's device memory for the 8B
 # shape (resident and host tier) beside what MSH_GPU_OFFLOAD_BENCH measured.
 # MSH_GPU_BEFORE=TARBALL builds a second tree (`git archive` of an earlier commit) in build-before
@@ -178,7 +178,6 @@ if [ "${MSH_GPU_OFFLOAD_BENCH:-0}" = 1 ]; then
   shape=tools/bench/shapes/llama-3-8b.json
   ulimit -l unlimited 2> /dev/null || true
   for cfg in "--prompt-len 128 --gen-len 65 --loops 2" "--dtype i4g64 --prompt-len 128 --gen-len 65 --loops 2" \
-             "--dtype i8g64 --prompt-len 128 --gen-len 65 --loops 2" \
              "--cpu-offload --prompt-len 32 --gen-len 9 --loops 2" \
              "--cpu-offload --batch-size 32 --prompt-len 32 --gen-len 9 --loops 2" \
              "--cpu-offload --dtype i4g64 --prompt-len 32 --gen-len 9 --loops 2"; do
