@@ -15,6 +15,7 @@
 # MSH_PARITY8B_DIR, default $TMPDIR/msh-parity-8b, and reused there; 16 GB of disk, about two
 # minutes), then tools/parity/noise_8b.py for the bar's noise floor; it is on by default when the GPU has
 # at least 40 GB.
+# MSH_GPU_TEST_REGEX runs only the GPU tests it matches (ctest -R).
 # MSH_GPU_SPECS="gpu_spec arch_spec" runs those Lua specs after the GPU tests (with
 # MSH_GPU_SUITE=0: instead of the whole suite).
 # MSH_GPU_OFFLOAD_BENCH=1 times resident bf16 and i4g64 decode and --cpu-offload streaming (bf16
@@ -95,7 +96,7 @@ c_summary="not run"
 if [ "${MSH_GPU_TESTS:-1}" != 0 ]; then
   echo "== GPU tests (ctest -L gpu)"
   t0=$(date +%s)
-  (cd build-gpu && ctest -L gpu --output-on-failure --timeout 600) > "$out/ctest_gpu.log" 2>&1 || status=1
+  (cd build-gpu && ctest -L gpu ${MSH_GPU_TEST_REGEX:+-R "$MSH_GPU_TEST_REGEX"} --output-on-failure --timeout 600) > "$out/ctest_gpu.log" 2>&1 || status=1
   cat "$out/ctest_gpu.log"
   gpu_summary="$(grep -E "tests passed|tests failed" "$out/ctest_gpu.log" | tail -1) ($(( $(date +%s) - t0 )) s)"
   if [ "${MSH_GPU_SANITIZE:-0}" = 1 ] && command -v compute-sanitizer > /dev/null; then
