@@ -27,6 +27,7 @@ local opts = args.parse(arg, {
   { "tp", "int", "tensor-parallel degree (ranks from `moonshard launch`)", default = 1, min = 1 },
   { "pp", "int", "pipeline-parallel stages", default = 1, min = 1 },
   { "quiet", "flag", "no line per request on stderr" },
+  { "repl", "string", "REPL sessions (moonshard attach) on the run folder's Unix socket; tcp:HOST:PORT adds TCP with a token; off: none" },
 })
 
 local function fail(msg)
@@ -91,6 +92,7 @@ if not server then fail(err) end
 local shown = opts.host:find(":", 1, true) and ("[" .. opts.host .. "]") or opts.host
 io.stderr:write(string.format("moonshard serve: %s listening on http://%s:%d (max batch %d, queue %d)\n",
   api.name, shown, server.port, opts.max_batch, opts.max_queue))
+require("moonshard.live").listen { name = "serve", engine = engine, model = model, tcp = opts.repl }
 io.stderr:flush()
 
 -- SIGINT / SIGTERM: stop listening, drop the connections, let the loop end

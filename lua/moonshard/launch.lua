@@ -13,6 +13,8 @@
 -- under the current directory) is made before the ranks start, named on stderr and passed to them as MSH_LOG_DIR;
 -- each rank writes its JSON Lines events there (moonshard.telemetry). A folder the launcher made
 -- that is still empty when the ranks are gone is removed again (and logs/ with it when empty).
+-- While the ranks run, launch.json there names each rank's pid and REPL socket
+-- (rank<R>.repl.sock: moonshard.live; `moonshard attach DIR --rank R`).
 --
 -- Time limits: --timeout S stops the ranks after S seconds (naming those still running, exit
 -- 124); --collective-timeout S (MSH_COLLECTIVE_TIMEOUT) is how long a rank's collective waits for
@@ -420,6 +422,20 @@ function M.run(o, script, args)
   end
   M.last_pids = {}
   for _, r in ipairs(ranks) do M.last_pids[#M.last_pids + 1] = r.pid end
+  -- the launch descriptor: each rank's pid and REPL socket (moonshard.live, moonshard attach)
+  local descriptor = log_dir .. "/launch.json"
+  do
+    local list = {}
+    for _, r in ipairs(ranks) do
+      list[#list + 1] = { rank = r.rank, pid = r.pid, repl = string.format("%s/rank%d.repl.sock", log_dir, r.rank) }
+    end
+    local f = io.open(descriptor, "w")
+    if f then
+      f:write(require("cjson").encode { launcher_pid = uv.os_getpid(), world = world, node_rank = o.node_rank,
+        nproc = o.nproc, script = script, log_dir = log_dir, ranks = list }, "\n")
+      f:close()
+    end
+  end
 
   -- --timeout: the whole run's limit; the ranks still running are named and stopped
   local run_timer
@@ -481,6 +497,9 @@ function M.run(o, script, args)
   if kill_timer and not kill_timer:is_closing() then kill_timer:close() end
   for _, h in ipairs(signal_handles) do h:close() end
   uv.run("nowait")
+  -- the ranks are gone: their REPL files and the descriptor go too
+  for _, r in ipairs(ranks) do require("moonshard.live").remove_files(log_dir, r.rank) end
+  os.remove(descriptor)
   M.remove_if_empty(made)
   return exit_code or 0
 end

@@ -91,18 +91,22 @@ local function history_path()
 end
 
 -- M.run{ input = io.stdin, out = io.stdout, err = io.stderr } -> number of chunks that failed,
--- whether the session was interactive
+-- whether the session was interactive. Other front ends (moonshard attach) reuse the reader:
+--   opts.eval(src) -> ok      runs one complete chunk instead of M.eval (here, in this process)
+--   opts.command(line) -> ok  a line starting with ':' outside a multi-line chunk (:ranks ...)
+--   opts.banner               the first line of an interactive session
 function M.run(opts)
   opts = opts or {}
   local out = opts.out or io.stdout
   local err_out = opts.err or io.stderr
+  local eval = opts.eval or function(src) return M.eval(src, out, err_out) end
   local failures = 0
   local interactive = opts.input == nil and C.isatty(0) ~= 0
   local hist = interactive and history_path()
   if interactive then
     C.using_history()
     if hist then C.read_history(hist) end
-    out:write("moonshard ", require("moonshard").version, " (", jit.version, "); Ctrl-D exits\n")
+    out:write(opts.banner or ("moonshard " .. require("moonshard").version .. " (" .. jit.version .. "); Ctrl-D exits"), "\n")
   end
   local input = opts.input or io.stdin
   local function read(prompt)
@@ -123,18 +127,21 @@ function M.run(opts)
     local src = buf and (buf .. "\n" .. line) or line
     if src:match("^%s*$") then
       buf = nil
+    elseif not buf and opts.command and line:match("^%s*:") then
+      if not opts.command(line:match("^%s*(.-)%s*$")) then failures = failures + 1 end
+      out:flush()
     else
       local fn, err = M.compile(src)
       if not fn and err == "incomplete" then
         buf = src
       else
         buf = nil
-        if not M.eval(src, out, err_out) then failures = failures + 1 end
+        if not eval(src) then failures = failures + 1 end
         out:flush()
       end
     end
   end
-  if buf and not M.eval(buf, out, err_out) then failures = failures + 1 end
+  if buf and not eval(buf) then failures = failures + 1 end
   if interactive then
     out:write("\n")
     if hist then C.write_history(hist) end

@@ -648,4 +648,25 @@ function Scheduler:check()
   return true
 end
 
+-- ----------------------------------------------------------------- changing the policy live
+-- sched:use(p) -> policy | nil, message: set_policy that keeps the policy it replaces, so that
+-- sched:undo() can restore it (p: "fcfs", "spf", a table with compare, or a FILE.lua). Both take
+-- effect at the next schedule(); a REPL on the rank (moonshard.live) calls them between steps.
+function Scheduler:use(p)
+  local prev = self.policy
+  local ok, err = self:set_policy(p)
+  if not ok then return nil, err end
+  self.policy_undo = self.policy_undo or {}
+  self.policy_undo[#self.policy_undo + 1] = prev
+  return self.policy
+end
+
+-- sched:undo() -> the policy restored | nil, message when no change is left to undo.
+function Scheduler:undo()
+  local undo = self.policy_undo
+  if not undo or #undo == 0 then return nil, "no policy change to undo" end
+  self.policy = table.remove(undo)
+  return self.policy
+end
+
 return M
