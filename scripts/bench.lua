@@ -214,6 +214,8 @@ if log_dir and log_dir ~= "" then
   if not tel then fail(terr) end
   net:observe(tel)
 end
+-- REPL sessions (moonshard attach), answered whenever this rank's loop runs (moonshard.live)
+require("moonshard.live").listen { name = "bench", runner = net, pg = pg, telemetry = tel, tcp = os.getenv("MSH_REPL") }
 -- all-reduce seconds recorded so far (waits for the device's pending records)
 local function allreduce_s()
   tel:poll(true)

@@ -62,11 +62,23 @@ M.DEFAULT_BUDGET = 2
 M.MAX_OUTPUT = 1024 * 1024 -- bytes of print() a chunk sends back at most
 M.servers = {}             -- anchors the listeners (and their cleanup) until the state closes
 
+local function read_file(path)
+  local f = io.open(path, "rb")
+  if not f then return nil end
+  local s = f:read("*a")
+  f:close()
+  return s
+end
+M.read_file = read_file
+
 local function pid_alive(pid)
   pid = tonumber(pid)
   if not pid or pid <= 0 then return false end
   local ok = uv.kill(pid, 0)
-  return ok == 0 or ok == true
+  if not (ok == 0 or ok == true) then return false end
+  -- a zombie (ended, not yet reaped) is gone too
+  local stat = read_file("/proc/" .. pid .. "/stat")
+  return not (stat and stat:match("^%d+ %b() ([ZX])"))
 end
 M.pid_alive = pid_alive
 
@@ -77,15 +89,6 @@ local function write_file(path, text)
   uv.fs_close(fd)
   return true
 end
-
-local function read_file(path)
-  local f = io.open(path, "rb")
-  if not f then return nil end
-  local s = f:read("*a")
-  f:close()
-  return s
-end
-M.read_file = read_file
 
 -- The folder of runs started outside `moonshard launch`: $XDG_RUNTIME_DIR/moonshard-<uid> (or
 -- /tmp/moonshard-<uid>), mode 0700 and ours, or nil and why not.
