@@ -13,7 +13,10 @@ local bit = require "bit"
 local function spin(cond, secs)
   local t, expired = uv.new_timer(), false
   t:start(math.floor(secs * 1000), 0, function() expired = true end)
+  local tick = uv.new_timer() -- wakes the loop to look again when no I/O would
+  tick:start(20, 20, function() end)
   while not cond() and not expired do uv.run("once") end
+  tick:close()
   t:close()
   uv.run("nowait")
   return cond()
@@ -263,7 +266,6 @@ describe("moonshard attach to a launched tensor-parallel job", function()
       h.q(h.exe), h.q(dir), h.q(h.root .. "/tests/lua/live_rank.lua"), h.q(h.stories), h.q(dir), h.q(dir)))
     local lpid = assert(tonumber(out:match("%d+")))
     local ok = spin(function()
-      uv.sleep(20)
       return #attach.ranks(dir) == 2 and uv.fs_stat(dir .. "/rank0.repl.json") and uv.fs_stat(dir .. "/rank1.repl.json")
     end, 30)
     assert.truthy(ok, h.read(dir .. "/err"))
