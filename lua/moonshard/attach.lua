@@ -148,6 +148,7 @@ end
 -- M.connect(endpoint, timeout?) -> session | nil, message
 function M.connect(ep, timeout)
   timeout = timeout or 10
+  live.ignore_sigpipe() -- a rank that refuses us closes first
   local conn = ep.kind == "tcp" and uv.new_tcp() or uv.new_pipe(false)
   local self = setmetatable({ conn = conn, buf = "", replies = {}, next_id = 0, ep = ep }, Session)
   local connected, cerr = false, nil

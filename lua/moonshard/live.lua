@@ -430,6 +430,12 @@ end
 
 -- ------------------------------------------------------------------------------ listening
 
+-- A peer that went away must not take this process with it: writing to it fails with EPIPE
+-- instead of raising SIGPIPE (both ends call this).
+function M.ignore_sigpipe()
+  C.signal(13, ffi.cast("void (*)(int)", 1)) -- SIGPIPE, SIG_IGN
+end
+
 local Server = {}
 Server.__index = Server
 
@@ -452,9 +458,7 @@ function M.listen_unprotected(opts)
   local name = opts.name or "moonshard"
   local spec = opts.tcp or os.getenv("MSH_REPL")
   if spec == "off" or os.getenv("MSH_REPL") == "off" then return nil end
-  -- a session that went away must not take the rank with it: writing to it fails with EPIPE
-  -- instead of raising SIGPIPE
-  C.signal(13, ffi.cast("void (*)(int)", 1)) -- SIGPIPE, SIG_IGN
+  M.ignore_sigpipe()
   local engine, model, pg = opts.engine, opts.model, opts.pg or (opts.model and opts.model.dist)
   local rank = pg and pg.rank or tonumber(os.getenv("RANK") or "") or 0
   local world = pg and pg.world or tonumber(os.getenv("WORLD_SIZE") or "") or 1
