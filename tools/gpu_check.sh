@@ -19,7 +19,8 @@
 # MSH_GPU_SPECS="gpu_spec arch_spec" runs those Lua specs after the GPU tests (with
 # MSH_GPU_SUITE=0: instead of the whole suite).
 # MSH_GPU_OFFLOAD_BENCH=1 times resident bf16 and i4g64 decode and --cpu-offload streaming (bf16
-# at batch 1 and 32, i4g64 at batch 1) on the 8B shape (offload_bench.jsonl).
+# at batch 1 and 32, i4g64 at batch 1) on the 8B shape (offload_bench.jsonl); MSH_GPU_OFFLOAD_CFGS
+# (bench options, ';' between runs) replaces that list.
 # MSH_GPU_PLAN_CHECK=1 runs `moonshard doctor` and prints the planner's device memory for the 8B
 # shape (resident and host tier) beside what MSH_GPU_OFFLOAD_BENCH measured.
 # MSH_GPU_BEFORE=TARBALL builds a second tree (`git archive` of an earlier commit) in build-before
@@ -178,10 +179,9 @@ if [ "${MSH_GPU_OFFLOAD_BENCH:-0}" = 1 ]; then
   echo "== quantized and offloaded weights (Llama-3-8B shape, random weights; ceilings measured in each run)"
   shape=tools/bench/shapes/llama-3-8b.json
   ulimit -l unlimited 2> /dev/null || true
-  for cfg in "--prompt-len 128 --gen-len 65 --loops 2" "--dtype i4g64 --prompt-len 128 --gen-len 65 --loops 2" \
-             "--cpu-offload --prompt-len 32 --gen-len 9 --loops 2" \
-             "--cpu-offload --batch-size 32 --prompt-len 32 --gen-len 9 --loops 2" \
-             "--cpu-offload --dtype i4g64 --prompt-len 32 --gen-len 9 --loops 2"; do
+  cfgs=${MSH_GPU_OFFLOAD_CFGS:-"--prompt-len 128 --gen-len 65 --loops 2;--dtype i4g64 --prompt-len 128 --gen-len 65 --loops 2;--cpu-offload --prompt-len 32 --gen-len 9 --loops 2;--cpu-offload --batch-size 32 --prompt-len 32 --gen-len 9 --loops 2;--cpu-offload --dtype i4g64 --prompt-len 32 --gen-len 9 --loops 2"}
+  IFS=';' read -r -a cfg_list <<< "$cfgs"
+  for cfg in "${cfg_list[@]}"; do
     # shellcheck disable=SC2086
     timeout 150 build-gpu/moonshard bench --dummy $shape --device cuda $cfg 2>> "$out/offload_bench.err" |
       sed "s/^{/{\"cfg\":\"$cfg\",/" >> "$out/offload_bench.jsonl" || { status=1; tail -3 "$out/offload_bench.err"; }
