@@ -3,11 +3,12 @@
  * Each input is written to a memfd and opened by path. A failure must say why; a file that opens
  * must answer every accessor consistently: names find their own index, every metadata value and
  * array element reads (or fails cleanly), and every tensor moonshard loads is read in full.
- * Build and run (needs clang; this target brings its own CPU allocator, so it is linked without
- * backend_stub.c):
+ * Build and run (needs clang; this target brings its own CPU allocator, so backend_stub.c is built
+ * with -DMSH_FUZZ_OWN_CPU and gives only the backend table):
  *   clang -std=gnu11 -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
- *     -Icore/include -Icore/src -DMSH_VERSION='"fuzz"' -o build-fuzz/fuzz_gguf tools/fuzz/fuzz_gguf.c \
- *     core/src/gguf.c core/src/status.c core/src/dtype.c core/src/file.c core/src/tensor.c -lm
+ *     -Icore/include -Icore/src -DMSH_VERSION='"fuzz"' -DMSH_FUZZ_OWN_CPU -o build-fuzz/fuzz_gguf \
+ *     tools/fuzz/fuzz_gguf.c core/src/gguf.c core/src/status.c core/src/dtype.c core/src/file.c \
+ *     core/src/tensor.c tools/fuzz/backend_stub.c -lm
  *   mkdir -p build-fuzz/corpus_gguf && cp tests/fixtures/gguf/synth.gguf build-fuzz/corpus_gguf/
  *   build-fuzz/fuzz_gguf -max_total_time=60 -max_len=8192 -dict=tools/fuzz/gguf.dict build-fuzz/corpus_gguf
  */
