@@ -230,3 +230,151 @@ msh_status msh_cpu_attention_dyn(msh_tensor *out, const msh_tensor *q, const msh
                                  const msh_tensor *pos0, int64_t max_len, float scale) {
   return attention_run(out, q, k, v, 0, msh_tensor_ptr(pos0), msh_tensor_numel(pos0), max_len - q->shape[1], scale);
 }
+
+/* ------------------------------------------------------------------- the paged KV cache */
+
+/* Pools (NB, BS, KVH, hd); q, out (R, H, hd); q_start (B + 1), ctx_len (B), block_table (B, MB).
+ * A unit is one query row, one kv head and up to GMAX of its query heads, as above; keys go block
+ * by block (a block's rows for one kv head are KVH * hd apart, BS of them). */
+typedef struct {
+  float *out;
+  const float *q;
+  const void *k, *v;
+  const int32_t *qs, *cl, *bt;
+  int64_t B, H, hd, group, KVH, sub, gsize, BS, MB;
+  float scale;
+  int dt;
+  int64_t next;
+} paged_args;
+
+/* The sequence of query row r: the last b with q_start[b] <= r (q_start validated). */
+static inline int64_t seq_of_row(const int32_t *qs, int64_t B, int64_t r) {
+  int64_t lo = 0, hi = B - 1;
+  while (lo < hi) {
+    int64_t mid = (lo + hi + 1) / 2;
+    if (qs[mid] <= r) lo = mid;
+    else hi = mid - 1;
+  }
+  return lo;
+}
+
+MSH_CPU_INLINE void paged_unit_dt(const paged_args *a, int64_t u, float *sc, int64_t S, int dt) {
+  int64_t per_r = a->KVH * a->sub, r = u / per_r, kvh = u % per_r / a->sub, j = u % a->sub;
+  int64_t b = seq_of_row(a->qs, a->B, r), n_new = a->qs[b + 1] - a->qs[b];
+  int64_t n = a->cl[b] - n_new + (r - a->qs[b]) + 1; /* keys of this query */
+  int64_t h0 = kvh * a->group + j * a->gsize, g = a->group - j * a->gsize, hd = a->hd, BS = a->BS;
+  if (g > a->gsize) g = a->gsize;
+  int64_t es = dt == MSH_F32 ? 4 : 2, rs = a->KVH * hd; /* row stride of a block, elements */
+  const int32_t *bt = a->bt + b * a->MB;
+  const float *q = a->q + (r * a->H + h0) * hd;
+  float *o = a->out + (r * a->H + h0) * hd, inv[GMAX];
+  for (int64_t s0 = 0; s0 < n; s0 += BS) {
+    int64_t c = n - s0 < BS ? n - s0 : BS;
+    const char *k = (const char *)a->k + ((int64_t)bt[s0 / BS] * BS * rs + kvh * hd) * es;
+    for (int64_t i = 0; i < g; i++) scores_dt(sc + i * S + s0, q + i * hd, k, rs, c, hd, a->scale, dt);
+  }
+  for (int64_t i = 0; i < g; i++) {
+    float mx = msh_cpu_max(sc + i * S, n);
+    if (mx == -INFINITY) mx = 0;
+    inv[i] = 1.0f / msh_cpu_exp_sum(sc + i * S, sc + i * S, n, mx);
+  }
+  memset(o, 0, sizeof(float) * (size_t)(g * hd));
+  for (int64_t s0 = 0; s0 < n; s0 += BS) {
+    int64_t c = n - s0 < BS ? n - s0 : BS;
+    const char *v = (const char *)a->v + ((int64_t)bt[s0 / BS] * BS * rs + kvh * hd) * es;
+    for (int64_t i = 0; i < g; i++) values_dt(o + i * hd, sc + i * S + s0, v, rs, c, hd, dt);
+  }
+  for (int64_t i = 0; i < g; i++)
+    for (int64_t d = 0; d < hd; d++) o[i * hd + d] *= inv[i];
+}
+
+static void paged_f32(const paged_args *a, int64_t u, float *sc, int64_t S) { paged_unit_dt(a, u, sc, S, MSH_F32); }
+static void paged_f16(const paged_args *a, int64_t u, float *sc, int64_t S) { paged_unit_dt(a, u, sc, S, MSH_F16); }
+static void paged_bf16(const paged_args *a, int64_t u, float *sc, int64_t S) { paged_unit_dt(a, u, sc, S, MSH_BF16); }
+
+static int paged_units(paged_args *a, int64_t units, int64_t S) {
+  void (*fn)(const paged_args *, int64_t, float *, int64_t) =
+      a->dt == MSH_F32 ? paged_f32 : a->dt == MSH_F16 ? paged_f16 : paged_bf16;
+  float *sc = msh_cpu_scratch(1, (size_t)(a->gsize * S));
+  if (!sc) return -1;
+  for (;;) {
+    int64_t u = __atomic_fetch_add(&a->next, 1, __ATOMIC_RELAXED);
+    if (u >= units) return 0;
+    fn(a, u, sc, S);
+  }
+}
+
+/* The host sees the arrays: every value is checked before a row is read. */
+msh_status msh_cpu_paged_attention(msh_tensor *out, const msh_tensor *q, const msh_tensor *k_pool,
+                                   const msh_tensor *v_pool, const msh_tensor *q_start, const msh_tensor *ctx_len,
+                                   const msh_tensor *block_table, int64_t max_ctx, float scale) {
+  const int32_t *qs = msh_tensor_ptr(q_start), *cl = msh_tensor_ptr(ctx_len), *bt = msh_tensor_ptr(block_table);
+  int64_t R = q->shape[0], H = q->shape[1], hd = q->shape[2], B = q_start->shape[0] - 1;
+  int64_t NB = k_pool->shape[0], BS = k_pool->shape[1], KVH = k_pool->shape[2], MB = block_table->shape[1];
+  if (qs[0] != 0 || qs[B] != R)
+    return MSH_FAIL(MSH_ERANGE, "paged_attention: q_start runs from %d to %d, not from 0 to the %lld query rows", qs[0],
+                    qs[B], (long long)R);
+  int64_t S = 1, keys = 0;
+  for (int64_t b = 0; b < B; b++) {
+    int64_t n_new = (int64_t)qs[b + 1] - qs[b];
+    if (n_new < 0)
+      return MSH_FAIL(MSH_ERANGE, "paged_attention: q_start decreases at sequence %lld (%d after %d)", (long long)b,
+                      qs[b + 1], qs[b]);
+    if (cl[b] < n_new || cl[b] > max_ctx)
+      return MSH_FAIL(MSH_ERANGE, "paged_attention: sequence %lld: context %d outside [%lld, %lld] (its new rows, max_ctx)",
+                      (long long)b, cl[b], (long long)n_new, (long long)max_ctx);
+    for (int64_t j = 0; j < (cl[b] + BS - 1) / BS; j++) {
+      int32_t id = bt[b * MB + j];
+      if (id < 0 || id >= NB)
+        return MSH_FAIL(MSH_ERANGE, "paged_attention: sequence %lld: block %d at table index %lld outside [0, %lld)",
+                        (long long)b, id, (long long)j, (long long)NB);
+    }
+    if (cl[b] > S) S = cl[b];
+    keys += n_new * (cl[b] - (n_new - 1) / 2);
+  }
+  int64_t group = H / KVH, sub = (group + GMAX - 1) / GMAX, gsize = (group + sub - 1) / sub;
+  paged_args a = {msh_tensor_ptr(out), msh_tensor_ptr(q), msh_tensor_ptr(k_pool), msh_tensor_ptr(v_pool), qs, cl, bt,
+                  B, H, hd, group, KVH, sub, gsize, BS, MB, scale, k_pool->dtype, 0};
+  int64_t units = R * KVH * sub;
+  int nt = msh_cpu_threads(keys * H * (hd + 8), GRAIN_FLOPS);
+  if (nt > units) nt = (int)units;
+  int failed = 0;
+  if (nt <= 1) {
+    failed = paged_units(&a, units, S);
+  } else {
+#pragma omp parallel num_threads(nt) reduction(| : failed)
+    failed |= paged_units(&a, units, S);
+  }
+  if (failed)
+    return MSH_FAIL(MSH_ENOMEM, "paged_attention: out of memory for %lld x %lld scores", (long long)gsize, (long long)S);
+  return MSH_OK;
+}
+
+/* Row r of k and v to pool row slots[r] (skipped when negative), after every slot is checked. */
+msh_status msh_cpu_kv_write(msh_tensor *k_pool, msh_tensor *v_pool, const msh_tensor *k, const msh_tensor *v,
+                            const msh_tensor *slots) {
+  const int32_t *sl = msh_tensor_ptr(slots);
+  int64_t R = k->shape[0], rows = k_pool->shape[0] * k_pool->shape[1], KVH = k->shape[1], hd = k->shape[2];
+  for (int64_t r = 0; r < R; r++)
+    if (sl[r] >= rows)
+      return MSH_FAIL(MSH_ERANGE, "kv_write: slot %d of row %lld outside the pool's %lld rows", sl[r], (long long)r,
+                      (long long)rows);
+  const msh_tensor *src[2] = {k, v};
+  msh_tensor *pool[2] = {k_pool, v_pool};
+  for (int w = 0; w < 2; w++) {
+    msh_tensor d = *pool[w], s = *src[w]; /* stack views of one row: (KVH, hd) */
+    d.ndim = s.ndim = 2;
+    d.shape[0] = s.shape[0] = KVH;
+    d.shape[1] = s.shape[1] = hd;
+    d.stride[0] = s.stride[0] = hd;
+    d.stride[1] = s.stride[1] = 1;
+    for (int64_t r = 0; r < R; r++) {
+      if (sl[r] < 0) continue;
+      d.offset = pool[w]->offset + (int64_t)sl[r] * KVH * hd;
+      s.offset = src[w]->offset + r * src[w]->stride[0];
+      msh_status st = msh_cpu_copy(&d, &s);
+      if (st != MSH_OK) return st;
+    }
+  }
+  return MSH_OK;
+}

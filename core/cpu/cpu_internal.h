@@ -206,6 +206,11 @@ msh_status msh_cpu_qkv_rope(msh_tensor *q_out, msh_tensor *k_cache, msh_tensor *
                             const msh_tensor *pos, const msh_tensor *inv_freq, int style);
 msh_status msh_cpu_attention(msh_tensor *out, const msh_tensor *q, const msh_tensor *k,
                              const msh_tensor *v, int64_t pos0, float scale);
+msh_status msh_cpu_paged_attention(msh_tensor *out, const msh_tensor *q, const msh_tensor *k_pool,
+                                   const msh_tensor *v_pool, const msh_tensor *q_start, const msh_tensor *ctx_len,
+                                   const msh_tensor *block_table, int64_t max_ctx, float scale);
+msh_status msh_cpu_kv_write(msh_tensor *k_pool, msh_tensor *v_pool, const msh_tensor *k, const msh_tensor *v,
+                            const msh_tensor *slots);
 msh_status msh_cpu_attention_dyn(msh_tensor *out, const msh_tensor *q, const msh_tensor *k, const msh_tensor *v,
                                  const msh_tensor *pos0, int64_t max_len, float scale);
 msh_status msh_cpu_silu_mul(msh_tensor *out, const msh_tensor *gate, const msh_tensor *up);

@@ -335,6 +335,39 @@ msh_status msh_op_set_rows_dyn(msh_tensor *dst, const msh_tensor *row0, const ms
 msh_status msh_op_attention_dyn(msh_tensor *out, const msh_tensor *q, const msh_tensor *k,
                                 const msh_tensor *v, const msh_tensor *pos0, int64_t max_len, float scale);
 
+/* A paged KV cache: each layer's K and V live in a pool of fixed-size blocks, k_pool and v_pool
+ * (num_blocks, block_size, KVH, hd) f32/f16/bf16 (one dtype, contiguous), and a sequence's
+ * positions map to blocks through its block table: position p of a sequence whose table is bt
+ * sits at row p % block_size of block bt[p / block_size]. Blocks are shared freely (a cached
+ * prefix, say); nothing but the tables says which sequence owns a block.
+ *
+ * msh_op_kv_write: the new rows k, v (R, KVH, hd) (f32/f16/bf16, packed heads, any row stride)
+ * go to the pool rows slots[r] = block * block_size + offset: slots (R) contiguous i32 on the
+ * pools' device, read when the op runs (a captured graph serves every step). A slot < 0 writes
+ * nothing (a padding row). A slot >= num_blocks * block_size is MSH_ERANGE on the CPU (nothing
+ * written then) and writes nothing on a device (the host cannot see it there).
+ *
+ * msh_op_paged_attention: causal grouped-query attention of the new query rows of B sequences,
+ * held back to back (varlen): q, out (R, H, hd) f32 contiguous, H % KVH == 0; i32 arrays on the
+ * pools' device, read when the op runs: q_start (B + 1) cumulative query rows (q_start[0] = 0,
+ * q_start[B] = R, non-decreasing: sequence b's queries are rows q_start[b] .. q_start[b+1] - 1),
+ * ctx_len (B) each sequence's context after this step (its new rows included: n_new[b] =
+ * q_start[b+1] - q_start[b] <= ctx_len[b]), block_table (B, max_blocks) contiguous. Query i of
+ * sequence b sits at position ctx_len[b] - n_new[b] + i and attends keys 0 .. that position of
+ * its own blocks; scores = q.k * scale. The work is planned for contexts up to max_ctx
+ * (1 <= max_ctx <= max_blocks * block_size, else MSH_ERANGE), so one captured graph serves every
+ * step whose contexts stay below it. On the CPU the arrays are checked before anything is read:
+ * q_start not as above, a ctx_len outside [n_new, max_ctx], or a block id the context reaches
+ * outside [0, num_blocks) is MSH_ERANGE (out untouched). On a device a ctx_len is clamped into
+ * [n_new, max_ctx] and a block id into [0, num_blocks) (nothing is read out of bounds). On CUDA,
+ * rows of one query per sequence (decodes) take split-KV kernels, others a kernel per query row
+ * tile. out must not overlap the inputs. */
+msh_status msh_op_kv_write(msh_tensor *k_pool, msh_tensor *v_pool, const msh_tensor *k, const msh_tensor *v,
+                           const msh_tensor *slots);
+msh_status msh_op_paged_attention(msh_tensor *out, const msh_tensor *q, const msh_tensor *k_pool,
+                                  const msh_tensor *v_pool, const msh_tensor *q_start, const msh_tensor *ctx_len,
+                                  const msh_tensor *block_table, int64_t max_ctx, float scale);
+
 /* out = silu(gate) * up, elementwise. out may alias gate or up. */
 msh_status msh_op_silu_mul(msh_tensor *out, const msh_tensor *gate, const msh_tensor *up);
 
@@ -1025,6 +1058,16 @@ msh_status msh_topology_load(msh_topology **out, const char *xml_path, int flags
 void msh_topology_free(msh_topology *t);
 /* The JSON text, valid until msh_topology_free; *len its length (len may be NULL). */
 const char *msh_topology_json(const msh_topology *t, size_t *len);
+
+/* Binds the calling process to NUMA node os_index (hwloc's os_index, as moonshard.topology lists
+ * it): every thread of the process runs on the node's CPUs and memory the process allocates from
+ * now on (pinned host buffers included) comes from the node's memory. MSH_EINVAL for a node this
+ * machine does not have, MSH_EUNSUPPORTED in a build without hwloc, MSH_EIO when the system
+ * refuses (the message says which of the two bindings failed). */
+msh_status msh_numa_bind(int os_index);
+/* The process's current CPU binding and memory binding as hwloc list strings ("0-15", "0"):
+ * cpus (cap bytes) and nodes (cap bytes). MSH_EUNSUPPORTED without hwloc. */
+msh_status msh_numa_binding(char *cpus, size_t cpus_cap, char *nodes, size_t nodes_cap);
 
 /* ffi:end */
 

@@ -183,6 +183,15 @@ typedef struct msh_backend {
   msh_status (*set_rows_dyn)(msh_tensor *dst, const msh_tensor *row0, const msh_tensor *src);
   msh_status (*attention_dyn)(msh_tensor *out, const msh_tensor *q, const msh_tensor *k,
                               const msh_tensor *v, const msh_tensor *pos0, int64_t max_len, float scale);
+  /* Optional (NULL: MSH_EUNSUPPORTED): the paged KV cache (moonshard.h), operands checked by
+   * msh_op_kv_write / msh_op_paged_attention: pools (NB, BS, KVH, hd) contiguous of one float
+   * dtype; the i32 arrays contiguous on the device; R >= 1 rows; the values in the arrays are
+   * the backend's to check (host) or clamp (device). */
+  msh_status (*kv_write)(msh_tensor *k_pool, msh_tensor *v_pool, const msh_tensor *k, const msh_tensor *v,
+                         const msh_tensor *slots);
+  msh_status (*paged_attention)(msh_tensor *out, const msh_tensor *q, const msh_tensor *k_pool,
+                                const msh_tensor *v_pool, const msh_tensor *q_start, const msh_tensor *ctx_len,
+                                const msh_tensor *block_table, int64_t max_ctx, float scale);
   /* The fused ops (moonshard.h): matmul_acc adds into out; matmul_glu may use scratch; qkv_rope
    * gets caches (B, S, KVH, hd) (a 3-D cache as B = 1), T = rows / B. */
   msh_status (*matmul_acc)(msh_tensor *out, const msh_tensor *x, const msh_tensor *w);

@@ -479,6 +479,94 @@ msh_status msh_op_attention_dyn(msh_tensor *out, const msh_tensor *q, const msh_
   return be->attention_dyn(&b4[0], &b4[1], &b4[2], &b4[3], pos0, max_len, scale);
 }
 
+/* ------------------------------------------------------------------- the paged KV cache */
+
+/* k_pool and v_pool: (NB, BS, KVH, hd), one float dtype, contiguous, writable unless read_only. */
+static msh_status want_pools(const char *op, const msh_tensor *k_pool, const msh_tensor *v_pool, int read_only) {
+  char a[96], b[96];
+  if (k_pool->ndim != 4 || !same_shape(k_pool, v_pool) || k_pool->dtype != v_pool->dtype || !is_float(k_pool->dtype) ||
+      !msh_tensor_is_contiguous(k_pool) || !msh_tensor_is_contiguous(v_pool))
+    return MSH_FAIL(MSH_EINVAL, "%s: k_pool %s and v_pool %s must be contiguous (num_blocks, block_size, KVH, hd) "
+                    "of one float dtype", op, SHAPE(k_pool, a), SHAPE(v_pool, b));
+  if (k_pool->shape[0] < 1 || k_pool->shape[1] < 1 || k_pool->shape[2] < 1 || k_pool->shape[3] < 1)
+    return MSH_FAIL(MSH_EINVAL, "%s: empty pools %s", op, SHAPE(k_pool, a));
+  if (!read_only && (k_pool->st->readonly || v_pool->st->readonly)) return MSH_FAIL(MSH_EINVAL, "%s: a pool is read-only", op);
+  if (overlaps(k_pool, v_pool)) return MSH_FAIL(MSH_EINVAL, "%s: k_pool overlaps v_pool", op);
+  return MSH_OK;
+}
+
+/* An index array: contiguous i32 of n elements (the shape given) on like's device. */
+static msh_status want_index(const char *op, const char *name, const msh_tensor *t, const msh_tensor *like, int ndim,
+                             int64_t d0, int64_t d1) {
+  char a[96];
+  if (t->st->device != like->st->device || t->st->device_index != like->st->device_index)
+    return MSH_FAIL(MSH_EINVAL, "%s: %s must live on the pools' device", op, name);
+  int ok = t->dtype == MSH_I32 && msh_tensor_is_contiguous(t) && t->ndim == ndim && t->shape[0] == d0 &&
+           (ndim == 1 || t->shape[1] == d1);
+  if (ok) return MSH_OK;
+  if (ndim == 1) return MSH_FAIL(MSH_EINVAL, "%s: %s must be (%lld) contiguous i32, not %s", op, name, (long long)d0, SHAPE(t, a));
+  return MSH_FAIL(MSH_EINVAL, "%s: %s must be (%lld, max_blocks) contiguous i32, not %s", op, name, (long long)d0,
+                  SHAPE(t, a));
+}
+
+msh_status msh_op_kv_write(msh_tensor *k_pool, msh_tensor *v_pool, const msh_tensor *k, const msh_tensor *v,
+                           const msh_tensor *slots) {
+  if (!k_pool || !v_pool || !k || !v || !slots) return MSH_FAIL(MSH_EINVAL, "NULL argument");
+  const msh_backend *be = same_device("kv_write", k_pool, v_pool, k, v);
+  if (!be) return MSH_EINVAL;
+  CHECK(want_pools("kv_write", k_pool, v_pool, 0));
+  char a[96], b[96];
+  if (k->ndim != 3 || !same_shape(k, v) || k->shape[1] != k_pool->shape[2] || k->shape[2] != k_pool->shape[3])
+    return MSH_FAIL(MSH_EINVAL, "kv_write: k %s, v %s do not fit (R, KVH, hd) rows of pools %s", SHAPE(k, a), SHAPE(v, b),
+                    SHAPE(k_pool, a));
+  if (!is_float(k->dtype) || !is_float(v->dtype) || k->stride[2] != 1 || v->stride[2] != 1 ||
+      k->stride[1] != k->shape[2] || v->stride[1] != v->shape[2])
+    return MSH_FAIL(MSH_EINVAL, "kv_write: k and v must be float rows with packed heads");
+  CHECK(want_index("kv_write", "slots", slots, k_pool, 1, k->shape[0], 0));
+  if (overlaps(k_pool, k) || overlaps(k_pool, v) || overlaps(v_pool, k) || overlaps(v_pool, v) ||
+      overlaps(k_pool, slots) || overlaps(v_pool, slots))
+    return MSH_FAIL(MSH_EINVAL, "kv_write: a pool overlaps the new rows or the slots");
+  if (k->shape[0] == 0) return MSH_OK;
+  if (!be->kv_write) return MSH_FAIL(MSH_EUNSUPPORTED, "kv_write: not implemented on %s", be->name);
+  return be->kv_write(k_pool, v_pool, k, v, slots);
+}
+
+msh_status msh_op_paged_attention(msh_tensor *out, const msh_tensor *q, const msh_tensor *k_pool,
+                                  const msh_tensor *v_pool, const msh_tensor *q_start, const msh_tensor *ctx_len,
+                                  const msh_tensor *block_table, int64_t max_ctx, float scale) {
+  if (!out || !q || !k_pool || !v_pool || !q_start || !ctx_len || !block_table)
+    return MSH_FAIL(MSH_EINVAL, "NULL argument");
+  const char *op = "paged_attention";
+  const msh_backend *be = same_device(op, out, q, k_pool, v_pool);
+  if (!be) return MSH_EINVAL;
+  CHECK(want_out(op, out));
+  CHECK(want_f32c(op, "q", q));
+  CHECK(want_pools(op, k_pool, v_pool, 1));
+  char a[96], b[96];
+  if (q->ndim != 3 || !same_shape(out, q) || q->shape[2] != k_pool->shape[3] || q->shape[1] % k_pool->shape[2])
+    return MSH_FAIL(MSH_EINVAL, "%s: q %s over pools %s do not fit (R, H, hd) over (NB, BS, KVH, hd), H %% KVH == 0", op,
+                    SHAPE(q, a), SHAPE(k_pool, b));
+  if (q_start->ndim != 1 || q_start->shape[0] < 2)
+    return MSH_FAIL(MSH_EINVAL, "%s: q_start must be (B + 1) i32 with B >= 1, not %s", op, SHAPE(q_start, a));
+  int64_t B = q_start->shape[0] - 1;
+  CHECK(want_index(op, "q_start", q_start, k_pool, 1, B + 1, 0));
+  CHECK(want_index(op, "ctx_len", ctx_len, k_pool, 1, B, 0));
+  if (block_table->ndim != 2 || block_table->shape[1] < 1)
+    return MSH_FAIL(MSH_EINVAL, "%s: block_table must be (%lld, max_blocks) i32, not %s", op, (long long)B,
+                    SHAPE(block_table, a));
+  CHECK(want_index(op, "block_table", block_table, k_pool, 2, B, block_table->shape[1]));
+  int64_t cap = block_table->shape[1] * k_pool->shape[1];
+  if (max_ctx < 1 || max_ctx > cap)
+    return MSH_FAIL(MSH_ERANGE, "%s: max_ctx %lld outside [1, %lld] (max_blocks x block_size)", op, (long long)max_ctx,
+                    (long long)cap);
+  if (overlaps(out, q) || overlaps(out, k_pool) || overlaps(out, v_pool) || overlaps(out, q_start) ||
+      overlaps(out, ctx_len) || overlaps(out, block_table))
+    return MSH_FAIL(MSH_EINVAL, "%s: out overlaps an input", op);
+  if (q->shape[0] == 0) return MSH_OK;
+  if (!be->paged_attention) return MSH_FAIL(MSH_EUNSUPPORTED, "%s: not implemented on %s", op, be->name);
+  return be->paged_attention(out, q, k_pool, v_pool, q_start, ctx_len, block_table, max_ctx, scale);
+}
+
 static msh_status elementwise(const char *op, msh_tensor *out, const msh_tensor *a, const msh_tensor *b,
                               const msh_backend **be) {
   if (!out || !a || !b) return MSH_FAIL(MSH_EINVAL, "NULL argument");
