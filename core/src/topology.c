@@ -16,6 +16,7 @@
 
 #include <cjson/cJSON.h>
 #include <dlfcn.h>
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -375,3 +376,84 @@ const char *msh_topology_json(const msh_topology *t, size_t *len) {
   if (len) *len = strlen(t->json);
   return t->json;
 }
+
+/* --------------------------------------------------------------------------- NUMA binding */
+
+#ifdef MSH_WITH_HWLOC
+static msh_status numa_topology(hwloc_topology_t *topo) {
+  if (hwloc_topology_init(topo) != 0) return MSH_FAIL(MSH_ENOMEM, "hwloc_topology_init failed");
+  if (hwloc_topology_load(*topo) != 0) {
+    hwloc_topology_destroy(*topo);
+    return MSH_FAIL(MSH_EIO, "hwloc could not read this machine's topology");
+  }
+  return MSH_OK;
+}
+
+msh_status msh_numa_bind(int os_index) {
+  hwloc_topology_t topo;
+  msh_status st = numa_topology(&topo);
+  if (st != MSH_OK) return st;
+  hwloc_obj_t node = NULL;
+  for (hwloc_obj_t o = hwloc_get_next_obj_by_type(topo, HWLOC_OBJ_NUMANODE, NULL); o;
+       o = hwloc_get_next_obj_by_type(topo, HWLOC_OBJ_NUMANODE, o))
+    if ((int)o->os_index == os_index) node = o;
+  if (!node) {
+    int n = hwloc_get_nbobjs_by_type(topo, HWLOC_OBJ_NUMANODE);
+    hwloc_topology_destroy(topo);
+    return MSH_FAIL(MSH_EINVAL, "NUMA node %d: this machine has %d NUMA node%s", os_index, n, n == 1 ? "" : "s");
+  }
+  if (hwloc_set_cpubind(topo, node->cpuset, HWLOC_CPUBIND_PROCESS) != 0) {
+    hwloc_topology_destroy(topo);
+    return MSH_FAIL(MSH_EIO, "binding the process's threads to NUMA node %d's CPUs failed", os_index);
+  }
+  /* Linux keeps a memory policy per thread: the process-wide form is refused there, and the
+   * calling thread's policy (the one that loads weights and allocates pinned buffers) is what
+   * counts; threads started later inherit it. */
+  if (hwloc_set_membind(topo, node->nodeset, HWLOC_MEMBIND_BIND, HWLOC_MEMBIND_PROCESS | HWLOC_MEMBIND_BYNODESET) != 0 &&
+      hwloc_set_membind(topo, node->nodeset, HWLOC_MEMBIND_BIND, HWLOC_MEMBIND_THREAD | HWLOC_MEMBIND_BYNODESET) != 0) {
+    int e = errno;
+    hwloc_topology_destroy(topo);
+    return MSH_FAIL(MSH_EIO, "binding the process's memory to NUMA node %d failed: %s", os_index, strerror(e));
+  }
+  hwloc_topology_destroy(topo);
+  return MSH_OK;
+}
+
+static void list_string(hwloc_const_bitmap_t set, char *buf, size_t cap) {
+  if (cap == 0) return;
+  buf[0] = 0;
+  if (set) hwloc_bitmap_list_snprintf(buf, cap, set);
+}
+
+msh_status msh_numa_binding(char *cpus, size_t cpus_cap, char *nodes, size_t nodes_cap) {
+  hwloc_topology_t topo;
+  msh_status st = numa_topology(&topo);
+  if (st != MSH_OK) return st;
+  hwloc_bitmap_t cs = hwloc_bitmap_alloc(), ns = hwloc_bitmap_alloc();
+  hwloc_membind_policy_t pol;
+  if (!cs || !ns) {
+    hwloc_bitmap_free(cs);
+    hwloc_bitmap_free(ns);
+    hwloc_topology_destroy(topo);
+    return MSH_FAIL(MSH_ENOMEM, "out of memory");
+  }
+  if (hwloc_get_cpubind(topo, cs, HWLOC_CPUBIND_PROCESS) != 0) hwloc_bitmap_copy(cs, hwloc_topology_get_allowed_cpuset(topo));
+  if (hwloc_get_membind(topo, ns, &pol, HWLOC_MEMBIND_PROCESS | HWLOC_MEMBIND_BYNODESET) != 0 &&
+      hwloc_get_membind(topo, ns, &pol, HWLOC_MEMBIND_THREAD | HWLOC_MEMBIND_BYNODESET) != 0)
+    hwloc_bitmap_copy(ns, hwloc_topology_get_allowed_nodeset(topo));
+  list_string(cs, cpus, cpus_cap);
+  list_string(ns, nodes, nodes_cap);
+  hwloc_bitmap_free(cs);
+  hwloc_bitmap_free(ns);
+  hwloc_topology_destroy(topo);
+  return MSH_OK;
+}
+#else
+msh_status msh_numa_bind(int os_index) {
+  return MSH_FAIL(MSH_EUNSUPPORTED, "cannot bind to NUMA node %d: this build has no hwloc (Debian: libhwloc-dev)", os_index);
+}
+msh_status msh_numa_binding(char *cpus, size_t cpus_cap, char *nodes, size_t nodes_cap) {
+  (void)cpus, (void)cpus_cap, (void)nodes, (void)nodes_cap;
+  return MSH_FAIL(MSH_EUNSUPPORTED, "this build has no hwloc (Debian: libhwloc-dev)");
+}
+#endif

@@ -23,13 +23,18 @@ Model.__index = Model
 --   the device, or "native" for each weight's own; CPU default: float weights in f32,
 --   block-quantized ones (GGUF Q8_0/Q4_0/Q4_1) kept as they are; GPU default "bf16"),
 --   opts.tokenizer (path), opts.fuse (false: keep q/k/v and gate/up as separate weights),
---   opts.batch (sequences model:forward_batch runs at once, default 1)
+--   opts.batch (sequences model:forward_batch runs at once, default 1), opts.kv_blocks and
+--   opts.block_size (a paged KV cache of kv_blocks blocks: model:step takes block tables; see
+--   moonshard.runner)
 -- Offloading and ZeRO-3 (moonshard.offload): opts.offload "host" (--cpu-offload) or "disk"
 --   (--disk-offload) with opts.offload_dir, opts.pin (true / false / nil: pinned where allowed),
 --   opts.prefetch (layers ahead), opts.zero = 3 (each data-parallel rank keeps 1/R of every layer,
 --   all-gathered just in time; without an offload tier the parts stay on the device)
 function M.load(path, opts)
   opts = opts or {}
+  -- before any weight or pinned buffer is allocated: this rank's NUMA node (moonshard.topology.bind)
+  local numa, nerr = M.bind_numa(opts)
+  if not numa then return nil, nerr end
   local loaded, err = require("moonshard.loader").load(path, opts)
   if not loaded then return nil, err end
   local device = opts.device or "cpu"
@@ -48,6 +53,7 @@ function M.load(path, opts)
   local net
   net, err = require("moonshard.runner").build(desc, {
     device = device, max_seq = opts.max_seq, chunk = opts.chunk, kv_dtype = opts.kv_dtype, batch = opts.batch,
+    kv_blocks = opts.kv_blocks, block_size = opts.block_size,
     dtype = opts.dtype or (device ~= "cpu" and "bf16" or nil), float_dtype = "f32", fuse = opts.fuse,
     layers = par and par.layers, embed = not par or par.first_stage, head = not par or par.last_stage,
     tp_comm = par and par.tp_comm, pp_comm = par and par.pp_comm, graphs = opts.graphs,
@@ -61,6 +67,18 @@ function M.load(path, opts)
     desc = loaded.desc, tokenizer = loaded.tokenizer, net = net, path = path,
     dist = par and par.pg, rank = par and par.rank or 0,
   }, Model)
+end
+
+-- M.bind_numa(opts) -> binding | nil, message: binds this process to the NUMA node of its GPU
+-- (opts.device "cuda[:i]"; under moonshard launch, cuda means cuda:LOCAL_RANK) or, for CPU ranks
+-- sharing a machine of several NUMA nodes, to its share of them ($MOONSHARD_NUMA: off, auto, N).
+function M.bind_numa(opts)
+  local id = require("moonshard.dist").identity()
+  local local_rank, local_world = 0, 1
+  if id then local_rank, local_world = id.local_rank, id.local_world end
+  local device = opts.device or "cpu"
+  if device == "cuda" then device = "cuda:" .. local_rank end
+  return require("moonshard.topology").bind { device = device, local_rank = local_rank, local_world = local_world }
 end
 
 -- The checkpoint's identity for the disk tier's file: every file of the model (path, size,

@@ -330,4 +330,88 @@ function M.describe(t)
   return table.concat(lines, "\n")
 end
 
+-- ------------------------------------------------------------------------- NUMA placement
+
+-- M.numa_node(topo, place) -> os_index | nil, reason: the NUMA node a rank belongs on.
+--   place.device       "cpu" or "cuda[:i]" (i: the GPU's index on its node, PCI bus order)
+--   place.local_rank, place.local_world   the rank among the node's ranks (default 0 of 1)
+-- A GPU rank goes to its GPU's node. CPU ranks sharing a machine of several NUMA nodes are spread
+-- over them in order (ranks 0..k-1 on the first node, ...). One NUMA node: nothing to choose.
+function M.numa_node(topo, place)
+  local numa = topo.numa or {}
+  local nodes = {}
+  for _, n in ipairs(numa) do if (n.node or 0) == 0 then nodes[#nodes + 1] = n end end
+  if #nodes < 2 then return nil, "one NUMA node" end
+  local device = place.device or "cpu"
+  local kind, idx = device:match("^(%a+):?(%d*)$")
+  if kind == "cuda" then
+    local i = tonumber(idx) or place.local_rank or 0
+    for _, g in ipairs(topo.gpus or {}) do
+      if (g.node or 0) == 0 and g.local_index == i then
+        if g.numa == nil or g.numa < 0 then return nil, string.format("GPU %d's NUMA node is unknown", i) end
+        return g.numa
+      end
+    end
+    return nil, string.format("GPU %d is not in the topology", i)
+  end
+  local r, w = place.local_rank or 0, math.max(place.local_world or 1, 1)
+  if w == 1 then return nil, "one CPU rank uses every NUMA node" end
+  return nodes[math.floor(r * #nodes / w) + 1].os_index
+end
+
+local bound -- the binding made in this process: { node, reason }
+
+-- M.bind(place, env?) -> { node = os_index | nil, reason } | nil, message: binds this process (its
+-- threads and the memory it allocates from now on, pinned buffers included) to the node
+-- M.numa_node chooses, once per process. $MOONSHARD_NUMA: "off" (no binding), a node's
+-- os_index (that node), or "auto" (default). A GPU rank also reads GPUs in PCI bus order
+-- (CUDA_DEVICE_ORDER=PCI_BUS_ID unless set), the order the topology numbers them in.
+function M.bind(place, env)
+  if bound then return bound end
+  local getenv = env or os.getenv
+  local want = getenv("MOONSHARD_NUMA") or "auto"
+  if want == "" then want = "auto" end
+  if want == "off" then bound = { reason = "MOONSHARD_NUMA=off" } return bound end
+  local node, reason
+  if want == "auto" then
+    local raw, err = M.raw(nil, true)
+    if not raw then bound = { reason = err } return bound end
+    local topo = { numa = {}, gpus = {} }
+    local n = build_node(raw, nil, true)
+    for _, nu in ipairs(n.numa) do topo.numa[#topo.numa + 1] = { node = 0, os_index = nu.os_index } end
+    if #topo.numa < 2 then bound = { reason = "one NUMA node" } return bound end
+    if (place.device or "cpu"):match("^cuda") then
+      -- the GPUs' NUMA nodes come from NVML's bus ids matched to the PCI tree
+      local full, ferr = M.discover()
+      if not full then bound = { reason = ferr } return bound end
+      topo = full
+    end
+    node, reason = M.numa_node(topo, place)
+    if not node then bound = { reason = reason } return bound end
+  else
+    node = tonumber(want)
+    if not node or node < 0 or node % 1 ~= 0 then
+      return nil, string.format("MOONSHARD_NUMA=%s: off, auto or a NUMA node's number", want)
+    end
+  end
+  local core = require "moonshard.core"
+  if (place.device or "cpu"):match("^cuda") and not getenv("CUDA_DEVICE_ORDER") then
+    pcall(core.ffi.cdef, "int setenv(const char *name, const char *value, int overwrite);")
+    core.ffi.C.setenv("CUDA_DEVICE_ORDER", "PCI_BUS_ID", 0)
+  end
+  local ok, msg = core.try(core.C.msh_numa_bind(node))
+  if not ok then return nil, (msg:gsub("^msh_numa_bind: ", ""):gsub(" %(topology%.c:%d+%)$", "")) end
+  bound = { node = node, reason = want == "auto" and "auto" or "MOONSHARD_NUMA" }
+  return bound
+end
+
+-- M.binding() -> { cpus = "0-15", nodes = "0" } | nil, message: this process's current binding.
+function M.binding()
+  local core = require "moonshard.core"
+  local cpus, nodes = core.ffi.new("char[?]", 1024), core.ffi.new("char[?]", 256)
+  local ok, msg = core.try(core.C.msh_numa_binding(cpus, 1024, nodes, 256))
+  if not ok then return nil, msg end
+  return { cpus = core.ffi.string(cpus), nodes = core.ffi.string(nodes) }
+end
+
 return M

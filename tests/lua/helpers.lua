@@ -20,9 +20,17 @@ M.q = shell_quote
 -- child fails its spec instead of stalling the suite.
 M.run_timeout = 300
 
-function M.run(args, stdin)
+-- env: a table of variables set for the command.
+function M.run(args, stdin, env)
   local tmp = os.tmpname()
   local parts = { "timeout", "-k", "10", tostring(M.run_timeout), shell_quote(M.exe) }
+  if env then
+    local names = {}
+    for k in pairs(env) do names[#names + 1] = k end
+    table.sort(names)
+    for i = #names, 1, -1 do table.insert(parts, 1, names[i] .. "=" .. shell_quote(env[names[i]])) end
+    table.insert(parts, 1, "env")
+  end
   for _, a in ipairs(args) do parts[#parts + 1] = shell_quote(a) end
   local cmd = table.concat(parts, " ") .. " 2>" .. tmp
   if stdin then

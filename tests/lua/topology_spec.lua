@@ -80,4 +80,73 @@ describe("topology", function()
     assert.is_nil(t)
     assert.matches("missing.xml", err)
   end)
+  describe("NUMA placement", function()
+    it("puts a GPU rank on its GPU's node and spreads CPU ranks over the nodes", function()
+      local t = assert(topology.discover { topology = F .. "dgx8.xml" })
+      for i = 0, 7 do
+        assert.are.equal(i < 4 and 0 or 1, topology.numa_node(t, { device = "cuda:" .. i }))
+      end
+      -- "cuda" alone: the local rank's GPU
+      assert.are.equal(1, topology.numa_node(t, { device = "cuda", local_rank = 5, local_world = 8 }))
+      local got = {}
+      for r = 0, 3 do got[#got + 1] = topology.numa_node(t, { device = "cpu", local_rank = r, local_world = 4 }) end
+      assert.are.same({ 0, 0, 1, 1 }, got)
+      local n, why = topology.numa_node(t, { device = "cpu" })
+      assert.is_nil(n)
+      assert.matches("one CPU rank", why)
+      n, why = topology.numa_node(t, { device = "cuda:9" })
+      assert.is_nil(n)
+      assert.matches("GPU 9 is not in the topology", why)
+      local laptop = assert(topology.discover { topology = F .. "laptop.xml" })
+      n, why = topology.numa_node(laptop, { device = "cpu", local_rank = 1, local_world = 2 })
+      assert.is_nil(n)
+      assert.matches("one NUMA node", why)
+    end)
+
+    -- each case in a process of its own: a binding lasts for the process
+    local function bind_in_child(numa)
+      return h.run({ "-e", [[
+        local topo = require "moonshard.topology"
+        local b, err = topo.bind({ device = "cpu" })
+        if not b then io.stderr:write(err, "\n") os.exit(3) end
+        local now = assert(topo.binding())
+        print(tostring(b.node) .. "|" .. b.reason .. "|" .. now.cpus .. "|" .. now.nodes)
+      ]] }, nil, { MOONSHARD_NUMA = numa })
+    end
+
+    it("binds the process to a named node and reads the binding back", function()
+      local raw = assert(topology.raw(nil, true))
+      local first = raw.numa[1]
+      local out, err, code = bind_in_child(tostring(first.os_index))
+      assert.are.equal(0, code, err)
+      local node, reason, cpus, nodes = out:match("^(%-?%d+)|([^|]+)|([^|]*)|([^|\n]*)")
+      assert.are.equal(first.os_index, tonumber(node))
+      assert.are.equal("MOONSHARD_NUMA", reason)
+      assert.are.equal(first.cpus, cpus)
+      assert.are.equal(tostring(first.os_index), nodes)
+    end)
+
+    it("leaves a one-node machine or MOONSHARD_NUMA=off unbound, and names a bad node", function()
+      local out, err, code = bind_in_child("off")
+      assert.are.equal(0, code, err)
+      assert.matches("^nil|MOONSHARD_NUMA=off|", out)
+      local raw = assert(topology.raw(nil, true))
+      if #raw.numa == 1 then
+        out, err, code = bind_in_child("auto")
+        assert.are.equal(0, code, err)
+        assert.matches("^nil|one NUMA node|", out)
+      end
+      out, err, code = bind_in_child("99")
+      assert.are.equal(3, code)
+      assert.matches("NUMA node 99: this machine has %d+ NUMA node", err)
+      out, err, code = bind_in_child("near")
+      assert.are.equal(3, code)
+      assert.matches("MOONSHARD_NUMA=near: off, auto or a NUMA node's number", err)
+      -- a command names it in one line
+      out, err, code = h.run({ "generate", "--model", h.stories, "--max-tokens", "2" }, nil,
+        { MOONSHARD_NUMA = "99" })
+      assert.are.equal(1, code)
+      assert.matches("NUMA node 99", err)
+    end)
+  end)
 end)
