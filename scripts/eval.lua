@@ -33,6 +33,12 @@ local opts = args.parse(arg, require("moonshard.offload").add_flags {
     enum = V.DTYPES },
   { "quant-bits", "int", "quantize the matrices at load, group-wise: 8 or 4 (sets --dtype i8g64 / i4g64 ...)", enum = { 4, 8 } },
   { "quant-group-size", "int", "elements per group of --quant-bits", default = 64, enum = { 32, 64, 128 } },
+  { "jobs", "string", "auto or N: cut the tasks into jobs run side by side on the free GPUs or CPU cores, each job one process keeping its model loaded (moonshard.policy.eval_jobs)",
+    check = function(v) return (v == "auto" or (v:match("^%d+$") and tonumber(v) >= 1)) and v or nil, "expects auto or a positive integer" end },
+  { "jobs-policy", "string", "with --jobs: a Lua file returning { plan = function(tasks, topo, opts) } instead of the built-in policy", input = "policy" },
+  { "jobs-dir", "string", "with --jobs: the folder of the jobs' descriptors (jobs.jsonl), events (events.jsonl) and outputs (default logs/eval-jobs-DATE-PID)" },
+  { "topology", "string", "with --jobs: plan for this hwloc XML or cluster JSON instead of this machine (moonshard.topology)", input = "topology" },
+  { "events", "string", "append JSON Lines progress events here (task_start, task_progress, task_done; each rank, its pipeline stage)" },
 })
 
 local function fail(msg)
@@ -79,6 +85,7 @@ for name in opts.tasks:gmatch("[^,%s]+") do
   end
 end
 if #tasks == 0 then fail("--tasks names no task") end
+if opts.jobs then os.exit(require("moonshard.jobs").eval(opts, tasks, arg)) end
 
 local moonshard = require "moonshard"
 if opts.threads then moonshard.C.msh_set_num_threads(opts.threads) end
@@ -92,13 +99,17 @@ if not model then fail(err) end
 local quiet = model.rank ~= 0
 local lm = eval.adapter(model, { max_length = opts.max_length })
 
+local events = require("moonshard.jobs").events(opts.events, model)
 local runs = {}
 for _, tk in ipairs(tasks) do
+  events("task_start", tk.task.name, { docs = #tk.docs })
   local ok, run = pcall(eval.run_task, lm, tk.task, tk.docs, {
     num_fewshot = opts.num_fewshot, seed = opts.seed, batch_size = opts.batch_size, quiet = quiet,
     add_bos = opts.add_bos, fewshot_docs = nil,
+    on_progress = function(done, total) events("task_progress", tk.task.name, { done = done, total = total }) end,
   })
   if not ok then fail(string.format("task '%s': %s", tk.task.name, tostring(run))) end
+  events("task_done", tk.task.name, { metrics = run.metrics })
   run.task, run.original, run.data_path = tk.task, tk.original, tk.path
   runs[#runs + 1] = run
 end
