@@ -5,7 +5,7 @@ local V = require "moonshard.validate"
 
 local opts = args.parse(arg, {
   usage = "moonshard serve --model PATH [--host 127.0.0.1] [--port 8000] [--api-key KEY] [options]",
-  summary = "Serves POST /v1/completions, POST /v1/chat/completions, GET /v1/models, /health and /metrics.\n"
+  summary = "Serves POST /v1/completions, POST /v1/chat/completions, GET /v1/models, /health, /metrics and the web console at /.\n"
     .. "Prints the URL on stderr once listening; Ctrl-C (SIGINT) or SIGTERM stops it.",
   { "model", "string", "model: a directory or a checkpoint file", required = true, input = "model" },
   { "host", "string", "address to listen on (loopback by default; 0.0.0.0 for every interface)", default = "127.0.0.1" },
@@ -27,6 +27,8 @@ local opts = args.parse(arg, {
   { "tp", "int", "tensor-parallel degree (ranks from `moonshard launch`)", default = 1, min = 1 },
   { "pp", "int", "pipeline-parallel stages", default = 1, min = 1 },
   { "quiet", "flag", "no line per request on stderr" },
+  { "eval-dir", "string", "where the web console's eval jobs write their results, and its past runs are read (default: $MSH_LOG_DIR/evals, else none kept)" },
+  { "console-thresholds", "string", "the web console's warning thresholds: a Lua file like lua/moonshard/console_thresholds.lua", input = "console-thresholds" },
   { "repl", "string", "REPL sessions (moonshard attach) on the run folder's Unix socket; tcp:HOST:PORT adds TCP with a token; off: none" },
 })
 
@@ -71,6 +73,18 @@ if not engine then fail(err) end
 
 local api = openai.new(engine, model, { name = opts.served_model_name, api_key = opts.api_key or os.getenv("MOONSHARD_API_KEY"),
   max_batch = opts.max_batch, max_queue = opts.max_queue, template = template })
+local thresholds
+if opts.console_thresholds then
+  local ok, t = pcall(dofile, opts.console_thresholds)
+  if not ok or type(t) ~= "table" then fail(string.format("--console-thresholds %s: %s", opts.console_thresholds,
+    ok and "returns no table" or tostring(t))) end
+  local terr
+  thresholds, terr = require("moonshard.console").thresholds(t)
+  if not thresholds then fail("--console-thresholds " .. opts.console_thresholds .. ": " .. terr) end
+end
+local eval_dir = opts.eval_dir or (os.getenv("MSH_LOG_DIR") and os.getenv("MSH_LOG_DIR") .. "/evals")
+require("moonshard.console").attach(api, { eval_dir = eval_dir, thresholds = thresholds, mode = { dtype = opts.dtype,
+  tp = opts.tp, pp = opts.pp, max_tokens_per_step = opts.max_tokens_per_step, policy = opts.policy } })
 engine.on_step = function(info) api:on_step(info) end
 engine:attach(uv)
 

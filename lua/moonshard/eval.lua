@@ -325,7 +325,8 @@ end
 -- M.run_task(lm, task, docs, opts) -> { metrics = { [name] = { value, stderr } }, n, samples }
 --   lm: { tokenizer, max_length, score_batch(reqs) -> results, generate(ids, until, max_new) ->
 --   text } (M.adapter(model) makes one from a moonshard model; tests pass a fake one)
---   opts.num_fewshot, opts.seed, opts.batch_size, opts.quiet, opts.fewshot_docs
+--   opts.num_fewshot, opts.seed, opts.batch_size, opts.quiet, opts.fewshot_docs,
+--   opts.on_progress(done, total): after each batch (requests scored; documents of generate_until)
 function M.run_task(lm, task, docs, opts)
   opts = opts or {}
   local k = opts.num_fewshot or task.num_fewshot or 0
@@ -387,6 +388,7 @@ function M.run_task(lm, task, docs, opts)
   local function tick(n, ntok)
     done = done + n
     tick_p(done, ntok)
+    if opts.on_progress then opts.on_progress(done, total) end
   end
   local res = score_all(lm, reqs, groups, opts.batch_size or 1, tick)
   -- per-document metrics

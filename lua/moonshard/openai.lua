@@ -43,6 +43,8 @@ local function api_error(status, message, param, code, etype, headers)
     headers = headers }, 0)
 end
 
+M.api_error = api_error
+
 local function error_body(e)
   return { error = { message = e.message, type = e.type or (e.status >= 500 and "server_error" or "invalid_request_error"),
     param = e.param or null, code = e.code or null } }
@@ -175,22 +177,30 @@ function API:handle(req, res)
   res:send(err.status, headers, encode(error_body(err)))
 end
 
+-- a 401 unless the request carries the API key (when the server has one)
+function API:check_auth(req)
+  if not self.opts.api_key then return end
+  local auth = req.headers.authorization or ""
+  if auth ~= "Bearer " .. self.opts.api_key then
+    api_error(401, auth == "" and "no API key given (Authorization: Bearer KEY)" or "the API key is not valid",
+      nil, "invalid_api_key", nil, { ["WWW-Authenticate"] = "Bearer" })
+  end
+end
+
 function API:route(req, res)
   local path = req.path
   if #path > 1 then path = path:gsub("/+$", "") end
+  -- the web console's files and /v1/console/ routes (moonshard.console)
+  if self.console and not ROUTES[path] and self.console:owns(path, req.method) then
+    return self.console:route(req, res, path)
+  end
   local method = ROUTES[path]
   if not method then api_error(404, string.format("no route %s %s", req.method, path), nil, "not_found") end
   if req.method ~= method and not (method == "GET" and req.method == "HEAD") then
     api_error(405, string.format("%s takes %s, not %s", path, method, req.method), nil, "method_not_allowed", nil,
       { Allow = method })
   end
-  if path:match("^/v1/") and self.opts.api_key then
-    local auth = req.headers.authorization or ""
-    if auth ~= "Bearer " .. self.opts.api_key then
-      api_error(401, auth == "" and "no API key given (Authorization: Bearer KEY)" or "the API key is not valid",
-        nil, "invalid_api_key", nil, { ["WWW-Authenticate"] = "Bearer" })
-    end
-  end
+  if path:match("^/v1/") then self:check_auth(req) end
   if path == "/health" then return res:json(200, { status = "ok" }) end
   if path == "/metrics" then
     return res:send(200, { ["Content-Type"] = metrics_mod.CONTENT_TYPE }, self.metrics:render())
