@@ -15,8 +15,9 @@ cd "$(dirname "$0")"
 DEPS=(build-essential cmake pkg-config luajit libluajit-5.1-dev libuv1-dev lua-luv lua-luv-dev
       lua-cjson libcjson-dev libedit-dev libopenblas-dev libpcre2-dev lua-busted libhttp-parser-dev liburing-dev libhwloc-dev)
 # the test suite also starts a one-node Slurm cluster (tools/slurm_check.sh) for the srun specs,
-# and a Prometheus server that scrapes `moonshard serve`'s /metrics (tests/lua/serve_spec.lua)
-TEST_DEPS=(slurm-wlm munge prometheus)
+# and a Prometheus server that scrapes `moonshard serve`'s /metrics (tests/lua/serve_spec.lua);
+# headless Chromium drives the web console (tests/lua/console_spec.lua, tests/web/)
+TEST_DEPS=(slurm-wlm munge prometheus chromium chromium-driver)
 DATA=../shared/data
 JOBS=$(nproc 2>/dev/null || echo 2)
 
@@ -116,6 +117,9 @@ case "$cmd" in
     # the openai Python SDK for serve_spec (pending when PyPI cannot be reached)
     python3 -c "import openai" 2>/dev/null || python3 -m pip install --break-system-packages -q openai \
       || echo "run.sh: the openai package not installed; its serve spec will be pending" >&2
+    # selenium (WebDriver) for the web console's browser test (pending without it, unless CI=true)
+    python3 -c "import selenium" 2>/dev/null || python3 -m pip install --break-system-packages -q selenium \
+      || echo "run.sh: the selenium package not installed; the console's browser test will be pending" >&2
     ctest --test-dir build --output-on-failure -j"$JOBS"
     ;;
   asan)
