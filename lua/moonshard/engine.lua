@@ -19,6 +19,9 @@
 -- moonshard.scheduler): a finished sequence's slot keeps its full blocks cached until they are
 -- evicted (LRU) or the slot is reused, and a prefix hit in another slot copies the rows. A model
 -- an engine drives must not run other passes meanwhile (model:forward and generate use slot 0).
+-- A model loaded with { batch = N, kv_blocks = NB, block_size = BS } has a paged cache: the
+-- scheduler's blocks are the pool's (prefix hits share them, nothing is copied) and every step
+-- of any mix of prompt chunks and decodes is one runner pass.
 local scheduler = require "moonshard.scheduler"
 local sampler_mod = require "moonshard.sampler"
 local tensor = require "moonshard.tensor"
@@ -56,10 +59,24 @@ function M.new(model, opts)
   end
   local policy, perr = scheduler.policy(opts.policy)
   if not policy then return nil, perr end
+  local paged, block_size, num_blocks, budget = net.paged, opts.block_size, opts.num_blocks, opts.max_tokens_per_step
+  if paged then -- the blocks are the runner's pool
+    if block_size and block_size ~= paged.block_size then
+      return nil, string.format("block_size %s differs from the model's KV blocks of %d positions",
+        tostring(block_size), paged.block_size)
+    end
+    if num_blocks and (not is_int(num_blocks) or num_blocks > paged.num_blocks) then
+      return nil, string.format("num_blocks %s exceeds the model's pool of %d KV blocks", tostring(num_blocks),
+        paged.num_blocks)
+    end
+    block_size, num_blocks = paged.block_size, num_blocks or paged.num_blocks
+    -- a step's rows fit the runner's buffers (batch x chunk)
+    budget = math.min(budget or 512, net.batch * net.chunk)
+  end
   local ok, sched = pcall(scheduler.new, {
-    slots = max_batch, max_seq = net.max_seq, max_tokens_per_step = opts.max_tokens_per_step,
-    block_size = opts.block_size, num_blocks = opts.num_blocks, prefix_caching = opts.prefix_caching,
-    chunked_prefill = opts.chunked_prefill, policy = policy,
+    slots = max_batch, max_seq = net.max_seq, max_tokens_per_step = budget,
+    block_size = block_size, num_blocks = num_blocks, prefix_caching = opts.prefix_caching,
+    chunked_prefill = opts.chunked_prefill, policy = policy, paged = paged and true or nil,
   })
   if not ok then return nil, (tostring(sched):gsub("^[^:]*:%d+: ", "")) end
   local V = net.vocab_size
@@ -410,7 +427,12 @@ function Engine:step_once()
   if scored then
     for _, i in ipairs(scored) do
       local e, req = entries[i], entries[i].seq
-      local all, err = net:forward_slot(e.slot, e.tokens, e.pos, { all_logits = true })
+      local all, err
+      if e.blocks then
+        all, err = net:forward_blocks(e.blocks, e.tokens, e.pos, { all_logits = true })
+      else
+        all, err = net:forward_slot(e.slot, e.tokens, e.pos, { all_logits = true })
+      end
       if not all then fail_all(self, entries, err) return sched:has_work() end
       local host = all
       if all:device() ~= "cpu" then host = all:to("f32", "cpu"); all:free() end

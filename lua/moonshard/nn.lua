@@ -21,6 +21,7 @@ local set_rows, set_rows_dyn, attention, attention_dyn = ops.set_rows, ops.set_r
 local silu_mul, matmul_acc, matmul_glu, qkv_rope = ops.silu_mul, ops.matmul_acc, ops.matmul_glu, ops.qkv_rope
 local rmsnorm_matmul, rmsnorm_qkv_rope, rmsnorm_mlp = ops.rmsnorm_matmul, ops.rmsnorm_qkv_rope, ops.rmsnorm_mlp
 local add_bias = function(...) return ops.add_bias(...) end
+local kv_write, paged_attention = ops.kv_write, ops.paged_attention
 
 local function comm_check(s)
   if s ~= 0 then error((core.errmsg(s)), 3) end
@@ -43,7 +44,9 @@ end
 
 -- Attention's input: q, k, v = rmsnorm(x) @ [wq; wk; wv]^T (+ their biases), with each head's
 -- q and k normalized when qk_norm (w.q_norm, w.k_norm: Qwen3), rotated at the step's positions;
--- k and v stored into the cache kv. Column-parallel: a rank projects its own heads.
+-- k and v stored into the cache kv. Column-parallel: a rank projects its own heads. A paged
+-- cache (c.paged: kv.k_pool, kv.v_pool; moonshard.runner) takes the step's k, v rows by their
+-- slots (c.slots) once they are formed: the fused ops store them in c.kr, c.vr through kv.k, kv.v.
 function M.qkv_rope(c, w, kv, qk_norm)
   local src, norm_w = norm_input(c, w.attn_norm)
   local eps = c.eps
@@ -51,10 +54,12 @@ function M.qkv_rope(c, w, kv, qk_norm)
     -- one op (one kernel at decode on a GPU): norm, projection, rope, cache store
     rmsnorm_qkv_rope(c.qr, kv.k, kv.v, c.qkv, src, norm_w, eps, w.wqkv, norm_w and c.h or nil, c.pos,
       c.inv_freq, c.rope_style)
+    if c.paged then kv_write(kv.k_pool, kv.v_pool, c.kr, c.vr, c.slots) end
   elseif w.wqkv and not qk_norm then
     if norm_w then rmsnorm_matmul(c.qkv, src, norm_w, eps, w.wqkv, c.h, nil) else matmul(c.qkv, src, w.wqkv) end
     add_bias(c.qkv, w.b_qkv)
     qkv_rope(c.qr, kv.k, kv.v, c.qkv, c.pos, c.inv_freq, c.rope_style)
+    if c.paged then kv_write(kv.k_pool, kv.v_pool, c.kr, c.vr, c.slots) end
   else
     if norm_w then rmsnorm(c.h, src, norm_w, eps) end
     matmul(c.q, c.h, w.wq)
@@ -71,7 +76,9 @@ function M.qkv_rope(c, w, kv, qk_norm)
     end
     rope(c.qr, c.pos, c.inv_freq, c.rope_style)
     rope(c.k3, c.pos, c.inv_freq, c.rope_style)
-    if c.dyn_len then
+    if c.paged then
+      kv_write(kv.k_pool, kv.v_pool, c.k3, c.v3, c.slots)
+    elseif c.dyn_len then
       set_rows_dyn(kv.k, c.starts, c.kr)
       set_rows_dyn(kv.v, c.starts, c.vr)
     else
@@ -81,9 +88,12 @@ function M.qkv_rope(c, w, kv, qk_norm)
   end
 end
 
--- att = softmax(q k^T * scale + causal mask) v over the cache kv (grouped-query heads).
+-- att = softmax(q k^T * scale + causal mask) v over the cache kv (grouped-query heads); a paged
+-- cache through the step's block tables, its rows ragged (varlen), planned for c.dyn_len.
 function M.attention(c, kv)
-  if c.dyn_len then
+  if c.paged then
+    paged_attention(c.atta, c.qa, kv.k_pool, kv.v_pool, c.q_start, c.ctx_len, c.block_table, c.dyn_len, c.scale)
+  elseif c.dyn_len then
     attention_dyn(c.atta, c.qa, kv.k, kv.v, c.starts, c.dyn_len, c.scale)
   else
     attention(c.atta, c.qa, kv.k, kv.v, c.pos0, c.scale)

@@ -15,6 +15,8 @@
 --          normalized, qkv = x @ w^T)
 --          rmsnorm_mlp(x, norm_w, eps, w_gu, w_down, h, g, gu) (x += the feed-forward block of
 --          rmsnorm(x); h, g, gu scratch)
+--   paged KV cache: kv_write(k_pool, v_pool, k, v, slots)
+--          paged_attention(out, q, k_pool, v_pool, q_start, ctx_len, block_table, max_ctx, scale)
 --   argmax(x, out_buf) -> the first row's index (out_buf: int32_t[] with a slot per row)
 --   argmax_into(out, x): the same into an i32 tensor on x's device (nothing waits on a GPU)
 local core = require "moonshard.core"
@@ -42,7 +44,7 @@ end
 for _, name in ipairs { "embedding", "rmsnorm", "matmul", "rope", "set_rows", "set_rows_dyn", "attention",
                         "attention_dyn", "silu_mul", "add", "add_bias", "scale", "softmax", "log_softmax",
                         "matmul_acc", "matmul_glu", "qkv_rope", "rmsnorm_matmul", "rmsnorm_qkv_rope",
-                        "rmsnorm_mlp" } do
+                        "rmsnorm_mlp", "kv_write", "paged_attention" } do
   M[name] = op(name)
 end
 

@@ -87,6 +87,9 @@ end
 --   opts.graphs    false: no CUDA graphs
 --   opts.tp_comm   sums row-parallel outputs (desc already sliced for this rank)
 --   opts.pp_comm   links the pipeline stages, this one running layers opts.layers = { first, last }
+--   opts.kv_blocks a paged KV cache (runner:step with block tables, below): each layer's K and V
+--                  are a pool of kv_blocks blocks of opts.block_size (default 16) positions, in
+--                  place of the batch x max_seq slots
 function M.new(desc, opts)
   opts = opts or {}
   assert(M.validate(desc))
@@ -185,17 +188,21 @@ function M.init(self, desc, opts)
   self.starts_ptr = ffi.cast("int32_t*", self.host_starts:data())
 
   -- the KV cache: K, V (batch, max_seq, KVH, hd) per layer, one slot per sequence; k, v: slot 0,
-  -- which forward uses
+  -- which forward uses. Paged: K, V (kv_blocks, block_size, KVH, hd) per layer (M.init_paged).
   self.kv = {}
   local kvdt, S, cache = opts.kv_dtype or "f32", self.max_seq, self.cache
-  for l = self.first_layer, self.last_layer do
-    local K = assert(cache:tensor({ Bm, S, KVH, hd }, kvdt))
-    local V = assert(cache:tensor({ Bm, S, KVH, hd }, kvdt))
-    local function slot0(t)
-      local row = cache:keep(t:narrow(1, 0, 1))
-      return cache:keep(row:reshape { S, KVH, hd })
+  local function slot0(t)
+    local row = cache:keep(t:narrow(1, 0, 1))
+    return cache:keep(row:reshape { S, KVH, hd })
+  end
+  if opts.kv_blocks then
+    M.init_paged(self, opts, kvdt)
+  else
+    for l = self.first_layer, self.last_layer do
+      local K = assert(cache:tensor({ Bm, S, KVH, hd }, kvdt))
+      local V = assert(cache:tensor({ Bm, S, KVH, hd }, kvdt))
+      self.kv[l] = { K = K, V = V, k = slot0(K), v = slot0(V) }
     end
-    self.kv[l] = { K = K, V = V, k = slot0(K), v = slot0(V) }
   end
 
   -- the constants every step context reads (its metatable's __index)
@@ -236,7 +243,8 @@ function Runner:close()
   end
   free_graphs(self.graphs or {})
   free_graphs(self.batch_graphs or {})
-  self.views, self.batch_ctxs, self.kv = {}, {}, {}
+  free_graphs(self.paged_graphs or {})
+  self.views, self.batch_ctxs, self.paged_ctxs, self.kv = {}, {}, {}, {}
   self.cache:close()
   self.act:close()
   if self.own_stage and self.stage then self.stage:close() end
@@ -370,6 +378,7 @@ function Runner:run(c, pos0, dyn_len, all_logits_out)
   else
     if all_logits_out then model.logits(c, all_logits_out, c.x, c.h, c.R) end
     if c.x_rows then c.x_last:copy_from(c.x_rows) end -- each sequence's last row
+    if c.last_rows then ops.embedding(c.x_last, c.x, c.last_rows) end -- (ragged rows: by index)
     model.logits(c, c.logits, c.x_last, c.h_last, c.nlog)
     if hooks then hooks.finish(self) end
   end
@@ -562,6 +571,7 @@ end
 -- run in groups of adjacent slots with equal token counts (one pass each); decode groups take
 -- their positions per sequence.
 function Runner:step(batch)
+  if self.paged then return self:step_paged(batch) end
   local n = #batch
   if n == 0 then return nil, "step: no sequences" end
   if n > self.batch then
@@ -619,6 +629,208 @@ function Runner:step(batch)
     self.step_views[n] = view
   end
   return view
+end
+
+-- ------------------------------------------------------------------------ the paged KV cache
+-- With opts.kv_blocks each layer's cache is a pool of blocks, K and V (num_blocks, block_size,
+-- KVH, hd), and runner:step takes sequences as { blocks = { block ids (0-based) ... }, pos,
+-- tokens }: position p of a sequence lives at row p % block_size of blocks[p // block_size + 1].
+-- A step's rows sit back to back (R = the sum of the sequences' token counts, at most
+-- batch x chunk) and run as ONE pass whatever the mix of prompt chunks and decodes: the new K/V
+-- rows go to the pool by a slot mapping (msh_op_kv_write) and attention reads through block
+-- tables (msh_op_paged_attention, varlen). Steps of decodes only replay a CUDA graph per batch
+-- size and context bucket. The device arrays of a step (i32): slots (R), q_start (B + 1),
+-- ctx_len (B), last_rows (B: each sequence's last row, whose logits the step returns),
+-- block_table (B, max_blocks).
+
+-- Allocates the pools and the step arrays (M.init's paged branch).
+function M.init_paged(self, opts, kvdt)
+  local nb, bs = opts.kv_blocks, opts.block_size or 16
+  for name, v in pairs { kv_blocks = nb, block_size = bs } do
+    assert(type(v) == "number" and v >= 1 and v % 1 == 0, "opts." .. name .. " must be a positive integer")
+  end
+  local a, cache, Tm, Bm = self.act, self.cache, self.chunk * self.batch, self.batch
+  local KVH, hd = self.n_kv_heads, self.head_dim
+  local mb = math.ceil(self.max_seq / bs)
+  self.paged = { num_blocks = nb, block_size = bs, max_blocks = mb }
+  for l = self.first_layer, self.last_layer do
+    self.kv[l] = { k_pool = assert(cache:tensor({ nb, bs, KVH, hd }, kvdt)),
+                   v_pool = assert(cache:tensor({ nb, bs, KVH, hd }, kvdt)) }
+  end
+  local b = self.buf
+  -- k, v rows of the step before they go to the pool (the fused projections store them here)
+  b.kst, b.vst = assert(a:tensor { Tm, KVH, hd }), assert(a:tensor { Tm, KVH, hd })
+  local arrays = { slots = Tm, q_start = Bm + 1, ctx_len = Bm, last_rows = Bm, block_table = Bm * mb }
+  self.pg_dev, self.pg_host, self.pg_ptr = {}, {}, {}
+  for name, n in pairs(arrays) do
+    local d = assert(a:tensor({ n }, "i32"))
+    local h = self.device == "cpu" and d or assert(a:keep(tensor.new({ n }, "i32", "cpu")))
+    self.pg_dev[name], self.pg_host[name], self.pg_ptr[name] = d, h, ffi.cast("int32_t*", h:data())
+  end
+  self.paged_ctxs = {} -- [R][B]
+  self.paged_graphs = {} -- [B][context bucket]
+end
+
+-- The step context of R rows of B sequences (made once per (R, B)).
+function Runner:paged_ctx(R, B)
+  local by_r = self.paged_ctxs[R]
+  if not by_r then by_r = {}; self.paged_ctxs[R] = by_r end
+  local c = by_r[B]
+  if c then return c end
+  local a, b, v, S = self.act, self.buf, self:views_for(R), self.max_seq
+  local KVH, hd, mb = self.n_kv_heads, self.head_dim, self.paged.max_blocks
+  local function keep(t) return t and a:keep(t) end
+  c = setmetatable({}, self.const_mt)
+  for k, x in pairs(v) do c[k] = x end
+  c.R, c.B, c.T, c.nlog, c.paged = R, B, nil, B, true
+  c.x_rows = nil
+  c.kr, c.vr = keep(b.kst:narrow(1, 0, R)), keep(b.vst:narrow(1, 0, R))
+  -- the fused projections store k, v at row pos[r] of sequence r's cache: R one-row "caches" of
+  -- S positions that all alias one staging row (stride 0) gather them in kr, vr
+  local k4 = keep(c.kr:view({ R, S, KVH, hd }, { KVH * hd, 0, hd, 1 }, 0))
+  local v4 = keep(c.vr:view({ R, S, KVH, hd }, { KVH * hd, 0, hd, 1 }, 0))
+  local d = self.pg_dev
+  c.slots = keep(d.slots:narrow(1, 0, R))
+  c.q_start, c.ctx_len = keep(d.q_start:narrow(1, 0, B + 1)), keep(d.ctx_len:narrow(1, 0, B))
+  c.block_table = keep(keep(d.block_table:narrow(1, 0, B * mb)):reshape { B, mb })
+  c.h_last, c.logits = keep(b.bh_last:narrow(1, 0, B)), keep(b.blogits:narrow(1, 0, B))
+  if R == B then
+    c.x_last = v.x
+  else
+    c.x_last = keep(b.bx_last:narrow(1, 0, B))
+    c.last_rows = keep(d.last_rows:narrow(1, 0, B))
+  end
+  c.kv = {}
+  for l = self.first_layer, self.last_layer do
+    local kv = self.kv[l]
+    c.kv[l] = { k = k4, v = v4, k_pool = kv.k_pool, v_pool = kv.v_pool }
+  end
+  by_r[B] = c
+  return c
+end
+
+-- Checks a paged step's sequences and writes its host arrays; returns R, max context or nil,
+-- message.
+local function paged_plan(self, batch)
+  local B = #batch
+  if B == 0 then return nil, "step: no sequences" end
+  if B > self.batch then
+    return nil, string.format("step: %d sequences for a batch of %d (opts.batch)", B, self.batch)
+  end
+  local pg, V = self.paged, self.vocab_size
+  local bs, nb, mb = pg.block_size, pg.num_blocks, pg.max_blocks
+  local p = self.pg_ptr
+  local ids, pos, slots, qs, cl, last, bt = self.ids_ptr, self.pos_ptr, p.slots, p.q_start, p.ctx_len, p.last_rows,
+    p.block_table
+  local R, max_ctx, Tm = 0, 0, self.chunk * self.batch
+  qs[0] = 0
+  for b = 1, B do
+    local s = batch[b]
+    local toks, blocks, p0 = type(s) == "table" and s.tokens, type(s) == "table" and s.blocks, type(s) == "table" and s.pos
+    local n = type(toks) == "table" and #toks or 0
+    if n == 0 then return nil, string.format("step: sequence %d has no tokens", b) end
+    if type(blocks) ~= "table" then return nil, string.format("step: sequence %d has no block table (blocks)", b) end
+    if type(p0) ~= "number" or p0 < 0 or p0 % 1 ~= 0 then
+      return nil, string.format("step: sequence %d: position %s is not a position", b, tostring(p0))
+    end
+    local ctx = p0 + n
+    if ctx > self.max_seq then
+      return nil, string.format("context full: %d tokens at position %d exceed the context of %d (sequence %d)", n, p0,
+        self.max_seq, b)
+    end
+    local need = math.ceil(ctx / bs)
+    if #blocks < need then
+      return nil, string.format("step: sequence %d: %d blocks hold %d positions, not %d", b, #blocks, #blocks * bs, ctx)
+    end
+    if R + n > Tm then
+      return nil, string.format("step: %d rows exceed the step's %d (batch x chunk)", R + n, Tm)
+    end
+    local row0 = (b - 1) * mb
+    for j = 1, need do
+      local id = blocks[j]
+      if type(id) ~= "number" or id < 0 or id >= nb or id % 1 ~= 0 then
+        return nil, string.format("step: sequence %d: block %s (index %d) outside the pool [0, %d)", b, tostring(id), j, nb)
+      end
+      bt[row0 + j - 1] = id
+    end
+    for j = need, mb - 1 do bt[row0 + j] = 0 end
+    for i = 1, n do
+      local id, q = toks[i], p0 + i - 1
+      if type(id) ~= "number" or id < 0 or id >= V or id % 1 ~= 0 then
+        return nil, string.format("step: token id %s of sequence %d outside the vocabulary [0, %d)", tostring(id), b, V)
+      end
+      local r = R + i - 1
+      ids[r], pos[r] = id, q
+      slots[r] = blocks[math.floor(q / bs) + 1] * bs + q % bs
+    end
+    R = R + n
+    qs[b], cl[b - 1], last[b - 1] = R, ctx, R - 1
+    if ctx > max_ctx then max_ctx = ctx end
+  end
+  return R, max_ctx
+end
+
+-- Moves a step's host arrays to the device (the used part of each).
+local function paged_upload(self, c, R, B)
+  if self.device == "cpu" then return end
+  local h, d, mb = self.pg_host, self.pg_dev, self.paged.max_blocks
+  local function up(name, n)
+    local dst, src = d[name]:narrow(1, 0, n), h[name]:narrow(1, 0, n)
+    dst:copy_from(src)
+    dst:free(); src:free()
+  end
+  c.ids:copy_from(c.host_ids)
+  c.pos:copy_from(c.host_pos)
+  up("slots", R); up("q_start", B + 1); up("ctx_len", B); up("block_table", B * mb)
+  if c.last_rows then up("last_rows", B) end
+end
+
+-- runner:step(batch) in paged mode; all_out: every row's logits too (R, V).
+function Runner:step_paged(batch, all_out)
+  local R, max_ctx = paged_plan(self, batch)
+  if not R then return nil, max_ctx end
+  local B = #batch
+  local c = self:paged_ctx(R, B)
+  paged_upload(self, c, R, B)
+  local len = bucket_for(max_ctx, self.max_seq)
+  if R == B and not all_out and self.use_graphs and self:tp_capturable(B) then
+    local graphs = self.paged_graphs[B]
+    if not graphs then graphs = {}; self.paged_graphs[B] = graphs end
+    self:graph_step(c, graphs, len, nil)
+  else
+    self:run(c, nil, len, all_out)
+  end
+  return c.logits
+end
+
+-- runner:forward_blocks(blocks, ids, pos0, opts?) -> logits of the last token (1, V) (a view,
+-- valid until the next pass), or of every token (T, V) with opts.all_logits (a new tensor, the
+-- caller's to free); nil, message on bad input. One sequence's tokens at positions pos0 .. over
+-- its block table, in chunks of opts.chunk (the paged form of runner:forward_slot: the serving
+-- engine scores prompts with every position's logits).
+function Runner:forward_blocks(blocks, ids, pos0, opts)
+  if not self.paged then return nil, "forward_blocks: the model's KV cache is not paged (load it with kv_blocks)" end
+  local n = type(ids) == "table" and #ids or 0
+  if n == 0 then return nil, "forward_blocks: no tokens" end
+  local all = opts and opts.all_logits and assert(tensor.new({ n, self.vocab_size }, "f32", self.device))
+  local done, logits, err = 0, nil, nil
+  local seq = { blocks = blocks }
+  while done < n do
+    local T = math.min(self.chunk, n - done)
+    seq.pos, seq.tokens = pos0 + done, { unpack(ids, done + 1, done + T) }
+    local part = all and all:narrow(1, done, T)
+    logits, err = self:step_paged({ seq }, part)
+    if part then part:free() end
+    if not logits then
+      if all then all:free() end
+      return nil, err
+    end
+    done = done + T
+  end
+  if all then return all end
+  local v = self.paged_last
+  if not v then v = self.act:keep(self.buf.blogits:narrow(1, 0, 1)); self.paged_last = v end
+  return v
 end
 
 -- Records this runner's work in a telemetry recorder (moonshard.telemetry): every collective of

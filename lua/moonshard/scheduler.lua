@@ -39,9 +39,14 @@
 -- sequence's slot keeps its rows until the slot is reused or the blocks are evicted, so a
 -- cached block lives wherever some slot holds it (homes). A prefix hit reuses a free slot that
 -- already holds the matching run when there is one, else plans a copy of the rows from a slot
--- holding it into the new slot (runner:copy_kv). Attention over block tables (paged, varlen
--- kernels) would make the blocks physical and the copies unnecessary; nothing above this
--- module would change.
+-- holding it into the new slot (runner:copy_kv).
+--
+-- Paged (opts.paged, a runner loaded with kv_blocks): the blocks are physical, block b is
+-- block b - 1 of the runner's pool, and entries carry e.blocks, the sequence's table in the
+-- runner's 0-based ids. A prefix hit shares the cached blocks by reference count (no rows move,
+-- plan.copies stays empty); slots only count the sequences running at once. A block another
+-- sequence already registered under the same prefix is not swapped in after the fact: each
+-- sequence reads the rows it computed itself.
 local bit = require "bit"
 
 local M = {}
@@ -146,6 +151,7 @@ Scheduler.__index = Scheduler
 --   chunked_prefill       split prompts across steps (default true; false: a prompt waits for
 --                         a step with room for all of it, or runs alone)
 --   policy                see M.policy (default "fcfs")
+--   paged                 the blocks are a paged cache's (see above; default false)
 function M.new(opts)
   assert(type(opts) == "table", "scheduler.new: options table expected")
   local slots, max_seq = opts.slots, opts.max_seq
@@ -163,7 +169,7 @@ function M.new(opts)
   local self = setmetatable({
     n_slots = slots, max_seq = max_seq, block_size = bs, budget = budget, num_blocks = nb,
     prefix_caching = opts.prefix_caching ~= false, chunked_prefill = opts.chunked_prefill ~= false,
-    policy = policy,
+    policy = policy, paged = opts.paged == true,
     waiting = {}, running = {}, arrivals = 0, tick = 0,
     -- blocks (ids 1 .. nb): references, registered hash, its tokens and parent's hash, index in
     -- its chain, slots holding its rows
@@ -269,7 +275,7 @@ local function unref_block(self, b)
   self.ref[b] = r
   if r > 0 then return end
   self.n_used = self.n_used - 1
-  if self.hash[b] and self.homes[b] and next(self.homes[b]) then
+  if self.hash[b] and (self.paged or (self.homes[b] and next(self.homes[b]))) then
     lru_push(self, b)
   else
     if self.hash[b] then evict(self, b) else self.free[#self.free + 1] = b end
@@ -415,7 +421,15 @@ local function register(self, seq)
     local parent = j > 1 and seq.block_hashes[j - 1] or false
     local b = bt[j]
     local cached = self.by_hash[h]
-    if cached and cached ~= b then
+    if self.paged then
+      if not cached then -- (else the prefix is cached in another block: ours stays unregistered)
+        local toks, base = {}, (j - 1) * bs
+        for i = 1, bs do toks[i] = seq.tokens[base + i] end
+        self.hash[b], self.btokens[b], self.bparent[b], self.bindex[b] = h, toks, parent, j
+        self.by_hash[h] = b
+      end
+      seq.registered = j
+    elseif cached and cached ~= b then
       local same = self.bparent[cached] == parent
       local ct, base = self.btokens[cached], (j - 1) * bs
       for i = 1, bs do if not same then break end same = ct[i] == seq.tokens[base + i] end
@@ -431,11 +445,22 @@ local function register(self, seq)
       self.homes[b] = self.homes[b] or {}
       self.by_hash[h] = b
     end
-    if #holds ~= j - 1 then seq.no_register = true break end -- (the slot lost its run: keep it consistent)
-    holds[j] = b
-    self.homes[b][seq.slot] = true
-    seq.registered = j
+    if not self.paged then
+      if #holds ~= j - 1 then seq.no_register = true break end -- (the slot lost its run: keep it consistent)
+      holds[j] = b
+      self.homes[b][seq.slot] = true
+      seq.registered = j
+    end
   end
+end
+
+-- seq's block table in the runner's ids (0-based), a table kept per sequence (paged).
+local function pool_blocks(seq)
+  local t, bt = seq.pool_blocks, seq.block_table
+  if not t then t = {}; seq.pool_blocks = t end
+  for j = 1, #bt do t[j] = bt[j] - 1 end
+  for j = #t, #bt + 1, -1 do t[j] = nil end
+  return t
 end
 
 local function sorted(list, policy)
@@ -491,7 +516,7 @@ function Scheduler:schedule()
     grow(self, seq, target)
     entries[#entries + 1] = {
       seq = seq, slot = seq.slot, pos = seq.num_computed, tokens = slice(seq, seq.num_computed, n),
-      sample = target == #seq.tokens,
+      sample = target == #seq.tokens, blocks = self.paged and pool_blocks(seq) or nil,
     }
     entry_of[seq] = #entries
     budget = budget - n
@@ -535,8 +560,14 @@ function Scheduler:schedule()
       if need > self:available_blocks() - in_lru then break end -- no preemption for newcomers
       -- admit: take the hits, a slot (copying the hits' rows into it when it lacks them), blocks
       for j = 1, k do ref_block(self, hits[j]) end
-      local s, m = choose_slot(self, hits)
-      truncate(self, s, m)
+      local s, m
+      if self.paged then -- any free slot: the hits are shared where they are
+        s, m = 0, k
+        while self.slots[s].seq do s = s + 1 end
+      else
+        s, m = choose_slot(self, hits)
+        truncate(self, s, m)
+      end
       if m < k then
         local src
         for slot in pairs(self.homes[hits[k]]) do
@@ -563,6 +594,7 @@ function Scheduler:schedule()
       admitted[seq] = true
       entries[#entries + 1] = {
         seq = seq, slot = s, pos = computed, tokens = slice(seq, computed, n), sample = computed + n == #seq.tokens,
+        blocks = self.paged and pool_blocks(seq) or nil,
       }
       budget = budget - n
     end

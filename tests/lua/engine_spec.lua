@@ -454,3 +454,150 @@ describe("runner KV slots", function()
     m:close()
   end)
 end)
+
+describe("engine over a paged KV cache", function()
+  local pm, pref -- stories260K with a pool of KV blocks; the single-sequence reference
+  local function passes(e) -- counts the runner's passes of each step
+    local net, n = e.net, 0
+    local run = net.run
+    net.run = function(...) n = n + 1; return run(...) end
+    return function() local k = n; n = 0; return k end, function() net.run = nil end
+  end
+  setup(function()
+    pm = assert(moonshard.load(h.stories, { batch = 4, kv_blocks = 48, block_size = 16 }))
+    pref = assert(moonshard.load(h.stories))
+  end)
+  teardown(function()
+    pm:close()
+    pref:close()
+  end)
+
+  local function alone_ids(prompt)
+    local parts = {}
+    assert(pref:generate({ prompt = prompt, max_tokens = N_GEN, temperature = 0 }, function(s) parts[#parts + 1] = s end))
+    return table.concat(parts)
+  end
+
+  it("runs every step of ragged prompts, chunks and decodes as one pass, each answer as alone", function()
+    local e = assert(engine_mod.new(pm, { max_tokens_per_step = 24 }))
+    assert.is_true(e.sched.paged)
+    local count, restore = passes(e)
+    local reqs = {}
+    for i, p in ipairs(PROMPTS) do reqs[i] = assert(e:submit { prompt = p, max_tokens = N_GEN, temperature = 0 }) end
+    local mixed = 0
+    while true do
+      local before = #e.sched.running
+      local left = e:step()
+      assert.are.equal(1, count(), "one runner pass per step")
+      assert(e.sched:check())
+      if before > 1 then mixed = mixed + 1 end
+      if left == 0 then break end
+    end
+    restore()
+    assert.is_true(mixed > 0)
+    for i, p in ipairs(PROMPTS) do assert.are.equal(alone_ids(p), reqs[i].text, "prompt " .. i) end
+    local st = e:stats()
+    assert.are.equal(0, st.kv_blocks_used)
+    assert.are.equal(0, st.kv_copies)
+    e:close()
+  end)
+
+  it("shares cached prefix blocks by reference (no copies), the same answers with caching on and off", function()
+    local texts = {}
+    for _, caching in ipairs { true, false } do
+      local e = assert(engine_mod.new(pm, { max_tokens_per_step = 64, prefix_caching = caching }))
+      local first = assert(e:submit { prompt = SHARED[1], max_tokens = N_GEN, temperature = 0 })
+      e:run()
+      local reqs = {}
+      for i, p in ipairs(SHARED) do reqs[i] = assert(e:submit { prompt = p, max_tokens = N_GEN, temperature = 0 }) end
+      -- while they run, the shared blocks are referenced by several tables at once
+      e:step()
+      if caching then
+        local b1 = reqs[1].block_table[1]
+        assert.are.equal(first.text, alone_ids(SHARED[1]))
+        assert.is_true(e.sched.ref[b1] >= 2, "the first block is shared: " .. tostring(e.sched.ref[b1]))
+        assert.are.equal(b1, reqs[2].block_table[1])
+      end
+      e:run()
+      texts[caching] = {}
+      for i, p in ipairs(SHARED) do
+        texts[caching][i] = reqs[i].text
+        assert.are.equal(alone_ids(p), reqs[i].text, "prompt " .. i)
+      end
+      local st = e:stats()
+      assert.are.equal(0, st.kv_blocks_used)
+      assert.are.equal(0, st.kv_copies)
+      if caching then
+        assert.is_true(st.prefix_hits >= 16 * #SHARED, "hits: " .. st.prefix_hits)
+        assert.is_true(st.kv_blocks_cached > 0)
+      else
+        assert.are.equal(0, st.prefix_hits)
+      end
+      assert(e.sched:check())
+      e:close()
+    end
+    assert.are.same(texts[true], texts[false])
+  end)
+
+  it("keeps every answer under chunking, preemption, LRU eviction and cancellations", function()
+    -- 24 blocks of 4 positions for 4 running sequences: preemption and eviction of cached blocks
+    local m4 = assert(moonshard.load(h.stories, { batch = 4, kv_blocks = 24, block_size = 4 }))
+    local e = assert(engine_mod.new(m4, { max_tokens_per_step = 7 }))
+    local prompts, reqs, cancelled = {}, {}, {}
+    for i = 1, 12 do prompts[i] = i % 2 == 0 and SHARED[i / 2 % #SHARED + 1] or PROMPTS[i % #PROMPTS + 1] end
+    for i, p in ipairs(prompts) do
+      reqs[i] = assert(e:submit { prompt = p, max_tokens = N_GEN, temperature = 0,
+        on_token = function(req)
+          if i % 5 == 0 and #req.output_ids == 2 then e:cancel(req); cancelled[i] = true end
+        end })
+      e:step()
+      assert(e.sched:check())
+    end
+    while e:step() > 0 do assert(e.sched:check()) end
+    for i, p in ipairs(prompts) do
+      if cancelled[i] then
+        assert.are.equal("cancelled", reqs[i].finish_reason)
+      else
+        assert.are.equal(alone_ids(p), reqs[i].text, "prompt " .. i)
+      end
+    end
+    local st = e:stats()
+    assert.is_true(st.preemptions > 0 and st.prefix_hits > 0, "preemptions and prefix hits both happened")
+    assert.are.equal(0, st.kv_copies)
+    assert.are.equal(0, st.kv_blocks_used)
+    e:close()
+    m4:close()
+  end)
+
+  it("scores an echoed prompt through its block table as the contiguous cache does", function()
+    local e = assert(engine_mod.new(pm, { max_tokens_per_step = 7 }))
+    local r = assert(e:submit { prompt = PROMPTS[3], max_tokens = 0, echo = true, logprobs = 2 })
+    e:run()
+    pref:reset()
+    local ids = r.prompt_ids
+    local all = assert(pref.net:forward(ids, 0, { all_logits = true }))
+    local V, vals = all:size(2), all:values()
+    all:free()
+    for i = 2, #ids do
+      local row = { unpack(vals, (i - 2) * V + 1, (i - 1) * V) }
+      local mx = -math.huge
+      for _, x in ipairs(row) do mx = math.max(mx, x) end
+      local s = 0
+      for _, x in ipairs(row) do s = s + math.exp(x - mx) end
+      local lp = row[ids[i] + 1] - mx - math.log(s)
+      assert.is_true(math.abs(lp - r.prompt_logprobs[i]) < 1e-4, string.format("position %d: %g vs %g", i, lp,
+        r.prompt_logprobs[i]))
+    end
+    assert.are.equal(0, e:stats().kv_blocks_used)
+    e:close()
+  end)
+
+  it("refuses a block size other than the pool's, and more blocks than it holds", function()
+    local e, err = engine_mod.new(pm, { block_size = 8 })
+    assert.is_nil(e)
+    assert.truthy(err:find("differs from the model's KV blocks of 16", 1, true), err)
+    e, err = engine_mod.new(pm, { num_blocks = 49 })
+    assert.is_nil(e)
+    assert.truthy(err:find("pool of 48 KV blocks", 1, true), err)
+  end)
+end)
