@@ -178,6 +178,16 @@ function M.load(path, overrides)
     values[name] = vals
   end
   if not values.command then return bad("command", "a command (%s) is required", COMMAND_LIST) end
+  if values.tasks then
+    local tdir = type(spec.flags) == "table" and (spec.flags["tasks-dir"] or type(spec.flags.eval) == "table"
+      and spec.flags.eval["tasks-dir"]) or nil
+    for i, v in ipairs(values.tasks) do
+      for name in (type(v) == "table" and table.concat(v, ",") or v):gmatch("[^,%s]+") do
+        local t, terr = require("moonshard.eval").load_task(name, { tasks_dir = tdir })
+        if not t then return bad("axes.tasks", "value %d: %s", i, terr) end
+      end
+    end
+  end
   for i, c in ipairs(values.command) do
     if not M.COMMANDS[c] then
       return bad("command", "unknown command '%s'%s (%s)", tostring(c), #values.command > 1 and (" (value " .. i .. ")") or "",
@@ -489,28 +499,31 @@ local function run_eval_group(s, dir, group, total)
   end
   local ids = {}
   for _, p in ipairs(group) do ids[#ids + 1] = p.id end
-  log("sweep %s: [%s/%d] eval %s as one planned run (%s, tasks %s)", s.name, table.concat(ids, ","), total,
-    lead.label:gsub("tasks=%S+%s?", ""), gid, table.concat(names, ","))
+  log("sweep %s: [%s/%d] eval of tasks %s as one planned run (%s)", s.name, table.concat(ids, ","), total,
+    table.concat(names, ","), gid)
   os.remove(out)
   local c, err = jobs.start { argv = argv, out = dir .. "/" .. gid .. ".out", err = dir .. "/" .. gid .. ".err",
     timeout = s.timeout }
   if not c then return nil, err end
   log("  (pid %d)", c.pid)
   jobs.wait { c }
-  local res = c.code == 0 and require("cjson.safe").decode(jobs.read(out) or "") or nil
+  -- the merged results of the jobs that finished (written even when another job failed)
+  local res = require("cjson.safe").decode(jobs.read(out) or "")
   local recs = {}
   for _, p in ipairs(group) do
     -- each point: its tasks' part of the run
-    local part
-    if type(res) == "table" then
+    local part, complete = nil, type(res) == "table" and type(res.results) == "table"
+    if complete then
       part = { results = {}, ["n-samples"] = {} }
       for _, t in ipairs(tasks_of(p)) do
-        part.results[t] = res.results and res.results[t]
+        part.results[t] = res.results[t]
         part["n-samples"][t] = res["n-samples"] and res["n-samples"][t]
+        if not res.results[t] then complete = false end
       end
     end
-    -- the point's stdout and stderr are the group's
-    local cp = { code = c.code, signal = c.signal, timed_out = c.timed_out, seconds = c.seconds }
+    -- the point's stdout and stderr are the group's; a point whose tasks all have results is ok
+    local cp = { code = complete and 0 or c.code, signal = c.signal, timed_out = c.timed_out, seconds = c.seconds }
+    if not complete and cp.code == 0 then cp.code = 1 end
     local function copy(ext)
       local text = jobs.read(dir .. "/" .. gid .. ext) or ""
       local f = io.open(dir .. "/" .. p.id .. ext, "wb")
@@ -781,7 +794,8 @@ local function scaling_plot(s, run, weak)
     local y = throughput(p, run.records[p.key])
     if y and y > 0 then
       local b = weak and ((p.values.batch or 1) / p.world) or 0
-      local k = series_label(s, p, except) .. (weak and string.format(" batch/rank=%g", b) or "")
+      local k = series_label(s, p, except)
+      if weak then k = (k == "all" and "" or k .. " ") .. string.format("batch/rank=%g", b) end
       if p.world == 1 then base[k] = y else pts[#pts + 1] = { p = p, y = y, k = k } end
     end
   end
