@@ -15,7 +15,8 @@
 # MSH_PARITY8B_DIR, default $TMPDIR/msh-parity-8b, and reused there; 16 GB of disk, about two
 # minutes), then tools/parity/noise_8b.py for the bar's noise floor; it is on by default when the GPU has
 # at least 40 GB.
-# MSH_GPU_TEST_REGEX runs only the GPU tests it matches (ctest -R).
+# MSH_GPU_TEST_REGEX runs only the GPU tests it matches (ctest -R); MSH_GPU_TARGETS="moonshard
+# moonshard_cuda gpu_test_cuda_ops" builds only those targets (a short run).
 # MSH_GPU_SPECS="gpu_spec arch_spec" runs those Lua specs after the GPU tests (with
 # MSH_GPU_SUITE=0: instead of the whole suite).
 # MSH_GPU_OFFLOAD_BENCH=1 times resident bf16 and i4g64 decode and --cpu-offload streaming (bf16
@@ -80,7 +81,7 @@ fi
 
 echo "== build (-j$jobs)"
 t0=$(date +%s)
-if ! cmake --build build-gpu -j"$jobs" > "$out/build.log" 2>&1; then
+if ! cmake --build build-gpu -j"$jobs" ${MSH_GPU_TARGETS:+--target $MSH_GPU_TARGETS} > "$out/build.log" 2>&1; then
   grep -E -B2 -A6 "error" "$out/build.log" | head -120
   exit 1
 fi
@@ -88,9 +89,11 @@ echo "built in $(( $(date +%s) - t0 )) s"
 
 bench_bin=build-gpu/bench_gpu_ops
 cuda_home=${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc)")")}
-cc -std=c11 -O2 -Wall -Wextra tools/bench_gpu_ops.c -Icore/include -Icore/src -Icore/cuda -Ikernels \
-  -I"$cuda_home/include" -Lbuild-gpu -lmoonshard_cuda -lmoonshard -L"$cuda_home/lib64" \
-  -lcudart -lcublas -lm -Wl,-rpath,"$root/build-gpu" -o "$bench_bin" || status=1
+if [ "${MSH_GPU_BENCH:-1}" != 0 ]; then
+  cc -std=c11 -O2 -Wall -Wextra tools/bench_gpu_ops.c -Icore/include -Icore/src -Icore/cuda -Ikernels \
+    -I"$cuda_home/include" -Lbuild-gpu -lmoonshard_cuda -lmoonshard -L"$cuda_home/lib64" \
+    -lcudart -lcublas -lm -Wl,-rpath,"$root/build-gpu" -o "$bench_bin" || status=1
+fi
 
 gpu_summary="not run"
 c_summary="not run"
