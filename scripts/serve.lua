@@ -17,6 +17,7 @@ local opts = args.parse(arg, {
   { "max-queue", "int", "sequences waiting beyond the batch before requests get 429", default = 1024, min = 0 },
   { "max-tokens-per-step", "int", "tokens a step computes at most (chunked prefill)", default = 512, min = 1 },
   { "block-size", "int", "tokens a KV-cache block holds", default = 16, min = 1 },
+  { "kv-blocks", "int", "KV-cache blocks in the paged pool (default: max-batch x max-seq / block-size)", min = 1 },
   { "policy", "string", "scheduling policy: fcfs, spf or a Lua file returning a policy table", default = "fcfs" },
   { "no-prefix-caching", "flag", "compute every prompt in full (no reuse of cached prefix blocks)" },
   { "max-body", "int", "request body bytes at most (413 beyond)", default = 4 * 1024 * 1024, min = 1 },
@@ -37,9 +38,11 @@ local function fail(msg)
   os.exit(1)
 end
 
+-- several ranks (moonshard launch -n TPxPP serve --tp/--pp): rank 0 serves, the others follow its
+-- runner calls (moonshard.follow)
 if opts.tp * opts.pp > 1 then
-  -- the engine drives one rank; TP/PP ranks following rank 0's step plan are not wired yet
-  fail("--tp/--pp serving is not supported yet: serve runs one rank (start it without moonshard launch)")
+  local _, werr = require("moonshard.follow").check_world(opts.tp, opts.pp)
+  if werr then fail(werr) end
 end
 
 local uv = require "luv"
@@ -49,9 +52,16 @@ local openai = require "moonshard.openai"
 if opts.threads then moonshard.C.msh_set_num_threads(opts.threads) end
 
 local model, err = moonshard.load(opts.model, { device = opts.device, max_seq = opts.max_seq, dtype = opts.dtype,
-  batch = opts.max_batch })
+  tp = opts.tp, pp = opts.pp,
+  batch = opts.max_batch, kv_blocks = opts.kv_blocks or true, block_size = opts.block_size })
 if not model then fail(err) end
 if not model.tokenizer then fail(string.format("'%s': no tokenizer found beside the model", opts.model)) end
+local group -- rank 0 of several: the followers; model.net becomes a mirror sending them each call
+if model.dist then
+  group, err = require("moonshard.follow").start(model, { name = "serve", repl = opts.repl })
+  if not group then fail(err) end
+  if model.rank ~= 0 then return end -- a follower: its loop makes rank 0's calls until rank 0 stops
+end
 
 local template
 if opts.template then
@@ -87,11 +97,20 @@ require("moonshard.console").attach(api, { eval_dir = eval_dir, thresholds = thr
   tp = opts.tp, pp = opts.pp, max_tokens_per_step = opts.max_tokens_per_step, policy = opts.policy } })
 engine.on_step = function(info) api:on_step(info) end
 engine:attach(uv)
+if group then -- a rank gone: every request answers 503, and this rank exits naming it
+  group.on_broken = function(msg)
+    io.stderr:write("moonshard serve: ", msg, "; stopping (serving needs every rank)\n")
+    group:abandon(engine)
+    group:answer_open()
+    local t = uv.new_timer()
+    t:start(300, 0, function() os.exit(1) end)
+  end
+end
 
 local quiet = opts.quiet
 local server
 server, err = http.server {
-  host = opts.host, port = opts.port, handler = api.handler,
+  host = opts.host, port = opts.port, handler = group and group:http_handler(api.handler) or api.handler,
   limits = { max_head = 16 * 1024, max_body = opts.max_body, max_headers = 64 },
   log = function(msg) io.stderr:write("moonshard serve: ", msg, "\n") end,
   on_response = function(res)
@@ -106,7 +125,7 @@ if not server then fail(err) end
 local shown = opts.host:find(":", 1, true) and ("[" .. opts.host .. "]") or opts.host
 io.stderr:write(string.format("moonshard serve: %s listening on http://%s:%d (max batch %d, queue %d)\n",
   api.name, shown, server.port, opts.max_batch, opts.max_queue))
-require("moonshard.live").listen { name = "serve", engine = engine, model = model, tcp = opts.repl }
+require("moonshard.live").listen { name = "serve", engine = engine, model = model, tcp = opts.repl, group = group }
 io.stderr:flush()
 
 -- SIGINT / SIGTERM: stop listening, drop the connections, let the loop end
@@ -116,8 +135,8 @@ local function stop(name)
   server:close()
   engine:detach()
   for _, s in ipairs(signals) do if not s:is_closing() then s:close() end end
-  model:close()
-  os.exit(0)
+  model:close() -- (rank 0 of several: tells the followers to stop)
+  os.exit(group and group.broken and 1 or 0)
 end
 for _, name in ipairs { "sigint", "sigterm" } do
   local s = uv.new_signal()

@@ -8,7 +8,7 @@
 --   local r = s:eval("engine:stats().waiting")   -- { ok, values = "32", out, err, notes }
 --   s:close()
 --
--- Commands (a line starting with ':'): :ranks, :all EXPR, :watch EXPR SECONDS [TIMES], :undo,
+-- Commands (a line starting with ':'): :ranks, :all EXPR, :all! CHUNK, :watch EXPR SECONDS [TIMES], :undo,
 -- :budget SECONDS, :help. The client waits on its own libuv loop (uv.run "once"), so it is used
 -- from a script's main chunk, not from inside a loop callback.
 local uv = require "luv"
@@ -28,6 +28,8 @@ $XDG_RUNTIME_DIR/moonshard-UID or /tmp/moonshard-UID). -e runs CHUNK (or a :comm
 commands:
   :ranks                      the job's ranks (pid, state, socket)
   :all EXPR                   EXPR on every rank, the answers side by side
+  :all! CHUNK                 CHUNK run by every rank at the same step boundary, sent by rank 0
+                              with its runner calls (live.broadcast); what each rank answered
   :watch EXPR SECONDS [TIMES] re-evaluate and redraw every SECONDS until Enter or Ctrl-C
   :undo                       restore the scheduling policy before the last change
   :budget SECONDS             time limit of each chunk on the rank (default 2)
@@ -340,6 +342,45 @@ function M.client(session, out, err_out)
         local r, rerr = s:eval(expr)
         texts[#texts + 1] = r and answer_text(r, true) or ("(" .. tostring(rerr) .. ")")
       end
+    end
+    out:write(M.side_by_side(heads, texts, term_width()))
+    return true
+  end
+  -- :all! CHUNK: rank 0 broadcasts CHUNK (live.broadcast) through the channel of its runner
+  -- calls, so every rank runs it at the same step boundary; then each rank's answer side by side
+  commands["all!"] = function(src)
+    if src == "" then err_out:write(":all! CHUNK\n") return false end
+    local list = ranks()
+    if #list == 0 then list = { { rank = session.info.rank, alive = true } } end
+    local s0, err = session, nil
+    if session.info.rank ~= 0 then
+      s0 = nil
+      for _, info in ipairs(list) do
+        if info.rank == 0 and info.alive then s0, err = session_for(info) end
+      end
+      if not s0 then err_out:write("moonshard attach: rank 0: ", tostring(err or "not running"), "\n") return false end
+    end
+    local r
+    r, err = s0:eval(string.format("live.broadcast(%q)", src))
+    if not r or not r.ok then
+      err_out:write(tostring(r and r.err or err), "\n")
+      return false
+    end
+    local seq = tonumber((r.values or ""):match("broadcast #(%d+)"))
+    if not seq then err_out:write("moonshard attach: rank 0 answered ", tostring(r.values), "\n") return false end
+    local heads, texts = {}, {}
+    for _, info in ipairs(list) do
+      heads[#heads + 1] = "rank " .. info.rank
+      local s, serr = info.alive and session_for(info)
+      local text = "(" .. (info.alive and tostring(serr) or "gone") .. ")"
+      local deadline = uv.now() + 10000
+      while s do -- a follower runs it once it reaches it among rank 0's calls
+        local a = s:eval(string.format("print(live.result(%d))", seq))
+        text = a and (a.ok and (a.out or ""):gsub("\n$", "") or ("error: " .. tostring(a.err))) or "(no answer)"
+        if text ~= "pending" or uv.now() > deadline then break end
+        wait(function() return false end, 0.05)
+      end
+      texts[#texts + 1] = text
     end
     out:write(M.side_by_side(heads, texts, term_width()))
     return true

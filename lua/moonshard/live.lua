@@ -36,8 +36,15 @@
 --     (a table with compare(a, b)), takes effect at the next step; the previous one is kept for
 --     scheduler:undo() (:undo in attach). In a job of several ranks the scheduler is rank 0's
 --     (the driver broadcasts each step's plan), so a change on another rank is refused.
---   engine.max_batch, the KV block pool, the context, the runner's slots, the process group:
---     sized at load, so a change is undone and refused with the reason.
+--   engine.max_batch, the KV block pool, the context, the runner's slots and sizes, the process
+--     group: sized at load, so a change is undone and refused with the reason (runner.chunk may
+--     go down, not past the buffers it was loaded with).
+--   In a job whose ranks follow rank 0's runner calls (moonshard.follow: `launch -n N serve
+--     --tp/--pp`): rank 0's `runner` is the mirror (its calls go to every rank; assigning a field
+--     is refused), a follower's is read-only and its `scheduler` a stub saying where the scheduler
+--     is. live.broadcast(SOURCE) on rank 0 (`:all! CHUNK` in attach) sends SOURCE through the
+--     channel of the runner calls and runs it, so every rank runs it at the same step boundary
+--     over its own runner (the same refusals apply on each); live.result(n) shows a rank's answer.
 local uv = require "luv"
 local cjson = require "cjson"
 local ffi = require "ffi"
@@ -57,6 +64,9 @@ local C = ffi.C
 local SOL_SOCKET, SO_PEERCRED = 1, 17 -- Linux
 local cred = ffi.new("int32_t[3]") -- struct ucred { pid_t pid; uid_t uid; gid_t gid; }
 local cred_len = ffi.new("uint32_t[1]")
+
+local Server = {}
+Server.__index = Server
 
 M.DEFAULT_BUDGET = 2
 M.MAX_OUTPUT = 1024 * 1024 -- bytes of print() a chunk sends back at most
@@ -182,10 +192,11 @@ local function policy_name(p)
   return tostring(p)
 end
 
--- What a chunk may not change, and why: { object, field, reason }.
-local function frozen(self)
+-- What a chunk may not change, and why: { object, field, label, reason, limit? } (a field with a
+-- limit may take any integer in 1 .. limit).
+local function frozen(self, scope)
   local list = {}
-  local e, s, r, pg = self.scope.engine, self.scope.scheduler, self.scope.runner, self.scope.pg
+  local e, s, r, pg = scope.engine, scope.scheduler, scope.runner, scope.pg
   local load = "sized at load: restart with the new value"
   if e then
     list[#list + 1] = { e, "max_batch", "engine.max_batch", "the runner's KV slots and the logits buffer are " .. load }
@@ -197,8 +208,14 @@ local function frozen(self)
     end
   end
   if r and type(r) == "table" then
-    for _, k in ipairs { "batch", "max_seq" } do
-      list[#list + 1] = { r, k, "runner." .. k, "the runner's buffers and KV cache are " .. load }
+    for _, k in ipairs { "batch", "max_seq", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "vocab_size",
+      "first_layer", "last_layer", "pp_rank", "pp_size", "tp_size", "vocab_local", "device", "paged" } do
+      list[#list + 1] = { r, k, "runner." .. k, "the runner's buffers, KV cache and share of the model are " .. load }
+    end
+    local limit = self.limits and self.limits.chunk
+    if limit then
+      list[#list + 1] = { r, "chunk", "runner.chunk", string.format("the activation buffers hold %d tokens a sequence "
+        .. "(sized at load): 1 .. %d", limit, limit), limit }
     end
   end
   if pg and type(pg) == "table" then
@@ -209,28 +226,34 @@ local function frozen(self)
   return list
 end
 
-local function snapshot(self)
+local function snapshot(self, scope)
   local snap = { fields = {} }
-  local s = self.scope.scheduler
+  local s = scope.scheduler
   if s then
     snap.policy = s.policy
     snap.undo = {}
     for i, p in ipairs(rawget(s, "policy_undo") or {}) do snap.undo[i] = p end
   end
-  for i, f in ipairs(frozen(self)) do snap.fields[i] = { f = f, v = rawget(f[1], f[2]) } end
+  for i, f in ipairs(frozen(self, scope)) do snap.fields[i] = { f = f, v = rawget(f[1], f[2]) } end
   return snap
 end
 
 -- After a chunk: keeps what may change (noting it), undoes what may not (with the reason).
-local function review(self, snap, notes)
+local function review(self, snap, notes, scope)
   for _, x in ipairs(snap.fields) do
-    local obj, k, label, why = x.f[1], x.f[2], x.f[3], x.f[4]
-    if rawget(obj, k) ~= x.v then
-      rawset(obj, k, x.v)
-      notes[#notes + 1] = string.format("refused: %s cannot change live (%s); kept %s", label, why, tostring(x.v))
+    local obj, k, label, why, limit = x.f[1], x.f[2], x.f[3], x.f[4], x.f[5]
+    local v = rawget(obj, k)
+    if v ~= x.v then
+      if limit and type(v) == "number" and v >= 1 and v <= limit and v % 1 == 0 then
+        notes[#notes + 1] = string.format("%s %s -> %s", label, tostring(x.v), tostring(v))
+      else
+        rawset(obj, k, x.v)
+        notes[#notes + 1] = string.format("refused: %s cannot %s live (%s); kept %s", label,
+          limit and ("be " .. tostring(v)) or "change", why, tostring(x.v))
+      end
     end
   end
-  local s = self.scope.scheduler
+  local s = scope.scheduler
   if not s or s.policy == snap.policy then return end
   local function restore(why)
     s.policy, s.policy_undo = snap.policy, snap.undo
@@ -295,11 +318,11 @@ local function eval(self, session, src)
   local fn, err = compile(src, "=rank" .. self.rank)
   if not fn then return { ok = false, err = err } end
   setfenv(fn, session.env)
-  local snap = snapshot(self)
+  local snap = snapshot(self, self.scope)
   session.out, session.out_n = {}, 0
   local res = run_limited(fn, session.budget, session.env)
   local notes = {}
-  local ok, rerr = pcall(review, self, snap, notes)
+  local ok, rerr = pcall(review, self, snap, notes, self.scope)
   if not ok then notes[#notes + 1] = "could not review the chunk's changes: " .. tostring(rerr) end
   local reply = { ok = res[1], out = table.concat(session.out), notes = notes }
   session.out = nil
@@ -314,6 +337,107 @@ local function eval(self, session, src)
     if n > 1 then reply.values = table.concat(parts, "\t") end
   end
   return reply
+end
+
+-- ------------------------------------------------------------------------------ broadcasts
+
+-- What a broadcast chunk sees on every rank: the runner itself (not rank 0's mirror nor a
+-- follower's guard: each rank changes its own, where it stands in the stream of calls), the model
+-- over it, the process group; no engine or scheduler (rank 0's alone).
+local function broadcast_scope(self)
+  local sc, raw = self.scope, self.raw_runner or self.scope.runner
+  local model = sc.model and setmetatable({ net = raw }, { __index = sc.model })
+  return { runner = raw, model = model, pg = sc.pg, telemetry = sc.telemetry, uv = uv, live = self,
+    rank = self.rank, world = self.world }
+end
+
+-- Runs broadcast number seq (Lua source) on this rank; keeps and returns the reply.
+local function apply(self, src, seq, budget)
+  local fn, err = compile(src, "=broadcast")
+  local reply
+  if not fn then
+    reply = { ok = false, err = err, notes = {} }
+  else
+    local scope = broadcast_scope(self)
+    local out = {}
+    local env = setmetatable({ print = function(...)
+      local parts = {}
+      for i = 1, select("#", ...) do parts[i] = tostring((select(i, ...))) end
+      out[#out + 1] = table.concat(parts, "\t") .. "\n"
+    end }, { __index = function(_, k) if scope[k] ~= nil then return scope[k] end return _G[k] end })
+    setfenv(fn, env)
+    local snap = snapshot(self, scope)
+    local res = run_limited(fn, budget or self.budget, env)
+    local notes = {}
+    local ok, rerr = pcall(review, self, snap, notes, scope)
+    if not ok then notes[#notes + 1] = "could not review the chunk's changes: " .. tostring(rerr) end
+    reply = { ok = res[1], out = table.concat(out), notes = notes }
+    if not res[1] then
+      reply.err = tostring(res[2])
+    else
+      local parts = {}
+      for i = 2, table.maxn(res) do
+        local rok, s = pcall(repl.render, res[i])
+        parts[#parts + 1] = rok and s or ("<" .. type(res[i]) .. ">")
+      end
+      if #parts > 0 then reply.values = table.concat(parts, "\t") end
+    end
+  end
+  self.applied[seq] = reply
+  self.applied[seq - 64] = nil -- the last 64 are kept
+  if not reply.ok then
+    io.stderr:write(string.format("moonshard %s: rank %d: broadcast #%d failed: %s\n", self.name, self.rank, seq,
+      (tostring(reply.err):match("^[^\n]*"))))
+  end
+  return reply
+end
+M.apply = apply
+
+-- A reply as text: its output and values, or its error's first line; then its notes (each on a
+-- line of its own, or after sep)
+local function reply_text(r, sep)
+  if not r then return "pending" end
+  local s
+  if r.ok then
+    s = (r.out or "") .. (r.values or ((r.out or "") == "" and "ok" or ""))
+  else
+    s = (r.out or "") .. "error: " .. (tostring(r.err):match("^[^\n]*"))
+  end
+  s = s:gsub("\n$", "")
+  for _, n in ipairs(r.notes or {}) do s = s .. (sep or "\n-- ") .. n end
+  return s
+end
+
+-- live.broadcast(src) (from a session on rank 0) -> a summary line: src runs on every rank of the
+-- job at the same step boundary: rank 0 sends it through the call channel that carries the runner
+-- calls (moonshard.follow), then runs it; each follower runs it when it reaches it in that stream.
+-- What a chunk may not change is undone on every rank, with the reason (runner sizes, the
+-- process group, runner.chunk beyond its buffers). live.result(n) on a rank shows its own answer.
+function Server:broadcast_src(src)
+  if type(src) ~= "string" then error("live.broadcast(SOURCE): a string of Lua expected", 2) end
+  if self.world > 1 and not self.group then
+    error(string.format("live.broadcast: rank %d follows rank 0; broadcast from rank 0 (moonshard attach DIR --rank 0)",
+      self.rank), 2)
+  end
+  local _, cerr = compile(src, "=broadcast")
+  if cerr then error(cerr, 2) end
+  local seq
+  if self.group then
+    local err
+    seq, err = self.group:broadcast_fn(src, self.budget)
+    if not seq then error("live.broadcast: " .. tostring(err), 2) end
+  else
+    self.seq = (self.seq or 0) + 1
+    seq = self.seq
+  end
+  local r = apply(self, src, seq, self.budget)
+  return string.format("broadcast #%d to %d rank%s (live.result(%d) on each): rank %d: %s", seq, self.world,
+    self.world > 1 and "s" or "", seq, self.rank, (reply_text(r, "; "):gsub("\n", " ")))
+end
+
+-- live.result(n) -> what broadcast n did on this rank ("pending" before it arrived)
+function Server:result_of(seq)
+  return reply_text(self.applied[tonumber(seq)])
 end
 
 -- ------------------------------------------------------------------------------ sessions
@@ -436,9 +560,6 @@ function M.ignore_sigpipe()
   C.signal(13, ffi.cast("void (*)(int)", 1)) -- SIGPIPE, SIG_IGN
 end
 
-local Server = {}
-Server.__index = Server
-
 -- M.listen(opts) -> server | nil, message. Never raises: a rank that cannot listen still runs.
 --   opts.engine, opts.model, opts.pg, opts.telemetry (in the sessions' scope; scheduler and
 --   runner are taken from the engine and the model unless given), opts.name (the command, for
@@ -470,7 +591,16 @@ function M.listen_unprotected(opts)
       scheduler = opts.scheduler or (engine and engine.sched),
       runner = opts.runner or (engine and engine.net) or (model and model.net),
     },
+    -- a job of several ranks (moonshard.follow): rank 0's group of followers, or this follower;
+    -- broadcasts run over the runner itself
+    group = opts.group, follower = opts.follower, applied = {},
+    raw_runner = (opts.group and opts.group.raw) or (opts.follower and opts.follower.raw),
   }, Server)
+  local r = self.raw_runner or self.scope.runner
+  self.limits = { chunk = type(r) == "table" and r.chunk or nil }
+  self.broadcast = function(a, b) if a == self then a = b end return self:broadcast_src(a) end
+  self.result = function(a, b) if a == self then a = b end return self:result_of(a) end
+  if opts.follower then opts.follower.on_fn = function(src, seq, budget) apply(self, src, seq, budget) end end
   local dir, made = opts.dir, false
   if not dir then
     dir, made = M.run_dir(name)
