@@ -19,6 +19,7 @@ local opts = args.parse(arg, {
   { "max-batch", "int", "sequences at once (--model)", default = 16, min = 1 },
   { "max-tokens-per-step", "int", "a step's token budget (--model)", default = 512, min = 1 },
   { "no-prefix-caching", "flag", "(--model) no reuse of cached prefix blocks" },
+  { "slot-cache", "flag", "(--model) one contiguous KV row per slot instead of the paged block pool" },
   { "policy", "string", "scheduling policy (--model): fcfs, spf or a Lua file", default = "fcfs" },
   { "device", "string", "cpu or cuda[:N] (--model)", default = "cpu", check = V.device },
   { "dtype", "string", "weights' dtype (--model)", enum = V.DTYPES },
@@ -68,7 +69,7 @@ local submit, vocab, finish_target
 if opts.model then
   local moonshard = require "moonshard"
   local model, err = moonshard.load(opts.model, { device = opts.device, dtype = opts.dtype, max_seq = opts.max_seq,
-    batch = opts.max_batch })
+    batch = opts.max_batch, kv_blocks = not opts.slot_cache or nil })
   if not model then fail(err) end
   local engine
   engine, err = require("moonshard.engine").new(model, { max_batch = opts.max_batch,

@@ -89,7 +89,7 @@ end
 --   opts.pp_comm   links the pipeline stages, this one running layers opts.layers = { first, last }
 --   opts.kv_blocks a paged KV cache (runner:step with block tables, below): each layer's K and V
 --                  are a pool of kv_blocks blocks of opts.block_size (default 16) positions, in
---                  place of the batch x max_seq slots
+--                  place of the batch x max_seq slots (true: as many blocks as those slots hold)
 function M.new(desc, opts)
   opts = opts or {}
   assert(M.validate(desc))
@@ -645,7 +645,8 @@ end
 
 -- Allocates the pools and the step arrays (M.init's paged branch).
 function M.init_paged(self, opts, kvdt)
-  local nb, bs = opts.kv_blocks, opts.block_size or 16
+  local bs = opts.block_size or 16
+  local nb = opts.kv_blocks == true and self.batch * math.ceil(self.max_seq / bs) or opts.kv_blocks
   for name, v in pairs { kv_blocks = nb, block_size = bs } do
     assert(type(v) == "number" and v >= 1 and v % 1 == 0, "opts." .. name .. " must be a positive integer")
   end
