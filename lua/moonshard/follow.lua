@@ -245,8 +245,9 @@ function M.lead(model, opts)
   local pg = model.dist
   if not pg or pg.rank ~= 0 then error("follow.lead: rank 0 of a model loaded with tp/pp expected", 2) end
   local timeout = opts.timeout or pg.timeout or 300
+  require("moonshard.live").ignore_sigpipe() -- a follower gone: writes fail with EPIPE, no signal
   local self = setmetatable({ pg = pg, world = pg.world, conns = {}, pids = {}, raw = model.net,
-    on_broken = opts.on_broken, write_timeout = pg.comm_timeout or 600, seq = 0, calls_sent = 0 }, Group)
+    on_broken = opts.on_broken, write_timeout = pg.comm_timeout or 600, seq = 0, calls = 0 }, Group)
   local server = uv.new_tcp()
   local loopback = pg.master_addr == "127.0.0.1" or pg.master_addr == "localhost"
   local ok, err = server:bind(loopback and "127.0.0.1" or "0.0.0.0", 0)
@@ -386,7 +387,7 @@ function Group:call(method, ...)
   end, ...)
   if not ok then error("runner:" .. method .. ": " .. tostring(sent), 3) end
   if not sent then return nil, self.broken end
-  self.calls_sent = self.calls_sent + 1
+  self.calls = self.calls + 1
   local raw = self.raw
   local res = { pcall(raw[method], raw, ...) }
   if not res[1] then

@@ -21,7 +21,7 @@ engine:run()
 local out = { outputs = {}, echo = {} }
 for i, r in ipairs(reqs) do out.outputs[i] = r.output_ids end
 for i = 2, #echo.prompt_logprobs do out.echo[#out.echo + 1] = echo.prompt_logprobs[i] end
-out.calls = group and group.calls_sent or 0
+out.calls = group and group.calls or 0
 io.stdout:write(require("cjson").encode(out), "\n")
 io.stdout:flush()
 engine:close()

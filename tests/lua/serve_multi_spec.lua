@@ -86,12 +86,13 @@ local function sink()
     flush = function() end, text = function() return table.concat(parts) end }
 end
 
--- starts `moonshard launch -n N serve ARGS` (or `moonshard serve ARGS` for n == 1); returns
+-- starts `moonshard launch -n N [LAUNCH_ARGS] serve ARGS` (or `moonshard serve ARGS` for n == 1); returns
 -- { pid (the launcher's), port, dir, err = path of stderr }
-local function start(n, args)
+local function start(n, args, launch_args)
   local dir = h.tmpdir()
   local parts = { "exec timeout -k 5 170", h.q(h.exe) }
   if n > 1 then for _, a in ipairs { "launch", "-n", tostring(n), "--grace", "3", "--log-dir", dir } do parts[#parts + 1] = h.q(a) end end
+  for _, a in ipairs(launch_args or {}) do parts[#parts + 1] = h.q(a) end
   for _, a in ipairs { "serve", "--model", h.stories, "--port", "0", "--quiet" } do parts[#parts + 1] = h.q(a) end
   for _, a in ipairs(args or {}) do parts[#parts + 1] = h.q(a) end
   local env = n == 1 and ("MSH_LOG_DIR=" .. h.q(dir) .. " ") or ""
@@ -326,6 +327,32 @@ describe("moonshard launch -n N serve", function()
   end)
 end)
 
+describe("a follower that stops answering", function()
+  it("is found by the collective waiting for it: rank 0 answers 503 naming it, within the collective timeout", function()
+    local s = start(2, { "--tp", "2" }, { "--collective-timeout", "2" })
+    local ok, err = pcall(function()
+      local pids = rank_pids(s)
+      h.sh("kill -STOP " .. pids[1])
+      local t0 = uv.hrtime()
+      local status, body
+      fire(s.port, "/v1/completions", { prompt = "Once upon a time", max_tokens = 8 }, function(st, b) status, body = st, b end)
+      assert.truthy(spin(function() return status ~= nil end, 20), "no answer")
+      local secs = (uv.hrtime() - t0) / 1e9
+      assert.equal(503, status)
+      local e = cjson.decode(body).error
+      assert.equal("rank_gone", e.code)
+      assert.truthy(e.message:find("runner:step failed on rank 0: .*timed out after 2 s waiting for rank 1"), e.message)
+      assert.truthy(secs >= 1.5 and secs < 10, secs)
+      assert.is_true(wait_exit(s, 20)) -- the launcher kills the stopped rank after its grace
+      assert.is_false(h.running(pids[0]))
+      assert.is_false(h.running(pids[1]))
+      assert.truthy(h.read(s.err):find("rank 0 exited with status 1", 1, true))
+    end)
+    kill(s)
+    assert(ok, err)
+  end)
+end)
+
 describe("live changes on `moonshard launch -n 2 serve --tp 2`", function()
   it(":all shows both ranks; a policy switch on rank 0 takes the next step; :all! changes every rank; refusals say why", function()
     local want = references()
@@ -375,6 +402,10 @@ describe("live changes on `moonshard launch -n 2 serve --tp 2`", function()
       values(s0:eval("engine:attach(uv)"))
       assert.truthy(spin(function() return n == 4 end, 60))
       assert.same({ 3, 1, 2, 4 }, order) -- shortest first (first come would be 4, 2, 1, 3)
+      -- the follower made every call rank 0 made (the engine's and the ones typed at rank 0)
+      local calls = tonumber(values(s0:eval("live.group.calls")))
+      assert.truthy(calls > 4 * 8, tostring(calls))
+      assert.truthy(spin(function() return tonumber(values(s1:eval("live.follower.calls"))) == calls end, 10))
 
       -- a field the ranks share: refused on rank 0's mirror, changed on every rank by :all!
       r = s0:eval("runner.chunk = 8")
