@@ -147,6 +147,30 @@ int msh_k_attn_prefill_ok(const msh_k_attn *a);
 size_t msh_k_attn_prefill_workspace(const msh_k_attn *a, int sm_count);
 cudaError_t msh_k_attn_prefill(cudaStream_t s, const msh_k_attn *a, void *work, int sm_count);
 
+/* --------------------------------------------------------------------- paged_attn.cu */
+
+/* The paged KV cache (msh_op_kv_write, msh_op_paged_attention; operands validated). Pools
+ * (NB, BS, KVH, hd) contiguous of kv_dt; q, out (R, H, hd) f32; q_start (B + 1), ctx_len (B),
+ * block_table (B, MB) device int32 read when the kernels run (clamped: nothing is read out of
+ * bounds). hd <= 256. The plan (splits of each row's keys) depends on R, B, KVH, max_ctx and
+ * sm_count only; the workspace it needs is msh_k_paged_attn_workspace bytes (0: none). */
+typedef struct msh_k_paged {
+  float *out;
+  const float *q;
+  const void *k, *v;
+  const int32_t *q_start, *ctx_len, *block_table;
+  int kv_dt, R, B, H, KVH, hd, BS, NB, MB, max_ctx;
+  float scale;
+} msh_k_paged;
+size_t msh_k_paged_attn_workspace(const msh_k_paged *a, int sm_count);
+cudaError_t msh_k_paged_attn(cudaStream_t s, const msh_k_paged *a, void *work, int sm_count);
+/* Row r < R of k and v (row_elems = KVH * hd elements of src_dt, rows k_ld / v_ld elements
+ * apart) to pool row slots[r] of k_pool, v_pool (pool_dt, pool_rows rows); a slot outside
+ * [0, pool_rows) writes nothing. */
+cudaError_t msh_k_kv_write(cudaStream_t s, void *k_pool, void *v_pool, int pool_dt, int64_t pool_rows,
+                           const void *k, const void *v, int src_dt, int64_t k_ld, int64_t v_ld,
+                           const int32_t *slots, int R, int row_elems);
+
 /* ------------------------------------------------------------------- elementwise ops */
 
 /* silu_mul.cu: out = silu(g) * u; out may alias g or u. */

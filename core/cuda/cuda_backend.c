@@ -485,6 +485,63 @@ static msh_status cuda_attention_dyn(msh_tensor *out, const msh_tensor *q, const
   return attention_at(out, q, k, v, max_len - q->shape[1], msh_tensor_ptr(pos0), msh_tensor_numel(pos0), scale);
 }
 
+/* The paged KV cache: operands validated by core/src/ops.c; the arrays' values are clamped on
+ * the device (the host cannot see them). */
+static msh_status cuda_kv_write(msh_tensor *k_pool, msh_tensor *v_pool, const msh_tensor *k, const msh_tensor *v,
+                                const msh_tensor *slots) {
+  msh_cuda_dev *d;
+  msh_status s = dev_for(k_pool, &d);
+  if (s != MSH_OK) return s;
+  int64_t R = k->shape[0], row = k->shape[1] * k->shape[2];
+  if (R > INT_MAX || row > INT_MAX) return MSH_FAIL(MSH_EUNSUPPORTED, "kv_write: shape too large for the CUDA kernels");
+  CUDA_TRY(msh_k_kv_write(msh_cuda_cur(d), msh_tensor_ptr(k_pool), msh_tensor_ptr(v_pool), k_pool->dtype,
+                          k_pool->shape[0] * k_pool->shape[1], msh_tensor_ptr(k), msh_tensor_ptr(v), k->dtype,
+                          k->stride[0], v->stride[0], msh_tensor_ptr(slots), (int)R, (int)row));
+  return MSH_OK;
+}
+
+static msh_status cuda_paged_attention(msh_tensor *out, const msh_tensor *q, const msh_tensor *k_pool,
+                                       const msh_tensor *v_pool, const msh_tensor *q_start, const msh_tensor *ctx_len,
+                                       const msh_tensor *block_table, int64_t max_ctx, float scale) {
+  msh_cuda_dev *d;
+  msh_status s = dev_for(out, &d);
+  if (s != MSH_OK) return s;
+  int64_t R = q->shape[0], H = q->shape[1], hd = q->shape[2], B = ctx_len->shape[0];
+  if (hd > 256) return MSH_FAIL(MSH_EUNSUPPORTED, "paged_attention: head dim %lld > 256 on CUDA", (long long)hd);
+  if (R > 65535 || B > INT_MAX || k_pool->shape[2] > 65535 || k_pool->shape[0] > INT_MAX || max_ctx > INT_MAX ||
+      block_table->shape[1] > INT_MAX)
+    return MSH_FAIL(MSH_EUNSUPPORTED, "paged_attention: %lld rows x %lld kv heads exceed the CUDA grid", (long long)R,
+                    (long long)k_pool->shape[2]);
+  msh_k_paged a = {
+      .out = msh_tensor_ptr(out),
+      .q = msh_tensor_ptr(q),
+      .k = msh_tensor_ptr(k_pool),
+      .v = msh_tensor_ptr(v_pool),
+      .q_start = msh_tensor_ptr(q_start),
+      .ctx_len = msh_tensor_ptr(ctx_len),
+      .block_table = msh_tensor_ptr(block_table),
+      .kv_dt = k_pool->dtype,
+      .R = (int)R,
+      .B = (int)B,
+      .H = (int)H,
+      .KVH = (int)k_pool->shape[2],
+      .hd = (int)hd,
+      .BS = (int)k_pool->shape[1],
+      .NB = (int)k_pool->shape[0],
+      .MB = (int)block_table->shape[1],
+      .max_ctx = (int)max_ctx,
+      .scale = scale,
+  };
+  void *work = NULL;
+  size_t wbytes = msh_k_paged_attn_workspace(&a, d->sm_count);
+  if (wbytes) {
+    s = msh_cuda_scratch(d, wbytes, &work);
+    if (s != MSH_OK) return s;
+  }
+  CUDA_TRY(msh_k_paged_attn(msh_cuda_cur(d), &a, work, d->sm_count));
+  return MSH_OK;
+}
+
 static msh_status cuda_silu_mul(msh_tensor *out, const msh_tensor *gate, const msh_tensor *up) {
   msh_cuda_dev *d;
   msh_status s = dev_for(out, &d);
@@ -612,6 +669,8 @@ static const msh_backend cuda_backend = {
     .attention = cuda_attention,
     .set_rows_dyn = cuda_set_rows_dyn,
     .attention_dyn = cuda_attention_dyn,
+    .kv_write = cuda_kv_write,
+    .paged_attention = cuda_paged_attention,
     .silu_mul = cuda_silu_mul,
     .add = cuda_add,
     .add_bias = cuda_add_bias,
