@@ -13,7 +13,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 DEPS=(build-essential cmake pkg-config luajit libluajit-5.1-dev libuv1-dev lua-luv lua-luv-dev
-      lua-cjson libcjson-dev libedit-dev libopenblas-dev libpcre2-dev lua-busted libhttp-parser-dev liburing-dev libhwloc-dev)
+      lua-cjson libcjson-dev libedit-dev libopenblas-dev libpcre2-dev lua-busted libhttp-parser-dev liburing-dev libhwloc-dev
+      gnuplot-nox) # gnuplot-nox: the PNG plots of `moonshard sweep`
 # the test suite also starts a one-node Slurm cluster (tools/slurm_check.sh) for the srun specs,
 # and a Prometheus server that scrapes `moonshard serve`'s /metrics (tests/lua/serve_spec.lua);
 # headless Chromium drives the web console (tests/lua/console_spec.lua, tests/web/)
