@@ -26,6 +26,31 @@ describe("CUDA device", function()
     assert.are.equal(golden, table.concat(parts))
   end)
 
+  it("serves ragged prompts from the paged KV pool on the GPU: one pass a step, each answer as alone", function()
+    local engine_mod = require "moonshard.engine"
+    local prompts = { "Once upon a time", "The cat", "Lily and Tom went to the park. They saw a big", "A" }
+    local ref = assert(moonshard.load(h.stories, { device = "cuda", dtype = "f32" }))
+    local alone = {}
+    for i, p in ipairs(prompts) do
+      local parts = {}
+      assert(ref:generate({ prompt = p, max_tokens = 40, temperature = 0 }, function(s) parts[#parts + 1] = s end))
+      alone[i] = table.concat(parts)
+    end
+    ref:close()
+    local pm = assert(moonshard.load(h.stories, { device = "cuda", dtype = "f32", batch = 4, kv_blocks = 48, block_size = 16 }))
+    local e = assert(engine_mod.new(pm, { max_tokens_per_step = 24 }))
+    assert.is_true(e.sched.paged)
+    local reqs = {}
+    for i, p in ipairs(prompts) do reqs[i] = assert(e:submit { prompt = p, max_tokens = 40, temperature = 0 }) end
+    local steps = 0
+    while e:step() > 0 do steps = steps + 1 end
+    assert.is_true(steps > 40)
+    for i = 1, #prompts do assert.are.equal(alone[i], reqs[i].text, "prompt " .. i) end
+    assert.are.equal(0, e:stats().kv_blocks_used)
+    e:close()
+    pm:close()
+  end)
+
   for _, case in ipairs { { "f32", "f32", 1e-4 }, { "bf16", "f32", 1e-4 }, { "llama3", "f32", 1e-4 },
                           { "f32", "bf16", 5e-2 } } do
     local name, dtype, tol = case[1], case[2], case[3]
