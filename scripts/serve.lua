@@ -103,7 +103,7 @@ if group then -- a rank gone: every request answers 503, and this rank exits nam
     group:abandon(engine)
     group:answer_open()
     local t = uv.new_timer()
-    t:start(300, 0, function() os.exit(1) end)
+    t:start(300, 0, function() require("moonshard.follow").exit(1) end)
   end
 end
 
@@ -134,9 +134,10 @@ local function stop(name)
   io.stderr:write("moonshard serve: ", name, ", stopping\n")
   server:close()
   engine:detach()
-  for _, s in ipairs(signals) do if not s:is_closing() then s:close() end end
+  if not group then for _, s in ipairs(signals) do if not s:is_closing() then s:close() end end end
   model:close() -- (rank 0 of several: tells the followers to stop)
-  os.exit(group and group.broken and 1 or 0)
+  if group then require("moonshard.follow").exit(group.broken and 1 or 0) end
+  os.exit(0)
 end
 for _, name in ipairs { "sigint", "sigterm" } do
   local s = uv.new_signal()

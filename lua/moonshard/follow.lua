@@ -560,17 +560,14 @@ function M.follow(model, opts)
 
   local function die(msg)
     io.stderr:write(string.format("moonshard %s: rank %d: %s\n", name, pg.rank, msg))
-    io.stderr:flush()
-    os.exit(1)
+    M.exit(1)
   end
   local function finish()
     if self.done then return end
     self.done = true
     if not conn:is_closing() then conn:close() end
-    for _, s in ipairs(self.signals or {}) do if not s:is_closing() then s:close() end end
     pcall(raw.close, raw)
-    io.stderr:flush()
-    os.exit(0)
+    M.exit(0)
   end
   self.finish = finish
 
@@ -653,6 +650,17 @@ function Group:abandon(engine)
   for _, list in ipairs { engine.sched.running, engine.sched.waiting } do
     for _, req in ipairs(list) do req.on_token, req.on_finish = nil, nil end
   end
+end
+
+-- M.exit(code): ends a rank of a served job. The REPL files go now; the Lua state is not closed
+-- (what the rank holds was closed explicitly), so that no finalizer closes the signal handles:
+-- the launcher, and a `timeout` around it, send SIGTERM more than once, and one arriving after a
+-- handle closed would find the default action (death by the signal, a failure to the launcher).
+function M.exit(code)
+  for _, s in ipairs(require("moonshard.live").servers) do pcall(s.cleanup, s) end
+  io.stdout:flush()
+  io.stderr:flush()
+  os.exit(code, false)
 end
 
 M.who = who
