@@ -281,15 +281,22 @@ describe("moonshard serve's web console routes", function()
     assert.are.equal(0, metric(s, "moonshard_kv_blocks_used"))
   end)
 
-  it("streams telemetry samples once a second after the history", function()
-    local status, head, body = curl(s, "/v1/console/events", { no_buffer = true, max_time = 2.6 })
-    assert.are.equal(200, status)
-    assert.truthy(head:find("content-type: text/event-stream", 1, true), head)
+  it("streams telemetry samples once a second after the history, counting the tokens made meanwhile", function()
+    -- the stream read for 3.5 s while a 64-token completion runs in its second second
+    local out_file = s.dir .. "/events.txt"
+    h.sh(string.format("(curl -s -N --max-time 3.5 -D - -H %s %s > %s 2>/dev/null &) ; sleep 1.2; "
+      .. "curl -s -o /dev/null -H %s -H 'Content-Type: application/json' --data-binary %s %s; sleep 2.6",
+      h.q("Authorization: Bearer " .. KEY), h.q(s.url .. "/v1/console/events"), h.q(out_file),
+      h.q("Authorization: Bearer " .. KEY), h.q(cjson.encode { prompt = "Once", max_tokens = 64, ignore_eos = true }),
+      h.q(s.url .. "/v1/completions")))
+    local out = h.read(out_file)
+    local head, body = out:match("^(.-\r\n)\r\n(.*)$")
+    assert.truthy(head, out)
+    assert.truthy(head:lower():find("content-type: text/event-stream", 1, true), head)
     -- chunked framing is undone by curl; events are separated by blank lines
     local history = body:match("event: history\ndata: ([^\n]*)\n\n")
     assert.truthy(history, body)
-    local samples = cjson.decode(history).samples
-    assert.is_true(#samples >= 1)
+    assert.are.equal("table", type(cjson.decode(history).samples))
     local live = {}
     for block in (body .. "\n\n"):gmatch("(.-)\n\n") do
       local d = block:match("^data: (.*)$")
@@ -304,10 +311,14 @@ describe("moonshard serve's web console routes", function()
     assert.is_false(last.sources.collectives)
     assert.is_false(last.sources.bubble)
     assert.is_true(live[#live].t > live[#live - 1].t)
-    -- the eval job's tokens show in the history: some second had prefill work
-    local most = 0
-    for _, x in ipairs(samples) do most = math.max(most, x.prefill_tps or 0) end
-    assert.is_true(most > 0)
+    -- the completion's 64 tokens (63 decode steps after its prompt) show up in the samples
+    local decoded, ttft = 0, nil
+    for _, x in ipairs(live) do
+      decoded = decoded + (x.decode_tps or 0) * 1.0 -- one second a sample
+      ttft = ttft or x.ttft_ms
+    end
+    assert.is_true(decoded > 40 and decoded < 90, tostring(decoded))
+    assert.are.equal("number", type(ttft))
   end)
 end)
 
