@@ -3,10 +3,11 @@
 -- runner is sent to the other ranks (the followers), which make the same call on their own part
 -- of the model, so the ranks' collectives line up step by step.
 --
---   rank 0                                      ranks 1 .. N-1
---   local group = follow.lead(model)            follow.serve(model)   -- then the loop runs
---   -- model.net is now a mirror of the runner: net:step(batch), net:copy_kv(...), any method,
---   -- is encoded (method name + arguments), sent to every follower, then run here
+--   local model = assert(moonshard.load(path, { tp = 2, pp = 1, batch = 16 }))
+--   local group = assert(follow.start(model))   -- rank 0: follow.lead; the others: follow.follow
+--   if model.rank ~= 0 then return end          -- a follower: its loop makes rank 0's calls
+--   -- rank 0: model.net is now a mirror of the runner: net:step(batch), net:copy_kv(...), any
+--   -- method, is encoded (method name + arguments), sent to every follower, then run here
 --
 -- The call channel: a TCP connection from each follower to rank 0 (set up through the
 -- rendezvous store), written by rank 0 only, in call order, framed (4-byte big-endian length +
@@ -24,8 +25,9 @@
 -- A mirrored call carries plain data only: nil, booleans, numbers, strings and tables of them.
 -- A table field named in M.LOCAL_FIELDS stays on rank 0 (a step entry's `seq` is the engine's
 -- request, which the runner does not read); a function or cdata anywhere else is refused with a
--- message naming the method, the argument and the field. A method that returns something the
--- caller owns (a tensor it must free) names how a follower disposes of it in M.RELEASE.
+-- message naming the method, the argument and the field. What a call returns that the caller
+-- owns (every position's logits, asked for with { all_logits = true }) a follower frees; another
+-- method of that kind says how in M.RELEASE.
 --
 -- Failures: a follower whose connection closes (it died or was killed), a call that raises on
 -- rank 0 (a collective that timed out waiting for a rank), or a write that cannot go out within
