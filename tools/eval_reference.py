@@ -33,6 +33,7 @@ def main():
     ap.add_argument("--limit", type=int, default=20)
     ap.add_argument("--exe", default=os.path.join(ROOT, "build/moonshard"))
     ap.add_argument("--tol", type=float, default=1e-3)
+    ap.add_argument("--tol-token", type=float, default=1e-5, help="nats per scored token (long endings)")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "r.json")
@@ -41,7 +42,7 @@ def main():
                        check=True, stdout=subprocess.DEVNULL)
         res = json.load(open(out))
     m = Model(a.model)
-    worst, bad, n = 0.0, 0, 0
+    worst, worst_token, bad, n = 0.0, 0.0, 0, 0
     for task in ("arc_easy", "piqa"):
         for s in res["samples"][task]:
             lls = []
@@ -51,16 +52,20 @@ def main():
                 ll = float(sum(lp[p - 1, ids[p]] for p in range(first, len(ids))))
                 lls.append(ll)
                 diff = abs(ll - s["loglikelihoods"][c])
+                scored = len(ids) - first
                 worst = max(worst, diff)
-                if diff > a.tol:
+                worst_token = max(worst_token, diff / max(scored, 1))
+                if diff > max(a.tol, a.tol_token * scored):
                     bad += 1
-                    print(f"{task} doc {s['doc_id']} choice {c}: moonshard {s['loglikelihoods'][c]:.6f}, reference {ll:.6f}")
+                    print(f"{task} doc {s['doc_id']} choice {c} ({scored} tokens): moonshard {s['loglikelihoods'][c]:.6f}, "
+                          f"reference {ll:.6f}")
             pick = int(np.argmax(lls))
             if pick != s["pick"]:
                 bad += 1
                 print(f"{task} doc {s['doc_id']}: moonshard picks {s['pick']}, the reference {pick}")
             n += 1
-    print(f"{n} items ({a.limit} per task), {bad} disagreements, largest |difference| {worst:.2e} nats")
+    print(f"{n} items ({a.limit} per task), {bad} disagreements, largest |difference| {worst:.2e} nats, "
+          f"{worst_token:.2e} nats per scored token")
     if bad == 0:
         print("all agree")
     sys.exit(1 if bad else 0)
