@@ -215,7 +215,8 @@ if log_dir and log_dir ~= "" then
   net:observe(tel)
 end
 -- REPL sessions (moonshard attach), answered whenever this rank's loop runs (moonshard.live)
-require("moonshard.live").listen { name = "bench", runner = net, pg = pg, telemetry = tel, tcp = os.getenv("MSH_REPL") }
+local live = require "moonshard.live"
+live.listen { name = "bench", runner = net, pg = pg, telemetry = tel, tcp = os.getenv("MSH_REPL") }
 -- all-reduce seconds recorded so far (waits for the device's pending records)
 local function allreduce_s()
   tel:poll(true)
@@ -331,7 +332,11 @@ if probe then
 end
 local pre, dec = {}, {}
 if net.stage.streaming then net.stage:reset_stats() end
-for i = 1, opts.loops do pre[i], dec[i] = once() end
+-- sessions are answered between the timed repetitions (a chunk that runs long delays the next one)
+for i = 1, opts.loops do
+  pre[i], dec[i] = once()
+  live.poll()
+end
 local stream_stats = net.stage.streaming and net.stage:stats()
 if probe then
   sync()

@@ -100,13 +100,24 @@ local quiet = model.rank ~= 0
 local lm = eval.adapter(model, { max_length = opts.max_length })
 
 local events = require("moonshard.jobs").events(opts.events, model)
+-- REPL sessions (moonshard attach): `progress` in their scope says where the run is; they are
+-- answered between scoring batches
+local live = require "moonshard.live"
+local progress = { tasks = #tasks }
+live.listen { name = "eval", model = model, pg = model.dist, quiet = quiet, tcp = os.getenv("MSH_REPL"),
+  scope = { progress = progress } }
 local runs = {}
-for _, tk in ipairs(tasks) do
+for i, tk in ipairs(tasks) do
   events("task_start", tk.task.name, { docs = #tk.docs })
+  progress.task, progress.task_index, progress.done, progress.total = tk.task.name, i, 0, nil
   local ok, run = pcall(eval.run_task, lm, tk.task, tk.docs, {
     num_fewshot = opts.num_fewshot, seed = opts.seed, batch_size = opts.batch_size, quiet = quiet,
     add_bos = opts.add_bos, fewshot_docs = nil,
-    on_progress = function(done, total) events("task_progress", tk.task.name, { done = done, total = total }) end,
+    on_progress = function(done, total)
+      progress.done, progress.total = done, total
+      events("task_progress", tk.task.name, { done = done, total = total })
+      live.poll()
+    end,
   })
   if not ok then fail(string.format("task '%s': %s", tk.task.name, tostring(run))) end
   events("task_done", tk.task.name, { metrics = run.metrics })

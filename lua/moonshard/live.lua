@@ -564,7 +564,8 @@ end
 --   opts.engine, opts.model, opts.pg, opts.telemetry (in the sessions' scope; scheduler and
 --   runner are taken from the engine and the model unless given), opts.name (the command, for
 --   messages and the folder), opts.dir (run folder), opts.tcp ("HOST:PORT" or "tcp:HOST:PORT"),
---   opts.token, opts.budget (seconds), opts.quiet (print nothing)
+--   opts.token, opts.budget (seconds), opts.quiet (print nothing), opts.scope (more names in the
+--   sessions' scope)
 function M.listen(opts)
   opts = opts or {}
   local ok, res, err = pcall(M.listen_unprotected, opts)
@@ -596,6 +597,7 @@ function M.listen_unprotected(opts)
     group = opts.group, follower = opts.follower, applied = {},
     raw_runner = (opts.group and opts.group.raw) or (opts.follower and opts.follower.raw),
   }, Server)
+  for k, v in pairs(opts.scope or {}) do self.scope[k] = v end -- a command's own names (eval's progress)
   local r = self.raw_runner or self.scope.runner
   self.limits = { chunk = type(r) == "table" and r.chunk or nil }
   self.broadcast = function(a, b) if a == self then a = b end return self:broadcast_src(a) end
@@ -699,9 +701,24 @@ function Server:close()
 end
 
 -- M.poll(): serves pending sessions once from a script that keeps the loop busy itself (a
--- synchronous benchmark between repetitions); does nothing inside a loop callback.
+-- synchronous benchmark between repetitions, an evaluation between scoring batches); does
+-- nothing inside a loop callback. The listeners and sessions do not keep the loop alive (they are
+-- unreferenced, so that a finished script ends), and libuv does not poll a loop with nothing
+-- alive: they are referenced for the poll, then released again.
 function M.poll()
-  pcall(uv.run, "nowait")
+  local held = {}
+  local function hold(h)
+    if h and pcall(function() if not h:is_closing() then h:ref(); held[#held + 1] = h end end) then return end
+  end
+  for _, srv in ipairs(M.servers) do
+    hold(srv.pipe)
+    hold(srv.tcp_handle)
+    for session in pairs(srv.sessions) do hold(session.conn) end
+  end
+  if #held == 0 then return end
+  -- accepting, reading a request and writing its answer take a turn each
+  for _ = 1, 3 do pcall(uv.run, "nowait") end
+  for _, h in ipairs(held) do pcall(function() if not h:is_closing() then h:unref() end end) end
 end
 
 return M
