@@ -22,6 +22,8 @@ local opts = args.parse(arg, {
   { "dtype", "string", "fix the weight dtype (bf16, i8g64, i4g64, ...)" },
   { "batch-size", "int", "fix the batch", min = 1 },
   { "max-seq", "int", "fix the context", min = 1 },
+  { "kv-blocks", "int", "a paged KV cache of this many blocks a stage (as moonshard serve --kv-blocks), counted instead of batch x max-seq positions", min = 1 },
+  { "block-size", "int", "tokens a KV block holds (with --kv-blocks)", default = 16, min = 1 },
   { "prefetch", "int", "fix the prefetch depth", min = 0 },
   { "offload-dir", "string", "NVMe folder for the disk tier" },
   { "ds-config", "string", "a DeepSpeed config (zero_optimization, tensor_parallel, batch ...) fixing its parts", input = "DeepSpeed config" },
@@ -64,6 +66,7 @@ local model_args = { opts.dummy and "--dummy" or "--model", opts.dummy or opts.m
 local p, perr = plan.make(topo, desc, { preset = pre, gpus = opts.gpus, nodes = opts.nodes, device = opts.device,
   tp = fixed.tp, pp = fixed.pp, zero = fixed.zero, tier = fixed.tier, dtype = fixed.dtype, batch = fixed.batch,
   max_seq = fixed.max_seq, prefetch = fixed.prefetch, ceilings = ceilings, command = opts.command,
+  kv_blocks = opts.kv_blocks, block_size = opts.block_size,
   model_args = model_args })
 if not p then fail(perr) end
 if opts.offload_dir then

@@ -109,8 +109,14 @@ end
 --                     leave out the embedding / the final norm and output head
 --   opts.tp           tensor-parallel degree to apply to desc (default 1: desc as it is)
 --   opts.fuse         false: the layers keep q/k/v and gate/up apart (as moonshard.stage's opts.fuse)
+--   opts.kv_blocks    a paged KV cache (moonshard serve, moonshard.load's kv_blocks): a pool of
+--                     kv_blocks blocks of opts.block_size (default 16) positions shared by the
+--                     batch, counted instead of batch x max_seq positions (true: batch x
+--                     ceil(max_seq / block_size) blocks, as the runner makes), with the step's
+--                     staging rows and block tables among the activations
 -- need = { weights, in_place, kv, act, scratch, total, params, kv_per_position, weights_dtype,
---          kv_dtype, max_seq, batch, tp, layers = { first, last } }
+--          kv_dtype, max_seq, batch, tp, layers = { first, last }, kv_blocks, block_size }
+--          (kv_blocks, block_size: the paged pool's, nil without one)
 -- On the CPU `weights` counts only the weights placing allocates (drawn, converted to another
 -- dtype, or stacked); those used in place from the mapped file are `in_place` bytes, not in total.
 function M.estimate(desc, opts)
@@ -162,6 +168,7 @@ function M.estimate(desc, opts)
   local batch = opts.batch or 1
   local kv_dtype = opts.kv_dtype or "f32"
   local max_seq, kv, act, kv_per_position, T = 0, 0, 0, 0, 0
+  local kv_blocks, block_size
   local D = desc.dim
   if D then -- a whole description (weights alone: only they are counted)
     max_seq = math.min(opts.max_seq or desc.max_seq, desc.max_seq)
@@ -169,6 +176,11 @@ function M.estimate(desc, opts)
     local H, KVH, F, V = plan.heads, plan.kv_heads, plan.hidden, desc.vocab_size
     kv_per_position = (last - first + 1) * 2 * KVH * hd * elem_bytes(kv_dtype) * batch
     kv = kv_per_position * max_seq
+    if opts.kv_blocks then -- the pool holds the positions, whatever the batch
+      block_size = opts.block_size or 16
+      kv_blocks = opts.kv_blocks == true and batch * math.ceil(max_seq / block_size) or opts.kv_blocks
+      kv = kv_per_position / batch * kv_blocks * block_size
+    end
     -- the model's activation buffers (f32), for chunk x batch rows: x, h, o (D); q, att (H hd);
     -- gate (F); the stacked projections' outputs ((H + 2 KVH) hd, 2F), or with opts.fuse = false
     -- the separate ones' k, v (KVH hd) and up (F); ids, pos (i32); per sequence its last row,
@@ -178,6 +190,10 @@ function M.estimate(desc, opts)
     act = 4 * (T * (3 * D + 2 * H * hd + F + proj + 2) + batch * (2 * D + V + 1) + D + V)
     if desc.vocab_local and desc.tp then -- a vocabulary-parallel head's columns and their gather
       act = act + 4 * desc.vocab_local * (batch + 1 + desc.tp.size * batch)
+    end
+    if kv_blocks then -- the step's k, v rows before the pool (f32), its slots, q_start, ctx_len,
+      -- last_rows and block table (i32)
+      act = act + 4 * (2 * T * KVH * hd + T + 3 * batch + 1 + batch * math.ceil(max_seq / block_size))
     end
     T = T * math.max(D, F, H * hd) -- elements of the widest activation, for the scratch below
   end
@@ -189,6 +205,7 @@ function M.estimate(desc, opts)
     total = weights + kv + act + scratch,
     params = params, kv_per_position = kv_per_position, weights_dtype = main or opts.dtype or "f32",
     kv_dtype = kv_dtype, max_seq = max_seq, batch = batch, tp = tp, layers = { first, last },
+    kv_blocks = kv_blocks, block_size = block_size,
   }
 end
 
@@ -338,6 +355,11 @@ function M.suggest(desc, opts, free)
   -- fewer sequences at once
   local b = largest_fitting("batch")
   if b then out[#out + 1] = { flag = string.format("--batch-size %d", b), batch = b } end
+  -- a smaller paged pool (moonshard serve --kv-blocks)
+  if base.kv_blocks then
+    local nb = largest_fitting("kv_blocks")
+    if nb then out[#out + 1] = { flag = string.format("--kv-blocks %d", nb), kv_blocks = nb } end
+  end
   -- 16-bit weights or cache instead of f32; on the CPU the first of 16-bit, 8-bit and 4-bit
   -- weights that fits (weights used in place from the file may cost less than converted ones)
   if cpu then
@@ -427,9 +449,10 @@ function M.check(desc, opts)
   local wdesc = need.weights_dtype
   if need.in_place > 0 then wdesc = string.format("%s; %s more used in place from the file", wdesc, gib(need.in_place)) end
   local parts = { string.format("%s of weights (%s)", gib(need.weights), wdesc) }
+  local positions = need.kv_blocks and string.format("a pool of %d blocks x %d positions", need.kv_blocks,
+    need.block_size) or string.format("%d positions x %d", need.max_seq, need.batch)
   if need.max_seq > 0 then
-    parts[#parts + 1] = string.format("%s of KV cache (%s, %d positions x %d)", gib(need.kv), need.kv_dtype,
-      need.max_seq, need.batch)
+    parts[#parts + 1] = string.format("%s of KV cache (%s, %s)", gib(need.kv), need.kv_dtype, positions)
   end
   parts[#parts + 1] = string.format("%s of activations and scratch", gib(need.act + need.scratch))
   local msg

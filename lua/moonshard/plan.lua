@@ -118,10 +118,11 @@ local function evaluate(c, env)
   local worst_t, worst_stage = 0, nil
   for s, r in ipairs(ranges) do
     local base = { device = device, dtype = c.dtype, kv_dtype = c.kv_dtype, max_seq = c.max_seq, batch = c.batch,
-      tp = c.tp, layers = r, embed = s == 1, head = s == #ranges, chunk = math.min(256, c.max_seq) }
+      tp = c.tp, layers = r, embed = s == 1, head = s == #ranges, chunk = math.min(256, c.max_seq),
+      kv_blocks = env.kv_blocks, block_size = env.block_size }
     local need, err = memplan.estimate(desc, base)
     if not need then return nil, err end
-    local st = { stage = s - 1, layers = r, weights = need.weights, kv = need.kv, act = need.act,
+    local st = { stage = s - 1, layers = r, weights = need.weights, kv = need.kv, kv_blocks = need.kv_blocks, act = need.act,
       scratch = need.scratch, params = need.params, host = 0, ring = 0 }
     local layer_bytes = 0
     if c.tier ~= "resident" then
@@ -173,6 +174,9 @@ local TIER_FLAG = { host = "--cpu-offload", disk = "--disk-offload" }
 --   opts.device   "cpu" plans for the CPU even where GPUs exist
 --   overrides, each fixing its part of the plan: opts.tp, pp, zero, tier ("resident", "host",
 --   "disk"), dtype, batch, max_seq, prefetch, kv_dtype, pin (false: pageable host memory)
+--   opts.kv_blocks, opts.block_size  a paged KV cache (moonshard serve): each stage holds a pool
+--                 of kv_blocks blocks of block_size (default 16) positions for its layers, counted
+--                 instead of batch x max_seq positions (moonshard.memplan)
 --   opts.ceilings measured numbers replacing M.CEILINGS' entries (hbm_gbs, h2d_pinned_gbs, ...)
 function M.make(topo, desc, opts)
   opts = opts or {}
@@ -188,7 +192,8 @@ function M.make(topo, desc, opts)
   end
   local gpu = #gpus > 0
   local max_seq = math.min(opts.max_seq or pre.context or desc.max_seq, desc.max_seq)
-  local env = { desc = desc, preset = pre, ceil = ceil, gpu = gpu }
+  local env = { desc = desc, preset = pre, ceil = ceil, gpu = gpu, kv_blocks = opts.kv_blocks,
+    block_size = opts.kv_blocks and (opts.block_size or 16) or nil }
   local reasons = {}
   local N = #gpus
   if gpu then
@@ -365,6 +370,10 @@ function M.make(topo, desc, opts)
     or string.format("%s weights: the preset allows it and the earlier choices do not fit or are slower", c.dtype)
   reasons.batch = string.format("batch %d (preset %s: %d to %d) with %d positions each", c.batch, pre.name or "?",
     pre.min_batch or 1, pre.max_batch or 1, c.max_seq)
+  if env.kv_blocks then
+    reasons.batch = reasons.batch .. string.format(", sharing a paged KV pool of %d blocks x %d positions",
+      r.stages[1].kv_blocks, env.block_size)
+  end
   reasons.prefetch = c.tier ~= "resident" and string.format("%d layers ahead", c.prefetch) or "nothing streamed"
   reasons.bound = string.format("predicted from %s%s", r.bound == "compute" and "the matrix rate" or (r.bound .. " bandwidth"), opts.ceilings and " (measured ceilings)"
     or " (PERFORMANCE.md's ceilings)")
@@ -373,6 +382,7 @@ function M.make(topo, desc, opts)
     preset = pre.name, objective = objective, device = gpu and "cuda" or "cpu", nodes = gpu and nodes or 1,
     gpus = gpu and c.tp * c.pp * c.dp or 0, tp = c.tp, pp = c.pp, dp = c.dp, zero = c.zero, tier = c.tier,
     dtype = c.dtype, kv_dtype = c.kv_dtype, batch = c.batch, max_seq = c.max_seq,
+    kv_blocks = r.stages[1].kv_blocks, block_size = env.block_size,
     prefetch = c.tier ~= "resident" and c.prefetch or nil, pin = c.tier == "host" and c.pinned or nil,
     micro_batches = c.pp > 1 and c.pp or nil,
     memory = { capacity = env.capacity, stages = r.stages, host_per_node = r.host_per_node },

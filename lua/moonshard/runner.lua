@@ -115,7 +115,8 @@ function M.new(desc, opts)
   self.stage = opts.stage or require("moonshard.stage").resident(desc.weights, self.device, {
     layers = { self.first_layer, self.last_layer }, arch = desc.arch,
     embed = self.pp_rank == 0, head = self.pp_rank == self.pp_size - 1,
-    plan = { desc = desc, max_seq = self.max_seq, kv_dtype = opts.kv_dtype, chunk = opts.chunk, batch = opts.batch },
+    plan = { desc = desc, max_seq = self.max_seq, kv_dtype = opts.kv_dtype, chunk = opts.chunk, batch = opts.batch,
+      kv_blocks = opts.kv_blocks, block_size = opts.block_size },
   })
   self.act = arena.new(self.device) -- activation buffers, host staging and every view of them
   self.cache = arena.new(self.device) -- the KV cache
@@ -872,7 +873,8 @@ function M.build(desc, opts)
         dtype = opts.dtype, float_dtype = opts.float_dtype, arch = desc.arch,
         layers = opts.layers, embed = opts.embed, head = opts.head, fuse = opts.fuse,
         -- the memory check before placing anything counts the model's cache and buffers too
-        plan = { desc = desc, max_seq = max_seq, kv_dtype = opts.kv_dtype, chunk = opts.chunk, batch = opts.batch },
+        plan = { desc = desc, max_seq = max_seq, kv_dtype = opts.kv_dtype, chunk = opts.chunk, batch = opts.batch,
+          kv_blocks = opts.kv_blocks, block_size = opts.block_size },
       })
     end
     local o = {}

@@ -244,6 +244,35 @@ describe("memplan on the CPU", function()
     assert.truthy(msg:find("does not fit in this machine's memory with any setting moonshard can change", 1, true), msg)
   end)
 
+  it("counts a paged KV pool instead of batch x max_seq positions, as the runner allocates it", function()
+    local runner = require "moonshard.runner"
+    for _, o in ipairs { { batch = 3, kv_blocks = 40, block_size = 4, chunk = 8 }, { batch = 2, kv_blocks = true },
+      { batch = 4, kv_blocks = 7 }, { batch = 4 } } do
+      local r = assert(runner.build(stories, with(o, { device = "cpu" })))
+      local need = memplan.estimate(stories, with(o, { device = "cpu" }))
+      assert.are.equal(r.cache.bytes, need.kv)
+      assert.are.equal(r.act.bytes, need.act)
+      r:close()
+    end
+    -- 5 layers x (k, v) x 4 KV heads x 8 x 4 bytes = 1280 bytes a position
+    assert.are.equal(1280 * 40 * 4, memplan.estimate(stories, { batch = 3, kv_blocks = 40, block_size = 4 }).kv)
+    assert.are.equal(1280 * 512 * 2, memplan.estimate(stories, { batch = 2, kv_blocks = true }).kv)
+    -- Llama-3-8B serving 64 sequences of 8192 positions from 4096 blocks of 16: 16 GiB of f32
+    -- cache where 64 full slots would need 128 GiB; refused below it, with a smaller pool offered
+    local serve = with(cpu, { dtype = "bf16", batch = 64, kv_blocks = 4096 })
+    local need = memplan.estimate(d8, serve)
+    assert.are.equal(32 * 2 * 8 * 128 * 4 * 4096 * 16, need.kv)
+    assert.is_true(need.kv * 8 == memplan.estimate(d8, with(cpu, { dtype = "bf16", batch = 64 })).kv)
+    assert.truthy(memplan.check(d8, with(serve, { free_bytes = need.total })))
+    local free = need.total - need.kv / 2
+    local ok, msg, _, sugg = memplan.check(d8, with(serve, { free_bytes = free }))
+    assert.is_nil(ok)
+    assert.truthy(msg:find("16.0 GiB of KV cache (f32, a pool of 4096 blocks x 16 positions)", 1, true), msg)
+    local s = assert(find(sugg, "^%-%-kv%-blocks %d+$"), msg)
+    assert.is_true(memplan.estimate(d8, with(serve, { kv_blocks = s.kv_blocks })).total <= free)
+    assert.is_true(memplan.estimate(d8, with(serve, { kv_blocks = s.kv_blocks + 1 })).total > free)
+  end)
+
   it("reads the memory available from /proc/meminfo, and checks against it when not given", function()
     local avail, total = memplan.parse_meminfo("MemTotal:       24576000 kB\nMemFree:  100 kB\n"
       .. "MemAvailable:   20480000 kB\n")

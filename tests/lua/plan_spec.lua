@@ -130,6 +130,35 @@ describe("plan", function()
     assert.matches("memory per device", plan.format(p))
   end)
 
+  it("counts a paged KV pool (moonshard serve) instead of batch x max_seq positions", function()
+    local slots = make(dgx, m8, "throughput", { tp = 1, pp = 1, dtype = "bf16", batch = 32, max_seq = 8192 })
+    local pool = make(dgx, m8, "throughput", { tp = 1, pp = 1, dtype = "bf16", batch = 32, max_seq = 8192,
+      kv_blocks = 2048 })
+    -- 32 layers x (k, v) x 8 KV heads x 128 x 2 bytes: 128 KiB a position; 32 x 8192 positions
+    -- (32 GiB) against 2048 blocks x 16 (4 GiB)
+    assert.are.equal(32 * 8192 * 131072, slots.memory.stages[1].kv)
+    assert.are.equal(2048 * 16 * 131072, pool.memory.stages[1].kv)
+    assert.are.equal(2048, pool.kv_blocks)
+    assert.are.equal(16, pool.block_size)
+    assert.matches("paged KV pool of 2048 blocks x 16 positions", pool.reasons.batch)
+    -- two stages: each holds the pool for its own layers (4 KiB a layer and position)
+    local pp2 = make(dgx, m8, "throughput", { tp = 1, pp = 2, dtype = "bf16", batch = 32, max_seq = 8192,
+      kv_blocks = 2048 })
+    local layers = 0
+    for _, st in ipairs(pp2.memory.stages) do
+      local n = st.layers[2] - st.layers[1] + 1
+      layers = layers + n
+      assert.are.equal(2048 * 16 * 4096 * n, st.kv)
+    end
+    assert.are.equal(32, layers)
+    local out, err, code = h.run { "plan", "--dummy", S .. "llama-3-8b.json", "--topology", F .. "dgx8.xml", "--tp", "1",
+      "--pp", "1", "--dtype", "bf16", "--batch-size", "32", "--kv-blocks", "2048", "--json" }
+    assert.are.equal(0, code, err)
+    local j = cjson.decode(out)
+    assert.are.equal(2048, j.kv_blocks)
+    assert.are.equal(2048 * 16 * 131072, j.memory.stages[1].kv)
+  end)
+
   it("applies a plan only where no flag was given", function()
     local p = make(dgx, m8, "throughput")
     local opts = plan.apply({ tp = 1, batch_size = 3, dtype = "f32" }, { "--batch-size", "3" }, p, "bench")
