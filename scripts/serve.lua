@@ -3,7 +3,7 @@
 local args = require "moonshard.args"
 local V = require "moonshard.validate"
 
-local opts = args.parse(arg, {
+local opts = args.parse(arg, require("moonshard.offload").add_flags {
   usage = "moonshard serve --model PATH [--host 127.0.0.1] [--port 8000] [--api-key KEY] [options]",
   summary = "Serves POST /v1/completions, POST /v1/chat/completions, GET /v1/models, /health, /metrics and the web console at /.\n"
     .. "Prints the URL on stderr once listening; Ctrl-C (SIGINT) or SIGTERM stops it.",
@@ -29,6 +29,7 @@ local opts = args.parse(arg, {
   { "pp", "int", "pipeline-parallel stages", default = 1, min = 1 },
   { "quiet", "flag", "no line per request on stderr" },
   { "eval-dir", "string", "where the web console's eval jobs write their results, and its past runs are read (default: $MSH_LOG_DIR/evals, else none kept)" },
+  { "runs-dir", "string", "more past runs for the web console: moonshard sweep folders (results.jsonl) and eval --jobs folders (jobs.jsonl) in it" },
   { "console-thresholds", "string", "the web console's warning thresholds: a Lua file like lua/moonshard/console_thresholds.lua", input = "console-thresholds" },
   { "repl", "string", "REPL sessions (moonshard attach) on the run folder's Unix socket; tcp:HOST:PORT adds TCP with a token; off: none" },
 })
@@ -51,14 +52,25 @@ local http = require "moonshard.http"
 local openai = require "moonshard.openai"
 if opts.threads then moonshard.C.msh_set_num_threads(opts.threads) end
 
-local model, err = moonshard.load(opts.model, { device = opts.device, max_seq = opts.max_seq, dtype = opts.dtype,
-  tp = opts.tp, pp = opts.pp,
+local load_opts, err = require("moonshard.offload").load_opts(opts, { device = opts.device, max_seq = opts.max_seq,
+  dtype = opts.dtype, tp = opts.tp, pp = opts.pp,
   batch = opts.max_batch, kv_blocks = opts.kv_blocks or true, block_size = opts.block_size })
+if not load_opts then fail(err) end
+local model
+model, err = moonshard.load(opts.model, load_opts)
 if not model then fail(err) end
 if not model.tokenizer then fail(string.format("'%s': no tokenizer found beside the model", opts.model)) end
+-- every rank's telemetry (collectives, its stage's bubble, streamed weights): rank 0's console
+-- samples its own and receives the followers' over the call channel
+local probe
+probe, err = require("moonshard.serve_telemetry").attach(model.net, { rank = model.rank,
+  world = model.dist and model.dist.world or 1, dir = os.getenv("MSH_LOG_DIR"),
+  meta = { script = "serve", model = opts.model, tp = opts.tp, pp = opts.pp, device = opts.device } })
+if not probe then fail(err) end
 local group -- rank 0 of several: the followers; model.net becomes a mirror sending them each call
 if model.dist then
-  group, err = require("moonshard.follow").start(model, { name = "serve", repl = opts.repl })
+  group, err = require("moonshard.follow").start(model, { name = "serve", repl = opts.repl,
+    stats = function() return probe:tick() end })
   if not group then fail(err) end
   if model.rank ~= 0 then return end -- a follower: its loop makes rank 0's calls until rank 0 stops
 end
@@ -93,8 +105,13 @@ if opts.console_thresholds then
   if not thresholds then fail("--console-thresholds " .. opts.console_thresholds .. ": " .. terr) end
 end
 local eval_dir = opts.eval_dir or (os.getenv("MSH_LOG_DIR") and os.getenv("MSH_LOG_DIR") .. "/evals")
-require("moonshard.console").attach(api, { eval_dir = eval_dir, thresholds = thresholds, mode = { dtype = opts.dtype,
-  tp = opts.tp, pp = opts.pp, max_tokens_per_step = opts.max_tokens_per_step, policy = opts.policy } })
+if opts.runs_dir then
+  local st = uv.fs_stat(opts.runs_dir)
+  if not st or st.type ~= "directory" then fail(string.format("--runs-dir %s: no such folder", opts.runs_dir)) end
+end
+require("moonshard.console").attach(api, { eval_dir = eval_dir, runs_dir = opts.runs_dir, thresholds = thresholds,
+  telemetry = probe, group = group, mode = { dtype = opts.dtype, tp = opts.tp, pp = opts.pp,
+  max_tokens_per_step = opts.max_tokens_per_step, policy = opts.policy, offload = load_opts.offload } })
 engine.on_step = function(info) api:on_step(info) end
 engine:attach(uv)
 if group then -- a rank gone: every request answers 503, and this rank exits naming it
@@ -125,7 +142,8 @@ if not server then fail(err) end
 local shown = opts.host:find(":", 1, true) and ("[" .. opts.host .. "]") or opts.host
 io.stderr:write(string.format("moonshard serve: %s listening on http://%s:%d (max batch %d, queue %d)\n",
   api.name, shown, server.port, opts.max_batch, opts.max_queue))
-require("moonshard.live").listen { name = "serve", engine = engine, model = model, tcp = opts.repl, group = group }
+require("moonshard.live").listen { name = "serve", engine = engine, model = model, tcp = opts.repl, group = group,
+  telemetry = probe.tel }
 io.stderr:flush()
 
 -- SIGINT / SIGTERM: stop listening, drop the connections, let the loop end
@@ -134,6 +152,7 @@ local function stop(name)
   io.stderr:write("moonshard serve: ", name, ", stopping\n")
   server:close()
   engine:detach()
+  probe:close()
   if not group then for _, s in ipairs(signals) do if not s:is_closing() then s:close() end end end
   model:close() -- (rank 0 of several: tells the followers to stop)
   if group then require("moonshard.follow").exit(group.broken and 1 or 0) end

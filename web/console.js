@@ -126,7 +126,8 @@
     const ram = mc.memory && mc.memory.total ? gib(mc.memory.total) + ' RAM' : '';
     const gpuText = gpus.length ? `${gpus.length} GPU (${gpus[0].name || ''})` : 'no GPU';
     $('model-line').textContent = `${m.name} · ${m.arch || ''} ${m.layers || ''} layers, dim ${m.dim}, context ${m.max_seq}` +
-      ` · ${p.device} ${p.dtype} · tp ${p.tp} × pp ${p.pp} · weights ${mib(p.weight_bytes)}, KV ${mib(p.kv_bytes)}` +
+      ` · ${p.device} ${p.dtype} · tp ${p.tp} × pp ${p.pp}` + (p.offload ? ` · weights streamed from ${p.offload}` : '') +
+      ` · weights ${mib(p.weight_bytes)}, KV ${mib(p.kv_bytes)}` +
       ` · max batch ${e.max_batch}, ${e.kv_blocks} KV blocks of ${e.block_size} tokens` +
       ` · machine: ${[host, ram, gpuText].filter(Boolean).join(', ')}`;
     $('model-line').dataset.model = m.name;
@@ -160,11 +161,13 @@
       this.spec = spec;
       this.data = new Map(); // label -> [[t, v]]
       this.points = 0;
+      this.values_seen = 0; // numbers pushed (not gaps)
       this.na = false;
       const el = document.createElement('div');
       el.className = 'chart';
       el.id = 'chart-' + spec.id;
       el.dataset.points = '0';
+      el.dataset.values = '0';
       const title = document.createElement('div');
       title.className = 'title';
       const name = document.createElement('span');
@@ -196,14 +199,20 @@
       const vals = na ? {} : this.values(s);
       for (const [label, v] of Object.entries(vals)) {
         if (!this.data.has(label)) this.data.set(label, []);
-        this.data.get(label).push([t, typeof v === 'number' && isFinite(v) ? v : null]);
+        const num = typeof v === 'number' && isFinite(v);
+        this.data.get(label).push([t, num ? v : null]);
+        if (num) this.values_seen += 1;
       }
+      // a series this sample lacks (a rank that sent nothing) gets a gap
+      for (const [label, arr] of this.data) if (!(label in vals)) arr.push([t, null]);
       for (const arr of this.data.values()) {
         while (arr.length && arr[0][0] < t - WINDOW_S) arr.shift();
       }
       this.tmax = t;
       this.points += 1;
       this.el.dataset.points = String(this.points);
+      this.el.dataset.values = String(this.values_seen);
+      this.el.dataset.series = Array.from(this.data.keys()).join(',');
       if (this.na) {
         this.now.textContent = 'n/a';
       } else {
@@ -301,13 +310,29 @@
     return v.toFixed(2);
   }
 
+  // one line per rank: s.ranks[i][field] (null while a rank sends nothing: a gap)
   const perRank = (field, scale) => (s) => {
     const out = {};
-    const v = s[field];
-    if (v && typeof v === 'object') {
-      for (const [k, x] of Object.entries(v)) out[k] = typeof x === 'number' ? x * (scale || 1) : null;
+    const ranks = list(s.ranks);
+    if (ranks.length) {
+      for (const r of ranks) {
+        const x = r[field];
+        out['rank ' + r.rank] = typeof x === 'number' ? x * (scale || 1) : null;
+      }
     } else {
+      const v = s[field];
       out['rank 0'] = typeof v === 'number' ? v * (scale || 1) : null;
+    }
+    return out;
+  };
+
+  // one line per rank and kind of collective ("r1 all_reduce")
+  const collectives = (s) => {
+    const ranks = list(s.ranks);
+    if (!ranks.some((r) => r.collectives_ms)) return s.collectives_ms || {};
+    const out = {};
+    for (const r of ranks) {
+      for (const [k, x] of Object.entries(r.collectives_ms || {})) out['r' + r.rank + ' ' + k] = typeof x === 'number' ? x : null;
     }
     return out;
   };
@@ -322,10 +347,13 @@
     { id: 'kv', title: 'KV-cache blocks used', unit: 'blocks',
       series: [['used', (s) => s.kv_used], ['total', (s) => s.kv_total]] },
     { id: 'collectives', title: 'Collectives by kind', unit: 'ms/s', source: 'collectives',
-      keys: (s) => s.collectives_ms || {} },
+      keys: collectives },
     { id: 'bubble', title: 'Pipeline bubble', unit: '%', source: 'bubble', keys: perRank('bubble', 100) },
     { id: 'weights', title: 'Weight stream', unit: 'GB/s', source: 'weight_stream', keys: perRank('weight_gbs') },
-    { id: 'nvme', title: 'NVMe queue depth', unit: '', source: 'nvme', keys: perRank('nvme_qd') },
+    { id: 'nvme', title: 'NVMe queue depth (layer reads queued)', unit: '', source: 'nvme', keys: perRank('nvme_qd') },
+    { id: 'stall', title: 'Compute waiting for streamed weights', unit: 'ms/s', source: 'prefetch',
+      keys: perRank('prefetch_stall_s', 1000) },
+    { id: 'ranks', title: 'Time since each rank reported', unit: 's', keys: perRank('age_s') },
   ];
 
   function buildCharts() {
@@ -389,7 +417,7 @@
     let obj;
     try { obj = JSON.parse(data.join('\n')); } catch (e) { return; }
     if (name === 'history') {
-      for (const c of state.charts) { c.data.clear(); c.points = 0; }
+      for (const c of state.charts) { c.data.clear(); c.points = 0; c.values_seen = 0; }
       for (const s of list(obj.samples)) onSample(s);
       return;
     }
@@ -633,12 +661,18 @@
     for (const r of list(d.runs)) {
       const tr = document.createElement('tr');
       tr.dataset.run = r.id;
+      tr.dataset.kind = r.kind || '';
       const scores = [];
       for (const [task, m] of Object.entries(r.scores || {})) {
         for (const [k, v] of Object.entries(m)) scores.push(`${task} ${k.replace(',none', '')} ${v.toFixed(4)}`);
       }
+      // a sweep's bench point: its headline figures
+      const headline = Object.keys(r.metrics || {}).filter((k) => /tok|per_s|ttft|latency|itl/.test(k)).sort().slice(0, 6);
+      for (const k of headline) scores.push(`${k} ${fmt(r.metrics[k])}`);
+      const axes = r.axes ? Object.entries(r.axes).map(([k, v]) => `${k}=${Array.isArray(v) ? v.join(',') : v}`).join(' ') : '';
       const date = r.date ? new Date(r.date * 1000).toLocaleString() : '';
-      const cells = [r.id + (date ? ' · ' + date : ''), r.state || '', r.model || '', r.limit == null ? 'all' : String(r.limit),
+      const what = (r.kind && r.kind !== 'console' ? r.kind + ' · ' : '') + r.id + (axes ? ' (' + axes + ')' : '');
+      const cells = [what + (date ? ' · ' + date : ''), r.state || '', r.model || '', r.limit == null ? 'all' : String(r.limit),
         scores.join(' · ') || (r.error || '')];
       for (const c of cells) {
         const td = document.createElement('td');

@@ -189,7 +189,9 @@ local function mkdir_p(path) return require("moonshard.telemetry").mkdir_p(path)
 --   past runs read from there), opts.data_dir / opts.tasks_dir (eval data and task files),
 --   opts.thresholds (a table, default moonshard.console_thresholds), opts.mode (fields shown:
 --   device, dtype, tp, pp), opts.machine (what doctor found; default: discovered on first use),
---   opts.telemetry (a moonshard.telemetry recorder whose collectives and bubble are charted),
+--   opts.telemetry (rank 0's moonshard.serve_telemetry probe: collectives, bubble, weight stream),
+--   opts.group (moonshard.follow's group of a multi-rank serve: the followers' snapshots),
+--   opts.runs_dir (more past runs: moonshard sweep and eval --jobs folders),
 --   opts.interval_ms (sampling, default 1000)
 function M.attach(api, opts)
   opts = opts or {}
@@ -280,7 +282,7 @@ function Console:mode()
     device = net and net.device or "cpu", dtype = dtype or "native", tp = o.tp or 1, pp = o.pp or 1,
     max_batch = e.max_batch, block_size = st.block_size, kv_blocks = total_blocks, max_seq = net and net.max_seq,
     weight_bytes = tensor_bytes(stage), kv_bytes = kv_per_block * total_blocks, pinned_bytes = o.pinned_bytes or 0,
-    max_tokens_per_step = o.max_tokens_per_step, policy = o.policy,
+    max_tokens_per_step = o.max_tokens_per_step, policy = o.policy, offload = o.offload,
   }
   return self.mode_facts
 end
@@ -295,7 +297,7 @@ function Console:info()
       layers = net and net.n_layers or null, dim = net and net.dim or null, vocab = self.api.vocab,
       max_seq = mode.max_seq or null, chat_template = self.api.template ~= nil },
     placement = { device = mode.device, dtype = mode.dtype, tp = mode.tp, pp = mode.pp, world = mode.tp * mode.pp,
-      weight_bytes = mode.weight_bytes, kv_bytes = mode.kv_bytes },
+      weight_bytes = mode.weight_bytes, kv_bytes = mode.kv_bytes, offload = mode.offload or null },
     engine = { max_batch = mode.max_batch, max_queue = self.api.max_queue, block_size = mode.block_size,
       kv_blocks = mode.kv_blocks, max_tokens_per_step = mode.max_tokens_per_step or null, policy = mode.policy or null },
     machine = machine, warnings = #warnings > 0 and warnings or EMPTY,
@@ -314,6 +316,75 @@ function Console:start_sampling(ms)
     if not ok then io.stderr:write("console: sample failed: " .. tostring(err) .. "\n") end
   end)
   t:unref() -- the server's listening socket keeps the loop alive, not this
+end
+
+-- The ranks' series of a sample: s.ranks = { { rank, age_s (since its last snapshot came),
+-- collectives_ms = { op = ms/s }, bubble, weight_gbs, prefetch_stall_s, nvme_qd }, ... } and the
+-- run's figures over them (collectives_ms: the mean per rank of each kind; bubble: the mean of the
+-- stages'; weight_gbs: the sum; prefetch_stall_s and nvme_qd: the largest). Rank 0's snapshot is
+-- taken now; a follower's is the last it sent (moonshard.follow's stats), its rates computed on its
+-- own clock between its snapshots and kept until a newer one comes.
+local RANK_FIELDS = { "bubble", "weight_gbs", "prefetch_stall_s", "nvme_qd" }
+
+function Console:rank_series(s, sources, now)
+  local probe, group = self.opts.telemetry, self.opts.group
+  if not probe then
+    s.ranks = { { rank = 0, age_s = 0 } }
+    return
+  end
+  local world = group and group.world or 1
+  local state = self.rank_state or {}
+  self.rank_state = state
+  local latest = { [0] = { snap = probe:tick(), at = now } }
+  for r = 1, world - 1 do latest[r] = group.stats[r] or { at = group.started or now } end
+  local ranks, coll_sum, coll_n = {}, {}, {}
+  local agg = { bubble = {}, weight_gbs = {}, prefetch_stall_s = {}, nvme_qd = {} }
+  for r = 0, world - 1 do
+    local e, st = latest[r], state[r]
+    if not st then st = {}; state[r] = st end
+    if e.snap and (not st.base or e.snap.t > st.base.t) then
+      if st.base then st.rates = require("moonshard.serve_telemetry").rates(st.base, e.snap) or st.rates end
+      st.base = e.snap
+    end
+    local row = { rank = r, age_s = (now - e.at) / 1e9 }
+    local snap, rt = st.base, st.rates
+    if row.age_s > self.thresholds.rank_silent_s then rt = nil end -- no figures from a silent rank
+    if snap then
+      if world > 1 then sources.collectives = true end
+      if (snap.pp or 1) > 1 then sources.bubble = true end
+      if snap.stream then
+        sources.weight_stream, sources.prefetch = true, true
+        if snap.stream.tier == "disk" then sources.nvme = true end
+      end
+    end
+    if rt then
+      if world > 1 then
+        row.collectives_ms = rt.collectives_ms
+        for op, v in pairs(rt.collectives_ms) do coll_sum[op], coll_n[op] = (coll_sum[op] or 0) + v, (coll_n[op] or 0) + 1 end
+      end
+      for _, k in ipairs(RANK_FIELDS) do
+        row[k] = rt[k]
+        if rt[k] then agg[k][#agg[k] + 1] = rt[k] end
+      end
+      row.calls = rt.calls
+    end
+    ranks[#ranks + 1] = row
+  end
+  s.ranks = ranks
+  if sources.collectives then
+    local coll = {}
+    for op, v in pairs(coll_sum) do coll[op] = v / coll_n[op] end
+    s.collectives_ms = coll
+  end
+  local function sum(list)
+    local t = 0
+    for _, v in ipairs(list) do t = t + v end
+    return t
+  end
+  if #agg.bubble > 0 then s.bubble = sum(agg.bubble) / #agg.bubble end
+  if #agg.weight_gbs > 0 then s.weight_gbs = sum(agg.weight_gbs) end
+  if #agg.prefetch_stall_s > 0 then s.prefetch_stall_s = math.max(unpack(agg.prefetch_stall_s)) end
+  if #agg.nvme_qd > 0 then s.nvme_qd = math.max(unpack(agg.nvme_qd)) end
 end
 
 -- one sample: rates over the time since the previous one
@@ -336,31 +407,14 @@ function Console:sample()
     local di = m.itl.count - last.itl_count
     s.itl_ms = di > 0 and 1000 * (m.itl.sum - last.itl_sum) / di or nil
   end
-  -- collectives and bubble from a telemetry recorder, when the run has one
-  local tel = self.opts.telemetry
+  -- every rank's collectives, bubble and weight stream (moonshard.serve_telemetry), when the run has them
   local sources = { collectives = false, bubble = false, weight_stream = false, nvme = false, prefetch = false }
-  if tel then
-    pcall(tel.poll, tel)
-    local sum = tel:summary()
-    sources.collectives = true
-    local prev = last and last.coll or {}
-    local dt = last and (now - last.hr) / 1e9 or 1
-    local coll, cur = {}, {}
-    for op, c in pairs(sum.collectives or {}) do
-      cur[op] = c.seconds
-      coll[op] = 1000 * (c.seconds - (prev[op] or 0)) / dt
-    end
-    s.collectives_ms = coll
-    self.coll_totals = cur
-    if sum.bubble then sources.bubble = true; s.bubble = sum.bubble end
-  end
-  s.ranks = { { rank = 0, age_s = 0 } }
+  self:rank_series(s, sources, now)
   s.sources = sources
   s.eval = self:job_brief()
   local w = M.warnings(s, self.thresholds)
   s.warnings = #w > 0 and w or EMPTY
-  self.last = { hr = now, ttft_sum = m.ttft.sum, ttft_count = m.ttft.count, itl_sum = m.itl.sum, itl_count = m.itl.count,
-    coll = self.coll_totals }
+  self.last = { hr = now, ttft_sum = m.ttft.sum, ttft_count = m.ttft.count, itl_sum = m.itl.sum, itl_count = m.itl.count }
   acc.prefill, acc.decode, acc.steps, acc.batch = 0, 0, 0, 0
   if not last then return end -- the first tick only starts the clock
   local h = self.history
@@ -650,57 +704,197 @@ function Console:start_eval(req, res)
   send_json(res, 202, job_view(job), { Location = "/v1/console/evals/" .. id })
 end
 
--- the past runs: <eval_dir>/*/results.json (with eval.json) and <eval_dir>/*.json results files
-function Console:past_runs()
+-- ------------------------------------------------------------------------------ past runs
+
+local function decode_file(path)
+  local text = read_file(path)
+  if not text then return nil end
+  local ok, v = pcall(cjson.decode, text)
+  return ok and type(v) == "table" and v or nil
+end
+
+-- the JSON objects of a JSON Lines file (lines that are not one are skipped)
+local function jsonl(path)
   local out = {}
-  local dir = self.eval_dir
-  if not dir then return out end
-  local h = uv.fs_scandir(dir)
+  local f = io.open(path, "rb")
+  if not f then return out end
+  for line in f:lines() do
+    local ok, v = pcall(cjson.decode, line)
+    if ok and type(v) == "table" then out[#out + 1] = v end
+  end
+  f:close()
+  return out
+end
+
+local function list_dir(dir)
   local names = {}
+  local h = uv.fs_scandir(dir)
   while h do
     local n, kind = uv.fs_scandir_next(h)
     if not n then break end
     names[#names + 1] = { n, kind }
   end
   table.sort(names, function(a, b) return a[1] > b[1] end)
-  for _, e in ipairs(names) do
-    local name, kind = e[1], e[2]
-    local path, desc
-    if kind == "directory" then
-      path = dir .. "/" .. name .. "/results.json"
-      local d = read_file(dir .. "/" .. name .. "/eval.json")
-      if d then
-        local ok, v = pcall(cjson.decode, d)
-        if ok and type(v) == "table" then desc = v end
+  return names
+end
+
+local function mtime(path)
+  local st = uv.fs_stat(path)
+  return st and st.mtime.sec or nil
+end
+
+-- "2026-12-07T12:30:00Z" -> unix seconds (days from the civil date, as in Howard Hinnant's algorithm)
+function M.iso_time(s)
+  local y, mo, d, h, mi, se = tostring(s):match("^(%d%d%d%d)%-(%d%d)%-(%d%d)T(%d%d):(%d%d):(%d%d)")
+  if not y then return nil end
+  y, mo, d = tonumber(y), tonumber(mo), tonumber(d)
+  if mo <= 2 then y = y - 1 end
+  local era = math.floor(y / 400)
+  local yoe = y - era * 400
+  local doy = math.floor((153 * (mo + (mo > 2 and -3 or 9)) + 2) / 5) + d - 1
+  local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
+  local days = era * 146097 + doe - 719468
+  return days * 86400 + tonumber(h) * 3600 + tonumber(mi) * 60 + tonumber(se)
+end
+
+-- a results table's numbers by task (stderr columns left out)
+local function scores_of(results)
+  local scores = {}
+  for task, m in pairs(type(results) == "table" and results or {}) do
+    local row = {}
+    if type(m) == "table" then
+      for key, v in pairs(m) do
+        if type(v) == "number" and not key:find("_stderr", 1, true) then row[key] = v end
       end
-    elseif name:match("%.json$") then
-      path = dir .. "/" .. name
     end
-    local text = path and read_file(path)
-    local run
-    if text then
-      local ok, r = pcall(cjson.decode, text)
-      if ok and type(r) == "table" and type(r.results) == "table" then
-        local scores = {}
-        for task, m in pairs(r.results) do
-          local row = {}
-          for key, v in pairs(m) do
-            if type(v) == "number" and not key:find("_stderr", 1, true) then row[key] = v end
-          end
-          scores[task] = row
-        end
-        run = { id = desc and desc.id or name, file = path, date = r.date or (desc and desc.finished) or null,
-          model = desc and desc.model or (type(r.config) == "table" and r.config.model_path) or null,
-          limit = type(r.config) == "table" and r.config.limit or null, n_shot = r["n-shot"] or null,
-          state = desc and desc.state or "done", scores = scores }
+    scores[task] = row
+  end
+  return scores
+end
+
+-- the value of a flag in an argument list ({ ..., "--limit", "20", ... })
+local function flag_value(args, name)
+  for i, a in ipairs(type(args) == "table" and args or {}) do
+    if a == name then return args[i + 1] end
+  end
+  return nil
+end
+
+-- a console eval job's folder (eval.json, results.json) or a results file
+local function console_run(path, desc, name)
+  local r = path and decode_file(path)
+  if r and type(r.results) == "table" then
+    return { id = desc and desc.id or name, kind = "console", file = path, date = r.date or (desc and desc.finished) or null,
+      model = desc and desc.model or (type(r.config) == "table" and r.config.model_path) or null,
+      limit = type(r.config) == "table" and r.config.limit or null, n_shot = r["n-shot"] or null,
+      state = desc and desc.state or "done", scores = scores_of(r.results) }
+  end
+  if desc then
+    return { id = desc.id or name, kind = "console", state = desc.state, date = desc.finished or desc.created or null,
+      model = desc.model or null, error = desc.error or null, scores = {} }
+  end
+end
+
+-- `moonshard eval --jobs` folder: its jobs' descriptors (jobs.jsonl), their ends (events.jsonl) and
+-- each job's results (job-N.json once it has written them): one run
+function M.eval_jobs_run(dir, name)
+  local descs = jsonl(dir .. "/jobs.jsonl")
+  if #descs == 0 then return nil end
+  local ends, started = {}, {}
+  for _, e in ipairs(jsonl(dir .. "/events.jsonl")) do
+    if e.event == "job_done" and e.job then ends[e.job] = e end
+    if e.event == "job_start" and e.job then started[e.job] = true end
+  end
+  local scores, failed, open, tasks = {}, {}, 0, {}
+  for _, d in ipairs(descs) do
+    for _, t in ipairs(type(d.tasks) == "table" and d.tasks or {}) do tasks[#tasks + 1] = t end
+    local e = ends[d.job]
+    local res = decode_file(string.format("%s/job-%s.json", dir, tostring(d.job)))
+    if res and type(res.results) == "table" then
+      for task, row in pairs(scores_of(res.results)) do scores[task] = row end
+    end
+    if not e then
+      open = open + 1
+    elseif e.exit ~= 0 or (e.signal or 0) ~= 0 then
+      failed[#failed + 1] = string.format("job %s %s", tostring(d.job),
+        (e.signal or 0) ~= 0 and ("killed by signal " .. tostring(e.signal)) or ("exit " .. tostring(e.exit)))
+    end
+  end
+  local d1 = descs[1]
+  local limit = tonumber(flag_value(d1.args, "--limit"))
+  return { id = name, kind = "eval --jobs", file = dir .. "/jobs.jsonl", jobs = #descs,
+    date = mtime(dir .. "/events.jsonl") or M.iso_time(d1.time) or null, model = d1.model or null, limit = limit or null,
+    tasks = tasks, state = open > 0 and "running" or #failed > 0 and "failed" or "done",
+    error = #failed > 0 and table.concat(failed, "; ") or null, scores = scores }
+end
+
+-- a `moonshard sweep` folder: one run per line of results.jsonl (its point's descriptor beside it)
+function M.sweep_runs(dir, name)
+  local out = {}
+  for _, r in ipairs(jsonl(dir .. "/results.jsonl")) do
+    local point = r.sweep_point or ("p" .. tostring(r.index))
+    local desc = decode_file(dir .. "/" .. point .. ".json") or {}
+    local run = { id = name .. "/" .. point, kind = "sweep " .. tostring(r.command or desc.command or "?"),
+      file = dir .. "/results.jsonl", date = M.iso_time(r.date) or null, model = desc.model or null,
+      state = r.status == "ok" and "done" or "failed", axes = r.axes or null, label = r.label or null,
+      limit = tonumber(flag_value(desc.args, "--limit")) or null, scores = {} }
+    if r.status ~= "ok" then
+      local tail = type(r.stderr_tail) == "table" and r.stderr_tail[#r.stderr_tail] or nil
+      run.error = (r.timed_out and "timed out" or ("exit " .. tostring(r.exit))) .. (tail and (": " .. tail) or "")
+    elseif r.command == "eval" then
+      run.scores = scores_of(type(r.result) == "table" and r.result.results)
+    else
+      local m = {}
+      for k, v in pairs(type(r.metrics) == "table" and r.metrics or {}) do
+        if type(v) == "number" then m[k] = v end
       end
+      run.metrics = m
     end
-    if not run and desc then
-      run = { id = desc.id or name, state = desc.state, date = desc.finished or desc.created or null,
-        model = desc.model or null, error = desc.error or null, scores = {} }
-    end
+    out[#out + 1] = run
+  end
+  table.sort(out, function(a, b) return a.id > b.id end)
+  return out
+end
+
+-- the past runs: in the eval dir, the console's jobs (<id>/eval.json with results.json) and results
+-- files (*.json); in the eval dir and the runs dir, to two folders down, `moonshard eval --jobs`
+-- folders (jobs.jsonl) and `moonshard sweep` folders (results.jsonl)
+function Console:past_runs()
+  local out = {}
+  local function add(run)
     if run and not (self.jobs[run.id] and (self.jobs[run.id].state == "running" or self.jobs[run.id].state == "queued")) then
       out[#out + 1] = run
+    end
+  end
+  local function folder(dir, name)
+    if file_exists(dir .. "/jobs.jsonl") then add(M.eval_jobs_run(dir, name)) return true end
+    if file_exists(dir .. "/results.jsonl") then
+      for _, r in ipairs(M.sweep_runs(dir, name)) do add(r) end
+      return true
+    end
+    return false
+  end
+  local function scan(dir, prefix, depth, console)
+    for _, e in ipairs(list_dir(dir)) do
+      local name, kind = e[1], e[2]
+      local path = dir .. "/" .. name
+      if kind == "directory" then
+        local desc = console and decode_file(path .. "/eval.json")
+        if desc or (console and file_exists(path .. "/results.json")) then
+          add(console_run(path .. "/results.json", desc, name))
+        elseif not folder(path, prefix .. name) and depth < 2 then
+          scan(path, prefix .. name .. "/", depth + 1, false)
+        end
+      elseif console and name:match("%.json$") then
+        add(console_run(path, nil, name))
+      end
+    end
+  end
+  local seen = {}
+  for i, dir in ipairs { self.eval_dir or false, self.opts.runs_dir or false } do
+    if dir and not seen[dir] then
+      seen[dir] = true
+      if not folder(dir, dir:match("([^/]+)/*$") or dir) then scan(dir, "", 1, i == 1) end
     end
   end
   return out
@@ -745,8 +939,7 @@ function Console:static(req, res, path)
   if inm and (inm == etag or inm == "*" or inm:find(etag, 1, true)) then return res:send(304, headers, "") end
   local body = read_file(file)
   if not body then api_error(404, string.format("no route %s %s", req.method, raw), nil, "not_found") end
-  if req.method == "HEAD" then return res:send(200, headers, "") end
-  res:send(200, headers, body)
+  res:send(200, headers, body) -- (to HEAD: the headers and the file's length, no body)
 end
 
 local CONSOLE_ROUTES = {

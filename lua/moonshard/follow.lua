@@ -16,6 +16,8 @@
 --   fn     Lua source a REPL on rank 0 broadcast (live.broadcast, `:all!` in moonshard attach):
 --          every rank runs it where it stands in the stream of calls, i.e. at the same step boundary
 --   stop   rank 0 is stopping: the follower closes its model and exits 0
+-- and, the other way, a follower's `stats` (opts.stats: its telemetry once a second, plain data),
+-- kept on rank 0 in group.stats[rank] = { snap, at (uv.hrtime() when it came) } for the console.
 -- A follower waits for messages on its libuv loop (no CPU while idle; its REPL sessions are
 -- served between calls). The channel is not how data moves during a step: that is the ranks'
 -- communicators (TCP between CPU ranks, NCCL between GPUs), inside the calls themselves. Under
@@ -249,7 +251,8 @@ function M.lead(model, opts)
   local timeout = opts.timeout or pg.timeout or 300
   require("moonshard.live").ignore_sigpipe() -- a follower gone: writes fail with EPIPE, no signal
   local self = setmetatable({ pg = pg, world = pg.world, conns = {}, pids = {}, raw = model.net,
-    on_broken = opts.on_broken, write_timeout = pg.comm_timeout or 600, seq = 0, calls = 0 }, Group)
+    on_broken = opts.on_broken, write_timeout = pg.comm_timeout or 600, seq = 0, calls = 0, stats = {},
+    started = uv.hrtime() }, Group)
   local server = uv.new_tcp()
   local loopback = pg.master_addr == "127.0.0.1" or pg.master_addr == "localhost"
   local ok, err = server:bind(loopback and "127.0.0.1" or "0.0.0.0", 0)
@@ -272,6 +275,8 @@ function M.lead(model, opts)
         rank = msg.rank
         self.conns[rank], self.pids[rank] = conn, msg.pid
         joined = joined + 1
+      elseif type(msg) == "table" and msg.op == "stats" then
+        self.stats[rank] = { snap = msg.s, at = uv.hrtime() }
       end
     end, function(why)
       if rank == nil then
@@ -531,6 +536,7 @@ end
 --   opts.name       the command, for messages ("serve")
 --   opts.on_fn(src, seq, budget, env)  runs a broadcast chunk (moonshard.live sets it); default: run it
 --   opts.grace      seconds a SIGINT/SIGTERM waits for rank 0's stop before exiting (default 2)
+--   opts.stats()    -> plain data sent to rank 0 every opts.stats_ms (default 1000) while idle
 function M.follow(model, opts)
   opts = opts or {}
   local pg = model.dist
@@ -567,6 +573,7 @@ function M.follow(model, opts)
   local function finish()
     if self.done then return end
     self.done = true
+    if self.stats_timer and not self.stats_timer:is_closing() then self.stats_timer:close() end
     if not conn:is_closing() then conn:close() end
     pcall(raw.close, raw)
     M.exit(0)
@@ -609,6 +616,18 @@ function M.follow(model, opts)
     if self.stopped or self.stopping then return finish() end
     die("rank 0 is gone (" .. why .. ")")
   end))
+
+  if opts.stats then -- this rank's telemetry, between calls (a rank stopped or stuck sends none)
+    local t = uv.new_timer()
+    local ms = opts.stats_ms or 1000
+    t:start(math.min(ms, 100), ms, function() -- the first soon after joining
+      if self.done or conn:is_closing() then return end
+      local ok, data = pcall(function() return frame(M.encode({ op = "stats", s = opts.stats() }, "stats")) end)
+      if ok then conn:write(data) end
+    end)
+    t:unref()
+    self.stats_timer = t
+  end
 
   -- a signal (the launcher forwards SIGINT/SIGTERM to every rank) waits for rank 0's stop, which
   -- comes after the step in progress, so that no rank leaves another waiting in a collective

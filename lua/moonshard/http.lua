@@ -141,13 +141,15 @@ local function conn_write(conn, data)
   return ok ~= nil
 end
 
--- res:send(status, headers, body): a whole response with Content-Length.
+-- res:send(status, headers, body): a whole response with Content-Length. To a HEAD request
+-- the head alone goes out, its Content-Length the body's.
 function Response:send(status, headers, body)
   if self.started then error("http: response already started", 2) end
   self.started, self.status = true, status
   body = body or ""
   local extra = { "Content-Length: " .. #body }
   if not self.keep_alive then extra[#extra + 1] = "Connection: close" end
+  if self.req and self.req.method == "HEAD" then body = "" end
   conn_write(self.conn, head_text(status, headers, extra) .. body)
   self:_done()
 end

@@ -178,7 +178,8 @@ function M.stage(weights, device, opts)
   local self = setmetatable({
     device = device, tier = tier, streaming = true, views = {}, small = {}, owned = {}, parts = {},
     slots = {}, pending = {}, order = {},
-    counters = { bytes = 0, gathered = 0, fetches = 0, wait_s = 0, layer_wait = {}, layer_bytes = {} },
+    counters = { bytes = 0, gathered = 0, fetches = 0, wait_s = 0, layer_wait = {}, layer_bytes = {},
+      queued_sum = 0, queued_n = 0 },
   }, Streaming)
   local ok, err = pcall(M.build, self, weights, opts)
   if not ok then
@@ -536,12 +537,15 @@ function Streaming:acquire(l)
     nl = self:next_layer(nl)
     if C.msh_ring_find(self.ring, nl) < 0 and not self:issue(nl) then break end
   end
+  local st = self.counters
+  if self.tier == "disk" then -- the layer reads queued on the disk once the prefetches are issued
+    st.queued_sum, st.queued_n = st.queued_sum + #self.pending, st.queued_n + 1
+  end
   -- uploads of reads already done go ahead now, except under ZeRO-3: there every rank must run
   -- its all-gathers at the same points of the program (another collective may come in between)
   if self.tier == "disk" and not self.comm then self:finish(nil) end
   fail(C.msh_stream_wait_event(nil, self.slots[s].ready.ptr))
   local dt = now() - t0
-  local st = self.counters
   st.fetches = st.fetches + 1
   st.wait_s = st.wait_s + dt
   st.layer_wait[l] = (st.layer_wait[l] or 0) + dt
@@ -561,7 +565,8 @@ function Streaming:output() return self.globals and self.globals:output() end
 
 -- stage:stats() -> { bytes (this rank's parts uploaded), gathered (bytes all-gathered), fetches,
 -- wait_s (host time inside acquire), layer_wait[l], layer_bytes[l], tier, prefetch, pinned, and for
--- the disk tier: read_bytes, read_wait_s, queue_depth, max_in_flight, uring, direct }
+-- the disk tier: read_bytes, read_wait_s, queue_depth, max_in_flight, uring, direct, and queued_sum /
+-- queued_n (layer reads queued on the disk after each acquire's prefetches, summed, and acquires) }
 function Streaming:stats()
   local st = {}
   for k, v in pairs(self.counters) do st[k] = v end
@@ -578,6 +583,7 @@ end
 function Streaming:reset_stats()
   local st = self.counters
   st.bytes, st.gathered, st.fetches, st.wait_s, st.layer_wait = 0, 0, 0, 0, {}
+  st.queued_sum, st.queued_n = 0, 0
 end
 
 -- Frees everything the stage holds (waits for reads and copies in flight first).
@@ -630,6 +636,7 @@ M.FLAGS = {
   { "zero", "int", "3: partition every layer over the data-parallel ranks and all-gather it just in time", min = 0, max = 3 },
   { "prefetch", "int", "layers fetched ahead (default: from free device memory, 2 on the CPU)", min = 0 },
   { "queue-depth", "int", "--disk-offload reads in flight", min = 1, max = 4096 },
+  { "kv-offload", "flag", "keep the KV cache in pinned host memory, read by the device across the link (batch x context beyond its memory)" },
 }
 
 -- Adds the flags to a moonshard.args spec.
@@ -653,6 +660,7 @@ function M.load_opts(o, into)
   if o.pin_memory then into.pin = true elseif o.no_pin_memory then into.pin = false end
   into.zero = (o.zero or 0) ~= 0 and o.zero or nil
   into.prefetch, into.queue_depth = o.prefetch, o.queue_depth
+  into.kv_offload = o.kv_offload or nil
   return into
 end
 

@@ -81,7 +81,8 @@ Recorder.__index = Recorder
 
 -- M.open(dir, opts?) -> recorder | nil, message. Creates dir when missing and (over)writes
 -- <dir>/rank<R>.jsonl. opts.rank (default: RANK or 0), opts.world, opts.meta (fields of the
--- "open" event).
+-- "open" event), opts.detail (false: no line per collective or per stage pass, only their totals
+-- and the caller's events: a long-running server writes a sample a second instead).
 function M.open(dir, opts)
   opts = opts or {}
   if type(dir) ~= "string" or dir == "" then error("telemetry.open: a directory is required", 2) end
@@ -93,7 +94,7 @@ function M.open(dir, opts)
   if not f then return nil, string.format("cannot write %s: %s", path, tostring(ferr)) end
   local self = setmetatable({
     dir = dir, path = path, file = f, rank = rank, comms = {}, stages = {},
-    totals = {}, line = { rank = rank },
+    totals = {}, line = { rank = rank }, detail = opts.detail ~= false,
   }, Recorder)
   local open = { unix = os.time(), world = opts.world }
   for k, v in pairs(opts.meta or {}) do open[k] = v end
@@ -105,7 +106,7 @@ end
 function M.null(opts)
   opts = opts or {}
   return setmetatable({ dir = nil, path = nil, file = { write = function() end, close = function() end },
-    rank = opts.rank or 0, comms = {}, stages = {}, totals = {}, line = { rank = opts.rank or 0 } }, Recorder)
+    rank = opts.rank or 0, comms = {}, stages = {}, totals = {}, line = { rank = opts.rank or 0 }, detail = false }, Recorder)
 end
 
 -- M.from_env(opts?) -> recorder when opts.dir or MSH_LOG_DIR names a folder, else nil.
@@ -138,9 +139,12 @@ end
 local function collective_writer(self, group)
   local line = { event = "collective", rank = self.rank, group = group }
   local totals = self.totals
+  local detail = self.detail
   return function(op, bytes, peer, t, seconds, on_device)
-    line.t, line.op, line.bytes, line.peer, line.seconds, line.device = t, op, bytes, peer, seconds, on_device
-    self.file:write(cjson.encode(line), "\n")
+    if detail then
+      line.t, line.op, line.bytes, line.peer, line.seconds, line.device = t, op, bytes, peer, seconds, on_device
+      self.file:write(cjson.encode(line), "\n")
+    end
     local tot = totals[op]
     if not tot then
       tot = { calls = 0, bytes = 0, seconds = 0 }
@@ -235,8 +239,10 @@ function Stage:resolve(wait, limit)
     local busy = M.elapsed(self.starts[i], self.ends[i], wait)
     if not busy then break end
     local gap = self.prev_end and M.elapsed(self.prev_end, self.starts[i], true) or nil
-    line.t, line.tokens, line.mb, line.busy_s, line.idle_s = self.hosts[i], self.tokens[i], self.mbs[i], busy, gap
-    self.tel.file:write(cjson.encode(line), "\n")
+    if self.tel.detail then
+      line.t, line.tokens, line.mb, line.busy_s, line.idle_s = self.hosts[i], self.tokens[i], self.mbs[i], busy, gap
+      self.tel.file:write(cjson.encode(line), "\n")
+    end
     self.busy = self.busy + busy
     if gap then self.idle = self.idle + math.max(gap, 0) end
     self.passes = self.passes + 1
