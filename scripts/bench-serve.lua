@@ -1,6 +1,17 @@
 -- Benchmark serving: replay N requests of given prompt/output lengths (random token ids, every
 -- request generating its full length) all at once or at a Poisson request rate, against the engine
 -- in this process (--model) or a running `moonshard serve` (--url); prints one JSON object.
+--
+-- The chunked-prefill effect: --long-prompts N sends N prompts of --long-len tokens once every
+-- other request is decoding (--long-at seconds after the last of them streamed its first token,
+-- --long-interval apart). The report's `long` part has their TTFT and the inter-token latency of
+-- the other requests' tokens that came while a long prompt waited for its first token
+-- (decode_itl_ms); `steps` (--model) has the largest step's token count, alone and among steps
+-- that also carried a decode. Run it twice, with and without --no-chunked-prefill: with chunking a
+-- long prompt is split into chunks of at most --max-tokens-per-step tokens (minus the step's
+-- decodes); without, a step must hold the whole prompt beside a full batch of decodes, so the
+-- budget grows to the longest prompt plus --max-batch (vLLM's max_num_batched_tokens >=
+-- max_model_len) and the running decodes wait for that step.
 local args = require "moonshard.args"
 local V = require "moonshard.validate"
 
@@ -16,6 +27,12 @@ local opts = args.parse(arg, {
   { "range-ratio", "number", "lengths drawn uniformly within +-ratio of the given ones (0: fixed)", default = 0, min = 0, max = 1 },
   { "request-rate", "number", "requests per second, Poisson arrivals (0: all at once)", default = 0, min = 0 },
   { "seed", "int", "seed of the lengths, ids and arrivals", default = 0, min = 0 },
+  { "long-prompts", "int", "long prompts sent while the other requests decode (the chunked-prefill effect)", default = 0, min = 0 },
+  { "long-len", "int", "prompt tokens of a long prompt", default = 1024, min = 1 },
+  { "long-output-len", "int", "tokens a long prompt generates", default = 4, min = 1 },
+  { "long-at", "number", "seconds after every other request streamed its first token that the first long prompt arrives", default = 0, min = 0 },
+  { "long-interval", "number", "seconds between long prompts (0: all at once)", default = 0, min = 0 },
+  { "no-chunked-prefill", "flag", "(--model) prompts computed whole: the step budget grows to the longest prompt plus --max-batch" },
   { "max-batch", "int", "sequences at once (--model)", default = 16, min = 1 },
   { "max-tokens-per-step", "int", "a step's token budget (--model)", default = 512, min = 1 },
   { "no-prefix-caching", "flag", "(--model) no reuse of cached prefix blocks" },
@@ -32,6 +49,9 @@ local function fail(msg)
   os.exit(1)
 end
 if (opts.model == nil) == (opts.url == nil) then fail("give --model or --url (one of them)") end
+if opts.url and opts.no_chunked_prefill then
+  fail("--no-chunked-prefill applies to the engine in this process (--model), not to a server")
+end
 
 local uv = require "luv"
 local cjson = require "cjson"
@@ -61,20 +81,46 @@ local function percentiles(xs)
   end
   local s = 0
   for _, x in ipairs(xs) do s = s + x end
-  return { p50 = p(0.5), p90 = p(0.9), p99 = p(0.99), mean = #xs > 0 and s / #xs * 1e3 or cjson.null }
+  return { p50 = p(0.5), p90 = p(0.9), p99 = p(0.99), max = p(1), mean = #xs > 0 and s / #xs * 1e3 or cjson.null,
+    n = #xs }
 end
 
 -- the target: submit(r, on_token(t), on_done(err)) for one request
 local submit, vocab, finish_target
+local steps -- (--model) the engine's steps: count, largest token counts
+local budget = opts.max_tokens_per_step
 if opts.model then
   local moonshard = require "moonshard"
+  -- the longest prompt; without chunked prefill a step holds it whole beside a full batch of
+  -- decodes. The runner's step rows (max-batch x chunk) are sized for that step either way, so
+  -- runs with and without chunking load the same model.
+  local longest = math.floor(opts.input_len * (1 + opts.range_ratio))
+  if opts.long_prompts > 0 then longest = math.max(longest, opts.long_len) end
+  if opts.no_chunked_prefill then budget = math.max(budget, longest + opts.max_batch) end
+  local chunk = math.ceil((longest + opts.max_batch) / opts.max_batch)
   local model, err = moonshard.load(opts.model, { device = opts.device, dtype = opts.dtype, max_seq = opts.max_seq,
-    batch = opts.max_batch, kv_blocks = not opts.slot_cache or nil })
+    batch = opts.max_batch, kv_blocks = not opts.slot_cache or nil, chunk = chunk > 256 and chunk or nil })
   if not model then fail(err) end
+  if opts.long_prompts > 0 and opts.long_len + opts.long_output_len > model.net.max_seq then
+    fail(string.format("--long-len %d with --long-output-len %d exceeds the context of %d tokens (--max-seq)",
+      opts.long_len, opts.long_output_len, model.net.max_seq))
+  end
   local engine
   engine, err = require("moonshard.engine").new(model, { max_batch = opts.max_batch,
-    max_tokens_per_step = opts.max_tokens_per_step, prefix_caching = not opts.no_prefix_caching, policy = opts.policy })
+    max_tokens_per_step = budget, prefix_caching = not opts.no_prefix_caching, policy = opts.policy,
+    chunked_prefill = not opts.no_chunked_prefill })
   if not engine then fail(err) end
+  budget = engine.sched.budget
+  steps = { count = 0, max_tokens = 0, max_tokens_with_decodes = 0, max_ms_with_decodes = 0, prefill_tokens = 0 }
+  engine.on_step = function(info)
+    steps.count = steps.count + 1
+    steps.prefill_tokens = steps.prefill_tokens + info.prefill_tokens
+    if info.tokens > steps.max_tokens then steps.max_tokens = info.tokens end
+    if info.decode_tokens > 0 then
+      if info.tokens > steps.max_tokens_with_decodes then steps.max_tokens_with_decodes = info.tokens end
+      if info.seconds * 1e3 > steps.max_ms_with_decodes then steps.max_ms_with_decodes = info.seconds * 1e3 end
+    end
+  end
   engine:attach(uv)
   vocab = model.net.vocab_size
   submit = function(r, on_token, on_done)
@@ -141,16 +187,47 @@ for i = 1, opts.num_requests do
   if opts.request_rate > 0 and i > 1 then t_arrive = t_arrive - math.log(1 - rnd()) / opts.request_rate end
   reqs[i] = { ids = ids, out = n_out, at = t_arrive, times = {} }
 end
+-- the long prompts: sent once every request above has streamed its first token
+local longs = {}
+for i = 1, opts.long_prompts do
+  local ids = {}
+  for k = 1, opts.long_len do ids[k] = math.floor(rnd() * vocab) end
+  longs[i] = { ids = ids, out = opts.long_output_len, at = opts.long_at + (i - 1) * opts.long_interval, times = {},
+    long = true }
+end
 
 local t0 = uv.hrtime()
-local pending, failures = #reqs, {}
-local function start(r)
+local pending, failures = #reqs + #longs, {}
+local waiting_first = #reqs -- requests yet to stream their first token
+local start
+local function send_longs()
+  for _, r in ipairs(longs) do
+    if r.at <= 0 then start(r) else
+      local t = uv.new_timer()
+      t:start(math.floor(r.at * 1000), 0, function() t:close() start(r) end)
+    end
+  end
+end
+start = function(r)
   r.t_start = uv.hrtime()
-  submit(r, function(t) r.times[#r.times + 1] = t end, function(err)
+  submit(r, function(t)
+    r.times[#r.times + 1] = t
+    if #r.times == 1 and not r.long then
+      waiting_first = waiting_first - 1
+      if waiting_first == 0 and #longs > 0 then -- from the loop, not inside the engine's step
+        local t1 = uv.new_timer()
+        t1:start(0, 0, function() t1:close() send_longs() end)
+      end
+    end
+  end, function(err)
     r.t_end = uv.hrtime()
     if err then failures[#failures + 1] = err end
     r.err = err
     pending = pending - 1
+    if not r.long and #r.times == 0 then -- ended without a token: the long prompts need not wait for it
+      waiting_first = waiting_first - 1
+      if waiting_first == 0 and #longs > 0 then send_longs() end
+    end
   end)
 end
 for _, r in ipairs(reqs) do
@@ -172,14 +249,46 @@ for _, r in ipairs(reqs) do
     for i = 2, #r.times do itl[#itl + 1] = (r.times[i] - r.times[i - 1]) / 1e9 end
   end
 end
+for _, r in ipairs(longs) do
+  if not r.err then
+    in_tokens = in_tokens + #r.ids
+    out_tokens = out_tokens + #r.times
+  end
+end
 local dur = (t1 - t0) / 1e9
+local long = cjson.null
+if #longs > 0 then
+  -- the other requests' inter-token gaps that ended while a long prompt waited for its first token
+  local ttft_long, during = {}, {}
+  local windows = {}
+  for _, r in ipairs(longs) do
+    if r.times[1] then
+      ttft_long[#ttft_long + 1] = (r.times[1] - r.t_start) / 1e9
+      windows[#windows + 1] = { r.t_start, r.times[1] }
+    end
+  end
+  for _, r in ipairs(reqs) do
+    for i = 2, #r.times do
+      local t = r.times[i]
+      for _, w in ipairs(windows) do
+        if t >= w[1] and t <= w[2] then during[#during + 1] = (t - r.times[i - 1]) / 1e9 break end
+      end
+    end
+  end
+  long = { prompts = #longs, len = opts.long_len, output_len = opts.long_output_len, at = opts.long_at,
+    interval = opts.long_interval, ttft_ms = percentiles(ttft_long), decode_itl_ms = percentiles(during) }
+end
 local result = {
-  target = opts.url or opts.model, requests = #reqs, completed = #reqs - #failures, failed = #failures,
+  target = opts.url or opts.model, requests = #reqs + #longs, completed = #reqs + #longs - #failures,
+  failed = #failures,
   first_error = failures[1] or cjson.null, input_len = opts.input_len, output_len = opts.output_len,
   range_ratio = opts.range_ratio, request_rate = opts.request_rate > 0 and opts.request_rate or "inf",
   duration_s = dur, prompt_tokens = in_tokens, output_tokens = out_tokens,
   output_tok_s = out_tokens / dur, total_tok_s = (in_tokens + out_tokens) / dur,
-  ttft_ms = percentiles(ttft), itl_ms = percentiles(itl),
+  ttft_ms = percentiles(ttft), itl_ms = percentiles(itl), long = long,
+  -- the engine in this process: its chunking, its step budget and its steps
+  chunked_prefill = cjson.null, max_tokens_per_step = cjson.null, steps = steps or cjson.null,
 }
+if opts.model then result.chunked_prefill, result.max_tokens_per_step = not opts.no_chunked_prefill, budget end
 io.stdout:write(cjson.encode(result), "\n")
 if #failures > 0 then os.exit(1) end
