@@ -66,12 +66,16 @@ static msh_status cuda_download(int device_index, void *dst, const void *src, ui
   if (s == MSH_OK) s = msh_cuda_check_not_capturing(d, "copying from the device to the host", __func__);
   if (s != MSH_OK) return s;
   if (!bytes) return MSH_OK;
-  CUDA_TRY(cudaMemcpyAsync(dst, src, (size_t)bytes, cudaMemcpyDeviceToHost, msh_cuda_cur(d)));
+  CUDA_TRY(cudaMemcpyAsync(dst, src, (size_t)bytes, cudaMemcpyDefault, msh_cuda_cur(d)));
   CUDA_TRY(cudaStreamSynchronize(msh_cuda_cur(d)));
   return MSH_OK;
 }
 
 /* ------------------------------------------------------------------------------- copies */
+
+/* Copies name no direction (cudaMemcpyDefault: unified addressing tells it from the addresses):
+ * a device tensor may be device-mapped host memory (msh_tensor_map_host), whose bytes are on
+ * the host although the tensor is this device's. */
 
 static msh_status cuda_copy(msh_tensor *dst, const msh_tensor *src) {
   msh_cuda_dev *d;
@@ -85,7 +89,7 @@ static msh_status cuda_copy(msh_tensor *dst, const msh_tensor *src) {
   int dc = msh_tensor_is_contiguous(dst), sc = msh_tensor_is_contiguous(src);
   if (dc && sc) {
     if (dst->dtype == src->dtype)
-      CUDA_TRY(cudaMemcpyAsync(dp, sp, (size_t)n * es, cudaMemcpyDeviceToDevice, msh_cuda_cur(d)));
+      CUDA_TRY(cudaMemcpyAsync(dp, sp, (size_t)n * es, cudaMemcpyDefault, msh_cuda_cur(d)));
     else
       CUDA_TRY(msh_k_convert(msh_cuda_cur(d), dp, dst->dtype, sp, src->dtype, n));
     return MSH_OK;
@@ -94,7 +98,7 @@ static msh_status cuda_copy(msh_tensor *dst, const msh_tensor *src) {
   if (msh_packed_rows(dst, &dr, &dcols, &dld) && msh_packed_rows(src, &sr, &scols, &sld)) {
     if (dst->dtype == src->dtype)
       CUDA_TRY(cudaMemcpy2DAsync(dp, (size_t)dld * es, sp, (size_t)sld * es, (size_t)dcols * es, (size_t)dr,
-                                 cudaMemcpyDeviceToDevice, msh_cuda_cur(d)));
+                                 cudaMemcpyDefault, msh_cuda_cur(d)));
     else
       CUDA_TRY(msh_k_copy_rows(msh_cuda_cur(d), dp, dst->dtype, dld, sp, src->dtype, sld, dr, dcols));
     return MSH_OK;
@@ -128,8 +132,7 @@ static msh_status cuda_copy_async(msh_tensor *dst, const msh_tensor *src, void *
                     host == dst->st ? "to" : "from", d->index);
   size_t bytes = (size_t)msh_dtype_bytes(src->dtype, msh_tensor_numel(src));
   if (!bytes) return MSH_OK;
-  CUDA_TRY(cudaMemcpyAsync(msh_tensor_ptr(dst), msh_tensor_ptr(src), bytes,
-                           host == dst->st ? cudaMemcpyDeviceToHost : cudaMemcpyHostToDevice, st));
+  CUDA_TRY(cudaMemcpyAsync(msh_tensor_ptr(dst), msh_tensor_ptr(src), bytes, cudaMemcpyDefault, st));
   return MSH_OK;
 }
 
@@ -634,10 +637,11 @@ static msh_status cuda_mem_info(int device_index, uint64_t *free_bytes, uint64_t
   return MSH_OK;
 }
 
-/* Page-locked host memory, pinned for every device (portable), zero-filled. */
+/* Page-locked host memory, pinned for every device (portable) and mapped into their address
+ * space (kernels may read and write it: cuda_host_map), zero-filled. */
 static msh_status cuda_host_alloc(uint64_t bytes, void **out) {
   void *p = NULL;
-  CUDA_TRY(cudaHostAlloc(&p, (size_t)bytes, cudaHostAllocPortable));
+  CUDA_TRY(cudaHostAlloc(&p, (size_t)bytes, cudaHostAllocPortable | cudaHostAllocMapped));
   memset(p, 0, (size_t)bytes);
   *out = p;
   return MSH_OK;
@@ -646,6 +650,29 @@ static msh_status cuda_host_alloc(uint64_t bytes, void **out) {
 static void cuda_host_release(void *p) {
   if (p) cudaFreeHost(p);
   (void)cudaGetLastError();
+}
+
+/* The device address of page-locked host memory from cuda_host_alloc. With unified addressing
+ * (every 64-bit Linux process) it is the host address itself and kernels reach the bytes over
+ * PCIe or NVLink-C2C as they load and store them; cudaHostGetDevicePointer says so where the
+ * driver maps host memory, and a device without unified addressing or mapping is refused. */
+static msh_status cuda_host_map(int device_index, void *host, uint64_t bytes, void **out) {
+  msh_cuda_dev *d;
+  msh_status s = msh_cuda_dev_get(device_index, &d);
+  if (s != MSH_OK) return s;
+  (void)bytes;
+  void *p = NULL;
+  if (cudaHostGetDevicePointer(&p, host, 0) == cudaSuccess && p) {
+    *out = p;
+    return MSH_OK;
+  }
+  (void)cudaGetLastError();
+  int uva = 0;
+  CUDA_TRY(cudaDeviceGetAttribute(&uva, cudaDevAttrUnifiedAddressing, device_index));
+  if (!uva)
+    return MSH_FAIL(MSH_EUNSUPPORTED, "CUDA device %d cannot map host memory (no unified addressing)", device_index);
+  *out = host;
+  return MSH_OK;
 }
 
 static const msh_backend cuda_backend = {
@@ -690,6 +717,7 @@ static const msh_backend cuda_backend = {
     .staging_stats = msh_cuda_staging_stats,
     .host_alloc = cuda_host_alloc,
     .host_release = cuda_host_release,
+    .host_map = cuda_host_map,
     .stream_new = msh_cuda_stream_new,
     .stream_free = msh_cuda_stream_free,
     .stream_sync = msh_cuda_stream_sync,

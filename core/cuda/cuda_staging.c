@@ -187,7 +187,7 @@ static msh_status staged_copy(msh_cuda_dev *d, void *dst, int dst_dt, const void
       } else {
         from = (const char *)src + b0;
       }
-      cudaError_t e = cudaMemcpyAsync(to, from, (size_t)n, cudaMemcpyHostToDevice, st);
+      cudaError_t e = cudaMemcpyAsync(to, from, (size_t)n, cudaMemcpyDefault, st); /* to: maybe mapped host */
       if (e == cudaSuccess) e = cudaStreamSynchronize(st);
       free(tmp);
       s = msh_cuda_check_at(MSH_CUDA_RT, e, "cudaMemcpyAsync", __FILE__, __LINE__, __func__);
@@ -200,7 +200,7 @@ static msh_status staged_copy(msh_cuda_dev *d, void *dst, int dst_dt, const void
         if (s != MSH_OK) goto done;
       }
       pack(g->buf[i], &sr, b0, n);
-      s = msh_cuda_check_at(MSH_CUDA_RT, cudaMemcpyAsync(to, g->buf[i], (size_t)n, cudaMemcpyHostToDevice, st),
+      s = msh_cuda_check_at(MSH_CUDA_RT, cudaMemcpyAsync(to, g->buf[i], (size_t)n, cudaMemcpyDefault, st),
                             "cudaMemcpyAsync", __FILE__, __LINE__, __func__);
       if (s == MSH_OK)
         s = msh_cuda_check_at(MSH_CUDA_RT, cudaEventRecord(g->ev[i], st), "cudaEventRecord", __FILE__, __LINE__,

@@ -194,6 +194,18 @@ int msh_tensor_is_contiguous(const msh_tensor *t);
 int msh_tensor_is_readonly(const msh_tensor *t);
 /* 1 for a view of memory from msh_tensor_new_pinned that was page-locked. */
 int msh_tensor_is_pinned(const msh_tensor *t);
+/* A tensor of device (device, device_index) over the bytes of a host tensor (same dtype, shape,
+ * strides and offset; it keeps host's memory alive): device-mapped host memory. The device's ops
+ * and copies take it as one of their own operands and read and write the host bytes directly
+ * across the link, at fixed addresses (a CUDA graph may record them). On the CPU the result is a
+ * plain view of host. Any other device needs host's memory page-locked by that device's backend
+ * (msh_tensor_new_pinned or a pinned pool's buffer; MSH_EINVAL for ordinary memory, which a
+ * device cannot reach) and a backend that maps host memory (MSH_EUNSUPPORTED otherwise);
+ * MSH_EINVAL when host is not a CPU tensor or the device does not exist. Nothing is made on
+ * failure. */
+msh_status msh_tensor_map_host(msh_tensor **out, msh_tensor *host, int device, int device_index);
+/* 1 for a tensor from msh_tensor_map_host on a device other than the CPU (and its views). */
+int msh_tensor_is_host_mapped(const msh_tensor *t);
 /* Address of element 0 (a device address for device tensors). */
 void *msh_tensor_data(const msh_tensor *t);
 

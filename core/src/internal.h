@@ -69,6 +69,9 @@ typedef struct msh_storage {
   msh_file *file;   /* a mapped file this storage keeps alive, or NULL */
   /* host memory page-locked by this backend (msh_tensor_new_pinned), which also frees it */
   const struct msh_backend *pinned_by;
+  /* device-mapped host memory (msh_tensor_map_host): base is the device's address of the
+   * page-locked bytes of this host storage, which it keeps alive (one reference); NULL otherwise */
+  struct msh_storage *host;
 } msh_storage;
 
 struct msh_tensor {
@@ -246,6 +249,10 @@ typedef struct msh_backend {
    * memory for msh_tensor_new_pinned, and its release. */
   msh_status (*host_alloc)(uint64_t bytes, void **out);
   void (*host_release)(void *p);
+  /* Optional (NULL: this backend's kernels cannot reach host memory): the address through which
+   * device_index's kernels and copies read and write `bytes` of page-locked host memory at host
+   * (from host_alloc), for msh_tensor_map_host. */
+  msh_status (*host_map)(int device_index, void *host, uint64_t bytes, void **out);
 
   /* Streams and events: optional, all or none. NULL: the backend runs work as it is issued (the
    * CPU), so core/src/stream.c makes a stream a token and an event a host timestamp, complete once

@@ -16,6 +16,7 @@ void msh_storage_release(msh_storage *st) {
     const msh_backend *be = msh_backend_find(st->device);
     if (be) be->release(st->device_index, st->base);
   }
+  msh_storage_release(st->host); /* a device-mapped view's host memory (NULL-safe) */
   msh_file_free(st->file);
   free(st);
 }
@@ -172,6 +173,36 @@ msh_status msh_tensor_new_pinned(msh_tensor **out, int dtype, int ndim, const in
   msh_storage_release(st);
   return s;
 }
+
+msh_status msh_tensor_map_host(msh_tensor **out, msh_tensor *host, int device, int device_index) {
+  if (!out || !host) return MSH_FAIL(MSH_EINVAL, "NULL argument");
+  if (host->st->device != MSH_CPU || host->st->host)
+    return MSH_FAIL(MSH_EINVAL, "the tensor to map is not in host memory (a %s tensor)",
+                    host->st->host ? "device-mapped" : "device");
+  if (device == MSH_CPU) /* the CPU reaches its own memory: a view */
+    return msh_tensor_make(out, host->st, host->dtype, host->ndim, host->shape, host->stride, host->offset);
+  const msh_backend *be = msh_backend_for(device);
+  if (!be) return MSH_EUNSUPPORTED;
+  msh_status s = msh_backend_check_index(be, device_index);
+  if (s != MSH_OK) return s;
+  if (host->st->pinned_by != be)
+    return MSH_FAIL(MSH_EINVAL, "%s device %d can reach only host memory its backend page-locked "
+                    "(msh_tensor_new_pinned); this tensor is in ordinary memory", be->name, device_index);
+  if (!be->host_map) return MSH_FAIL(MSH_EUNSUPPORTED, "%s devices cannot map host memory", be->name);
+  void *base = NULL;
+  s = be->host_map(device_index, host->st->base, host->st->bytes, &base);
+  if (s != MSH_OK) return s;
+  msh_storage *st = storage_new(device, device_index, base, host->st->bytes);
+  if (!st) return MSH_FAIL(MSH_ENOMEM, "out of memory");
+  st->readonly = host->st->readonly;
+  st->host = host->st;
+  host->st->refs++;
+  s = msh_tensor_make(out, st, host->dtype, host->ndim, host->shape, host->stride, host->offset);
+  msh_storage_release(st); /* the tensor holds the only reference now (or none on failure) */
+  return s;
+}
+
+int msh_tensor_is_host_mapped(const msh_tensor *t) { return t && t->st->host != NULL; }
 
 msh_status msh_tensor_from_file(msh_tensor **out, msh_file *f, uint64_t offset, int dtype, int ndim,
                                 const int64_t *shape) {
