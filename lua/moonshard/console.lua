@@ -319,7 +319,8 @@ function Console:start_sampling(ms)
 end
 
 -- The ranks' series of a sample: s.ranks = { { rank, age_s (since its last snapshot came),
--- collectives_ms = { op = ms/s }, bubble, weight_gbs, prefetch_stall_s, nvme_qd }, ... } and the
+-- collectives_ms = { op = ms/s }, bubble, weight_gbs, prefetch_stall_s, nvme_qd, and since the
+-- previous figures: calls (runner calls that ran passes), weight_bytes }, ... } and the
 -- run's figures over them (collectives_ms: the mean per rank of each kind; bubble: the mean of the
 -- stages'; weight_gbs: the sum; prefetch_stall_s and nvme_qd: the largest). Rank 0's snapshot is
 -- taken now; a follower's is the last it sent (moonshard.follow's stats), its rates computed on its
@@ -366,7 +367,7 @@ function Console:rank_series(s, sources, now)
         row[k] = rt[k]
         if rt[k] then agg[k][#agg[k] + 1] = rt[k] end
       end
-      row.calls = rt.calls
+      row.calls, row.weight_bytes = rt.calls, rt.weight_bytes
     end
     ranks[#ranks + 1] = row
   end

@@ -119,7 +119,8 @@ end
 
 -- M.rates(a, b) -> the per-second figures of a rank between snapshots a and b (b later):
 --   { collectives_ms = { op = ms of that kind per second }, bubble (idle share of the stage's time in
---   runner calls; nil without a pipeline or without calls), weight_gbs, prefetch_stall_s (seconds a
+--   runner calls; nil without a pipeline or without calls), weight_gbs (and weight_bytes between
+--   the two), prefetch_stall_s (seconds a
 --   second compute waited in acquire), nvme_qd (disk reads queued, mean over the fetches), calls }
 function M.rates(a, b)
   local dt = b.t - a.t
@@ -136,7 +137,8 @@ function M.rates(a, b)
   local sa, sb = a.stream, b.stream
   if sb then
     sa = sa or {}
-    r.weight_gbs = ((sb.bytes or 0) - (sa.bytes or 0)) / dt / 1e9
+    r.weight_bytes = (sb.bytes or 0) - (sa.bytes or 0)
+    r.weight_gbs = r.weight_bytes / dt / 1e9
     r.prefetch_stall_s = ((sb.wait_s or 0) - (sa.wait_s or 0)) / dt
     if sb.tier == "disk" then
       local n = (sb.queued_n or 0) - (sa.queued_n or 0)

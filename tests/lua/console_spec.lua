@@ -11,30 +11,37 @@ local metrics = require "moonshard.metrics"
 
 local KEY = "console-spec-key"
 
--- starts `moonshard serve ARGS --port 0`; returns { pid, port, url, log, dir }
-local function start(args)
+-- starts `moonshard serve ARGS --port 0`, or with o.n `moonshard launch -n N [o.launch] serve ...`
+-- (the run folder dir/logs); returns { pid, port, url, log, dir, logs }
+local function start(args, o)
+  o = o or {}
   local dir = h.tmpdir()
   local log = dir .. "/serve.log"
-  local parts = { "exec timeout -k 5 170", h.q(h.exe), "serve", "--model", h.q(h.stories), "--port", "0",
-    "--template", "chatml", "--quiet", "--eval-dir", h.q(dir .. "/evals") }
+  local parts = { "exec timeout -k 5 170", h.q(h.exe) }
+  if o.n then
+    for _, a in ipairs { "launch", "-n", tostring(o.n), "--grace", "3", "--log-dir", dir .. "/logs" } do parts[#parts + 1] = h.q(a) end
+    for _, a in ipairs(o.launch or {}) do parts[#parts + 1] = h.q(a) end
+  end
+  for _, a in ipairs { "serve", "--model", h.stories, "--port", "0", "--template", "chatml", "--quiet", "--eval-dir",
+    dir .. "/evals" } do parts[#parts + 1] = h.q(a) end
   for _, a in ipairs(args or {}) do parts[#parts + 1] = h.q(a) end
   local out = h.sh("(" .. table.concat(parts, " ") .. " >/dev/null 2>" .. h.q(log) .. " </dev/null) & echo $!")
   local pid = assert(tonumber(out:match("%d+")))
   local port
-  for _ = 1, 300 do
+  for _ = 1, 400 do
     local text = h.read(log) or ""
     port = text:match("listening on http://127%.0%.0%.1:(%d+)")
     if port or not h.running(pid) then break end
     uv.sleep(50)
   end
   assert(port, "serve did not start: " .. tostring(h.read(log)))
-  return { pid = pid, port = tonumber(port), url = "http://127.0.0.1:" .. port, log = log, dir = dir }
+  return { pid = pid, port = tonumber(port), url = "http://127.0.0.1:" .. port, log = log, dir = dir, logs = dir .. "/logs" }
 end
 
 local function stop(s)
   if not s then return end
   h.sh("kill " .. s.pid .. " 2>/dev/null")
-  for _ = 1, 100 do
+  for _ = 1, 300 do
     if not h.running(s.pid) then break end
     uv.sleep(20)
   end
@@ -73,6 +80,55 @@ end
 local function metric(s, name)
   local _, _, body = curl(s, "/metrics")
   return metrics.parse(body)[name]
+end
+
+-- the events stream's live samples (decoded, in order) read for `secs` seconds while, with load,
+-- completions of 48 tokens run one after another from 0.2 s in to 0.6 s before the end
+local function samples_during(s, secs, load)
+  local out_file = string.format("%s/events-%d.txt", s.dir, uv.hrtime())
+  local script = ""
+  if load then
+    local body = cjson.encode { prompt = "Once upon a time", max_tokens = 48, ignore_eos = true }
+    script = string.format("( sleep 0.2; end=$(( $(date +%%s%%N) / 1000000 + %d )); "
+      .. "while [ $(( $(date +%%s%%N) / 1000000 )) -lt $end ]; do curl -s -o /dev/null --max-time 5 "
+      .. "-H 'Content-Type: application/json' --data-binary %s %s; done ) >/dev/null 2>&1 & ",
+      math.floor((secs - 0.8) * 1000), h.q(body), h.q(s.url .. "/v1/completions"))
+  end
+  script = script .. string.format("curl -s -N --max-time %g %s > %s 2>/dev/null; wait", secs,
+    h.q(s.url .. "/v1/console/events"), h.q(out_file))
+  h.sh(script)
+  local body = h.read(out_file) or ""
+  local live = {}
+  for block in (body .. "\n\n"):gmatch("(.-)\n\n") do
+    local d = block:match("^data: (.*)$")
+    if d then live[#live + 1] = cjson.decode(d) end
+  end
+  return live, body
+end
+
+-- the first sample for which pred(sample) holds
+local function find(samples, pred)
+  for _, x in ipairs(samples) do if pred(x) then return x end end
+  return nil
+end
+
+-- bytes sent as they are on a new connection; everything the server writes until it closes
+local function raw_request(s, text)
+  local c, buf, done = uv.new_tcp(), "", false
+  c:connect("127.0.0.1", s.port, function(err)
+    if err then done = true return end
+    c:write(text)
+    c:read_start(function(_, data)
+      if data then buf = buf .. data else done = true end
+    end)
+  end)
+  local t = uv.new_timer()
+  t:start(5000, 0, function() done = true end)
+  while not done do uv.run("once") end
+  t:close()
+  c:close()
+  uv.run("nowait")
+  return buf
 end
 
 -- polls an eval job until it leaves queued/running
@@ -136,9 +192,73 @@ describe("moonshard.console warnings", function()
 end)
 
 describe("moonshard serve's web console routes", function()
-  local s
-  setup(function() s = start { "--api-key", KEY, "--max-body", "4096" } end)
-  teardown(function() stop(s) end)
+  local s, runs
+  setup(function()
+    runs = h.tmpdir()
+    s = start { "--api-key", KEY, "--max-body", "4096", "--runs-dir", runs }
+  end)
+  teardown(function()
+    stop(s)
+    h.rmdir(runs)
+  end)
+
+  it("answers HEAD with the file's length and no body, the connection kept for the next request", function()
+    local resp = raw_request(s, "HEAD /console.js HTTP/1.1\r\nHost: x\r\n\r\n"
+      .. "GET /console.css HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    local head1, head2, body2 = resp:match("^(.-\r\n)\r\n(HTTP/1%.1 .-\r\n)\r\n(.*)$")
+    assert.truthy(head1, resp)
+    assert.truthy(head1:match("^HTTP/1%.1 200 "), head1)
+    assert.truthy(head1:find("Content-Type: text/javascript", 1, true), head1)
+    assert.are.equal(#h.read(h.root .. "/web/console.js"), tonumber(head1:match("Content%-Length: (%d+)")))
+    -- the GET's answer follows the HEAD's headers directly: no body came between
+    assert.truthy(head2:match("^HTTP/1%.1 200 "), head2)
+    assert.are.equal(h.read(h.root .. "/web/console.css"), body2)
+    resp = raw_request(s, "HEAD / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    local head, rest = resp:match("^(.-\r\n)\r\n(.*)$")
+    assert.are.equal(#h.read(h.root .. "/web/index.html"), tonumber(head:match("Content%-Length: (%d+)")))
+    assert.are.equal("", rest)
+  end)
+
+  it("lists past runs of moonshard sweep (--runs-dir) and eval --jobs (in the eval folder) with their scores", function()
+    local sweep_file = runs .. "/mixed.lua"
+    h.write(sweep_file, string.format([[return { name = "mixed", command = { "bench", "eval" }, model = %q,
+      flags = { bench = { ["gen-len"] = 8, ["prompt-len"] = 16, loops = 2, ["no-ceilings"] = true, threads = 1 },
+        eval = { limit = 8, tasks = "arc_easy" } } }]], h.stories))
+    local _, err, code = h.run { "sweep", sweep_file, "--dir", runs .. "/mixed", "--no-plots" }
+    assert.are.equal(0, code, err)
+    _, err, code = h.run { "eval", "--model", h.stories, "--tasks", "arc_easy,piqa", "--limit", "8", "--jobs", "2",
+      "--jobs-dir", s.dir .. "/evals/planned", "--output", runs .. "/planned.json" }
+    assert.are.equal(0, code, err)
+    local status, list = json(s, "/v1/console/evals")
+    assert.are.equal(200, status)
+    local by = {}
+    for _, r in ipairs(list.runs) do by[r.id] = r end
+    -- the sweep's points: the eval's scores as its results line has them, the bench's figures
+    local lines = {}
+    for l in h.read(runs .. "/mixed/results.jsonl"):gmatch("[^\n]+") do lines[#lines + 1] = cjson.decode(l) end
+    local ev = by["mixed/p002"]
+    assert.truthy(ev, cjson.encode(list.runs))
+    assert.are.same({ "sweep eval", "done", 8 }, { ev.kind, ev.state, ev.limit })
+    assert.are.equal(lines[2].result.results.arc_easy["acc,none"], ev.scores.arc_easy["acc,none"])
+    local bench = by["mixed/p001"]
+    assert.are.same({ "sweep bench", "done" }, { bench.kind, bench.state })
+    assert.are.equal(lines[1].metrics.decode_tok_s, bench.metrics.decode_tok_s)
+    assert.is_true(math.abs(bench.date - os.time()) < 120, tostring(bench.date))
+    -- the planned eval: one run of both jobs, the scores of the merged results
+    local merged = cjson.decode(h.read(runs .. "/planned.json")).results
+    local pl = by.planned
+    assert.truthy(pl, cjson.encode(list.runs))
+    assert.are.same({ "eval --jobs", "done", 2, 8 }, { pl.kind, pl.state, pl.jobs, pl.limit })
+    assert.are.equal(merged.arc_easy["acc,none"], pl.scores.arc_easy["acc,none"])
+    assert.are.equal(merged.piqa["acc_norm,none"], pl.scores.piqa["acc_norm,none"])
+    -- a job that failed: the run says which
+    local f = io.open(s.dir .. "/evals/planned/events.jsonl", "ab")
+    f:write(cjson.encode { event = "job_done", job = 2, exit = 1, signal = 0 }, "\n")
+    f:close()
+    _, list = json(s, "/v1/console/evals")
+    for _, r in ipairs(list.runs) do if r.id == "planned" then pl = r end end
+    assert.are.same({ "failed", "job 2 exit 1" }, { pl.state, pl.error })
+  end)
 
   it("serves the page's files with their types, an ETag and 304, without the key", function()
     local status, head, body = curl(s, "/", { key = false })
@@ -322,8 +442,146 @@ describe("moonshard serve's web console routes", function()
   end)
 end)
 
+-- the ranks' pids from the launcher's descriptor in the run folder
+local function rank_pids(s)
+  local desc = cjson.decode(h.read(s.logs .. "/launch.json"))
+  local pids = {}
+  for _, r in ipairs(desc.ranks) do pids[r.rank] = r.pid end
+  return pids
+end
+
+-- the "sample" events of a rank's JSON Lines file
+local function jsonl_samples(path)
+  local out = {}
+  for l in (h.read(path) or ""):gmatch("[^\n]+") do
+    local e = cjson.decode(l)
+    if e.event == "sample" then out[#out + 1] = e end
+  end
+  return out
+end
+
+describe("the console's telemetry of every rank", function()
+  it("launch -n 2 serve --tp 2: collective time by kind from both ranks; thresholds from --console-thresholds; "
+    .. "a stopped follower flagged silent, then heard again", function()
+    local th_dir = h.tmpdir()
+    local th_file = th_dir .. "/thresholds.lua"
+    h.write(th_file, "return { rank_silent_s = 2, queue_length = 32 }\n")
+    local s = start({ "--tp", "2", "--console-thresholds", th_file }, { n = 2, launch = { "--collective-timeout", "3" } })
+    local pids
+    local ok, err = pcall(function()
+      local _, info = json(s, "/v1/console/info")
+      assert.are.same({ 2, 32, 0.25 }, { info.thresholds.rank_silent_s, info.thresholds.queue_length, info.thresholds.bubble })
+      assert.are.same({ 2, 1, 2 }, { info.placement.tp, info.placement.pp, info.placement.world })
+      local live = samples_during(s, 3.5, true)
+      local both = find(live, function(x)
+        return #x.ranks == 2 and x.ranks[1].collectives_ms and x.ranks[2].collectives_ms
+          and (x.ranks[1].collectives_ms.all_reduce or 0) > 0 and (x.ranks[2].collectives_ms.all_reduce or 0) > 0
+      end)
+      assert.truthy(both, cjson.encode(live))
+      assert.is_true(both.sources.collectives)
+      assert.is_false(both.sources.bubble) -- no pipeline
+      assert.are.same({ 0, 1 }, { both.ranks[1].rank, both.ranks[2].rank })
+      assert.is_true(both.collectives_ms.all_reduce > 0)
+      assert.are.same({}, both.warnings)
+      -- each rank's log file: a sample a second with its collectives so far
+      for r = 0, 1 do
+        local samples = jsonl_samples(string.format("%s/rank%d.jsonl", s.logs, r))
+        assert.is_true(#samples >= 2, "rank " .. r)
+        assert.is_true(samples[#samples].collectives.all_reduce.seconds > 0, "rank " .. r)
+        assert.are.equal(r, samples[#samples].rank)
+      end
+      -- rank 1 stopped: rank 0 goes on sampling and says so once 2 s have passed without its figures
+      pids = rank_pids(s)
+      h.sh("kill -STOP " .. pids[1])
+      live = samples_during(s, 3.6, false)
+      local silent = find(live, function(x) return #x.warnings > 0 end)
+      assert.truthy(silent, cjson.encode(live))
+      assert.are.equal("rank_silent", silent.warnings[1].key)
+      assert.truthy(silent.warnings[1].message:find("rank 1 has been silent for", 1, true), silent.warnings[1].message)
+      assert.is_true(silent.ranks[2].age_s > 2)
+      assert.is_nil(silent.ranks[2].collectives_ms) -- no figures from a silent rank
+      assert.is_true(silent.ranks[1].age_s < 1e-3)
+      h.sh("kill -CONT " .. pids[1])
+      live = samples_during(s, 2.2, false)
+      assert.are.same({}, live[#live].warnings)
+      assert.is_true(live[#live].ranks[2].age_s < 2)
+    end)
+    if pids then h.sh("kill -CONT " .. pids[1] .. " 2>/dev/null") end
+    stop(s)
+    h.rmdir(th_dir)
+    assert(ok, err)
+  end)
+
+  it("launch -n 2 serve --pp 2: each stage's pipeline bubble", function()
+    local s = start({ "--pp", "2" }, { n = 2 })
+    local ok, err = pcall(function()
+      local live = samples_during(s, 3.5, true)
+      local x = find(live, function(y) return type(y.ranks[1].bubble) == "number" and type(y.ranks[2].bubble) == "number" end)
+      assert.truthy(x, cjson.encode(live))
+      assert.is_true(x.sources.bubble)
+      for _, r in ipairs(x.ranks) do assert.is_true(r.bubble > 0 and r.bubble < 1, cjson.encode(r)) end
+      assert.is_true(math.abs(x.bubble - (x.ranks[1].bubble + x.ranks[2].bubble) / 2) < 1e-9)
+      -- the stages pass activations: sends on stage 0, receives on stage 1
+      assert.is_true((x.ranks[1].collectives_ms.send or 0) > 0, cjson.encode(x.ranks[1]))
+      assert.is_true((x.ranks[2].collectives_ms.recv or 0) > 0, cjson.encode(x.ranks[2]))
+      -- idle between requests is no bubble: no figure while no runner call is made
+      live = samples_during(s, 2.2, false)
+      assert.is_nil(live[#live].bubble, cjson.encode(live[#live]))
+    end)
+    stop(s)
+    assert(ok, err)
+  end)
+
+  -- the bytes of stories260K's layers as a streaming stage packs them
+  local layer_bytes = 0
+  setup(function()
+    local model = assert(require("moonshard").load(h.stories, { offload = "host" }))
+    for _, b in pairs(model.net.stage:stats().layer_bytes) do layer_bytes = layer_bytes + b end
+    model:close()
+    assert(layer_bytes > 5 * 100000, layer_bytes)
+  end)
+
+  for _, case in ipairs { { "--cpu-offload" }, { "--disk-offload", "--offload-dir" } } do
+    it("serve " .. case[1] .. ": the weight stream in GB/s" .. (case[2] and ", the disk reads queued" or ""), function()
+      local off
+      local args = { case[1] }
+      if case[2] then
+        off = h.tmpdir()
+        args[2], args[3] = case[2], off
+      end
+      local s = start(args)
+      local ok, err = pcall(function()
+        local _, info = json(s, "/v1/console/info")
+        assert.are.equal(case[2] and "disk" or "host", info.placement.offload)
+        local live = samples_during(s, 3, true)
+        local x = find(live, function(y) return (y.weight_gbs or 0) > 0 end)
+        assert.truthy(x, cjson.encode(live))
+        assert.is_true(x.sources.weight_stream and x.sources.prefetch)
+        assert.is_false(x.sources.collectives)
+        assert.are.equal(x.weight_gbs, x.ranks[1].weight_gbs)
+        assert.are.equal("number", type(x.prefetch_stall_s))
+        -- every runner call (one pass) brings each of the 5 layers in once
+        local r = x.ranks[1]
+        assert.is_true(r.calls > 10, cjson.encode(r))
+        local per_call = r.weight_bytes / r.calls
+        assert.is_true(math.abs(per_call - layer_bytes) < 0.02 * layer_bytes, per_call .. " vs " .. layer_bytes)
+        if case[2] then
+          assert.is_true(x.sources.nvme)
+          assert.is_true(x.nvme_qd > 0, tostring(x.nvme_qd))
+        else
+          assert.is_false(x.sources.nvme)
+          assert.is_nil(x.nvme_qd)
+        end
+      end)
+      stop(s)
+      if off then h.rmdir(off) end
+      assert(ok, err)
+    end)
+  end
+end)
+
 describe("the web console in headless Chromium", function()
-  it("chats, stops, evaluates, charts and notices the server gone", function()
+  it("chats, stops, evaluates, charts, notices the server gone, and charts collectives of two ranks", function()
     local chromium = h.sh("command -v chromium || command -v chromium-browser"):match("%S+")
     local driver = h.sh("command -v chromedriver"):match("%S+")
     local _, has_selenium = h.sh("python3 -c 'import selenium' 2>/dev/null")
@@ -339,10 +597,12 @@ describe("the web console in headless Chromium", function()
     local shots = h.root .. "/build/console-screenshots"
     h.sh("mkdir -p " .. h.q(shots))
     local s = start { "--api-key", KEY }
+    local s2 = start({ "--tp", "2" }, { n = 2 })
     local ok, out, code = pcall(h.sh, string.format("timeout -k 5 90 python3 %s %s %s --api-key %s --pid %d "
-      .. "--chromium %s --chromedriver %s 2>&1", h.q(h.root .. "/tests/web/console_browser.py"), h.q(s.url), h.q(shots),
-      h.q(KEY), s.pid, h.q(chromium), h.q(driver)))
+      .. "--chromium %s --chromedriver %s --ranks-url %s 2>&1", h.q(h.root .. "/tests/web/console_browser.py"), h.q(s.url),
+      h.q(shots), h.q(KEY), s.pid, h.q(chromium), h.q(driver), h.q(s2.url)))
     stop(s)
+    stop(s2)
     print("console_spec: screenshots in " .. shots)
     assert.is_true(ok, out)
     assert.are.equal(0, code, out)
@@ -350,7 +610,12 @@ describe("the web console in headless Chromium", function()
     assert.are.equal(1, seen.stop.cancelled)
     assert.is_true(seen.chart_points[2] > seen.chart_points[1])
     assert.truthy(seen.banner:find("not answering", 1, true))
-    for _, f in ipairs { "console-chat.png", "console.png", "console-gone.png" } do
+    -- two ranks: a line of points per rank and kind
+    assert.is_true(seen.ranks.values > 0, out)
+    local series = {}
+    for _, x in ipairs(seen.ranks.series) do series[x] = true end
+    assert.is_true(series["r0 all_reduce"] and series["r1 all_reduce"], out)
+    for _, f in ipairs { "console-chat.png", "console.png", "console-gone.png", "console-ranks.png" } do
       local st = uv.fs_stat(shots .. "/" .. f)
       assert.truthy(st and st.size > 10000, f)
     end

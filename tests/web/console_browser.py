@@ -1,9 +1,11 @@
 """The web console in headless Chromium (WebDriver through selenium) against a running
 `moonshard serve`: the API key prompt, a streamed chat answer, Stop freeing the request on the
 server (its /metrics), a 20-item arc_easy eval and its table, telemetry charts gaining points,
-and the banner once the server is gone. Screenshots go to OUTDIR.
+and the banner once the server is gone; with --ranks-url, a server of two tensor-parallel ranks
+(`moonshard launch -n 2 serve --tp 2`, no key) whose collectives chart draws both ranks' all-reduce
+time while completions run. Screenshots go to OUTDIR.
 
-    python3 tests/web/console_browser.py URL OUTDIR --api-key KEY --pid SERVER_PID
+    python3 tests/web/console_browser.py URL OUTDIR --api-key KEY --pid SERVER_PID [--ranks-url URL2]
 
 Prints one JSON line of what it saw; exits non-zero (with the reason) on a failed check.
 """
@@ -51,6 +53,17 @@ def background_completion(url, key):
     urllib.request.urlopen(req, timeout=60).read()
 
 
+def load_until(url, stop, key=None):
+    """completions one after another until stop is set"""
+    body = json.dumps({"prompt": "Once upon a time", "max_tokens": 48, "ignore_eos": True}).encode()
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = "Bearer " + key
+    while not stop.is_set():
+        urllib.request.urlopen(urllib.request.Request(url + "/v1/completions", data=body, headers=headers),
+                               timeout=30).read()
+
+
 def cancelled_total(m):
     return sum(v for k, v in m.items() if k.startswith("moonshard_requests_cancelled_total"))
 
@@ -63,6 +76,7 @@ def main():
     ap.add_argument("--pid", type=int, required=True)
     ap.add_argument("--chromium", default="/usr/bin/chromium")
     ap.add_argument("--chromedriver", default="/usr/bin/chromedriver")
+    ap.add_argument("--ranks-url")
     a = ap.parse_args()
     os.makedirs(a.outdir, exist_ok=True)
     seen = {}
@@ -214,6 +228,38 @@ def main():
         seen["console_errors"] = [e["message"] for e in logs]
         if logs:
             fail("the page logged errors: %r" % seen["console_errors"])
+
+        # -- two tensor-parallel ranks: the collectives chart draws each rank's all-reduce time
+        if a.ranks_url:
+            drv.get(a.ranks_url + "/")
+            wait.until(lambda d: "tp 2" in d.find_element(By.ID, "model-line").text)
+            stop = threading.Event()
+            loader = threading.Thread(target=load_until, args=(a.ranks_url, stop))
+            loader.start()
+
+            def both_ranks(d):
+                text = d.find_element(By.CSS_SELECTOR, "#chart-collectives .now").text
+                vals = {}
+                for part in text.replace(" ms/s", "").split(" · "):
+                    bits = part.split(" ")
+                    if len(bits) == 3:
+                        try:
+                            vals[bits[0] + " " + bits[1]] = float(bits[2])
+                        except ValueError:
+                            pass
+                ok = vals.get("r0 all_reduce", 0) > 0 and vals.get("r1 all_reduce", 0) > 0
+                return (text, vals) if ok else False
+            try:
+                text, vals = WebDriverWait(drv, 12, poll_frequency=0.1).until(both_ranks)
+            finally:
+                stop.set()
+                loader.join()
+            chart = drv.find_element(By.ID, "chart-collectives")
+            seen["ranks"] = {"collectives": text, "values": int(chart.get_attribute("data-values")),
+                             "series": chart.get_attribute("data-series").split(",")}
+            if "na" in chart.get_attribute("class").split():
+                fail("the collectives chart says n/a on two ranks")
+            drv.save_screenshot(os.path.join(a.outdir, "console-ranks.png"))
     except Exception:
         try:
             drv.save_screenshot(os.path.join(a.outdir, "console-failure.png"))
