@@ -93,10 +93,19 @@ if log_dir and log_dir ~= "" then
   net:observe(tel)
 end
 
+-- under moonshard launch every rank listens for REPL sessions (moonshard attach), answered
+-- between tokens; a single process does not
+local live = model.dist and require "moonshard.live"
+if live then
+  live.listen { name = "generate", model = model, pg = model.dist, telemetry = tel, quiet = quiet,
+    tcp = os.getenv("MSH_REPL") }
+end
+
 local stats, gerr = model:generate({
   prompt = opts.prompt, max_tokens = opts.max_tokens, temperature = opts.temperature,
   top_k = opts.top_k, top_p = opts.top_p, seed = seed,
 }, function(text)
+  if live then live.poll() end
   if quiet then return end
   io.stdout:write(text)
   local ok, werr = io.stdout:flush()
