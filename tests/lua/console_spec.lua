@@ -178,6 +178,31 @@ describe("moonshard.console warnings", function()
     assert.are.equal("gpu", w[1].key)
   end)
 
+  it("turns two snapshots of a rank into per-second figures", function()
+    local rates = require("moonshard.serve_telemetry").rates
+    local a = { t = 10, calls = 5, busy_s = 1, idle_s = 1, pp = 2, coll = { all_reduce = { seconds = 0.5 } },
+      stream = { tier = "disk", bytes = 1e9, wait_s = 0.1, queued_sum = 10, queued_n = 5 } }
+    local b = { t = 12, calls = 25, busy_s = 1.6, idle_s = 1.2, pp = 2,
+      coll = { all_reduce = { seconds = 0.9 }, send = { seconds = 0.02 } },
+      stream = { tier = "disk", bytes = 5e9, wait_s = 0.3, queued_sum = 40, queued_n = 15 } }
+    local r = rates(a, b)
+    assert.are.equal(20, r.calls)
+    assert.is_true(math.abs(r.collectives_ms.all_reduce - 200) < 1e-9)
+    assert.is_true(math.abs(r.collectives_ms.send - 10) < 1e-9)
+    assert.is_true(math.abs(r.bubble - 0.2 / 0.8) < 1e-12) -- 0.2 s idle of 0.8 s in calls
+    assert.are.same({ 4e9, 2 }, { r.weight_bytes, r.weight_gbs })
+    assert.is_true(math.abs(r.prefetch_stall_s - 0.1) < 1e-12)
+    assert.are.equal(3, r.nvme_qd) -- 30 reads queued over 10 fetches
+    -- one stage: no bubble; no calls between the two: no bubble either; the same instant: nothing
+    b.pp = 1
+    assert.is_nil(rates(a, b).bubble)
+    b.pp, b.busy_s, b.idle_s = 2, 1, 1
+    assert.is_nil(rates(a, b).bubble)
+    assert.is_nil(rates(a, a))
+    assert.are.equal(1796646811, console.iso_time("2026-12-07T12:33:31Z"))
+    assert.are.equal(951782400, console.iso_time("2000-02-29T00:00:00Z"))
+  end)
+
   it("fills thresholds from the defaults and names a bad one", function()
     local t = assert(console.thresholds { bubble = 0.5 })
     assert.are.equal(0.5, t.bubble)
