@@ -30,6 +30,8 @@ Model.__index = Model
 --   (--disk-offload) with opts.offload_dir, opts.pin (true / false / nil: pinned where allowed),
 --   opts.prefetch (layers ahead), opts.zero = 3 (each data-parallel rank keeps 1/R of every layer,
 --   all-gathered just in time; without an offload tier the parts stay on the device)
+--   opts.kv_offload = true (--kv-offload): the KV cache in pinned host memory, which the device's
+--   kernels read and write across the link (moonshard.kv_offload; opts.pin applies to it too)
 function M.load(path, opts)
   opts = opts or {}
   -- before any weight or pinned buffer is allocated: this rank's NUMA node (moonshard.topology.bind)
@@ -53,7 +55,7 @@ function M.load(path, opts)
   local net
   net, err = require("moonshard.runner").build(desc, {
     device = device, max_seq = opts.max_seq, chunk = opts.chunk, kv_dtype = opts.kv_dtype, batch = opts.batch,
-    kv_blocks = opts.kv_blocks, block_size = opts.block_size,
+    kv_blocks = opts.kv_blocks, block_size = opts.block_size, kv_offload = opts.kv_offload,
     dtype = opts.dtype or (device ~= "cpu" and "bf16" or nil), float_dtype = "f32", fuse = opts.fuse,
     layers = par and par.layers, embed = not par or par.first_stage, head = not par or par.last_stage,
     tp_comm = par and par.tp_comm, pp_comm = par and par.pp_comm, graphs = opts.graphs,

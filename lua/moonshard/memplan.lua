@@ -109,14 +109,18 @@ end
 --                     leave out the embedding / the final norm and output head
 --   opts.tp           tensor-parallel degree to apply to desc (default 1: desc as it is)
 --   opts.fuse         false: the layers keep q/k/v and gate/up apart (as moonshard.stage's opts.fuse)
+--   opts.kv_offload   true: the KV cache lives in pinned host memory (--kv-offload)
 --   opts.kv_blocks    a paged KV cache (moonshard serve, moonshard.load's kv_blocks): a pool of
 --                     kv_blocks blocks of opts.block_size (default 16) positions shared by the
 --                     batch, counted instead of batch x max_seq positions (true: batch x
 --                     ceil(max_seq / block_size) blocks, as the runner makes), with the step's
 --                     staging rows and block tables among the activations
--- need = { weights, in_place, kv, act, scratch, total, params, kv_per_position, weights_dtype,
---          kv_dtype, max_seq, batch, tp, layers = { first, last }, kv_blocks, block_size }
+-- need = { weights, in_place, kv, act, scratch, total, host, params, kv_per_position, weights_dtype,
+--          kv_dtype, max_seq, batch, tp, layers = { first, last }, cpu, kv_blocks, block_size }
 --          (kv_blocks, block_size: the paged pool's, nil without one)
+-- Two columns: `total` is what the device holds, `host` what lives in (pinned) host memory, the
+-- KV cache under opts.kv_offload (then in `kv` and `host`, not in `total`). On the CPU both are
+-- the one memory, and a check counts their sum.
 -- On the CPU `weights` counts only the weights placing allocates (drawn, converted to another
 -- dtype, or stacked); those used in place from the mapped file are `in_place` bytes, not in total.
 function M.estimate(desc, opts)
@@ -200,9 +204,10 @@ function M.estimate(desc, opts)
   -- device scratch: activations converted to 16 bits for the GEMMs, plus the fixed reserve
   local scratch = 0
   if kind == 1 then scratch = T * 2 * 1.25 + M.GPU_RESERVE end
+  local host = opts.kv_offload and kv or 0
   return {
     weights = weights, in_place = in_place, kv = kv, act = act, scratch = scratch,
-    total = weights + kv + act + scratch,
+    total = weights + kv - host + act + scratch, host = host, cpu = kind == 0,
     params = params, kv_per_position = kv_per_position, weights_dtype = main or opts.dtype or "f32",
     kv_dtype = kv_dtype, max_seq = max_seq, batch = batch, tp = tp, layers = { first, last },
     kv_blocks = kv_blocks, block_size = block_size,
@@ -244,7 +249,8 @@ end
 
 -- ---------------------------------------------------------------------------- suggestions
 
-local function fits(need, free) return need.total <= free end
+-- (on the CPU the host column is the same memory as the device's)
+local function fits(need, free) return need.total + (need.cpu and need.host or 0) <= free end
 
 -- Largest x in [lo, hi] with ok(x) (ok monotone: true up to some point), or nil.
 local function largest(lo, hi, ok)
@@ -378,6 +384,13 @@ function M.suggest(desc, opts, free)
     local o = setmetatable({ kv_dtype = "bf16" }, { __index = opts })
     if fits(M.estimate(desc, o), free) then out[#out + 1] = { flag = "--kv-dtype bf16" } end
   end
+  -- on a GPU, the KV cache in pinned host memory
+  if not cpu and not opts.kv_offload and base.kv > 0 then
+    local o = setmetatable({ kv_offload = true }, { __index = opts })
+    if fits(M.estimate(desc, o), free) then
+      out[#out + 1] = { flag = "--kv-offload", note = string.format("%s of KV cache in pinned host memory", gib(base.kv)) }
+    end
+  end
   return out
 end
 
@@ -451,17 +464,21 @@ function M.check(desc, opts)
   local parts = { string.format("%s of weights (%s)", gib(need.weights), wdesc) }
   local positions = need.kv_blocks and string.format("a pool of %d blocks x %d positions", need.kv_blocks,
     need.block_size) or string.format("%d positions x %d", need.max_seq, need.batch)
-  if need.max_seq > 0 then
+  if need.max_seq > 0 and need.host == 0 then
     parts[#parts + 1] = string.format("%s of KV cache (%s, %s)", gib(need.kv), need.kv_dtype, positions)
+  elseif need.max_seq > 0 and kind == "cpu" then
+    parts[#parts + 1] = string.format("%s of KV cache in pinned memory (%s, %s)", gib(need.kv), need.kv_dtype,
+      positions)
   end
   parts[#parts + 1] = string.format("%s of activations and scratch", gib(need.act + need.scratch))
   local msg
   if kind == "cpu" then
     msg = string.format("%s needs %s = %s of memory on the CPU, which has %s available%s", M.describe(desc),
-      table.concat(parts, " + "), gib(need.total), gib(free), total and (" of " .. gib(total)) or "")
+      table.concat(parts, " + "), gib(need.total + need.host), gib(free), total and (" of " .. gib(total)) or "")
   else
-    msg = string.format("%s needs %s = %s on %s, which has %s free%s", M.describe(desc), table.concat(parts, " + "),
-      gib(need.total), device, gib(free), total and (" of " .. gib(total)) or "")
+    msg = string.format("%s needs %s = %s on %s, which has %s free%s%s", M.describe(desc), table.concat(parts, " + "),
+      gib(need.total), device, gib(free), total and (" of " .. gib(total)) or "",
+      need.host > 0 and string.format(" (its %s of KV cache is in pinned host memory)", gib(need.host)) or "")
   end
   local sugg = M.suggest(desc, opts, free)
   if #sugg == 0 and kind == "cpu" then

@@ -90,6 +90,9 @@ end
 --   opts.kv_blocks a paged KV cache (runner:step with block tables, below): each layer's K and V
 --                  are a pool of kv_blocks blocks of opts.block_size (default 16) positions, in
 --                  place of the batch x max_seq slots (true: as many blocks as those slots hold)
+--   opts.kv_offload the KV cache (either form) in pinned host memory, read and written by the
+--                  device's kernels across the link (moonshard.kv_offload); opts.pin as
+--                  moonshard.offload's (true: pinned or fail; nil: else where it would be, warned)
 function M.new(desc, opts)
   opts = opts or {}
   assert(M.validate(desc))
@@ -116,6 +119,7 @@ function M.new(desc, opts)
     layers = { self.first_layer, self.last_layer }, arch = desc.arch,
     embed = self.pp_rank == 0, head = self.pp_rank == self.pp_size - 1,
     plan = { desc = desc, max_seq = self.max_seq, kv_dtype = opts.kv_dtype, chunk = opts.chunk, batch = opts.batch,
+      kv_offload = opts.kv_offload,
       kv_blocks = opts.kv_blocks, block_size = opts.block_size },
   })
   self.act = arena.new(self.device) -- activation buffers, host staging and every view of them
@@ -196,6 +200,23 @@ function M.init(self, desc, opts)
     local row = cache:keep(t:narrow(1, 0, 1))
     return cache:keep(row:reshape { S, KVH, hd })
   end
+  if opts.kv_offload then
+    -- every layer's K and V from one pinned pool, seen by the device (or, refused with a warning
+    -- the user allowed, the cache stays in the arena made for it)
+    local shape = { Bm, S, KVH, hd }
+    if opts.kv_blocks then
+      local nb, bs = M.paged_dims(self, opts)
+      shape = { nb, bs, KVH, hd }
+    end
+    local sizes, kvo = {}, require "moonshard.kv_offload"
+    for i = 1, 2 * (self.last_layer - self.first_layer + 1) do sizes[i] = kvo.nbytes(shape, kvdt) end
+    local host = kvo.arena(self.device, sizes, { pin = opts.pin })
+    if host then
+      cache:close()
+      cache = host
+      self.cache = host
+    end
+  end
   if opts.kv_blocks then
     M.init_paged(self, opts, kvdt)
   else
@@ -205,6 +226,7 @@ function M.init(self, desc, opts)
       self.kv[l] = { K = K, V = V, k = slot0(K), v = slot0(V) }
     end
   end
+  self.kv_host = cache.info and cache:info() or nil -- where --kv-offload put the cache
 
   -- the constants every step context reads (its metatable's __index)
   self.const = {
@@ -644,13 +666,19 @@ end
 -- ctx_len (B), last_rows (B: each sequence's last row, whose logits the step returns),
 -- block_table (B, max_blocks).
 
--- Allocates the pools and the step arrays (M.init's paged branch).
-function M.init_paged(self, opts, kvdt)
+-- The pool's blocks and block size (checked).
+function M.paged_dims(self, opts)
   local bs = opts.block_size or 16
   local nb = opts.kv_blocks == true and self.batch * math.ceil(self.max_seq / bs) or opts.kv_blocks
   for name, v in pairs { kv_blocks = nb, block_size = bs } do
     assert(type(v) == "number" and v >= 1 and v % 1 == 0, "opts." .. name .. " must be a positive integer")
   end
+  return nb, bs
+end
+
+-- Allocates the pools and the step arrays (M.init's paged branch).
+function M.init_paged(self, opts, kvdt)
+  local nb, bs = M.paged_dims(self, opts)
   local a, cache, Tm, Bm = self.act, self.cache, self.chunk * self.batch, self.batch
   local KVH, hd = self.n_kv_heads, self.head_dim
   local mb = math.ceil(self.max_seq / bs)
@@ -874,6 +902,7 @@ function M.build(desc, opts)
         layers = opts.layers, embed = opts.embed, head = opts.head, fuse = opts.fuse,
         -- the memory check before placing anything counts the model's cache and buffers too
         plan = { desc = desc, max_seq = max_seq, kv_dtype = opts.kv_dtype, chunk = opts.chunk, batch = opts.batch,
+          kv_offload = opts.kv_offload,
           kv_blocks = opts.kv_blocks, block_size = opts.block_size },
       })
     end

@@ -122,7 +122,7 @@ M.place_layer = place_layer
 --   opts.plan    what the model will add on the device, for the memory check made before
 --                anything is placed (moonshard.memplan; on the CPU against the memory available,
 --                counting the weights placing copies): { desc, max_seq, kv_dtype, chunk, batch,
---                kv_blocks, block_size };
+--                kv_offload, kv_blocks, block_size };
 --                nil checks the weights alone, false skips the check
 -- Raises when the check fails (the message says what would fit) or a placement fails; nothing
 -- placed stays on the device then.
@@ -136,7 +136,7 @@ function M.resident(weights, device, opts)
     local need, err = require("moonshard.memplan").check(desc, {
       device = device, dtype = dtype, float_dtype = float_dtype, layers = opts.layers, embed = opts.embed,
       head = opts.head, max_seq = p.max_seq, kv_dtype = p.kv_dtype, chunk = p.chunk, batch = p.batch,
-      fuse = opts.fuse, kv_blocks = p.kv_blocks, block_size = p.block_size,
+      fuse = opts.fuse, kv_offload = p.kv_offload, kv_blocks = p.kv_blocks, block_size = p.block_size,
     })
     if not need then error(err, 0) end
   end

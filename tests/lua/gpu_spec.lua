@@ -51,6 +51,46 @@ describe("CUDA device", function()
     pm:close()
   end)
 
+  it("--kv-offload: greedy text from a KV cache in pinned host memory equals the resident cache's (f32 weights)", function()
+    local golden = h.read(h.stories .. "/expected_greedy_200.txt")
+    local function text(o)
+      local m = assert(moonshard.load(h.stories, o))
+      local parts = {}
+      assert(m:generate({ prompt = "", max_tokens = 200, temperature = 0 }, function(s) parts[#parts + 1] = s end))
+      local host = m.net.kv_host
+      m:close()
+      return table.concat(parts), host
+    end
+    local resident = text { device = "cuda", dtype = "f32" }
+    local offloaded, host = text { device = "cuda", dtype = "f32", kv_offload = true, pin = true }
+    assert.is_truthy(host and host.pinned and host.mapped, "the cache is pinned host memory mapped to the GPU")
+    assert.are.equal(resident, offloaded)
+    assert.are.equal(golden, offloaded)
+    -- the paged pool in host memory, decode steps from CUDA graphs: each answer as the resident pool's
+    local engine_mod = require "moonshard.engine"
+    local function serve(o)
+      local m = assert(moonshard.load(h.stories, o))
+      local e = assert(engine_mod.new(m, { max_tokens_per_step = 24 }))
+      local reqs = {}
+      for i, p in ipairs { "Once upon a time", "The cat", "Lily and Tom went to the park. They saw a big", "A" } do
+        reqs[i] = assert(e:submit { prompt = p, max_tokens = 40, temperature = 0 })
+      end
+      e:run()
+      local out = {}
+      for i, r in ipairs(reqs) do out[i] = r.text end
+      local mapped = m.net.kv_host and m.net.kv_host.mapped
+      e:close()
+      m:close()
+      return out, mapped
+    end
+    local pool = { device = "cuda", dtype = "f32", batch = 4, kv_blocks = 48, block_size = 16 }
+    local want = serve(pool)
+    pool.kv_offload, pool.pin = true, true
+    local got, mapped = serve(pool)
+    assert.is_true(mapped)
+    assert.are.same(want, got)
+  end)
+
   for _, case in ipairs { { "f32", "f32", 1e-4 }, { "bf16", "f32", 1e-4 }, { "llama3", "f32", 1e-4 },
                           { "f32", "bf16", 5e-2 } } do
     local name, dtype, tol = case[1], case[2], case[3]
