@@ -136,7 +136,7 @@ local function git_hash()
 end
 local placement = {
   device = model.net.device, tp = opts.tp, pp = opts.pp, zero = opts.zero, cpu_offload = opts.cpu_offload or false,
-  disk_offload = opts.disk_offload or false, dtype = opts.dtype or "default",
+  disk_offload = opts.disk_offload or false, kv_offload = opts.kv_offload or false, dtype = opts.dtype or "default",
   world = model.dist and model.dist.world or 1,
 }
 local res = eval.results_json(runs, {

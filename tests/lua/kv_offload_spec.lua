@@ -105,10 +105,61 @@ describe("--kv-offload", function()
     assert.truthy(warning and warning:find("keeping it in pageable memory", 1, true), err)
   end)
 
-  it("is a flag of generate, chat, eval, serve and bench; bench reports where the cache is", function()
-    for _, cmd in ipairs { "generate", "chat", "eval", "serve", "bench" } do
-      local out = h.run { cmd, "--help" }
-      assert.truthy(out:find("--kv-offload", 1, true), cmd)
+  it("eval scores every choice as without it, and records it in the placement", function()
+    local dir = h.tmpdir()
+    local res = {}
+    for i, extra in ipairs { {}, { "--kv-offload" } } do
+      local _, err, code = h.run(cat({ "eval", "--model", h.stories, "--tasks", "arc_easy", "--limit", "6",
+        "--log-samples", "--batch-size", "4", "--output", dir .. "/" .. i .. ".json" }, extra))
+      assert.are.equal(0, code, err)
+      res[i] = cjson.decode(h.read(dir .. "/" .. i .. ".json"))
+    end
+    h.rmdir(dir)
+    assert.is_false(res[1].config.placement.kv_offload)
+    assert.is_true(res[2].config.placement.kv_offload)
+    local a, b = res[1].samples.arc_easy, res[2].samples.arc_easy
+    assert.are.equal(6, #b)
+    for i, s in ipairs(a) do assert.are.same(s.loglikelihoods, b[i].loglikelihoods) end
+  end)
+
+  it("serve completes a prompt greedily like generate", function()
+    local uv = require "luv"
+    local dir = h.tmpdir()
+    local log = dir .. "/serve.log"
+    local out = h.sh("(exec timeout -k 5 120 " .. h.q(h.exe) .. " serve --model " .. h.q(h.stories)
+      .. " --port 0 --kv-offload >/dev/null 2>" .. h.q(log) .. " </dev/null) & echo $!")
+    local pid = assert(tonumber(out:match("%d+")))
+    local port
+    for _ = 1, 300 do
+      port = (h.read(log) or ""):match("listening on http://127%.0%.0%.1:(%d+)")
+      if port or not h.running(pid) then break end
+      uv.sleep(50)
+    end
+    local body = port and h.sh("curl -s --max-time 30 -H 'Content-Type: application/json' --data-binary "
+      .. h.q(cjson.encode { prompt = "Once upon a time", max_tokens = 30, temperature = 0 })
+      .. " http://127.0.0.1:" .. port .. "/v1/completions")
+    h.sh("kill " .. pid .. " 2>/dev/null")
+    for _ = 1, 100 do
+      if not h.running(pid) then break end
+      uv.sleep(20)
+    end
+    local text = h.read(log)
+    h.rmdir(dir)
+    assert(port, "serve did not start: " .. tostring(text))
+    local r = cjson.decode(body)
+    local gen = h.run { "generate", "--model", h.stories, "--prompt", "Once upon a time", "--max-tokens", "30",
+      "--temperature", "0" }
+    assert.are.equal((gen:gsub("\n$", "")), r.choices[1].text)
+  end)
+
+  it("reaches the cache from generate, chat, eval, serve and bench; bench reports where the cache is", function()
+    -- each command's cache goes to the pool: over the limit with --pin-memory, each is refused so
+    for _, cmd in ipairs { { "generate" }, { "chat", "--prompt", "hi" }, { "eval", "--tasks", "arc_easy", "--limit", "2" },
+                           { "serve", "--port", "0" }, { "bench", "--gen-len", "4", "--loops", "1" } } do
+      local _, err, code = h.run(cat(cmd, { "--model", h.stories, "--kv-offload", "--pin-memory" }), nil,
+        { MSH_PIN_SHARE = "0.0000001" })
+      assert.are.equal(1, code, cmd[1] .. ": " .. err)
+      assert.truthy(err:find("^moonshard " .. cmd[1] .. ": .*%-%-kv%-offload: the KV cache: .*refused"), err)
     end
     local out, err, code = h.run { "bench", "--model", h.stories, "--gen-len", "8", "--loops", "1", "--warmup", "0",
       "--kv-offload" }
