@@ -19,7 +19,12 @@
 --     the link per layer, and would take the step out of its CUDA graph;
 --   * the addresses are fixed for the runner's life, so decode steps keep replaying CUDA graphs.
 -- The cost is the link's bandwidth on every step's attention (what a batch x context beyond the
--- GPU's memory costs anyway); on the CPU device the cache was host memory already, and this is
+-- GPU's memory costs anyway). The kernels were written for HBM: the paged one's warps each load
+-- a key tile for their own query head, so with grouped-query attention a tile may cross the link
+-- once per query head of its group where L2 does not keep it; bench's kv_link_gbs (the cache bytes
+-- a step needs over its time) against h2d_pinned_gbs shows how far from the link that runs, and
+-- staging each tile in shared memory once per kv head is the kernel change that would close it.
+-- On the CPU device the cache was host memory already, and this is
 -- the same code path: the buffers come from the pinned pool (ordinary memory where the build
 -- cannot pin), viewed by the CPU as they are.
 --
