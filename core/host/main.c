@@ -140,8 +140,17 @@ int main(int argc, char **argv) {
     fprintf(stderr, "moonshard: error writing to stdout\n");
     code = 1;
   }
-  /* luv's handles are closed while the Lua state that anchors their callbacks is alive */
-  if (code != 0) close_all(loop);
+  /* luv's handles are closed while the Lua state that anchors their callbacks is alive: after a
+   * failure every handle, after a success those left unreferenced (listeners that did not keep
+   * the loop alive); through luv, whose close callbacks free what it keeps per handle */
+  if (luaL_dostring(L, "local uv = require 'luv'\n"
+                       "uv.walk(function(h) if not h:is_closing() then h:close() end end)\n"
+                       "uv.run('nowait')") != 0) {
+    lua_pop(L, 1);
+    close_all(loop);
+  } else if (code != 0) {
+    close_all(loop);
+  }
   lua_close(L);
   uv_loop_close(loop);
   return code;
