@@ -271,6 +271,8 @@ end
 local function term_width()
   local w = tonumber(os.getenv("COLUMNS") or "")
   if w then return w end
+  -- only a terminal has a width (and luv keeps what it allocated for a refused one)
+  if uv.guess_handle(1) ~= "tty" then return 100 end
   local ok, tty = pcall(uv.new_tty, 1, false)
   if ok and tty then
     local cw = tty:get_winsize()
