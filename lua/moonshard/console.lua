@@ -24,8 +24,8 @@ local eval = require "moonshard.eval"
 local M = {}
 
 local null = cjson.null
--- lists that may be empty: moonshard.openai's encode writes this marker as []
-local EMPTY = "\1\2moonshard-empty-list\2\1"
+-- lists that may be empty: moonshard.openai's encode writes its marker as []
+local EMPTY = require("moonshard.openai").EMPTY
 local function encode(v) return require("moonshard.openai").encode(v) end
 local function send_json(res, status, v, headers)
   local h = { ["Content-Type"] = "application/json" }

@@ -34,6 +34,7 @@ local function encode(v)
 end
 M.encode = encode
 local function list(t) return #t > 0 and t or EMPTY end
+M.EMPTY, M.list = EMPTY, list
 
 -- ------------------------------------------------------------------------------- errors
 
