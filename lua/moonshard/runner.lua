@@ -267,6 +267,10 @@ function Runner:close()
   free_graphs(self.graphs or {})
   free_graphs(self.batch_graphs or {})
   free_graphs(self.paged_graphs or {})
+  for _, row in pairs(self.paged_ctxs or {}) do
+    for _, c in pairs(row) do c.arena:close() end
+  end
+  self.paged_count = 0
   self.views, self.batch_ctxs, self.paged_ctxs, self.kv = {}, {}, {}, {}
   self.cache:close()
   self.act:close()
@@ -300,11 +304,10 @@ function Runner:tp_capturable(R)
   return known[R]
 end
 
--- The step context of one sequence's pass of T tokens in slot 0 (made once per T).
-function Runner:views_for(T)
-  local c = self.views[T]
-  if c then return c end
-  local a, b, H, KVH, hd = self.act, self.buf, self.n_heads, self.n_kv_heads, self.head_dim
+-- The views of T rows of the activation buffers, made through arena a (their owner).
+local function make_views(self, T, a)
+  local c
+  local b, H, KVH, hd = self.buf, self.n_heads, self.n_kv_heads, self.head_dim
   local function keep(t) return t and a:keep(t) end
   local function rows(t) return t and keep(t:narrow(1, 0, T)) end
   c = setmetatable({
@@ -324,6 +327,14 @@ function Runner:views_for(T)
     c.host_ids = keep(self.host_ids:narrow(1, 0, T))
     c.host_pos = keep(self.host_pos:narrow(1, 0, T))
   end
+  return c
+end
+
+-- The step context of one sequence's pass of T tokens in slot 0 (made once per T).
+function Runner:views_for(T)
+  local c = self.views[T]
+  if c then return c end
+  c = make_views(self, T, self.act)
   self.views[T] = c
   return c
 end
@@ -701,18 +712,38 @@ function M.init_paged(self, opts, kvdt)
   self.paged_graphs = {} -- [B][context bucket]
 end
 
--- The step context of R rows of B sequences (made once per (R, B)).
+-- Step contexts kept at most (a server meets many (rows, sequences) shapes: each made once and
+-- kept while used, the least recently used one freed beyond this many).
+M.PAGED_CONTEXTS = 128
+
+local function drop_paged_ctx(self, c)
+  self.paged_ctxs[c.R][c.B] = nil
+  self.paged_count = self.paged_count - 1
+  c.arena:close()
+end
+
+-- The step context of R rows of B sequences: its views live in an arena of its own.
 function Runner:paged_ctx(R, B)
   local by_r = self.paged_ctxs[R]
   if not by_r then by_r = {}; self.paged_ctxs[R] = by_r end
+  self.paged_clock = (self.paged_clock or 0) + 1
   local c = by_r[B]
-  if c then return c end
-  local a, b, v, S = self.act, self.buf, self:views_for(R), self.max_seq
+  if c then c.used = self.paged_clock return c end
+  if (self.paged_count or 0) >= M.PAGED_CONTEXTS then
+    local old
+    for _, row in pairs(self.paged_ctxs) do
+      for _, x in pairs(row) do if not old or x.used < old.used then old = x end end
+    end
+    drop_paged_ctx(self, old)
+  end
+  self.paged_count = (self.paged_count or 0) + 1
+  local a = arena.new(self.device)
+  local b, v, S = self.buf, make_views(self, R, a), self.max_seq
   local KVH, hd, mb = self.n_kv_heads, self.head_dim, self.paged.max_blocks
   local function keep(t) return t and a:keep(t) end
   c = setmetatable({}, self.const_mt)
   for k, x in pairs(v) do c[k] = x end
-  c.R, c.B, c.T, c.nlog, c.paged = R, B, nil, B, true
+  c.R, c.B, c.T, c.nlog, c.paged, c.arena, c.used = R, B, nil, B, true, a, self.paged_clock
   c.x_rows = nil
   c.kr, c.vr = keep(b.kst:narrow(1, 0, R)), keep(b.vst:narrow(1, 0, R))
   -- the fused projections store k, v at row pos[r] of sequence r's cache: R one-row "caches" of

@@ -30,6 +30,43 @@ local CASES = {
 }
 
 describe("paged KV cache", function()
+  it("keeps at most runner.PAGED_CONTEXTS step contexts, the least recently used freed, the same logits", function()
+    local runner = require "moonshard.runner"
+    local cap = runner.PAGED_CONTEXTS
+    runner.PAGED_CONTEXTS = 3
+    local ok, err = pcall(function()
+      local pm = assert(moonshard.load(h.stories, { batch = 2, chunk = 16, kv_blocks = 40, block_size = 4 }))
+      local ref = assert(moonshard.load(h.stories))
+      local V = pm.net.vocab_size
+      -- two sequences growing by ragged chunks: many (rows, sequences) shapes, few kept
+      local A, B = { 1 }, { 1, 5 }
+      local bA, bB = { 3, 9, 12, 20, 21, 22, 23, 24, 25, 26 }, { 30, 2, 17, 8, 11, 13, 14, 15, 16, 18 }
+      local posA, posB = 0, 0
+      local newA, newB = { 1 }, { 1, 5 }
+      local shapes = {}
+      for step = 1, 12 do
+        local out = rows(assert(pm.net:step { { blocks = bA, pos = posA, tokens = newA },
+          { blocks = bB, pos = posB, tokens = newB } }), 2, V)
+        shapes[#newA + #newB] = true
+        assert.is_true(pm.net.paged_count <= 3)
+        local want = alone(ref, { A, B })
+        assert.is_true(h.max_abs_diff(out[1], want[1]) < 2e-4, "A at step " .. step)
+        assert.is_true(h.max_abs_diff(out[2], want[2]) < 2e-4, "B at step " .. step)
+        posA, posB = #A, #B
+        newA, newB = {}, {}
+        for i = 1, (step % 3) + 1 do newA[i] = (step * 7 + i) % V; A[#A + 1] = newA[i] end
+        for i = 1, (step % 4) + 1 do newB[i] = (step * 11 + i) % V; B[#B + 1] = newB[i] end
+      end
+      local n = 0
+      for _ in pairs(shapes) do n = n + 1 end
+      assert.is_true(n > 3, "the steps took more shapes than the bound")
+      pm:close()
+      ref:close()
+    end)
+    runner.PAGED_CONTEXTS = cap
+    assert(ok, err)
+  end)
+
   for _, case in ipairs(CASES) do
     it("steps ragged sequences over scattered blocks as each runs alone: " .. case[1], function()
       local pm = assert(moonshard.load(case[2], { batch = 3, chunk = 8, kv_blocks = 40, block_size = 4 }))
