@@ -430,6 +430,7 @@ end
 function Console:events(req, res)
   res:stream(200, { ["Content-Type"] = "text/event-stream", ["Cache-Control"] = "no-cache",
     ["X-Accel-Buffering"] = "no" })
+  if res.finished then return end -- (HEAD: the head alone)
   res:write("retry: 2000\n\nevent: history\ndata: " .. encode({ samples = #self.history > 0 and self.history
     or EMPTY }) .. "\n\n")
   self.subscribers[res] = true

@@ -162,16 +162,23 @@ function Response:json(status, value, headers)
 end
 
 -- res:stream(status, headers): starts a chunked response; res:write(s) sends a chunk,
--- res:finish() ends it. Writes after the client left return false.
+-- res:finish() ends it. Writes after the client left return false. To a HEAD request the head
+-- alone goes out and the response is finished at once (res.finished): writes return false.
 function Response:stream(status, headers)
   if self.started then error("http: response already started", 2) end
   self.started, self.status, self.chunked = true, status, true
   local extra = { "Transfer-Encoding: chunked" }
   if not self.keep_alive then extra[#extra + 1] = "Connection: close" end
-  return conn_write(self.conn, head_text(status, headers, extra))
+  local ok = conn_write(self.conn, head_text(status, headers, extra))
+  if self.req and self.req.method == "HEAD" then
+    self.head_only = true
+    self:_done()
+  end
+  return ok
 end
 
 function Response:write(s)
+  if self.head_only then return false end
   if not self.chunked or self.finished then error("http: write outside a streamed response", 2) end
   if s == "" then return not self.conn.closed end
   return conn_write(self.conn, string.format("%x\r\n", #s) .. s .. "\r\n")

@@ -242,6 +242,15 @@ describe("moonshard serve's web console routes", function()
     local head, rest = resp:match("^(.-\r\n)\r\n(.*)$")
     assert.are.equal(#h.read(h.root .. "/web/index.html"), tonumber(head:match("Content%-Length: (%d+)")))
     assert.are.equal("", rest)
+    -- the events stream to HEAD: its head alone (no chunk of samples), and the next request answered
+    resp = raw_request(s, "HEAD /v1/console/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " .. KEY .. "\r\n\r\n"
+      .. "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    head1, head2, body2 = resp:match("^(.-\r\n)\r\n(HTTP/1%.1 .-\r\n)\r\n(.*)$")
+    assert.truthy(head1, resp)
+    assert.truthy(head1:match("^HTTP/1%.1 200 "), head1)
+    assert.truthy(head1:find("Content-Type: text/event-stream", 1, true), head1)
+    assert.truthy(head2:match("^HTTP/1%.1 200 "), head2)
+    assert.truthy(body2:find("ok", 1, true), body2)
   end)
 
   it("lists past runs of moonshard sweep (--runs-dir) and eval --jobs (in the eval folder) with their scores", function()
