@@ -10,7 +10,8 @@ local opts, positional = args.parse(arg, {
     "descriptor is written to DIR/pNNN.json; its result is appended to DIR/results.jsonl. A rerun skips the points\n" ..
     "with a result (a failed point is recorded, a killed one runs again). At the end: a table on stdout and PNG\n" ..
     "plots (gnuplot) with their .gp scripts and .dat data in DIR/plots. Exit status 0 when every point is ok,\n" ..
-    "1 when one failed or was killed, 2 on bad input. Examples: examples/sweeps/.",
+    "1 when one failed or was killed, 2 on bad input, 130 / 143 when SIGINT / SIGTERM stopped it (and the point\n" ..
+    "running then, which the next run runs again). Examples: examples/sweeps/.",
   { "dir", "string", "the run folder (default runs/<sweep name>)" },
   { "model", "string", "the model of every point instead of the file's", input = "model" },
   { "dry-run", "flag", "list the points (and which are done) without running anything" },
@@ -35,10 +36,10 @@ if not s then
   os.exit(2)
 end
 
-local run, rerr = sweep.run(s, { dir = opts.dir, retry_failed = opts.retry_failed, dry_run = opts.dry_run })
+local run, rerr, code = sweep.run(s, { dir = opts.dir, retry_failed = opts.retry_failed, dry_run = opts.dry_run })
 if not run then
   io.stderr:write("moonshard sweep: ", rerr, "\n")
-  os.exit(2)
+  os.exit(code or 2)
 end
 
 if opts.dry_run then

@@ -204,15 +204,44 @@ function M.start(spec)
   return child
 end
 
+M.GRACE = 5 -- seconds the children of an interrupted wait get before SIGKILL
+
+-- M.wait(children) -> nil | "SIGINT" | "SIGTERM": runs the loop until every child has ended. A
+-- SIGINT or SIGTERM meanwhile goes on to the children still running (SIGKILL M.GRACE seconds
+-- later), and once they have ended wait returns its name: the caller stops there, and no child
+-- is left running on its own (a sweep rerun would start its point a second time beside it).
 function M.wait(children)
+  local got, handles, killer = nil, {}, nil
+  local function each_live(fn)
+    for _, c in ipairs(children) do
+      if not c.done and c.handle and not c.handle:is_closing() then pcall(fn, c.handle) end
+    end
+  end
+  for _, name in ipairs { "sigint", "sigterm" } do
+    local h = uv.new_signal()
+    h:start(name, function()
+      got = got or name:upper()
+      each_live(function(hd) hd:kill(name) end)
+      if not killer then
+        killer = uv.new_timer()
+        killer:start(math.floor(M.GRACE * 1000), 0, function() each_live(function(hd) hd:kill("sigkill") end) end)
+      end
+    end)
+    handles[#handles + 1] = h
+  end
   while true do
     local left = false
     for _, c in ipairs(children) do
       if not c.done then left = true end
     end
-    if not left then return end
+    if not left then break end
     uv.run("once")
   end
+  if killer then handles[#handles + 1] = killer end
+  for _, h in ipairs(handles) do
+    if not h:is_closing() then h:close() end
+  end
+  return got
 end
 
 -- ------------------------------------------------------------------- eval --jobs
@@ -398,7 +427,15 @@ function M.eval(opts, tasks, argv)
     M.append_jsonl(events, { event = "job_start", job = job.id, pid = c.pid, tasks = job.tasks, date = M.now_iso() })
     children[#children + 1] = c
   end
-  M.wait(children)
+  local interrupted = M.wait(children)
+  if interrupted then
+    for _, c in ipairs(children) do
+      M.append_jsonl(events, { event = "job_done", job = c.job.id, exit = c.code, signal = c.signal, seconds = c.seconds,
+        date = M.now_iso() })
+    end
+    io.stderr:write(string.format("moonshard eval: %s: the jobs were stopped (their folder: %s)\n", interrupted, dir))
+    return 128 + (interrupted == "SIGINT" and 2 or 15)
+  end
   local merged, failed = nil, {}
   for _, c in ipairs(children) do
     M.append_jsonl(events, { event = "job_done", job = c.job.id, exit = c.code, signal = c.signal, seconds = c.seconds,

@@ -444,6 +444,12 @@ local function finish(s, dir, p, c, result_text)
     timed_out = c.timed_out or nil, seconds = c.seconds, stderr_tail = tail })
 end
 
+-- the sweep was sent SIGINT or SIGTERM while a point ran: the point's child was stopped too
+local function interrupted_run(signame, id)
+  return nil, string.format("%s: %s stopped with no result recorded (the next run runs it again)", signame, id),
+    signame == "SIGINT" and 130 or 143
+end
+
 local function run_child(s, p, argv, dir)
   local c, err = jobs.start { argv = argv, out = dir .. "/" .. p.id .. ".out", err = dir .. "/" .. p.id .. ".err",
     timeout = s.timeout }
@@ -506,7 +512,8 @@ local function run_eval_group(s, dir, group, total)
     timeout = s.timeout }
   if not c then return nil, err end
   log("  (pid %d)", c.pid)
-  jobs.wait { c }
+  local interrupted = jobs.wait { c }
+  if interrupted then return interrupted_run(interrupted, gid) end
   -- the merged results of the jobs that finished (written even when another job failed)
   local res = require("cjson.safe").decode(jobs.read(out) or "")
   local recs = {}
@@ -536,7 +543,8 @@ local function run_eval_group(s, dir, group, total)
   return recs
 end
 
--- M.run(s, opts) -> { points, records = { key = record }, ran, failed, killed } | nil, message
+-- M.run(s, opts) -> { points, records = { key = record }, ran, failed, killed } | nil, message,
+-- exit status (130 / 143: the sweep was sent SIGINT / SIGTERM, which stopped the running point)
 --   opts.dir (default runs/<name>), opts.retry_failed, opts.dry_run (list only)
 function M.run(s, opts)
   opts = opts or {}
@@ -577,8 +585,8 @@ function M.run(s, opts)
     if g then
       if not done_group[g] then
         done_group[g] = true
-        local rs, err = run_eval_group(s, dir, g, #points)
-        if not rs then return nil, err end
+        local rs, err, code = run_eval_group(s, dir, g, #points)
+        if not rs then return nil, err, code end
         for i = 1, #g do
           stats.ran = stats.ran + 1
           count(rs[i])
@@ -595,7 +603,8 @@ function M.run(s, opts)
         return nil, err
       end
       io.stderr:write(string.format(" (pid %d)\n", c.pid))
-      jobs.wait { c }
+      local interrupted = jobs.wait { c }
+      if interrupted then return interrupted_run(interrupted, p.id) end
       local result
       if p.command == "eval" and c.code == 0 then
         result = require("cjson.safe").decode(jobs.read(dir .. "/" .. p.id .. ".eval.json") or "")

@@ -237,6 +237,41 @@ describe("moonshard sweep", function()
     assert.equal(4, #lines(run .. "/results.jsonl"))
   end)
 
+  it("stops the running point with itself on SIGTERM, recording nothing for it", function()
+    local file = dir .. "/long.lua"
+    h.write(file, string.format([[return { name = "long", command = "bench", model = %q,
+      flags = { ["prompt-len"] = 16, ["gen-len"] = 8, loops = 1000000, ["no-ceilings"] = true, threads = 1 },
+      axes = { batch = { 1, 2 } } }]], h.stories))
+    local run = dir .. "/long-run"
+    local res = h.sh(string.format([[
+      : >%s/lerr
+      %s sweep %s --dir %s >/dev/null 2>%s/lerr &
+      S=$!
+      i=0
+      while ! grep -q '\[1/2\].*(pid [0-9]*)' %s/lerr; do i=$((i+1)); [ $i -gt 1500 ] && break; sleep 0.02; done
+      P=$(sed -n 's/.*\[1\/2\].*(pid \([0-9]*\)).*/\1/p' %s/lerr)
+      sleep 0.5
+      kill -TERM "$S"
+      wait $S
+      echo "code=$? child=$P"
+    ]], h.q(dir), h.q(h.exe), h.q(file), h.q(run), h.q(dir), h.q(dir), h.q(dir)))
+    local err = h.read(dir .. "/lerr")
+    local child = tonumber(res:match("child=(%d+)"))
+    assert.truthy(child, err)
+    assert.equal("143", res:match("code=(%d+)"), err)
+    assert.matches("SIGTERM: p001 stopped with no result recorded", err, 1, true)
+    -- the point's child ended with the sweep (not left running beside the next run's)
+    for _ = 1, 100 do
+      if not h.running(child) then break end
+      os.execute("sleep 0.05")
+    end
+    local alive = h.running(child)
+    if alive then h.sh("kill -KILL " .. child) end
+    assert.is_false(alive)
+    assert.is_false(exists(run .. "/results.jsonl"))
+    assert.is_nil(err:find("[2/2]", 1, true), err)
+  end)
+
   it("runs a task-list axis as one planned eval, a job's descriptor and events per task", function()
     local file = dir .. "/tasks.lua"
     h.write(file, string.format([[return { command = "eval", model = %q, flags = { limit = 8 },
