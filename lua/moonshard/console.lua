@@ -33,6 +33,7 @@ local function send_json(res, status, v, headers)
   res:send(status, h, encode(v))
 end
 M.HISTORY = 600 -- samples kept (10 minutes at one a second)
+M.MAX_JOBS = 64  -- ended eval jobs kept in memory (the oldest beyond go; their folders stay past runs)
 
 local function host_root()
   local ok, h = pcall(require, "moonshard.host")
@@ -530,7 +531,7 @@ function Console:resume(job, co)
 end
 
 function Console:job_failed(job, err)
-  if job.state == "done" then return end
+  if job.state ~= "running" and job.state ~= "queued" then return end -- (ended already: cancelled)
   for r in pairs(job.live) do
     job.live[r] = nil
     if not r.finish_reason then self.engine:cancel(r) end
@@ -543,7 +544,26 @@ function Console:job_failed(job, err)
   end
   job.finished = os.time()
   self:write_descriptor(job)
+  self:retire(job)
   self:next_queued()
+end
+
+-- An ended job: its documents and coroutine go (the view keeps names, figures and results), and
+-- of the ended jobs only the last M.MAX_JOBS stay listed (a long-running server takes many).
+function Console:retire(job)
+  job.tasks, job.co = nil, nil
+  local ended = 0
+  for i = #self.job_order, 1, -1 do
+    local id = self.job_order[i]
+    local st = self.jobs[id].state
+    if st ~= "queued" and st ~= "running" then
+      ended = ended + 1
+      if ended > M.MAX_JOBS then
+        self.jobs[id] = nil
+        table.remove(self.job_order, i)
+      end
+    end
+  end
 end
 
 function Console:job_brief()
@@ -609,6 +629,7 @@ function Console:run_job(job)
       if f then f:write(eval.encode_json(res), "\n") f:close() end
     end
     self:write_descriptor(job)
+    self:retire(job)
     self:next_queued()
   end)
   job.co = co
@@ -908,6 +929,7 @@ function Console:cancel_job(job)
   if job.state == "queued" then
     job.state, job.finished = "cancelled", os.time()
     self:write_descriptor(job)
+    self:retire(job)
     return
   end
   for r in pairs(job.live) do

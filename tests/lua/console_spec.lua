@@ -216,6 +216,51 @@ describe("moonshard.console warnings", function()
   end)
 end)
 
+describe("the console's eval jobs in process", function()
+  it("keeps the last MAX_JOBS ended jobs, without their documents", function()
+    local model = assert(require("moonshard").load(h.stories, { batch = 4, kv_blocks = true }))
+    local engine = assert(require("moonshard.engine").new(model, { max_batch = 4 }))
+    local api = require("moonshard.openai").new(engine, model, {})
+    local c = console.attach(api, { interval_ms = 3600 * 1000 })
+    engine.on_step = function(info) api:on_step(info) end
+    engine:attach(uv)
+    local saved = console.MAX_JOBS
+    console.MAX_JOBS = 2
+    local ids = {}
+    local ok, err = pcall(function()
+      for i = 1, 4 do
+        local res = { send = function(self, status, _, body) self.status, self.body = status, body end }
+        c:start_eval({ body = cjson.encode { tasks = { "arc_easy" }, limit = 1 } }, res)
+        assert.are.equal(202, res.status, res.body)
+        ids[i] = cjson.decode(res.body).id
+      end
+      local t = uv.new_timer()
+      local late = false
+      t:start(60000, 0, function() late = true end)
+      while not late and not (c.jobs[ids[4]] and c.jobs[ids[4]].state == "done") do uv.run("once") end
+      t:close()
+      assert.is_false(late)
+    end)
+    console.MAX_JOBS = saved
+    c:close()
+    engine:close()
+    model:close()
+    assert(ok, err)
+    -- the two oldest are gone from memory; the kept ones hold their results, not their documents
+    assert.are.same({ ids[3], ids[4] }, c.job_order)
+    assert.is_nil(c.jobs[ids[1]])
+    assert.is_nil(c.jobs[ids[2]])
+    for _, id in ipairs { ids[3], ids[4] } do
+      local j = c.jobs[id]
+      assert.are.equal("done", j.state)
+      assert.are.equal(4, j.done)
+      assert.is_nil(j.tasks)
+      assert.is_nil(j.co)
+      assert.truthy(j.results.results.arc_easy, id)
+    end
+  end)
+end)
+
 describe("moonshard serve's web console routes", function()
   local s, runs
   setup(function()
