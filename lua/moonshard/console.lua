@@ -175,15 +175,8 @@ local function file_exists(path)
   return st and st.type == "file", st
 end
 
-local function read_file(path)
-  local f = io.open(path, "rb")
-  if not f then return nil end
-  local s = f:read("*a")
-  f:close()
-  return s
-end
-
-local function mkdir_p(path) return require("moonshard.telemetry").mkdir_p(path) end
+local read_file = require("moonshard.jobs").read
+local mkdir_p = require("moonshard.telemetry").mkdir_p
 
 -- M.attach(api, opts) -> console; api.console is set, so api's routes dispatch to it.
 --   opts.web_dir (default: web/ of the source tree), opts.eval_dir (results of eval jobs, and
@@ -501,14 +494,7 @@ local function engine_lm(self, job)
     return out
   end
   function lm.generate(context, stops, max_new, o)
-    local ids = tok:encode(context, false)
-    if o and o.add_bos or #ids == 0 then table.insert(ids, 1, tok.bos or tok.eos) end
-    local keep = engine.max_len - max_new
-    if #ids > keep then
-      local cut = {}
-      for k = #ids - keep + 1, #ids do cut[#cut + 1] = ids[k] end
-      ids = cut
-    end
+    local ids = eval.generation_ids(tok, context, max_new, engine.max_len, o)
     local st = {}
     for _, s in ipairs(stops or {}) do if s ~= "" then st[#st + 1] = s end end
     local text, n = "", 0

@@ -483,6 +483,21 @@ end
 
 -- ---------------------------------------------------------------------- the model adapter
 
+-- M.generation_ids(tok, context, max_new, max_len, o) -> ids: a generate_until context as token
+-- ids (BOS first with o.add_bos, or alone for an empty context), its oldest tokens cut so that
+-- max_new more fit in max_len positions (one at least is kept)
+function M.generation_ids(tok, context, max_new, max_len, o)
+  local ids = tok:encode(context, false)
+  if o and o.add_bos or #ids == 0 then table.insert(ids, 1, tok.bos or tok.eos) end
+  local keep = math.max(1, max_len - max_new)
+  if #ids > keep then
+    local cut = {}
+    for k = #ids - keep + 1, #ids do cut[#cut + 1] = ids[k] end
+    ids = cut
+  end
+  return ids
+end
+
 -- M.adapter(model, opts) -> lm: the scoring and greedy generation of a moonshard model.
 --   opts.max_length: tokens of context at most (default min(2048, the model's context - 1))
 function M.adapter(model, opts)
@@ -494,14 +509,7 @@ function M.adapter(model, opts)
   function lm.score_batch(reqs) return model:score_batch(reqs) end
   -- greedy decoding of up to max_new tokens after the context, cut at the first stop string
   function lm.generate(context, stops, max_new, o)
-    local ids = tok:encode(context, false)
-    if o and o.add_bos or #ids == 0 then table.insert(ids, 1, tok.bos or tok.eos) end
-    local keep = net.max_seq - max_new
-    if #ids > keep then
-      local cut = {}
-      for k = #ids - keep + 1, #ids do cut[#cut + 1] = ids[k] end
-      ids = cut
-    end
+    local ids = M.generation_ids(tok, context, max_new, net.max_seq, o)
     net:reset()
     local logits = assert(net:forward(ids, 0))
     local out, text, n = {}, "", 0

@@ -16,20 +16,7 @@ local M = {}
 
 -- ------------------------------------------------------------------------------- files
 
-function M.mkdir_p(path)
-  local acc = path:sub(1, 1) == "/" and "" or "."
-  for part in path:gmatch("[^/]+") do
-    acc = acc .. "/" .. part
-    local st = uv.fs_stat(acc)
-    if not st then
-      local ok, err = uv.fs_mkdir(acc, 493) -- 0755
-      if not ok and not uv.fs_stat(acc) then return nil, string.format("cannot create '%s': %s", acc, tostring(err)) end
-    elseif st.type ~= "directory" then
-      return nil, string.format("'%s' is not a folder", acc)
-    end
-  end
-  return true
-end
+M.mkdir_p = require("moonshard.telemetry").mkdir_p -- mkdir_p(path) -> true | nil, message
 
 function M.read(path)
   local f = io.open(path, "rb")

@@ -154,6 +154,20 @@ describe("eval task files", function()
       { ids = { 12, 13, 14 }, first = 2 } }, rr)
   end)
 
+  it("generation_ids: BOS when asked or for an empty context, the oldest tokens cut, one kept at least", function()
+    local tok = { bos = 1000, eos = 1001 }
+    function tok:encode(s)
+      local ids = {}
+      for i = 1, #s do ids[i] = s:byte(i) end
+      return ids
+    end
+    assert.are.same({ 97, 98, 99 }, eval.generation_ids(tok, "abc", 4, 16))
+    assert.are.same({ 1000, 97, 98, 99 }, eval.generation_ids(tok, "abc", 4, 16, { add_bos = true }))
+    assert.are.same({ 1000 }, eval.generation_ids(tok, "", 4, 16))
+    assert.are.same({ 99, 100 }, eval.generation_ids(tok, "abcd", 6, 8)) -- 2 + 6 new fit in 8
+    assert.are.same({ 100 }, eval.generation_ids(tok, "abcd", 8, 8)) -- no room: the last token alone
+  end)
+
   it("encode_pair moves the context's trailing space to the continuation", function()
     local tok = fake({}).tokenizer
     local ctx, cont = eval.encode_pair(tok, "Answer: ", "yes")
