@@ -433,7 +433,11 @@ function Engine:step_once()
       else
         all, err = net:forward_slot(e.slot, e.tokens, e.pos, { all_logits = true })
       end
-      if not all then fail_all(self, entries, err) return sched:has_work() end
+      if not all then
+        for j = #(extra or {}), 1, -1 do extra[j]:free() end -- the rows scored before this one
+        fail_all(self, entries, err)
+        return sched:has_work()
+      end
       local host = all
       if all:device() ~= "cpu" then host = all:to("f32", "cpu"); all:free() end
       local T = #e.tokens

@@ -592,6 +592,38 @@ describe("engine over a paged KV cache", function()
     e:close()
   end)
 
+  it("frees the scored rows of a step whose next echo prompt fails, ending both requests with the error", function()
+    local e = assert(engine_mod.new(pm, { max_tokens_per_step = 64 }))
+    local net, calls, first = pm.net, 0, nil
+    -- the first prompt's logits come through a wrapper that notes its free; the second fails
+    net.forward_blocks = function(self, ...)
+      calls = calls + 1
+      if calls > 1 then return nil, "forward_blocks failed" end
+      local t = assert(getmetatable(self).__index.forward_blocks(self, ...))
+      first = { t = t, freed = false }
+      return setmetatable({}, { __index = function(_, k)
+        if k == "free" then return function() first.freed = true t:free() end end
+        return function(_, ...) return t[k](t, ...) end
+      end })
+    end
+    local ok, err = pcall(function()
+      local a = assert(e:submit { prompt = PROMPTS[1], max_tokens = 0, echo = true })
+      local b = assert(e:submit { prompt = PROMPTS[2], max_tokens = 0, echo = true })
+      e:run()
+      assert.are.equal(2, calls)
+      assert.truthy(first)
+      assert.is_true(first.freed)
+      for _, r in ipairs { a, b } do
+        assert.are.equal("error", r.finish_reason)
+        assert.are.equal("forward_blocks failed", r.error)
+      end
+      assert.are.equal(0, e:stats().kv_blocks_used)
+    end)
+    net.forward_blocks = nil
+    e:close()
+    assert(ok, err)
+  end)
+
   it("refuses a block size other than the pool's, and more blocks than it holds", function()
     local e, err = engine_mod.new(pm, { block_size = 8 })
     assert.is_nil(e)
