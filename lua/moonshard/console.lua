@@ -415,9 +415,23 @@ function Console:sample()
   local h = self.history
   h[#h + 1] = s
   if #h > M.HISTORY then table.remove(h, 1) end
-  local text = "data: " .. encode(s) .. "\n\n"
+  self:broadcast("data: " .. encode(s) .. "\n\n")
+end
+
+-- Sends text to every events subscriber. One whose connection holds more than M.MAX_QUEUED bytes
+-- not yet taken by the client (it stopped reading) is dropped and its connection closed: the
+-- server would otherwise keep a sample a second for it as long as it stays connected.
+M.MAX_QUEUED = 4 * 1024 * 1024
+function Console:broadcast(text)
   for res in pairs(self.subscribers) do
-    if res:closed() or res.finished then self.subscribers[res] = nil else res:write(text) end
+    if res:closed() or res.finished then
+      self.subscribers[res] = nil
+    elseif res.conn.tcp:get_write_queue_size() > M.MAX_QUEUED then
+      self.subscribers[res] = nil
+      res.conn:close()
+    else
+      res:write(text)
+    end
   end
 end
 

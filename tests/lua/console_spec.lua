@@ -261,6 +261,53 @@ describe("the console's eval jobs in process", function()
   end)
 end)
 
+describe("the console's events stream in process", function()
+  it("drops a subscriber that stopped reading once its unsent bytes pass MAX_QUEUED", function()
+    local http = require "moonshard.http"
+    local model = assert(require("moonshard").load(h.stories, { batch = 2, kv_blocks = true }))
+    local engine = assert(require("moonshard.engine").new(model, { max_batch = 2 }))
+    local api = require("moonshard.openai").new(engine, model, {})
+    local c = console.attach(api, { interval_ms = 3600 * 1000 })
+    local srv = assert(http.server { port = 0, handler = api.handler })
+    local saved = console.MAX_QUEUED
+    console.MAX_QUEUED = 1024 * 1024
+    local tcp = uv.new_tcp()
+    local ok, err = pcall(function()
+      -- a client that asks for the stream and never reads it
+      local connected = false
+      tcp:connect("127.0.0.1", srv.port, function(e)
+        assert(not e, e)
+        tcp:write("GET /v1/console/events HTTP/1.1\r\nHost: x\r\n\r\n", function() connected = true end)
+      end)
+      local function run_until(pred, ms)
+        local late, t = false, uv.new_timer()
+        t:start(ms, 0, function() late = true end)
+        while not late and not pred() do uv.run("once") end
+        t:close()
+        return not late
+      end
+      assert.is_true(run_until(function() return connected and next(c.subscribers) ~= nil end, 5000))
+      local res = next(c.subscribers)
+      local chunk = "data: " .. string.rep("x", 256 * 1024) .. "\n\n"
+      for _ = 1, 400 do -- 100 MiB at most: the socket's buffers fill, then the server's queue grows
+        if next(c.subscribers) == nil then break end
+        c:broadcast(chunk)
+        uv.run("nowait")
+      end
+      assert.is_nil(next(c.subscribers))
+      assert.is_true(res:closed())
+    end)
+    console.MAX_QUEUED = saved
+    if not tcp:is_closing() then tcp:close() end
+    srv:close()
+    c:close()
+    engine:close()
+    model:close()
+    uv.run("nowait")
+    assert(ok, err)
+  end)
+end)
+
 describe("moonshard serve's web console routes", function()
   local s, runs
   setup(function()
