@@ -259,13 +259,16 @@ function M.lead(model, opts)
   if not ok then return nil, "cannot listen for the followers: " .. tostring(err) end
   local token = M.token()
   local joined = 0
+  local pending = {} -- connections that have not said hello yet
   server:listen(pg.world, function(lerr)
     if lerr then return end
     local conn = uv.new_tcp()
     if not server:accept(conn) then conn:close() return end
+    pending[conn] = true
     local rank
     conn:read_start(M.reader_guarded(function(msg)
       if rank == nil then
+        pending[conn] = nil
         -- the first message: hello { rank, pid, token }
         if type(msg) ~= "table" or msg.token ~= token or type(msg.rank) ~= "number"
           or msg.rank < 1 or msg.rank >= pg.world or self.conns[msg.rank] then
@@ -280,6 +283,7 @@ function M.lead(model, opts)
       end
     end, function(why)
       if rank == nil then
+        pending[conn] = nil
         if not conn:is_closing() then conn:close() end
         return
       end
@@ -297,6 +301,9 @@ function M.lead(model, opts)
   while joined < pg.world - 1 and uv.now() < deadline do uv.run("once") end
   tick:close()
   server:close()
+  for conn in pairs(pending) do -- not a follower (none is missing, or the wait is over)
+    if not conn:is_closing() then conn:close() end
+  end
   if joined < pg.world - 1 then
     local missing = {}
     for r = 1, pg.world - 1 do if not self.conns[r] then missing[#missing + 1] = tostring(r) end end
