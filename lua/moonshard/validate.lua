@@ -191,8 +191,10 @@ function M.check(v, spec, where, name)
     if spec.min and #v < spec.min then fail(spec, where, name, v) end
     if spec.max and #v > spec.max then fail(spec, where, name, v) end
     if spec.elem then
+      -- every element is required (a JSON list's null is one that is absent)
+      local elem = spec.elem.required and spec.elem or setmetatable({ required = true }, { __index = spec.elem })
       for i, x in ipairs(v) do
-        local ok, err = pcall(M.check, x, spec.elem, nil, "element")
+        local ok, err = pcall(M.check, x, elem, nil, "element")
         if not ok then
           fail(spec, where, name, v, string.format(" (element %d: %s)", i, err))
         end
