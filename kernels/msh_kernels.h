@@ -164,11 +164,11 @@ typedef struct msh_k_paged {
 } msh_k_paged;
 size_t msh_k_paged_attn_workspace(const msh_k_paged *a, int sm_count);
 cudaError_t msh_k_paged_attn(cudaStream_t s, const msh_k_paged *a, void *work, int sm_count);
-/* Row r < R of k and v (row_elems = KVH * hd elements of src_dt, rows k_ld / v_ld elements
- * apart) to pool row slots[r] of k_pool, v_pool (pool_dt, pool_rows rows); a slot outside
- * [0, pool_rows) writes nothing. */
+/* Row r < R of k and v (row_elems = KVH * hd elements of k_dt and v_dt, rows k_ld / v_ld
+ * elements apart) to pool row slots[r] of k_pool, v_pool (pool_dt, pool_rows rows); a slot
+ * outside [0, pool_rows) writes nothing. */
 cudaError_t msh_k_kv_write(cudaStream_t s, void *k_pool, void *v_pool, int pool_dt, int64_t pool_rows,
-                           const void *k, const void *v, int src_dt, int64_t k_ld, int64_t v_ld,
+                           const void *k, int k_dt, const void *v, int v_dt, int64_t k_ld, int64_t v_ld,
                            const int32_t *slots, int R, int row_elems);
 
 /* ------------------------------------------------------------------- elementwise ops */

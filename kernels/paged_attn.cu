@@ -1,7 +1,7 @@
 /* paged_attn.cu: the paged KV cache on CUDA: kv_write (new K/V rows into pool rows by a slot
  * mapping) and varlen causal GQA attention through block tables.
  *
- * Attention: one block per (key split, query row, kv head); each of its NW warps takes the
+ * Attention: one block per (query row, key split, kv head); each of its NW warps takes the
  * query heads of the kv head in turn. A query row finds its sequence by a binary search over
  * q_start and its position from ctx_len (both read when the kernel runs, clamped so that nothing
  * is read out of bounds: a captured graph serves every step). Keys go in tiles of TILE: the lanes
@@ -41,7 +41,9 @@ __device__ __forceinline__ size_t key_row(const msh_k_paged &a, const int32_t *b
 
 template <typename KT>
 __global__ void __launch_bounds__(NW * 32) paged_kernel(msh_k_paged a, int splits, int span, float *part) {
-  const int split = blockIdx.x, r = blockIdx.y, kvh = blockIdx.z;
+  /* rows on x, whose limit (2^31 - 1) no chunk of query rows reaches; splits (at most
+   * 2 x SMs) on y */
+  const int r = blockIdx.x, split = blockIdx.y, kvh = blockIdx.z;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   __shared__ float sq[NW][MAX_HD];
   __shared__ float sc[NW][TILE];
@@ -52,14 +54,17 @@ __global__ void __launch_bounds__(NW * 32) paged_kernel(msh_k_paged a, int split
     if (a.q_start[mid] <= r) lo = mid;
     else hi = mid - 1;
   }
-  const int b = lo, q0 = a.q_start[b];
-  int n_new = a.q_start[b + 1] - q0;
+  /* 64-bit: the arrays may hold anything (a stale step's values), and nothing may overflow
+   * before the clamps */
+  const int b = lo;
+  const int64_t q0 = a.q_start[b];
+  int64_t n_new = (int64_t)a.q_start[b + 1] - q0;
   n_new = n_new < 1 ? 1 : n_new;
-  int cl = a.ctx_len[b];
+  int64_t cl = a.ctx_len[b];
   cl = cl < n_new ? n_new : cl > a.max_ctx ? a.max_ctx : cl;
-  int pos = cl - n_new + (r - q0);
+  int64_t pos = cl - n_new + (r - q0);
   pos = pos < 0 ? 0 : pos >= a.max_ctx ? a.max_ctx - 1 : pos;
-  const int n = pos + 1, s0 = split * span, s1 = min(n, s0 + span);
+  const int n = (int)pos + 1, s0 = split * span, s1 = n - s0 < span ? n : s0 + span;
   const int group = a.H / a.KVH, hd = a.hd;
   const int32_t *bt = a.block_table + (size_t)b * a.MB;
   const size_t rs = (size_t)a.KVH * hd, hoff = (size_t)kvh * hd;
@@ -161,37 +166,37 @@ void plan(const msh_k_paged *a, int sm_count, int *splits, int *span) {
     while (s < most && blocks * s < want) s *= 2;
     if (s > most) s = most;
   }
-  int sp = (a->max_ctx + s - 1) / s;
+  int64_t sp = ((int64_t)a->max_ctx + s - 1) / s;
   sp = (sp + TILE - 1) / TILE * TILE;
-  *splits = (a->max_ctx + sp - 1) / sp;
-  *span = sp;
+  *splits = (int)(((int64_t)a->max_ctx + sp - 1) / sp);
+  *span = (int)sp;
 }
 
-template <typename DT, typename ST>
-__global__ void kv_write_kernel(DT *kp, DT *vp, const ST *k, const ST *v, int64_t k_ld, int64_t v_ld,
-                                const int32_t *slots, int64_t pool_rows, int row_elems) {
+/* Element i of a row of src_dt (f32/f16/bf16; one dtype per launch, so the branch is uniform). */
+__device__ __forceinline__ float load_f(const void *p, int dt, int64_t i) {
+  if (dt == MSH_F32) return static_cast<const float *>(p)[i];
+  if (dt == MSH_F16) return to_f(static_cast<const f16 *>(p)[i]);
+  return to_f(static_cast<const bf16 *>(p)[i]);
+}
+
+/* k and v may differ in dtype (the op takes any float rows for each). */
+template <typename DT>
+__global__ void kv_write_kernel(DT *kp, DT *vp, const void *k, int k_dt, const void *v, int v_dt, int64_t k_ld,
+                                int64_t v_ld, const int32_t *slots, int64_t pool_rows, int row_elems) {
   const int r = blockIdx.x;
   const int32_t slot = slots[r];
   if (slot < 0 || slot >= pool_rows) return; /* padding, or past the pool: nothing written */
   for (int e = threadIdx.x; e < row_elems; e += blockDim.x) {
-    kp[(size_t)slot * row_elems + e] = from_f<DT>(to_f(k[r * k_ld + e]));
-    vp[(size_t)slot * row_elems + e] = from_f<DT>(to_f(v[r * v_ld + e]));
+    kp[(size_t)slot * row_elems + e] = from_f<DT>(load_f(k, k_dt, r * k_ld + e));
+    vp[(size_t)slot * row_elems + e] = from_f<DT>(load_f(v, v_dt, r * v_ld + e));
   }
 }
 
 template <typename DT>
-cudaError_t kv_write_src(cudaStream_t s, DT *kp, DT *vp, const void *k, const void *v, int src_dt, int64_t k_ld,
-                         int64_t v_ld, const int32_t *slots, int64_t pool_rows, int R, int row_elems) {
+cudaError_t kv_write_to(cudaStream_t s, DT *kp, DT *vp, const void *k, int k_dt, const void *v, int v_dt, int64_t k_ld,
+                        int64_t v_ld, const int32_t *slots, int64_t pool_rows, int R, int row_elems) {
   const int threads = row_elems < 256 ? (row_elems + 31) / 32 * 32 : 256;
-  if (src_dt == MSH_F32)
-    kv_write_kernel<DT, float><<<R, threads, 0, s>>>(kp, vp, (const float *)k, (const float *)v, k_ld, v_ld, slots,
-                                                      pool_rows, row_elems);
-  else if (src_dt == MSH_F16)
-    kv_write_kernel<DT, f16><<<R, threads, 0, s>>>(kp, vp, (const f16 *)k, (const f16 *)v, k_ld, v_ld, slots, pool_rows,
-                                                    row_elems);
-  else
-    kv_write_kernel<DT, bf16><<<R, threads, 0, s>>>(kp, vp, (const bf16 *)k, (const bf16 *)v, k_ld, v_ld, slots,
-                                                     pool_rows, row_elems);
+  kv_write_kernel<DT><<<R, threads, 0, s>>>(kp, vp, k, k_dt, v, v_dt, k_ld, v_ld, slots, pool_rows, row_elems);
   return cudaGetLastError();
 }
 
@@ -207,23 +212,25 @@ extern "C" size_t msh_k_paged_attn_workspace(const msh_k_paged *a, int sm_count)
 extern "C" cudaError_t msh_k_paged_attn(cudaStream_t s, const msh_k_paged *a, void *work, int sm_count) {
   int splits, span;
   plan(a, sm_count, &splits, &span);
-  dim3 grid(splits, a->R, a->KVH);
+  dim3 grid(a->R, splits, a->KVH);
   float *part = static_cast<float *>(work);
   if (a->kv_dt == MSH_F32) paged_kernel<float><<<grid, NW * 32, 0, s>>>(*a, splits, span, part);
   else if (a->kv_dt == MSH_F16) paged_kernel<f16><<<grid, NW * 32, 0, s>>>(*a, splits, span, part);
   else paged_kernel<bf16><<<grid, NW * 32, 0, s>>>(*a, splits, span, part);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess || splits <= 1) return e;
-  paged_merge_kernel<<<a->R * a->H, a->hd < 128 ? 64 : 128, 0, s>>>(a->out, part, splits, a->hd);
+  const int64_t rows = (int64_t)a->R * a->H; /* splits > 1: R * KVH < 2 x SMs, so few rows */
+  if (rows > INT32_MAX) return cudaErrorInvalidConfiguration;
+  paged_merge_kernel<<<(unsigned)rows, a->hd < 128 ? 64 : 128, 0, s>>>(a->out, part, splits, a->hd);
   return cudaGetLastError();
 }
 
 extern "C" cudaError_t msh_k_kv_write(cudaStream_t s, void *k_pool, void *v_pool, int pool_dt, int64_t pool_rows,
-                                      const void *k, const void *v, int src_dt, int64_t k_ld, int64_t v_ld,
+                                      const void *k, int k_dt, const void *v, int v_dt, int64_t k_ld, int64_t v_ld,
                                       const int32_t *slots, int R, int row_elems) {
   if (pool_dt == MSH_F32)
-    return kv_write_src(s, (float *)k_pool, (float *)v_pool, k, v, src_dt, k_ld, v_ld, slots, pool_rows, R, row_elems);
+    return kv_write_to(s, (float *)k_pool, (float *)v_pool, k, k_dt, v, v_dt, k_ld, v_ld, slots, pool_rows, R, row_elems);
   if (pool_dt == MSH_F16)
-    return kv_write_src(s, (f16 *)k_pool, (f16 *)v_pool, k, v, src_dt, k_ld, v_ld, slots, pool_rows, R, row_elems);
-  return kv_write_src(s, (bf16 *)k_pool, (bf16 *)v_pool, k, v, src_dt, k_ld, v_ld, slots, pool_rows, R, row_elems);
+    return kv_write_to(s, (f16 *)k_pool, (f16 *)v_pool, k, k_dt, v, v_dt, k_ld, v_ld, slots, pool_rows, R, row_elems);
+  return kv_write_to(s, (bf16 *)k_pool, (bf16 *)v_pool, k, k_dt, v, v_dt, k_ld, v_ld, slots, pool_rows, R, row_elems);
 }

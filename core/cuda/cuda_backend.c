@@ -196,7 +196,8 @@ static msh_status cuda_embedding(msh_tensor *out, const msh_tensor *table, const
   int32_t bad = d->host_words[0];
   if (bad) {
     int32_t id = 0;
-    CUDA_TRY(cudaMemcpyAsync(d->host_words, idp + (bad - 1), sizeof(int32_t), cudaMemcpyDeviceToHost, msh_cuda_cur(d)));
+    /* no direction named: ids may be device-mapped host memory (msh_tensor_map_host) */
+    CUDA_TRY(cudaMemcpyAsync(d->host_words, idp + (bad - 1), sizeof(int32_t), cudaMemcpyDefault, msh_cuda_cur(d)));
     CUDA_TRY(cudaStreamSynchronize(msh_cuda_cur(d)));
     id = d->host_words[0];
     return MSH_FAIL(MSH_ERANGE, "embedding: id %d at %d outside [0, %lld)", id, bad - 1, (long long)V);
@@ -498,8 +499,8 @@ static msh_status cuda_kv_write(msh_tensor *k_pool, msh_tensor *v_pool, const ms
   int64_t R = k->shape[0], row = k->shape[1] * k->shape[2];
   if (R > INT_MAX || row > INT_MAX) return MSH_FAIL(MSH_EUNSUPPORTED, "kv_write: shape too large for the CUDA kernels");
   CUDA_TRY(msh_k_kv_write(msh_cuda_cur(d), msh_tensor_ptr(k_pool), msh_tensor_ptr(v_pool), k_pool->dtype,
-                          k_pool->shape[0] * k_pool->shape[1], msh_tensor_ptr(k), msh_tensor_ptr(v), k->dtype,
-                          k->stride[0], v->stride[0], msh_tensor_ptr(slots), (int)R, (int)row));
+                          k_pool->shape[0] * k_pool->shape[1], msh_tensor_ptr(k), k->dtype, msh_tensor_ptr(v),
+                          v->dtype, k->stride[0], v->stride[0], msh_tensor_ptr(slots), (int)R, (int)row));
   return MSH_OK;
 }
 
@@ -511,10 +512,13 @@ static msh_status cuda_paged_attention(msh_tensor *out, const msh_tensor *q, con
   if (s != MSH_OK) return s;
   int64_t R = q->shape[0], H = q->shape[1], hd = q->shape[2], B = ctx_len->shape[0];
   if (hd > 256) return MSH_FAIL(MSH_EUNSUPPORTED, "paged_attention: head dim %lld > 256 on CUDA", (long long)hd);
-  if (R > 65535 || B > INT_MAX || k_pool->shape[2] > 65535 || k_pool->shape[0] > INT_MAX || max_ctx > INT_MAX ||
-      block_table->shape[1] > INT_MAX)
-    return MSH_FAIL(MSH_EUNSUPPORTED, "paged_attention: %lld rows x %lld kv heads exceed the CUDA grid", (long long)R,
-                    (long long)k_pool->shape[2]);
+  /* the grid: rows on x (up to 2^31 - 1), kv heads on z (up to 65535) */
+  if (R > INT_MAX || H > INT_MAX || B > INT_MAX || k_pool->shape[2] > 65535 || k_pool->shape[0] > INT_MAX ||
+      k_pool->shape[1] > INT_MAX || max_ctx > INT_MAX || block_table->shape[1] > INT_MAX)
+    return MSH_FAIL(MSH_EUNSUPPORTED, "paged_attention: %lld rows x %lld heads over %lld kv heads, pools %lld x %lld, "
+                    "%lld blocks a table exceed the CUDA kernel's range", (long long)R, (long long)H,
+                    (long long)k_pool->shape[2], (long long)k_pool->shape[0], (long long)k_pool->shape[1],
+                    (long long)block_table->shape[1]);
   msh_k_paged a = {
       .out = msh_tensor_ptr(out),
       .q = msh_tensor_ptr(q),
