@@ -5,7 +5,10 @@
  * batched attention over mapped caches match the CPU op on fresh random inputs (f32/f16/bf16,
  * GQA); a captured graph of a decode step (kv_write then paged attention) over mapped pools,
  * replayed as slots and contexts change, matches the CPU at every replay; the host memory outlives
- * the host handle while a mapped view holds it; ordinary memory and device tensors are refused. */
+ * the host handle while a mapped view holds it; ordinary memory and device tensors are refused.
+ * Also: prompt chunks through the paged kernel's per-row form and a 16-query chunk through the
+ * flash prefill kernel over mapped caches; an embedding whose ids are mapped reads the bad id
+ * back from host memory for its error. */
 #include "check.h"
 #include "gpu_helpers.h"
 
@@ -127,9 +130,53 @@ static void test_paged(int dt) {
   free_all(all, 22);
 }
 
-/* Batched attention of a chunk of T queries over mapped (B, S, KVH, hd) caches. */
-static void test_contiguous(int dt) {
-  int64_t B = 3, S = 300, KVH = 4, hd = 64, H = 8, T = 5, pos0 = 170;
+/* Ragged prompt chunks (the per-row form) over mapped pools, against the CPU op. */
+static void test_paged_chunks(int dt) {
+  int64_t NB = 80, BS = 16, H = 12, KVH = 4, hd = 64, B = 4, max_ctx = 300, MB = (max_ctx + BS - 1) / BS;
+  int64_t pshape[4] = {NB, BS, KVH, hd}, s0[1] = {B}, s1[1] = {B + 1}, s3[2] = {B, MB};
+  msh_tensor *kc = cpu_randn(dt, 4, pshape, 1.0f), *vc = cpu_randn(dt, 4, pshape, 1.0f), *kh, *vh;
+  msh_tensor *km = mapped_copy(kc, &kh), *vm = mapped_copy(vc, &vh);
+  int32_t qs[5], ctx[4], bt[4 * 19];
+  qs[0] = 0;
+  for (int b = 0; b < B; b++) {
+    int32_t n = 1 + (int32_t)rnd(9);
+    qs[b + 1] = qs[b] + n;
+    ctx[b] = n + (int32_t)rnd((uint32_t)(max_ctx - n + 1));
+  }
+  for (int i = 0; i < B * MB; i++) bt[i] = (int32_t)rnd((uint32_t)NB);
+  int64_t R = qs[B], qshape[3] = {R, H, hd};
+  msh_tensor *q = cpu_randn(MSH_F32, 3, qshape, 1.0f), *oc = cpu_new(MSH_F32, 3, qshape);
+  msh_tensor *tq = i32_cpu(1, s1, qs), *tc = i32_cpu(1, s0, ctx), *tb = i32_cpu(2, s3, bt);
+  msh_tensor *qg = to_gpu(q), *og = gpu_new(MSH_F32, 3, qshape), *tqg = to_gpu(tq), *tcg = to_gpu(tc), *tbg = to_gpu(tb);
+  CHECK_OK(msh_op_paged_attention(oc, q, kc, vc, tq, tc, tb, max_ctx, 0.125f));
+  CHECK_OK(msh_op_paged_attention(og, qg, km, vm, tqg, tcg, tbg, max_ctx, 0.125f));
+  COMPARE("paged prompt chunks over mapped pools", og, oc, dt == MSH_F32 ? 1e-4 : 2e-3);
+  msh_tensor *all[] = {kc, vc, kh, vh, km, vm, q, oc, tq, tc, tb, qg, og, tqg, tcg, tbg};
+  free_all(all, 16);
+}
+
+/* An embedding with mapped ids: an id outside the table is MSH_ERANGE naming it (read back from
+ * the mapped ids, host memory). */
+static void test_embedding_ids(void) {
+  int64_t tshape[2] = {50, 32}, ishape[1] = {6}, oshape[2] = {6, 32};
+  int32_t ids[6] = {3, 49, 0, 17, 50 + 7, 2};
+  msh_tensor *table = cpu_randn(MSH_F32, 2, tshape, 1.0f), *tg = to_gpu(table), *ih = NULL;
+  msh_tensor *idc = i32_cpu(1, ishape, ids), *im = mapped_copy(idc, &ih), *og = gpu_new(MSH_F32, 2, oshape);
+  CHECK_STATUS(msh_op_embedding(og, tg, im), MSH_ERANGE);
+  CHECK(strstr(msh_last_error(), "id 57 at 4"));
+  ((int32_t *)msh_tensor_data(ih))[4] = 11; /* the host side's bytes are what the device reads */
+  msh_tensor *oc = cpu_new(MSH_F32, 2, oshape);
+  CHECK_OK(msh_op_embedding(oc, table, ih));
+  CHECK_OK(msh_op_embedding(og, tg, im));
+  COMPARE("embedding of mapped ids", og, oc, 0);
+  msh_tensor *all[] = {table, tg, ih, idc, im, og, oc};
+  free_all(all, 7);
+}
+
+/* Batched attention of a chunk of T queries over mapped (B, S, KVH, hd) caches (T = 5: the
+ * split-KV decode kernels; T = 16 over f16/bf16: the flash prefill kernel). */
+static void test_contiguous(int dt, int64_t T) {
+  int64_t B = 3, S = 300, KVH = 4, hd = 64, H = 8, pos0 = 170;
   int64_t cshape[4] = {B, S, KVH, hd}, qshape[4] = {B, T, H, hd};
   msh_tensor *kc = cpu_randn(dt, 4, cshape, 1.0f), *vc = cpu_randn(dt, 4, cshape, 1.0f), *kh, *vh;
   msh_tensor *km = mapped_copy(kc, &kh), *vm = mapped_copy(vc, &vh);
@@ -137,7 +184,8 @@ static void test_contiguous(int dt) {
   msh_tensor *qg = to_gpu(q), *og = gpu_new(MSH_F32, 4, qshape);
   CHECK_OK(msh_op_attention(oc, q, kc, vc, pos0, 0.125f));
   CHECK_OK(msh_op_attention(og, qg, km, vm, pos0, 0.125f));
-  COMPARE("attention over mapped caches", og, oc, dt == MSH_F32 ? 1e-4 : 2e-3);
+  COMPARE(T < 8 ? "attention over mapped caches" : "flash attention over mapped caches", og, oc,
+          dt == MSH_F32 ? 1e-4 : T < 8 ? 2e-3 : 1e-2);
   msh_tensor *all[] = {kc, vc, kh, vh, km, vm, q, oc, qg, og};
   free_all(all, 10);
 }
@@ -206,8 +254,11 @@ int main(void) {
   const int dts[3] = {MSH_F32, MSH_F16, MSH_BF16};
   for (int i = 0; i < 3; i++) {
     test_paged(dts[i]);
-    test_contiguous(dts[i]);
+    test_paged_chunks(dts[i]);
+    test_contiguous(dts[i], 5);
+    test_contiguous(dts[i], 16);
   }
+  test_embedding_ids();
   test_graph();
   return check_done("test_cuda_host_map");
 }
