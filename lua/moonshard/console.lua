@@ -819,7 +819,7 @@ local function console_run(path, desc, name)
 end
 
 -- `moonshard eval --jobs` folder: its jobs' descriptors (jobs.jsonl), their ends (events.jsonl) and
--- each job's results (job-N.json once it has written them): one run
+-- each job's results (job-N.results.json once it has written them): one run
 function M.eval_jobs_run(dir, name)
   local descs = jsonl(dir .. "/jobs.jsonl")
   if #descs == 0 then return nil end
@@ -832,7 +832,7 @@ function M.eval_jobs_run(dir, name)
   for _, d in ipairs(descs) do
     for _, t in ipairs(type(d.tasks) == "table" and d.tasks or {}) do tasks[#tasks + 1] = t end
     local e = ends[d.job]
-    local res = decode_file(string.format("%s/job-%s.json", dir, tostring(d.job)))
+    local res = decode_file(string.format("%s/job-%s.results.json", dir, tostring(d.job)))
     if res and type(res.results) == "table" then
       for task, row in pairs(scores_of(res.results)) do scores[task] = row end
     end

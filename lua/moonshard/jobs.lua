@@ -378,7 +378,8 @@ function M.eval(opts, tasks, argv)
   for _, job in ipairs(plan.jobs) do
     local args = {}
     for _, a in ipairs(base) do args[#args + 1] = a end
-    local out = string.format("%s/job-%d.json", dir, job.id)
+    -- the job's results, beside (never over) its descriptor job-N.json
+    local out = string.format("%s/job-%d.results.json", dir, job.id)
     for _, a in ipairs { "--tasks", table.concat(job.tasks, ","), "--output", out, "--events", events } do
       args[#args + 1] = a
     end
@@ -429,7 +430,7 @@ function M.eval(opts, tasks, argv)
       date = M.now_iso() })
     local text = c.code == 0 and M.read(c.result)
     local res = text and require("cjson.safe").decode(text)
-    if type(res) ~= "table" then
+    if type(res) ~= "table" or type(res.results) ~= "table" or type(res.config) ~= "table" then
       local tail = M.tail(string.format("%s/job-%d.err", dir, c.job.id), 1)[1] or "no output"
       failed[#failed + 1] = string.format("job %d (%s) %s: %s", c.job.id, table.concat(c.job.tasks, ","),
         c.signal ~= 0 and ("killed by signal " .. c.signal) or ("exit " .. tostring(c.code)), tail)
