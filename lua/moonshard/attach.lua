@@ -375,6 +375,7 @@ function M.client(session, out, err_out)
       heads[#heads + 1] = "rank " .. info.rank
       local s, serr = info.alive and session_for(info)
       local text = "(" .. (info.alive and tostring(serr) or "gone") .. ")"
+      uv.update_time()
       local deadline = uv.now() + 10000
       while s do -- a follower runs it once it reaches it among rank 0's calls
         local a = s:eval(string.format("print(live.result(%d))", seq))

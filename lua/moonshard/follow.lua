@@ -295,6 +295,7 @@ function M.lead(model, opts)
   all, err = pg.store:gather("follow", 0, pg.world, require("cjson").encode { port = server:getsockname().port,
     token = token }, timeout)
   if not all then server:close() return nil, err end
+  uv.update_time() -- the loop's clock stands still while nothing runs it (a model's load)
   local deadline = uv.now() + timeout * 1000
   local tick = uv.new_timer()
   tick:start(20, 20, function() end)
@@ -561,6 +562,7 @@ function M.follow(model, opts)
   conn:connect(pg.master_addr == "localhost" and "127.0.0.1" or pg.master_addr, info.port, function(e)
     connected, cerr = true, e
   end)
+  uv.update_time() -- the loop's clock stands still while nothing runs it (a model's load)
   local deadline = uv.now() + timeout * 1000
   while not connected and uv.now() < deadline do uv.run("once") end
   if not connected or cerr then
