@@ -123,6 +123,7 @@ local function raw_request(s, text)
     end)
   end)
   local t = uv.new_timer()
+  uv.update_time() -- a timeout from now, not from when the loop last ran
   t:start(5000, 0, function() done = true end)
   while not done do uv.run("once") end
   t:close()
@@ -236,6 +237,7 @@ describe("the console's eval jobs in process", function()
       end
       local t = uv.new_timer()
       local late = false
+      uv.update_time() -- a timeout from now, not from when the loop last ran
       t:start(60000, 0, function() late = true end)
       while not late and not (c.jobs[ids[4]] and c.jobs[ids[4]].state == "done") do uv.run("once") end
       t:close()
@@ -281,6 +283,7 @@ describe("the console's events stream in process", function()
       end)
       local function run_until(pred, ms)
         local late, t = false, uv.new_timer()
+        uv.update_time() -- a timeout from now, not from when the loop last ran
         t:start(ms, 0, function() late = true end)
         while not late and not pred() do uv.run("once") end
         t:close()

@@ -6,6 +6,7 @@ local follow = require "moonshard.follow"
 -- runs the loop until pred() holds or ms pass; true when it held
 local function run_until(pred, ms)
   local late, t = false, uv.new_timer()
+  uv.update_time() -- a timeout from now, not from when the loop last ran
   t:start(ms, 0, function() late = true end)
   while not late and not pred() do uv.run("once") end
   t:close()

@@ -12,6 +12,7 @@ local bit = require "bit"
 -- runs the loop until cond() or `secs` pass; returns cond()
 local function spin(cond, secs)
   local t, expired = uv.new_timer(), false
+  uv.update_time() -- a timeout from now, not from when the loop last ran
   t:start(math.floor(secs * 1000), 0, function() expired = true end)
   local tick = uv.new_timer() -- wakes the loop to look again when no I/O would
   tick:start(20, 20, function() end)

@@ -25,6 +25,7 @@ local MAX_TOKENS = 32
 -- runs the loop until cond() or `secs` pass; returns cond()
 local function spin(cond, secs)
   local t, expired = uv.new_timer(), false
+  uv.update_time() -- a timeout from now, not from when the loop last ran
   t:start(math.floor(secs * 1000), 0, function() expired = true end)
   local tick = uv.new_timer()
   tick:start(20, 20, function() end)
