@@ -122,11 +122,7 @@ local function raw_request(s, text)
       if data then buf = buf .. data else done = true end
     end)
   end)
-  local t = uv.new_timer()
-  uv.update_time() -- a timeout from now, not from when the loop last ran
-  t:start(5000, 0, function() done = true end)
-  while not done do uv.run("once") end
-  t:close()
+  h.wait_until(function() return done end, 5)
   c:close()
   uv.run("nowait")
   return buf
@@ -235,13 +231,7 @@ describe("the console's eval jobs in process", function()
         assert.are.equal(202, res.status, res.body)
         ids[i] = cjson.decode(res.body).id
       end
-      local t = uv.new_timer()
-      local late = false
-      uv.update_time() -- a timeout from now, not from when the loop last ran
-      t:start(60000, 0, function() late = true end)
-      while not late and not (c.jobs[ids[4]] and c.jobs[ids[4]].state == "done") do uv.run("once") end
-      t:close()
-      assert.is_false(late)
+      assert.is_true(h.wait_until(function() return c.jobs[ids[4]] and c.jobs[ids[4]].state == "done" end, 60))
     end)
     console.MAX_JOBS = saved
     c:close()
@@ -281,15 +271,7 @@ describe("the console's events stream in process", function()
         assert(not e, e)
         tcp:write("GET /v1/console/events HTTP/1.1\r\nHost: x\r\n\r\n", function() connected = true end)
       end)
-      local function run_until(pred, ms)
-        local late, t = false, uv.new_timer()
-        uv.update_time() -- a timeout from now, not from when the loop last ran
-        t:start(ms, 0, function() late = true end)
-        while not late and not pred() do uv.run("once") end
-        t:close()
-        return not late
-      end
-      assert.is_true(run_until(function() return connected and next(c.subscribers) ~= nil end, 5000))
+      assert.is_true(h.wait_until(function() return connected and next(c.subscribers) ~= nil end, 5))
       local res = next(c.subscribers)
       local chunk = "data: " .. string.rep("x", 256 * 1024) .. "\n\n"
       for _ = 1, 400 do -- 100 MiB at most: the socket's buffers fill, then the server's queue grows

@@ -3,15 +3,7 @@ local cjson = require "cjson"
 local uv = require "luv"
 local follow = require "moonshard.follow"
 
--- runs the loop until pred() holds or ms pass; true when it held
-local function run_until(pred, ms)
-  local late, t = false, uv.new_timer()
-  uv.update_time() -- a timeout from now, not from when the loop last ran
-  t:start(ms, 0, function() late = true end)
-  while not late and not pred() do uv.run("once") end
-  t:close()
-  return not late
-end
+local h = require "helpers"
 
 describe("follow.lead", function()
   it("closes a connection that never said hello once every follower has joined", function()
@@ -32,7 +24,7 @@ describe("follow.lead", function()
       return { value }
     end }
     local group, err = follow.lead({ dist = pg, net = {} }, { timeout = 10 })
-    local ended = group and run_until(function() return stray_ended end, 3000)
+    local ended = group and h.wait_until(function() return stray_ended end, 3)
     if group then group:close_conns() end
     for _, c in ipairs { stray, member } do if not c:is_closing() then c:close() end end
     uv.run("nowait")

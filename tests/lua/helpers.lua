@@ -184,4 +184,22 @@ function M.max_abs_diff(a, b)
   return m
 end
 
+-- Runs the libuv loop until cond() holds or `secs` pass; returns cond(). The timeout counts from
+-- now: libuv's clock stands still while nothing runs the loop (a model's load, a synchronous spec),
+-- and a timer started on the stale clock would fire at once. A 20 ms tick wakes the loop to look
+-- again when no I/O would.
+function M.wait_until(cond, secs)
+  local uv = require "luv"
+  local t, expired = uv.new_timer(), false
+  uv.update_time()
+  t:start(math.floor(secs * 1000), 0, function() expired = true end)
+  local tick = uv.new_timer()
+  tick:start(20, 20, function() end)
+  while not cond() and not expired do uv.run("once") end
+  tick:close()
+  t:close()
+  uv.run("nowait")
+  return cond()
+end
+
 return M

@@ -9,19 +9,7 @@ local uv = require "luv"
 local attach = require "moonshard.attach"
 local bit = require "bit"
 
--- runs the loop until cond() or `secs` pass; returns cond()
-local function spin(cond, secs)
-  local t, expired = uv.new_timer(), false
-  uv.update_time() -- a timeout from now, not from when the loop last ran
-  t:start(math.floor(secs * 1000), 0, function() expired = true end)
-  local tick = uv.new_timer() -- wakes the loop to look again when no I/O would
-  tick:start(20, 20, function() end)
-  while not cond() and not expired do uv.run("once") end
-  tick:close()
-  t:close()
-  uv.run("nowait")
-  return cond()
-end
+local spin = h.wait_until
 
 -- an output stream that keeps what is written
 local function sink()

@@ -22,19 +22,7 @@ local PROMPTS = {
 }
 local MAX_TOKENS = 32
 
--- runs the loop until cond() or `secs` pass; returns cond()
-local function spin(cond, secs)
-  local t, expired = uv.new_timer(), false
-  uv.update_time() -- a timeout from now, not from when the loop last ran
-  t:start(math.floor(secs * 1000), 0, function() expired = true end)
-  local tick = uv.new_timer()
-  tick:start(20, 20, function() end)
-  while not cond() and not expired do uv.run("once") end
-  tick:close()
-  t:close()
-  uv.run("nowait")
-  return cond()
-end
+local spin = h.wait_until
 
 -- POST path on the loop; done(status, body) when the whole response is in
 local function fire(port, path, obj, done)
