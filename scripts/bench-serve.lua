@@ -1,6 +1,10 @@
 -- Benchmark serving: replay N requests of given prompt/output lengths (random token ids, every
 -- request generating its full length) all at once or at a Poisson request rate, against the engine
--- in this process (--model) or a running `moonshard serve` (--url); prints one JSON object.
+-- in this process (--model, or --dummy CONFIG: random weights of a config.json's shape) or a
+-- running `moonshard serve` (--url); prints one JSON object. In process on a GPU it measures the
+-- device's copy bandwidth and matrix rate first (moonshard.ceilings) and sums each step's floor
+-- (weights and the entries' KV read once, or its matrix flops, whichever is longer): the report's
+-- floor_output_tok_s and efficiency (floor time / measured time).
 --
 -- The chunked-prefill effect: --long-prompts N sends N prompts of --long-len tokens once every
 -- other request is decoding (--long-at seconds after the last of them streamed its first token,
@@ -16,9 +20,10 @@ local args = require "moonshard.args"
 local V = require "moonshard.validate"
 
 local opts = args.parse(arg, {
-  usage = "moonshard bench-serve (--model PATH | --url http://127.0.0.1:8000) [options]",
+  usage = "moonshard bench-serve (--model PATH | --dummy CONFIG | --url http://127.0.0.1:8000) [options]",
   summary = "Reports output and total tokens/s, TTFT and inter-token latency p50/p90/p99 (ms) as JSON on stdout.",
   { "model", "string", "run the engine in this process on this model", input = "model" },
+  { "dummy", "string", "run the engine in this process on a model of this config.json with random weights", input = "config" },
   { "url", "string", "a running moonshard serve (streams /v1/completions)" },
   { "api-key", "string", "sent as 'Authorization: Bearer KEY' with --url" },
   { "num-requests", "int", "requests to replay", default = 64, min = 1, max = 1000000 },
@@ -32,15 +37,17 @@ local opts = args.parse(arg, {
   { "long-output-len", "int", "tokens a long prompt generates", default = 4, min = 1 },
   { "long-at", "number", "seconds after every other request streamed its first token that the first long prompt arrives", default = 0, min = 0 },
   { "long-interval", "number", "seconds between long prompts (0: all at once)", default = 0, min = 0 },
-  { "no-chunked-prefill", "flag", "(--model) prompts computed whole: the step budget grows to the longest prompt plus --max-batch" },
-  { "max-batch", "int", "sequences at once (--model)", default = 16, min = 1 },
-  { "max-tokens-per-step", "int", "a step's token budget (--model)", default = 512, min = 1 },
-  { "no-prefix-caching", "flag", "(--model) no reuse of cached prefix blocks" },
-  { "slot-cache", "flag", "(--model) one contiguous KV row per slot instead of the paged block pool" },
-  { "policy", "string", "scheduling policy (--model): fcfs, spf or a Lua file", default = "fcfs" },
-  { "device", "string", "cpu or cuda[:N] (--model)", default = "cpu", check = V.device },
-  { "dtype", "string", "weights' dtype (--model)", enum = V.DTYPES },
-  { "max-seq", "int", "context length (--model; default: the model's)", min = 1 },
+  { "no-chunked-prefill", "flag", "(--model, --dummy) prompts computed whole: the step budget grows to the longest prompt plus --max-batch" },
+  { "max-batch", "int", "sequences at once (--model, --dummy)", default = 16, min = 1 },
+  { "max-tokens-per-step", "int", "a step's token budget (--model, --dummy)", default = 512, min = 1 },
+  { "no-prefix-caching", "flag", "(--model, --dummy) no reuse of cached prefix blocks" },
+  { "slot-cache", "flag", "(--model, --dummy) one contiguous KV row per slot instead of the paged block pool" },
+  { "policy", "string", "scheduling policy (--model, --dummy): fcfs, spf or a Lua file", default = "fcfs" },
+  { "device", "string", "cpu or cuda[:N] (--model, --dummy)", default = "cpu", check = V.device },
+  { "dtype", "string", "weights' dtype (--model, --dummy)", enum = V.DTYPES },
+  { "max-seq", "int", "context length (--model, --dummy; default: the model's)", min = 1 },
+  { "kv-blocks", "int", "blocks of the paged KV pool (--model, --dummy; default: max-batch x max-seq / 16)", min = 1 },
+  { "no-ceilings", "flag", "(--model, --dummy on a GPU) skip measuring the device's ceilings and the floor they give" },
   { "vocab", "int", "token ids are drawn below this (--url; default: the server's vocab_size)", min = 1 },
 })
 
@@ -48,7 +55,9 @@ local function fail(msg)
   io.stderr:write("moonshard bench-serve: ", msg, "\n")
   os.exit(1)
 end
-if (opts.model == nil) == (opts.url == nil) then fail("give --model or --url (one of them)") end
+local n_targets = (opts.model and 1 or 0) + (opts.dummy and 1 or 0) + (opts.url and 1 or 0)
+if n_targets ~= 1 then fail("give --model, --dummy or --url (one of them)") end
+local in_process = opts.model or opts.dummy
 if opts.url and opts.no_chunked_prefill then
   fail("--no-chunked-prefill applies to the engine in this process (--model), not to a server")
 end
@@ -88,8 +97,9 @@ end
 -- the target: submit(r, on_token(t), on_done(err)) for one request
 local submit, vocab, finish_target
 local steps -- (--model) the engine's steps: count, largest token counts
+local floor -- (--model on a GPU) the ceilings measured now and the model's bytes and flops
 local budget = opts.max_tokens_per_step
-if opts.model then
+if in_process then
   local moonshard = require "moonshard"
   -- the longest prompt; without chunked prefill a step holds it whole beside a full batch of
   -- decodes. The runner's step rows (max-batch x chunk) are sized for that step either way, so
@@ -98,9 +108,34 @@ if opts.model then
   if opts.long_prompts > 0 then longest = math.max(longest, opts.long_len) end
   if opts.no_chunked_prefill then budget = math.max(budget, longest + opts.max_batch) end
   local chunk = math.ceil((longest + opts.max_batch) / opts.max_batch)
-  local model, err = moonshard.load(opts.model, { device = opts.device, dtype = opts.dtype, max_seq = opts.max_seq,
-    batch = opts.max_batch, kv_blocks = not opts.slot_cache or nil, chunk = chunk > 256 and chunk or nil })
+  local gpu = opts.device ~= "cpu"
+  if gpu and not opts.no_ceilings then -- before the model holds the device's memory
+    local ceil = require "moonshard.ceilings"
+    local bw, rate = ceil.device(opts.device)
+    if not bw then fail(rate) end
+    floor = { bw = bw, rate = rate, s = 0 }
+  end
+  local lopts = { device = opts.device, dtype = opts.dtype, max_seq = opts.max_seq, batch = opts.max_batch,
+    kv_blocks = not opts.slot_cache and (opts.kv_blocks or true) or nil, chunk = chunk > 256 and chunk or nil }
+  local model, err
+  if opts.dummy then
+    local desc, derr = require("moonshard.loaders.dummy").load(opts.dummy)
+    if not desc then fail(derr) end
+    model, err = moonshard.build(desc, lopts, { path = opts.dummy })
+  else
+    model, err = moonshard.load(opts.model, lopts)
+  end
   if not model then fail(err) end
+  if floor then
+    -- a step's floor: its weights read once, every entry's keys and values read once, against
+    -- its matrix flops (the head over one row an entry), whichever takes longer
+    local net = model.net
+    local ceil = require "moonshard.ceilings"
+    floor.weight_bytes, floor.params, floor.head_params = ceil.weights(net)
+    local kv0 = net.kv[net.first_layer].K
+    local L = net.last_layer - net.first_layer + 1
+    floor.kv_bytes_per_position = L * 2 * net.n_kv_heads * net.head_dim * kv0:nbytes() / kv0:numel()
+  end
   if opts.long_prompts > 0 and opts.long_len + opts.long_output_len > model.net.max_seq then
     fail(string.format("--long-len %d with --long-output-len %d exceeds the context of %d tokens (--max-seq)",
       opts.long_len, opts.long_output_len, model.net.max_seq))
@@ -114,6 +149,11 @@ if opts.model then
   steps = { count = 0, max_tokens = 0, max_tokens_with_decodes = 0, max_ms_with_decodes = 0, prefill_tokens = 0 }
   engine.on_step = function(info)
     steps.count = steps.count + 1
+    if floor then
+      local flops = 2 * (floor.params - floor.head_params) * info.tokens + 2 * floor.head_params * info.batch
+      floor.s = floor.s + math.max((floor.weight_bytes + floor.kv_bytes_per_position * info.context) / floor.bw,
+        flops / floor.rate)
+    end
     steps.prefill_tokens = steps.prefill_tokens + info.prefill_tokens
     if info.tokens > steps.max_tokens then steps.max_tokens = info.tokens end
     if info.decode_tokens > 0 then
@@ -279,7 +319,7 @@ if #longs > 0 then
     interval = opts.long_interval, ttft_ms = percentiles(ttft_long), decode_itl_ms = percentiles(during) }
 end
 local result = {
-  target = opts.url or opts.model, requests = #reqs + #longs, completed = #reqs + #longs - #failures,
+  target = opts.url or opts.model or opts.dummy, requests = #reqs + #longs, completed = #reqs + #longs - #failures,
   failed = #failures,
   first_error = failures[1] or cjson.null, input_len = opts.input_len, output_len = opts.output_len,
   range_ratio = opts.range_ratio, request_rate = opts.request_rate > 0 and opts.request_rate or "inf",
@@ -289,6 +329,16 @@ local result = {
   -- the engine in this process: its chunking, its step budget and its steps
   chunked_prefill = cjson.null, max_tokens_per_step = cjson.null, steps = steps or cjson.null,
 }
-if opts.model then result.chunked_prefill, result.max_tokens_per_step = not opts.no_chunked_prefill, budget end
+if in_process then
+  result.chunked_prefill, result.max_tokens_per_step = not opts.no_chunked_prefill, budget
+  result.device, result.max_batch = opts.device, opts.max_batch
+end
+if floor then
+  -- the steps' floors summed (moonshard.ceilings): the output tokens/s no step could beat
+  result.ceiling_copy_GBps, result.ceiling_matmul_TFLOPs = floor.bw / 1e9, floor.rate / 1e12
+  result.weight_bytes, result.floor_s = floor.weight_bytes, floor.s
+  result.floor_output_tok_s = out_tokens / floor.s
+  result.efficiency = floor.s / dur
+end
 io.stdout:write(cjson.encode(result), "\n")
 if #failures > 0 then os.exit(1) end

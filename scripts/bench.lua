@@ -92,91 +92,15 @@ local function mem_used()
   return tonumber(t[0] - f[0])
 end
 
-local function median(t)
-  table.sort(t)
-  local n = #t
-  return n % 2 == 1 and t[(n + 1) / 2] or (t[n / 2] + t[n / 2 + 1]) / 2
-end
-
--- Ceilings of this device, measured now: copy bandwidth (bytes read + written) and matrix rate.
-local function ceilings()
-  local n = 256 * 1024 * 1024 -- 1 GiB of f32
-  local a, err = tensor.new({ n }, "f32", opts.device)
-  if not a then fail(err) end
-  local b = assert(tensor.new({ n }, "f32", opts.device))
-  local times = {}
-  for i = 1, 6 do
-    sync()
-    local t0 = uv.hrtime()
-    b:copy_from(a)
-    sync()
-    if i > 1 then times[#times + 1] = (uv.hrtime() - t0) / 1e9 end
-  end
-  local bw = 2 * n * 4 / median(times)
-  a:free()
-  b:free()
-  local N = 8192
-  local x = assert(tensor.new({ N, N }, "f32", opts.device)):randn(1)
-  local w = assert(tensor.new({ N, N }, "bf16", opts.device)):randn(2)
-  local o = assert(tensor.new({ N, N }, "f32", opts.device))
-  times = {}
-  for i = 1, 6 do
-    sync()
-    local t0 = uv.hrtime()
-    ops.matmul(o, x, w)
-    sync()
-    if i > 1 then times[#times + 1] = (uv.hrtime() - t0) / 1e9 end
-  end
-  local rate = 2 * N * N * N / median(times)
-  x:free()
-  w:free()
-  o:free()
-  return bw, rate
-end
-
--- The pinned host-to-device ceiling a streaming stage (or a --kv-offload cache) runs against,
--- measured now the way the stage copies: straight from a pinned buffer to the device
--- (stream.copy_async: one DMA per copy, no staging), on a stream of its own (the copy engine's
--- queue, as the stage's copy stream), PIECES copies of PIECE bytes queued back to back so that
--- the engine never waits for the host between them, timed by events on that stream around the
--- round. One untimed round first (the first touch of the path and the buffers), then the best of
--- ROUNDS rounds: anything else on the link or the host only makes a round slower, so the fastest
--- is the closest to what the link carries. (tensor:copy_from does not measure this: from host
--- memory it packs the source into the pinned staging buffers with host memcpy, chunk after chunk
--- on the compute stream, which reads well below the link's rate, under what the stage streams.)
-local function h2d_ceiling()
-  local stream = require "moonshard.stream"
-  local PIECE, PIECES, ROUNDS = 16 * 1024 * 1024, 32, 5 -- 512 MiB a round
-  local n = PIECE * PIECES
-  local host = assert(stream.pinned({ n }, "i8"))
-  local dev = assert(tensor.new({ n }, "i8", opts.device))
-  local copy = assert(stream.new(opts.device))
-  local t0, t1 = assert(stream.event(opts.device)), assert(stream.event(opts.device))
-  local src, dst = {}, {}
-  for i = 1, PIECES do
-    src[i], dst[i] = host:narrow(1, (i - 1) * PIECE, PIECE), dev:narrow(1, (i - 1) * PIECE, PIECE)
-  end
-  sync()
-  local best
-  for round = 0, ROUNDS do
-    assert(t0:record(copy))
-    for i = 1, PIECES do assert(stream.copy_async(dst[i], src[i], copy)) end
-    assert(t1:record(copy))
-    assert(t1:sync())
-    local s = assert(t0:elapsed_ms(t1)) / 1e3
-    if round > 0 and (not best or s < best) then best = s end
-  end
-  local pinned = stream.is_pinned(host)
-  for i = 1, PIECES do src[i]:free(); dst[i]:free() end
-  t0:close(); t1:close(); copy:close()
-  host:free()
-  dev:free()
-  return n / best, pinned
-end
+local ceil = require "moonshard.ceilings"
+local median = ceil.median
 
 local bw, rate, h2d, h2d_pinned
-if gpu and not opts.no_ceilings then bw, rate = ceilings() end
-if gpu and (streaming or off_opts.kv_offload) and not opts.no_ceilings then h2d, h2d_pinned = h2d_ceiling() end
+if gpu and not opts.no_ceilings then
+  bw, rate = ceil.device(opts.device)
+  if not bw then fail(rate) end
+end
+if gpu and (streaming or off_opts.kv_offload) and not opts.no_ceilings then h2d, h2d_pinned = ceil.h2d(opts.device) end
 
 local mem0 = mem_used()
 local desc, err, name
@@ -370,20 +294,7 @@ local peak = mem_used()
 
 -- bytes every decode step must read: all weights but the embedding table (one row of it), as
 -- placed on the device
-local weight_bytes, matmul_params, head_params = 0, 0, 0
-local function count(t, is_matrix)
-  weight_bytes = weight_bytes + t:nbytes()
-  if is_matrix then matmul_params = matmul_params + t:numel() end
-end
-if net.stage:output() then -- the last pipeline stage holds the head
-  count(net.stage:output(), true)
-  count(net.stage:norm())
-  head_params = net.stage:output():numel()
-end
-for l = net.first_layer, net.last_layer do
-  for _, t in pairs(net.stage:acquire(l)) do count(t, t:ndim() == 2) end -- norms and biases are vectors
-  net.stage:release(l)
-end
+local weight_bytes, matmul_params, head_params = ceil.weights(net)
 local decode_step = d / math.max(opts.gen_len - 1, 1)
 local L, H, hd, T = net.last_layer - net.first_layer + 1, net.n_heads, net.head_dim, opts.prompt_len
 -- prefill: the layers' projections over every token, causal attention, the head over the last token

@@ -457,10 +457,11 @@ function Engine:step_once()
   end
 
   sched:update(plan)
-  local decode_tokens = 0
+  local decode_tokens, context = 0, 0
   for i, e in ipairs(entries) do
     local req = e.seq
     if #e.tokens == 1 then decode_tokens = decode_tokens + 1 end
+    context = context + e.pos + #e.tokens
     if e.sample and req.state == "running" then
       if req.max_tokens == 0 then
         self:finish(req, "length")
@@ -481,7 +482,7 @@ function Engine:step_once()
   if self.on_step then
     local seconds = (uv.hrtime() - t0) / 1e9
     local ok, err = pcall(self.on_step, { batch = #entries, tokens = plan.num_tokens, seconds = seconds,
-      decode_tokens = decode_tokens, prefill_tokens = plan.num_tokens - decode_tokens,
+      decode_tokens = decode_tokens, prefill_tokens = plan.num_tokens - decode_tokens, context = context,
       preempted = #plan.preempted, running = #sched.running, waiting = #sched.waiting })
     if not ok then io.stderr:write("engine: on_step failed: " .. tostring(err) .. "\n") end
   end

@@ -39,6 +39,18 @@ function M.load(path, opts)
   if not numa then return nil, nerr end
   local loaded, err = require("moonshard.loader").load(path, opts)
   if not loaded then return nil, err end
+  return M.build(loaded.desc, opts, { path = path, tokenizer = loaded.tokenizer })
+end
+
+-- M.build(desc, opts, from?) -> model | nil, message: a model from a description already made
+-- (moonshard.loader's, or moonshard.loaders.dummy's random weights of a config.json); opts as
+-- M.load's; from.path names it in messages (and in --disk-offload's identity), from.tokenizer is
+-- its tokenizer (none: prompts are given as token ids).
+function M.build(desc0, opts, from)
+  opts, from = opts or {}, from or {}
+  local numa, nerr = M.bind_numa(opts) -- once per process: M.load's binding stands
+  if not numa then return nil, nerr end
+  local path, err = from.path or "model"
   local device = opts.device or "cpu"
   -- tensor / pipeline parallel: this rank's slice of the weights and its run of layers
   local par
@@ -47,11 +59,11 @@ function M.load(path, opts)
   end
   local zero = opts.zero == 3
   if (opts.tp or 1) > 1 or (opts.pp or 1) > 1 or opts.dist or zero then
-    par, err = require("moonshard.parallel").setup(loaded.desc, opts)
+    par, err = require("moonshard.parallel").setup(desc0, opts)
     if not par then return nil, err end
     device = par.device or device
   end
-  local desc = par and par.desc or loaded.desc
+  local desc = par and par.desc or desc0
   local net
   net, err = require("moonshard.runner").build(desc, {
     device = device, max_seq = opts.max_seq, chunk = opts.chunk, kv_dtype = opts.kv_dtype, batch = opts.batch,
@@ -66,7 +78,7 @@ function M.load(path, opts)
   })
   if not net then return nil, string.format("'%s' on %s: %s", path, device, err) end
   return setmetatable({
-    desc = loaded.desc, tokenizer = loaded.tokenizer, net = net, path = path,
+    desc = desc0, tokenizer = from.tokenizer, net = net, path = path,
     dist = par and par.pg, rank = par and par.rank or 0,
   }, Model)
 end

@@ -78,3 +78,23 @@ describe("moonshard bench-serve --long-prompts", function()
     assert.truthy(err:find("--no-chunked-prefill applies to the engine in this process (--model)", 1, true), err)
   end)
 end)
+
+describe("moonshard bench-serve --dummy", function()
+  it("serves random weights of a config.json's shape in process, every request its full length", function()
+    local out, err, code = h.run { "bench-serve", "--dummy", h.root .. "/tests/fixtures/arch/qwen2/config.json",
+      "--num-requests", "6", "--input-len", "12", "--output-len", "5", "--max-batch", "4" }
+    assert.are.equal(0, code, err)
+    local r = cjson.decode(out)
+    assert.are.equal(6, r.completed)
+    assert.are.equal(6 * 5, r.output_tokens)
+    assert.are.equal(6 * 12, r.steps.prefill_tokens)
+    assert.is_nil(r.floor_output_tok_s) -- no ceilings measured on the CPU
+  end)
+
+  it("takes one target", function()
+    local _, err, code = h.run { "bench-serve", "--model", h.stories, "--dummy",
+      h.root .. "/tests/fixtures/arch/qwen2/config.json" }
+    assert.are.equal(1, code)
+    assert.truthy(err:find("give --model, --dummy or --url (one of them)", 1, true), err)
+  end)
+end)

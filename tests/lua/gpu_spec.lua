@@ -51,6 +51,17 @@ describe("CUDA device", function()
     pm:close()
   end)
 
+  it("bench-serve --dummy on the GPU reports the floor from the ceilings it measured", function()
+    local out, err, code = h.run { "bench-serve", "--dummy", h.root .. "/tests/fixtures/arch/qwen2/config.json",
+      "--device", "cuda", "--num-requests", "16", "--input-len", "16", "--output-len", "8", "--max-batch", "8" }
+    assert.are.equal(0, code, err)
+    local r = require("cjson").decode(out)
+    assert.are.equal(16 * 8, r.output_tokens)
+    assert.is_true(r.ceiling_copy_GBps > 100 and r.ceiling_matmul_TFLOPs > 10, out)
+    assert.is_true(r.floor_s > 0 and r.floor_output_tok_s > r.output_tok_s, out)
+    assert.is_true(r.efficiency > 0 and r.efficiency < 1, out)
+  end)
+
   it("--kv-offload: greedy text from a KV cache in pinned host memory equals the resident cache's (f32 weights)", function()
     local golden = h.read(h.stories .. "/expected_greedy_200.txt")
     local function text(o)
