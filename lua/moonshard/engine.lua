@@ -26,6 +26,7 @@ local scheduler = require "moonshard.scheduler"
 local sampler_mod = require "moonshard.sampler"
 local tensor = require "moonshard.tensor"
 local ffi = require "ffi"
+local ops = require "moonshard.ops"
 local uv = require "luv"
 
 local M = {}
@@ -94,6 +95,7 @@ function M.new(model, opts)
   self.host = assert(tensor.new({ max_batch, V }, "f32", "cpu"))
   self.host_views, self.rows = {}, {}
   for i = 1, max_batch do self.rows[i] = self.host:narrow(1, i - 1, 1) end
+  self.ids = ffi.new("int32_t[?]", max_batch) -- greedy ids picked on the device
   return self
 end
 
@@ -324,6 +326,18 @@ local function stop_text(req, piece)
   return buf:sub(1, #buf - hold), false
 end
 
+-- Whether a step's rows can be picked on the device: every entry that samples is greedy
+-- (temperature 0) and wants no log-probabilities ($MOONSHARD_HOST_SAMPLING=1 keeps the host path).
+local host_sampling = os.getenv("MOONSHARD_HOST_SAMPLING") == "1"
+local function device_greedy(batch)
+  if host_sampling then return false end
+  for _, e in ipairs(batch) do
+    local req = e.seq
+    if e.sample and (req.sampler.temperature > 0 or req.logprobs) then return false end
+  end
+  return true
+end
+
 -- A token sampled for req: output, stream, end conditions.
 function Engine:accept(req, id, row)
   local lp
@@ -411,17 +425,39 @@ function Engine:step_once()
   end
   local rows = self.rows
   local sample_row = {} -- entry index -> host row to sample from
+  local picked -- entry index -> greedy id picked on the device
   if #batch > 0 then
     local logits, err = net:step(batch)
     if not logits then fail_all(self, entries, err) return sched:has_work() end
     local n = #batch
-    local hv = self.host_views[n]
-    if not hv then
-      hv = self.host:narrow(1, 0, n)
-      self.host_views[n] = hv
+    if logits:device() ~= "cpu" and device_greedy(batch) then
+      -- every row sampled greedily, no log-probabilities asked: the argmax on the device, only
+      -- the ids cross the link (a (batch, vocab) f32 copy and a host scan a step otherwise)
+      ops.argmax(logits, self.ids)
+      picked = {}
+      for i in pairs(where) do
+        local id, row = self.ids[where[i] - 1], where[i] - 1
+        -- NaN never wins the device's argmax, so a row of NaN logits (NaN weights) answers 0;
+        -- its first logit tells (the host path checks every logit of a row)
+        if id == 0 then
+          local one = logits:narrow(1, row, 1):narrow(2, 0, 1)
+          local v = one:to("f32", "cpu")
+          one:free()
+          local x = ffi.cast("const float*", v:data())[0]
+          v:free()
+          if x ~= x or x == math.huge or x == -math.huge then id = -1 end
+        end
+        picked[i] = id
+      end
+    else
+      local hv = self.host_views[n]
+      if not hv then
+        hv = self.host:narrow(1, 0, n)
+        self.host_views[n] = hv
+      end
+      hv:copy_from(logits)
+      for i in pairs(where) do sample_row[i] = rows[where[i]] end
     end
-    hv:copy_from(logits)
-    for i in pairs(where) do sample_row[i] = rows[where[i]] end
   end
   local extra -- host tensors of echo rows to free after sampling
   if scored then
@@ -466,12 +502,21 @@ function Engine:step_once()
       if req.max_tokens == 0 then
         self:finish(req, "length")
       else
-        local row = sample_row[i]
-        local ok, err = sampler_mod.check_logits(row, e.pos + #e.tokens - 1)
-        if not ok then
-          self:finish(req, "error", err)
+        local row, id = sample_row[i], picked and picked[i]
+        if id then
+          if id < 0 then
+            self:finish(req, "error", string.format("the logits at position %d are not finite: the weights or the "
+              .. "computation produced NaN or infinity, so no token can be sampled", e.pos + #e.tokens - 1))
+          else
+            self:accept(req, id)
+          end
         else
-          self:accept(req, req.sampler:sample(row), row)
+          local ok, err = sampler_mod.check_logits(row, e.pos + #e.tokens - 1)
+          if not ok then
+            self:finish(req, "error", err)
+          else
+            self:accept(req, req.sampler:sample(row), row)
+          end
         end
       end
     end

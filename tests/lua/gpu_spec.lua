@@ -51,6 +51,19 @@ describe("CUDA device", function()
     pm:close()
   end)
 
+  it("refuses NaN logits when the greedy pick is made on the device", function()
+    local tmp = h.tmpdir()
+    local pm = assert(moonshard.load(h.nan_stories(tmp), { device = "cuda", dtype = "f32", batch = 2, kv_blocks = 16 }))
+    local e = assert(require("moonshard.engine").new(pm, {}))
+    local req = assert(e:submit { prompt = "Lily", max_tokens = 4, temperature = 0 })
+    while e:step() > 0 do end
+    assert.are.equal("error", req.finish_reason)
+    assert.truthy(tostring(req.error):find("logits at position %d+ are not finite"), tostring(req.error))
+    e:close()
+    pm:close()
+    h.rmdir(tmp)
+  end)
+
   it("bench-serve --dummy on the GPU reports the floor from the ceilings it measured", function()
     local out, err, code = h.run { "bench-serve", "--dummy", h.root .. "/tests/fixtures/arch/qwen2/config.json",
       "--device", "cuda", "--num-requests", "16", "--input-len", "16", "--output-len", "8", "--max-batch", "8" }

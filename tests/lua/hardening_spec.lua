@@ -181,25 +181,8 @@ describe("non-finite logits and tokenizers that do not fit", function()
   before_each(function() tmp = h.tmpdir() end)
   after_each(function() h.rmdir(tmp) end)
 
-  -- stories260K with every weight of the output norm set to NaN (llama2.c layout: header of 7
-  -- int32, then the tensors in order; rms_final_weight follows the layers' tensors)
-  local function nan_model()
-    local bin = h.read(h.stories .. "/stories260K.bin")
-    local hdr = require("ffi").cast("const int32_t*", bin)
-    local dim, hidden, L, H, KVH, V = hdr[0], hdr[1], hdr[2], hdr[3], hdr[4], math.abs(hdr[5])
-    local hd = dim / H
-    local floats = V * dim + L * dim + L * dim * dim + 2 * L * dim * KVH * hd + L * dim * dim + L * dim
-      + 3 * L * dim * hidden
-    local off = 28 + floats * 4 -- rms_final_weight
-    local nan = string.char(0x00, 0x00, 0xc0, 0x7f)
-    bin = bin:sub(1, off) .. string.rep(nan, dim) .. bin:sub(off + dim * 4 + 1)
-    h.write(tmp .. "/model.bin", bin)
-    h.write(tmp .. "/tok512.bin", h.read(h.stories .. "/tok512.bin"))
-    return tmp
-  end
-
   it("NaN weights give an error naming the position, greedy or sampled", function()
-    local dir = nan_model()
+    local dir = h.nan_stories(tmp)
     for _, temp in ipairs { "0", "0.8" } do
       local out, err, code = run { "generate", "--model", dir, "--prompt", "Lily", "--max-tokens", "8",
         "--temperature", temp, "--seed", "1" }

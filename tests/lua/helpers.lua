@@ -202,4 +202,22 @@ function M.wait_until(cond, secs)
   return cond()
 end
 
+-- M.nan_stories(dir) -> dir: stories260K with every weight of the output norm set to NaN, written
+-- into dir (llama2.c layout: a header of 7 int32, then the tensors in order; rms_final_weight
+-- follows the layers' tensors), so that every logit is NaN
+function M.nan_stories(dir)
+  local bin = M.read(M.stories .. "/stories260K.bin")
+  local hdr = require("ffi").cast("const int32_t*", bin)
+  local dim, hidden, L, H, KVH, V = hdr[0], hdr[1], hdr[2], hdr[3], hdr[4], math.abs(hdr[5])
+  local hd = dim / H
+  local floats = V * dim + L * dim + L * dim * dim + 2 * L * dim * KVH * hd + L * dim * dim + L * dim
+    + 3 * L * dim * hidden
+  local off = 28 + floats * 4 -- rms_final_weight
+  local nan = string.char(0x00, 0x00, 0xc0, 0x7f)
+  bin = bin:sub(1, off) .. string.rep(nan, dim) .. bin:sub(off + dim * 4 + 1)
+  M.write(dir .. "/model.bin", bin)
+  M.write(dir .. "/tok512.bin", M.read(M.stories .. "/tok512.bin"))
+  return dir
+end
+
 return M
