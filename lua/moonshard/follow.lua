@@ -161,6 +161,10 @@ function M.decode(s)
   return v
 end
 
+-- what rank 0 reads from a connection: before its hello (anyone who reaches the port), then a
+-- follower's stats
+local HELLO_MAX, STATS_MAX = 4096, 1024 * 1024
+
 local function frame(payload)
   local n = #payload
   return string.char(bit.band(bit.rshift(n, 24), 255), bit.band(bit.rshift(n, 16), 255),
@@ -168,14 +172,18 @@ local function frame(payload)
 end
 M.frame = frame
 
--- M.reader(on_msg) -> feed(data): calls on_msg(value) for each complete frame of a stream
-function M.reader(on_msg)
+-- M.reader(on_msg, limit?) -> feed(data): calls on_msg(value) for each complete frame of a
+-- stream; limit() (when given) is the largest frame accepted now, in bytes: a longer one raises
+-- an error as soon as its length is read, before its bytes are buffered
+function M.reader(on_msg, limit)
   local buf = ""
   return function(data)
     buf = buf .. data
     while #buf >= 4 do
       local b1, b2, b3, b4 = buf:byte(1, 4)
       local n = ((b1 * 256 + b2) * 256 + b3) * 256 + b4
+      local max = limit and limit()
+      if max and n > max then error(string.format("a frame of %d bytes, over the %d allowed", n, max), 0) end
       if #buf < 4 + n then break end
       local payload = buf:sub(5, 4 + n)
       buf = buf:sub(5 + n)
@@ -288,6 +296,8 @@ function M.lead(model, opts)
         return
       end
       self:lost(rank, why)
+    end, function() -- a hello is a few dozen bytes; a follower's stats a few KiB
+      return rank == nil and HELLO_MAX or STATS_MAX
     end))
   end)
   -- rank 0's address is the rendezvous address; the port and token go through the store
@@ -317,9 +327,10 @@ function M.lead(model, opts)
   return self
 end
 
--- M.reader_guarded(on_msg, on_end) -> a read callback: frames to on_msg; on_end(why) at EOF or error
-function M.reader_guarded(on_msg, on_end)
-  local feed = M.reader(on_msg)
+-- M.reader_guarded(on_msg, on_end, limit?) -> a read callback: frames to on_msg (limit as
+-- M.reader's); on_end(why) at EOF, on an error or a malformed or oversized frame
+function M.reader_guarded(on_msg, on_end, limit)
+  local feed = M.reader(on_msg, limit)
   local ended = false
   return function(err, data)
     if ended then return end
