@@ -197,21 +197,22 @@ M.GRACE = 5 -- seconds the children of an interrupted wait get before SIGKILL
 -- SIGINT or SIGTERM meanwhile goes on to the children still running (SIGKILL M.GRACE seconds
 -- later), and once they have ended wait returns its name: the caller stops there, and no child
 -- is left running on its own (a sweep rerun would start its point a second time beside it).
+local function each_live(children, fn)
+  for _, c in ipairs(children) do
+    if not c.done and c.handle and not c.handle:is_closing() then pcall(fn, c.handle) end
+  end
+end
+
 function M.wait(children)
   local got, handles, killer = nil, {}, nil
-  local function each_live(fn)
-    for _, c in ipairs(children) do
-      if not c.done and c.handle and not c.handle:is_closing() then pcall(fn, c.handle) end
-    end
-  end
   for _, name in ipairs { "sigint", "sigterm" } do
     local h = uv.new_signal()
     h:start(name, function()
       got = got or name:upper()
-      each_live(function(hd) hd:kill(name) end)
+      each_live(children, function(hd) hd:kill(name) end)
       if not killer then
         killer = uv.new_timer()
-        killer:start(math.floor(M.GRACE * 1000), 0, function() each_live(function(hd) hd:kill("sigkill") end) end)
+        killer:start(math.floor(M.GRACE * 1000), 0, function() each_live(children, function(hd) hd:kill("sigkill") end) end)
       end
     end)
     handles[#handles + 1] = h
@@ -229,6 +230,23 @@ function M.wait(children)
     if not h:is_closing() then h:close() end
   end
   return got
+end
+
+-- M.stop(children): SIGTERM to every child still running, SIGKILL M.GRACE seconds later to any
+-- left, and back once all have ended (when a later one could not start, say)
+function M.stop(children)
+  each_live(children, function(hd) hd:kill("sigterm") end)
+  local killer = uv.new_timer()
+  killer:start(math.floor(M.GRACE * 1000), 0, function() each_live(children, function(hd) hd:kill("sigkill") end) end)
+  local left = true
+  while left do
+    left = false
+    for _, c in ipairs(children) do
+      if not c.done then left = true end
+    end
+    if left then uv.run("once") end
+  end
+  killer:close()
 end
 
 -- ------------------------------------------------------------------- eval --jobs
@@ -409,7 +427,13 @@ function M.eval(opts, tasks, argv)
     M.append_jsonl(dir .. "/jobs.jsonl", d)
     local c, serr = M.start { argv = full, out = string.format("%s/job-%d.out", dir, job.id),
       err = string.format("%s/job-%d.err", dir, job.id), env = env }
-    if not c then return fail(serr) end
+    if not c then
+      if #children > 0 then
+        M.stop(children)
+        serr = string.format("%s (the %d job%s already started were stopped)", serr, #children, #children > 1 and "s" or "")
+      end
+      return fail(serr)
+    end
     c.job = job
     c.result = out
     M.append_jsonl(events, { event = "job_start", job = job.id, pid = c.pid, tasks = job.tasks, date = M.now_iso() })

@@ -339,3 +339,26 @@ describe("moonshard sweep", function()
     assert.equal(ref.results.piqa["acc_norm,none"], res.results.piqa["acc_norm,none"])
   end)
 end)
+
+describe("jobs.stop", function()
+  it("ends every child still running (SIGTERM, then SIGKILL for one that ignores it) and returns", function()
+    local jobs = require "moonshard.jobs"
+    local uv = require "luv"
+    local tmp = h.tmpdir()
+    local grace = jobs.GRACE
+    jobs.GRACE = 0.5
+    local a = assert(jobs.start { argv = { "/bin/sleep", "30" }, out = tmp .. "/a.out", err = tmp .. "/a.err" })
+    local b = assert(jobs.start { argv = { "/bin/sh", "-c", "trap '' TERM; echo ready; while :; do sleep 1; done" },
+      out = tmp .. "/b.out", err = tmp .. "/b.err" })
+    assert.is_true(h.wait_until(function() return (h.read(tmp .. "/b.out") or ""):find("ready") ~= nil end, 5))
+    local t0 = uv.hrtime()
+    jobs.stop { a, b }
+    jobs.GRACE = grace
+    local secs = (uv.hrtime() - t0) / 1e9
+    h.rmdir(tmp)
+    assert.is_true(a.done and b.done)
+    assert.are.equal(15, a.signal)
+    assert.are.equal(9, b.signal)
+    assert.is_true(secs < 5, secs)
+  end)
+end)
