@@ -12,14 +12,23 @@ local M = {}
 local Arena = {}
 Arena.__index = Arena
 
--- M.new(device) -> arena
-function M.new(device)
-  return setmetatable({ device = device or "cpu", list = {}, bytes = 0 }, Arena)
+-- M.new(device, opts?) -> arena. opts.alloc(shape, dtype) -> tensor | nil, message replaces
+-- tensor.new on the device (a pool's buffers: moonshard.kv_offload); opts.on_close() runs after
+-- close has freed the tensors (the pool itself goes then).
+function M.new(device, opts)
+  opts = opts or {}
+  return setmetatable({ device = device or "cpu", list = {}, bytes = 0, alloc = opts.alloc, on_close = opts.on_close },
+    Arena)
 end
 
 -- a:tensor(shape, dtype?) -> tensor (f32 by default, on the arena's device) | nil, message
 function Arena:tensor(shape, dtype)
-  local t, err = tensor.new(shape, dtype or "f32", self.device)
+  local t, err
+  if self.alloc then
+    t, err = self.alloc(shape, dtype or "f32")
+  else
+    t, err = tensor.new(shape, dtype or "f32", self.device)
+  end
   if not t then return nil, err end
   self.list[#self.list + 1] = t
   self.bytes = self.bytes + t:nbytes()
@@ -37,6 +46,7 @@ function Arena:close()
   local list = self.list
   for i = #list, 1, -1 do list[i]:free() end
   self.list, self.bytes = {}, 0
+  if self.on_close then self.on_close() end
 end
 
 return M

@@ -40,8 +40,6 @@ local C = core.C
 local try = core.try
 
 local M = {}
-local Arena = {}
-Arena.__index = Arena
 
 local ALIGN = 4096 -- the pool hands out 4096-aligned buffers
 local out_pool = ffi.new("msh_pin_pool*[1]")
@@ -105,54 +103,38 @@ function M.arena(device, sizes, opts)
       gpu and ("the memory of " .. device) or "pageable memory"))
     return nil
   end
-  return setmetatable({
-    device = device, kind = kind, index = index, pool = pool, list = {}, bytes = 0,
-    pinned = C.msh_pin_pool_is_pinned(pool) ~= 0, mapped = gpu, capacity = bytes,
-  }, Arena)
-end
-
--- a:tensor(shape, dtype) -> a tensor of the arena's device over the next buffer of the pool,
--- zero-filled (the pool's memory is); raises when the pool is full.
-function Arena:tensor(shape, dt)
-  local bytes = nbytes(shape, dt)
-  fail(C.msh_pin_pool_take(self.pool, out_tensor, bytes))
-  local buf = out_tensor[0]
-  for i = 1, #shape do shape_buf[i - 1] = shape[i] end
-  local s = C.msh_tensor_view_bytes(out_tensor, buf, 0, core.dtypes[dt], #shape, shape_buf)
-  C.msh_tensor_free(buf)
-  fail(s)
-  local host = out_tensor[0]
-  local t = host
-  if self.mapped then
-    s = C.msh_tensor_map_host(out_tensor, host, self.kind, self.index)
-    C.msh_tensor_free(host)
+  local mapped = gpu
+  -- a tensor of the arena's device over the next buffer of the pool, zero-filled (the pool's
+  -- memory is); raises when the pool is full
+  local function alloc(shape, dt)
+    local bytes = nbytes(shape, dt)
+    fail(C.msh_pin_pool_take(pool, out_tensor, bytes))
+    local buf = out_tensor[0]
+    for i = 1, #shape do shape_buf[i - 1] = shape[i] end
+    local s = C.msh_tensor_view_bytes(out_tensor, buf, 0, core.dtypes[dt], #shape, shape_buf)
+    C.msh_tensor_free(buf)
     fail(s)
-    t = out_tensor[0]
+    local t = out_tensor[0]
+    if mapped then
+      local host = t
+      s = C.msh_tensor_map_host(out_tensor, host, kind, index)
+      C.msh_tensor_free(host)
+      fail(s)
+      t = out_tensor[0]
+    end
+    return ffi.gc(t, C.msh_tensor_free)
   end
-  t = ffi.gc(t, C.msh_tensor_free)
-  self.list[#self.list + 1] = t
-  self.bytes = self.bytes + bytes
-  return t
-end
-
--- a:keep(t) -> t: a view the arena frees when it closes (moonshard.arena's).
-function Arena:keep(t)
-  if t then self.list[#self.list + 1] = t end
-  return t
-end
-
--- What the cache holds: { bytes, capacity, pinned, mapped } for telemetry and bench.
-function Arena:info()
-  return { bytes = self.bytes, capacity = self.capacity, pinned = self.pinned, mapped = self.mapped }
-end
-
--- Frees every tensor and view, then the pool (its memory goes with the last view).
-function Arena:close()
-  local list = self.list
-  for i = #list, 1, -1 do list[i]:free() end
-  self.list, self.bytes = {}, 0
-  if self.pool then C.msh_pin_pool_free(ffi.gc(self.pool, nil)) end
-  self.pool = nil
+  local a = require("moonshard.arena").new(device, { alloc = alloc, on_close = function()
+    -- the pool's memory goes with the last view, freed before this
+    if pool then C.msh_pin_pool_free(ffi.gc(pool, nil)) end
+    pool = nil
+  end })
+  a.pinned, a.mapped, a.capacity = C.msh_pin_pool_is_pinned(pool) ~= 0, mapped, bytes
+  -- What the cache holds: { bytes, capacity, pinned, mapped } for telemetry and bench.
+  a.info = function(self)
+    return { bytes = self.bytes, capacity = self.capacity, pinned = self.pinned, mapped = self.mapped }
+  end
+  return a
 end
 
 return M
