@@ -127,23 +127,20 @@ end
 local load_s -- seconds to place the weights on the device (files through staging, or drawn)
 local net
 do
-  local d = par and par.desc or desc
   sync()
   local t_load = uv.hrtime()
   -- a batch's buffers hold batch x chunk rows: shorter chunks for larger batches
   local chunk = math.min(need, math.max(math.floor(2048 / opts.batch_size), 64))
-  net, err = require("moonshard.runner").build(d, {
+  local model
+  model, err = moonshard.build(desc, {
     device = opts.device, dtype = dtype, max_seq = need, batch = opts.batch_size, chunk = chunk,
     kv_dtype = opts.kv_dtype or (gpu and "bf16" or "f32"), graphs = opts.graphs ~= "off",
-    layers = par and par.layers, embed = not par or par.first_stage, head = not par or par.last_stage,
-    tp_comm = par and par.tp_comm, pp_comm = par and par.pp_comm,
+    tp = opts.tp, pp = opts.pp, zero = off_opts.zero,
     offload = off_opts.offload, offload_dir = off_opts.offload_dir, offload_readonly = off_opts.offload_readonly,
     pin = off_opts.pin, prefetch = off_opts.prefetch, queue_depth = off_opts.queue_depth,
     kv_offload = off_opts.kv_offload,
-    zero_comm = off_opts.zero and par and par.dp_comm or nil, rank = pg and pg.rank or 0,
-    identity = off_opts.offload == "disk" and (opts.dummy and ("dummy|" .. name .. "|" .. tostring(dtype))
-      or moonshard.identity(name, { dtype = dtype, tp = opts.tp, pp = opts.pp, zero = off_opts.zero }, par)) or nil,
-  })
+  }, { path = name, par = par, identity = opts.dummy and ("dummy|" .. name .. "|" .. tostring(dtype)) or nil })
+  net = model and model.net
   if not net then fail(err) end
   sync()
   load_s = (uv.hrtime() - t_load) / 1e9 -- the weights placed (through staging, or drawn) and the buffers made

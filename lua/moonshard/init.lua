@@ -45,7 +45,8 @@ end
 -- M.build(desc, opts, from?) -> model | nil, message: a model from a description already made
 -- (moonshard.loader's, or moonshard.loaders.dummy's random weights of a config.json); opts as
 -- M.load's; from.path names it in messages (and in --disk-offload's identity), from.tokenizer is
--- its tokenizer (none: prompts are given as token ids).
+-- its tokenizer (none: prompts are given as token ids), from.par a moonshard.parallel setup made
+-- already (this rank's slice), from.identity the disk tier's identity in place of the files'.
 function M.build(desc0, opts, from)
   opts, from = opts or {}, from or {}
   local numa, nerr = M.bind_numa(opts) -- once per process: M.load's binding stands
@@ -53,12 +54,14 @@ function M.build(desc0, opts, from)
   local path, err = from.path or "model"
   local device = opts.device or "cpu"
   -- tensor / pipeline parallel: this rank's slice of the weights and its run of layers
-  local par
+  local par = from.par
   if opts.zero and opts.zero ~= 0 and opts.zero ~= 3 then
     return nil, string.format("--zero %s: only ZeRO stage 3 (partitioned weights) exists for inference", tostring(opts.zero))
   end
   local zero = opts.zero == 3
-  if (opts.tp or 1) > 1 or (opts.pp or 1) > 1 or opts.dist or zero then
+  if par then
+    device = par.device or device
+  elseif (opts.tp or 1) > 1 or (opts.pp or 1) > 1 or opts.dist or zero then
     par, err = require("moonshard.parallel").setup(desc0, opts)
     if not par then return nil, err end
     device = par.device or device
@@ -74,12 +77,12 @@ function M.build(desc0, opts, from)
     offload = opts.offload, offload_dir = opts.offload_dir, offload_readonly = opts.offload_readonly,
     pin = opts.pin, prefetch = opts.prefetch, queue_depth = opts.queue_depth,
     zero_comm = zero and par and par.dp_comm or nil, rank = par and par.rank or 0,
-    identity = opts.offload == "disk" and M.identity(path, opts, par) or nil,
+    identity = opts.offload == "disk" and (from.identity or M.identity(path, opts, par)) or nil,
   })
   if not net then return nil, string.format("'%s' on %s: %s", path, device, err) end
   return setmetatable({
     desc = desc0, tokenizer = from.tokenizer, net = net, path = path,
-    dist = par and par.pg, rank = par and par.rank or 0,
+    dist = par and par.pg, rank = par and par.rank or 0, par = par,
   }, Model)
 end
 
