@@ -132,7 +132,7 @@ if in_process then
     local net = model.net
     local ceil = require "moonshard.ceilings"
     floor.weight_bytes, floor.params, floor.head_params = ceil.weights(net)
-    local kv0 = net.kv[net.first_layer].K
+    local kv0 = net.kv[net.first_layer].K or net.kv[net.first_layer].k_pool -- slots or the paged pool
     local L = net.last_layer - net.first_layer + 1
     floor.kv_bytes_per_position = L * 2 * net.n_kv_heads * net.head_dim * kv0:nbytes() / kv0:numel()
   end

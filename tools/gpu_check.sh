@@ -137,6 +137,42 @@ if [ "${MSH_GPU_TESTS:-1}" != 0 ]; then
   fi
 fi
 
+if [ "${MSH_GPU_SERVE_BENCH:-0}" = 1 ]; then
+  echo "== serving (bench-serve, Llama-3-8B shape, random bf16 weights; floor from the run's ceilings)"
+  shape=tools/bench/shapes/llama-3-8b.json
+  serve_cfgs=${MSH_GPU_SERVE_CFGS:-"--num-requests 1024 --input-len 128 --output-len 128 --max-batch 256 --max-seq 256 --max-tokens-per-step 2048;--num-requests 32 --input-len 128 --output-len 256 --max-batch 32 --max-seq 8448 --kv-blocks 1600 --long-prompts 2 --long-len 8192 --long-at 0.5 --max-tokens-per-step 512;--num-requests 32 --input-len 128 --output-len 256 --max-batch 32 --max-seq 8448 --kv-blocks 1600 --long-prompts 2 --long-len 8192 --long-at 0.5 --no-chunked-prefill"}
+  IFS=';' read -r -a serve_list <<< "$serve_cfgs"
+  for cfg in "${serve_list[@]}"; do
+    # shellcheck disable=SC2086
+    timeout 240 build-gpu/moonshard bench-serve --dummy $shape --device cuda $cfg 2>> "$out/serve_bench.err" |
+      sed "s/^{/{\"cfg\":\"$cfg\",/" >> "$out/serve_bench.jsonl" || { status=1; tail -3 "$out/serve_bench.err"; }
+  done
+  if [ "${MSH_GPU_PEER:-1}" != 0 ] || [ "${MSH_GPU_SERVE_PEER:-0}" = 1 ]; then
+    timeout 300 python3 tools/bench/hf_serve.py $shape --num-requests 1024 --input-len 128 --output-len 128 \
+      --batch-size 256 --max-requests "${MSH_GPU_SERVE_PEER_REQUESTS:-256}" >> "$out/serve_bench.jsonl" \
+      2>> "$out/serve_bench.err" || tail -5 "$out/serve_bench.err"
+  fi
+  python3 - "$out/serve_bench.jsonl" << 'EOF'
+import json, sys
+def g(r, *keys):
+    for k in keys:
+        r = r.get(k) if isinstance(r, dict) else None
+    return f"{r:.4g}" if isinstance(r, (int, float)) else "-"
+for line in open(sys.argv[1]):
+    if not line.startswith("{"):
+        continue
+    r = json.loads(line)
+    if r.get("impl"):
+        print(f"{r['impl']} {r['transformers']}: {r['requests']} requests, batches of {r['batch_size']}: "
+              f"{r['output_tok_s']:.0f} output tok/s")
+        continue
+    print(f"{r['cfg'][:70]:70s} out {g(r, 'output_tok_s')} tok/s (floor {g(r, 'floor_output_tok_s')}, eff "
+          f"{g(r, 'efficiency')}), TTFT p50/p99 {g(r, 'ttft_ms', 'p50')}/{g(r, 'ttft_ms', 'p99')} ms, ITL p50/p99 "
+          f"{g(r, 'itl_ms', 'p50')}/{g(r, 'itl_ms', 'p99')} ms, long: decode ITL p99 {g(r, 'long', 'decode_itl_ms', 'p99')} "
+          f"ms, TTFT {g(r, 'long', 'ttft_ms', 'mean')} ms, failed {r['failed']}")
+EOF
+fi
+
 if [ "${MSH_GPU_BENCH:-1}" != 0 ] && [ -x "$bench_bin" ]; then
   echo "== benchmarks"
   "$bench_bin" > "$out/bench.jsonl" 2> "$out/bench.err" || { status=1; cat "$out/bench.err"; }
@@ -203,42 +239,6 @@ for line in open(sys.argv[1]):
     print(f"{r['cfg']:60s} decode {f('decode_tok_s')} tok/s, step {f('decode_step_ms')} ms, floor share "
           f"{f('decode_efficiency')}, stream {f('stream_gbs')} GB/s of pinned H2D {f('h2d_pinned_gbs')} "
           f"({f('stream_share_of_h2d')}), stalls {f('prefetch_stall_ms_per_token')} ms/token")
-EOF
-fi
-
-if [ "${MSH_GPU_SERVE_BENCH:-0}" = 1 ]; then
-  echo "== serving (bench-serve, Llama-3-8B shape, random bf16 weights; floor from the run's ceilings)"
-  shape=tools/bench/shapes/llama-3-8b.json
-  serve_cfgs=${MSH_GPU_SERVE_CFGS:-"--num-requests 1024 --input-len 128 --output-len 128 --max-batch 256 --max-seq 256 --max-tokens-per-step 2048;--num-requests 32 --input-len 128 --output-len 256 --max-batch 32 --max-seq 8448 --kv-blocks 1600 --long-prompts 2 --long-len 8192 --long-at 0.5 --max-tokens-per-step 512;--num-requests 32 --input-len 128 --output-len 256 --max-batch 32 --max-seq 8448 --kv-blocks 1600 --long-prompts 2 --long-len 8192 --long-at 0.5 --no-chunked-prefill"}
-  IFS=';' read -r -a serve_list <<< "$serve_cfgs"
-  for cfg in "${serve_list[@]}"; do
-    # shellcheck disable=SC2086
-    timeout 240 build-gpu/moonshard bench-serve --dummy $shape --device cuda $cfg 2>> "$out/serve_bench.err" |
-      sed "s/^{/{\"cfg\":\"$cfg\",/" >> "$out/serve_bench.jsonl" || { status=1; tail -3 "$out/serve_bench.err"; }
-  done
-  if [ "${MSH_GPU_PEER:-1}" != 0 ] || [ "${MSH_GPU_SERVE_PEER:-0}" = 1 ]; then
-    timeout 300 python3 tools/bench/hf_serve.py $shape --num-requests 1024 --input-len 128 --output-len 128 \
-      --batch-size 256 --max-requests "${MSH_GPU_SERVE_PEER_REQUESTS:-256}" >> "$out/serve_bench.jsonl" \
-      2>> "$out/serve_bench.err" || tail -5 "$out/serve_bench.err"
-  fi
-  python3 - "$out/serve_bench.jsonl" << 'EOF'
-import json, sys
-def g(r, *keys):
-    for k in keys:
-        r = r.get(k) if isinstance(r, dict) else None
-    return f"{r:.4g}" if isinstance(r, (int, float)) else "-"
-for line in open(sys.argv[1]):
-    if not line.startswith("{"):
-        continue
-    r = json.loads(line)
-    if r.get("impl"):
-        print(f"{r['impl']} {r['transformers']}: {r['requests']} requests, batches of {r['batch_size']}: "
-              f"{r['output_tok_s']:.0f} output tok/s")
-        continue
-    print(f"{r['cfg'][:70]:70s} out {g(r, 'output_tok_s')} tok/s (floor {g(r, 'floor_output_tok_s')}, eff "
-          f"{g(r, 'efficiency')}), TTFT p50/p99 {g(r, 'ttft_ms', 'p50')}/{g(r, 'ttft_ms', 'p99')} ms, ITL p50/p99 "
-          f"{g(r, 'itl_ms', 'p50')}/{g(r, 'itl_ms', 'p99')} ms, long: decode ITL p99 {g(r, 'long', 'decode_itl_ms', 'p99')} "
-          f"ms, TTFT {g(r, 'long', 'ttft_ms', 'mean')} ms, failed {r['failed']}")
 EOF
 fi
 

@@ -184,8 +184,10 @@ static void test_contiguous(int dt, int64_t T) {
   msh_tensor *qg = to_gpu(q), *og = gpu_new(MSH_F32, 4, qshape);
   CHECK_OK(msh_op_attention(oc, q, kc, vc, pos0, 0.125f));
   CHECK_OK(msh_op_attention(og, qg, km, vm, pos0, 0.125f));
+  /* 16-bit caches at head dim 64 take the tensor-core kernels (q and p rounded to the cache's
+   * type): test_cuda_ops's 1e-2 for the same kernels over device memory */
   COMPARE(T < 8 ? "attention over mapped caches" : "flash attention over mapped caches", og, oc,
-          dt == MSH_F32 ? 1e-4 : T < 8 ? 2e-3 : 1e-2);
+          dt == MSH_F32 ? 1e-4 : 1e-2);
   msh_tensor *all[] = {kc, vc, kh, vh, km, vm, q, oc, qg, og};
   free_all(all, 10);
 }

@@ -30,7 +30,7 @@ cfg_dict = json.load(open(a.config))
 cfg = AutoConfig.for_model(cfg_dict.get("model_type", "llama"), **{k: v for k, v in cfg_dict.items() if k != "model_type"})
 torch.manual_seed(0)
 with torch.device("cuda"):
-    model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.bfloat16).eval()
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
 n = a.num_requests if a.max_requests <= 0 else min(a.num_requests, a.max_requests)
 ids = torch.randint(0, cfg.vocab_size, (n, a.input_len), device="cuda")
 gen = dict(max_new_tokens=a.output_len, min_new_tokens=a.output_len, do_sample=False, eos_token_id=None,
