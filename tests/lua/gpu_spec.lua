@@ -45,8 +45,9 @@ describe("CUDA device", function()
     local steps, longest = 1, 0
     while e:step() > 0 do steps = steps + 1 end
     -- the prompts (22 tokens) fit the first step's budget of 24; then one decode a step for all
+    -- (one step more when the longest answer ended on its end-of-text token, which it does not keep)
     for i = 1, #prompts do longest = math.max(longest, #reqs[i].output_ids) end
-    assert.are.equal(longest, steps)
+    assert.is_true(steps == longest or steps == longest + 1, steps .. " steps, longest " .. longest)
     for i = 1, #prompts do assert.are.equal(alone[i], reqs[i].text, "prompt " .. i) end
     assert.are.equal(0, e:stats().kv_blocks_used)
     e:close()
