@@ -248,8 +248,9 @@ if [ "${MSH_GPU_PLAN_CHECK:-0}" = 1 ]; then
   head -40 "$out/doctor.txt"
   echo "== planned against measured device memory (8B shape, batch 1, 193 positions)"
   for tier in resident host; do
+    # bf16 weights, as the benchmarks measured (the balanced preset would pick int8 where it is faster)
     timeout 60 build-gpu/moonshard plan --dummy tools/bench/shapes/llama-3-8b.json --gpus 1 --tier $tier \
-      --batch-size 1 --max-seq 193 --prefetch 4 --command bench --json > "$out/plan_$tier.json" 2>> "$out/plan.err" ||
+      --dtype bf16 --batch-size 1 --max-seq 193 --prefetch 4 --command bench --json > "$out/plan_$tier.json" 2>> "$out/plan.err" ||
       tail -3 "$out/plan.err"
   done
   python3 - "$out" << 'EOF'
