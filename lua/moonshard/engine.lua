@@ -95,7 +95,7 @@ function M.new(model, opts)
   self.host = assert(tensor.new({ max_batch, V }, "f32", "cpu"))
   self.host_views, self.rows = {}, {}
   for i = 1, max_batch do self.rows[i] = self.host:narrow(1, i - 1, 1) end
-  self.ids = ffi.new("int32_t[?]", max_batch) -- greedy ids picked on the device
+  self.ids = ffi.new("int32_t[?]", max_batch) -- greedy ids picked where the logits are
   return self
 end
 
@@ -326,16 +326,27 @@ local function stop_text(req, piece)
   return buf:sub(1, #buf - hold), false
 end
 
--- Whether a step's rows can be picked on the device: every entry that samples is greedy
--- (temperature 0) and wants no log-probabilities ($MOONSHARD_HOST_SAMPLING=1 keeps the host path).
+-- Whether a step's rows can be picked where the logits are: every entry that samples is greedy
+-- (temperature 0) and wants no log-probabilities ($MOONSHARD_HOST_SAMPLING=1 keeps the sampler's
+-- path over host rows).
 local host_sampling = os.getenv("MOONSHARD_HOST_SAMPLING") == "1"
-local function device_greedy(batch)
+local function greedy_only(batch)
   if host_sampling then return false end
   for _, e in ipairs(batch) do
     local req = e.seq
     if e.sample and (req.sampler.temperature > 0 or req.logprobs) then return false end
   end
   return true
+end
+
+-- Whether the first logit of row r of logits (on any device) is finite.
+local function finite_first(logits, r)
+  local one = logits:narrow(1, r, 1):narrow(2, 0, 1)
+  local v = one:to("f32", "cpu")
+  one:free()
+  local x = ffi.cast("const float*", v:data())[0]
+  v:free()
+  return x == x and x ~= math.huge and x ~= -math.huge
 end
 
 -- A token sampled for req: output, stream, end conditions.
@@ -425,30 +436,21 @@ function Engine:step_once()
   end
   local rows = self.rows
   local sample_row = {} -- entry index -> host row to sample from
-  local picked -- entry index -> greedy id picked on the device
+  local picked -- the rows' greedy ids were picked where the logits are (self.ids; -1: not finite)
   if #batch > 0 then
     local logits, err = net:step(batch)
     if not logits then fail_all(self, entries, err) return sched:has_work() end
     local n = #batch
-    if logits:device() ~= "cpu" and device_greedy(batch) then
-      -- every row sampled greedily, no log-probabilities asked: the argmax on the device, only
-      -- the ids cross the link (a (batch, vocab) f32 copy and a host scan a step otherwise)
+    if greedy_only(batch) then
+      -- every row sampled greedily, no log-probabilities asked: the argmax where the logits are
+      -- (on a GPU only the ids cross the link; a (batch, vocab) f32 copy and a scan otherwise)
       ops.argmax(logits, self.ids)
-      picked = {}
-      for i in pairs(where) do
-        local id, row = self.ids[where[i] - 1], where[i] - 1
-        -- NaN never wins the device's argmax, so a row of NaN logits (NaN weights) answers 0;
-        -- its first logit tells (the host path checks every logit of a row)
-        if id == 0 then
-          local one = logits:narrow(1, row, 1):narrow(2, 0, 1)
-          local v = one:to("f32", "cpu")
-          one:free()
-          local x = ffi.cast("const float*", v:data())[0]
-          v:free()
-          if x ~= x or x == math.huge or x == -math.huge then id = -1 end
-        end
-        picked[i] = id
+      -- NaN never wins the device's argmax, so a row of NaN logits (NaN weights) answers 0; its
+      -- first logit tells (the host path checks every logit of a row)
+      for r = 0, n - 1 do
+        if self.ids[r] == 0 and not finite_first(logits, r) then self.ids[r] = -1 end
       end
+      picked = true
     else
       local hv = self.host_views[n]
       if not hv then
@@ -502,8 +504,9 @@ function Engine:step_once()
       if req.max_tokens == 0 then
         self:finish(req, "length")
       else
-        local row, id = sample_row[i], picked and picked[i]
-        if id then
+        local row = sample_row[i]
+        if picked and where[i] then
+          local id = self.ids[where[i] - 1]
           if id < 0 then
             self:finish(req, "error", string.format("the logits at position %d are not finite: the weights or the "
               .. "computation produced NaN or infinity, so no token can be sampled", e.pos + #e.tokens - 1))

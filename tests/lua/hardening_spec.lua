@@ -193,6 +193,24 @@ describe("non-finite logits and tokenizers that do not fit", function()
     end
   end)
 
+  it("NaN weights end a served request with an error naming the position, greedy (picked where the logits are) or sampled", function()
+    local moonshard = require "moonshard"
+    local m = assert(moonshard.load(h.nan_stories(tmp), { batch = 2, kv_blocks = 16 }))
+    local e = assert(require("moonshard.engine").new(m, {}))
+    -- one at a time: a step of greedy rows alone takes the argmax path, a sampled row the sampler's
+    for _, temp in ipairs { 0, 0.8 } do
+      local req = assert(e:submit { prompt = "Lily", max_tokens = 4, temperature = temp, seed = 1 })
+      while e:step() > 0 do end
+      assert.are.equal("error", req.finish_reason)
+      assert.truthy(tostring(req.error):find("logits at position 1 are not finite"), tostring(req.error))
+      -- the argmax path knows the row is not finite, not which logit (the sampler's names it)
+      assert.are.equal(temp > 0, tostring(req.error):find("token id", 1, true) ~= nil, tostring(req.error))
+    end
+    assert.are.equal(0, e:stats().kv_blocks_used)
+    e:close()
+    m:close()
+  end)
+
   it("a tokenizer smaller than the model's vocabulary fails with a message, not a traceback", function()
     -- a byte-level BPE vocabulary of 100 printable characters for hf-tiny's 256-token model
     local b2u, n = {}, 0
