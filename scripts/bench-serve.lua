@@ -109,8 +109,8 @@ if in_process then
   if opts.no_chunked_prefill then budget = math.max(budget, longest + opts.max_batch) end
   local chunk = math.ceil((longest + opts.max_batch) / opts.max_batch)
   local gpu = opts.device ~= "cpu"
+  local ceil = require "moonshard.ceilings"
   if gpu and not opts.no_ceilings then -- before the model holds the device's memory
-    local ceil = require "moonshard.ceilings"
     local bw, rate = ceil.device(opts.device)
     if not bw then fail(rate) end
     floor = { bw = bw, rate = rate, s = 0 }
@@ -129,12 +129,8 @@ if in_process then
   if floor then
     -- a step's floor: its weights read once, every entry's keys and values read once, against
     -- its matrix flops (the head over one row an entry), whichever takes longer
-    local net = model.net
-    local ceil = require "moonshard.ceilings"
-    floor.weight_bytes, floor.params, floor.head_params = ceil.weights(net)
-    local kv0 = net.kv[net.first_layer].K or net.kv[net.first_layer].k_pool -- slots or the paged pool
-    local L = net.last_layer - net.first_layer + 1
-    floor.kv_bytes_per_position = L * 2 * net.n_kv_heads * net.head_dim * kv0:nbytes() / kv0:numel()
+    floor.weight_bytes, floor.params, floor.head_params = ceil.weights(model.net)
+    floor.kv_bytes_per_position = ceil.kv_bytes_per_position(model.net)
   end
   if opts.long_prompts > 0 and opts.long_len + opts.long_output_len > model.net.max_seq then
     fail(string.format("--long-len %d with --long-output-len %d exceeds the context of %d tokens (--max-seq)",

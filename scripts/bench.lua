@@ -298,9 +298,7 @@ local L, H, hd, T = net.last_layer - net.first_layer + 1, net.n_heads, net.head_
 local prefill_flops = B * (2 * (matmul_params - head_params) * T + 2 * head_params + L * H * hd * 2 * T * T)
 -- KV cache bytes a decode step reads: every sequence's keys and values of this rank's layers and
 -- kv heads, at the mean context of the decode steps (prompt + half the generated tokens)
-local kv0 = net.kv[net.first_layer].K
-local kv_elem = kv0:nbytes() / kv0:numel()
-local kv_bytes = B * L * 2 * net.n_kv_heads * hd * kv_elem * (T + opts.gen_len / 2)
+local kv_bytes = B * ceil.kv_bytes_per_position(net) * (T + opts.gen_len / 2)
 local result = {
   model = name, device = opts.device, dtype = dtype, threads = C.msh_get_num_threads(),
   batch_size = opts.batch_size, prompt_len = opts.prompt_len, gen_len = opts.gen_len, loops = opts.loops,

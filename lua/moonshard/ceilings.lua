@@ -6,6 +6,7 @@
 --   local bw, rate = ceil.device("cuda")          -- bytes/s read + written, bf16 matmul flop/s
 --   local h2d, pinned = ceil.h2d("cuda")          -- pinned host -> device bytes/s, on a copy stream
 --   local bytes, params, head = ceil.weights(net) -- what one decode step reads, the matmul params
+--   local kv = ceil.kv_bytes_per_position(net)    -- K and V of one position over the layers
 local uv = require "luv"
 local core = require "moonshard.core"
 local tensor = require "moonshard.tensor"
@@ -125,6 +126,14 @@ function M.weights(net)
     net.stage:release(l)
   end
   return bytes, params, head
+end
+
+-- M.kv_bytes_per_position(net) -> bytes: one position's keys and values over a runner's layers
+-- (its cache's dtype, slots or the paged pool), which attention reads once a step per position
+function M.kv_bytes_per_position(net)
+  local kv = net.kv[net.first_layer]
+  local t = kv.K or kv.k_pool
+  return (net.last_layer - net.first_layer + 1) * 2 * net.n_kv_heads * net.head_dim * t:nbytes() / t:numel()
 end
 
 M.median = median

@@ -7,7 +7,7 @@ local uv = require "luv"
 local M = {}
 
 local null = cjson.null
-local read_file = require("moonshard.jobs").read
+local read_file = require("moonshard.jobs").read -- (path) -> text | nil
 
 -- M.file_exists(path) -> is a regular file, its stat
 function M.file_exists(path)
@@ -23,18 +23,7 @@ local function decode_file(path)
   return ok and type(v) == "table" and v or nil
 end
 
--- the JSON objects of a JSON Lines file (lines that are not one are skipped)
-local function jsonl(path)
-  local out = {}
-  local f = io.open(path, "rb")
-  if not f then return out end
-  for line in f:lines() do
-    local ok, v = pcall(cjson.decode, line)
-    if ok and type(v) == "table" then out[#out + 1] = v end
-  end
-  f:close()
-  return out
-end
+local jsonl = require("moonshard.jobs").jsonl
 
 local function list_dir(dir)
   local names = {}

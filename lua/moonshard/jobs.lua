@@ -18,6 +18,20 @@ local M = {}
 
 M.mkdir_p = require("moonshard.telemetry").mkdir_p -- mkdir_p(path) -> true | nil, message
 
+-- M.jsonl(path) -> the JSON objects of a JSON Lines file, in order ({} without the file; a line
+-- that is not an object is skipped: a record cut by a crash, say)
+function M.jsonl(path)
+  local out = {}
+  local f = io.open(path, "rb")
+  if not f then return out end
+  for line in f:lines() do
+    local ok, v = pcall(cjson.decode, line)
+    if ok and type(v) == "table" then out[#out + 1] = v end
+  end
+  f:close()
+  return out
+end
+
 function M.read(path)
   local f = io.open(path, "rb")
   if not f then return nil end
@@ -193,38 +207,47 @@ end
 
 M.GRACE = 5 -- seconds the children of an interrupted wait get before SIGKILL
 
--- M.wait(children) -> nil | "SIGINT" | "SIGTERM": runs the loop until every child has ended. A
--- SIGINT or SIGTERM meanwhile goes on to the children still running (SIGKILL M.GRACE seconds
--- later), and once they have ended wait returns its name: the caller stops there, and no child
--- is left running on its own (a sweep rerun would start its point a second time beside it).
 local function each_live(children, fn)
   for _, c in ipairs(children) do
     if not c.done and c.handle and not c.handle:is_closing() then pcall(fn, c.handle) end
   end
 end
 
+-- signal to every child still running, SIGKILL M.GRACE seconds later to any left: the timer
+local function terminate(children, signal)
+  each_live(children, function(hd) hd:kill(signal) end)
+  local killer = uv.new_timer()
+  killer:start(math.floor(M.GRACE * 1000), 0, function() each_live(children, function(hd) hd:kill("sigkill") end) end)
+  return killer
+end
+
+-- runs the loop until every child has ended
+local function until_ended(children)
+  while true do
+    local left = false
+    for _, c in ipairs(children) do
+      if not c.done then left = true break end
+    end
+    if not left then return end
+    uv.run("once")
+  end
+end
+
+-- M.wait(children) -> nil | "SIGINT" | "SIGTERM": runs the loop until every child has ended. A
+-- SIGINT or SIGTERM meanwhile goes on to the children still running (SIGKILL M.GRACE seconds
+-- later), and once they have ended wait returns its name: the caller stops there, and no child
+-- is left running on its own (a sweep rerun would start its point a second time beside it).
 function M.wait(children)
   local got, handles, killer = nil, {}, nil
   for _, name in ipairs { "sigint", "sigterm" } do
     local h = uv.new_signal()
     h:start(name, function()
       got = got or name:upper()
-      each_live(children, function(hd) hd:kill(name) end)
-      if not killer then
-        killer = uv.new_timer()
-        killer:start(math.floor(M.GRACE * 1000), 0, function() each_live(children, function(hd) hd:kill("sigkill") end) end)
-      end
+      if killer then each_live(children, function(hd) hd:kill(name) end) else killer = terminate(children, name) end
     end)
     handles[#handles + 1] = h
   end
-  while true do
-    local left = false
-    for _, c in ipairs(children) do
-      if not c.done then left = true end
-    end
-    if not left then break end
-    uv.run("once")
-  end
+  until_ended(children)
   if killer then handles[#handles + 1] = killer end
   for _, h in ipairs(handles) do
     if not h:is_closing() then h:close() end
@@ -235,17 +258,8 @@ end
 -- M.stop(children): SIGTERM to every child still running, SIGKILL M.GRACE seconds later to any
 -- left, and back once all have ended (when a later one could not start, say)
 function M.stop(children)
-  each_live(children, function(hd) hd:kill("sigterm") end)
-  local killer = uv.new_timer()
-  killer:start(math.floor(M.GRACE * 1000), 0, function() each_live(children, function(hd) hd:kill("sigkill") end) end)
-  local left = true
-  while left do
-    left = false
-    for _, c in ipairs(children) do
-      if not c.done then left = true end
-    end
-    if left then uv.run("once") end
-  end
+  local killer = terminate(children, "sigterm")
+  until_ended(children)
   killer:close()
 end
 

@@ -345,12 +345,8 @@ end
 -- the records of results.jsonl by key (the last line of a key wins)
 function M.read_results(path)
   local recs = {}
-  local text = jobs.read(path)
-  if not text then return recs end
-  local safe = require "cjson.safe"
-  for line in text:gmatch("[^\n]+") do
-    local r = safe.decode(line)
-    if type(r) == "table" and type(r.key) == "string" then recs[r.key] = r end
+  for _, r in ipairs(jobs.jsonl(path)) do
+    if type(r.key) == "string" then recs[r.key] = r end
   end
   return recs
 end

@@ -6,15 +6,21 @@ local eval = require "moonshard.eval"
 
 local FIX = h.root .. "/tests/fixtures/eval"
 
--- A fake model: one token per byte; a continuation's log-probability is known[text] (else -10),
--- spread evenly over its tokens; greedy when the table says so. Generation returns canned text.
-local function fake(known, greedy, generated)
+-- A tokenizer of one token per byte (BOS 1000, EOS 1001).
+local function byte_tokenizer()
   local tok = { bos = 1000, eos = 1001 }
   function tok:encode(s)
     local ids = {}
     for i = 1, #s do ids[i] = s:byte(i) end
     return ids
   end
+  return tok
+end
+
+-- A fake model: one token per byte; a continuation's log-probability is known[text] (else -10),
+-- spread evenly over its tokens; greedy when the table says so. Generation returns canned text.
+local function fake(known, greedy, generated)
+  local tok = byte_tokenizer()
   function tok:decode(ids)
     local t = {}
     for i, id in ipairs(ids) do t[i] = id < 256 and string.char(id) or "" end
@@ -155,12 +161,7 @@ describe("eval task files", function()
   end)
 
   it("generation_ids: BOS when asked or for an empty context, the oldest tokens cut, one kept at least", function()
-    local tok = { bos = 1000, eos = 1001 }
-    function tok:encode(s)
-      local ids = {}
-      for i = 1, #s do ids[i] = s:byte(i) end
-      return ids
-    end
+    local tok = byte_tokenizer()
     assert.are.same({ 97, 98, 99 }, eval.generation_ids(tok, "abc", 4, 16))
     assert.are.same({ 1000, 97, 98, 99 }, eval.generation_ids(tok, "abc", 4, 16, { add_bos = true }))
     assert.are.same({ 1000 }, eval.generation_ids(tok, "", 4, 16))
