@@ -73,10 +73,52 @@ __device__ __forceinline__ float4 div4(float4 v, float L) { return make_float4(v
 
 /* Position of sequence b's query 0 for this launch: the host's, or the device word clamped into
  * the planned range [0, a.pos0] (so a bad value reads no key outside the cache). */
+__device__ __forceinline__ int64_t paged_row(const msh_k_attn &a, int64_t r, int64_t &seq);
 __device__ __forceinline__ int64_t pos0_of(const msh_k_attn &a, int64_t b) {
+  if (a.block_table) { /* the paged row form: "sequence" b is query row b */
+    int64_t seq;
+    return paged_row(a, b, seq);
+  }
   if (!a.pos0_dev) return a.pos0;
   int64_t p = a.pos0_dev[a.pos0_n == 1 ? 0 : b];
   return p < 0 ? 0 : p > a.pos0 ? a.pos0 : p;
+}
+
+/* Paged caches. The sequence of query row r (the last whose q_start is <= r: a decode's own row
+ * at once, else a binary search, as the CPU op) and the row's position: its sequence's context,
+ * clamped into [rows, max_ctx], less the rows after it. Arrays with any values read nothing out
+ * of bounds. */
+__device__ __forceinline__ int64_t paged_row(const msh_k_attn &a, int64_t r, int64_t &seq) {
+  const int B = a.seqs;
+  int lo;
+  if (r < B && a.q_start[r] <= r && a.q_start[r + 1] > r) {
+    lo = (int)r;
+  } else {
+    lo = 0;
+    int hi = B - 1;
+    while (lo < hi) {
+      int mid = (lo + hi + 1) >> 1;
+      if (a.q_start[mid] <= r) lo = mid;
+      else hi = mid - 1;
+    }
+  }
+  seq = lo;
+  const int64_t q0 = a.q_start[lo];
+  int64_t n = (int64_t)a.q_start[lo + 1] - q0;
+  n = n < 1 ? 1 : n;
+  int64_t cl = a.ctx_len[lo];
+  cl = cl < n ? n : cl > a.max_ctx ? a.max_ctx : cl;
+  int64_t pos = cl - n + (r - q0);
+  return pos < 0 ? 0 : pos >= a.max_ctx ? a.max_ctx - 1 : pos;
+}
+
+/* Pool row of key s of the sequence whose table row is bt (block index and id clamped). */
+__device__ __forceinline__ int64_t paged_key(const msh_k_attn &a, const int32_t *bt, int64_t s) {
+  int bi = (int)(s / a.BS);
+  bi = bi < a.MB ? bi : a.MB - 1;
+  int blk = __ldg(bt + bi);
+  blk = blk < 0 ? 0 : blk >= a.NB ? a.NB - 1 : blk;
+  return (int64_t)blk * a.BS + (int)(s % a.BS);
 }
 
 /* Compile-time shape of one kernel instance. */
@@ -343,6 +385,10 @@ __global__ void __launch_bounds__(NW * 32) decode_direct_kernel(msh_k_attn a, in
  * one m16 tile; tiles of 64 keys stream
  * through a cp.async pipeline and each warp takes 16 keys of every tile: S = Q K^T (16 x 16) and
  * P V with mma.sync, an online softmax per warp, the 4 warps merged at the end. */
+/* Where a tensor-core block's keys are: the slot cache (PG_NONE), or a paged pool with a block
+ * per query row (PG_ROWS) or per tile of the device-built list (PG_TILES). */
+enum { PG_NONE, PG_ROWS, PG_TILES };
+
 template <typename KV, int HD> struct TcCfg {
   static constexpr int TK = 64, STAGES = 3, LD = HD + 8;
   static constexpr int PIPE_BYTES = STAGES * 2 * TK * LD * 2;
@@ -356,7 +402,7 @@ template <typename KV, int HD> struct TcCfg {
  * and the blocks then merge each other's results through distributed shared memory, with no
  * partials in global memory and no merge kernel. Blocks whose chunk holds no key take part with
  * an empty result. */
-template <typename KV, int HD, bool CL>
+template <typename KV, int HD, bool CL, int PG>
 __global__ void __launch_bounds__(NW * 32) decode_tc_kernel(msh_k_attn a, int splits, int chunk, int rtiles,
                                                             float2 *part_ml, float *part_acc) {
   typedef TcCfg<KV, HD> C;
@@ -364,9 +410,34 @@ __global__ void __launch_bounds__(NW * 32) decode_tc_kernel(msh_k_attn a, int sp
   extern __shared__ __align__(16) unsigned char smem[];
   KV *tiles = reinterpret_cast<KV *>(smem); /* [STAGES][2][TK][LD] */
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tq = lane & 3;
-  const int G = a.H / a.KVH, kvh = blockIdx.y / rtiles, rt = blockIdx.y % rtiles, split = blockIdx.x;
-  const int64_t b = blockIdx.z, bT = b * a.T; /* the sequence and its first query's row */
-  const int64_t R = (int64_t)a.T * G, r0 = (int64_t)rt * 16;
+  const int G = a.H / a.KVH;
+  /* the block's kv head, 16-row tile, key split; its sequence (seq: the cache's or the paged
+   * arrays'), first query row bT, rows R (t * G + g) and position of query 0 (PG_TILES: here,
+   * else after q is asked for) */
+  int kvh, rt, split;
+  int64_t b, seq, bT, R, pos0 = 0;
+  if (PG == PG_TILES) {
+    const int4 tl = reinterpret_cast<const int4 *>(a.tiles)[blockIdx.x];
+    if (tl.x < 0) return; /* past the step's tiles */
+    kvh = blockIdx.y;
+    rt = tl.y;
+    split = 0;
+    b = seq = tl.x;
+    bT = tl.z;
+    R = (int64_t)tl.w * G;
+    int64_t cl = a.ctx_len[seq];
+    cl = cl < tl.w ? tl.w : cl > a.max_ctx ? a.max_ctx : cl;
+    pos0 = cl - tl.w;
+  } else {
+    kvh = blockIdx.y / rtiles;
+    rt = blockIdx.y % rtiles;
+    split = blockIdx.x;
+    b = blockIdx.z; /* PG_ROWS: the query row, whose sequence seq is found below */
+    seq = b;
+    bT = b * a.T;
+    R = (int64_t)a.T * G;
+  }
+  const int64_t r0 = (int64_t)rt * 16;
   const int64_t rA = r0 + g, rB = r0 + g + 8;
   const int64_t cA = rA < R ? rA : R - 1, cB = rB < R ? rB : R - 1;
   const int64_t tA = cA / G, tB = cB / G;
@@ -388,15 +459,19 @@ __global__ void __launch_bounds__(NW * 32) decode_tc_kernel(msh_k_attn a, int sp
       qv[kk][3] = inB ? *reinterpret_cast<const float2 *>(qB + kk * 16 + 8) : zero;
     }
   }
-  const int64_t pos0 = pos0_of(a, b);
+  if (PG == PG_ROWS) pos0 = paged_row(a, b, seq);
+  else if (PG == PG_NONE) pos0 = pos0_of(a, b);
   const int64_t kmax = pos0 + t_last + 1;
   /* no row of this tile sees this chunk: the merge skips it (in a cluster it merges nothing) */
   if (!CL && k_begin >= kmax) return;
   const int64_t k_end = kmax < k_begin + chunk ? kmax : k_begin + chunk;
   const float qs = a.scale * LOG2E;
 
-  const KV *kg = (const KV *)a.k + b * a.ksb + (int64_t)kvh * a.hd;
-  const KV *vg = (const KV *)a.v + b * a.vsb + (int64_t)kvh * a.hd;
+  /* a paged cache: the pools, keys found through the sequence's table */
+  const int64_t cb = PG != PG_NONE ? 0 : b;
+  const KV *kg = (const KV *)a.k + cb * a.ksb + (int64_t)kvh * a.hd;
+  const KV *vg = (const KV *)a.v + cb * a.vsb + (int64_t)kvh * a.hd;
+  const int32_t *btab = PG != PG_NONE ? a.block_table + seq * a.MB : nullptr;
   const int ntile = k_end > k_begin ? (int)((k_end - k_begin + TK - 1) / TK) : 0;
   /* tile j: a thread copies the same 16-byte column of every RPI-th key row */
   auto load = [&](int j) {
@@ -408,7 +483,8 @@ __global__ void __launch_bounds__(NW * 32) decode_tc_kernel(msh_k_attn a, int sp
     for (int r = threadIdx.x / CPR; r < TK; r += RPI) {
       const int64_t key = key0 + r;
       const bool ok = key < k_end;
-      const int64_t kr = ok ? key : k_begin;
+      int64_t kr = ok ? key : k_begin;
+      if (PG != PG_NONE) kr = paged_key(a, btab, kr);
       cp_async16(kt + r * LD + cc * 8, kg + kr * a.ks0 + cc * 8, ok);
       cp_async16(vt + r * LD + cc * 8, vg + kr * a.vs0 + cc * 8, ok);
     }
@@ -686,25 +762,27 @@ struct LaunchOp {
 
 template <typename KV, int HD> cudaError_t tc_occupancy(int *blocks) {
   typedef TcCfg<KV, HD> C;
-  cudaError_t e =
-      cudaFuncSetAttribute(decode_tc_kernel<KV, HD, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
+  cudaError_t e = cudaFuncSetAttribute(decode_tc_kernel<KV, HD, false, PG_NONE>,
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
   if (e != cudaSuccess) return e;
-  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, decode_tc_kernel<KV, HD, false>, NW * 32, C::SMEM);
+  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, decode_tc_kernel<KV, HD, false, PG_NONE>, NW * 32,
+                                                       C::SMEM);
 }
 
-template <typename KV, int HD>
+/* The plan's tensor-core launch over the slot cache or (PG_ROWS) a paged pool's rows. */
+template <typename KV, int HD, int PG>
 cudaError_t tc_launch(cudaStream_t s, const msh_k_attn *a, const Plan &p, float2 *ml, float *acc) {
   typedef TcCfg<KV, HD> C;
   dim3 grid((unsigned)p.splits, (unsigned)((int64_t)a->KVH * p.rtiles), (unsigned)a->B);
   if (!p.cl) {
-    cudaError_t e =
-        cudaFuncSetAttribute(decode_tc_kernel<KV, HD, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
+    cudaError_t e = cudaFuncSetAttribute(decode_tc_kernel<KV, HD, false, PG>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
     if (e != cudaSuccess) return e;
-    decode_tc_kernel<KV, HD, false><<<grid, NW * 32, C::SMEM, s>>>(*a, p.splits, p.chunk, p.rtiles, ml, acc);
+    decode_tc_kernel<KV, HD, false, PG><<<grid, NW * 32, C::SMEM, s>>>(*a, p.splits, p.chunk, p.rtiles, ml, acc);
     return cudaGetLastError();
   }
   cudaError_t e =
-      cudaFuncSetAttribute(decode_tc_kernel<KV, HD, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
+      cudaFuncSetAttribute(decode_tc_kernel<KV, HD, true, PG>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
   if (e != cudaSuccess) return e;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
@@ -718,7 +796,7 @@ cudaError_t tc_launch(cudaStream_t s, const msh_k_attn *a, const Plan &p, float2
   attr[0].val.clusterDim.z = 1;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
-  return cudaLaunchKernelEx(&cfg, decode_tc_kernel<KV, HD, true>, *a, p.splits, p.chunk, p.rtiles, ml, acc);
+  return cudaLaunchKernelEx(&cfg, decode_tc_kernel<KV, HD, true, PG>, *a, p.splits, p.chunk, p.rtiles, ml, acc);
 }
 
 /* Thread block clusters on this device (sm_90 and later), asked once per process. */
@@ -819,7 +897,166 @@ cudaError_t plan_for(const msh_k_attn *a, int sm_count, Plan &p) {
   return cudaSuccess;
 }
 
+/* ------------------------------------------------------------------------ paged forms */
+
+/* Sums (MAX: maxima) of v over the threads before this one in the block, and over all of them. */
+template <bool MAX> __device__ __forceinline__ int64_t block_scan(int64_t v, int64_t *sh, int64_t &total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+  int64_t x = v;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    int64_t y = __shfl_up_sync(0xffffffffu, x, o);
+    if (lane >= o) x = MAX ? (x > y ? x : y) : x + y;
+  }
+  int64_t prev = __shfl_up_sync(0xffffffffu, x, 1);
+  if (lane == 0) prev = 0;
+  __syncthreads(); /* sh free (an earlier call's readers are done) */
+  if (lane == 31) sh[warp] = x;
+  __syncthreads();
+  if (warp == 0) {
+    int64_t w = lane < nw ? sh[lane] : 0;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      int64_t y = __shfl_up_sync(0xffffffffu, w, o);
+      if (lane >= o) w = MAX ? (w > y ? w : y) : w + y;
+    }
+    sh[lane] = w;
+  }
+  __syncthreads();
+  total = sh[nw - 1];
+  const int64_t before = warp > 0 ? sh[warp - 1] : 0;
+  return MAX ? (before > prev ? before : prev) : before + prev;
+}
+
+/* The tile form's work list, one block of 1024 threads: sequence b's rows are [s_b, s_b+1), s_b
+ * the running maximum of q_start clamped into [0, R] (s_0 = 0, s_B = R: every row belongs to one
+ * sequence whatever the array holds, and is written), cut into tiles of 16 (query, head) rows;
+ * entries past the last tile get sequence -1. */
+__global__ void __launch_bounds__(1024) paged_tiles_kernel(const int32_t *q_start, int B, int R, int G, int cap,
+                                                           int4 *list) {
+  __shared__ int64_t sh[32];
+  const int per = (B + (int)blockDim.x - 1) / (int)blockDim.x;
+  const int b0 = min(B, (int)threadIdx.x * per), b1 = min(B, b0 + per);
+  auto qs = [&](int b) -> int64_t {
+    if (b <= 0) return 0;
+    if (b >= B) return R;
+    int64_t v = q_start[b];
+    return v < 0 ? 0 : v > R ? R : v;
+  };
+  int64_t m = 0, total;
+  for (int b = b0; b < b1; b++) m = max(m, qs(b));
+  const int64_t start = block_scan<true>(m, sh, total);
+  int64_t run = start, cnt = 0;
+  for (int b = b0; b < b1; b++) {
+    run = max(run, qs(b));
+    const int64_t n = max(run, qs(b + 1)) - run;
+    cnt += (n * G + 15) / 16;
+  }
+  int64_t off = block_scan<false>(cnt, sh, total);
+  run = start;
+  for (int b = b0; b < b1; b++) {
+    run = max(run, qs(b));
+    const int64_t n = max(run, qs(b + 1)) - run, nt = (n * G + 15) / 16;
+    for (int64_t k = 0; k < nt && off < cap; k++, off++) list[off] = make_int4(b, (int)k, (int)run, (int)n);
+  }
+  for (int64_t i = total + threadIdx.x; i < cap; i += blockDim.x) list[i] = make_int4(-1, 0, 0, 0);
+}
+
+/* Tiles the list may need: sum over sequences of ceil(n_b G / 16) <= R G / 16 + B. */
+int64_t paged_tile_cap(const msh_k_paged *pa) {
+  return ((int64_t)pa->R * (pa->H / pa->KVH) + 15) / 16 + pa->B;
+}
+
+/* The tile form's attention: a block per (listed tile, kv head), the whole context one chunk. */
+template <typename KV, int HD> cudaError_t tiles_launch(cudaStream_t s, const msh_k_attn &a, int64_t cap) {
+  typedef TcCfg<KV, HD> C;
+  cudaError_t e = cudaFuncSetAttribute(decode_tc_kernel<KV, HD, false, PG_TILES>,
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
+  if (e != cudaSuccess) return e;
+  dim3 grid((unsigned)cap, (unsigned)a.KVH, 1);
+  decode_tc_kernel<KV, HD, false, PG_TILES><<<grid, NW * 32, C::SMEM, s>>>(a, 1, INT32_MAX, 1, nullptr, nullptr);
+  return cudaGetLastError();
+}
+
+msh_k_attn paged_attn_of(const msh_k_paged *pa) {
+  msh_k_attn a;
+  memset(&a, 0, sizeof a);
+  a.out = pa->out;
+  a.q = pa->q;
+  a.k = pa->k;
+  a.v = pa->v;
+  a.ks0 = a.vs0 = (int64_t)pa->KVH * pa->hd;
+  a.kv_dt = pa->kv_dt;
+  a.B = pa->R; /* the row form: a "sequence" a row */
+  a.T = 1;
+  a.H = pa->H;
+  a.KVH = pa->KVH;
+  a.hd = pa->hd;
+  a.pos0 = pa->max_ctx - 1;
+  a.scale = pa->scale;
+  a.block_table = pa->block_table;
+  a.q_start = pa->q_start;
+  a.ctx_len = pa->ctx_len;
+  a.BS = pa->BS;
+  a.NB = pa->NB;
+  a.MB = pa->MB;
+  a.seqs = pa->B;
+  a.rows = pa->R;
+  a.max_ctx = pa->max_ctx;
+  return a;
+}
+
 } // namespace
+
+extern "C" int msh_k_attn_paged_ok(const msh_k_paged *pa) {
+  if ((pa->kv_dt != MSH_F16 && pa->kv_dt != MSH_BF16) || (pa->hd != 64 && pa->hd != 128)) return 0;
+  if (!aligned16(pa->k) || !aligned16(pa->v) || ((uintptr_t)pa->q & 7u)) return 0;
+  if (pa->R < 1 || pa->B < 1 || pa->KVH < 1 || pa->H % pa->KVH || pa->max_ctx < 1 || pa->MB < 1 || pa->NB < 1 ||
+      pa->BS < 1 || pa->KVH > 65535)
+    return 0;
+  if (pa->R == pa->B) return pa->R <= 65535 && (int64_t)pa->KVH * ((pa->H / pa->KVH + 15) / 16) <= 65535;
+  return paged_tile_cap(pa) <= INT32_MAX;
+}
+
+extern "C" size_t msh_k_attn_paged_workspace(const msh_k_paged *pa, int sm_count) {
+  if (pa->R != pa->B) return sizeof(int4) * (size_t)paged_tile_cap(pa);
+  msh_k_attn a = paged_attn_of(pa);
+  return msh_k_attn_decode_workspace(&a, sm_count);
+}
+
+extern "C" cudaError_t msh_k_attn_paged(cudaStream_t s, const msh_k_paged *pa, void *work, int sm_count) {
+  if (!msh_k_attn_paged_ok(pa)) return cudaErrorNotSupported;
+  msh_k_attn a = paged_attn_of(pa);
+  if (pa->R != pa->B) { /* the tile form: the list, then a block per (tile, kv head) */
+    if (!work) return cudaErrorInvalidValue;
+    const int64_t cap = paged_tile_cap(pa);
+    a.tiles = static_cast<int32_t *>(work);
+    paged_tiles_kernel<<<1, 1024, 0, s>>>(pa->q_start, pa->B, pa->R, pa->H / pa->KVH, (int)cap,
+                                          static_cast<int4 *>(work));
+    cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) return e;
+    if (a.kv_dt == MSH_F16)
+      return a.hd == 64 ? tiles_launch<f16, 64>(s, a, cap) : tiles_launch<f16, 128>(s, a, cap);
+    return a.hd == 64 ? tiles_launch<bf16, 64>(s, a, cap) : tiles_launch<bf16, 128>(s, a, cap);
+  }
+  Plan p;
+  cudaError_t e = plan_for(&a, sm_count, p);
+  if (e != cudaSuccess) return e;
+  if (!p.tc) return cudaErrorNotSupported;
+  float2 *ml = NULL;
+  float *acc = NULL;
+  if (p.splits > 1 && !p.cl) {
+    if (!work) return cudaErrorInvalidValue;
+    ml = (float2 *)work;
+    acc = (float *)(ml + (size_t)a.B * a.H * p.splits);
+  }
+  if (a.kv_dt == MSH_F16)
+    e = a.hd == 64 ? tc_launch<f16, 64, PG_ROWS>(s, &a, p, ml, acc) : tc_launch<f16, 128, PG_ROWS>(s, &a, p, ml, acc);
+  else
+    e = a.hd == 64 ? tc_launch<bf16, 64, PG_ROWS>(s, &a, p, ml, acc) : tc_launch<bf16, 128, PG_ROWS>(s, &a, p, ml, acc);
+  if (e != cudaSuccess || p.splits <= 1 || p.cl) return e;
+  return msh_k_attn_merge(s, &a, p.splits, p.chunk, ml, acc);
+}
 
 extern "C" cudaError_t msh_k_attn_merge(cudaStream_t s, const msh_k_attn *a, int splits, int chunk, const float2 *ml,
                                         const float *acc) {
@@ -852,8 +1089,10 @@ extern "C" cudaError_t msh_k_attn_decode(cudaStream_t s, const msh_k_attn *a, vo
     acc = (float *)(ml + (size_t)a->B * a->T * a->H * p.splits);
   }
   if (p.tc) {
-    if (a->kv_dt == MSH_F16) e = a->hd == 64 ? tc_launch<f16, 64>(s, a, p, ml, acc) : tc_launch<f16, 128>(s, a, p, ml, acc);
-    else e = a->hd == 64 ? tc_launch<bf16, 64>(s, a, p, ml, acc) : tc_launch<bf16, 128>(s, a, p, ml, acc);
+    if (a->kv_dt == MSH_F16)
+      e = a->hd == 64 ? tc_launch<f16, 64, PG_NONE>(s, a, p, ml, acc) : tc_launch<f16, 128, PG_NONE>(s, a, p, ml, acc);
+    else
+      e = a->hd == 64 ? tc_launch<bf16, 64, PG_NONE>(s, a, p, ml, acc) : tc_launch<bf16, 128, PG_NONE>(s, a, p, ml, acc);
   } else {
     LaunchOp op = {s, a, &p, ml, acc};
     e = with_instance(a->kv_dt, p, op);

@@ -121,6 +121,14 @@ typedef struct msh_k_attn {
                             * run, clamped into [0, pos0] (CUDA graphs replay at any position):
                             * pos0_dev[b] for sequence b, or pos0_dev[0] for all when pos0_n is 1 */
   int pos0_n;
+  /* A paged cache (block_table non-NULL; attn_decode.cu's paged forms, set by msh_k_attn_paged):
+   * k and v are pools of NB blocks of BS rows, ks0 / vs0 elements a row; key s of sequence b is
+   * row block_table[b * MB + s / BS] * BS + s % BS. q_start (seqs + 1) and ctx_len (seqs) say
+   * which query rows are whose and where they stand; tiles (4 ints a tile: sequence, row tile,
+   * first query row, rows) are the tile form's work list, built on the device. */
+  const int32_t *block_table, *q_start, *ctx_len;
+  int32_t *tiles;
+  int BS, NB, MB, seqs, rows, max_ctx;
 } msh_k_attn;
 
 /* Split-KV decode (attn_decode.cu): any T (each query reads its own keys), hd <= 256, the batch
@@ -164,6 +172,15 @@ typedef struct msh_k_paged {
 } msh_k_paged;
 size_t msh_k_paged_attn_workspace(const msh_k_paged *a, int sm_count);
 cudaError_t msh_k_paged_attn(cudaStream_t s, const msh_k_paged *a, void *work, int sm_count);
+/* The tensor-core forms of paged attention (attn_decode.cu), which msh_k_paged_attn takes when
+ * msh_k_attn_paged_ok: f16/bf16 pools, head dim 64 or 128, 16-byte aligned pools, q 8-byte
+ * aligned. R == B (decodes): one block per (key split, kv head, row), split-KV as the slot
+ * cache's decode; otherwise tiles of 16 (query, head) rows of one sequence over one kv head,
+ * listed on the device by a first kernel. Both read keys through the block table in 64-key tiles
+ * of the slot cache's tensor-core kernel. */
+int msh_k_attn_paged_ok(const msh_k_paged *a);
+size_t msh_k_attn_paged_workspace(const msh_k_paged *a, int sm_count);
+cudaError_t msh_k_attn_paged(cudaStream_t s, const msh_k_paged *a, void *work, int sm_count);
 /* Row r < R of k and v (row_elems = KVH * hd elements of k_dt and v_dt, rows k_ld / v_ld
  * elements apart) to pool row slots[r] of k_pool, v_pool (pool_dt, pool_rows rows); a slot
  * outside [0, pool_rows) writes nothing. */

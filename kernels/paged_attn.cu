@@ -12,7 +12,10 @@
  * Two forms, one kernel. Rows of one query per sequence (decodes) split each sequence's keys
  * into `splits` spans so that the grid fills the GPU (the count depends on the rows, kv heads and
  * max_ctx only), and a merge kernel combines the spans' partial softmax results. Prompt chunks
- * (any rows) run one span per row: their rows fill the grid on their own. */
+ * (any rows) run one span per row: their rows fill the grid on their own.
+ *
+ * This kernel serves what the tensor-core forms (attn_decode.cu, msh_k_attn_paged) do not take:
+ * f32 pools, head dims other than 64 and 128, unaligned operands. */
 #include "msh_kutil.cuh"
 
 using namespace msh;
@@ -203,6 +206,7 @@ cudaError_t kv_write_to(cudaStream_t s, DT *kp, DT *vp, const void *k, int k_dt,
 } // namespace
 
 extern "C" size_t msh_k_paged_attn_workspace(const msh_k_paged *a, int sm_count) {
+  if (msh_k_attn_paged_ok(a)) return msh_k_attn_paged_workspace(a, sm_count);
   int splits, span;
   plan(a, sm_count, &splits, &span);
   if (splits <= 1) return 0;
@@ -210,6 +214,7 @@ extern "C" size_t msh_k_paged_attn_workspace(const msh_k_paged *a, int sm_count)
 }
 
 extern "C" cudaError_t msh_k_paged_attn(cudaStream_t s, const msh_k_paged *a, void *work, int sm_count) {
+  if (msh_k_attn_paged_ok(a)) return msh_k_attn_paged(s, a, work, sm_count);
   int splits, span;
   plan(a, sm_count, &splits, &span);
   dim3 grid(a->R, splits, a->KVH);
