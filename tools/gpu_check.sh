@@ -31,6 +31,11 @@
 # MSH_GPU_BEFORE=TARBALL builds a second tree (`git archive` of an earlier commit) in build-before
 # beside this one, and the model benchmarks then alternate the two builds in the same run
 # (model_ab.jsonl, each line tagged "build": "before" or "after"; a before/after table last).
+# MSH_GPU_DS_PEER=DIR runs DeepSpeed ZeRO-Inference (../shared/peers/deepspeed: its wheels and zero_inf.py in
+# DIR) on the 8B shape at the --cpu-offload runs' lengths, batches MSH_GPU_DS_BATCHES (1,32; ds.jsonl).
+# MSH_GPU_EVAL_MODEL=PATH runs `moonshard eval` on the GPU: the first 100 ARC-Easy and PIQA items in f32,
+# bf16 and int8 with each document's scores (eval_f32/bf16/i8.json), then MSH_GPU_EVAL_FULL (default gsm8k)
+# on its full set with the weights as stored (eval_full.json; MSH_GPU_EVAL_BATCH requests side by side).
 # MSH_ARCH_REFERENCE=1 (default where transformers imports) writes transformers' logits of the
 # architecture fixtures (tools/arch_reference.py -> tests/fixtures/arch/reference.safetensors,
 # copied to $OUT) before the tests run.
@@ -242,6 +247,22 @@ for line in open(sys.argv[1]):
 EOF
 fi
 
+if [ -n "${MSH_GPU_DS_PEER:-}" ]; then
+  # the peer side by side: DeepSpeed ZeRO-Inference on the same shape and lengths as the
+  # --cpu-offload runs above (MSH_GPU_DS_PEER: a folder with ../shared/peers/deepspeed's wheels
+  # and zero_inf.py)
+  echo "== DeepSpeed ZeRO-Inference (Llama-3-8B shape, bf16 from pinned memory)"
+  if python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/ds-site "$MSH_GPU_DS_PEER"/*.whl \
+      > "$out/ds.log" 2>&1; then
+    PYTHONPATH=/tmp/ds-site PYTHONUNBUFFERED=1 OUT= timeout "${MSH_GPU_DS_TIMEOUT:-300}" python3 \
+      "$MSH_GPU_DS_PEER/zero_inf.py" --model-size 8b --batch-sizes "${MSH_GPU_DS_BATCHES:-1,32}" --prompt-len 32 \
+      --gen-len 9 --loops 2 --ref-batch-sizes "" --out "$out/ds.jsonl" >> "$out/ds.log" 2>&1 || tail -5 "$out/ds.log"
+    grep "^{" "$out/ds.jsonl" 2> /dev/null | cut -c1-400
+  else
+    tail -5 "$out/ds.log"
+  fi
+fi
+
 if [ "${MSH_GPU_PLAN_CHECK:-0}" = 1 ]; then
   echo "== moonshard doctor"
   timeout 60 build-gpu/moonshard doctor > "$out/doctor.txt" 2>&1; echo "doctor exit $?"
@@ -277,6 +298,24 @@ for tier, cfg in (("resident", "--prompt-len 128 --gen-len 65 --loops 2"), ("hos
     m = meas[0].get("model_device_memory_bytes") if meas else None
     print(tier, "planned:", mem[:4], "measured model_device_memory_bytes:", m)
 EOF
+fi
+
+if [ -n "${MSH_GPU_EVAL_MODEL:-}" ]; then
+  echo "== evaluation on the GPU ($MSH_GPU_EVAL_MODEL)"
+  # the placement table's GPU rows (first 100 ARC-Easy and PIQA items, each document's scores kept),
+  # then the tasks of MSH_GPU_EVAL_FULL (default gsm8k) on their full sets with the weights as stored
+  for form in "f32:--dtype f32" "bf16:--dtype bf16" "i8:--quant-bits 8"; do
+    # shellcheck disable=SC2086
+    timeout 300 build-gpu/moonshard eval --model "$MSH_GPU_EVAL_MODEL" --device cuda ${form#*:} --tasks arc_easy,piqa \
+      --limit 100 --output "$out/eval_${form%%:*}.json" --log-samples > "$out/eval_${form%%:*}.md" 2>> "$out/eval.err" ||
+      { status=1; tail -3 "$out/eval.err"; }
+    cat "$out/eval_${form%%:*}.md"
+  done
+  full=${MSH_GPU_EVAL_FULL:-gsm8k}
+  timeout 900 build-gpu/moonshard eval --model "$MSH_GPU_EVAL_MODEL" --device cuda --tasks "$full" \
+    --batch-size "${MSH_GPU_EVAL_BATCH:-64}" --output "$out/eval_full.json" > "$out/eval_full.md" 2>> "$out/eval.err" ||
+    { status=1; tail -3 "$out/eval.err"; }
+  cat "$out/eval_full.md"
 fi
 
 if [ "${MSH_GPU_MODEL_BENCH:-1}" != 0 ]; then

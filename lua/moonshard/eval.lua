@@ -434,18 +434,36 @@ function M.run_task(lm, task, docs, opts)
   end
   if ot == "generate_until" then
     local gen = task.generation or {}
-    for i, doc in ipairs(docs) do
-      local text, ntok = lm.generate(ctx_of[i], gen["until"] or {}, gen.max_gen_toks or 256, opts)
-      local target = task.doc_to_target(doc)
-      local sample = { doc_id = i - 1, generated = text }
-      for _, f in ipairs(task.filters) do
-        local ans = f.fn(text)
-        local ok = ans and M.normalize_answer(ans) == M.normalize_answer(target) and 1 or 0
-        add("exact_match," .. f.name, ok)
-        sample[f.name] = ans
+    local stops, max_new = gen["until"] or {}, gen.max_gen_toks or 256
+    -- batch_size documents side by side where the adapter can (lm.generate_many), else one by one
+    local per = lm.generate_many and math.max(1, opts.batch_size or 1) or 1
+    for i0 = 1, #docs, per do
+      local i1 = math.min(#docs, i0 + per - 1)
+      local outs = {}
+      if lm.generate_many then
+        local ctxs = {}
+        for i = i0, i1 do ctxs[#ctxs + 1] = ctx_of[i] end
+        outs = lm.generate_many(ctxs, stops, max_new, opts)
+      else
+        local text, ntok = lm.generate(ctx_of[i0], stops, max_new, opts)
+        outs[1] = { text = text, ntok = ntok }
       end
-      samples[i] = sample
-      tick(1, ntok or 0)
+      local ntoks = 0
+      for i = i0, i1 do
+        local o = outs[i - i0 + 1]
+        local text, doc = o.text, docs[i]
+        local target = task.doc_to_target(doc)
+        local sample = { doc_id = i - 1, generated = text }
+        for _, f in ipairs(task.filters) do
+          local ans = f.fn(text)
+          local ok = ans and M.normalize_answer(ans) == M.normalize_answer(target) and 1 or 0
+          add("exact_match," .. f.name, ok)
+          sample[f.name] = ans
+        end
+        samples[i] = sample
+        ntoks = ntoks + (o.ntok or 0)
+      end
+      tick(i1 - i0 + 1, ntoks)
     end
   end
   tick_p(done, 0, true)
@@ -520,7 +538,11 @@ function M.adapter(model, opts)
       if eos[id] then break end
       out[#out + 1] = id
       n = n + 1
-      text = tok:decode(out)
+      -- as the engine streams it: decoded after the context's last token (its leading space kept)
+      local dec = tok:decoder(ids[#ids])
+      local parts = {}
+      for k = 1, #out do parts[k] = dec:push(out[k]) end
+      text = table.concat(parts) .. dec:flush()
       local cut
       for _, s in ipairs(stops) do
         local at = text:find(s, 1, true)
@@ -531,6 +553,36 @@ function M.adapter(model, opts)
       logits = assert(net:forward(id))
     end
     return text, #ids + n
+  end
+  -- one process: the documents of a batch generate side by side through the serving engine
+  -- (greedy, the task's stop strings; a request's tokens are those it would get alone)
+  if not model.dist then
+    function lm.generate_many(contexts, stops, max_new, o)
+      local st = {}
+      for _, s in ipairs(stops or {}) do if s ~= "" then st[#st + 1] = s end end
+      local engine = assert(require("moonshard.engine").new(model, { max_batch = math.min(#contexts, net.batch) }))
+      local out = {}
+      local ok, err = pcall(function()
+        for i, c in ipairs(contexts) do
+          local ids = M.generation_ids(tok, c, max_new, net.max_seq, o)
+          local room = math.min(max_new, net.max_seq - #ids)
+          assert(engine:submit { prompt_ids = ids, max_tokens = room, temperature = 0, stop = #st > 0 and st or nil,
+            on_finish = function(q, reason)
+              out[i] = { text = q.text, ntok = #ids + #q.output_ids,
+                failed = (reason == "error" or reason == "cancelled") and (q.error or reason) or nil }
+            end })
+        end
+        engine:run()
+      end)
+      engine:close()
+      if not ok then error(err, 0) end
+      for i = 1, #contexts do
+        if not out[i] or out[i].failed then
+          error(string.format("generation of document %d failed: %s", i, out[i] and tostring(out[i].failed) or "no result"), 0)
+        end
+      end
+      return out
+    end
   end
   return lm
 end

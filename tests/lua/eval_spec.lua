@@ -244,6 +244,36 @@ describe("moonshard eval on stories260K", function()
     end
   end)
 
+  it("generate_until: documents generated side by side give each the text it gets alone", function()
+    local data = dir .. "/gsm8k.jsonl"
+    local f = assert(io.open(data, "w"))
+    local qs = { "Tom has 3 cats. How many?", "A dog ran to the park. Where?", "Lily saw a big tree.",
+      "What is 7 and 8?", "The sun was hot and the girl", "Once upon a time", "Ben lost his ball." }
+    for i, q in ipairs(qs) do f:write(string.format('{"question": "%s", "answer": "%d\\n#### %d"}\n', q, i, i)) end
+    f:close()
+    local function gen(pre, extra, name)
+      local args = {}
+      for _, a in ipairs(pre) do args[#args + 1] = a end
+      for _, a in ipairs { "eval", "--model", h.stories, "--tasks", "gsm8k", "--data", "gsm8k=" .. data,
+        "--num-fewshot", "1", "--log-samples", "--output", dir .. "/" .. name .. ".json" } do args[#args + 1] = a end
+      for _, a in ipairs(extra) do args[#args + 1] = a end
+      local _, err, code = h.run(args)
+      assert.equal(0, code, err)
+      local res = require("cjson").decode(h.read(dir .. "/" .. name .. ".json"))
+      local out = {}
+      for _, s in ipairs(res.samples.gsm8k) do out[#out + 1] = s.generated end
+      return out
+    end
+    local one = gen({}, { "--batch-size", "1" }, "g1")
+    assert.equal(#qs, #one)
+    local some = 0
+    for _, t in ipairs(one) do if #t > 0 then some = some + 1 end end
+    assert.is_true(some > 0, "every generation empty")
+    assert.same(one, gen({}, { "--batch-size", "4" }, "g4"))
+    -- two pipeline ranks generate one document at a time (the loop without the engine)
+    assert.same(one, gen({ "launch", "-n", "2" }, { "--pp", "2" }, "gpp"))
+  end)
+
   it("gives the same picks on two ranks, tensor parallel and pipeline parallel", function()
     local _, json = run({}, {}, "one")
     local p1, r1 = picks(json)
