@@ -3,16 +3,36 @@
  * then cuBLAS), and the embedding gather. Weight dtypes: GGUF's Q8_0, Q4_0, Q4_1 and moonshard's
  * group-wise I8G / I4G (moonshard.h has the layouts).
  *
- * GEMV: a block of 4 warps owns 4 output rows, one a warp (GLU: the gate row and its up row in the
- * same warp). A row of weights is read as "pieces" of 4 bytes of quants: 8-bit dtypes, elements
- * 4t .. 4t + 3 of a block; 4-bit ones, bytes 4t .. 4t + 3 hold elements 4t .. 4t + 3 (low nibbles)
- * and H + 4t .. H + 4t + 3 (high; H = G / 2 for I4G, 16 for Q4_0/Q4_1). Lane l takes pieces l,
- * l + 32, ... of the row, so a warp's loads cover consecutive bytes (one block's pieces, then the
- * next block's); the block's scale (and min) is one more 4-byte load that the lanes of a block
- * share. The quants are dequantized in registers and meet the MT rows of x (f32, through the
- * read-only cache) in f32 FMAs; the lanes' sums meet with shuffles. U pieces are loaded before
- * the first is used (loads in flight). GGUF's Q8_0 / Q4_0 blocks (34 and 18 bytes) put their
- * quants at 2-byte alignment only: their pieces are two 2-byte loads. */
+ * GEMV, tiled (the dtypes whose blocks keep 4-byte alignment: Q4_1, I8G, I4G; K / G a multiple of
+ * 4 and w 16-byte aligned, so that every row starts 16-byte aligned): a block of 4 warps owns NR
+ * weight rows (NR outputs, or NR / 2 for GLU: gate rows and their up rows) and splits K over its
+ * warps in tiles of TB blocks (TB * BB bytes of a row, a multiple of 16: about 300 bytes): warp w
+ * takes tiles w, w + 4, ... Each warp copies its tile of all NR rows into its own shared memory
+ * with 16-byte cp.async (S tiles in flight, no registers held by loads), then reads it back a
+ * 4-byte word of quants a lane: lane l of step s takes word s * 32 + l of the tile (block
+ * (s * 32 + l) / QW of it, word t = (s * 32 + l) % QW, QW words of quants a block) and the block's
+ * scale word. The lane's elements of x (8 for 4-bit dtypes: 4t .. 4t + 3 and H + 4t .. H + 4t + 3
+ * of the block; 4 for 8-bit ones) are loaded once a step and meet the same word of all NR rows:
+ * x costs 1 / NR of its bytes a weight row instead of 8x the quants' bytes (4-bit). The quants
+ * become floats without an int-to-float conversion (a quarter-rate instruction): a byte permute
+ * puts the nibble (or the byte, offset to unsigned) under the exponent of 2^23, and one
+ * subtraction leaves the exact integer; the block's scale d and min c apply once a word:
+ * sum_j (d q_j + c) x_j = d sum_j q_j x_j + c sum_j x_j, the sum of x formed once a step. The
+ * warps' sums (traded in halves across the lanes, then added over the warps in shared memory)
+ * meet in the epilogue (STORE, ACC, GLU).
+ *
+ * GEMV, per warp (the other dtypes and shapes: Q8_0 and Q4_0, whose blocks put quants at 2-byte
+ * alignment, K not a multiple of 4 G): a block of 4 warps owns 4 output rows, one a warp (GLU: the
+ * gate row and its up row in the same warp). A row of weights is read as "pieces" of 4 bytes of
+ * quants: 8-bit dtypes, elements 4t .. 4t + 3 of a block; 4-bit ones, bytes 4t .. 4t + 3 hold
+ * elements 4t .. 4t + 3 (low nibbles) and H + 4t .. H + 4t + 3 (high; H = G / 2 for I4G, 16 for
+ * Q4_0/Q4_1). Lane l takes pieces l, l + 32, ... of the row, so a warp's loads cover consecutive
+ * bytes (one block's pieces, then the next block's); the block's scale (and min) is one more
+ * 4-byte load that the lanes of a block share. The quants are dequantized in registers and meet
+ * the MT rows of x (f32, through the read-only cache) in f32 FMAs; the lanes' sums meet with
+ * shuffles. U pieces are loaded before the first is used (loads in flight). GGUF's Q8_0 / Q4_0
+ * blocks (34 and 18 bytes) put their quants at 2-byte alignment only: their pieces are two 2-byte
+ * loads. */
 #include "msh_kutil.cuh"
 
 using namespace msh;
@@ -157,6 +177,201 @@ __global__ void __launch_bounds__(WARPS * 32) qgemv_kernel(float *__restrict__ o
   }
 }
 
+/* ------------------------------------------------------------------------ tiled GEMV */
+
+/* The tiled kernel's tile of a dtype: TB blocks of a row (TBYTES bytes, a multiple of 16 since BB
+ * is 4 times an odd number and TB a multiple of 4), read in STEPS steps of 32 words of quants. */
+template <int DT> struct QT {
+  enum {
+    QW = QP<DT>::P, /* words of quants a block */
+    TB = QL<DT>::BITS == 4 ? (512 / QL<DT>::G > 4 ? 512 / QL<DT>::G : 4) : (256 / QL<DT>::G > 4 ? 256 / QL<DT>::G : 4),
+    TBYTES = TB * QL<DT>::BB,
+    STEPS = TB * QW / 32,
+  };
+};
+
+/* A word of quants as exact floats (the integers, before the scale): 4-bit dtypes, q[0..3] the low
+ * nibbles of bytes 0..3 and q[4..7] the high ones; 8-bit, q[0..3] the signed bytes. A byte permute
+ * puts the value under the exponent of 2^23 (0x4b0000vv is 2^23 + vv) and a subtraction removes
+ * it: two cheap instructions an element instead of a quarter-rate conversion. */
+template <int BITS> __device__ __forceinline__ void quants_f(uint32_t q, float (&f)[8]) {
+  if (BITS == 4) {
+    const uint32_t lo = q & 0x0f0f0f0fu, hi = (q >> 4) & 0x0f0f0f0fu;
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+      f[k] = __uint_as_float(__byte_perm(lo, 0x4b000000u, 0x7650u | k)) - 8388608.0f;
+      f[k + 4] = __uint_as_float(__byte_perm(hi, 0x4b000000u, 0x7650u | k)) - 8388608.0f;
+    }
+  } else {
+    const uint32_t u = q ^ 0x80808080u; /* signed bytes + 128 */
+#pragma unroll
+    for (int k = 0; k < 4; k++) f[k] = __uint_as_float(__byte_perm(u, 0x4b000000u, 0x7650u | k)) - 8388736.0f;
+  }
+}
+
+/* A block's scale word as (d, c), value d * q + c: I8G an f32 d (c = 0); Q4_1 and I4G f16 d, f16 c. */
+template <int DT> __device__ __forceinline__ float2 scale_word(uint32_t s) {
+  if (QL<DT>::BITS == 8) return make_float2(__uint_as_float(s), 0.0f);
+  return make_float2(half_bits(s & 0xffffu), half_bits(s >> 16));
+}
+
+/* Sums each of V values (a power of two) over the warp. The lanes trade halves of their values
+ * (lanes with bit O set keep the upper half of C values and send the lower), V / 2 + V / 4 + ...
+ * shuffles instead of 5 V; returns the index of the first value this lane then holds the sum of:
+ * v[i] for value base + i, i < max(V / 32, 1) (for V < 32, lanes that differ only in the low
+ * log2(32 / V) bits hold the same one). Templates keep every index a constant (v in registers). */
+template <int V, int C = V, int O = 16> __device__ __forceinline__ int warp_sum_many(float (&v)[V], int lane) {
+  if constexpr (O == 0) {
+    return 0;
+  } else if constexpr (C == 1) {
+    v[0] += __shfl_xor_sync(0xffffffffu, v[0], O);
+    return warp_sum_many<V, 1, O / 2>(v, lane);
+  } else {
+    constexpr int H = C / 2;
+    const bool up = (lane & O) != 0;
+#pragma unroll
+    for (int i = 0; i < H; i++) {
+      const float send = up ? v[i] : v[i + H], keep = up ? v[i + H] : v[i];
+      v[i] = keep + __shfl_xor_sync(0xffffffffu, send, O);
+    }
+    return (up ? H : 0) + warp_sum_many<V, H, O / 2>(v, lane);
+  }
+}
+
+/* Stages: at most S tiles in flight a warp, fewer where S of them would pass 48 KB a block. */
+template <int DT, int NR, int MT, int S> struct QStages {
+  enum {
+    FIT = (48 * 1024 - WARPS * NR * MT * 4) / (WARPS * NR * QT<DT>::TBYTES),
+    N = S < FIT ? S : FIT,
+  };
+  static_assert(FIT >= 1, "one tile of every row must fit");
+};
+
+/* Tile j of this warp (tile warp + j * WARPS of the row, TB blocks or the row's last ones) of each
+ * of the NR rows into dst (NR tiles of TBYTES); then commits the group (an empty one past the
+ * warp's last tile, so that waiting for all but the last SN - 1 groups always means tile j). */
+template <int DT, int NR>
+__device__ __forceinline__ void stage_tile(uint8_t *dst, const uint8_t *const (&rows)[NR], int64_t tile, int64_t nb,
+                                           int lane, bool any) {
+  using L = QL<DT>;
+  using T = QT<DT>;
+  if (any) {
+    const int64_t b0 = tile * T::TB;
+    const int n16 = (nb - b0 < T::TB ? (int)(nb - b0) : (int)T::TB) * L::BB / 16;
+#pragma unroll
+    for (int r = 0; r < NR; r++)
+      for (int c = lane; c < n16; c += 32)
+        cp_async16(dst + r * T::TBYTES + c * 16, rows[r] + b0 * L::BB + c * 16, true);
+  }
+  cp_async_commit();
+}
+
+/* out (M, NO) (+)= x (M, K) @ w^T with NR weight rows a block (GLU: NR / 2 gate rows and their up
+ * rows NO further), K split over the block's warps in tiles; see the file's comment. */
+template <int DT, int EPI, int MT, int NR, int S>
+__global__ void __launch_bounds__(WARPS * 32, 4)
+    qgemv_tiled_kernel(float *__restrict__ out, const float *__restrict__ x, const uint8_t *__restrict__ w, int M,
+                       int64_t NO, int64_t K) {
+  using L = QL<DT>;
+  using T = QT<DT>;
+  constexpr int RB = EPI == GLU ? NR / 2 : NR; /* outputs a block */
+  constexpr int SN = QStages<DT, NR, MT, S>::N;
+  constexpr int E = L::BITS == 4 ? 8 : 4; /* elements of a word */
+  constexpr bool MIN = L::BITS == 4;      /* the blocks carry a min c */
+  __shared__ __align__(16) uint8_t stage[WARPS][SN][NR * T::TBYTES];
+  __shared__ float part[WARPS][NR * MT];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t row0 = (int64_t)blockIdx.x * RB;
+  const int64_t nb = K / L::G, row_bytes = nb * L::BB;
+  const int64_t ntiles = (nb + T::TB - 1) / T::TB;
+  const int cnt = ntiles > warp ? (int)((ntiles - warp + WARPS - 1) / WARPS) : 0; /* this warp's tiles */
+  const uint8_t *rows[NR];
+#pragma unroll
+  for (int r = 0; r < NR; r++) {
+    int64_t n = row0 + (EPI == GLU && r >= RB ? r - RB : r);
+    if (n >= NO) n = NO - 1; /* past the last row: a duplicate, not stored */
+    rows[r] = w + (EPI == GLU && r >= RB ? NO + n : n) * row_bytes;
+  }
+#pragma unroll
+  for (int j = 0; j < SN - 1; j++)
+    stage_tile<DT, NR>(stage[warp][j], rows, warp + (int64_t)j * WARPS, nb, lane, j < cnt);
+  pdl_wait(); /* the first weights are in flight: now x (the previous kernel's) */
+
+  float acc[NR * MT]; /* acc[r * MT + m]: this lane's part of row r's dot with x row m */
+#pragma unroll
+  for (int i = 0; i < NR * MT; i++) acc[i] = 0.0f;
+  for (int j = 0; j < cnt; j++) {
+    const int jn = j + SN - 1;
+    stage_tile<DT, NR>(stage[warp][jn % SN], rows, warp + (int64_t)jn * WARPS, nb, lane, jn < cnt);
+    cp_async_wait<SN - 1>(); /* this lane's copies of tile j have landed */
+    __syncwarp();            /* and the other lanes' */
+    const uint8_t *st = stage[warp][j % SN];
+    const int64_t b0 = (warp + (int64_t)j * WARPS) * T::TB;
+    const int nwords = (nb - b0 < T::TB ? (int)(nb - b0) : (int)T::TB) * T::QW;
+#pragma unroll
+    for (int s = 0; s < T::STEPS; s++) {
+      const int g = s * 32 + lane, bl = g / T::QW, t = g % T::QW;
+      if (g < nwords) { /* lanes past a short last tile sit out */
+        float qf[NR][8];
+        float2 sc[NR];
+#pragma unroll
+        for (int r = 0; r < NR; r++) {
+          const uint8_t *blk = st + r * T::TBYTES + bl * L::BB;
+          quants_f<L::BITS>(*reinterpret_cast<const uint32_t *>(blk + L::QOFF + 4 * t), qf[r]);
+          sc[r] = scale_word<DT>(*reinterpret_cast<const uint32_t *>(blk));
+        }
+        const int64_t e = (b0 + bl) * L::G + 4 * t;
+#pragma unroll
+        for (int m = 0; m < MT; m++) {
+          if (m >= M) break;
+          const float *xm = x + (int64_t)m * K + e;
+          const float4 a = __ldg(reinterpret_cast<const float4 *>(xm));
+          float4 b = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+          if (E == 8) b = __ldg(reinterpret_cast<const float4 *>(xm + L::H));
+          const float xv[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+          float xs = 0.0f;
+          if (MIN) xs = ((a.x + a.y) + (a.z + a.w)) + ((b.x + b.y) + (b.z + b.w));
+#pragma unroll
+          for (int r = 0; r < NR; r++) {
+            float sq = qf[r][0] * xv[0];
+#pragma unroll
+            for (int k = 1; k < E; k++) sq = fmaf(qf[r][k], xv[k], sq);
+            float a0 = acc[r * MT + m];
+            if (MIN) a0 = fmaf(sc[r].y, xs, a0);
+            acc[r * MT + m] = fmaf(sc[r].x, sq, a0);
+          }
+        }
+      }
+    }
+    __syncwarp(); /* every lane is done with the stage before it is refilled */
+  }
+  cp_async_wait<0>();
+  pdl_trigger();
+
+  /* the lanes' sums: traded within the warp, then added over the warps */
+  constexpr int V = NR * MT;
+  const int base = warp_sum_many<V>(acc, lane);
+  if (V >= 32 || (lane & (32 / V - 1)) == 0)
+#pragma unroll
+    for (int i = 0; i < (V >= 32 ? V / 32 : 1); i++) part[warp][base + i] = acc[i];
+  __syncthreads();
+  for (int i = threadIdx.x; i < RB * MT; i += WARPS * 32) {
+    const int r = i / MT, m = i % MT;
+    if (m >= M || row0 + r >= NO) continue;
+    float v = 0.0f;
+#pragma unroll
+    for (int k = 0; k < WARPS; k++) v += part[k][r * MT + m];
+    if (EPI == GLU) {
+      float u = 0.0f;
+#pragma unroll
+      for (int k = 0; k < WARPS; k++) u += part[k][(r + RB) * MT + m];
+      v = v / (1.0f + expf(-v)) * u;
+    }
+    float *o = out + (int64_t)m * NO + row0 + r;
+    *o = EPI == ACC ? *o + v : v;
+  }
+}
+
 template <int DT, int EPI>
 cudaError_t launch_qgemv(cudaStream_t s, float *out, const float *x, const uint8_t *w, int M, int64_t NO, int64_t K) {
   dim3 grid((unsigned)((NO + WARPS - 1) / WARPS)), block(WARPS * 32);
@@ -168,12 +383,64 @@ cudaError_t launch_qgemv(cudaStream_t s, float *out, const float *x, const uint8
   return cudaGetLastError();
 }
 
+/* MSH_QGEMV_VARIANT in the environment (read once; for the benchmarks): 0 the tiled kernel's
+ * default shape, 1 the per-warp kernel wherever it applies, 2 .. 4 other shapes of the tiled
+ * kernel at M = 1 (NR 4 or 16 rows a block, 2 tiles in flight). Unset: QV_DEFAULT. */
+constexpr int QV_DEFAULT = 1;
+int qvariant() {
+  static int v = -1;
+  if (v < 0) {
+    const char *e = getenv("MSH_QGEMV_VARIANT");
+    v = e ? atoi(e) : QV_DEFAULT;
+    if (v < 0 || v > 4) v = QV_DEFAULT; /* not a variant: the default */
+  }
+  return v;
+}
+
+template <int DT, int EPI, int MT, int NR, int S>
+cudaError_t launch_tiled(cudaStream_t s, float *out, const float *x, const uint8_t *w, int M, int64_t NO, int64_t K) {
+  constexpr int RB = EPI == GLU ? NR / 2 : NR;
+  const int64_t blocks = (NO + RB - 1) / RB;
+  if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
+  return launch_pdl(qgemv_tiled_kernel<DT, EPI, MT, NR, S>, dim3((unsigned)blocks), dim3(WARPS * 32), 0, s, out, x, w,
+                    M, NO, K);
+}
+
+/* The tiled kernel by rows of x: 8 weight rows a block up to 2 rows of x (the x of a step meets
+ * all of them), 4 from 3 (registers: each row keeps MT sums and its dequantized word), 3 tiles in
+ * flight a warp. */
+template <int DT, int EPI>
+cudaError_t tiled_by_m(cudaStream_t s, float *out, const float *x, const uint8_t *w, int M, int64_t NO, int64_t K) {
+  if (M == 1) {
+    switch (qvariant()) {
+    case 2: return launch_tiled<DT, EPI, 1, 4, 3>(s, out, x, w, M, NO, K);
+    case 3: return launch_tiled<DT, EPI, 1, 16, 3>(s, out, x, w, M, NO, K);
+    case 4: return launch_tiled<DT, EPI, 1, 8, 2>(s, out, x, w, M, NO, K);
+    default: return launch_tiled<DT, EPI, 1, 8, 3>(s, out, x, w, M, NO, K);
+    }
+  }
+  if (M == 2) return launch_tiled<DT, EPI, 2, 8, 3>(s, out, x, w, M, NO, K);
+  if (M <= 4) return launch_tiled<DT, EPI, 4, 4, 3>(s, out, x, w, M, NO, K);
+  if (M <= 8) return launch_tiled<DT, EPI, 8, 4, 3>(s, out, x, w, M, NO, K);
+  return launch_tiled<DT, EPI, 16, 4, 3>(s, out, x, w, M, NO, K);
+}
+
+/* The tiled kernel where the dtype and shape allow it (see the file's comment), else the per-warp one. */
+template <int DT, int EPI>
+cudaError_t qgemv_epi(cudaStream_t s, float *out, const float *x, const uint8_t *w, int M, int64_t NO, int64_t K) {
+  if constexpr (QL<DT>::ALIGN4) {
+    if (qvariant() != 1 && (K / QL<DT>::G) % 4 == 0 && aligned16(w))
+      return tiled_by_m<DT, EPI>(s, out, x, w, M, NO, K);
+  }
+  return launch_qgemv<DT, EPI>(s, out, x, w, M, NO, K);
+}
+
 template <int DT>
 cudaError_t qgemv_dt(cudaStream_t s, int epi, float *out, const float *x, const uint8_t *w, int M, int64_t NO,
                      int64_t K) {
-  if (epi == ACC) return launch_qgemv<DT, ACC>(s, out, x, w, M, NO, K);
-  if (epi == GLU) return launch_qgemv<DT, GLU>(s, out, x, w, M, NO, K);
-  return launch_qgemv<DT, STORE>(s, out, x, w, M, NO, K);
+  if (epi == ACC) return qgemv_epi<DT, ACC>(s, out, x, w, M, NO, K);
+  if (epi == GLU) return qgemv_epi<DT, GLU>(s, out, x, w, M, NO, K);
+  return qgemv_epi<DT, STORE>(s, out, x, w, M, NO, K);
 }
 
 /* -------------------------------------------------------------------- element by element */

@@ -22,6 +22,7 @@ using namespace msh;
 
 namespace {
 
+constexpr int TC_DEFAULT = 0; /* the tensor-core forms unless MSH_PAGED_TC says otherwise */
 constexpr int NW = 4;       /* warps per block */
 constexpr int TILE = 128;   /* keys scored per tile */
 constexpr int MAX_HD = 256; /* dims a warp accumulates: 8 per lane */
@@ -203,10 +204,21 @@ cudaError_t kv_write_to(cudaStream_t s, DT *kp, DT *vp, const void *k, int k_dt,
   return cudaGetLastError();
 }
 
+/* The tensor-core forms where they apply, unless MSH_PAGED_TC=0 (read once): 1 takes them, 0 keeps
+ * this file's kernel everywhere. */
+bool tc_forms(const msh_k_paged *a) {
+  static int on = -1;
+  if (on < 0) {
+    const char *e = getenv("MSH_PAGED_TC");
+    on = e ? atoi(e) != 0 : TC_DEFAULT;
+  }
+  return on && msh_k_attn_paged_ok(a);
+}
+
 } // namespace
 
 extern "C" size_t msh_k_paged_attn_workspace(const msh_k_paged *a, int sm_count) {
-  if (msh_k_attn_paged_ok(a)) return msh_k_attn_paged_workspace(a, sm_count);
+  if (tc_forms(a)) return msh_k_attn_paged_workspace(a, sm_count);
   int splits, span;
   plan(a, sm_count, &splits, &span);
   if (splits <= 1) return 0;
@@ -214,7 +226,7 @@ extern "C" size_t msh_k_paged_attn_workspace(const msh_k_paged *a, int sm_count)
 }
 
 extern "C" cudaError_t msh_k_paged_attn(cudaStream_t s, const msh_k_paged *a, void *work, int sm_count) {
-  if (msh_k_attn_paged_ok(a)) return msh_k_attn_paged(s, a, work, sm_count);
+  if (tc_forms(a)) return msh_k_attn_paged(s, a, work, sm_count);
   int splits, span;
   plan(a, sm_count, &splits, &span);
   dim3 grid(a->R, splits, a->KVH);

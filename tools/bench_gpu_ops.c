@@ -282,6 +282,88 @@ static double bench_matmul(int64_t M, int64_t N, int64_t K, const char *path) {
   return tg > 0 ? tg : t;
 }
 
+/* -------------------------------------------------------------------- matmul, block weights */
+
+/* The decode GEMV over block-quantized weights (kernels/gemv_quant.cu) at the Llama-3-8B shapes:
+ * epi 0 matmul, 1 matmul_acc (o, down: into the residual), 2 matmul_glu over stacked gate/up rows
+ * (2N, K) with N outputs. The weights are quantized on the device from one random f32 matrix and
+ * rotated over copies beyond the L2 cache. Bytes: the blocks, x, out (twice for acc).
+ * MSH_QGEMV_VARIANT picks the kernel (1: the per-warp one); the line says which. */
+typedef struct {
+  msh_tensor *x, *out, *scratch, *w[16];
+  int nw, epi;
+} qmm_ctx;
+
+static void qmm_op(void *p, int i) {
+  qmm_ctx *c = p;
+  msh_tensor *w = c->w[i % c->nw];
+  if (c->epi == 2) OK(msh_op_matmul_glu(c->out, c->x, w, c->scratch));
+  else if (c->epi == 1) OK(msh_op_matmul_acc(c->out, c->x, w));
+  else OK(msh_op_matmul(c->out, c->x, w));
+}
+
+static double bench_matmul_quant(int64_t M, int64_t N, int64_t K, int dt, int epi) {
+  static const char *epis[] = {"matmul", "matmul_acc", "matmul_glu"};
+  qmm_ctx c = {0};
+  c.epi = epi;
+  int64_t rows = epi == 2 ? 2 * N : N;
+  int64_t xs[2] = {M, K}, os[2] = {M, N}, ws[2] = {rows, K}, ss[2] = {M, rows};
+  double wbytes = (double)(rows * K / msh_dtype_block_elems(dt)) * (double)msh_dtype_block_bytes(dt);
+  c.nw = (int)ceil(512e6 / wbytes);
+  if (c.nw > 16) c.nw = 16;
+  if (c.nw < 1) c.nw = 1;
+  c.x = dev_tensor(MSH_F32, 2, xs);
+  c.out = dev_tensor(MSH_F32, 2, os);
+  c.scratch = dev_tensor(MSH_F32, 2, ss);
+  fill_random(c.x, 20);
+  fill_random(c.out, 21);
+  msh_tensor *f = dev_tensor(MSH_F32, 2, ws);
+  fill_random(f, 22);
+  for (int i = 0; i < c.nw; i++) {
+    c.w[i] = dev_tensor(dt, 2, ws);
+    OK(msh_tensor_copy(c.w[i], f)); /* quantized on the device */
+  }
+  msh_tensor_free(f);
+  double flops = 2.0 * M * rows * K, bytes = wbytes + 4.0 * M * K + (epi == 1 ? 8.0 : 4.0) * M * N;
+  double t = time_op(qmm_op, &c, 20, 15);
+  double tg = time_graph(qmm_op, &c, 20, 15);
+  const char *kind, *v = getenv("MSH_QGEMV_VARIANT");
+  double fl = floor_of(bytes, flops, &kind);
+  char extra[200];
+  snprintf(extra, sizeof extra,
+           "\"op\":\"%s\",\"w\":\"%s\",\"M\":%lld,\"N\":%lld,\"K\":%lld,\"variant\":%d,", epis[epi],
+           msh_dtype_name(dt), (long long)M, (long long)N, (long long)K, v ? atoi(v) : 0);
+  report("gemv_quant", extra, t, tg, fl, kind, bytes, flops);
+  msh_tensor *all[] = {c.x, c.out, c.scratch};
+  for (int i = 0; i < 3; i++) msh_tensor_free(all[i]);
+  for (int i = 0; i < c.nw; i++) msh_tensor_free(c.w[i]);
+  return tg > 0 ? tg : t;
+}
+
+/* One decode token's projections over i4g64 weights at batch 1, as the model runs them (stacked
+ * q/k/v, o into the residual, stacked gate/up with GLU, down into the residual; 32 layers, then
+ * the lm head), from the times of each shape; then a few other dtypes and rows of x. */
+static void bench_gemv_quant(void) {
+  double qkv = bench_matmul_quant(1, 6144, 4096, MSH_I4G64, 0);
+  bench_matmul_quant(1, 4096, 4096, MSH_I4G64, 0);
+  double o = bench_matmul_quant(1, 4096, 4096, MSH_I4G64, 1);
+  double glu = bench_matmul_quant(1, 14336, 4096, MSH_I4G64, 2);
+  double down = bench_matmul_quant(1, 4096, 14336, MSH_I4G64, 1);
+  double head = bench_matmul_quant(1, 128256, 4096, MSH_I4G64, 0);
+  double step = 32 * (qkv + o + glu + down) + head;
+  double wbytes = (32 * (6144.0 * 4096 + 4096.0 * 4096 + 28672.0 * 4096 + 4096.0 * 14336) + 128256.0 * 4096) / 64 * 36;
+  printf("{\"bench\":\"llama3_8b_decode_matmuls_i4g64_b1\",\"us\":%.1f,\"floor_us\":%.1f,\"efficiency\":%.3f,"
+         "\"tok_s\":%.1f}\n",
+         step * 1e6, wbytes / copy_bw * 1e6, wbytes / copy_bw / step, 1.0 / step);
+  fflush(stdout);
+  static const int dts[] = {MSH_I8G64, MSH_Q4_1, MSH_I4G128, MSH_Q8_0};
+  for (int i = 0; i < 4; i++) {
+    bench_matmul_quant(1, 4096, 4096, dts[i], 0);
+    bench_matmul_quant(1, 14336, 4096, dts[i], 2);
+  }
+  for (int64_t M = 2; M <= 16; M *= 2) bench_matmul_quant(M, 4096, 4096, MSH_I4G64, 0);
+}
+
 /* ----------------------------------------------------------------------- fused layer ops */
 
 /* A layer's fused ops against their compositions, Llama-3-8B shapes (bf16 weights and cache):
@@ -874,6 +956,7 @@ int main(int argc, char **argv) {
     printf("{\"bench\":\"llama3_8b_decode_matmuls_b1\",\"us\":%.1f,\"floor_us\":%.1f,\"efficiency\":%.3f,\"tok_s\":%.1f}\n",
            step * 1e6, wbytes / copy_bw * 1e6, wbytes / copy_bw / step, 1.0 / step);
   }
+  if (wanted("gemv_quant")) bench_gemv_quant();
   if (wanted("gemm_prefill"))
     for (int s = 0; s < 5; s++) bench_matmul(2048, shapes[s][0], shapes[s][1], "cublas");
   if (wanted("attn_decode")) {

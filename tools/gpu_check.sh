@@ -7,7 +7,7 @@
 #
 # Environment: OUT (where logs and bench.jsonl go; default /tmp/msh-gpu-check), MSH_GPU_TESTS=0
 # skips the tests, MSH_GPU_SUITE=0 only the whole suite that follows the GPU tests,
-# MSH_GPU_BENCH=0 skips the benchmarks, MSH_GPU_SANITIZE=1 runs the GPU tests under
+# MSH_GPU_BENCH=0 skips the benchmarks (MSH_GPU_BENCH_FILTER=NAME runs only those of bench_gpu_ops NAME), MSH_GPU_SANITIZE=1 runs the GPU tests under
 # compute-sanitizer too, MSH_GPU_PROFILE=1 runs Nsight Compute over the attention and GEMV
 # kernels (ncu_*.txt) and times every kernel of the 8B decode step and prefill (ncu_*.csv, tables
 # by tools/bench/ncu_kernels.py), MSH_JOBS sets the build parallelism. MSH_GPU_PARITY8B=1 runs the 8B
@@ -180,7 +180,8 @@ fi
 
 if [ "${MSH_GPU_BENCH:-1}" != 0 ] && [ -x "$bench_bin" ]; then
   echo "== benchmarks"
-  "$bench_bin" > "$out/bench.jsonl" 2> "$out/bench.err" || { status=1; cat "$out/bench.err"; }
+  # shellcheck disable=SC2086
+  "$bench_bin" ${MSH_GPU_BENCH_FILTER:-} > "$out/bench.jsonl" 2> "$out/bench.err" || { status=1; cat "$out/bench.err"; }
   cat "$out/bench.jsonl"
 fi
 

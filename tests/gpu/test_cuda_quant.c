@@ -1,12 +1,15 @@
 /* test_cuda_quant.c: block-quantized weights on a GPU (GGUF Q8_0 / Q4_0 / Q4_1 and the group-wise
  * I8G / I4G) against the CPU reference on fresh random inputs, outputs NaN-prefilled: quantizing
  * copies to the GPU (the same bytes as on the CPU), matmul / matmul_acc / matmul_glu on the GEMV
- * path (M 1..16) and the GEMM path (dequantized to bf16, cuBLAS), embedding, and the fused ops
- * (rmsnorm_matmul, rmsnorm_mlp), which take the generic path for block weights on a GPU.
+ * path (M 1..16: the tiled kernel and the per-warp one) and the GEMM path (dequantized to bf16,
+ * cuBLAS), embedding, and the fused ops (rmsnorm_matmul, rmsnorm_mlp), which take the generic
+ * path for block weights on a GPU.
  *
  * Tolerances: the reference is the CPU's matmul over the same blocks dequantized to f32 (exact;
- * the CPU's own Q8_0/Q4_0/Q4_1 path would quantize x to 8 bits), x in f32. GEMV: f32 FMAs in another order, 1e-5. GEMM: x and the weights rounded to bf16
- * (relative 2^-9 each), f32 accumulation: 1e-2 norm-wise. */
+ * the CPU's own Q8_0/Q4_0/Q4_1 path would quantize x to 8 bits), x in f32. GEMV: f32 FMAs in
+ * another order (the tiled kernel applies a block's scale to the word's sum: d sum q x + c sum x),
+ * 1e-5. GEMM: x and the weights rounded to bf16 (relative 2^-9 each), f32 accumulation: 1e-2
+ * norm-wise. */
 #include <string.h>
 
 #include "gpu_helpers.h"
@@ -99,6 +102,22 @@ static void test_matmul(void) {
         check_matmul(DTS[i], Ms[m], shapes[s][0], shapes[s][1]);
 }
 
+/* The tiled GEMV (kernels/gemv_quant.cu; Q4_1, I8G, I4G with K / G a multiple of 4) at shapes
+ * test_matmul leaves out: rows not a multiple of a block's 8 (or 4 from M = 3), more tiles than a
+ * block's four warps (several a warp, the stages wrapping around), a short last tile (K 4352,
+ * 4-bit dtypes of 32- and 64-element groups: half a tile; K 640, 32-element groups: a quarter of a
+ * tile, half a step of lanes for Q4_1 / I4G32), and the per-warp kernel where K / G is not a
+ * multiple of 4 (K 4352 for 128-element groups, K 640 for 64 and 128). Every MT the kernels are
+ * built for (M 1, 2, 3 -> 4, 5 -> 8, 16). */
+static void test_matmul_tiled(void) {
+  const int64_t Ms[] = {1, 2, 3, 5, 16};
+  const int64_t shapes[][2] = {{13, 4352}, {45, 7680}, {70, 640}};
+  for (int i = 0; i < NDT; i++)
+    for (size_t m = 0; m < sizeof Ms / sizeof Ms[0]; m++)
+      for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
+        check_matmul(DTS[i], Ms[m], shapes[s][0], shapes[s][1]);
+}
+
 static void test_embedding(void) {
   for (int i = 0; i < NDT; i++) {
     int dt = DTS[i];
@@ -164,6 +183,7 @@ int main(void) {
   }
   test_copies();
   test_matmul();
+  test_matmul_tiled();
   test_embedding();
   test_fused();
   return check_done("test_cuda_quant");
