@@ -16,6 +16,8 @@ local opts = args.parse(arg, require("moonshard.offload").add_flags {
   { "num-fewshot", "int", "few-shot examples per prompt (default: each task's)", min = 0 },
   { "limit", "int", "evaluate the first N documents of each task", min = 1 },
   { "batch-size", "int", "requests scored side by side", default = 8, min = 1 },
+  { "gen-batch", "int", "generate_until documents generated side by side through the serving engine (one process); "
+    .. "above 1 a text can depend on the batch, as a batch's rows may take another matmul method", default = 1, min = 1 },
   { "seed", "int", "seed of the few-shot draws", default = 1234, min = 0 },
   { "max-length", "int", "context tokens at most (default min(2048, the model's context - 1))", min = 2 },
   { "add-bos", "flag", "put BOS before every context (the harness's add_bos_token)" },
@@ -91,7 +93,7 @@ local moonshard = require "moonshard"
 if opts.threads then moonshard.C.msh_set_num_threads(opts.threads) end
 local load_opts, oerr = require("moonshard.offload").load_opts(opts, { device = opts.device, max_seq = opts.max_seq,
   tokenizer = opts.tokenizer, dtype = opts.dtype, tp = opts.tp, pp = opts.pp, pp_layers = opts.pp_layers,
-  batch = opts.batch_size })
+  batch = math.max(opts.batch_size, opts.gen_batch) })
 if not load_opts then fail(oerr) end
 local t0 = require("luv").hrtime()
 local model, err = moonshard.load(opts.model, load_opts)
@@ -111,7 +113,8 @@ for i, tk in ipairs(tasks) do
   events("task_start", tk.task.name, { docs = #tk.docs })
   progress.task, progress.task_index, progress.done, progress.total = tk.task.name, i, 0, nil
   local ok, run = pcall(eval.run_task, lm, tk.task, tk.docs, {
-    num_fewshot = opts.num_fewshot, seed = opts.seed, batch_size = opts.batch_size, quiet = quiet,
+    num_fewshot = opts.num_fewshot, seed = opts.seed, batch_size = opts.batch_size, gen_batch = opts.gen_batch,
+    quiet = quiet,
     add_bos = opts.add_bos, fewshot_docs = nil,
     on_progress = function(done, total)
       progress.done, progress.total = done, total
@@ -142,7 +145,8 @@ local placement = {
 local res = eval.results_json(runs, {
   config = {
     model = "moonshard", model_args = "model=" .. opts.model, model_path = opts.model, placement = placement,
-    batch_size = opts.batch_size, limit = opts.limit, seed = opts.seed, max_length = lm.max_length,
+    batch_size = opts.batch_size, gen_batch = opts.gen_batch, limit = opts.limit, seed = opts.seed,
+    max_length = lm.max_length,
     add_bos = opts.add_bos or false, moonshard_version = moonshard.version,
   },
   git_hash = git_hash(), date = os.time(), total_evaluation_time_seconds = string.format("%.2f", elapsed),

@@ -35,7 +35,7 @@
 # DIR) on the 8B shape at the --cpu-offload runs' lengths, batches MSH_GPU_DS_BATCHES (1,32; ds.jsonl).
 # MSH_GPU_EVAL_MODEL=PATH runs `moonshard eval` on the GPU: the first 100 ARC-Easy and PIQA items in f32,
 # bf16 and int8 with each document's scores (eval_f32/bf16/i8.json), then MSH_GPU_EVAL_FULL (default gsm8k)
-# on its full set with the weights as stored (eval_full.json; MSH_GPU_EVAL_BATCH requests side by side).
+# on its full set with the weights as stored (eval_full.json; MSH_GPU_EVAL_BATCH documents generated side by side).
 # MSH_ARCH_REFERENCE=1 (default where transformers imports) writes transformers' logits of the
 # architecture fixtures (tools/arch_reference.py -> tests/fixtures/arch/reference.safetensors,
 # copied to $OUT) before the tests run.
@@ -314,7 +314,7 @@ if [ -n "${MSH_GPU_EVAL_MODEL:-}" ]; then
   done
   full=${MSH_GPU_EVAL_FULL:-gsm8k}
   timeout 900 build-gpu/moonshard eval --model "$MSH_GPU_EVAL_MODEL" --device cuda --tasks "$full" \
-    --batch-size "${MSH_GPU_EVAL_BATCH:-64}" --output "$out/eval_full.json" > "$out/eval_full.md" 2>> "$out/eval.err" ||
+    --gen-batch "${MSH_GPU_EVAL_BATCH:-64}" --output "$out/eval_full.json" > "$out/eval_full.md" 2>> "$out/eval.err" ||
     { status=1; tail -3 "$out/eval.err"; }
   cat "$out/eval_full.md"
 fi

@@ -325,7 +325,7 @@ end
 -- M.run_task(lm, task, docs, opts) -> { metrics = { [name] = { value, stderr } }, n, samples }
 --   lm: { tokenizer, max_length, score_batch(reqs) -> results, generate(ids, until, max_new) ->
 --   text } (M.adapter(model) makes one from a moonshard model; tests pass a fake one)
---   opts.num_fewshot, opts.seed, opts.batch_size, opts.quiet, opts.fewshot_docs,
+--   opts.num_fewshot, opts.seed, opts.batch_size, opts.gen_batch, opts.quiet, opts.fewshot_docs,
 --   opts.on_progress(done, total): after each batch (requests scored; documents of generate_until)
 function M.run_task(lm, task, docs, opts)
   opts = opts or {}
@@ -435,12 +435,13 @@ function M.run_task(lm, task, docs, opts)
   if ot == "generate_until" then
     local gen = task.generation or {}
     local stops, max_new = gen["until"] or {}, gen.max_gen_toks or 256
-    -- batch_size documents side by side where the adapter can (lm.generate_many), else one by one
-    local per = lm.generate_many and math.max(1, opts.batch_size or 1) or 1
+    -- gen_batch documents side by side where the adapter can (lm.generate_many), else one by one
+    -- (the default: a document's text then depends on nothing but itself)
+    local per = lm.generate_many and math.max(1, opts.gen_batch or 1) or 1
     for i0 = 1, #docs, per do
       local i1 = math.min(#docs, i0 + per - 1)
       local outs = {}
-      if lm.generate_many then
+      if per > 1 then
         local ctxs = {}
         for i = i0, i1 do ctxs[#ctxs + 1] = ctx_of[i] end
         outs = lm.generate_many(ctxs, stops, max_new, opts)

@@ -244,7 +244,7 @@ describe("moonshard eval on stories260K", function()
     end
   end)
 
-  it("generate_until: documents generated side by side give each the text it gets alone", function()
+  it("generate_until: documents generated side by side (--gen-batch) give each the text it gets alone", function()
     local data = dir .. "/gsm8k.jsonl"
     local f = assert(io.open(data, "w"))
     local qs = { "Tom has 3 cats. How many?", "A dog ran to the park. Where?", "Lily saw a big tree.",
@@ -264,13 +264,14 @@ describe("moonshard eval on stories260K", function()
       for _, s in ipairs(res.samples.gsm8k) do out[#out + 1] = s.generated end
       return out
     end
-    local one = gen({}, { "--batch-size", "1" }, "g1")
+    local one = gen({}, {}, "g1")
     assert.equal(#qs, #one)
     local some = 0
     for _, t in ipairs(one) do if #t > 0 then some = some + 1 end end
     assert.is_true(some > 0, "every generation empty")
-    assert.same(one, gen({}, { "--batch-size", "4" }, "g4"))
-    -- two pipeline ranks generate one document at a time (the loop without the engine)
+    assert.same(one, gen({}, { "--gen-batch", "4" }, "g4"))
+    -- the default, and two pipeline ranks, generate one document at a time (the loop without the
+    -- engine)
     assert.same(one, gen({ "launch", "-n", "2" }, { "--pp", "2" }, "gpp"))
   end)
 
