@@ -21,6 +21,7 @@
  * every position up to the planned one: blocks whose chunk starts past a query's last key exit at
  * once, and the merge reads only the chunks that hold keys. */
 #include "msh_mma.cuh"
+#include "msh_paged.cuh"
 
 #include <cooperative_groups.h>
 
@@ -73,52 +74,14 @@ __device__ __forceinline__ float4 div4(float4 v, float L) { return make_float4(v
 
 /* Position of sequence b's query 0 for this launch: the host's, or the device word clamped into
  * the planned range [0, a.pos0] (so a bad value reads no key outside the cache). */
-__device__ __forceinline__ int64_t paged_row(const msh_k_attn &a, int64_t r, int64_t &seq);
 __device__ __forceinline__ int64_t pos0_of(const msh_k_attn &a, int64_t b) {
   if (a.block_table) { /* the paged row form: "sequence" b is query row b */
     int64_t seq;
-    return paged_row(a, b, seq);
+    return paged_row(a.q_start, a.ctx_len, a.seqs, a.max_ctx, b, seq);
   }
   if (!a.pos0_dev) return a.pos0;
   int64_t p = a.pos0_dev[a.pos0_n == 1 ? 0 : b];
   return p < 0 ? 0 : p > a.pos0 ? a.pos0 : p;
-}
-
-/* Paged caches. The sequence of query row r (the last whose q_start is <= r: a decode's own row
- * at once, else a binary search, as the CPU op) and the row's position: its sequence's context,
- * clamped into [rows, max_ctx], less the rows after it. Arrays with any values read nothing out
- * of bounds. */
-__device__ __forceinline__ int64_t paged_row(const msh_k_attn &a, int64_t r, int64_t &seq) {
-  const int B = a.seqs;
-  int lo;
-  if (r < B && a.q_start[r] <= r && a.q_start[r + 1] > r) {
-    lo = (int)r;
-  } else {
-    lo = 0;
-    int hi = B - 1;
-    while (lo < hi) {
-      int mid = (lo + hi + 1) >> 1;
-      if (a.q_start[mid] <= r) lo = mid;
-      else hi = mid - 1;
-    }
-  }
-  seq = lo;
-  const int64_t q0 = a.q_start[lo];
-  int64_t n = (int64_t)a.q_start[lo + 1] - q0;
-  n = n < 1 ? 1 : n;
-  int64_t cl = a.ctx_len[lo];
-  cl = cl < n ? n : cl > a.max_ctx ? a.max_ctx : cl;
-  int64_t pos = cl - n + (r - q0);
-  return pos < 0 ? 0 : pos >= a.max_ctx ? a.max_ctx - 1 : pos;
-}
-
-/* Pool row of key s of the sequence whose table row is bt (block index and id clamped). */
-__device__ __forceinline__ int64_t paged_key(const msh_k_attn &a, const int32_t *bt, int64_t s) {
-  int bi = (int)(s / a.BS);
-  bi = bi < a.MB ? bi : a.MB - 1;
-  int blk = __ldg(bt + bi);
-  blk = blk < 0 ? 0 : blk >= a.NB ? a.NB - 1 : blk;
-  return (int64_t)blk * a.BS + (int)(s % a.BS);
 }
 
 /* Compile-time shape of one kernel instance. */
@@ -459,7 +422,7 @@ __global__ void __launch_bounds__(NW * 32) decode_tc_kernel(msh_k_attn a, int sp
       qv[kk][3] = inB ? *reinterpret_cast<const float2 *>(qB + kk * 16 + 8) : zero;
     }
   }
-  if (PG == PG_ROWS) pos0 = paged_row(a, b, seq);
+  if (PG == PG_ROWS) pos0 = paged_row(a.q_start, a.ctx_len, a.seqs, a.max_ctx, b, seq);
   else if (PG == PG_NONE) pos0 = pos0_of(a, b);
   const int64_t kmax = pos0 + t_last + 1;
   /* no row of this tile sees this chunk: the merge skips it (in a cluster it merges nothing) */
@@ -484,7 +447,7 @@ __global__ void __launch_bounds__(NW * 32) decode_tc_kernel(msh_k_attn a, int sp
       const int64_t key = key0 + r;
       const bool ok = key < k_end;
       int64_t kr = ok ? key : k_begin;
-      if (PG != PG_NONE) kr = paged_key(a, btab, kr);
+      if (PG != PG_NONE) kr = paged_key(btab, a.MB, a.NB, a.BS, kr);
       cp_async16(kt + r * LD + cc * 8, kg + kr * a.ks0 + cc * 8, ok);
       cp_async16(vt + r * LD + cc * 8, vg + kr * a.vs0 + cc * 8, ok);
     }

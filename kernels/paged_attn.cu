@@ -16,7 +16,7 @@
  *
  * This kernel serves what the tensor-core forms (attn_decode.cu, msh_k_attn_paged) do not take:
  * f32 pools, head dims other than 64 and 128, unaligned operands. */
-#include "msh_kutil.cuh"
+#include "msh_paged.cuh"
 
 using namespace msh;
 
@@ -36,13 +36,6 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
-/* The pool row of key s of a sequence whose table is bt (block ids clamped into the pool). */
-__device__ __forceinline__ size_t key_row(const msh_k_paged &a, const int32_t *bt, int s) {
-  int blk = bt[s / a.BS];
-  blk = blk < 0 ? 0 : blk >= a.NB ? a.NB - 1 : blk;
-  return (size_t)blk * a.BS + s % a.BS;
-}
-
 template <typename KT>
 __global__ void __launch_bounds__(NW * 32) paged_kernel(msh_k_paged a, int splits, int span, float *part) {
   /* rows on x, whose limit (2^31 - 1) no chunk of query rows reaches; splits (at most
@@ -52,22 +45,9 @@ __global__ void __launch_bounds__(NW * 32) paged_kernel(msh_k_paged a, int split
   __shared__ float sq[NW][MAX_HD];
   __shared__ float sc[NW][TILE];
   /* the row's sequence, position and keys */
-  int lo = 0, hi = a.B - 1;
-  while (lo < hi) {
-    int mid = (lo + hi + 1) >> 1;
-    if (a.q_start[mid] <= r) lo = mid;
-    else hi = mid - 1;
-  }
-  /* 64-bit: the arrays may hold anything (a stale step's values), and nothing may overflow
-   * before the clamps */
-  const int b = lo;
-  const int64_t q0 = a.q_start[b];
-  int64_t n_new = (int64_t)a.q_start[b + 1] - q0;
-  n_new = n_new < 1 ? 1 : n_new;
-  int64_t cl = a.ctx_len[b];
-  cl = cl < n_new ? n_new : cl > a.max_ctx ? a.max_ctx : cl;
-  int64_t pos = cl - n_new + (r - q0);
-  pos = pos < 0 ? 0 : pos >= a.max_ctx ? a.max_ctx - 1 : pos;
+  int64_t seq;
+  const int64_t pos = paged_row(a.q_start, a.ctx_len, a.B, a.max_ctx, r, seq);
+  const int b = (int)seq;
   const int n = (int)pos + 1, s0 = split * span, s1 = n - s0 < span ? n : s0 + span;
   const int group = a.H / a.KVH, hd = a.hd;
   const int32_t *bt = a.block_table + (size_t)b * a.MB;
@@ -85,7 +65,7 @@ __global__ void __launch_bounds__(NW * 32) paged_kernel(msh_k_paged a, int split
       const int t1 = min(s1, t0 + TILE);
       float tmax = -INFINITY;
       for (int s = t0 + lane; s < t1; s += 32) {
-        const KT *k = K + key_row(a, bt, s) * rs + hoff;
+        const KT *k = K + paged_key(bt, a.MB, a.NB, a.BS, s) * rs + hoff;
         float dot = 0.0f;
         for (int d = 0; d < hd; d++) dot += sq[warp][d] * to_f(k[d]);
         sc[warp][s - t0] = dot;
@@ -108,7 +88,7 @@ __global__ void __launch_bounds__(NW * 32) paged_kernel(msh_k_paged a, int split
       __syncwarp();
       for (int s = t0; s < t1; s++) {
         const float p = sc[warp][s - t0];
-        const KT *v = V + key_row(a, bt, s) * rs + hoff;
+        const KT *v = V + paged_key(bt, a.MB, a.NB, a.BS, s) * rs + hoff;
 #pragma unroll
         for (int i = 0; i < MAX_HD / 32; i++) {
           const int d = lane + 32 * i;

@@ -531,29 +531,25 @@ function M.adapter(model, opts)
     local ids = M.generation_ids(tok, context, max_new, net.max_seq, o)
     net:reset()
     local logits = assert(net:forward(ids, 0))
-    local out, text, n = {}, "", 0
+    -- decoded as the engine streams it: after the context's last token (its leading space kept)
+    local dec, text, n = tok:decoder(ids[#ids]), "", 0
     local eos = {}
     for _, id in ipairs(model.desc.stop or { tok.eos }) do eos[id] = true end
     while n < max_new do
       local id = model:argmax(logits)
       if eos[id] then break end
-      out[#out + 1] = id
       n = n + 1
-      -- as the engine streams it: decoded after the context's last token (its leading space kept)
-      local dec = tok:decoder(ids[#ids])
-      local parts = {}
-      for k = 1, #out do parts[k] = dec:push(out[k]) end
-      text = table.concat(parts) .. dec:flush()
+      text = text .. dec:push(id)
       local cut
       for _, s in ipairs(stops) do
-        local at = text:find(s, 1, true)
+        local at = s ~= "" and text:find(s, 1, true)
         if at and (not cut or at < cut) then cut = at end
       end
-      if cut then text = text:sub(1, cut - 1) break end
+      if cut then return text:sub(1, cut - 1), #ids + n end
       if #ids + n >= net.max_seq then break end
       logits = assert(net:forward(id))
     end
-    return text, #ids + n
+    return text .. dec:flush(), #ids + n
   end
   -- one process: the documents of a batch generate side by side through the serving engine
   -- (greedy, the task's stop strings; a request's tokens are those it would get alone)
