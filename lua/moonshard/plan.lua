@@ -187,8 +187,9 @@ function M.make(topo, desc, opts)
   local per_node = opts.gpus or (topo.nodes[1] and #topo.nodes[1].gpus) or 0
   local gpus = opts.device == "cpu" and {} or pick_gpus(topo, per_node, nodes)
   if opts.gpus and opts.gpus > 0 and #gpus < opts.gpus * nodes then
-    return nil, string.format("--gpus %d: the topology has %d GPU%s a node", opts.gpus, #gpus / math.max(nodes, 1),
-      #gpus == nodes and "" or "s")
+    local have = #gpus / math.max(nodes, 1)
+    return nil, string.format("--gpus %d: the topology has %d GPU%s a node%s", opts.gpus, have, have == 1 and "" or "s",
+      have == 0 and " (to plan for another machine: --topology FILE.xml, or --fake-gpus TABLE.json as NVML lists them)" or "")
   end
   local gpu = #gpus > 0
   local max_seq = math.min(opts.max_seq or pre.context or desc.max_seq, desc.max_seq)
