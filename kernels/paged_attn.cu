@@ -22,7 +22,7 @@ using namespace msh;
 
 namespace {
 
-constexpr int TC_DEFAULT = 0; /* the tensor-core forms unless MSH_PAGED_TC says otherwise */
+constexpr int TC_DEFAULT = 1; /* the tensor-core forms unless MSH_PAGED_TC says otherwise */
 constexpr int NW = 4;       /* warps per block */
 constexpr int TILE = 128;   /* keys scored per tile */
 constexpr int MAX_HD = 256; /* dims a warp accumulates: 8 per lane */

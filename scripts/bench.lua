@@ -30,7 +30,7 @@ local opts = args.parse(arg, offload.add_flags {
   { "quant-bits", "int", "quantize the matrices at load, group-wise: 8 (int8, symmetric) or 4 (int4 with a min); sets --dtype i8g64 / i4g64 ...", enum = { 4, 8 } },
   { "quant-group-size", "int", "elements per group of --quant-bits", default = 64, enum = { 32, 64, 128 } },
   { "preset", "string", "balanced, latency, throughput or FILE.lua: a plan for this machine fills the options not given (moonshard plan)" },
-  { "kv-dtype", "string", "KV cache dtype (default: f32 on the CPU, bf16 on a GPU)", enum = { "f32", "f16", "bf16" } },
+  { "kv-dtype", "string", "KV cache dtype (default: f32 on the CPU; on a GPU the weights' f32 or f16, else bf16)", enum = { "f32", "f16", "bf16" } },
   { "no-ceilings", "flag", "skip measuring bandwidth and matrix rate" },
   { "tp", "int", "tensor-parallel degree (ranks from `moonshard launch`)", default = 1, min = 1 },
   { "pp", "int", "pipeline-parallel stages", default = 1, min = 1 },
@@ -134,7 +134,7 @@ do
   local model
   model, err = moonshard.build(desc, {
     device = opts.device, dtype = dtype, max_seq = need, batch = opts.batch_size, chunk = chunk,
-    kv_dtype = opts.kv_dtype or (gpu and "bf16" or "f32"), graphs = opts.graphs ~= "off",
+    kv_dtype = opts.kv_dtype, graphs = opts.graphs ~= "off",
     tp = opts.tp, pp = opts.pp, zero = off_opts.zero,
     offload = off_opts.offload, offload_dir = off_opts.offload_dir, offload_readonly = off_opts.offload_readonly,
     pin = off_opts.pin, prefetch = off_opts.prefetch, queue_depth = off_opts.queue_depth,

@@ -71,9 +71,9 @@ function M.new(model, opts)
         paged.num_blocks)
     end
     block_size, num_blocks = paged.block_size, num_blocks or paged.num_blocks
-    -- a step's rows fit the runner's buffers (batch x chunk)
-    budget = math.min(budget or 512, net.batch * net.chunk)
   end
+  -- a step's rows fit the runner's buffers (batch x chunk)
+  budget = math.min(budget or 512, net.batch * net.chunk)
   local ok, sched = pcall(scheduler.new, {
     slots = max_batch, max_seq = net.max_seq, max_tokens_per_step = budget,
     block_size = block_size, num_blocks = num_blocks, prefix_caching = opts.prefix_caching,

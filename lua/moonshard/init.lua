@@ -42,6 +42,15 @@ function M.load(path, opts)
   return M.build(loaded.desc, opts, { path = path, tokenizer = loaded.tokenizer })
 end
 
+-- M.kv_dtype(opts, device) -> the KV cache's dtype: opts.kv_dtype, else f32 on the CPU; on a GPU
+-- the weights' own when they are f32 or f16, bf16 otherwise (the attention kernels' 16-bit pools
+-- read half the bytes of f32 and run on tensor cores)
+function M.kv_dtype(opts, device)
+  if opts.kv_dtype then return opts.kv_dtype end
+  if (device or "cpu") == "cpu" then return "f32" end
+  return (opts.dtype == "f32" or opts.dtype == "f16") and opts.dtype or "bf16"
+end
+
 -- M.build(desc, opts, from?) -> model | nil, message: a model from a description already made
 -- (moonshard.loader's, or moonshard.loaders.dummy's random weights of a config.json); opts as
 -- M.load's; from.path names it in messages (and in --disk-offload's identity), from.tokenizer is
@@ -69,7 +78,7 @@ function M.build(desc0, opts, from)
   local desc = par and par.desc or desc0
   local net
   net, err = require("moonshard.runner").build(desc, {
-    device = device, max_seq = opts.max_seq, chunk = opts.chunk, kv_dtype = opts.kv_dtype, batch = opts.batch,
+    device = device, max_seq = opts.max_seq, chunk = opts.chunk, kv_dtype = M.kv_dtype(opts, device), batch = opts.batch,
     kv_blocks = opts.kv_blocks, block_size = opts.block_size, kv_offload = opts.kv_offload,
     dtype = opts.dtype or (device ~= "cpu" and "bf16" or nil), float_dtype = "f32", fuse = opts.fuse,
     layers = par and par.layers, embed = not par or par.first_stage, head = not par or par.last_stage,
