@@ -386,7 +386,7 @@ cudaError_t launch_qgemv(cudaStream_t s, float *out, const float *x, const uint8
 /* MSH_QGEMV_VARIANT in the environment (read once; for the benchmarks): 0 the tiled kernel's
  * default shape, 1 the per-warp kernel wherever it applies, 2 .. 4 other shapes of the tiled
  * kernel at M = 1 (NR 4 or 16 rows a block, 2 tiles in flight). Unset: QV_DEFAULT. */
-constexpr int QV_DEFAULT = 1;
+constexpr int QV_DEFAULT = 0;
 int qvariant() {
   static int v = -1;
   if (v < 0) {
