@@ -16,7 +16,8 @@
 # minutes), then tools/parity/noise_8b.py for the bar's noise floor; it is on by default when the GPU has
 # at least 40 GB.
 # MSH_GPU_TEST_REGEX runs only the GPU tests it matches (ctest -R); MSH_GPU_TARGETS="moonshard
-# moonshard_cuda gpu_test_cuda_ops" builds only those targets (a short run).
+# moonshard_cuda moonshard_exe gpu_test_cuda_ops" builds only those targets (a short run; the
+# specs and the model benchmarks need moonshard_exe, the command).
 # MSH_GPU_SPECS="gpu_spec arch_spec" runs those Lua specs after the GPU tests (with
 # MSH_GPU_SUITE=0: instead of the whole suite).
 # MSH_GPU_OFFLOAD_BENCH=1 times resident bf16 and i4g64 decode and --cpu-offload streaming (bf16
