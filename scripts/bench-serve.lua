@@ -136,6 +136,14 @@ if in_process then
     fail(string.format("--long-len %d with --long-output-len %d exceeds the context of %d tokens (--max-seq)",
       opts.long_len, opts.long_output_len, model.net.max_seq))
   end
+  if opts.long_prompts > 0 and opts.request_rate == 0 and opts.max_batch < opts.num_requests + opts.long_prompts then
+    -- all at once: the other requests hold the batch's slots, so the long prompts would wait for
+    -- them to end instead of running beside their decodes
+    io.stderr:write(string.format("moonshard bench-serve: warning: --max-batch %d holds the %d requests but not the %d long "
+      .. "prompt%s beside them: they wait for the decodes to end (--max-batch %d measures chunked prefill)\n",
+      opts.max_batch, opts.num_requests, opts.long_prompts, opts.long_prompts == 1 and "" or "s",
+      opts.num_requests + opts.long_prompts))
+  end
   local engine
   engine, err = require("moonshard.engine").new(model, { max_batch = opts.max_batch,
     max_tokens_per_step = budget, prefix_caching = not opts.no_prefix_caching, policy = opts.policy,

@@ -23,9 +23,10 @@
 # MSH_GPU_OFFLOAD_BENCH=1 times resident bf16 and i4g64 decode and --cpu-offload streaming (bf16
 # at batch 1 and 32, i4g64 at batch 1) on the 8B shape (offload_bench.jsonl); MSH_GPU_OFFLOAD_CFGS
 # (bench options, ';' between runs) replaces that list.
-# MSH_GPU_SERVE_BENCH=1 runs bench-serve on the 8B shape (1024 requests of 128 + 128 tokens, then
-# the chunked-prefill effect: 7900-token prompts arriving while 32 requests decode, chunking on and
-# off, in a pool that holds both beside the decodes; MSH_GPU_SERVE_CFGS replaces the list) and transformers' batched generate on the first
+# MSH_GPU_SERVE_BENCH=1 runs bench-serve on the 8B shape (1024 requests of 128 + 128 tokens at batch
+# 256 and 1024, then the chunked-prefill effect: 7900-token prompts arriving while 32 requests
+# decode, chunking on and off, with slots and a pool that hold both beside the decodes;
+# MSH_GPU_SERVE_CFGS replaces the list) and transformers' batched generate on the first
 # MSH_GPU_SERVE_PEER_REQUESTS (256) of those requests (serve_bench.jsonl).
 # MSH_GPU_PLAN_CHECK=1 runs `moonshard doctor` and prints the planner's device memory for the 8B
 # shape (resident and host tier) beside what MSH_GPU_OFFLOAD_BENCH measured.
@@ -146,7 +147,7 @@ fi
 if [ "${MSH_GPU_SERVE_BENCH:-0}" = 1 ]; then
   echo "== serving (bench-serve, Llama-3-8B shape, random bf16 weights; floor from the run's ceilings)"
   shape=tools/bench/shapes/llama-3-8b.json
-  serve_cfgs=${MSH_GPU_SERVE_CFGS:-"--num-requests 1024 --input-len 128 --output-len 128 --max-batch 256 --max-seq 256 --max-tokens-per-step 2048;--num-requests 32 --input-len 128 --output-len 256 --max-batch 32 --max-seq 8192 --kv-blocks 2400 --long-prompts 2 --long-len 7900 --long-at 0.5 --max-tokens-per-step 512;--num-requests 32 --input-len 128 --output-len 256 --max-batch 32 --max-seq 8192 --kv-blocks 2400 --long-prompts 2 --long-len 7900 --long-at 0.5 --no-chunked-prefill"}
+  serve_cfgs=${MSH_GPU_SERVE_CFGS:-"--num-requests 1024 --input-len 128 --output-len 128 --max-batch 256 --max-seq 256 --max-tokens-per-step 2048;--num-requests 1024 --input-len 128 --output-len 128 --max-batch 1024 --max-seq 256 --max-tokens-per-step 8192;--num-requests 32 --input-len 128 --output-len 256 --max-batch 34 --max-seq 8192 --kv-blocks 2400 --long-prompts 2 --long-len 7900 --long-at 0.5 --max-tokens-per-step 512;--num-requests 32 --input-len 128 --output-len 256 --max-batch 34 --max-seq 8192 --kv-blocks 2400 --long-prompts 2 --long-len 7900 --long-at 0.5 --no-chunked-prefill"}
   IFS=';' read -r -a serve_list <<< "$serve_cfgs"
   for cfg in "${serve_list[@]}"; do
     # shellcheck disable=SC2086

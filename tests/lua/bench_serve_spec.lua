@@ -68,6 +68,18 @@ describe("moonshard bench-serve --long-prompts", function()
     assert.is_true(on.long.decode_itl_ms.n > off.long.decode_itl_ms.n)
   end)
 
+  it("warns when the batch has no slot for the long prompts beside the other requests", function()
+    local out, err, code = h.run { "bench-serve", "--model", h.stories, "--num-requests", "3", "--input-len", "8",
+      "--output-len", "16", "--long-prompts", "2", "--long-len", "100", "--max-batch", "4" }
+    assert.are.equal(0, code, err)
+    assert.truthy(err:find("--max-batch 4 holds the 3 requests but not the 2 long prompts beside them", 1, true), err)
+    assert.truthy(err:find("(--max-batch 5 measures chunked prefill)", 1, true), err)
+    assert.are.equal(2, cjson.decode(out).long.prompts)
+    _, err = h.run { "bench-serve", "--model", h.stories, "--num-requests", "3", "--input-len", "8",
+      "--output-len", "16", "--long-prompts", "2", "--long-len", "100", "--max-batch", "5" }
+    assert.falsy(err:find("warning", 1, true), err)
+  end)
+
   it("refuses a long prompt the context cannot hold, and --no-chunked-prefill against a server", function()
     local _, err, code = h.run { "bench-serve", "--model", h.stories, "--num-requests", "1", "--long-prompts", "1",
       "--long-len", "600" }
