@@ -102,12 +102,12 @@ local budget = opts.max_tokens_per_step
 if in_process then
   local moonshard = require "moonshard"
   -- the longest prompt; without chunked prefill a step holds it whole beside a full batch of
-  -- decodes. The runner's step rows (max-batch x chunk) are sized for the larger of that step
-  -- and the budget, so runs with and without chunking load the same model.
+  -- decodes. The runner's step rows are sized for the larger of that step and the budget, so
+  -- runs with and without chunking load the same model.
   local longest = math.floor(opts.input_len * (1 + opts.range_ratio))
   if opts.long_prompts > 0 then longest = math.max(longest, opts.long_len) end
   if opts.no_chunked_prefill then budget = math.max(budget, longest + opts.max_batch) end
-  local chunk = math.ceil(math.max(budget, longest + opts.max_batch) / opts.max_batch)
+  local step_tokens = math.max(budget, longest + opts.max_batch)
   local gpu = opts.device ~= "cpu"
   local ceil = require "moonshard.ceilings"
   if gpu and not opts.no_ceilings then -- before the model holds the device's memory
@@ -116,7 +116,7 @@ if in_process then
     floor = { bw = bw, rate = rate, s = 0 }
   end
   local lopts = { device = opts.device, dtype = opts.dtype, max_seq = opts.max_seq, batch = opts.max_batch,
-    kv_blocks = not opts.slot_cache and (opts.kv_blocks or true) or nil, chunk = chunk }
+    kv_blocks = not opts.slot_cache and (opts.kv_blocks or true) or nil, step_tokens = step_tokens }
   local model, err
   if opts.dummy then
     local desc, derr = require("moonshard.loaders.dummy").load(opts.dummy)

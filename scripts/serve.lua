@@ -55,8 +55,7 @@ if opts.threads then moonshard.C.msh_set_num_threads(opts.threads) end
 local load_opts, err = require("moonshard.offload").load_opts(opts, { device = opts.device, max_seq = opts.max_seq,
   dtype = opts.dtype, tp = opts.tp, pp = opts.pp,
   batch = opts.max_batch, kv_blocks = opts.kv_blocks or true, block_size = opts.block_size,
-  -- a step's rows (max-batch x chunk) hold the step budget, and no more
-  chunk = math.ceil(math.max(opts.max_tokens_per_step, opts.max_batch) / opts.max_batch) })
+  step_tokens = opts.max_tokens_per_step })
 if not load_opts then fail(err) end
 local model
 model, err = moonshard.load(opts.model, load_opts)

@@ -25,7 +25,9 @@ Model.__index = Model
 --   opts.tokenizer (path), opts.fuse (false: keep q/k/v and gate/up as separate weights),
 --   opts.batch (sequences model:forward_batch runs at once, default 1), opts.kv_blocks and
 --   opts.block_size (a paged KV cache of kv_blocks blocks: model:step takes block tables; see
---   moonshard.runner)
+--   moonshard.runner), opts.step_tokens (without opts.chunk: the most tokens a step of the
+--   serving engine computes; the activation buffers hold that many rows, batch x chunk, rather
+--   than batch x 256), opts.kv_dtype (default moonshard.memplan.kv_dtype's)
 -- Offloading and ZeRO-3 (moonshard.offload): opts.offload "host" (--cpu-offload) or "disk"
 --   (--disk-offload) with opts.offload_dir, opts.pin (true / false / nil: pinned where allowed),
 --   opts.prefetch (layers ahead), opts.zero = 3 (each data-parallel rank keeps 1/R of every layer,
@@ -40,15 +42,6 @@ function M.load(path, opts)
   local loaded, err = require("moonshard.loader").load(path, opts)
   if not loaded then return nil, err end
   return M.build(loaded.desc, opts, { path = path, tokenizer = loaded.tokenizer })
-end
-
--- M.kv_dtype(opts, device) -> the KV cache's dtype: opts.kv_dtype, else f32 on the CPU; on a GPU
--- the weights' own when they are f32 or f16, bf16 otherwise (the attention kernels' 16-bit pools
--- read half the bytes of f32 and run on tensor cores)
-function M.kv_dtype(opts, device)
-  if opts.kv_dtype then return opts.kv_dtype end
-  if (device or "cpu") == "cpu" then return "f32" end
-  return (opts.dtype == "f32" or opts.dtype == "f16") and opts.dtype or "bf16"
 end
 
 -- M.build(desc, opts, from?) -> model | nil, message: a model from a description already made
@@ -76,9 +69,15 @@ function M.build(desc0, opts, from)
     device = par.device or device
   end
   local desc = par and par.desc or desc0
+  local chunk = opts.chunk
+  if not chunk and opts.step_tokens then
+    local batch = opts.batch or 1
+    chunk = math.ceil(math.max(opts.step_tokens, batch) / batch)
+  end
   local net
   net, err = require("moonshard.runner").build(desc, {
-    device = device, max_seq = opts.max_seq, chunk = opts.chunk, kv_dtype = M.kv_dtype(opts, device), batch = opts.batch,
+    device = device, max_seq = opts.max_seq, chunk = chunk,
+    kv_dtype = opts.kv_dtype or require("moonshard.memplan").kv_dtype(device, opts.dtype), batch = opts.batch,
     kv_blocks = opts.kv_blocks, block_size = opts.block_size, kv_offload = opts.kv_offload,
     dtype = opts.dtype or (device ~= "cpu" and "bf16" or nil), float_dtype = "f32", fuse = opts.fuse,
     layers = par and par.layers, embed = not par or par.first_stage, head = not par or par.last_stage,

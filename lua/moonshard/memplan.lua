@@ -37,6 +37,14 @@ local function elem_bytes(name)
 end
 M.elem_bytes = elem_bytes
 
+-- M.kv_dtype(device, dtype) -> the KV cache's dtype when none is asked: f32 on the CPU; on a GPU
+-- the weights' own when they are f32 or f16, bf16 otherwise (16-bit caches read half the bytes of
+-- f32 and take the tensor-core attention kernels). The runner and the planner both use it.
+function M.kv_dtype(device, dtype)
+  if (device or "cpu") == "cpu" then return "f32" end
+  return (dtype == "f32" or dtype == "f16") and dtype or "bf16"
+end
+
 local function numel(t)
   local n = 1
   for _, d in ipairs(t:shape()) do n = n * d end

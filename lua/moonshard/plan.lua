@@ -248,7 +248,7 @@ function M.make(topo, desc, opts)
             for di, dt in ipairs(dtypes) do
               for _, bb in ipairs(batches) do
                 cands[#cands + 1] = { tp = tp, pp = pp, dp = dp, tier = tier, tier_rank = ti, dtype = dt, dtype_rank = di,
-                  batch = bb, max_seq = max_seq, kv_dtype = opts.kv_dtype or pre.kv_dtype or (gpu and "bf16" or "f32"),
+                  batch = bb, max_seq = max_seq, kv_dtype = opts.kv_dtype or (gpu and pre.kv_dtype) or memplan.kv_dtype(gpu and "cuda" or "cpu", dt),
                   zero = (tier ~= "resident" and dp > 1) and 3 or nil, prefetch = opts.prefetch or 2,
                   pinned = opts.pin ~= false }
               end
