@@ -33,33 +33,32 @@
  * shuffles. U pieces are loaded before the first is used (loads in flight). GGUF's Q8_0 / Q4_0
  * blocks (34 and 18 bytes) put their quants at 2-byte alignment only: their pieces are two 2-byte
  * loads. */
-#include "msh_kutil.cuh"
+#include "msh_quant.cuh"
 
 using namespace msh;
+
+/* MSH_QGEMV_VARIANT in the environment (read once; for the benchmarks): 0 the tiled kernel's
+ * default shape, 1 the per-warp kernel wherever it applies, 2 .. 4 other shapes of the tiled
+ * kernel at M = 1 (NR 4 or 16 rows a block, 2 tiles in flight), 5 and 6 the tensor-core kernel for the
+ * 4-bit dtypes (gemv_quant_mma.cu: 16 or 32 weight rows a block). Unset: QV_DEFAULT. */
+static constexpr int QV_DEFAULT = 0;
+int msh::qgemv_variant() {
+  static int v = -1;
+  if (v < 0) {
+    const char *e = getenv("MSH_QGEMV_VARIANT");
+    v = e ? atoi(e) : QV_DEFAULT;
+    if (v < 0 || v > 6) v = QV_DEFAULT; /* not a variant: the default */
+  }
+  return v;
+}
 
 namespace {
 
 constexpr int WARPS = 4;
 constexpr int U = 4; /* pieces in flight per lane */
 
-enum Epi { STORE, ACC, GLU };
-
-/* The layout of a weight dtype, as compile-time constants. */
-template <int DT> struct QL;
-template <> struct QL<MSH_Q8_0> { enum { G = 32, BB = 34, QOFF = 2, BITS = 8, H = 0, ALIGN4 = 0 }; };
-template <> struct QL<MSH_Q4_0> { enum { G = 32, BB = 18, QOFF = 2, BITS = 4, H = 16, ALIGN4 = 0 }; };
-template <> struct QL<MSH_Q4_1> { enum { G = 32, BB = 20, QOFF = 4, BITS = 4, H = 16, ALIGN4 = 1 }; };
-template <> struct QL<MSH_I8G32> { enum { G = 32, BB = 36, QOFF = 4, BITS = 8, H = 0, ALIGN4 = 1 }; };
-template <> struct QL<MSH_I8G64> { enum { G = 64, BB = 68, QOFF = 4, BITS = 8, H = 0, ALIGN4 = 1 }; };
-template <> struct QL<MSH_I8G128> { enum { G = 128, BB = 132, QOFF = 4, BITS = 8, H = 0, ALIGN4 = 1 }; };
-template <> struct QL<MSH_I4G32> { enum { G = 32, BB = 20, QOFF = 4, BITS = 4, H = 16, ALIGN4 = 1 }; };
-template <> struct QL<MSH_I4G64> { enum { G = 64, BB = 36, QOFF = 4, BITS = 4, H = 32, ALIGN4 = 1 }; };
-template <> struct QL<MSH_I4G128> { enum { G = 128, BB = 68, QOFF = 4, BITS = 4, H = 64, ALIGN4 = 1 }; };
-
 /* pieces (4 bytes of quants) per block */
 template <int DT> struct QP { enum { P = QL<DT>::BITS == 8 ? QL<DT>::G / 4 : QL<DT>::G / 8 }; };
-
-__device__ __forceinline__ float half_bits(uint32_t h) { return __half2float(__ushort_as_half((unsigned short)h)); }
 
 /* 4 bytes at p: one load where the layout keeps them 4-byte aligned, else two 2-byte loads. */
 template <int A4> __device__ __forceinline__ uint32_t ld4(const uint8_t *p) {
@@ -207,12 +206,6 @@ template <int BITS> __device__ __forceinline__ void quants_f(uint32_t q, float (
 #pragma unroll
     for (int k = 0; k < 4; k++) f[k] = __uint_as_float(__byte_perm(u, 0x4b000000u, 0x7650u | k)) - 8388736.0f;
   }
-}
-
-/* A block's scale word as (d, c), value d * q + c: I8G an f32 d (c = 0); Q4_1 and I4G f16 d, f16 c. */
-template <int DT> __device__ __forceinline__ float2 scale_word(uint32_t s) {
-  if (QL<DT>::BITS == 8) return make_float2(__uint_as_float(s), 0.0f);
-  return make_float2(half_bits(s & 0xffffu), half_bits(s >> 16));
 }
 
 /* Sums each of V values (a power of two) over the warp. The lanes trade halves of their values
@@ -383,20 +376,6 @@ cudaError_t launch_qgemv(cudaStream_t s, float *out, const float *x, const uint8
   return cudaGetLastError();
 }
 
-/* MSH_QGEMV_VARIANT in the environment (read once; for the benchmarks): 0 the tiled kernel's
- * default shape, 1 the per-warp kernel wherever it applies, 2 .. 4 other shapes of the tiled
- * kernel at M = 1 (NR 4 or 16 rows a block, 2 tiles in flight). Unset: QV_DEFAULT. */
-constexpr int QV_DEFAULT = 0;
-int qvariant() {
-  static int v = -1;
-  if (v < 0) {
-    const char *e = getenv("MSH_QGEMV_VARIANT");
-    v = e ? atoi(e) : QV_DEFAULT;
-    if (v < 0 || v > 4) v = QV_DEFAULT; /* not a variant: the default */
-  }
-  return v;
-}
-
 template <int DT, int EPI, int MT, int NR, int S>
 cudaError_t launch_tiled(cudaStream_t s, float *out, const float *x, const uint8_t *w, int M, int64_t NO, int64_t K) {
   constexpr int RB = EPI == GLU ? NR / 2 : NR;
@@ -412,7 +391,7 @@ cudaError_t launch_tiled(cudaStream_t s, float *out, const float *x, const uint8
 template <int DT, int EPI>
 cudaError_t tiled_by_m(cudaStream_t s, float *out, const float *x, const uint8_t *w, int M, int64_t NO, int64_t K) {
   if (M == 1) {
-    switch (qvariant()) {
+    switch (qgemv_variant()) {
     case 2: return launch_tiled<DT, EPI, 1, 4, 3>(s, out, x, w, M, NO, K);
     case 3: return launch_tiled<DT, EPI, 1, 16, 3>(s, out, x, w, M, NO, K);
     case 4: return launch_tiled<DT, EPI, 1, 8, 2>(s, out, x, w, M, NO, K);
@@ -429,7 +408,7 @@ cudaError_t tiled_by_m(cudaStream_t s, float *out, const float *x, const uint8_t
 template <int DT, int EPI>
 cudaError_t qgemv_epi(cudaStream_t s, float *out, const float *x, const uint8_t *w, int M, int64_t NO, int64_t K) {
   if constexpr (QL<DT>::ALIGN4) {
-    if (qvariant() != 1 && (K / QL<DT>::G) % 4 == 0 && aligned16(w))
+    if (qgemv_variant() != 1 && (K / QL<DT>::G) % 4 == 0 && aligned16(w))
       return tiled_by_m<DT, EPI>(s, out, x, w, M, NO, K);
   }
   return launch_qgemv<DT, EPI>(s, out, x, w, M, NO, K);
@@ -514,6 +493,7 @@ extern "C" cudaError_t msh_k_gemv_quant(cudaStream_t s, int epi, float *out, con
   if (NO == 0 || K == 0) return cudaSuccess;
   const uint8_t *wp = static_cast<const uint8_t *>(w);
   int m = (int)M;
+  if (qgemv_mma_takes(w_dt, m, K, w)) return qgemv_mma(s, epi, out, x, wp, w_dt, m, NO, K);
   switch (w_dt) {
   case MSH_Q8_0: return qgemv_dt<MSH_Q8_0>(s, epi, out, x, wp, m, NO, K);
   case MSH_Q4_0: return qgemv_dt<MSH_Q4_0>(s, epi, out, x, wp, m, NO, K);

@@ -10,6 +10,7 @@
  * another order (the tiled kernel applies a block's scale to the word's sum: d sum q x + c sum x),
  * 1e-5. GEMM: x and the weights rounded to bf16 (relative 2^-9 each), f32 accumulation: 1e-2
  * norm-wise. */
+#include <stdlib.h>
 #include <string.h>
 
 #include "gpu_helpers.h"
@@ -56,13 +57,31 @@ static void test_copies(void) {
   }
 }
 
-/* matmul's three epilogues for one dtype and shape against the CPU. */
+/* Whether the GEMV rounds x to f16: the tensor-core kernel (kernels/gemv_quant_mma.cu,
+ * qgemv_mma_takes) takes the 4-bit dtypes whose blocks keep 4-byte alignment, K / G a multiple of
+ * 4, M <= 16, when MSH_QGEMV_VARIANT is 5 or 6. */
+static int gemv_rounds_x(int dt, int64_t M, int64_t K) {
+  const char *v = getenv("MSH_QGEMV_VARIANT");
+  if (!v || (atoi(v) != 5 && atoi(v) != 6) || M > 16) return 0;
+  if (dt != MSH_Q4_1 && dt != MSH_I4G32 && dt != MSH_I4G64 && dt != MSH_I4G128) return 0;
+  int64_t G = msh_dtype_block_elems(dt);
+  return K % G == 0 && (K / G) % 4 == 0;
+}
+
+/* matmul's three epilogues for one dtype and shape against the CPU (x rounded to f16 for the
+ * reference where the GEMV rounds it: then the same products, f32 sums in another order). */
 static void check_matmul(int dt, int64_t M, int64_t N, int64_t K) {
   double rtol = M <= 16 ? 1e-5 : 1e-2;
   char what[128];
   int64_t xs[2] = {M, K}, os[2] = {M, N}, gs[2] = {M, 2 * N};
   msh_tensor *w = cpu_weight(dt, N, K), *wgu = cpu_weight(dt, 2 * N, K), *x = cpu_randn(MSH_F32, 2, xs, 1.0f);
   msh_tensor *wg = to_gpu(w), *wgug = to_gpu(wgu), *xg = to_gpu(x);
+  if (gemv_rounds_x(dt, M, K)) { /* the reference's x through f16 (the GPU keeps the f32 x) */
+    msh_tensor *h = cpu_new(MSH_F16, 2, xs);
+    CHECK_OK(msh_tensor_copy(h, x));
+    CHECK_OK(msh_tensor_copy(x, h));
+    msh_tensor_free(h);
+  }
   msh_tensor *wf = NULL, *wguf = NULL; /* the reference's weights: the blocks dequantized */
   CHECK_OK(msh_tensor_contiguous(&wf, w, MSH_F32));
   CHECK_OK(msh_tensor_contiguous(&wguf, wgu, MSH_F32));
