@@ -68,6 +68,16 @@ static int gemv_rounds_x(int dt, int64_t M, int64_t K) {
   return K % G == 0 && (K / G) % 4 == 0;
 }
 
+/* x (M, K) through f16 where the GEMV of dtype dt rounds it: the reference's x. */
+static void round_x_where(msh_tensor *x, int dt, int64_t M, int64_t K) {
+  if (!gemv_rounds_x(dt, M, K)) return;
+  int64_t s[2] = {M, K};
+  msh_tensor *h = cpu_new(MSH_F16, 2, s);
+  CHECK_OK(msh_tensor_copy(h, x));
+  CHECK_OK(msh_tensor_copy(x, h));
+  msh_tensor_free(h);
+}
+
 /* matmul's three epilogues for one dtype and shape against the CPU (x rounded to f16 for the
  * reference where the GEMV rounds it: then the same products, f32 sums in another order). */
 static void check_matmul(int dt, int64_t M, int64_t N, int64_t K) {
@@ -76,12 +86,7 @@ static void check_matmul(int dt, int64_t M, int64_t N, int64_t K) {
   int64_t xs[2] = {M, K}, os[2] = {M, N}, gs[2] = {M, 2 * N};
   msh_tensor *w = cpu_weight(dt, N, K), *wgu = cpu_weight(dt, 2 * N, K), *x = cpu_randn(MSH_F32, 2, xs, 1.0f);
   msh_tensor *wg = to_gpu(w), *wgug = to_gpu(wgu), *xg = to_gpu(x);
-  if (gemv_rounds_x(dt, M, K)) { /* the reference's x through f16 (the GPU keeps the f32 x) */
-    msh_tensor *h = cpu_new(MSH_F16, 2, xs);
-    CHECK_OK(msh_tensor_copy(h, x));
-    CHECK_OK(msh_tensor_copy(x, h));
-    msh_tensor_free(h);
-  }
+  round_x_where(x, dt, M, K); /* after the copy to the GPU: the GPU keeps the f32 x */
   msh_tensor *wf = NULL, *wguf = NULL; /* the reference's weights: the blocks dequantized */
   CHECK_OK(msh_tensor_contiguous(&wf, w, MSH_F32));
   CHECK_OK(msh_tensor_contiguous(&wguf, wgu, MSH_F32));
@@ -160,7 +165,8 @@ static void test_embedding(void) {
   }
 }
 
-/* The fused ops with block weights: the generic path (rmsnorm, then the quantized matmul). */
+/* The fused ops with block weights: the generic path (rmsnorm, then the quantized matmul), against
+ * the reference's steps (the GLU's output g is the down projection's x). */
 static void test_fused(void) {
   const int dts[] = {MSH_Q4_1, MSH_I8G64, MSH_I4G64};
   const int64_t Ms[] = {1, 4, 40};
@@ -178,13 +184,17 @@ static void test_fused(void) {
       CHECK_OK(msh_tensor_contiguous(&wdf, wd, MSH_F32));
       msh_tensor *h = cpu_new(MSH_F32, 2, xs), *g = cpu_new(MSH_F32, 2, gs), *gu = cpu_new(MSH_F32, 2, gus);
       msh_tensor *hg = gpu_new(MSH_F32, 2, xs), *gg = gpu_new(MSH_F32, 2, gs), *gug = gpu_new(MSH_F32, 2, gus);
-      CHECK_OK(msh_op_rmsnorm_matmul(g, x, nw, 1e-5f, wguf, h, gu));
+      /* the reference step by step, rounding each GEMV's x where the GPU's does */
+      CHECK_OK(msh_op_rmsnorm(h, x, nw, 1e-5f));
+      round_x_where(h, dt, M, K);
+      CHECK_OK(msh_op_matmul_glu(g, h, wguf, gu));
       nan_fill(gg);
       CHECK_OK(msh_op_rmsnorm_matmul(gg, xg, nwg, 1e-5f, wgug, hg, gug));
       char what[96];
       snprintf(what, sizeof what, "rmsnorm_matmul (GLU) %s M %lld", msh_dtype_name(dt), (long long)M);
       COMPARE(what, gg, g, rtol);
-      CHECK_OK(msh_op_rmsnorm_mlp(x, nw, 1e-5f, wguf, wdf, h, g, gu));
+      round_x_where(g, dt, M, F);
+      CHECK_OK(msh_op_matmul_acc(x, g, wdf)); /* rmsnorm_mlp: x += the MLP of rmsnorm(x) */
       CHECK_OK(msh_op_rmsnorm_mlp(xg, nwg, 1e-5f, wgug, wdg, hg, gg, gug));
       snprintf(what, sizeof what, "rmsnorm_mlp %s M %lld", msh_dtype_name(dt), (long long)M);
       COMPARE(what, xg, x, rtol);
