@@ -22,6 +22,8 @@
  * tiled kernel (a row's tile is 4 words mod 32 long: the 8 rows' words of a chunk fall in
  * distinct banks). The mma leaves each (x row, weight row) sum in one lane: no shuffles, only
  * the warps' partial sums meet in shared memory. */
+#include <type_traits>
+
 #include "msh_mma.cuh"
 #include "msh_quant.cuh"
 
@@ -59,10 +61,13 @@ __device__ __forceinline__ void nibbles_f16(uint32_t w, uint32_t (&lo)[2], uint3
   asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(hi[1]) : "r"(v[3]), "r"(sixteenth), "r"(m64));
 }
 
-template <int DT, int EPI, int MT, int NT, int S>
+/* GW: void, or the type of an RMSNorm weight folded in (M = 1: x is the raw residual, each block
+ * forms its inverse RMS first and x̂ = x inv gw goes to f16, as msh_k_rmsnorm then this GEMV). */
+template <int DT, int EPI, int MT, int NT, int S, typename GW = void>
 __global__ void __launch_bounds__(WARPS * 32)
     qgemv_mma_kernel(float *__restrict__ out, const float *__restrict__ x, const uint8_t *__restrict__ w, int M,
-                     int64_t NO, int64_t K) {
+                     int64_t NO, int64_t K, const void *__restrict__ gwp, float eps) {
+  constexpr bool NORM = !std::is_void<GW>::value;
   using L = QL<DT>;
   using T = QM<DT>;
   constexpr int NR = 8 * NT, RB = EPI == GLU ? NR / 2 : NR;
@@ -97,6 +102,17 @@ __global__ void __launch_bounds__(WARPS * 32)
     cp_async_commit();
   }
   pdl_wait(); /* the first weights are in flight: now x (the previous kernel's) */
+  float inv = 1.0f;
+  if constexpr (NORM) { /* the row's inverse RMS, over the block (x row 0, 16-byte aligned) */
+    __shared__ float red[32];
+    float ss = 0.0f;
+    for (int64_t k = 4 * (int64_t)threadIdx.x; k < K; k += 4 * WARPS * 32) {
+      const float4 v = __ldg(reinterpret_cast<const float4 *>(x + k));
+      ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+    }
+    ss = block_sum(ss, red);
+    inv = 1.0f / sqrtf(ss / (float)K + eps);
+  }
 
   float acc[NT][4];
 #pragma unroll
@@ -128,8 +144,16 @@ __global__ void __launch_bounds__(WARPS * 32)
 #pragma unroll
       for (int ch = 0; ch < T::CH; ch++) {
         const int64_t e = (b0 + bl) * L::G + 16 * ch + 4 * t;
-        const float4 xa = __ldg(reinterpret_cast<const float4 *>(xg + e));
-        const float4 xb = __ldg(reinterpret_cast<const float4 *>(xg + e + L::H));
+        float4 xa = __ldg(reinterpret_cast<const float4 *>(xg + e));
+        float4 xb = __ldg(reinterpret_cast<const float4 *>(xg + e + L::H));
+        if constexpr (NORM) {
+          const GW *gw = static_cast<const GW *>(gwp);
+          xa = make_float4(xa.x * inv * to_f(gw[e]), xa.y * inv * to_f(gw[e + 1]), xa.z * inv * to_f(gw[e + 2]),
+                           xa.w * inv * to_f(gw[e + 3]));
+          const int64_t eh = e + L::H;
+          xb = make_float4(xb.x * inv * to_f(gw[eh]), xb.y * inv * to_f(gw[eh + 1]), xb.z * inv * to_f(gw[eh + 2]),
+                           xb.w * inv * to_f(gw[eh + 3]));
+        }
         uint32_t alo[4], ahi[4];
         alo[0] = f16x2_sat(xa.x, xa.z), alo[2] = f16x2_sat(xa.y, xa.w);
         ahi[0] = f16x2_sat(xb.x, xb.z), ahi[2] = f16x2_sat(xb.y, xb.w);
@@ -200,16 +224,17 @@ __global__ void __launch_bounds__(WARPS * 32)
   }
 }
 
-template <int DT, int EPI, int MT, int NT>
-cudaError_t launch_mma(cudaStream_t s, float *out, const float *x, const uint8_t *w, int M, int64_t NO, int64_t K) {
+template <int DT, int EPI, int MT, int NT, typename GW = void>
+cudaError_t launch_mma(cudaStream_t s, float *out, const float *x, const uint8_t *w, int M, int64_t NO, int64_t K,
+                       const void *gw = nullptr, float eps = 0.0f) {
   constexpr int RB = EPI == GLU ? 4 * NT : 8 * NT;
   /* 3 tiles in flight a warp, fewer where they would pass 48 KB of shared memory a block */
   constexpr int FIT = (48 * 1024 - WARPS * 8 * NT * MT * 4) / (WARPS * 8 * NT * QM<DT>::TBYTES);
   constexpr int S = FIT < 3 ? (FIT < 1 ? 1 : FIT) : 3;
   const int64_t blocks = (NO + RB - 1) / RB;
   if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
-  return launch_pdl(qgemv_mma_kernel<DT, EPI, MT, NT, S>, dim3((unsigned)blocks), dim3(WARPS * 32), 0, s, out, x, w,
-                    M, NO, K);
+  return launch_pdl(qgemv_mma_kernel<DT, EPI, MT, NT, S, GW>, dim3((unsigned)blocks), dim3(WARPS * 32), 0, s, out, x,
+                    w, M, NO, K, gw, eps);
 }
 
 template <int DT, int EPI>
@@ -228,6 +253,27 @@ cudaError_t mma_dt(cudaStream_t s, int epi, float *out, const float *x, const ui
 }
 
 template <int DT> bool shape_fits(int64_t K) { return K % QL<DT>::G == 0 && (K / QL<DT>::G) % 4 == 0; }
+
+/* The RMSNorm form (M = 1; STORE and GLU: the projections that follow a norm). */
+template <int DT, typename GW>
+cudaError_t mma_norm_dt(cudaStream_t s, int epi, float *out, const float *x, const uint8_t *w, const void *gw,
+                        float eps, int64_t NO, int64_t K) {
+  if (epi == GLU) return launch_mma<DT, GLU, 8, 2, GW>(s, out, x, w, 1, NO, K, gw, eps);
+  if (epi == STORE) return launch_mma<DT, STORE, 8, 2, GW>(s, out, x, w, 1, NO, K, gw, eps);
+  return cudaErrorNotSupported;
+}
+
+template <typename GW>
+cudaError_t mma_norm(cudaStream_t s, int epi, float *out, const float *x, const uint8_t *w, int dt, const void *gw,
+                     float eps, int64_t NO, int64_t K) {
+  switch (dt) {
+  case MSH_Q4_1: return mma_norm_dt<MSH_Q4_1, GW>(s, epi, out, x, w, gw, eps, NO, K);
+  case MSH_I4G32: return mma_norm_dt<MSH_I4G32, GW>(s, epi, out, x, w, gw, eps, NO, K);
+  case MSH_I4G64: return mma_norm_dt<MSH_I4G64, GW>(s, epi, out, x, w, gw, eps, NO, K);
+  case MSH_I4G128: return mma_norm_dt<MSH_I4G128, GW>(s, epi, out, x, w, gw, eps, NO, K);
+  default: return cudaErrorNotSupported;
+  }
+}
 
 } // namespace
 
@@ -253,4 +299,15 @@ cudaError_t msh::qgemv_mma(cudaStream_t s, int epi, float *out, const float *x, 
   case MSH_I4G128: return mma_dt<MSH_I4G128>(s, epi, out, x, w, M, NO, K);
   default: return cudaErrorNotSupported;
   }
+}
+
+extern "C" cudaError_t msh_k_gemv_quant_norm(cudaStream_t s, int epi, float *out, const float *x, const void *w,
+                                             int w_dt, const void *g, int g_dt, float eps, int64_t NO, int64_t K) {
+  if (!qgemv_mma_takes(w_dt, 1, K, w) || ((uintptr_t)x & 15) != 0) return cudaErrorNotSupported;
+  if (NO == 0) return cudaSuccess;
+  const uint8_t *wp = static_cast<const uint8_t *>(w);
+  if (g_dt == MSH_F32) return mma_norm<float>(s, epi, out, x, wp, w_dt, g, eps, NO, K);
+  if (g_dt == MSH_BF16) return mma_norm<bf16>(s, epi, out, x, wp, w_dt, g, eps, NO, K);
+  if (g_dt == MSH_F16) return mma_norm<f16>(s, epi, out, x, wp, w_dt, g, eps, NO, K);
+  return cudaErrorNotSupported;
 }

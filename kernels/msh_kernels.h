@@ -263,6 +263,12 @@ cudaError_t msh_k_randn(cudaStream_t s, void *out, int dt, int64_t n, uint64_t s
  * not 16-byte aligned, or another dtype. */
 cudaError_t msh_k_gemv_quant(cudaStream_t s, int epi, float *out, const float *x, const void *w, int w_dt,
                              int64_t M, int64_t NO, int64_t K);
+/* msh_k_gemv_quant for one row with the RMSNorm before it folded in (x the raw residual, g (K) of
+ * g_dt f32 / bf16 / f16): out = rmsnorm(x) * g @ w^T (epi 0) or its GLU form (epi 2). Where the
+ * tensor-core kernel of the 4-bit dtypes is picked (gemv_quant_mma.cu); else cudaErrorNotSupported
+ * (the caller normalizes first). */
+cudaError_t msh_k_gemv_quant_norm(cudaStream_t s, int epi, float *out, const float *x, const void *w, int w_dt,
+                                  const void *g, int g_dt, float eps, int64_t NO, int64_t K);
 /* dst (rows, K) of dst_dt (f32, f16, bf16) = the values of rows of blocks src (a GEMM operand). */
 cudaError_t msh_k_dequant(cudaStream_t s, void *dst, int dst_dt, const void *src, int src_dt, int64_t rows,
                           int64_t K);

@@ -308,6 +308,14 @@ static msh_status cuda_rmsnorm_matmul(msh_tensor *out, const msh_tensor *x, cons
       return MSH_OK;
     }
   }
+  if (K > 0 && M == 1 && msh_dtype_is_block(w->dtype)) {
+    cudaError_t e = msh_k_gemv_quant_norm(msh_cuda_cur(d), epi, msh_tensor_ptr(out), msh_tensor_ptr(x),
+                                          msh_tensor_ptr(w), w->dtype, gp, norm_w->dtype, eps, NO, K);
+    if (e != cudaErrorNotSupported) {
+      CUDA_TRY(e);
+      return MSH_OK;
+    }
+  }
   if (K > 0 && M > d->gemv_max_m && w->dtype != MSH_F32) {
     void *xs = NULL;
     s = msh_cuda_scratch(d, (size_t)(M * K) * 2, &xs);
