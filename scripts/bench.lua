@@ -95,6 +95,9 @@ end
 local ceil = require "moonshard.ceilings"
 local median = ceil.median
 
+-- device memory in use once the CUDA context exists, before the ceilings' cuBLAS handles and the
+-- model: what the process adds after it is what a plan's total counts (model and reserve)
+local mem_ctx = mem_used()
 local bw, rate, h2d, h2d_pinned
 if gpu and not opts.no_ceilings then
   bw, rate = ceil.device(opts.device)
@@ -323,7 +326,11 @@ result.load_bytes = load_bytes
 result.load_GBps = load_s and load_s > 0 and load_bytes / load_s / 1e9 or nil
 result.load_source = opts.dummy and "random values drawn on the device"
   or gpu and "mapped files through the staging buffers" or "mapped files (zero-copy where the dtype is kept)"
-if peak then result.peak_device_memory_bytes = peak; result.model_device_memory_bytes = peak - (mem0 or 0) end
+if peak then
+  result.peak_device_memory_bytes = peak
+  result.model_device_memory_bytes = peak - (mem0 or 0)
+  result.process_device_memory_bytes = peak - (mem_ctx or 0)
+end
 if bw then
   result.ceiling_copy_GBps = bw / 1e9
   result.ceiling_matmul_TFLOPs = rate / 1e12

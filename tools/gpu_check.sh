@@ -270,11 +270,13 @@ if [ "${MSH_GPU_PLAN_CHECK:-0}" = 1 ]; then
   echo "== moonshard doctor"
   timeout 60 build-gpu/moonshard doctor > "$out/doctor.txt" 2>&1; echo "doctor exit $?"
   head -40 "$out/doctor.txt"
-  echo "== planned against measured device memory (8B shape, batch 1, 193 positions)"
+  echo "== planned against measured device memory (8B shape, batch 1; the positions of the benchmark runs above)"
   for tier in resident host; do
-    # bf16 weights, as the benchmarks measured (the balanced preset would pick int8 where it is faster)
+    # bf16 weights, as the benchmarks measured (the balanced preset would pick int8 where it is faster);
+    # positions: prompt + generated tokens of the resident (128 + 65) and --cpu-offload (32 + 9) runs
+    seq=193; [ $tier = host ] && seq=41
     timeout 60 build-gpu/moonshard plan --dummy tools/bench/shapes/llama-3-8b.json --gpus 1 --tier $tier \
-      --dtype bf16 --batch-size 1 --max-seq 193 --prefetch 4 --command bench --json > "$out/plan_$tier.json" 2>> "$out/plan.err" ||
+      --dtype bf16 --batch-size 1 --max-seq $seq --prefetch 4 --command bench --json > "$out/plan_$tier.json" 2>> "$out/plan.err" ||
       tail -3 "$out/plan.err"
   done
   python3 - "$out" << 'EOF'
@@ -298,8 +300,13 @@ for tier, cfg in (("resident", "--prompt-len 128 --gen-len 65 --loops 2"), ("hos
         print(tier, "no plan:", e); continue
     mem = [(p, v) for p, v in walk(plan) if isinstance(v, (int, float)) and "total" in p.lower() and "mem" in p.lower() or p.endswith("device_bytes")]
     meas = [r for r in bench if r.get("cfg") == cfg]
-    m = meas[0].get("model_device_memory_bytes") if meas else None
-    print(tier, "planned:", mem[:4], "measured model_device_memory_bytes:", m)
+    r = meas[0] if meas else {}
+    proc, model = r.get("process_device_memory_bytes"), r.get("model_device_memory_bytes")
+    planned = mem[0][1] if mem else None
+    # the process's bytes after its CUDA context (model, cuBLAS workspaces, graphs) against the plan's total
+    ratio = f"{proc / planned:.4f}" if proc and planned else "-"
+    print(f"{tier}: planned total {planned} ({mem[0][0] if mem else '-'}), measured peak after the context {proc} "
+          f"(measured/planned {ratio}), of it after the ceilings' cuBLAS handles {model}")
 EOF
 fi
 
