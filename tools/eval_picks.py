@@ -4,7 +4,9 @@
 Each file is `moonshard eval --output F --log-samples` of multiple-choice tasks. For every OTHER,
 per task: acc / acc_norm, how many documents pick the same choice as REFERENCE (by log-probability
 sum and by its length-normalised form), and the largest difference of any choice's summed
-log-probability. Exit status 1 when a file lacks a task or a document of the reference.
+log-probability; for each document whose pick moved, the reference's margin of its pick over the
+new one against that document's largest change (a move by arithmetic has a margin of at most the
+two sums' changes). Exit status 1 when a file lacks a task or a document of the reference.
 """
 import json
 import sys
@@ -35,15 +37,26 @@ def main(argv):
                 continue
             same = same_n = 0
             worst = 0.0
+            moved = []
             for a, b in zip(rs, os_):
                 same += a["pick"] == b["pick"]
                 same_n += a.get("pick_norm") == b.get("pick_norm")
+                doc_worst = 0.0
                 for x, y in zip(a["loglikelihoods"], b["loglikelihoods"]):
-                    worst = max(worst, abs(x - y))
+                    doc_worst = max(doc_worst, abs(x - y))
+                worst = max(worst, doc_worst)
+                if a["pick"] != b["pick"]:
+                    ll = a["loglikelihoods"]
+                    moved.append((a.get("doc_id"), ll[a["pick"]] - ll[b["pick"]], doc_worst))
             r = other["results"][task]
             acc, accn = r.get("acc,none"), r.get("acc_norm,none")
             print(f"  {task}: acc {acc:.3f} / acc_norm {accn if accn is None else format(accn, '.3f')}, "
                   f"same picks {same}/{len(rs)} (normalised {same_n}/{len(rs)}), largest |d log p| {worst:.2g}")
+            # a pick that moves by arithmetic had a reference margin (its choice over the new one)
+            # smaller than twice that document's largest change of a sum
+            for doc, margin, dw in moved:
+                print(f"    moved: document {doc}, reference margin {margin:.3g} nats, the document's largest "
+                      f"|d log p| {dw:.3g} ({'within' if margin <= 2 * dw else 'BEYOND'} twice its change)")
     return status
 
 
