@@ -30,6 +30,11 @@
 # MSH_GPU_SERVE_PEER_REQUESTS (256) of those requests (serve_bench.jsonl).
 # MSH_GPU_PLAN_CHECK=1 runs `moonshard doctor` and prints the planner's device memory for the 8B
 # shape (resident and host tier) beside what MSH_GPU_OFFLOAD_BENCH measured.
+# MSH_GPU_QGEMV_VARIANTS="5 0" runs test_cuda_quant and the 8B shape's i4g64 decode under each
+# MSH_QGEMV_VARIANT (kernels/gemv_quant.cu: 5 and 6 the tensor-core kernel; qvariants.jsonl).
+# MSH_GPU_PREBUILT=DIR takes build-gpu's libraries, command and test programs from DIR instead of
+# configuring and building (tools/gpu_prebuild.sh stages them on a machine with the same CUDA
+# toolkit and no GPU: a fresh device machine then skips its two-minute build).
 # MSH_GPU_BEFORE=TARBALL builds a second tree (`git archive` of an earlier commit) in build-before
 # beside this one, and the model benchmarks then alternate the two builds in the same run
 # (model_ab.jsonl, each line tagged "build": "before" or "after"; a before/after table last).
@@ -66,12 +71,25 @@ if ! source tools/gpu_env.sh; then
 fi
 echo "unpacked into $MSH_DEPS; pkg-config: $(command -v pkg-config); luajit: $(command -v luajit)"
 
-echo "== configure (build-gpu, sm_90a)"
-if ! cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a > "$out/configure.log" 2>&1; then
-  tail -40 "$out/configure.log"
-  exit 1
+cuda_home=${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc)")")}
+if [ -n "${MSH_GPU_PREBUILT:-}" ]; then
+  echo "== prebuilt: build-gpu from $MSH_GPU_PREBUILT (tools/gpu_prebuild.sh), no configure or build"
+  mkdir -p build-gpu && cp -a "$MSH_GPU_PREBUILT"/. build-gpu/ || exit 1
+  # the toolkit's libraries, linked by name, where the loader has no entry for them
+  for f in libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libnccl.so.2; do
+    ldconfig -p | grep -q "$f" && continue
+    p=$(find "$cuda_home" /usr/local /usr/lib /opt -name "$f" 2> /dev/null | head -1)
+    [ -n "$p" ] && export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$(dirname "$p")"
+  done
+  if ldd build-gpu/libmoonshard_cuda.so build-gpu/moonshard | grep "not found"; then exit 1; fi
+else
+  echo "== configure (build-gpu, sm_90a)"
+  if ! cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a > "$out/configure.log" 2>&1; then
+    tail -40 "$out/configure.log"
+    exit 1
+  fi
+  grep -E "moonshard: CUDA" "$out/configure.log"
 fi
-grep -E "moonshard: CUDA" "$out/configure.log"
 
 before_pid=""
 if [ -n "${MSH_GPU_BEFORE:-}" ]; then
@@ -90,16 +108,17 @@ if [ "${MSH_ARCH_REFERENCE:-1}" != 0 ] && python3 -c "import transformers, torch
   cp tests/fixtures/arch/reference.safetensors "$out/" 2> /dev/null || true
 fi
 
-echo "== build (-j$jobs)"
-t0=$(date +%s)
-if ! cmake --build build-gpu -j"$jobs" ${MSH_GPU_TARGETS:+--target $MSH_GPU_TARGETS} > "$out/build.log" 2>&1; then
-  grep -E -B2 -A6 "error" "$out/build.log" | head -120
-  exit 1
+if [ -z "${MSH_GPU_PREBUILT:-}" ]; then
+  echo "== build (-j$jobs)"
+  t0=$(date +%s)
+  if ! cmake --build build-gpu -j"$jobs" ${MSH_GPU_TARGETS:+--target $MSH_GPU_TARGETS} > "$out/build.log" 2>&1; then
+    grep -E -B2 -A6 "error" "$out/build.log" | head -120
+    exit 1
+  fi
+  echo "built in $(( $(date +%s) - t0 )) s"
 fi
-echo "built in $(( $(date +%s) - t0 )) s"
 
 bench_bin=build-gpu/bench_gpu_ops
-cuda_home=${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc)")")}
 if [ "${MSH_GPU_BENCH:-1}" != 0 ]; then
   cc -std=c11 -O2 -Wall -Wextra tools/bench_gpu_ops.c -Icore/include -Icore/src -Icore/cuda -Ikernels \
     -I"$cuda_home/include" -Lbuild-gpu -lmoonshard_cuda -lmoonshard -L"$cuda_home/lib64" \
@@ -247,6 +266,25 @@ for line in open(sys.argv[1]):
     print(f"{r['cfg']:60s} decode {f('decode_tok_s')} tok/s, step {f('decode_step_ms')} ms, floor share "
           f"{f('decode_efficiency')}, stream {f('stream_gbs')} GB/s of pinned H2D {f('h2d_pinned_gbs')} "
           f"({f('stream_share_of_h2d')}), stalls {f('prefetch_stall_ms_per_token')} ms/token")
+EOF
+fi
+
+if [ -n "${MSH_GPU_QGEMV_VARIANTS:-}" ]; then
+  echo "== quantized GEMV variants (MSH_QGEMV_VARIANT): test_cuda_quant and the 8B shape's i4g64 decode under each"
+  for v in $MSH_GPU_QGEMV_VARIANTS; do
+    MSH_QGEMV_VARIANT=$v timeout 120 build-gpu/gpu_test_cuda_quant > "$out/quant_v$v.log" 2>&1 || status=1
+    echo "variant $v: $(tail -1 "$out/quant_v$v.log")"
+    MSH_QGEMV_VARIANT=$v timeout 150 build-gpu/moonshard bench --dummy tools/bench/shapes/llama-3-8b.json --device cuda \
+      --dtype i4g64 --prompt-len 128 --gen-len 65 --loops 2 2>> "$out/qvariants.err" |
+      sed "s/^{/{\"qgemv_variant\":$v,/" >> "$out/qvariants.jsonl" || status=1
+  done
+  python3 - "$out/qvariants.jsonl" << 'EOF'
+import json, sys
+for line in open(sys.argv[1]):
+    if line.startswith("{"):
+        r = json.loads(line)
+        print(f"variant {r['qgemv_variant']}: decode {r['decode_tok_s']:.1f} tok/s, step {r['decode_step_ms']:.3f} ms, "
+              f"floor share {r.get('decode_efficiency', float('nan')):.3f}, prefill {r.get('prefill_tok_s', 0):.0f} tok/s")
 EOF
 fi
 

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# tools/gpu_prebuild.sh: build the CUDA side on a machine without a GPU (nvcc of the same toolkit
+# as the device machines') and stage what tools/gpu_check.sh runs into build-carry/bin, so that a
+# fresh device machine skips its two-minute build:
+#
+#   bash tools/gpu_prebuild.sh                     # here: build-gpu for sm_90a, then build-carry/bin
+#   MSH_GPU_PREBUILT=build-carry/bin bash tools/gpu_check.sh   # there (carry build-carry and .carry/debs)
+#
+# The build targets a generic x86-64 CPU and keeps this checkout's absolute paths (the CUDA module's directory, the Lua root), so
+# the device's copy of the tree must sit at the same path, as the device tool's copy does. The
+# libraries it links (LuaJIT, libuv, OpenBLAS ...) come from tools/gpu_env.sh's Debian packages
+# there, the CUDA ones from the device's toolkit (same major version: the sonames say it).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+command -v nvcc > /dev/null || { echo "gpu_prebuild: no nvcc on PATH" >&2; exit 1; }
+mkdir -p build-carry
+# not -march=native: the device's CPU is another one
+cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a -DMSH_NATIVE=OFF > build-carry/configure.log
+grep -q "moonshard: CUDA backend ON" build-carry/configure.log ||
+  { echo "gpu_prebuild: the configuration has no CUDA backend (build-carry/configure.log)" >&2; exit 1; }
+cmake --build build-gpu -j"$(nproc)"
+rm -rf build-carry/bin && mkdir -p build-carry/bin
+cp -a build-gpu/libmoonshard.so build-gpu/libmoonshard_cuda.so build-gpu/moonshard build-gpu/lua \
+  build-gpu/CTestTestfile.cmake build-carry/bin/
+find build-gpu -maxdepth 1 -type f -executable -name '*test_*' -exec cp -a {} build-carry/bin/ \;
+du -sh build-carry/bin
