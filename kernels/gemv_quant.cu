@@ -1,7 +1,8 @@
 /* gemv_quant.cu: block-quantized weights on the GPU, dequantized in the kernel (W8A16 / W4A16):
  * the GEMV of decode (x f32, 1 <= M <= 16), a dequantization into a 16-bit GEMM operand (prefill:
  * then cuBLAS), and the embedding gather. Weight dtypes: GGUF's Q8_0, Q4_0, Q4_1 and moonshard's
- * group-wise I8G / I4G (moonshard.h has the layouts).
+ * group-wise I8G / I4G (moonshard.h has the layouts). Where MSH_QGEMV_VARIANT picks it, the 4-bit
+ * dtypes' GEMV runs on tensor cores instead (gemv_quant_mma.cu, x rounded to f16).
  *
  * GEMV, tiled (the dtypes whose blocks keep 4-byte alignment: Q4_1, I8G, I4G; K / G a multiple of
  * 4 and w 16-byte aligned, so that every row starts 16-byte aligned): a block of 4 warps owns NR
