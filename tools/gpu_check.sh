@@ -79,7 +79,7 @@ if [ -n "${MSH_GPU_PREBUILT:-}" ]; then
   for f in libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libnccl.so.2; do
     ldconfig -p | grep -q "$f" && continue
     p=$(find "$cuda_home" /usr/local /usr/lib /opt -name "$f" 2> /dev/null | head -1)
-    [ -n "$p" ] && export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$(dirname "$p")"
+    [ -n "$p" ] && LD_LIBRARY_PATH="$LD_LIBRARY_PATH:${p%/*}"
   done
   if ldd build-gpu/libmoonshard_cuda.so build-gpu/moonshard | grep "not found"; then exit 1; fi
 else
