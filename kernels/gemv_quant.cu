@@ -55,7 +55,7 @@ int msh::qgemv_variant() {
 
 namespace {
 
-constexpr int WARPS = 4;
+constexpr int WARPS = QWARPS;
 constexpr int U = 4; /* pieces in flight per lane */
 
 /* pieces (4 bytes of quants) per block */
@@ -233,33 +233,6 @@ template <int V, int C = V, int O = 16> __device__ __forceinline__ int warp_sum_
 }
 
 /* Stages: at most S tiles in flight a warp, fewer where S of them would pass 48 KB a block. */
-template <int DT, int NR, int MT, int S> struct QStages {
-  enum {
-    FIT = (48 * 1024 - WARPS * NR * MT * 4) / (WARPS * NR * QT<DT>::TBYTES),
-    N = S < FIT ? S : FIT,
-  };
-  static_assert(FIT >= 1, "one tile of every row must fit");
-};
-
-/* Tile j of this warp (tile warp + j * WARPS of the row, TB blocks or the row's last ones) of each
- * of the NR rows into dst (NR tiles of TBYTES); then commits the group (an empty one past the
- * warp's last tile, so that waiting for all but the last SN - 1 groups always means tile j). */
-template <int DT, int NR>
-__device__ __forceinline__ void stage_tile(uint8_t *dst, const uint8_t *const (&rows)[NR], int64_t tile, int64_t nb,
-                                           int lane, bool any) {
-  using L = QL<DT>;
-  using T = QT<DT>;
-  if (any) {
-    const int64_t b0 = tile * T::TB;
-    const int n16 = (nb - b0 < T::TB ? (int)(nb - b0) : (int)T::TB) * L::BB / 16;
-#pragma unroll
-    for (int r = 0; r < NR; r++)
-      for (int c = lane; c < n16; c += 32)
-        cp_async16(dst + r * T::TBYTES + c * 16, rows[r] + b0 * L::BB + c * 16, true);
-  }
-  cp_async_commit();
-}
-
 /* out (M, NO) (+)= x (M, K) @ w^T with NR weight rows a block (GLU: NR / 2 gate rows and their up
  * rows NO further), K split over the block's warps in tiles; see the file's comment. */
 template <int DT, int EPI, int MT, int NR, int S>
@@ -269,7 +242,8 @@ __global__ void __launch_bounds__(WARPS * 32, 4)
   using L = QL<DT>;
   using T = QT<DT>;
   constexpr int RB = EPI == GLU ? NR / 2 : NR; /* outputs a block */
-  constexpr int SN = QStages<DT, NR, MT, S>::N;
+  constexpr int SN = q_stages(S, NR, MT, T::TBYTES);
+  static_assert(SN >= 1, "one tile of every row must fit");
   constexpr int E = L::BITS == 4 ? 8 : 4; /* elements of a word */
   constexpr bool MIN = L::BITS == 4;      /* the blocks carry a min c */
   __shared__ __align__(16) uint8_t stage[WARPS][SN][NR * T::TBYTES];
@@ -280,15 +254,10 @@ __global__ void __launch_bounds__(WARPS * 32, 4)
   const int64_t ntiles = (nb + T::TB - 1) / T::TB;
   const int cnt = ntiles > warp ? (int)((ntiles - warp + WARPS - 1) / WARPS) : 0; /* this warp's tiles */
   const uint8_t *rows[NR];
-#pragma unroll
-  for (int r = 0; r < NR; r++) {
-    int64_t n = row0 + (EPI == GLU && r >= RB ? r - RB : r);
-    if (n >= NO) n = NO - 1; /* past the last row: a duplicate, not stored */
-    rows[r] = w + (EPI == GLU && r >= RB ? NO + n : n) * row_bytes;
-  }
+  block_rows<EPI>(rows, w, row0, NO, row_bytes);
 #pragma unroll
   for (int j = 0; j < SN - 1; j++)
-    stage_tile<DT, NR>(stage[warp][j], rows, warp + (int64_t)j * WARPS, nb, lane, j < cnt);
+    stage_tile<DT, NR, T::TB>(stage[warp][j], rows, warp + (int64_t)j * WARPS, nb, lane, j < cnt);
   pdl_wait(); /* the first weights are in flight: now x (the previous kernel's) */
 
   float acc[NR * MT]; /* acc[r * MT + m]: this lane's part of row r's dot with x row m */
@@ -296,7 +265,7 @@ __global__ void __launch_bounds__(WARPS * 32, 4)
   for (int i = 0; i < NR * MT; i++) acc[i] = 0.0f;
   for (int j = 0; j < cnt; j++) {
     const int jn = j + SN - 1;
-    stage_tile<DT, NR>(stage[warp][jn % SN], rows, warp + (int64_t)jn * WARPS, nb, lane, jn < cnt);
+    stage_tile<DT, NR, T::TB>(stage[warp][jn % SN], rows, warp + (int64_t)jn * WARPS, nb, lane, jn < cnt);
     cp_async_wait<SN - 1>(); /* this lane's copies of tile j have landed */
     __syncwarp();            /* and the other lanes' */
     const uint8_t *st = stage[warp][j % SN];
@@ -349,21 +318,7 @@ __global__ void __launch_bounds__(WARPS * 32, 4)
 #pragma unroll
     for (int i = 0; i < (V >= 32 ? V / 32 : 1); i++) part[warp][base + i] = acc[i];
   __syncthreads();
-  for (int i = threadIdx.x; i < RB * MT; i += WARPS * 32) {
-    const int r = i / MT, m = i % MT;
-    if (m >= M || row0 + r >= NO) continue;
-    float v = 0.0f;
-#pragma unroll
-    for (int k = 0; k < WARPS; k++) v += part[k][r * MT + m];
-    if (EPI == GLU) {
-      float u = 0.0f;
-#pragma unroll
-      for (int k = 0; k < WARPS; k++) u += part[k][(r + RB) * MT + m];
-      v = v / (1.0f + expf(-v)) * u;
-    }
-    float *o = out + (int64_t)m * NO + row0 + r;
-    *o = EPI == ACC ? *o + v : v;
-  }
+  block_store<EPI, NR, MT>(out, part, row0, M, NO);
 }
 
 template <int DT, int EPI>

@@ -31,7 +31,7 @@ using namespace msh;
 
 namespace {
 
-constexpr int WARPS = 4;
+constexpr int WARPS = QWARPS;
 
 /* The tile: TB blocks of a row, CH chunks of 16 bytes of quants a block. */
 template <int DT> struct QM {
@@ -72,35 +72,20 @@ __global__ void __launch_bounds__(WARPS * 32)
   using T = QM<DT>;
   constexpr int NR = 8 * NT, RB = EPI == GLU ? NR / 2 : NR;
   __shared__ __align__(16) uint8_t stage[WARPS][S][NR * T::TBYTES];
-  __shared__ float part[WARPS][NR][MT];
+  __shared__ float part[WARPS][NR * MT];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int64_t row0 = (int64_t)blockIdx.x * RB;
   const int64_t nb = K / L::G, row_bytes = nb * L::BB;
   const int64_t ntiles = (nb + T::TB - 1) / T::TB;
   const int cnt = ntiles > warp ? (int)((ntiles - warp + WARPS - 1) / WARPS) : 0;
   const uint8_t *rows[NR];
-#pragma unroll
-  for (int r = 0; r < NR; r++) {
-    int64_t n = row0 + (EPI == GLU && r >= RB ? r - RB : r);
-    if (n >= NO) n = NO - 1; /* past the last row: a duplicate, not stored */
-    rows[r] = w + (EPI == GLU && r >= RB ? NO + n : n) * row_bytes;
-  }
+  block_rows<EPI>(rows, w, row0, NO, row_bytes);
   /* x rows g and g + 8 of the A fragments (rows past M repeat the last) */
   const float *xg = x + (int64_t)(g < M ? g : M - 1) * K;
   const float *xg8 = x + (int64_t)(g + 8 < M ? g + 8 : M - 1) * K;
 #pragma unroll
-  for (int j = 0; j < S - 1; j++) {
-    uint8_t *dst = stage[warp][j];
-    const int64_t tile = warp + (int64_t)j * WARPS;
-    if (j < cnt) {
-      const int64_t b0 = tile * T::TB;
-      const int n16 = (nb - b0 < T::TB ? (int)(nb - b0) : (int)T::TB) * L::BB / 16;
-#pragma unroll
-      for (int r = 0; r < NR; r++)
-        for (int c = lane; c < n16; c += 32) cp_async16(dst + r * T::TBYTES + c * 16, rows[r] + b0 * L::BB + c * 16, true);
-    }
-    cp_async_commit();
-  }
+  for (int j = 0; j < S - 1; j++)
+    stage_tile<DT, NR, T::TB>(stage[warp][j], rows, warp + (int64_t)j * WARPS, nb, lane, j < cnt);
   pdl_wait(); /* the first weights are in flight: now x (the previous kernel's) */
   float inv = 1.0f;
   if constexpr (NORM) { /* the row's inverse RMS, over the block (x row 0, 16-byte aligned) */
@@ -119,19 +104,8 @@ __global__ void __launch_bounds__(WARPS * 32)
   for (int i = 0; i < NT; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
   const uint32_t ones = 0x3c003c00u;
   for (int j = 0; j < cnt; j++) {
-    {
-      const int jn = j + S - 1;
-      uint8_t *dst = stage[warp][jn % S];
-      if (jn < cnt) {
-        const int64_t b0 = (warp + (int64_t)jn * WARPS) * T::TB;
-        const int n16 = (nb - b0 < T::TB ? (int)(nb - b0) : (int)T::TB) * L::BB / 16;
-#pragma unroll
-        for (int r = 0; r < NR; r++)
-          for (int c = lane; c < n16; c += 32)
-            cp_async16(dst + r * T::TBYTES + c * 16, rows[r] + b0 * L::BB + c * 16, true);
-      }
-      cp_async_commit();
-    }
+    const int jn = j + S - 1;
+    stage_tile<DT, NR, T::TB>(stage[warp][jn % S], rows, warp + (int64_t)jn * WARPS, nb, lane, jn < cnt);
     cp_async_wait<S - 1>();
     __syncwarp();
     const uint8_t *st = stage[warp][j % S];
@@ -199,38 +173,24 @@ __global__ void __launch_bounds__(WARPS * 32)
   /* lane (g, t) holds x row g (and g + 8) against weight rows 8 i + 2t, 8 i + 2t + 1 */
 #pragma unroll
   for (int i = 0; i < NT; i++) {
-    part[warp][8 * i + 2 * t][g] = acc[i][0];
-    part[warp][8 * i + 2 * t + 1][g] = acc[i][1];
+    const int r0 = (8 * i + 2 * t) * MT;
+    part[warp][r0 + g] = acc[i][0];
+    part[warp][r0 + MT + g] = acc[i][1];
     if (MT > 8) {
-      part[warp][8 * i + 2 * t][g + 8] = acc[i][2];
-      part[warp][8 * i + 2 * t + 1][g + 8] = acc[i][3];
+      part[warp][r0 + g + 8] = acc[i][2];
+      part[warp][r0 + MT + g + 8] = acc[i][3];
     }
   }
   __syncthreads();
-  for (int k = threadIdx.x; k < RB * MT; k += WARPS * 32) {
-    const int r = k / MT, m = k % MT;
-    if (m >= M || row0 + r >= NO) continue;
-    float v = 0.0f;
-#pragma unroll
-    for (int q = 0; q < WARPS; q++) v += part[q][r][m];
-    if (EPI == GLU) {
-      float u = 0.0f;
-#pragma unroll
-      for (int q = 0; q < WARPS; q++) u += part[q][r + RB][m];
-      v = v / (1.0f + expf(-v)) * u;
-    }
-    float *o = out + (int64_t)m * NO + row0 + r;
-    *o = EPI == ACC ? *o + v : v;
-  }
+  block_store<EPI, NR, MT>(out, part, row0, M, NO);
 }
 
 template <int DT, int EPI, int MT, int NT, typename GW = void>
 cudaError_t launch_mma(cudaStream_t s, float *out, const float *x, const uint8_t *w, int M, int64_t NO, int64_t K,
                        const void *gw = nullptr, float eps = 0.0f) {
   constexpr int RB = EPI == GLU ? 4 * NT : 8 * NT;
-  /* 3 tiles in flight a warp, fewer where they would pass 48 KB of shared memory a block */
-  constexpr int FIT = (48 * 1024 - WARPS * 8 * NT * MT * 4) / (WARPS * 8 * NT * QM<DT>::TBYTES);
-  constexpr int S = FIT < 3 ? (FIT < 1 ? 1 : FIT) : 3;
+  constexpr int S = q_stages(3, 8 * NT, MT, QM<DT>::TBYTES);
+  static_assert(S >= 1, "one tile of every row must fit");
   const int64_t blocks = (NO + RB - 1) / RB;
   if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
   return launch_pdl(qgemv_mma_kernel<DT, EPI, MT, NT, S, GW>, dim3((unsigned)blocks), dim3(WARPS * 32), 0, s, out, x,

@@ -300,17 +300,14 @@ static msh_status cuda_rmsnorm_matmul(msh_tensor *out, const msh_tensor *x, cons
   int64_t M = x->shape[0], K = x->shape[1], NO = out->shape[1];
   int epi = gu ? EPI_GLU : EPI_STORE;
   const void *gp = msh_tensor_ptr(norm_w);
-  if (K > 0 && M == 1 && d->gemv_max_m >= 1 && norm_w->dtype == w->dtype) {
-    cudaError_t e = msh_k_gemv_norm(msh_cuda_cur(d), epi, msh_tensor_ptr(out), msh_tensor_ptr(x), msh_tensor_ptr(w), gp,
-                                    w->dtype, eps, NO, K);
-    if (e != cudaErrorNotSupported) {
-      CUDA_TRY(e);
-      return MSH_OK;
-    }
-  }
-  if (K > 0 && M == 1 && msh_dtype_is_block(w->dtype)) {
-    cudaError_t e = msh_k_gemv_quant_norm(msh_cuda_cur(d), epi, msh_tensor_ptr(out), msh_tensor_ptr(x),
-                                          msh_tensor_ptr(w), w->dtype, gp, norm_w->dtype, eps, NO, K);
+  if (K > 0 && M == 1) { /* the GEMV kernels that fold the norm in, where one takes these operands */
+    cudaError_t e = cudaErrorNotSupported;
+    if (msh_dtype_is_block(w->dtype))
+      e = msh_k_gemv_quant_norm(msh_cuda_cur(d), epi, msh_tensor_ptr(out), msh_tensor_ptr(x), msh_tensor_ptr(w), w->dtype,
+                                gp, norm_w->dtype, eps, NO, K);
+    else if (d->gemv_max_m >= 1 && norm_w->dtype == w->dtype)
+      e = msh_k_gemv_norm(msh_cuda_cur(d), epi, msh_tensor_ptr(out), msh_tensor_ptr(x), msh_tensor_ptr(w), gp, w->dtype,
+                          eps, NO, K);
     if (e != cudaErrorNotSupported) {
       CUDA_TRY(e);
       return MSH_OK;
