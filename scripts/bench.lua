@@ -148,6 +148,12 @@ do
   sync()
   load_s = (uv.hrtime() - t_load) / 1e9 -- the weights placed (through staging, or drawn) and the buffers made
 end
+-- the disk tier's ceiling: the offload file's own sequential read rate, in this run
+local disk, disk_err
+if net.stage.streaming and net.stage.path and not opts.no_ceilings then
+  disk, disk_err = ceil.disk(net.stage.path)
+  if not disk then io.stderr:write("moonshard bench: ", disk_err, "\n") end
+end
 
 
 -- telemetry (only with a log folder): collectives of this rank, busy and idle time of its stage
@@ -473,6 +479,12 @@ if stream_stats then
     result.nvme_uring, result.nvme_direct = st.uring, st.direct
     -- layer reads queued on the disk after each acquire's prefetches, on average
     if (st.queued_n or 0) > 0 then result.nvme_queued_mean = st.queued_sum / st.queued_n end
+    if disk then
+      result.disk_read_gbs, result.disk_read_direct, result.disk_read_bytes = disk.gbs, disk.direct, disk.bytes
+      result.disk_read_dd_gbs, result.disk_read_reader_gbs = disk.dd_gbs, disk.reader_gbs
+      -- a small file's read is mostly latency: no share against it
+      if disk.bytes >= ceil.DISK_MIN_BYTES then result.nvme_share_of_disk = st.read_bytes / secs / 1e9 / disk.gbs end
+    end
   end
 end
 -- --kv-offload: the cache in pinned host memory, which every decode step's attention reads

@@ -121,18 +121,8 @@ if opts.offload_dir then
     if not ok then
       problem(true, string.format("--offload-dir %s: writing %d MiB failed (full?)", dir, opts.read_mib), "free space there")
     else
-      local p = io.popen(string.format("dd if='%s' of=/dev/null bs=4M iflag=direct 2>&1", probe:gsub("'", "'\\''")))
-      local out = p and p:read("*a") or ""
-      if p then p:close() end
-      local bytes, secs = out:match("(%d+) bytes.-copied, ([%d%.]+) s")
-      if bytes then d.read_gbs = tonumber(bytes) / tonumber(secs) / 1e9 end
-      if not d.read_gbs then
-        p = io.popen(string.format("dd if='%s' of=/dev/null bs=4M 2>&1", probe:gsub("'", "'\\''")))
-        out = p and p:read("*a") or ""
-        if p then p:close() end
-        bytes, secs = out:match("(%d+) bytes.-copied, ([%d%.]+) s")
-        if bytes then d.read_gbs = tonumber(bytes) / tonumber(secs) / 1e9; d.cached = true end
-      end
+      local rd = require("moonshard.ceilings").disk(probe)
+      if rd then d.read_gbs, d.dd_gbs, d.reader_gbs, d.cached = rd.gbs, rd.dd_gbs, rd.reader_gbs, not rd.direct or nil end
     end
     os.remove(probe)
     local df = io.popen(string.format("df -B1 --output=avail,source '%s' 2>/dev/null | tail -1", dir:gsub("'", "'\\''")))

@@ -30,6 +30,10 @@
 # MSH_GPU_SERVE_PEER_REQUESTS (256) of those requests (serve_bench.jsonl).
 # MSH_GPU_PLAN_CHECK=1 runs `moonshard doctor` and prints the planner's device memory for the 8B
 # shape (resident and host tier) beside what MSH_GPU_OFFLOAD_BENCH measured.
+# MSH_GPU_OFFLOAD_70B=1 times the Llama-2-70B shape: i4g64 streamed from an offload file under
+# MSH_GPU_OFFLOAD_DIR (default .msh-offload here: 39 GB, removed after) against that file's own
+# O_DIRECT read rate, and i8g64 from pinned memory (71 GB; MSH_PIN_SHARE default 0.8 for it);
+# MSH_GPU_70B_CFGS replaces the list (offload_70b.jsonl).
 # MSH_GPU_QGEMV_VARIANTS="5 0" runs test_cuda_quant and the 8B shape's i4g64 decode under each
 # MSH_QGEMV_VARIANT (kernels/gemv_quant.cu: 5 and 6 the tensor-core kernel; qvariants.jsonl).
 # MSH_GPU_PREBUILT=DIR takes build-gpu's libraries, command and test programs from DIR instead of
@@ -266,6 +270,37 @@ for line in open(sys.argv[1]):
     print(f"{r['cfg']:60s} decode {f('decode_tok_s')} tok/s, step {f('decode_step_ms')} ms, floor share "
           f"{f('decode_efficiency')}, stream {f('stream_gbs')} GB/s of pinned H2D {f('h2d_pinned_gbs')} "
           f"({f('stream_share_of_h2d')}), stalls {f('prefetch_stall_ms_per_token')} ms/token")
+EOF
+fi
+
+if [ "${MSH_GPU_OFFLOAD_70B:-0}" = 1 ]; then
+  # issue 18's 70B rows: int4 streamed from the disk (the offload file's own O_DIRECT read rate
+  # measured by dd in the same run: disk_read_gbs, nvme_share_of_disk) and int8 from pinned memory
+  # (71 GB: MSH_PIN_SHARE lets the guard pin up to that share of RAM)
+  echo "== Llama-2-70B shape: i4g64 --disk-offload, i8g64 --cpu-offload (random weights; ceilings measured in each run)"
+  ulimit -l unlimited 2> /dev/null || true
+  odir=${MSH_GPU_OFFLOAD_DIR:-$root/.msh-offload}
+  mkdir -p "$odir"
+  echo "offload dir $odir: $(df -h --output=avail,source "$odir" | tail -1)"
+  cfgs=${MSH_GPU_70B_CFGS:-"--dtype i4g64 --disk-offload --offload-dir $odir --prompt-len 16 --gen-len 3 --loops 1;--dtype i8g64 --cpu-offload --pin-memory --prompt-len 16 --gen-len 3 --loops 1"}
+  IFS=';' read -r -a cfg_list <<< "$cfgs"
+  for cfg in "${cfg_list[@]}"; do
+    # shellcheck disable=SC2086
+    MSH_PIN_SHARE=${MSH_PIN_SHARE:-0.8} timeout "${MSH_GPU_70B_TIMEOUT:-400}" build-gpu/moonshard bench \
+      --dummy tools/bench/shapes/llama-2-70b.json --device cuda $cfg 2>> "$out/offload_70b.err" |
+      sed "s|^{|{\"cfg\":\"$cfg\",|" >> "$out/offload_70b.jsonl" || { status=1; tail -3 "$out/offload_70b.err"; }
+  done
+  rm -rf "$odir"
+  python3 - "$out/offload_70b.jsonl" << 'EOF'
+import json, sys
+for line in open(sys.argv[1]):
+    if not line.startswith("{"):
+        continue
+    r = json.loads(line)
+    f = lambda k, fmt="{:.3g}": fmt.format(r[k]) if isinstance(r.get(k), (int, float)) else "-"
+    print(f"{r['cfg'][:44]:44s} load {f('load_s')} s, {f('per_token_latency_ms')} ms/token, stream {f('stream_gbs')} GB/s "
+          f"(pinned H2D {f('h2d_pinned_gbs')}: {f('stream_share_of_h2d')}; disk {f('nvme_gbs')} GB/s of dd's "
+          f"{f('disk_read_gbs')}: {f('nvme_share_of_disk')}), stalls {f('prefetch_stall_ms_per_token')} ms/token")
 EOF
 fi
 

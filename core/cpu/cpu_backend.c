@@ -80,8 +80,11 @@ float *msh_cpu_scratch(int slot, size_t n) {
 
 static msh_status cpu_alloc(int device_index, uint64_t bytes, void **out) {
   (void)device_index;
-  size_t n = (size_t)((bytes + 63) & ~(uint64_t)63);
-  void *p = aligned_alloc(64, n ? n : 64);
+  /* large buffers on page boundaries: the disk tier reads into them with O_DIRECT, which takes
+   * only page-aligned addresses (msh_reader reads other ranges through the page cache) */
+  size_t align = bytes >= (1u << 20) ? 4096 : 64;
+  size_t n = (size_t)((bytes + align - 1) & ~(uint64_t)(align - 1));
+  void *p = aligned_alloc(align, n ? n : 64);
   if (!p) return MSH_FAIL(MSH_ENOMEM, "cannot allocate %llu bytes of host memory", (unsigned long long)bytes);
   memset(p, 0, n);
   *out = p;

@@ -7,6 +7,7 @@
 --   local h2d, pinned = ceil.h2d("cuda")          -- pinned host -> device bytes/s, on a copy stream
 --   local bytes, params, head = ceil.weights(net) -- what one decode step reads, the matmul params
 --   local kv = ceil.kv_bytes_per_position(net)    -- K and V of one position over the layers
+--   local rd = ceil.disk(path)                     -- a file's sequential read rate: rd.gbs, rd.direct
 local uv = require "luv"
 local core = require "moonshard.core"
 local tensor = require "moonshard.tensor"
@@ -134,6 +135,83 @@ function M.kv_bytes_per_position(net)
   local kv = net.kv[net.first_layer]
   local t = kv.K or kv.k_pool
   return (net.last_layer - net.first_layer + 1) * 2 * net.n_kv_heads * net.head_dim * t:nbytes() / t:numel()
+end
+
+-- M.disk(path[, max_bytes]) -> { gbs, dd_gbs, reader_gbs, direct, bytes } | nil, message: the
+-- sequential read rate of a file's disk over its first max_bytes (default 8 GiB), the best of two
+-- readers with nothing else running: coreutils' dd in 64 MiB blocks, and moonshard's io_uring
+-- reader at queue depth 64 in 1 MiB requests (what fio's iodepth measures; on some disks many
+-- requests in flight read faster than dd's large blocks, on others not). Both use O_DIRECT, so the
+-- page cache is bypassed (a file just written sits in it; it is synced first, or its dirty pages
+-- would be written back inside the timing). Where O_DIRECT is refused (tmpfs) both read through
+-- the page cache and direct is false: that rate is memory's, not the disk's. A file of a few MiB
+-- measures the disk's latency more than its rate (M.DISK_MIN_BYTES: the least a rate is stated for).
+M.DISK_MIN_BYTES = 256 * 1024 * 1024
+local DISK_BLOCK = 64 * 1024 * 1024
+
+local function dd_rate(q, count)
+  local out
+  for _, flag in ipairs { "iflag=direct", "" } do
+    local p = io.popen(string.format("LC_ALL=C dd if=%s of=/dev/null bs=%d count=%d %s 2>&1", q, DISK_BLOCK, count, flag))
+    out = p and p:read("*a") or ""
+    if p then p:close() end
+    local bytes, secs = out:match("(%d+) bytes.-copied, ([%d%.e%-]+) s")
+    bytes, secs = tonumber(bytes), tonumber(secs)
+    if bytes and bytes > 0 and secs and secs > 0 then return bytes / secs, flag ~= "", bytes end
+  end
+  return nil, (out:gsub("%s+$", ""))
+end
+
+local function reader_rate(path, bytes)
+  local ffi = require "ffi"
+  local out_reader, ticket = ffi.new("msh_reader*[1]"), ffi.new("uint64_t[1]")
+  local ok, msg = core.try(core.C.msh_reader_open(out_reader, path, 64, 1024 * 1024, 1))
+  if not ok then return nil, msg end
+  local r = ffi.gc(out_reader[0], core.C.msh_reader_free)
+  local bufs, tickets, err = {}, {}, nil
+  local n = math.ceil(bytes / DISK_BLOCK)
+  for i = 1, math.min(n, 4) do bufs[i] = assert(tensor.new({ DISK_BLOCK }, "i8", "cpu")) end
+  local t0 = uv.hrtime()
+  for i = 1, n + #bufs do
+    local k = (i - 1) % #bufs + 1
+    if tickets[k] and not err then
+      ok, msg = core.try(core.C.msh_reader_wait(r, tickets[k]))
+      if not ok then err = msg end
+    end
+    tickets[k] = nil
+    if i <= n and not err then
+      local off = (i - 1) * DISK_BLOCK
+      ok, msg = core.try(core.C.msh_reader_submit(r, bufs[k], off, math.min(DISK_BLOCK, bytes - off), ticket))
+      if ok then tickets[k] = ticket[0] else err = msg end
+    end
+  end
+  local secs = (uv.hrtime() - t0) / 1e9
+  local direct = ffi.new("int[1]")
+  core.C.msh_reader_stats(r, nil, nil, nil, nil, nil, direct)
+  core.C.msh_reader_free(ffi.gc(r, nil))
+  for _, b in ipairs(bufs) do b:free() end
+  if err then return nil, err end
+  return bytes / secs, direct[0] == 1
+end
+
+function M.disk(path, max_bytes)
+  local f = io.open(path, "rb")
+  if not f then return nil, string.format("cannot read '%s'", path) end
+  local size = f:seek("end")
+  f:close()
+  local bytes = math.min(size, max_bytes or 8 * 1024 ^ 3)
+  if bytes <= 0 then return nil, string.format("'%s' is empty", path) end
+  local q = "'" .. path:gsub("'", "'\\''") .. "'"
+  os.execute("sync -- " .. q .. " 2>/dev/null")
+  local dd, dd_direct = dd_rate(q, math.ceil(bytes / DISK_BLOCK))
+  local rd, rd_direct = reader_rate(path, bytes)
+  if not dd and not rd then
+    return nil, string.format("reading '%s' failed: dd: %s; reader: %s", path, tostring(dd_direct), tostring(rd_direct))
+  end
+  return {
+    gbs = math.max(dd or 0, rd or 0) / 1e9, dd_gbs = dd and dd / 1e9, reader_gbs = rd and rd / 1e9,
+    direct = (dd and dd_direct) or (rd and rd_direct) or false, bytes = bytes,
+  }
 end
 
 M.median = median

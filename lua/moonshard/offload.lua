@@ -574,7 +574,9 @@ function Streaming:stats()
   if self.reader then
     local ints = ffi.new("int[4]")
     C.msh_reader_stats(self.reader, out_u64, out_f64, ints, ints + 1, ints + 2, ints + 3)
-    st.read_bytes, st.read_wait_s = tonumber(out_u64[0]), out_f64[0]
+    -- the reader counts from its opening: since reset_stats, as the other counters
+    local base = self.read_base or { 0, 0 }
+    st.read_bytes, st.read_wait_s = tonumber(out_u64[0]) - base[1], out_f64[0] - base[2]
     st.max_in_flight, st.queue_depth, st.uring, st.direct = ints[0], ints[1], ints[2] == 1, ints[3] == 1
   end
   return st
@@ -584,6 +586,10 @@ function Streaming:reset_stats()
   local st = self.counters
   st.bytes, st.gathered, st.fetches, st.wait_s, st.layer_wait = 0, 0, 0, 0, {}
   st.queued_sum, st.queued_n = 0, 0
+  if self.reader then
+    C.msh_reader_stats(self.reader, out_u64, out_f64, nil, nil, nil, nil)
+    self.read_base = { tonumber(out_u64[0]), out_f64[0] }
+  end
 end
 
 -- Frees everything the stage holds (waits for reads and copies in flight first).

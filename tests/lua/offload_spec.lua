@@ -151,6 +151,42 @@ describe("streaming stages", function()
     assert.is_true((require("luv").hrtime() - t0) / 1e9 < 30)
   end)
 
+  it("measures a file's disk read rate two ways, the best the ceiling, within max_bytes", function()
+    local ceil = require "moonshard.ceilings"
+    local path = dir .. "/probe.bin"
+    local f = assert(io.open(path, "wb"))
+    local mib = string.rep("\1\2\3\4", 256 * 1024)
+    for _ = 1, 40 do f:write(mib) end
+    f:close()
+    local rd = assert(ceil.disk(path, 24 * 1024 * 1024))
+    assert.are.equal(24 * 1024 * 1024, rd.bytes)
+    assert.is_true(rd.dd_gbs > 0 and rd.reader_gbs > 0, require("cjson").encode(rd))
+    assert.are.equal(math.max(rd.dd_gbs, rd.reader_gbs), rd.gbs)
+    assert.are.equal(40 * 1024 * 1024, assert(ceil.disk(path)).bytes)
+    local none, err = ceil.disk(dir .. "/missing.bin")
+    assert.is_nil(none)
+    assert.truthy(err:find("missing.bin", 1, true), err)
+  end)
+
+  it("bench --disk-offload reports the disk's rate measured in the same run beside the stream's", function()
+    local out, err, code = h.run { "bench", "--model", h.stories, "--disk-offload", "--offload-dir", dir,
+      "--prompt-len", "8", "--gen-len", "4", "--loops", "1", "--warmup", "1", "--threads", "1" }
+    assert.are.equal(0, code, err)
+    local r = require("cjson").decode(out:match("(%b{})%s*$"))
+    assert.are.equal("disk", r.offload)
+    assert.is_true(r.nvme_gbs > 0 and r.disk_read_gbs > 0, out)
+    assert.are.equal(math.max(r.disk_read_dd_gbs, r.disk_read_reader_gbs), r.disk_read_gbs)
+    -- the disk's bytes are counted over the timed loops alone, as the stream's (not the warm-up's):
+    -- each layer read once per upload, give or take the reads queued ahead at either end
+    local ratio = r.nvme_gbs / r.stream_gbs
+    assert.is_true(ratio > 0.9 and ratio < 1.2, tostring(ratio))
+    local f = assert(io.open(dir .. "/moonshard-offload-rank0.bin", "rb"))
+    assert.are.equal(f:seek("end"), r.disk_read_bytes)
+    f:close()
+    -- a file of 1 MiB measures latency, not a rate: no share is stated against it
+    assert.is_nil(r.nvme_share_of_disk)
+  end)
+
   it("refuses bad flag combinations", function()
     for _, case in ipairs {
       { { "--cpu-offload", "--disk-offload", "--offload-dir", "/tmp" }, "not both" },
