@@ -299,7 +299,7 @@ for line in open(sys.argv[1]):
     r = json.loads(line)
     f = lambda k, fmt="{:.3g}": fmt.format(r[k]) if isinstance(r.get(k), (int, float)) else "-"
     print(f"{r['cfg'][:44]:44s} load {f('load_s')} s, {f('per_token_latency_ms')} ms/token, stream {f('stream_gbs')} GB/s "
-          f"(pinned H2D {f('h2d_pinned_gbs')}: {f('stream_share_of_h2d')}; disk {f('nvme_gbs')} GB/s of dd's "
+          f"(pinned H2D {f('h2d_pinned_gbs')}: {f('stream_share_of_h2d')}; disk {f('nvme_gbs')} GB/s of the file's read rate "
           f"{f('disk_read_gbs')}: {f('nvme_share_of_disk')}), stalls {f('prefetch_stall_ms_per_token')} ms/token")
 EOF
 fi
