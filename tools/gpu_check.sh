@@ -62,6 +62,19 @@ jobs=${MSH_JOBS:-$(nproc)}
 status=0
 t_start=$(date +%s)
 
+# bench_each SHAPE CFGS NAME LIMIT: `moonshard bench --dummy SHAPE --device cuda` once per option
+# list of CFGS (';' between runs), LIMIT seconds each; JSON lines tagged with their "cfg" go to
+# $out/NAME.jsonl, stderr to $out/NAME.err
+bench_each() {
+  local cfg cfg_list
+  IFS=';' read -r -a cfg_list <<< "$2"
+  for cfg in "${cfg_list[@]}"; do
+    # shellcheck disable=SC2086
+    timeout "$4" build-gpu/moonshard bench --dummy "$1" --device cuda $cfg 2>> "$out/$3.err" |
+      sed "s|^{|{\"cfg\":\"$cfg\",|" >> "$out/$3.jsonl" || { status=1; tail -3 "$out/$3.err"; }
+  done
+}
+
 echo "== machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader 2>&1 | head -4
 nvcc --version 2>&1 | tail -1
@@ -254,12 +267,7 @@ if [ "${MSH_GPU_OFFLOAD_BENCH:-0}" = 1 ]; then
   shape=tools/bench/shapes/llama-3-8b.json
   ulimit -l unlimited 2> /dev/null || true
   cfgs=${MSH_GPU_OFFLOAD_CFGS:-"--prompt-len 128 --gen-len 65 --loops 2;--dtype i4g64 --prompt-len 128 --gen-len 65 --loops 2;--cpu-offload --prompt-len 32 --gen-len 9 --loops 2;--cpu-offload --batch-size 32 --prompt-len 32 --gen-len 9 --loops 2;--cpu-offload --dtype i4g64 --prompt-len 32 --gen-len 9 --loops 2"}
-  IFS=';' read -r -a cfg_list <<< "$cfgs"
-  for cfg in "${cfg_list[@]}"; do
-    # shellcheck disable=SC2086
-    timeout 150 build-gpu/moonshard bench --dummy $shape --device cuda $cfg 2>> "$out/offload_bench.err" |
-      sed "s/^{/{\"cfg\":\"$cfg\",/" >> "$out/offload_bench.jsonl" || { status=1; tail -3 "$out/offload_bench.err"; }
-  done
+  bench_each "$shape" "$cfgs" offload_bench 150
   python3 - "$out/offload_bench.jsonl" << 'EOF'
 import json, sys
 for line in open(sys.argv[1]):
@@ -283,13 +291,8 @@ if [ "${MSH_GPU_OFFLOAD_70B:-0}" = 1 ]; then
   mkdir -p "$odir"
   echo "offload dir $odir: $(df -h --output=avail,source "$odir" | tail -1)"
   cfgs=${MSH_GPU_70B_CFGS:-"--dtype i4g64 --disk-offload --offload-dir $odir --prompt-len 16 --gen-len 3 --loops 1;--dtype i8g64 --cpu-offload --pin-memory --prompt-len 16 --gen-len 3 --loops 1"}
-  IFS=';' read -r -a cfg_list <<< "$cfgs"
-  for cfg in "${cfg_list[@]}"; do
-    # shellcheck disable=SC2086
-    MSH_PIN_SHARE=${MSH_PIN_SHARE:-0.8} timeout "${MSH_GPU_70B_TIMEOUT:-400}" build-gpu/moonshard bench \
-      --dummy tools/bench/shapes/llama-2-70b.json --device cuda $cfg 2>> "$out/offload_70b.err" |
-      sed "s|^{|{\"cfg\":\"$cfg\",|" >> "$out/offload_70b.jsonl" || { status=1; tail -3 "$out/offload_70b.err"; }
-  done
+  MSH_PIN_SHARE=${MSH_PIN_SHARE:-0.8} bench_each tools/bench/shapes/llama-2-70b.json "$cfgs" offload_70b \
+    "${MSH_GPU_70B_TIMEOUT:-400}"
   rm -rf "$odir"
   python3 - "$out/offload_70b.jsonl" << 'EOF'
 import json, sys
