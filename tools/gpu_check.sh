@@ -75,6 +75,23 @@ bench_each() {
   done
 }
 
+# offload_table FILE: a line per bench_each row: decode, its floor share, the stream against the
+# pinned H2D ceiling and the disk's against the offload file's own read rate (each of the same run)
+offload_table() {
+  python3 - "$1" << 'EOF'
+import json, sys
+for line in open(sys.argv[1]):
+    if not line.startswith("{"):
+        continue
+    r = json.loads(line)
+    f = lambda k, fmt="{:.3g}": fmt.format(r[k]) if isinstance(r.get(k), (int, float)) else "-"
+    print(f"{r['cfg'][:60]:60s} load {f('load_s')} s, decode {f('decode_tok_s')} tok/s ({f('decode_step_ms')} ms, "
+          f"floor share {f('decode_efficiency')}), stream {f('stream_gbs')} GB/s of pinned H2D {f('h2d_pinned_gbs')} "
+          f"({f('stream_share_of_h2d')}), disk {f('nvme_gbs')} GB/s of the file's {f('disk_read_gbs')} "
+          f"({f('nvme_share_of_disk')}), stalls {f('prefetch_stall_ms_per_token')} ms/token")
+EOF
+}
+
 echo "== machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader 2>&1 | head -4
 nvcc --version 2>&1 | tail -1
@@ -268,22 +285,12 @@ if [ "${MSH_GPU_OFFLOAD_BENCH:-0}" = 1 ]; then
   ulimit -l unlimited 2> /dev/null || true
   cfgs=${MSH_GPU_OFFLOAD_CFGS:-"--prompt-len 128 --gen-len 65 --loops 2;--dtype i4g64 --prompt-len 128 --gen-len 65 --loops 2;--cpu-offload --prompt-len 32 --gen-len 9 --loops 2;--cpu-offload --batch-size 32 --prompt-len 32 --gen-len 9 --loops 2;--cpu-offload --dtype i4g64 --prompt-len 32 --gen-len 9 --loops 2"}
   bench_each "$shape" "$cfgs" offload_bench 150
-  python3 - "$out/offload_bench.jsonl" << 'EOF'
-import json, sys
-for line in open(sys.argv[1]):
-    if not line.startswith("{"):
-        continue
-    r = json.loads(line)
-    f = lambda k, fmt="{:.3g}": fmt.format(r[k]) if isinstance(r.get(k), (int, float)) else "-"
-    print(f"{r['cfg']:60s} decode {f('decode_tok_s')} tok/s, step {f('decode_step_ms')} ms, floor share "
-          f"{f('decode_efficiency')}, stream {f('stream_gbs')} GB/s of pinned H2D {f('h2d_pinned_gbs')} "
-          f"({f('stream_share_of_h2d')}), stalls {f('prefetch_stall_ms_per_token')} ms/token")
-EOF
+  offload_table "$out/offload_bench.jsonl"
 fi
 
 if [ "${MSH_GPU_OFFLOAD_70B:-0}" = 1 ]; then
   # issue 18's 70B rows: int4 streamed from the disk (the offload file's own O_DIRECT read rate
-  # measured by dd in the same run: disk_read_gbs, nvme_share_of_disk) and int8 from pinned memory
+  # measured in the same run: disk_read_gbs, nvme_share_of_disk) and int8 from pinned memory
   # (71 GB: MSH_PIN_SHARE lets the guard pin up to that share of RAM)
   echo "== Llama-2-70B shape: i4g64 --disk-offload, i8g64 --cpu-offload (random weights; ceilings measured in each run)"
   ulimit -l unlimited 2> /dev/null || true
@@ -294,17 +301,7 @@ if [ "${MSH_GPU_OFFLOAD_70B:-0}" = 1 ]; then
   MSH_PIN_SHARE=${MSH_PIN_SHARE:-0.8} bench_each tools/bench/shapes/llama-2-70b.json "$cfgs" offload_70b \
     "${MSH_GPU_70B_TIMEOUT:-400}"
   rm -rf "$odir"
-  python3 - "$out/offload_70b.jsonl" << 'EOF'
-import json, sys
-for line in open(sys.argv[1]):
-    if not line.startswith("{"):
-        continue
-    r = json.loads(line)
-    f = lambda k, fmt="{:.3g}": fmt.format(r[k]) if isinstance(r.get(k), (int, float)) else "-"
-    print(f"{r['cfg'][:44]:44s} load {f('load_s')} s, {f('per_token_latency_ms')} ms/token, stream {f('stream_gbs')} GB/s "
-          f"(pinned H2D {f('h2d_pinned_gbs')}: {f('stream_share_of_h2d')}; disk {f('nvme_gbs')} GB/s of the file's read rate "
-          f"{f('disk_read_gbs')}: {f('nvme_share_of_disk')}), stalls {f('prefetch_stall_ms_per_token')} ms/token")
-EOF
+  offload_table "$out/offload_70b.jsonl"
 fi
 
 if [ -n "${MSH_GPU_QGEMV_VARIANTS:-}" ]; then
