@@ -297,7 +297,7 @@ if [ "${MSH_GPU_OFFLOAD_70B:-0}" = 1 ]; then
   odir=${MSH_GPU_OFFLOAD_DIR:-$root/.msh-offload}
   mkdir -p "$odir"
   echo "offload dir $odir: $(df -h --output=avail,source "$odir" | tail -1)"
-  cfgs=${MSH_GPU_70B_CFGS:-"--dtype i4g64 --disk-offload --offload-dir $odir --prompt-len 16 --gen-len 3 --loops 1;--dtype i8g64 --cpu-offload --pin-memory --prompt-len 16 --gen-len 3 --loops 1"}
+  cfgs=${MSH_GPU_70B_CFGS:-"--dtype i4g64 --disk-offload --offload-dir $odir --prompt-len 16 --gen-len 3 --loops 1 --warmup 0;--dtype i8g64 --cpu-offload --pin-memory --prompt-len 16 --gen-len 3 --loops 1"}
   MSH_PIN_SHARE=${MSH_PIN_SHARE:-0.8} bench_each tools/bench/shapes/llama-2-70b.json "$cfgs" offload_70b \
     "${MSH_GPU_70B_TIMEOUT:-400}"
   rm -rf "$odir"
