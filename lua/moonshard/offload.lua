@@ -178,7 +178,7 @@ function M.stage(weights, device, opts)
   local self = setmetatable({
     device = device, tier = tier, streaming = true, views = {}, small = {}, owned = {}, parts = {},
     slots = {}, pending = {}, order = {},
-    counters = { bytes = 0, gathered = 0, fetches = 0, wait_s = 0, layer_wait = {}, layer_bytes = {},
+    counters = { bytes = 0, gathered = 0, fetches = 0, wait_s = 0, layer_wait = {}, layer_bytes = {}, layer_fetched = {},
       queued_sum = 0, queued_n = 0 },
   }, Streaming)
   local ok, err = pcall(M.build, self, weights, opts)
@@ -461,7 +461,9 @@ function Streaming:upload(s, l, src)
   local ok, msg = stream.copy_async(v.mine, src, self.copy)
   if not ok then error(msg, 0) end
   local bytes = self.parts[l].bytes
-  self.counters.bytes = self.counters.bytes + bytes
+  local st = self.counters
+  st.bytes = st.bytes + bytes
+  st.layer_fetched[l] = (st.layer_fetched[l] or 0) + bytes
   if self.comm then
     -- the collective runs on the copy stream (NCCL queues on the current stream)
     local cur = self.device ~= "cpu"
@@ -564,7 +566,8 @@ function Streaming:norm() return self.globals and self.globals:norm() end
 function Streaming:output() return self.globals and self.globals:output() end
 
 -- stage:stats() -> { bytes (this rank's parts uploaded), gathered (bytes all-gathered), fetches,
--- wait_s (host time inside acquire), layer_wait[l], layer_bytes[l], tier, prefetch, pinned, and for
+-- wait_s (host time inside acquire), layer_wait[l], layer_bytes[l] (a layer's part),
+-- layer_fetched[l] (its part's bytes uploaded, summed over fetches), tier, prefetch, pinned, and for
 -- the disk tier: read_bytes, read_wait_s, queue_depth, max_in_flight, uring, direct, and queued_sum /
 -- queued_n (layer reads queued on the disk after each acquire's prefetches, summed, and acquires) }
 function Streaming:stats()
@@ -584,7 +587,7 @@ end
 
 function Streaming:reset_stats()
   local st = self.counters
-  st.bytes, st.gathered, st.fetches, st.wait_s, st.layer_wait = 0, 0, 0, 0, {}
+  st.bytes, st.gathered, st.fetches, st.wait_s, st.layer_wait, st.layer_fetched = 0, 0, 0, 0, {}, {}
   st.queued_sum, st.queued_n = 0, 0
   if self.reader then
     C.msh_reader_stats(self.reader, out_u64, out_f64, nil, nil, nil, nil)

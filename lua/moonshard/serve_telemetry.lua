@@ -80,7 +80,8 @@ end
 
 -- probe:snapshot() -> { rank, t (seconds, this rank's monotonic clock), calls, busy_s, idle_s, pp,
 --   coll = { op = { calls, bytes, seconds } }, stream = { tier, bytes, wait_s, fetches, read_bytes,
---   queued_sum, queued_n, max_in_flight } (streaming stages only) }, all cumulative
+--   queued_sum, queued_n, max_in_flight, first_layer, layer_wait_s[i], layer_bytes[i] (the fetch
+--   waits and bytes of layer first_layer + i - 1) } (streaming stages only) }, all cumulative
 function Probe:snapshot()
   self.tel:poll()
   local coll = {}
@@ -91,7 +92,12 @@ function Probe:snapshot()
   if stage then
     local st = stage:stats()
     s.stream = { tier = st.tier, bytes = st.bytes + (st.gathered or 0), wait_s = st.wait_s, fetches = st.fetches,
-      read_bytes = st.read_bytes, queued_sum = st.queued_sum, queued_n = st.queued_n, max_in_flight = st.max_in_flight }
+      read_bytes = st.read_bytes, queued_sum = st.queued_sum, queued_n = st.queued_n, max_in_flight = st.max_in_flight,
+      first_layer = stage.first - 1, layer_wait_s = {}, layer_bytes = {} }
+    for l = stage.first, stage.last do -- per layer of the stage, from first_layer (counted from 0)
+      s.stream.layer_wait_s[#s.stream.layer_wait_s + 1] = st.layer_wait[l] or 0
+      s.stream.layer_bytes[#s.stream.layer_bytes + 1] = st.layer_fetched[l] or 0
+    end
   end
   return s
 end

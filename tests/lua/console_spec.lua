@@ -18,6 +18,7 @@ local function start(args, o)
   local dir = h.tmpdir()
   local log = dir .. "/serve.log"
   local parts = { "exec timeout -k 5 170", h.q(h.exe) }
+  if o.log then parts[1] = "exec env MSH_LOG_DIR=" .. h.q(dir .. "/logs") .. " timeout -k 5 170" end
   if o.n then
     for _, a in ipairs { "launch", "-n", tostring(o.n), "--grace", "3", "--log-dir", dir .. "/logs" } do parts[#parts + 1] = h.q(a) end
     for _, a in ipairs(o.launch or {}) do parts[#parts + 1] = h.q(a) end
@@ -660,7 +661,7 @@ describe("the console's telemetry of every rank", function()
         off = h.tmpdir()
         args[2], args[3] = case[2], off
       end
-      local s = start(args)
+      local s = start(args, { log = true })
       local ok, err = pcall(function()
         local _, info = json(s, "/v1/console/info")
         assert.are.equal(case[2] and "disk" or "host", info.placement.offload)
@@ -676,6 +677,19 @@ describe("the console's telemetry of every rank", function()
         assert.is_true(r.calls > 10, cjson.encode(r))
         local per_call = r.weight_bytes / r.calls
         assert.is_true(math.abs(per_call - layer_bytes) < 0.02 * layer_bytes, per_call .. " vs " .. layer_bytes)
+        -- the rank's JSON Lines samples: each layer's fetch waits and bytes, which add up to the stream's
+        local samples = jsonl_samples(s.logs .. "/rank0.jsonl")
+        local st = assert(samples[#samples].stream, h.read(s.logs .. "/rank0.jsonl"))
+        assert.are.equal(0, st.first_layer)
+        assert.are.equal(5, #st.layer_wait_s)
+        assert.are.equal(5, #st.layer_bytes)
+        local sum, waits = 0, 0
+        for i = 1, 5 do
+          assert.is_true(st.layer_bytes[i] > 0 and st.layer_wait_s[i] >= 0, cjson.encode(st))
+          sum, waits = sum + st.layer_bytes[i], waits + st.layer_wait_s[i]
+        end
+        assert.are.equal(st.bytes, sum)
+        assert.is_true(math.abs(waits - st.wait_s) <= 1e-9 * math.max(1, st.wait_s), cjson.encode(st))
         if case[2] then
           assert.is_true(x.sources.nvme)
           assert.is_true(x.nvme_qd > 0, tostring(x.nvme_qd))
