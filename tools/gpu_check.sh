@@ -109,6 +109,7 @@ cuda_home=${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc)")")}
 if [ -n "${MSH_GPU_PREBUILT:-}" ]; then
   echo "== prebuilt: build-gpu from $MSH_GPU_PREBUILT (tools/gpu_prebuild.sh), no configure or build"
   mkdir -p build-gpu && cp -a "$MSH_GPU_PREBUILT"/. build-gpu/ || exit 1
+  echo "built at $(tr '\n' ' ' < build-gpu/SOURCE 2> /dev/null); this tree: $(git rev-parse --short HEAD 2> /dev/null)"
   # the toolkit's libraries, linked by name, where the loader has no entry for them
   for f in libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libnccl.so.2; do
     ldconfig -p | grep -q "$f" && continue

@@ -23,4 +23,7 @@ rm -rf build-carry/bin && mkdir -p build-carry/bin
 cp -a build-gpu/libmoonshard.so build-gpu/libmoonshard_cuda.so build-gpu/moonshard build-gpu/lua \
   build-gpu/CTestTestfile.cmake build-carry/bin/
 find build-gpu -maxdepth 1 -type f -executable -name '*test_*' -exec cp -a {} build-carry/bin/ \;
+# what the build is of: the commit, and compiled sources changed since it (gpu_check prints it)
+{ git rev-parse --short HEAD; git status --porcelain -- core kernels CMakeLists.txt tools/bench_gpu_ops.c tests/gpu tests/c; } \
+  > build-carry/bin/SOURCE
 du -sh build-carry/bin
