@@ -76,7 +76,8 @@ bench_each() {
 }
 
 # offload_table FILE: a line per bench_each row: decode, its floor share, the stream against the
-# pinned H2D ceiling and the disk's against the offload file's own read rate (each of the same run)
+# pinned H2D ceiling, the disk's against the offload file's own read rate and the --kv-offload
+# cache's reads across the link against the same H2D ceiling (each of the same run)
 offload_table() {
   python3 - "$1" << 'EOF'
 import json, sys
@@ -88,7 +89,8 @@ for line in open(sys.argv[1]):
     print(f"{r['cfg'][:60]:60s} load {f('load_s')} s, decode {f('decode_tok_s')} tok/s ({f('decode_step_ms')} ms, "
           f"floor share {f('decode_efficiency')}), stream {f('stream_gbs')} GB/s of pinned H2D {f('h2d_pinned_gbs')} "
           f"({f('stream_share_of_h2d')}), disk {f('nvme_gbs')} GB/s of the file's {f('disk_read_gbs')} "
-          f"({f('nvme_share_of_disk')}), stalls {f('prefetch_stall_ms_per_token')} ms/token")
+          f"({f('nvme_share_of_disk')}), stalls {f('prefetch_stall_ms_per_token')} ms/token, KV over the link "
+          f"{f('kv_link_gbs')} GB/s ({f('kv_link_share_of_h2d')})")
 EOF
 }
 
