@@ -33,4 +33,9 @@ static inline MSH_HD float msh_randn_value(uint64_t seed, uint64_t i) {
   return (float)((i & 1) ? r * sin(a) : r * cos(a));
 }
 
+/* Element i of a tensor drawn with mean and std: one expression for every backend's loop. */
+static inline MSH_HD float msh_randn_scaled(uint64_t seed, uint64_t i, float mean, float std) {
+  return mean + std * msh_randn_value(seed, i);
+}
+
 #endif

@@ -456,6 +456,7 @@ msh_status msh_tensor_contiguous(msh_tensor **out, const msh_tensor *src, int dt
 /* ------------------------------------------------------------------------------ random */
 
 float msh_randn_at(uint64_t seed, uint64_t i) { return msh_randn_value(seed, i); }
+float msh_randn_scaled_at(uint64_t seed, uint64_t i, float mean, float std) { return msh_randn_scaled(seed, i, mean, std); }
 
 msh_status msh_tensor_randn(msh_tensor *t, uint64_t seed, float mean, float std) {
   if (!t) return MSH_FAIL(MSH_EINVAL, "NULL argument");
@@ -470,7 +471,7 @@ msh_status msh_tensor_randn(msh_tensor *t, uint64_t seed, float mean, float std)
   msh_status s = msh_tensor_new(&host, MSH_F32, 1, shape1, MSH_CPU, 0);
   if (s != MSH_OK) return s;
   float *p = msh_tensor_ptr(host);
-  for (int64_t i = 0; i < n; i++) p[i] = mean + std * msh_randn_at(seed, (uint64_t)i);
+  for (int64_t i = 0; i < n; i++) p[i] = msh_randn_scaled(seed, (uint64_t)i, mean, std);
   /* copy in row-major element order into t, whatever its strides */
   msh_tensor *shaped = NULL;
   s = msh_tensor_reshape(&shaped, host, t->ndim, t->shape);

@@ -443,6 +443,29 @@ static void test_randn(void) {
       ok &= ((uint16_t *)msh_tensor_data(base))[j * 30 + i] ==
             msh_f32_to_bf16(((float *)msh_tensor_data(ref))[i * 41 + j]);
   CHECK(ok);
+  /* the backend's fill of a contiguous tensor (threads splitting the elements) draws what the
+   * generic loop draws into a strided view, bit for bit, in each float dtype */
+  int64_t big[2] = {301, 1001}, bigt[2] = {1001, 301};
+  int threads = msh_get_num_threads();
+  msh_set_num_threads(4);
+  int dts[3] = {MSH_F32, MSH_BF16, MSH_F16};
+  for (int d = 0; d < 3; d++) {
+    msh_tensor *cont = tnew(dts[d], 2, big), *tb = tnew(dts[d], 2, bigt), *tv = NULL;
+    CHECK_OK(msh_tensor_transpose(&tv, tb, 0, 1));
+    CHECK_OK(msh_tensor_randn(cont, 9, 0.25f, 0.5f));
+    CHECK_OK(msh_tensor_randn(tv, 9, 0.25f, 0.5f));
+    size_t es = msh_dtype_size(dts[d]);
+    const char *cp = msh_tensor_data(cont), *bp = msh_tensor_data(tb);
+    int64_t differ = 0;
+    for (int64_t i = 0; i < big[0]; i++)
+      for (int64_t j = 0; j < big[1]; j++)
+        differ += memcmp(cp + (i * big[1] + j) * (int64_t)es, bp + (j * big[0] + i) * (int64_t)es, es) != 0;
+    CHECK(differ == 0);
+    msh_tensor_free(tv);
+    msh_tensor_free(tb);
+    msh_tensor_free(cont);
+  }
+  msh_set_num_threads(threads);
   msh_tensor *it = tnew(MSH_I32, 1, s);
   CHECK_STATUS(msh_tensor_randn(it, 1, 0, 1), MSH_EINVAL);
   msh_tensor *ts[] = {a, b, c, base, view, ref, it};
