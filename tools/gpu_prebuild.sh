@@ -6,7 +6,7 @@
 #   bash tools/gpu_prebuild.sh                     # here: build-gpu for sm_90a, then build-carry/bin
 #   MSH_GPU_PREBUILT=build-carry/bin bash tools/gpu_check.sh   # there (carry build-carry and .carry/debs)
 #
-# The build targets a generic x86-64 CPU and keeps this checkout's absolute paths (the CUDA module's directory, the Lua root), so
+# The build targets x86-64-v3 CPUs and keeps this checkout's absolute paths (the CUDA module's directory, the Lua root), so
 # the device's copy of the tree must sit at the same path, as the device tool's copy does. The
 # libraries it links (LuaJIT, libuv, OpenBLAS ...) come from tools/gpu_env.sh's Debian packages
 # there, the CUDA ones from the device's toolkit (same major version: the sonames say it).
@@ -14,8 +14,10 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 command -v nvcc > /dev/null || { echo "gpu_prebuild: no nvcc on PATH" >&2; exit 1; }
 mkdir -p build-carry
-# not -march=native: the device's CPU is another one
-cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a -DMSH_NATIVE=OFF > build-carry/configure.log
+# not -march=native: the device's CPU is another one; x86-64-v3 (AVX2, FMA, F16C: every x86 server
+# CPU since 2015) keeps the CPU backend's vector paths (quantizing at load, the host-side ops)
+cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a -DMSH_NATIVE=OFF \
+  -DCMAKE_C_FLAGS="-march=x86-64-v3" > build-carry/configure.log
 grep -q "moonshard: CUDA backend ON" build-carry/configure.log ||
   { echo "gpu_prebuild: the configuration has no CUDA backend (build-carry/configure.log)" >&2; exit 1; }
 cmake --build build-gpu -j"$(nproc)"

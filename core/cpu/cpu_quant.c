@@ -161,21 +161,117 @@ static void quant_i8g(uint8_t *b, const float *src, int64_t nb, int G) {
   }
 }
 
-/* I4G: asymmetric, m = min and d = (max - min) / 15 (as Q4_1), both rounded to f16 first so that
- * the nibbles are chosen against the d and m the reader will see. */
+/* I4G: asymmetric, value d q + m with q in 0..15. d and m are rounded to f16 before the nibbles
+ * are chosen against them, so that the error measured is the one the reader sees. */
+static inline float h16(float f) {
+#if MSH_CPU_AVX2
+  return _cvtsh_ss(_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT)); /* an f16 value: put_half stores it exactly */
+#else
+  return msh_f16_to_f32(msh_f32_to_f16(f));
+#endif
+}
+
+/* The nibble nearest to (x - m) * id: clamped into [0, 15] first (NaN to 0), then rounded to
+ * nearest, ties to even, by adding and taking away 1.5 * 2^23 (what nearbyintf gives there,
+ * without SSE4.1's round instruction). */
+#define NIB_MAGIC 12582912.0f
+static inline float nibble(float x, float m, float id) {
+  float v = (x - m) * id;
+  v = v > 0 ? v : 0;
+  v = v < 15 ? v : 15;
+  return (v + NIB_MAGIC) - NIB_MAGIC;
+}
+
+#if MSH_CPU_AVX2
+MSH_CPU_INLINE __m256 nibble8(__m256 x, __m256 m, __m256 id) {
+  __m256 v = _mm256_mul_ps(_mm256_sub_ps(x, m), id);
+  v = _mm256_min_ps(_mm256_max_ps(v, _mm256_setzero_ps()), _mm256_set1_ps(15)); /* NaN -> 0 */
+  return _mm256_sub_ps(_mm256_add_ps(v, _mm256_set1_ps(NIB_MAGIC)), _mm256_set1_ps(NIB_MAGIC));
+}
+#endif
+
+/* The squared error of x (G values, a multiple of 32) on the grid d q + m, each value at its
+ * nearest nibble. */
+static float i4g_err(const float *x, int G, float d, float m) {
+  float id = d != 0 ? 1.0f / d : 0.0f;
+#if MSH_CPU_AVX2
+  __m256 vd = _mm256_set1_ps(d), vm = _mm256_set1_ps(m), vid = _mm256_set1_ps(id), acc = _mm256_setzero_ps();
+  for (int j = 0; j < G; j += 8) {
+    __m256 xv = _mm256_loadu_ps(x + j);
+    __m256 r = _mm256_sub_ps(_mm256_fmadd_ps(vd, nibble8(xv, vm, vid), vm), xv);
+    acc = _mm256_fmadd_ps(r, r, acc);
+  }
+  return msh_cpu_hsum8(acc);
+#else
+  float e = 0;
+  for (int j = 0; j < G; j++) {
+    float r = d * nibble(x[j], m, id) + m - x[j];
+    e += r * r;
+  }
+  return e;
+#endif
+}
+
+/* Least squares d and m for x on the nibbles of scale iscale from lo: false when degenerate. */
+static int i4g_refit(const float *x, int G, float lo, float iscale, float *d, float *m) {
+  double L, L2, X, XL;
+#if MSH_CPU_AVX2
+  __m256 vlo = _mm256_set1_ps(lo), vis = _mm256_set1_ps(iscale);
+  __m256 sl = _mm256_setzero_ps(), sl2 = sl, sx = sl, sxl = sl;
+  for (int j = 0; j < G; j += 8) {
+    __m256 xv = _mm256_loadu_ps(x + j), l = nibble8(xv, vlo, vis);
+    sl = _mm256_add_ps(sl, l), sl2 = _mm256_fmadd_ps(l, l, sl2);
+    sx = _mm256_add_ps(sx, xv), sxl = _mm256_fmadd_ps(xv, l, sxl);
+  }
+  float s4[4];
+  _mm_storeu_ps(s4, msh_cpu_hsum4x8(sl, sl2, sx, sxl));
+  L = s4[0], L2 = s4[1], X = s4[2], XL = s4[3];
+#else
+  float sl = 0, sl2 = 0, sx = 0, sxl = 0;
+  for (int j = 0; j < G; j++) {
+    float l = nibble(x[j], lo, iscale);
+    sl += l, sl2 += l * l, sx += x[j], sxl += x[j] * l;
+  }
+  L = sl, L2 = sl2, X = sx, XL = sxl;
+#endif
+  double den = G * L2 - L * L;
+  if (!(den > 0)) return 0;
+  *d = h16((float)((G * XL - L * X) / den));
+  *m = h16((float)((L2 * X - L * XL) / den));
+  return *d > 0;
+}
+
+/* d and m of a group: the min/max grid (Q4_1's: m = min, d = (max - min) / 15), kept unless a
+ * grid of the search has a smaller squared error. The search (as ggml's make_qkx2_quants for
+ * Q4_K) tries 17 scales 1 / d from (15 - 2) / (max - min) to (15 + 2) / (max - min), rounds the
+ * values on each and refits d and m to those nibbles by least squares: clipping a few extreme
+ * values can lower the error of all the others. A grid the values already lie on (a Q4_1 block
+ * converted to i4g32) has error 0 at the start and is kept exactly. On SmolLM2-135M's weights
+ * (i4g64, wikitext-2, 4,096 tokens) perplexity 35.02 -> 30.35, f32 25.14. */
+static void i4g_scale(const float *x, int G, float *d_out, float *m_out) {
+  enum { NSTEP = 8 };
+  float lo = x[0], hi = x[0];
+  for (int j = 1; j < G; j++) lo = x[j] < lo ? x[j] : lo, hi = x[j] > hi ? x[j] : hi;
+  float bd = h16((hi - lo) / 15.0f), bm = h16(lo);
+  float best = i4g_err(x, G, bd, bm);
+  for (int is = -NSTEP; is <= NSTEP && best > 0; is++) {
+    float d, m;
+    if (!i4g_refit(x, G, lo, (15.0f + 0.25f * (float)is) / (hi - lo), &d, &m)) continue;
+    float e = i4g_err(x, G, d, m);
+    if (e < best) best = e, bd = d, bm = m;
+  }
+  *d_out = bd, *m_out = bm;
+}
+
 static void quant_i4g(uint8_t *b, const float *src, int64_t nb, int G) {
   int H = G / 2;
   for (int64_t i = 0; i < nb; i++, b += 4 + H, src += G) {
-    float lo = src[0], hi = src[0];
-    for (int j = 1; j < G; j++) lo = src[j] < lo ? src[j] : lo, hi = src[j] > hi ? src[j] : hi;
-    put_half(b, (hi - lo) / 15.0f);
-    put_half(b + 2, lo);
-    float d = half_at(b), m = half_at(b + 2), id = d != 0 ? 1.0f / d : 0.0f;
-    for (int j = 0; j < H; j++) {
-      float f0 = nearbyintf((src[j] - m) * id), f1 = nearbyintf((src[j + H] - m) * id);
-      int q0 = f0 < 0 ? 0 : f0 > 15 ? 15 : (int)f0, q1 = f1 < 0 ? 0 : f1 > 15 ? 15 : (int)f1;
-      b[4 + j] = (uint8_t)(q0 | q1 << 4);
-    }
+    float d, m;
+    i4g_scale(src, G, &d, &m);
+    put_half(b, d);
+    put_half(b + 2, m);
+    float id = d != 0 ? 1.0f / d : 0.0f;
+    for (int j = 0; j < H; j++) b[4 + j] = (uint8_t)((int)nibble(src[j], m, id) | (int)nibble(src[j + H], m, id) << 4);
   }
 }
 
