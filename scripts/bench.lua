@@ -148,11 +148,16 @@ do
   sync()
   load_s = (uv.hrtime() - t_load) / 1e9 -- the weights placed (through staging, or drawn) and the buffers made
 end
+-- a long load says so while the run goes on (a run cut short by a time limit still tells)
+if load_s > 10 then io.stderr:write(string.format("moonshard bench: weights placed in %.1f s\n", load_s)) end
 -- the disk tier's ceiling: the offload file's own sequential read rate, in this run
 local disk, disk_err
 if net.stage.streaming and net.stage.path and not opts.no_ceilings then
   disk, disk_err = ceil.disk(net.stage.path)
   if not disk then io.stderr:write("moonshard bench: ", disk_err, "\n") end
+  if disk and load_s > 10 then
+    io.stderr:write(string.format("moonshard bench: the offload file reads at %.2f GB/s\n", disk.gbs))
+  end
 end
 
 
