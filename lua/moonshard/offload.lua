@@ -41,7 +41,7 @@ local Streaming = {}
 Streaming.__index = Streaming
 
 local ALIGN = 4096
-local HEADER_MAGIC = "moonshard-offload 1"
+local HEADER_MAGIC = "moonshard-offload 2"
 
 local out_tensor = ffi.new("msh_tensor*[1]")
 local out_pool = ffi.new("msh_pin_pool*[1]")
@@ -85,6 +85,12 @@ local function view_bytes(buf, off, dt, shape)
   for i = 1, #shape do shape_buf[i - 1] = shape[i] end
   fail(C.msh_tensor_view_bytes(out_tensor, buf, off, dtype_id(dt), #shape, shape_buf))
   return ffi.gc(out_tensor[0], C.msh_tensor_free)
+end
+
+local function numel_of_shape(shape)
+  local n = 1
+  for _, d in ipairs(shape) do n = n * d end
+  return n
 end
 
 local function numel_of(t)
@@ -257,15 +263,22 @@ function M.build(self, weights, opts)
     local free, writable = tonumber(out_u64[0]), out_int[0] == 1
     local path = string.format("%s/moonshard-offload-rank%d.bin", dir, opts.rank or 0)
     self.path = path
-    local header_bytes = round_up(256 + 96 * n_layers, ALIGN)
+    -- the header: identity, sizes, per layer its offset, bytes and checksum (about 100 bytes) and
+    -- which of the distinct layouts (the placed matrices' names, dtypes, shapes, offsets) it has
+    local header_bytes = round_up(4096 + 128 * n_layers, ALIGN)
     local offsets, at = {}, header_bytes
     for l = first, last do
       offsets[l] = at
       at = at + part_est[l]
     end
     self.file_bytes, self.offsets = at, offsets
+    -- what the file's bytes and layouts follow from: the checkpoint, the dtypes, the slice, each
+    -- weight's name, target dtype and shape, and the stacks fused (the placement the layouts record)
+    local stack_sig = {}
+    for name, group in pairs(stacks or {}) do stack_sig[#stack_sig + 1] = name .. "=" .. table.concat(group, "+") end
+    table.sort(stack_sig)
     self.identity = hash_string(table.concat({ opts.identity or "", dtype or "", float_dtype or "",
-      tostring(opts.fuse), first, last, R, rank, table.concat(sigs, ";") }, "|"))
+      tostring(opts.fuse), first, last, R, rank, table.concat(sigs, ";"), table.concat(stack_sig, ",") }, "|"))
     local h, why = read_header(path)
     if h and h.identity ~= self.identity then
       why = "made for another checkpoint or slice (its identity does not match)"
@@ -325,8 +338,13 @@ function M.build(self, weights, opts)
     end
   end
 
+  -- a reused file whose header records each layer's layout: only the layers' vectors (norms,
+  -- biases) are placed; the matrices are already in the file, neither read from the checkpoint
+  -- nor converted again (quantizing a large model at load takes minutes)
+  local reuse = self.tier == "disk" and not rebuild and self:header_layouts()
+
   -- each layer: placed as the resident stage would, packed, this rank's part kept in the tier
-  local pack = assert(tensor.new({ slot_bytes }, "i8", "cpu"))
+  local pack = (not reuse) and assert(tensor.new({ slot_bytes }, "i8", "cpu")) or nil
   local ok, err = pcall(function()
     if rebuild then fail(C.msh_file_write_at(self.path, 0, nil, 0, 1, self.file_bytes)) end
     local hashes = {}
@@ -334,6 +352,11 @@ function M.build(self, weights, opts)
       local w = weights.layers[l]
       local src = {}
       for _, t in pairs(w) do src[t] = true end
+      if reuse then -- the vectors only
+        local v = {}
+        for k, t in pairs(w) do if t:ndim() == 1 then v[k] = t end end
+        w = v
+      end
       local placed = stage_mod.place_layer(w, device, dtype, float_dtype, stacks)
       local names = {}
       for k in pairs(placed) do names[#names + 1] = k end
@@ -358,12 +381,18 @@ function M.build(self, weights, opts)
           if not src[t] then t:free() end
         end
       end
+      if reuse then
+        layout = reuse[l]
+        local e = layout[#layout]
+        off = e and e.offset + nbytes(e.dtype, numel_of_shape(e.shape)) or 0
+      end
       local part = round_up(math.ceil(math.max(off, 1) / R), ALIGN)
       assert(part <= part_est[l], "layer size estimate exceeded") -- the bound above holds by construction
       self.parts[l] = { bytes = part, layout = layout }
       self.counters.layer_bytes[l] = part
-      local mine = pack:narrow(1, rank * part, part)
-      if self.tier == "disk" then
+      local mine = (not reuse) and pack:narrow(1, rank * part, part) or nil
+      if reuse then -- nothing to pack
+      elseif self.tier == "disk" then
         if rebuild then
           hashes[l] = tostring(C.msh_hash64(mine:data(), part, 0)):gsub("ULL$", "")
           fail(C.msh_file_write_at(self.path, self.offsets[l], mine, part, 0, 0xffffffffffffffffULL))
@@ -377,11 +406,11 @@ function M.build(self, weights, opts)
         t:copy_from(mine)
         self.parts[l].src = t
       end
-      mine:free()
+      if mine then mine:free() end
     end
     if rebuild then self:write_header(hashes) end
   end)
-  pack:free()
+  if pack then pack:free() end
   if not ok then error(err, 0) end
 
   if self.tier == "disk" then
@@ -411,20 +440,54 @@ function M.build(self, weights, opts)
   end
 end
 
--- The header, written last (a file cut short before it has none and is rebuilt).
+-- The header, written last (a file cut short before it has none and is rebuilt): per layer its
+-- offset, bytes, checksum and the index of its layout among the distinct ones (left out where
+-- they would not fit the header's room: a reuse then places the layers again).
 function Streaming:write_header(hashes)
-  local layers = {}
+  local cjson = require "cjson"
+  local layers, layouts, index = {}, {}, {}
   for l = self.first, self.last do
-    layers[#layers + 1] = { layer = l, offset = self.offsets[l], bytes = self.parts[l].bytes, hash = hashes[l] }
+    local key = cjson.encode(self.parts[l].layout)
+    if not index[key] then
+      layouts[#layouts + 1] = self.parts[l].layout
+      index[key] = #layouts
+    end
+    layers[#layers + 1] = { layer = l, offset = self.offsets[l], bytes = self.parts[l].bytes, hash = hashes[l],
+      layout = index[key] }
   end
-  local body = require("cjson").encode { identity = self.identity, total = self.file_bytes, layers = layers }
+  local h = { identity = self.identity, total = self.file_bytes, layers = layers, layouts = layouts }
+  local body = cjson.encode(h)
+  if #HEADER_MAGIC + 24 + #body > self.offsets[self.first] then
+    for _, e in ipairs(layers) do e.layout = nil end
+    h.layouts = nil
+    body = cjson.encode(h)
+  end
   local text = HEADER_MAGIC .. " " .. #body .. "\n" .. body
   assert(#text <= self.offsets[self.first], "offload header too long")
   local t = assert(tensor.new({ #text }, "i8", "cpu"))
   ffi.copy(t:data(), text, #text)
   fail(C.msh_file_write_at(self.path, 0, t, #text, 0, 0xffffffffffffffffULL))
   t:free()
-  self.header = { identity = self.identity, total = self.file_bytes, layers = layers }
+  self.header = h
+end
+
+-- The layouts a valid header records, by layer (nil where it records none, or not for every
+-- layer, or not in the shape written above).
+function Streaming:header_layouts()
+  local h = self.header
+  if type(h) ~= "table" or type(h.layouts) ~= "table" or type(h.layers) ~= "table" then return nil end
+  local by = {}
+  for _, e in ipairs(h.layers) do
+    local lay = type(e) == "table" and h.layouts[e.layout]
+    if type(lay) ~= "table" then return nil end
+    for _, x in ipairs(lay) do
+      if type(x) ~= "table" or type(x.name) ~= "string" or type(x.dtype) ~= "string" or not dtype_id(x.dtype)
+        or type(x.shape) ~= "table" or type(x.offset) ~= "number" then return nil end
+    end
+    by[e.layer] = lay
+  end
+  for l = self.first, self.last do if not by[l] then return nil end end
+  return by
 end
 
 -- Reads every layer of a reused file and compares its checksum: nil, or what is wrong.

@@ -65,6 +65,36 @@ describe("streaming stages", function()
     end
   end)
 
+  it("reuses a matching offload file without reading or converting its matrices again", function()
+    local moonshard = require "moonshard"
+    local stage_mod = require "moonshard.stage"
+    local ids = {}
+    for i, v in ipairs(h.reference("ids")) do ids[i] = math.floor(v) end
+    for _, dt in ipairs { "f32", "i4g64" } do
+      local o = { offload = "disk", offload_dir = dir, dtype = dt }
+      local base = assert(moonshard.load(h.hf .. "/f32", { dtype = dt }))
+      local want = values(assert(base:forward(ids, 0, { all_logits = true })))
+      base:close()
+      local m = assert(moonshard.load(h.hf .. "/f32", o)) -- writes the file
+      m:close()
+      -- the second load: the layers' placement sees their vectors only
+      local place, matrices, calls = stage_mod.place_layer, 0, 0
+      stage_mod.place_layer = function(w, ...)
+        calls = calls + 1
+        for _, t in pairs(w) do if t:ndim() == 2 then matrices = matrices + 1 end end
+        return place(w, ...)
+      end
+      local ok, m2 = pcall(moonshard.load, h.hf .. "/f32", o)
+      stage_mod.place_layer = place
+      m2 = assert(ok and m2, m2)
+      assert.are.equal(3, calls)
+      assert.are.equal(0, matrices)
+      local got = values(assert(m2:forward(ids, 0, { all_logits = true })))
+      assert.are.equal(0, h.max_abs_diff(want, got), dt)
+      m2:close()
+    end
+  end)
+
   it("reuses a matching offload file and rebuilds a truncated or changed one, naming it", function()
     local a = args(nil, { "--disk-offload", "--offload-dir", dir, "--max-tokens", "20" })
     local out1, err1, code1 = h.run(a)
