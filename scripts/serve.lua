@@ -112,7 +112,9 @@ if opts.runs_dir then
 end
 require("moonshard.console").attach(api, { eval_dir = eval_dir, runs_dir = opts.runs_dir, thresholds = thresholds,
   telemetry = probe, group = group, mode = { dtype = opts.dtype, tp = opts.tp, pp = opts.pp,
-  max_tokens_per_step = opts.max_tokens_per_step, policy = opts.policy, offload = load_opts.offload } })
+  max_tokens_per_step = opts.max_tokens_per_step, policy = opts.policy,
+  -- the tier the layers ended in (--cpu-offload falls back to the disk where host memory is short)
+  offload = load_opts.offload and model.net.stage.streaming and model.net.stage.tier or load_opts.offload } })
 engine.on_step = function(info) api:on_step(info) end
 engine:attach(uv)
 if group then -- a rank gone: every request answers 503, and this rank exits naming it

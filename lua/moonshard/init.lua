@@ -28,7 +28,8 @@ Model.__index = Model
 --   moonshard.runner), opts.step_tokens (without opts.chunk: the most tokens a step of the
 --   serving engine computes; the activation buffers hold that many rows, batch x chunk, rather
 --   than batch x 256), opts.kv_dtype (default moonshard.memplan.kv_dtype's)
--- Offloading and ZeRO-3 (moonshard.offload): opts.offload "host" (--cpu-offload) or "disk"
+-- Offloading and ZeRO-3 (moonshard.offload): opts.offload "host" (--cpu-offload; with
+--   opts.offload_dir the disk where host memory cannot hold the layers) or "disk"
 --   (--disk-offload) with opts.offload_dir, opts.pin (true / false / nil: pinned where allowed),
 --   opts.prefetch (layers ahead), opts.zero = 3 (each data-parallel rank keeps 1/R of every layer,
 --   all-gathered just in time; without an offload tier the parts stay on the device)
@@ -85,7 +86,7 @@ function M.build(desc0, opts, from)
     offload = opts.offload, offload_dir = opts.offload_dir, offload_readonly = opts.offload_readonly,
     pin = opts.pin, prefetch = opts.prefetch, queue_depth = opts.queue_depth,
     zero_comm = zero and par and par.dp_comm or nil, rank = par and par.rank or 0,
-    identity = opts.offload == "disk" and (from.identity or M.identity(path, opts, par)) or nil,
+    identity = (opts.offload == "disk" or opts.offload_dir) and (from.identity or M.identity(path, opts, par)) or nil,
   })
   if not net then return nil, string.format("'%s' on %s: %s", path, device, err) end
   return setmetatable({

@@ -99,6 +99,16 @@ local function numel_of(t)
   return n
 end
 
+-- M.mem_available() -> bytes of host memory the kernel reports available (MemAvailable), or nil
+function M.mem_available()
+  local f = io.open("/proc/meminfo", "r")
+  if not f then return nil end
+  local text = f:read("*a")
+  f:close()
+  local kb = text:match("MemAvailable:%s*(%d+) kB")
+  return kb and tonumber(kb) * 1024 or nil
+end
+
 -- M.plan_prefetch(device, slot_bytes, n_layers) -> layers to prefetch ahead: on a GPU as many
 -- slots as a quarter of its free memory holds (1 to 4), else 2; never more than the layers less one.
 function M.plan_prefetch(device, slot_bytes, n_layers)
@@ -249,6 +259,24 @@ function M.build(self, weights, opts)
   self.prefetch = opts.prefetch or M.plan_prefetch(device, slot_bytes, n_layers)
   self.prefetch = math.max(0, math.min(self.prefetch, n_layers - 1))
   local n_slots = self.prefetch + 1
+
+  -- the host tier in host memory that can hold it (MSH_HOST_SHARE, default 0.9, of what the
+  -- kernel reports available): else, where the user named an offload dir, the disk tier there
+  -- with a one-line warning; else a clear refusal before anything is loaded
+  if self.tier == "host" then
+    local avail = M.mem_available()
+    local share = tonumber(os.getenv("MSH_HOST_SHARE") or "") or 0.9
+    local need = total + n_layers * ALIGN
+    if avail and need > share * avail then
+      local what = string.format("the host tier needs %s of host memory, more than the %s it may take (%g of MemAvailable %s)",
+        human(need), human(share * avail), share, human(avail))
+      if not opts.dir then
+        error(what .. ": give --offload-dir DIR to stream from the disk there instead, or --disk-offload", 0)
+      end
+      warn(what .. ": streaming from the disk in " .. opts.dir .. " instead")
+      self.tier = "disk"
+    end
+  end
 
   -- the disk tier: the file, checked before anything is loaded
   local rebuild = false
@@ -701,7 +729,7 @@ Streaming.free = Streaming.close
 M.FLAGS = {
   { "cpu-offload", "flag", "keep every layer's weights in pinned host memory and stream them to the device" },
   { "disk-offload", "flag", "keep every layer's weights in a file under --offload-dir and stream them" },
-  { "offload-dir", "string", "folder of the --disk-offload files (one per rank, reused while they match the model)" },
+  { "offload-dir", "string", "folder of the --disk-offload files (one per rank, reused while they match the model); with --cpu-offload, where the layers go when host memory cannot hold them" },
   { "offload-readonly", "flag", "never write the --offload-dir file: refuse one that does not match" },
   { "pin-memory", "flag", "host buffers must be pinned (default: pinned where the limit allows, else pageable with a warning)" },
   { "no-pin-memory", "flag", "host buffers in pageable memory" },
@@ -722,7 +750,9 @@ function M.load_opts(o, into)
   into = into or {}
   if o.cpu_offload and o.disk_offload then return nil, "give --cpu-offload or --disk-offload, not both" end
   if o.disk_offload and not o.offload_dir then return nil, "--disk-offload needs --offload-dir DIR" end
-  if o.offload_dir and not o.disk_offload then return nil, "--offload-dir goes with --disk-offload" end
+  if o.offload_dir and not (o.disk_offload or o.cpu_offload) then
+    return nil, "--offload-dir goes with --disk-offload (or --cpu-offload: the disk where host memory falls short)"
+  end
   if o.pin_memory and o.no_pin_memory then return nil, "give --pin-memory or --no-pin-memory, not both" end
   if o.zero and o.zero ~= 0 and o.zero ~= 3 then
     return nil, string.format("--zero %d: only ZeRO stage 3 (partitioned weights) exists for inference", o.zero)

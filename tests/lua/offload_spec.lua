@@ -153,6 +153,28 @@ describe("streaming stages", function()
     end
   end)
 
+  it("--cpu-offload where host memory cannot hold the layers: the disk in --offload-dir, else a refusal", function()
+    -- MSH_HOST_SHARE: the share of MemAvailable the host tier may take (here: too little for 260K)
+    local env = { MSH_HOST_SHARE = "1e-9" }
+    local out, err, code = h.run(args(nil, { "--cpu-offload", "--offload-dir", dir }), nil, env)
+    assert.are.equal(0, code, err)
+    assert.are.equal(golden, out)
+    assert.truthy(err:find("the host tier needs", 1, true) and err:find("streaming from the disk in " .. dir, 1, true), err)
+    local _, n = err:gsub("moonshard: ", "")
+    assert.are.equal(1, n, err) -- one line
+    assert.truthy(io.open(dir .. "/moonshard-offload-rank0.bin", "rb"), "no offload file written")
+    local _, err2, code2 = h.run(args(nil, { "--cpu-offload" }), nil, env)
+    assert.are_not.equal(0, code2)
+    assert.truthy(err2:find("give --offload-dir DIR", 1, true), err2)
+    -- with room, --offload-dir changes nothing: the host tier, no file
+    local dir2 = h.tmpdir()
+    local out3, err3, code3 = h.run(args(nil, { "--cpu-offload", "--offload-dir", dir2 }))
+    assert.are.equal(0, code3, err3)
+    assert.are.equal(golden, out3)
+    assert.is_nil(io.open(dir2 .. "/moonshard-offload-rank0.bin", "rb"))
+    h.rmdir(dir2)
+  end)
+
   it("refuses a pinned request over the limit with --pin-memory, and falls back with a warning without", function()
     local env = "MSH_PIN_SHARE=0.0000001 "
     local base = table.concat({ h.q(h.exe), "generate", "--model", h.q(h.stories), "--max-tokens", "200",
@@ -221,7 +243,7 @@ describe("streaming stages", function()
   it("refuses bad flag combinations", function()
     for _, case in ipairs {
       { { "--cpu-offload", "--disk-offload", "--offload-dir", "/tmp" }, "not both" },
-      { { "--offload-dir", "/tmp" }, "goes with --disk-offload" },
+      { { "--offload-dir", "/tmp" }, "goes with --disk-offload (or --cpu-offload" },
       { { "--zero", "2" }, "only ZeRO stage 3" },
       { { "--cpu-offload", "--pin-memory", "--no-pin-memory" }, "not both" },
     } do
