@@ -87,6 +87,15 @@ local function view_bytes(buf, off, dt, shape)
   return ffi.gc(out_tensor[0], C.msh_tensor_free)
 end
 
+-- A layout as one string: each matrix's name, dtype, shape and offset, in order.
+local function layout_key(layout)
+  local parts = {}
+  for i, e in ipairs(layout) do
+    parts[i] = string.format("%s:%s:%s:%d", e.name, e.dtype, table.concat(e.shape, "x"), e.offset)
+  end
+  return table.concat(parts, ";")
+end
+
 local function numel_of_shape(shape)
   local n = 1
   for _, d in ipairs(shape) do n = n * d end
@@ -473,21 +482,23 @@ end
 -- they would not fit the header's room: a reuse then places the layers again).
 function Streaming:write_header(hashes)
   local cjson = require "cjson"
-  local layers, layouts, index = {}, {}, {}
+  local layers, layouts, keys, index = {}, {}, {}, {}
   for l = self.first, self.last do
-    local key = cjson.encode(self.parts[l].layout)
+    local key = layout_key(self.parts[l].layout)
     if not index[key] then
       layouts[#layouts + 1] = self.parts[l].layout
+      keys[#keys + 1] = key
       index[key] = #layouts
     end
     layers[#layers + 1] = { layer = l, offset = self.offsets[l], bytes = self.parts[l].bytes, hash = hashes[l],
       layout = index[key] }
   end
-  local h = { identity = self.identity, total = self.file_bytes, layers = layers, layouts = layouts }
+  local h = { identity = self.identity, total = self.file_bytes, layers = layers, layouts = layouts,
+    layouts_hash = hash_string(table.concat(keys, "|")) }
   local body = cjson.encode(h)
   if #HEADER_MAGIC + 24 + #body > self.offsets[self.first] then
     for _, e in ipairs(layers) do e.layout = nil end
-    h.layouts = nil
+    h.layouts, h.layouts_hash = nil, nil
     body = cjson.encode(h)
   end
   local text = HEADER_MAGIC .. " " .. #body .. "\n" .. body
@@ -499,19 +510,32 @@ function Streaming:write_header(hashes)
   self.header = h
 end
 
--- The layouts a valid header records, by layer (nil where it records none, or not for every
--- layer, or not in the shape written above).
+-- The layouts a valid header records, by layer: nil where it records none, or not for every
+-- layer, or not as written above (their hash, their sizes against each layer's bytes). A file
+-- without them is still used, its layers placed again to know their layout.
 function Streaming:header_layouts()
   local h = self.header
   if type(h) ~= "table" or type(h.layouts) ~= "table" or type(h.layers) ~= "table" then return nil end
+  local keys = {}
+  for i, lay in ipairs(h.layouts) do
+    if type(lay) ~= "table" then return nil end
+    local last = -1
+    for _, x in ipairs(lay) do
+      if type(x) ~= "table" or type(x.name) ~= "string" or type(x.dtype) ~= "string" or not dtype_id(x.dtype)
+        or type(x.shape) ~= "table" or #x.shape == 0 or type(x.offset) ~= "number" or x.offset <= last then return nil end
+      for _, d in ipairs(x.shape) do if type(d) ~= "number" or d < 1 or d % 1 ~= 0 then return nil end end
+      last = x.offset
+    end
+    keys[i] = layout_key(lay)
+  end
+  if h.layouts_hash ~= hash_string(table.concat(keys, "|")) then return nil end
   local by = {}
   for _, e in ipairs(h.layers) do
     local lay = type(e) == "table" and h.layouts[e.layout]
     if type(lay) ~= "table" then return nil end
-    for _, x in ipairs(lay) do
-      if type(x) ~= "table" or type(x.name) ~= "string" or type(x.dtype) ~= "string" or not dtype_id(x.dtype)
-        or type(x.shape) ~= "table" or type(x.offset) ~= "number" then return nil end
-    end
+    local x = lay[#lay]
+    local need = x and x.offset + nbytes(x.dtype, numel_of_shape(x.shape)) or 0
+    if round_up(math.ceil(math.max(need, 1) / self.R), ALIGN) ~= e.bytes then return nil end
     by[e.layer] = lay
   end
   for l = self.first, self.last do if not by[l] then return nil end end
