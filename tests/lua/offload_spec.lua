@@ -111,6 +111,17 @@ describe("streaming stages", function()
     end
   end)
 
+  it("launch -n 4 --tp 2 --zero 3 --disk-offload reuses each rank's file: the golden text again, nothing rebuilt", function()
+    local a = args({ "launch", "-n", "4" }, { "--tp", "2", "--zero", "3", "--disk-offload", "--offload-dir", dir })
+    for run = 1, 2 do
+      local out, err, code = h.run(a)
+      assert.are.equal(0, code, err)
+      assert.are.equal(golden, out)
+      if run == 2 then assert.is_nil(err:find("rebuilding", 1, true), err) end
+    end
+    for r = 0, 3 do assert.truthy(io.open(string.format("%s/moonshard-offload-rank%d.bin", dir, r), "rb")) end
+  end)
+
   it("reuses a matching offload file and rebuilds a truncated or changed one, naming it", function()
     local a = args(nil, { "--disk-offload", "--offload-dir", dir, "--max-tokens", "20" })
     local out1, err1, code1 = h.run(a)
