@@ -165,7 +165,7 @@ end
 local function reader_rate(path, bytes)
   local ffi = require "ffi"
   local out_reader, ticket = ffi.new("msh_reader*[1]"), ffi.new("uint64_t[1]")
-  local ok, msg = core.try(core.C.msh_reader_open(out_reader, path, 64, 1024 * 1024, 1))
+  local ok, msg = core.try(core.C.msh_reader_open(out_reader, path, require("moonshard.offload").QUEUE_DEPTH, 1024 * 1024, 1))
   if not ok then return nil, msg end
   local r = ffi.gc(out_reader[0], core.C.msh_reader_free)
   local bufs, tickets, err = {}, {}, nil

@@ -41,6 +41,7 @@ local Streaming = {}
 Streaming.__index = Streaming
 
 local ALIGN = 4096
+M.QUEUE_DEPTH = 64 -- the disk tier's reads of 1 MiB in flight (--queue-depth)
 local HEADER_MAGIC = "moonshard-offload 2"
 
 local out_tensor = ffi.new("msh_tensor*[1]")
@@ -188,7 +189,8 @@ end
 --   opts.pin         true: pinned host memory or fail; false: pageable; nil: pinned where the guard
 --                    allows, else pageable with a one-line warning
 --   opts.prefetch    layers issued ahead of acquire (default: M.plan_prefetch)
---   opts.queue_depth reads in flight for the disk tier (default 32)
+--   opts.queue_depth reads in flight for the disk tier (default M.QUEUE_DEPTH: 64, the depth the
+--                    disk's ceiling is measured at, moonshard.ceilings.disk)
 --   opts.zero_comm   ZeRO-3: the communicator over which layers are partitioned and all-gathered
 --   opts.dtype, opts.float_dtype, opts.layers, opts.embed, opts.head, opts.fuse, opts.arch: as
 --   moonshard.stage.resident
@@ -451,7 +453,7 @@ function M.build(self, weights, opts)
   if not ok then error(err, 0) end
 
   if self.tier == "disk" then
-    fail(C.msh_reader_open(out_reader, self.path, opts.queue_depth or 32, 0, 1))
+    fail(C.msh_reader_open(out_reader, self.path, opts.queue_depth or M.QUEUE_DEPTH, 0, 1))
     self.reader = ffi.gc(out_reader[0], C.msh_reader_free)
   end
   -- the layer tables acquire returns: the slot's views and the layer's resident small weights
@@ -544,7 +546,7 @@ end
 
 -- Reads every layer of a reused file and compares its checksum: nil, or what is wrong.
 function Streaming:verify()
-  local ok, msg = try(C.msh_reader_open(out_reader, self.path, 32, 0, 1))
+  local ok, msg = try(C.msh_reader_open(out_reader, self.path, M.QUEUE_DEPTH, 0, 1))
   if not ok then return msg end
   local r = ffi.gc(out_reader[0], C.msh_reader_free)
   local by_layer = {}
@@ -759,7 +761,7 @@ M.FLAGS = {
   { "no-pin-memory", "flag", "host buffers in pageable memory" },
   { "zero", "int", "3: partition every layer over the data-parallel ranks and all-gather it just in time", min = 0, max = 3 },
   { "prefetch", "int", "layers fetched ahead (default: from free device memory, 2 on the CPU)", min = 0 },
-  { "queue-depth", "int", "--disk-offload reads in flight", min = 1, max = 4096 },
+  { "queue-depth", "int", "--disk-offload reads of 1 MiB in flight (default 64)", min = 1, max = 4096 },
   { "kv-offload", "flag", "keep the KV cache in pinned host memory, read by the device across the link (batch x context beyond its memory)" },
 }
 
