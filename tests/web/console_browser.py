@@ -115,7 +115,7 @@ def main():
             attributes: true });""")
         drv.find_element(By.CSS_SELECTOR, "#settings summary").click()
         drv.find_element(By.ID, "max_tokens").clear()
-        drv.find_element(By.ID, "max_tokens").send_keys("48")
+        drv.find_element(By.ID, "max_tokens").send_keys("128")  # long enough to be seen growing on a busy machine
         drv.find_element(By.ID, "chat-input").send_keys("Tell me a story about a cat.")
         drv.find_element(By.ID, "send").click()
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-state=done]"))
