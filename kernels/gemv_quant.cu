@@ -373,9 +373,7 @@ cudaError_t qgemv_epi(cudaStream_t s, float *out, const float *x, const uint8_t 
 template <int DT>
 cudaError_t qgemv_dt(cudaStream_t s, int epi, float *out, const float *x, const uint8_t *w, int M, int64_t NO,
                      int64_t K) {
-  if (epi == ACC) return qgemv_epi<DT, ACC>(s, out, x, w, M, NO, K);
-  if (epi == GLU) return qgemv_epi<DT, GLU>(s, out, x, w, M, NO, K);
-  return qgemv_epi<DT, STORE>(s, out, x, w, M, NO, K);
+  return by_epi(epi, [&](auto e) { return qgemv_epi<DT, decltype(e)::value>(s, out, x, w, M, NO, K); });
 }
 
 /* -------------------------------------------------------------------- element by element */

@@ -207,9 +207,7 @@ cudaError_t mma_by_m(cudaStream_t s, float *out, const float *x, const uint8_t *
 template <int DT>
 cudaError_t mma_dt(cudaStream_t s, int epi, float *out, const float *x, const uint8_t *w, int M, int64_t NO,
                    int64_t K) {
-  if (epi == ACC) return mma_by_m<DT, ACC>(s, out, x, w, M, NO, K);
-  if (epi == GLU) return mma_by_m<DT, GLU>(s, out, x, w, M, NO, K);
-  return mma_by_m<DT, STORE>(s, out, x, w, M, NO, K);
+  return by_epi(epi, [&](auto e) { return mma_by_m<DT, decltype(e)::value>(s, out, x, w, M, NO, K); });
 }
 
 template <int DT> bool shape_fits(int64_t K) { return K % QL<DT>::G == 0 && (K / QL<DT>::G) % 4 == 0; }

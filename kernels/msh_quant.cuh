@@ -5,9 +5,19 @@
 
 #include "msh_kutil.cuh"
 
+#include <type_traits>
+
 namespace msh {
 
 enum Epi { STORE, ACC, GLU };
+
+/* The epilogue chosen at run time (STORE, ACC or GLU) as a compile-time constant: f is called with
+ * std::integral_constant<int, EPI>, whose ::value its template takes. */
+template <typename F> inline cudaError_t by_epi(int epi, F f) {
+  if (epi == ACC) return f(std::integral_constant<int, ACC>{});
+  if (epi == GLU) return f(std::integral_constant<int, GLU>{});
+  return f(std::integral_constant<int, STORE>{});
+}
 
 /* The layout of a weight dtype, as compile-time constants. */
 template <int DT> struct QL;

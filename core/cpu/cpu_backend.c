@@ -1,6 +1,7 @@
 /* cpu_backend.c: the CPU backend: threads, per-thread scratch, host memory, copies with dtype
  * conversion, and the vtable. The ops live in cpu_ops.c, cpu_matmul.c and cpu_attention.c. */
 #include "cpu_internal.h"
+#include "randn.h"
 
 #include <cblas.h>
 #include <omp.h>
@@ -387,7 +388,7 @@ static msh_status cpu_randn(msh_tensor *t, uint64_t seed, float mean, float std)
     for (int64_t i = lo; i < hi; i += B) {
       int64_t m = hi - i < B ? hi - i : B;
       float *p = dt == MSH_F32 ? (float *)base + i : buf;
-      for (int64_t j = 0; j < m; j++) p[j] = msh_randn_scaled_at(seed, (uint64_t)(i + j), mean, std);
+      for (int64_t j = 0; j < m; j++) p[j] = msh_randn_scaled(seed, (uint64_t)(i + j), mean, std);
       if (dt != MSH_F32) copy_run(base + i * (int64_t)es, dt, 1, (const char *)buf, MSH_F32, 1, m);
     }
   }

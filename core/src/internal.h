@@ -324,7 +324,5 @@ msh_status msh_backend_check_index(const msh_backend *be, int device_index);
 /* Deterministic normal samples: the i-th value of the stream for seed (Box-Muller over a
  * counter-based hash), so every device can produce the same values. */
 float msh_randn_at(uint64_t seed, uint64_t i);
-/* mean + std * msh_randn_at(seed, i), as randn.h's msh_randn_scaled computes it (backends' loops) */
-float msh_randn_scaled_at(uint64_t seed, uint64_t i, float mean, float std);
 
 #endif

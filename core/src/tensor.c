@@ -456,7 +456,6 @@ msh_status msh_tensor_contiguous(msh_tensor **out, const msh_tensor *src, int dt
 /* ------------------------------------------------------------------------------ random */
 
 float msh_randn_at(uint64_t seed, uint64_t i) { return msh_randn_value(seed, i); }
-float msh_randn_scaled_at(uint64_t seed, uint64_t i, float mean, float std) { return msh_randn_scaled(seed, i, mean, std); }
 
 msh_status msh_tensor_randn(msh_tensor *t, uint64_t seed, float mean, float std) {
   if (!t) return MSH_FAIL(MSH_EINVAL, "NULL argument");

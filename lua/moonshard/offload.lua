@@ -109,16 +109,6 @@ local function numel_of(t)
   return n
 end
 
--- M.mem_available() -> bytes of host memory the kernel reports available (MemAvailable), or nil
-function M.mem_available()
-  local f = io.open("/proc/meminfo", "r")
-  if not f then return nil end
-  local text = f:read("*a")
-  f:close()
-  local kb = text:match("MemAvailable:%s*(%d+) kB")
-  return kb and tonumber(kb) * 1024 or nil
-end
-
 -- M.plan_prefetch(device, slot_bytes, n_layers) -> layers to prefetch ahead: on a GPU as many
 -- slots as a quarter of its free memory holds (1 to 4), else 2; never more than the layers less one.
 function M.plan_prefetch(device, slot_bytes, n_layers)
@@ -275,7 +265,7 @@ function M.build(self, weights, opts)
   -- kernel reports available): else, where the user named an offload dir, the disk tier there
   -- with a one-line warning; else a clear refusal before anything is loaded
   if self.tier == "host" then
-    local avail = M.mem_available()
+    local avail = require("moonshard.memplan").cpu_memory()
     local share = tonumber(os.getenv("MSH_HOST_SHARE") or "") or 0.9
     local need = total + n_layers * ALIGN
     if avail and need > share * avail then
